@@ -1,0 +1,48 @@
+# KubeTune developer entrypoints. Each target calls one command; the Python environment lives in
+# .venv/ and is (re)installed when pyproject.toml changes. pip and Go caches live under ~/.cache.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+EXTRAS ?= operator,trainer,dev
+
+.PHONY: help venv test unit lint crd crd-check cluster-up cluster-down cluster-status bench gpu-check
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e '.[$(EXTRAS)]'
+	touch $@
+
+venv: $(VENV)/.installed  ## create .venv/ with the operator, trainer and dev extras
+
+test: lint  ## everything this machine can run: lint, unit, trainer (CPU), e2e (local cluster), helm
+	$(PY) -m pytest tests
+
+unit: venv  ## unit tests only (no cluster, no training)
+	$(PY) -m pytest tests/unit
+
+lint: venv  ## ruff + mypy + generated-file drift
+	$(VENV)/bin/ruff check operator trainer_image hack tests
+	$(VENV)/bin/mypy operator/kubetune trainer_image/kubetune_trainer
+	$(VENV)/bin/kubetune crd --check
+
+crd: venv  ## regenerate crds/, the chart's CRD copy and docs/api.md from operator/kubetune/api.py
+	$(VENV)/bin/kubetune crd
+
+cluster-up: venv  ## start the local cluster (kube-apiserver, etcd, controllers, MinIO, GPU node agent)
+	$(PY) hack/cluster.py up
+
+cluster-down:  ## stop everything cluster-up started
+	$(PY) hack/cluster.py down
+
+cluster-status:  ## show what runs and where
+	$(PY) hack/cluster.py status
+
+bench: venv  ## CPU benchmarks of the trainer (figures go to docs/benchmarks.md)
+	$(PY) hack/bench_trainer.py
+
+gpu-check: venv  ## bf16 / int8 / int4 LoRA on a real GPU: peak memory and tokens/s
+	$(PY) hack/gpu_check.py

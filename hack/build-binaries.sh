@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Builds the local cluster's binaries from upstream Go modules into a versioned cache and prints
+# the directory. A second run finds them there and builds nothing.
+#
+#   kube-apiserver, kube-controller-manager, kube-scheduler  <- hack/k8s/go.mod (k8s.io/kubernetes)
+#   etcd                                                     <- hack/etcd/go.mod (go.etcd.io/etcd/server/v3)
+#   minio                                                    <- go install github.com/minio/minio@<pinned>
+#
+# kubectl and helm come from the Python environment (see hack/tools.py), not from here.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=versions.env
+source "$here/versions.env"
+
+cache=${KUBETUNE_CACHE:-$HOME/.cache/kubetune}
+bin=$cache/bin/k8s-$KUBERNETES_VERSION-etcd-$ETCD_VERSION-minio-${MINIO_VERSION##*-}
+mkdir -p "$bin"
+export GOWORK=off CGO_ENABLED=0 GOFLAGS=-mod=mod
+log() { echo "build-binaries: $*" >&2; }
+
+minor=${KUBERNETES_VERSION#*.}; minor=${minor%%.*}
+ldflags="-s -w \
+ -X k8s.io/component-base/version.gitVersion=v$KUBERNETES_VERSION \
+ -X k8s.io/component-base/version.gitMajor=1 \
+ -X k8s.io/component-base/version.gitMinor=$minor \
+ -X k8s.io/component-base/version.gitTreeState=clean"
+for name in kube-apiserver kube-controller-manager kube-scheduler; do
+  if [ ! -x "$bin/$name" ]; then
+    log "building $name v$KUBERNETES_VERSION (slow the first time; cached afterwards)"
+    (cd "$here/k8s" && go build -trimpath -ldflags "$ldflags" -o "$bin/$name.tmp" "k8s.io/kubernetes/cmd/$name")
+    mv "$bin/$name.tmp" "$bin/$name"
+  fi
+done
+
+if [ ! -x "$bin/etcd" ]; then
+  log "building etcd v$ETCD_VERSION"
+  (cd "$here/etcd" && go build -trimpath -ldflags "-s -w" -o "$bin/etcd.tmp" go.etcd.io/etcd/server/v3)
+  mv "$bin/etcd.tmp" "$bin/etcd"
+fi
+
+if [ ! -x "$bin/minio" ]; then
+  log "building minio $MINIO_VERSION"
+  GOBIN="$bin/.gobin" go install -trimpath -ldflags "-s -w" "github.com/minio/minio@$MINIO_VERSION"
+  mv "$bin/.gobin/minio" "$bin/minio"
+  rmdir "$bin/.gobin"
+fi
+
+echo "$bin"

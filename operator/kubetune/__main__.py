@@ -1,0 +1,44 @@
+"""`kubetune` command line: `kubetune crd [--check]`, `kubetune operator [--namespace NS ...]`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kubetune", description="KubeTune: fine-tune LLMs on Kubernetes")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    crd = sub.add_parser("crd", help="write the generated CRD, its chart copy and docs/api.md")
+    crd.add_argument("--root", type=Path, default=Path.cwd(), help="repository root (default: cwd)")
+    crd.add_argument("--check", action="store_true", help="fail if a committed generated file differs")
+
+    op = sub.add_parser("operator", help="run the operator in the foreground (current kubeconfig)")
+    op.add_argument("--namespace", "-n", action="append", default=[],
+                    help="watch only this namespace (repeatable); all namespaces when omitted")
+    op.add_argument("--standalone", action="store_true",
+                    help="skip kopf peering (single operator instance, e.g. local development)")
+
+    args = parser.parse_args(argv)
+    if args.command == "crd":
+        from kubetune import crd as crd_module
+
+        if args.check:
+            stale = crd_module.drift(args.root)
+            for path in stale:
+                print(f"{path}: differs from the models; run `make crd` (kubetune crd)", file=sys.stderr)
+            return 1 if stale else 0
+        for path in crd_module.write(args.root):
+            print(f"wrote {path}")
+        return 0
+    if args.command == "operator":
+        from kubetune.handlers import run
+
+        return run(namespaces=args.namespace, standalone=args.standalone)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""The FineTuneJob API (kubetune.io/v1alpha1): spec and status models, the single source of truth.
+
+The CRD schema, the chart's CRD copy and docs/api.md are generated from these models
+(`kubetune crd`). Training sections are the trainer's own models (kubetune_trainer.config), so a
+section means the same thing in a FineTuneJob and in a standalone trainer config.
+This module imports no kopf, kubernetes client or torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from kubetune_trainer.config import (
+    NAME_MAX,
+    DatasetSpec,
+    LoraSpec,
+    ModelSpec,
+    OutputSpec,
+    Quantization,
+    Section,
+    StorageSpec,
+    TrainingSpec,
+    check_quantization,
+)
+
+GROUP = "kubetune.io"
+VERSION = "v1alpha1"
+KIND = "FineTuneJob"
+PLURAL = "finetunejobs"
+SINGULAR = "finetunejob"
+SHORT_NAMES = ["ftj"]
+CATEGORIES = ["kubetune", "ml"]
+
+Phase = Literal["Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended"]
+PHASES: tuple[str, ...] = ("Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended")
+
+# Spec fields that define the training run. They cannot change after creation (CEL
+# `self == oldSelf`): a running job would otherwise no longer match its spec.
+IMMUTABLE_FIELDS = ("model", "dataset", "training", "lora", "quantization", "output", "storage")
+
+Json = dict[str, Any]
+"""A free-form Kubernetes object (kept as-is: x-kubernetes-preserve-unknown-fields)."""
+
+
+class SecretRef(Section):
+    """A Secret in the FineTuneJob's namespace holding S3 credentials."""
+
+    name: str = Field(min_length=1, max_length=NAME_MAX)
+    """Secret name."""
+    access_key_key: str = Field(default="AWS_ACCESS_KEY_ID", max_length=NAME_MAX)
+    """Key of the access key id in the Secret."""
+    secret_key_key: str = Field(default="AWS_SECRET_ACCESS_KEY", max_length=NAME_MAX)
+    """Key of the secret access key in the Secret."""
+
+
+class JobStorageSpec(StorageSpec):
+    """S3-compatible object store for s3:// sources and outputs; credentials from a Secret."""
+
+    secret_ref: SecretRef | None = None
+    """Secret with the credentials; they reach the pod only as secretKeyRef environment variables."""
+
+
+class DistributionSpec(Section):
+    """Multi-node training."""
+
+    nodes: int = Field(default=1, ge=1, le=1)
+    """Number of nodes. Only 1 in v1alpha1: use resources.gpus for several GPUs on one node."""
+
+
+class ResourcesSpec(Section):
+    """What the training pod requests."""
+
+    gpus: int = Field(default=1, ge=0, le=64)
+    """GPUs per node (resource limits of gpuResourceName). 0 runs on CPU."""
+    gpu_resource_name: str = Field(default="nvidia.com/gpu", min_length=1, max_length=NAME_MAX)
+    """Extended resource name of the GPU."""
+    cpu: str | None = Field(default=None, max_length=32, pattern=r"^[0-9]+(\.[0-9]+)?m?$")
+    """CPU request and limit, e.g. "8" or "500m"."""
+    memory: str | None = Field(default=None, max_length=32, pattern=r"^[0-9]+(\.[0-9]+)?([EPTGMK]i?)?$")
+    """Memory request and limit, e.g. "64Gi"."""
+    shared_memory: str = Field(default="8Gi", max_length=32, pattern=r"^[0-9]+(\.[0-9]+)?([EPTGMK]i?)?$")
+    """Size of /dev/shm (a memory-backed emptyDir) for data loader workers."""
+    distribution: DistributionSpec = Field(default_factory=DistributionSpec)
+    """Multi-node settings."""
+
+
+class SchedulingSpec(Section):
+    """Where and when the training pod runs."""
+
+    node_selector: dict[str, str] | None = None
+    """Node labels the pod requires."""
+    tolerations: list[Json] | None = Field(default=None, max_length=64)
+    """Pod tolerations (core/v1 Toleration)."""
+    affinity: Json | None = None
+    """Pod affinity (core/v1 Affinity)."""
+    priority_class_name: str | None = Field(default=None, max_length=NAME_MAX)
+    """PriorityClass of the pod."""
+    queue_name: str | None = Field(default=None, max_length=63)
+    """Kueue LocalQueue: the Job is created suspended with the kueue.x-k8s.io/queue-name label."""
+    scheduler_name: str | None = Field(default=None, max_length=NAME_MAX)
+    """Scheduler of the pod (default scheduler when unset)."""
+
+
+class EnvVar(Section):
+    """An extra environment variable of the trainer (core/v1 EnvVar)."""
+
+    name: str = Field(min_length=1, max_length=NAME_MAX)
+    """Variable name."""
+    value: str | None = None
+    """Literal value."""
+    value_from: Json | None = None
+    """Source of the value, e.g. {secretKeyRef: {name, key}} for an HF token."""
+
+
+class LocalObjectReference(Section):
+    """A reference to an object in the same namespace."""
+
+    name: str = Field(min_length=1, max_length=NAME_MAX)
+    """Object name."""
+
+
+class CacheVolumeSpec(Section):
+    """A PersistentVolumeClaim that caches downloaded models and datasets between runs."""
+
+    claim_name: str = Field(min_length=1, max_length=NAME_MAX)
+    """PVC name in the FineTuneJob's namespace."""
+
+
+class FineTuneJobSpec(Section):
+    """Desired state of a FineTuneJob: what to train, with what, and where it runs."""
+
+    model: ModelSpec
+    """The backbone to fine-tune."""
+    dataset: DatasetSpec
+    """The instruction data."""
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    """Hyperparameters."""
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    """LoRA adapters."""
+    quantization: Quantization = "none"
+    """Base weights: none (bf16/fp16/fp32), int8 (8-bit LoRA) or int4 (nf4 QLoRA). int8/int4 need LoRA."""
+    output: OutputSpec
+    """Where the adapter and reports go; the job's own path <namespace>/<name> is appended."""
+    storage: JobStorageSpec = Field(default_factory=JobStorageSpec)
+    """S3 endpoint and credentials."""
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    """GPUs, CPU and memory."""
+    scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec)
+    """Node selection, priority and queueing."""
+    image: str | None = Field(default=None, max_length=1024)
+    """Trainer image; the operator's default trainer image when unset."""
+    image_pull_secrets: list[LocalObjectReference] | None = Field(default=None, max_length=16)
+    """Secrets for pulling the trainer image."""
+    service_account_name: str | None = Field(default=None, max_length=NAME_MAX)
+    """ServiceAccount of the training pod."""
+    env: list[EnvVar] | None = Field(default=None, max_length=128)
+    """Extra environment variables of the trainer."""
+    cache_volume: CacheVolumeSpec | None = None
+    """PVC that caches downloads."""
+    suspend: bool = False
+    """Suspend the job: running pods are stopped; false resumes (from the last checkpoint)."""
+    backoff_limit: int = Field(default=3, ge=0, le=100)
+    """Retries of a failed pod (invalid input is never retried)."""
+    active_deadline_seconds: int | None = Field(default=None, ge=1)
+    """Time limit of the whole run, in seconds."""
+    ttl_seconds_after_finished: int | None = Field(default=None, ge=0)
+    """Delete the Job and its pods this long after the end; the FineTuneJob and its status stay."""
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> FineTuneJobSpec:
+        check_quantization(self.quantization, self.lora, self.output)
+        if not self.output.location.startswith("s3://"):
+            raise ValueError(
+                "output.location must be s3://bucket/prefix for a FineTuneJob "
+                "(a local directory only works for standalone trainer runs)"
+            )
+        return self
+
+
+class Condition(Section):
+    """A Kubernetes API convention condition."""
+
+    type: str
+    """Condition type: Ready, Reconciling, Stalled, Succeeded, Failed, Suspended, ..."""
+    status: Literal["True", "False", "Unknown"]
+    """True, False or Unknown."""
+    reason: str
+    """CamelCase reason."""
+    message: str = ""
+    """Human-readable details."""
+    last_transition_time: str
+    """When status last changed (RFC 3339)."""
+    observed_generation: int | None = None
+    """The spec generation the condition was computed for."""
+
+
+class Progress(Section):
+    """Training progress."""
+
+    step: int | None = None
+    """Optimizer steps done."""
+    total_steps: int | None = None
+    """Optimizer steps planned."""
+    epoch: float | None = None
+    """Epochs done (fractional)."""
+    percent: int | None = Field(default=None, ge=0, le=100)
+    """step / totalSteps in percent."""
+    eta_seconds: int | None = None
+    """Estimated seconds left."""
+    updated_at: str | None = None
+    """Time of the last progress report (RFC 3339)."""
+
+
+class Metrics(Section):
+    """Latest training metrics."""
+
+    train_loss: float | None = None
+    """Training loss (recent average)."""
+    eval_loss: float | None = None
+    """Validation loss."""
+    perplexity: float | None = None
+    """exp(evalLoss)."""
+    learning_rate: float | None = None
+    """Current learning rate."""
+    tokens_per_second: float | None = None
+    """Training throughput."""
+    peak_memory_bytes: int | None = None
+    """Peak accelerator (or host) memory of the trainer."""
+
+
+class Artifacts(Section):
+    """Where the results are."""
+
+    location: str | None = None
+    """Run directory, e.g. s3://bucket/prefix/<namespace>/<name>/."""
+    adapter: str | None = None
+    """The trained adapter (safetensors) and tokenizer."""
+    merged: str | None = None
+    """The merged model, when output.mergeAdapter."""
+    manifest: str | None = None
+    """manifest.json: every file with size and sha256; written last."""
+    total_bytes: int | None = None
+    """Total size of the artifacts."""
+    files: int | None = None
+    """Number of files."""
+
+
+class FineTuneJobStatus(Section):
+    """Observed state of a FineTuneJob; written by the operator only."""
+
+    phase: Phase | None = None
+    """Pending, Queued, Running, Succeeded, Failed or Suspended."""
+    reason: str | None = None
+    """Why the job is in this phase (CamelCase)."""
+    message: str | None = None
+    """What happened and what to do."""
+    conditions: list[Condition] | None = None
+    """Ready, Reconciling, Stalled, Succeeded, Failed, Suspended (API conventions)."""
+    observed_generation: int | None = None
+    """The spec generation this status describes."""
+    start_time: str | None = None
+    """When training first started."""
+    completion_time: str | None = None
+    """When the job succeeded or failed."""
+    job_name: str | None = None
+    """The batch/v1 Job that runs the trainer."""
+    attempts: int | None = None
+    """Pods started so far (1 + retries)."""
+    progress: Progress | None = None
+    """Training progress."""
+    metrics: Metrics | None = None
+    """Latest metrics."""
+    artifacts: Artifacts | None = None
+    """Results."""
+
+
+class FineTuneJob(Section):
+    """A fine-tuning run of a large language model: LoRA, 8-bit or 4-bit QLoRA on a GPU pod."""
+
+    api_version: Literal["kubetune.io/v1alpha1"] = "kubetune.io/v1alpha1"
+    kind: Literal["FineTuneJob"] = "FineTuneJob"
+    metadata: Json = Field(default_factory=dict)
+    spec: FineTuneJobSpec
+    status: FineTuneJobStatus | None = None

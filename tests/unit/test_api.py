@@ -1,0 +1,208 @@
+"""The FineTuneJob API models, the trainer contract and the generated CRD."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from kubetune import api, crd
+from kubetune_trainer.config import TrainerConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+
+VALID_SPEC: dict[str, Any] = {
+    "model": {"source": "hf://Qwen/Qwen2.5-0.5B"},
+    "dataset": {"train": "s3://data/train.jsonl"},
+    "output": {"location": "s3://runs/"},
+}
+
+
+def finetunejobs(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d and d.get("kind") == "FineTuneJob"]
+
+
+def test_examples_exist() -> None:
+    assert any(finetunejobs(p) for p in EXAMPLES), "examples/ holds no FineTuneJob"
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_every_example_parses(path: Path) -> None:
+    for doc in finetunejobs(path):
+        api.FineTuneJob.model_validate(doc)
+
+
+def test_defaults_make_a_lora_run() -> None:
+    spec = api.FineTuneJobSpec.model_validate(VALID_SPEC)
+    assert spec.lora.enabled and spec.lora.target_modules == ["all-linear"]
+    assert spec.quantization == "none" and spec.resources.gpus == 1
+    assert spec.training.epochs is None and spec.training.max_steps is None
+
+
+def with_change(path: str, value: Any) -> dict[str, Any]:
+    """VALID_SPEC with one dotted path set (value None deletes it)."""
+    spec = copy.deepcopy(VALID_SPEC)
+    node = spec
+    *parents, leaf = path.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    if value is None:
+        node.pop(leaf, None)
+    else:
+        node[leaf] = value
+    return spec
+
+
+INVALID = [
+    # (change, value, field named in the error, words in the message)
+    ("model.source", None, "model.source", "Field required"),
+    ("model.source", "ftp://host/model", "model.source", "unknown scheme"),
+    ("model.source", "s3://", "model.source", "names no bucket"),
+    ("model.tokenizer", "gs://bucket/tok", "model.tokenizer", "unknown scheme"),
+    ("dataset.train", "http://example.com/x.csv", "dataset.train", "unknown scheme"),
+    ("dataset.format", "xlsx", "dataset.format", "'auto', 'jsonl', 'csv' or 'parquet'"),
+    ("dataset.validationSplit", 0.7, "dataset.validationSplit", "less than or equal to 0.5"),
+    ("dataset.validationSplit", 0, "dataset.validationSplit", "greater than 0"),
+    ("dataset.maxLength", "long", "dataset.maxLength", "valid integer"),
+    ("dataset.promptFormat", "Q: {question}", "dataset.promptFormat", "{prompt}"),
+    ("training.learningRate", -1, "training.learningRate", "greater than 0"),
+    ("training.batchSize", 0, "training.batchSize", "greater than or equal to 1"),
+    ("training.epochs", "three", "training.epochs", "valid number"),
+    ("training.optimizer", "lion", "training.optimizer", "adamw"),
+    ("training", {"epochs": 1, "maxSteps": 10}, "training", "not both"),
+    ("lora.r", 0, "lora.r", "greater than or equal to 1"),
+    ("lora.targetModules", ["all-linear", "q_proj"], "lora.targetModules", "all-linear"),
+    ("quantization", "int3", "quantization", "'none', 'int8' or 'int4'"),
+    ("resources.gpus", -1, "resources.gpus", "greater than or equal to 0"),
+    ("resources.memory", "lots", "resources.memory", "pattern"),
+    ("output.location", "/tmp/out", "output.location", "s3://"),
+    ("output.keepCheckpoints", 0, "output.keepCheckpoints", "greater than or equal to 1"),
+    ("backoffLimit", -2, "backoffLimit", "greater than or equal to 0"),
+    ("unknownField", 1, "unknownField", "Extra inputs are not permitted"),
+    ("training.seed", 1.5, "training.seed", "valid integer"),
+]
+
+
+@pytest.mark.parametrize(("path", "value", "field", "words"), INVALID, ids=[f"{c[0]}={c[1]}" for c in INVALID])
+def test_invalid_spec_names_the_field(path: str, value: Any, field: str, words: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        api.FineTuneJobSpec.model_validate(with_change(path, value))
+    text = str(info.value)
+    assert field in text.replace("\n", " ") or field.split(".")[-1] in text
+    assert words in text
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_quantization_requires_lora(quantization: str) -> None:
+    spec = {**VALID_SPEC, "quantization": quantization, "lora": {"enabled": False}}
+    with pytest.raises(ValidationError, match=f"quantization {quantization} requires lora.enabled=true"):
+        api.FineTuneJobSpec.model_validate(spec)
+
+
+def test_int4_merge_is_rejected() -> None:
+    spec = with_change("output.mergeAdapter", True) | {"quantization": "int4"}
+    with pytest.raises(ValidationError, match="output.mergeAdapter is not supported with quantization int4"):
+        api.FineTuneJobSpec.model_validate(spec)
+
+
+def test_trainer_config_accepts_a_local_output_directory() -> None:
+    config = TrainerConfig.model_validate(with_change("output.location", "/tmp/out"))
+    assert config.output.location == "/tmp/out"
+
+
+def test_spec_sections_are_the_trainer_sections() -> None:
+    trainer_fields = set(TrainerConfig.model_fields) - {"run_name"}
+    assert trainer_fields <= set(api.FineTuneJobSpec.model_fields)
+
+
+# --- the generated CRD -------------------------------------------------------------------------
+
+def schema_nodes(node: Any, path: str = "") -> list[tuple[str, dict[str, Any]]]:
+    found: list[tuple[str, dict[str, Any]]] = []
+    if isinstance(node, dict):
+        found.append((path, node))
+        for key, value in node.get("properties", {}).items():
+            found += schema_nodes(value, f"{path}.{key}")
+        for key in ("items", "additionalProperties"):
+            if isinstance(node.get(key), dict):
+                found += schema_nodes(node[key], f"{path}[{key}]")
+    return found
+
+
+def openapi_schema() -> dict[str, Any]:
+    return crd.build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+
+def test_schema_is_structural() -> None:
+    text = json.dumps(openapi_schema())
+    for forbidden in ('"$ref"', '"$defs"', '"anyOf"', '"allOf"', '"oneOf"', '"title"'):
+        assert forbidden not in text
+    for path, node in schema_nodes(openapi_schema()):
+        assert "type" in node, f"{path or '<root>'} has no type"
+        assert node.get("default", "") is not None, f"{path} has default: null"
+        if node["type"] == "object" and "properties" in node:
+            assert "additionalProperties" not in node, path
+
+
+def test_schema_preserves_unknown_fields_only_for_free_form_objects() -> None:
+    preserved = {p for p, n in schema_nodes(openapi_schema()) if n.get("x-kubernetes-preserve-unknown-fields")}
+    assert preserved == {
+        ".spec.scheduling.affinity",
+        ".spec.scheduling.tolerations[items]",
+        ".spec.env[items].valueFrom",
+    }
+
+
+def test_schema_documents_every_field() -> None:
+    spec = openapi_schema()["properties"]["spec"]
+    undocumented = [p for p, n in schema_nodes(spec) if p and "[" not in p.split(".")[-1] and not n.get("description")]
+    assert undocumented == []
+
+
+def test_training_sections_are_immutable() -> None:
+    props = openapi_schema()["properties"]["spec"]["properties"]
+    for name in api.IMMUTABLE_FIELDS:
+        assert {"rule": "self == oldSelf", "message": f"{name} is immutable after creation"} in props[name][
+            "x-kubernetes-validations"
+        ]
+    assert "x-kubernetes-validations" not in props["suspend"]
+
+
+def test_printer_columns() -> None:
+    columns = crd.build_crd()["spec"]["versions"][0]["additionalPrinterColumns"]
+    assert [c["name"] for c in columns if not c.get("priority")] == ["Phase", "Progress", "Loss", "Age"]
+    assert [c["name"] for c in columns if c.get("priority") == 1] == ["Model", "Artifacts"]
+
+
+def test_generated_files_have_not_drifted() -> None:
+    assert crd.drift(ROOT) == [], "generated files differ from the models: run `make crd`"
+
+
+def test_crd_check_names_the_stale_file(tmp_path: Path) -> None:
+    crd.write(tmp_path)
+    (tmp_path / "docs/api.md").write_text("edited by hand\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "kubetune", "crd", "--check", "--root", str(tmp_path)],
+        capture_output=True, text=True, check=False,
+    )
+    assert result.returncode == 1
+    assert "docs/api.md" in result.stderr and "crds/" not in result.stderr
+
+
+@pytest.mark.parametrize("module", ["kubetune.api", "kubetune_trainer.config", "kubetune.crd"])
+def test_api_modules_import_no_heavy_dependencies(module: str) -> None:
+    code = (
+        f"import sys, {module}; "
+        "heavy = sorted(m for m in ('torch', 'kopf', 'kubernetes', 'transformers') if m in sys.modules); "
+        "print(','.join(heavy))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == ""

@@ -1,0 +1,287 @@
+"""The trainer contract: what a fine-tuning run is, as pydantic models.
+
+The same section models (model, dataset, training, lora, quantization, output, storage) appear in
+the FineTuneJob spec and in the trainer's config file, so a section means the same thing in both.
+This module imports only pydantic: the operator imports it, and it must stay light (no torch).
+Field names are camelCase in YAML/JSON; the Python attributes are snake_case.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+SOURCE_SCHEMES = ("hf", "s3", "pvc", "file")
+"""URI schemes a model or dataset source may use; a value without ``://`` is a local path."""
+
+Quantization = Literal["none", "int8", "int4"]
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+DataFormat = Literal["auto", "jsonl", "csv", "parquet"]
+Template = Literal["auto", "chat", "plain"]
+LrScheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
+Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd"]
+
+URI_MAX = 2048
+NAME_MAX = 253
+
+
+class Section(BaseModel):
+    """Base of every API section: camelCase aliases, unknown fields rejected."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        validate_default=True,
+        use_attribute_docstrings=True,
+    )
+
+
+def check_source(value: str) -> str:
+    """Accept a source URI with a known scheme, or a plain local path."""
+    if "://" in value:
+        scheme = value.split("://", 1)[0]
+        if scheme not in SOURCE_SCHEMES:
+            known = ", ".join(f"{s}://" for s in SOURCE_SCHEMES)
+            raise ValueError(f"unknown scheme {scheme + '://'!r}; use one of {known} or a local path")
+        if not value.split("://", 1)[1].strip("/"):
+            raise ValueError(f"{value!r} names no bucket, repository or path")
+    elif not value.strip():
+        raise ValueError("must not be empty")
+    return value
+
+
+class ModelSpec(Section):
+    """The backbone: pretrained weights to fine-tune."""
+
+    source: str = Field(min_length=1, max_length=URI_MAX, examples=["hf://Qwen/Qwen2.5-0.5B"])
+    """Where the backbone is: hf://org/name, s3://bucket/prefix, pvc://claim/path, file:///path."""
+    revision: str | None = Field(default=None, max_length=NAME_MAX)
+    """Branch, tag or commit of an hf:// backbone."""
+    trust_remote_code: bool = False
+    """Allow the backbone's own Python code to run. Only for backbones you trust."""
+    tokenizer: str | None = Field(default=None, max_length=URI_MAX)
+    """Another source for the tokenizer (same schemes); the backbone's tokenizer when unset."""
+
+    @field_validator("source", "tokenizer")
+    @classmethod
+    def _check_sources(cls, v: str | None) -> str | None:
+        return None if v is None else check_source(v)
+
+
+class DatasetSpec(Section):
+    """Instruction data: prompt/answer pairs in CSV, JSONL or Parquet."""
+
+    train: str = Field(min_length=1, max_length=URI_MAX)
+    """Training file: s3://bucket/key, pvc://claim/path, file:///path or hf://datasets/org/name/file."""
+    validation: str | None = Field(default=None, max_length=URI_MAX)
+    """Validation file (same schemes). When unset, validationSplit of the training data is held out."""
+    format: DataFormat = "auto"
+    """File format; auto picks it from the file extension."""
+    prompt_column: str = Field(default="prompt", min_length=1, max_length=NAME_MAX)
+    """Column with the prompt (instruction)."""
+    answer_column: str = Field(default="answer", min_length=1, max_length=NAME_MAX)
+    """Column with the expected answer."""
+    system_column: str | None = Field(default=None, max_length=NAME_MAX)
+    """Optional column with a per-row system prompt."""
+    system_prompt: str | None = Field(default=None, max_length=8192)
+    """System prompt for every row (systemColumn wins where both are set)."""
+    template: Template = "auto"
+    """How a row becomes text: chat (the tokenizer's chat template), plain (promptFormat), or auto
+    (chat when the tokenizer has a chat template, else plain)."""
+    prompt_format: str = Field(
+        default="{system}### Instruction:\n{prompt}\n\n### Response:\n", max_length=8192
+    )
+    """Plain template for the prompt; {prompt} and optionally {system} are replaced."""
+    max_length: int = Field(default=1024, ge=16, le=131072)
+    """Maximum tokens per sample; longer samples are truncated (and counted in the logs)."""
+    mask_prompt: bool = True
+    """Compute the loss on answer tokens only (prompt tokens get label -100)."""
+    validation_split: float = Field(default=0.1, gt=0, le=0.5)
+    """Fraction of the training data held out for evaluation when no validation file is given."""
+
+    @field_validator("train", "validation")
+    @classmethod
+    def _check_sources(cls, v: str | None) -> str | None:
+        return None if v is None else check_source(v)
+
+    @field_validator("prompt_format")
+    @classmethod
+    def _check_prompt_format(cls, v: str) -> str:
+        if "{prompt}" not in v:
+            raise ValueError("must contain {prompt}")
+        return v
+
+
+class TrainingSpec(Section):
+    """Hyperparameters. Set either epochs or maxSteps; with neither, one epoch."""
+
+    epochs: float | None = Field(default=None, gt=0, le=1000)
+    """Passes over the training data (fractions allowed). Exclusive with maxSteps."""
+    max_steps: int | None = Field(default=None, ge=1, le=10_000_000)
+    """Optimizer steps to run. Exclusive with epochs."""
+    learning_rate: float = Field(default=2e-4, gt=0, le=1)
+    """Peak learning rate."""
+    batch_size: int = Field(default=4, ge=1, le=4096)
+    """Samples per device per forward pass."""
+    gradient_accumulation: int = Field(default=1, ge=1, le=4096)
+    """Forward passes per optimizer step."""
+    warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
+    """Fraction of the steps spent warming the learning rate up."""
+    weight_decay: float = Field(default=0.0, ge=0, le=1)
+    """AdamW weight decay."""
+    lr_scheduler: LrScheduler = "cosine"
+    """Learning-rate schedule after warmup."""
+    optimizer: Optimizer = "adamw"
+    """Optimizer; the 8-bit and paged variants come from bitsandbytes."""
+    max_grad_norm: float = Field(default=1.0, ge=0)
+    """Gradient clipping norm (0 disables clipping)."""
+    seed: int = Field(default=42, ge=0, le=2**32 - 1)
+    """Seed for data order, initialisation of adapters and dropout."""
+    precision: Precision = "auto"
+    """Compute precision: auto is bf16 where the device supports it, else fp32."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in the backward pass: less memory, about 20-30% slower."""
+    packing: bool = False
+    """Concatenate samples into full maxLength blocks (faster; prompts stay masked)."""
+    eval_every_steps: int = Field(default=100, ge=1)
+    """Evaluate on the validation data every N steps (and always at the end)."""
+    checkpoint_every_steps: int = Field(default=100, ge=1)
+    """Write a resumable checkpoint to the output location every N steps."""
+    log_every_steps: int = Field(default=1, ge=1)
+    """Report progress every N steps."""
+
+    @model_validator(mode="after")
+    def _one_length(self) -> TrainingSpec:
+        if self.epochs is not None and self.max_steps is not None:
+            raise ValueError("set either training.epochs or training.maxSteps, not both")
+        return self
+
+
+class LoraSpec(Section):
+    """Low-rank adapters; the backbone stays frozen. Disable for a full fine-tune."""
+
+    enabled: bool = True
+    """Train LoRA adapters (false: full fine-tune, quantization must be none)."""
+    r: int = Field(default=16, ge=1, le=1024)
+    """Adapter rank."""
+    alpha: int = Field(default=32, ge=1, le=4096)
+    """Adapter scaling (alpha / r multiplies the update)."""
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    """Dropout on the adapter input."""
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["all-linear"], min_length=1, max_length=64
+    )
+    """Modules that get adapters: ["all-linear"] or module names such as q_proj, v_proj."""
+
+    @field_validator("target_modules")
+    @classmethod
+    def _check_targets(cls, v: list[str]) -> list[str]:
+        if "all-linear" in v and len(v) > 1:
+            raise ValueError('"all-linear" cannot be combined with module names')
+        if any(not name.strip() or len(name) > NAME_MAX for name in v):
+            raise ValueError("module names must be non-empty and at most 253 characters")
+        return v
+
+
+class OutputSpec(Section):
+    """Where the adapter, checkpoints and reports go."""
+
+    location: str = Field(min_length=1, max_length=URI_MAX)
+    """s3://bucket/prefix (the run's own path is appended), or a local directory for standalone runs."""
+    merge_adapter: bool = False
+    """Also save the backbone with the adapter merged in (int4: rejected, see docs)."""
+    keep_checkpoints: int = Field(default=2, ge=1, le=100)
+    """How many of the newest checkpoints to keep."""
+
+    @field_validator("location")
+    @classmethod
+    def _check_location(cls, v: str) -> str:
+        if "://" in v:
+            scheme, rest = v.split("://", 1)
+            if scheme not in ("s3", "file"):
+                raise ValueError(f"unknown scheme {scheme + '://'!r}; use s3://bucket/prefix or a directory")
+            if not rest.strip("/"):
+                raise ValueError(f"{v!r} names no bucket or directory")
+        return v
+
+
+class StorageSpec(Section):
+    """S3-compatible object store (AWS S3, MinIO, …) for s3:// sources and outputs."""
+
+    endpoint: str | None = Field(default=None, max_length=URI_MAX)
+    """host:port or URL of the S3 endpoint; AWS S3 when unset."""
+    region: str | None = Field(default=None, max_length=64)
+    """Bucket region."""
+    insecure: bool = False
+    """Use plain HTTP (local MinIO) instead of HTTPS."""
+
+
+class TrainerConfig(Section):
+    """A complete trainer run: what `python -m kubetune_trainer --config FILE` reads.
+
+    Credentials are never part of it: they come from the environment (AWS_ACCESS_KEY_ID,
+    AWS_SECRET_ACCESS_KEY, HF_TOKEN).
+    """
+
+    run_name: str = Field(default="run", min_length=1, max_length=NAME_MAX, pattern=r"^[A-Za-z0-9._/-]+$")
+    """Appended to output.location; a FineTuneJob uses <namespace>/<name>."""
+    model: ModelSpec
+    dataset: DatasetSpec
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    quantization: Quantization = "none"
+    output: OutputSpec
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+
+    @model_validator(mode="after")
+    def _quantization_needs_lora(self) -> TrainerConfig:
+        check_quantization(self.quantization, self.lora, self.output)
+        return self
+
+
+def check_quantization(quantization: str, lora: LoraSpec, output: OutputSpec) -> None:
+    """Cross-section rules shared by the trainer config and the FineTuneJob spec."""
+    if quantization != "none" and not lora.enabled:
+        raise ValueError(
+            f"quantization {quantization} requires lora.enabled=true "
+            "(a quantized backbone can only be trained through adapters)"
+        )
+    if quantization == "int4" and output.merge_adapter:
+        raise ValueError(
+            "output.mergeAdapter is not supported with quantization int4: merging into 4-bit weights "
+            "loses precision; merge the adapter into the bf16 backbone offline instead"
+        )
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainerConfig:
+    """Read a YAML or JSON config file, apply ``section.field=value`` overrides, validate."""
+    import yaml
+
+    text = Path(path).read_text()
+    data: Any = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    for item in overrides or []:
+        apply_override(data, item)
+    return TrainerConfig.model_validate(data)
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Set ``a.b.c=value`` in a nested dict; the value is parsed as YAML (numbers, bools, lists)."""
+    import yaml
+
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--set {item!r}: expected section.field=value")
+    node = data
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"--set {item!r}: {part} is not a section")
+    node[leaf] = yaml.safe_load(raw)
