@@ -1,0 +1,133 @@
+"""Tiny local test assets, built without any download: a Llama-architecture backbone with random
+weights, a tokenizer trained on the dataset text, and a small instruction dataset whose answers
+can be learned in a few dozen steps.
+
+    python hack/tiny.py --out DIR     # DIR/backbone/, DIR/data/train.jsonl, DIR/data/validation.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import random
+from collections.abc import Iterable
+from pathlib import Path
+
+WORDS = ["red", "green", "blue", "cat", "dog", "sun", "moon", "tree", "rock", "fish", "bird", "star"]
+CAPITALS = {
+    "france": "paris", "italy": "rome", "spain": "madrid", "japan": "tokyo", "egypt": "cairo",
+    "peru": "lima", "kenya": "nairobi", "chile": "santiago", "norway": "oslo", "greece": "athens",
+}
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}<|system|> {{ m['content'] }} "
+    "{% elif m['role'] == 'user' %}<|user|> {{ m['content'] }} "
+    "{% else %}<|assistant|> {{ m['content'] }}{{ eos_token }} {% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
+
+
+def make_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
+    """``n`` prompt/answer rows: reverse three words, or name a capital (fixed mapping)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        if rng.random() < 0.5:
+            words = rng.sample(WORDS, 3)
+            rows.append({"prompt": "reverse : " + " ".join(words), "answer": " ".join(reversed(words))})
+        else:
+            country = rng.choice(sorted(CAPITALS))
+            rows.append({"prompt": f"capital of {country} ?", "answer": CAPITALS[country]})
+    return rows
+
+
+def write_dataset(path: str | Path, n: int = 64, seed: int = 0) -> Path:
+    """Write ``n`` rows to ``path``; the format follows the extension (.jsonl, .csv, .parquet)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = make_rows(n, seed)
+    if path.suffix == ".csv":
+        with path.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=["prompt", "answer"])
+            writer.writeheader()
+            writer.writerows(rows)
+    elif path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def corpus() -> Iterable[str]:
+    """Every word the dataset and the default prompt format can contain."""
+    yield " ".join(WORDS)
+    yield " ".join(f"capital of {c} ? {p}" for c, p in CAPITALS.items())
+    yield "reverse : ### Instruction: Response: system you are a helpful assistant ."
+
+
+def build_tokenizer(out_dir: str | Path) -> Path:
+    """A word-level tokenizer trained on :func:`corpus`, with bos/eos/pad and a chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.train_from_iterator(corpus(), trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS))
+    from tokenizers import decoders
+
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(str(out_dir))
+    return Path(out_dir)
+
+
+def build_tiny_backbone(
+    out_dir: str | Path, hidden_size: int = 64, layers: int = 2, heads: int = 4, seed: int = 0
+) -> Path:
+    """Save a random-weight Llama model and a locally trained tokenizer into ``out_dir``."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = Path(out_dir)
+    build_tokenizer(out)
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(str(out))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--rows", type=int, default=256)
+    args = parser.parse_args()
+    build_tiny_backbone(args.out / "backbone")
+    write_dataset(args.out / "data" / "train.jsonl", args.rows, seed=0)
+    write_dataset(args.out / "data" / "validation.jsonl", max(8, args.rows // 8), seed=1)
+    print(args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""``python -m kubetune_trainer --config cfg.yaml [--set section.field=value ...]``
+
+Exit codes (a contract: the operator's Job podFailurePolicy depends on them):
+
+- 0: success; outputs published with their manifest.
+- 3: invalid config or data (a missing column, an empty or unreadable file, a rejected field);
+  retrying cannot help.
+- 4: a source (model, tokenizer, dataset, output bucket) was not found or could not be reached.
+- 1: anything else (out of memory, a crash, a connection lost mid-run); worth retrying, and a
+  retried run resumes from its newest complete checkpoint.
+
+Logs go to stderr; the first ERROR line names the file and the field or column at fault.
+Progress goes to stdout as JSON lines; the final summary (or the error) also goes to the
+termination-message file (see ``report.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+from .errors import EXIT_FAILED, EXIT_INVALID, EXIT_OK, TrainerError
+from .report import Reporter, write_termination_message
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m kubetune_trainer",
+        description="Fine-tune a causal language model (LoRA, int8, int4 QLoRA or full).",
+    )
+    parser.add_argument("--config", required=True, help="trainer config file (YAML or JSON)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+        help="override a config field, e.g. --set training.maxSteps=50 (repeatable)",
+    )
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    return parser.parse_args(argv)
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        force=True,
+    )
+    for noisy in ("urllib3", "httpx", "filelock", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def describe_validation_error(path: str, err: Any) -> str:
+    """One line per pydantic error, each naming the field by its camelCase path."""
+    parts = []
+    for item in err.errors():
+        field = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        parts.append(f"{field}: {item['msg']}")
+    return f"{path}: invalid config: " + "; ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.log_level)
+    log = logging.getLogger("kubetune_trainer")
+
+    from pydantic import ValidationError
+
+    from .config import load_config
+
+    try:
+        config = load_config(args.config, args.overrides)
+    except ValidationError as err:
+        return fail(log, describe_validation_error(args.config, err), EXIT_INVALID)
+    except (OSError, ValueError) as err:  # unreadable file, YAML/JSON syntax, bad --set
+        return fail(log, f"{args.config}: invalid config: {err}", EXIT_INVALID)
+
+    from .train import Trainer
+
+    reporter = Reporter()
+    trainer: Trainer | None = None
+    try:
+        trainer = Trainer(config, reporter)
+        result = trainer.run()
+    except TrainerError as err:
+        return fail(log, str(err), err.exit_code, trainer, reporter)
+    except KeyboardInterrupt:
+        return fail(log, "interrupted", EXIT_FAILED, trainer, reporter)
+    except Exception as err:
+        log.exception("training failed: %s: %s", type(err).__name__, err)
+        return fail(log, f"{type(err).__name__}: {err}", EXIT_FAILED, trainer, reporter, logged=True)
+    summary = {"type": "summary", **result.summary}
+    reporter.emit(summary, record=False)
+    reporter.close()
+    write_termination_message(result.summary)
+    log.info("done: %s", result.summary["artifacts"]["location"])
+    return EXIT_OK
+
+
+def fail(
+    log: logging.Logger,
+    message: str,
+    code: int,
+    trainer: Any = None,
+    reporter: Reporter | None = None,
+    logged: bool = False,
+) -> int:
+    """Log the error, report it, write it to the termination message; return the exit code."""
+    if not logged:
+        log.error("%s", message)
+    summary: dict[str, Any] = {"error": message, "exitCode": code}
+    if trainer is not None:
+        summary["step"] = trainer.progress.step
+        summary["totalSteps"] = trainer.progress.total_steps
+    if reporter is not None:
+        reporter.emit({"type": "failed", **summary}, record=False)
+        reporter.close()
+    write_termination_message(summary)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

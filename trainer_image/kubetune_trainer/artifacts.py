@@ -1,0 +1,276 @@
+"""The artifact store (an S3 prefix or a local directory) and the run's published outputs.
+
+Layout under ``<output.location>/<runName>/``::
+
+    adapter/            adapter_model.safetensors, adapter_config.json, tokenizer files
+    model/              full fine-tune (lora.enabled=false): the trained model + tokenizer
+    merged/             backbone with the adapter merged in (output.mergeAdapter)
+    trainer_config.json the run's config (never holds credentials)
+    metrics.jsonl       every progress event
+    README.md           model card
+    loss.png            train and eval loss curves
+    predictions.jsonl   generations on a few validation prompts
+    checkpoints/step-N/ resumable checkpoints (complete once their checkpoint.json exists)
+    manifest.json       written LAST: every published file with its size and sha256
+
+A reader that finds no ``manifest.json`` must treat the run as incomplete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlparse
+
+from .config import StorageSpec
+from .errors import SourceUnavailable
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+
+
+class Store(Protocol):
+    """Keys are ``/``-separated paths relative to the run's root."""
+
+    uri: str
+
+    def put_file(self, local: Path, key: str) -> None: ...
+    def get_file(self, key: str, local: Path) -> None: ...
+    def list(self, prefix: str = "") -> list[str]: ...
+    def delete(self, key: str) -> None: ...
+
+
+class LocalStore:
+    """A directory; each file appears atomically (written aside, then renamed)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.uri = str(root)
+
+    def put_file(self, local: Path, key: str) -> None:
+        target = self.root / key
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+        os.close(fd)
+        shutil.copyfile(local, tmp)
+        os.replace(tmp, target)
+
+    def get_file(self, key: str, local: Path) -> None:
+        local.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.root / key, local)
+
+    def list(self, prefix: str = "") -> list[str]:
+        base = self.root / prefix if prefix else self.root
+        if not base.exists():
+            return []
+        return sorted(
+            p.relative_to(self.root).as_posix()
+            for p in base.rglob("*")
+            if p.is_file() and not p.name.startswith(".")
+        )
+
+    def delete(self, key: str) -> None:
+        path = self.root / key
+        path.unlink(missing_ok=True)
+        # Drop directories that became empty, up to the root.
+        for parent in path.parents:
+            if parent == self.root or not parent.is_relative_to(self.root):
+                break
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+
+
+class S3Store:
+    """A prefix in an S3 bucket (MinIO, AWS S3, …)."""
+
+    def __init__(self, uri: str, storage: StorageSpec) -> None:
+        from .sources import s3_client, split_s3
+
+        self.uri = uri.rstrip("/")
+        self.bucket, self.prefix = split_s3(uri)
+        self.client = s3_client(storage)
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def put_file(self, local: Path, key: str) -> None:
+        self.client.fput_object(self.bucket, self._key(key), str(local))
+
+    def get_file(self, key: str, local: Path) -> None:
+        local.parent.mkdir(parents=True, exist_ok=True)
+        self.client.fget_object(self.bucket, self._key(key), str(local))
+
+    def list(self, prefix: str = "") -> list[str]:
+        root = f"{self.prefix}/" if self.prefix else ""
+        objects = self.client.list_objects(self.bucket, prefix=root + prefix, recursive=True)
+        return sorted(str(o.object_name)[len(root) :] for o in objects if o.object_name and not o.is_dir)
+
+    def delete(self, key: str) -> None:
+        self.client.remove_object(self.bucket, self._key(key))
+
+
+def open_store(location: str, run_name: str, storage: StorageSpec) -> Store:
+    """The store for one run: ``<location>/<runName>/``."""
+    if location.startswith("s3://"):
+        store = S3Store(f"{location.rstrip('/')}/{run_name}", storage)
+        try:
+            if not store.client.bucket_exists(store.bucket):
+                raise SourceUnavailable(f"output.location {location}: bucket {store.bucket!r} does not exist")
+        except SourceUnavailable:
+            raise
+        except Exception as err:
+            raise SourceUnavailable(f"output.location {location}: object store unreachable: {err}") from err
+        return store
+    root = Path(urlparse(location).path if location.startswith("file://") else location).expanduser()
+    return LocalStore(root.absolute() / run_name)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def publish(
+    staging: Path,
+    store: Store,
+    on_upload: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Upload every file under ``staging``, then ``manifest.json`` last; return the manifest.
+
+    An old manifest is removed first, so a reader never pairs it with half-replaced files.
+    """
+    if MANIFEST in store.list(MANIFEST):
+        store.delete(MANIFEST)
+    files = []
+    for path in sorted(p for p in staging.rglob("*") if p.is_file()):
+        key = path.relative_to(staging).as_posix()
+        if key == MANIFEST:
+            continue
+        files.append({"path": key, "size": path.stat().st_size, "sha256": sha256_of(path)})
+        store.put_file(path, key)
+        if on_upload:
+            on_upload(key)
+        log.info("uploaded %s/%s (%d bytes)", store.uri, key, files[-1]["size"])
+    manifest = {
+        "version": 1,
+        "location": store.uri,
+        "totalBytes": sum(int(f["size"]) for f in files),
+        "files": files,
+    }
+    manifest_path = staging / MANIFEST
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    store.put_file(manifest_path, MANIFEST)
+    if on_upload:
+        on_upload(MANIFEST)
+    log.info("published %d files (%d bytes) to %s", len(files), manifest["totalBytes"], store.uri)
+    return manifest
+
+
+class IncompleteRun(Exception):
+    """No manifest, or a file that does not match it."""
+
+
+def verify_manifest(location: str, storage: StorageSpec | None = None) -> dict[str, Any]:
+    """Check a published run (``<output.location>/<runName>``): every file's size and sha256.
+
+    Raises :class:`IncompleteRun` when the manifest is missing or a file differs; returns the
+    manifest otherwise.
+    """
+    storage = storage or StorageSpec()
+    store: Store = S3Store(location, storage) if location.startswith("s3://") else LocalStore(Path(location))
+    with tempfile.TemporaryDirectory(prefix="kubetune-verify-") as tmp:
+        work = Path(tmp)
+        if MANIFEST not in store.list(MANIFEST):
+            raise IncompleteRun(f"{location}: no {MANIFEST}; the run is incomplete")
+        store.get_file(MANIFEST, work / MANIFEST)
+        manifest: dict[str, Any] = json.loads((work / MANIFEST).read_text())
+        for entry in manifest["files"]:
+            local = work / "files" / entry["path"]
+            try:
+                store.get_file(entry["path"], local)
+            except Exception as err:
+                raise IncompleteRun(f"{location}: {entry['path']} is listed but missing: {err}") from err
+            size, digest = local.stat().st_size, sha256_of(local)
+            if size != entry["size"] or digest != entry["sha256"]:
+                raise IncompleteRun(
+                    f"{location}: {entry['path']} has size {size} sha256 {digest}, "
+                    f"manifest says {entry['size']} {entry['sha256']}"
+                )
+            local.unlink()
+    return manifest
+
+
+def plot_losses(events: list[dict[str, Any]], path: Path) -> None:
+    """Train and eval loss against the step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(e["step"], e["loss"]) for e in events if e.get("loss") is not None]
+    evals = [(e["step"], e["evalLoss"]) for e in events if e.get("evalLoss") is not None]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals, strict=True), marker="o", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def model_card(config: dict[str, Any], metrics: dict[str, Any], extra: dict[str, Any]) -> str:
+    """README.md for the outputs: backbone, data, hyperparameters, final metrics."""
+    training = config.get("training", {})
+    lora = config.get("lora", {})
+    lines = [
+        f"# {config.get('runName', 'run')}",
+        "",
+        f"Fine-tuned from `{config['model']['source']}`"
+        + (f" (revision `{config['model']['revision']}`)" if config["model"].get("revision") else "")
+        + " with KubeTune.",
+        "",
+        "## Data",
+        "",
+        f"- train: `{config['dataset']['train']}` ({extra.get('trainSamples')} samples)",
+        f"- validation: `{config['dataset'].get('validation') or 'held out from train'}` "
+        f"({extra.get('validationSamples')} samples)",
+        f"- columns: prompt `{config['dataset']['promptColumn']}`, answer `{config['dataset']['answerColumn']}`",
+        f"- maxLength {config['dataset']['maxLength']}, maskPrompt {config['dataset']['maskPrompt']}",
+        "",
+        "## Training",
+        "",
+        f"- quantization: {config.get('quantization')}",
+        f"- LoRA: {'r=' + str(lora.get('r')) + ', alpha=' + str(lora.get('alpha')) if lora.get('enabled') else 'off'}",
+        f"- steps: {extra.get('totalSteps')}, batch size {training.get('batchSize')}, "
+        f"gradient accumulation {training.get('gradientAccumulation')}",
+        f"- learning rate {training.get('learningRate')} ({training.get('lrScheduler')}), "
+        f"optimizer {training.get('optimizer')}, seed {training.get('seed')}",
+        "",
+        "## Metrics",
+        "",
+        "| metric | value |",
+        "| --- | --- |",
+        *(f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()),
+        "",
+        "Full configuration: `trainer_config.json`; per-step metrics: `metrics.jsonl`; curves: `loss.png`.",
+        "",
+    ]
+    return "\n".join(lines)

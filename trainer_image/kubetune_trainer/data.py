@@ -1,0 +1,246 @@
+"""Instruction data: read and validate files, format prompts, tokenize with label masking, pack.
+
+Validation (:func:`load_examples`) needs no tokenizer and no model, so a wrong column or an empty
+file fails the run in seconds, before any weights are downloaded or loaded.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .config import DatasetSpec
+from .errors import InvalidInput
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+"""Label of tokens that do not count in the loss (prompt tokens, padding)."""
+
+_EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet",
+               ".pq": "parquet"}
+
+
+@dataclass(frozen=True)
+class Example:
+    """One validated row."""
+
+    prompt: str
+    answer: str
+    system: str | None = None
+
+
+@dataclass
+class Sample:
+    """One tokenized training sample; ``labels`` is ``IGNORE_INDEX`` where the loss is not taken."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+
+def detect_format(path: Path, fmt: str) -> str:
+    """The file format: ``fmt`` unless it is ``auto``, else from the extension."""
+    if fmt != "auto":
+        return fmt
+    found = _EXTENSIONS.get(path.suffix.lower())
+    if found is None:
+        raise InvalidInput(
+            f"{path}: cannot tell the format from the extension {path.suffix!r}; "
+            "use .jsonl, .csv or .parquet, or set dataset.format"
+        )
+    return found
+
+
+def read_rows(path: Path, fmt: str) -> list[dict[str, Any]]:
+    """Read every row of a JSONL, CSV or Parquet file as a dict."""
+    if path.is_dir():
+        raise InvalidInput(f"{path}: is a directory, expected a data file")
+    fmt = detect_format(path, fmt)
+    try:
+        if fmt == "jsonl":
+            return _read_jsonl(path)
+        if fmt == "csv":
+            with path.open(newline="", encoding="utf-8") as fh:
+                return list(csv.DictReader(fh))
+        import pyarrow.parquet as pq
+
+        return list(pq.read_table(path).to_pylist())
+    except InvalidInput:
+        raise
+    except (OSError, UnicodeDecodeError, ValueError, csv.Error) as err:
+        raise InvalidInput(f"{path}: cannot read as {fmt}: {err}") from err
+    except Exception as err:  # pyarrow raises its own ArrowInvalid
+        raise InvalidInput(f"{path}: cannot read as {fmt}: {err}") from err
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    with path.open(encoding="utf-8") as fh:
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise InvalidInput(f"{path}: line {number} is not valid JSON: {err.msg}") from err
+            if not isinstance(row, dict):
+                raise InvalidInput(f"{path}: line {number} is not a JSON object")
+            rows.append(row)
+    return rows
+
+
+def load_examples(path: Path, spec: DatasetSpec, name: str | None = None) -> list[Example]:
+    """Read ``path`` and check it: columns present, at least one row, text values only.
+
+    ``name`` is how the file is called in messages (its source URI); the local path by default.
+    """
+    name = name or str(path)
+    rows = read_rows(path, spec.format)
+    if not rows:
+        raise InvalidInput(f"{name}: the dataset is empty (no rows)")
+    present = list(rows[0].keys())
+    wanted = [("dataset.promptColumn", spec.prompt_column), ("dataset.answerColumn", spec.answer_column)]
+    if spec.system_column:
+        wanted.append(("dataset.systemColumn", spec.system_column))
+    for field, column in wanted:
+        if column not in present:
+            raise InvalidInput(
+                f"{name}: column {column!r} ({field}) not found; the file has columns {present}"
+            )
+    examples: list[Example] = []
+    for number, row in enumerate(rows, start=1):
+        values = {}
+        for field, column in wanted:
+            value = row.get(column)
+            if not isinstance(value, str):
+                raise InvalidInput(
+                    f"{name}: row {number}, column {column!r} ({field}): expected text, "
+                    f"got {type(value).__name__} {value!r:.60}"
+                )
+            values[field] = value
+        system = values.get("dataset.systemColumn") or spec.system_prompt
+        examples.append(Example(values["dataset.promptColumn"], values["dataset.answerColumn"], system))
+    return examples
+
+
+def split_examples(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """Hold out ``fraction`` of the examples (at least one) for evaluation, in a seeded order."""
+    if len(examples) < 2:
+        raise InvalidInput(
+            f"cannot hold out a validation split from {len(examples)} example(s); "
+            "add rows or set dataset.validation"
+        )
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    held = max(1, round(len(examples) * fraction))
+    validation = [examples[i] for i in sorted(order[:held])]
+    train = [examples[i] for i in sorted(order[held:])]
+    return train, validation
+
+
+def use_chat_template(spec: DatasetSpec, tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether rows are formatted with the tokenizer's chat template."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if spec.template == "chat" and not has_template:
+        raise InvalidInput("dataset.template is chat, but the tokenizer has no chat template")
+    return spec.template == "chat" or (spec.template == "auto" and has_template)
+
+
+def format_prompt(example: Example, spec: DatasetSpec, tokenizer: PreTrainedTokenizerBase, chat: bool) -> str:
+    """The text the model sees before the answer."""
+    if chat:
+        messages = []
+        if example.system:
+            messages.append({"role": "system", "content": example.system})
+        messages.append({"role": "user", "content": example.prompt})
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return str(text)
+    system = f"{example.system}\n\n" if example.system else ""
+    return spec.prompt_format.replace("{system}", system).replace("{prompt}", example.prompt)
+
+
+def prompt_ids(example: Example, spec: DatasetSpec, tokenizer: PreTrainedTokenizerBase, chat: bool) -> list[int]:
+    """Token ids of the prompt, with the BOS token where the tokenizer has one."""
+    ids: list[int] = list(tokenizer(format_prompt(example, spec, tokenizer, chat), add_special_tokens=False)[
+        "input_ids"
+    ])
+    bos = tokenizer.bos_token_id
+    if bos is not None and (not ids or ids[0] != bos):
+        ids.insert(0, bos)
+    return ids
+
+
+def tokenize(
+    examples: list[Example], spec: DatasetSpec, tokenizer: PreTrainedTokenizerBase
+) -> list[Sample]:
+    """Tokenize prompt and answer separately, so the prompt/answer boundary is exact for masking.
+
+    Samples longer than ``maxLength`` are truncated (counted and logged); a sample left with no
+    answer token is dropped (counted and logged).
+    """
+    chat = use_chat_template(spec, tokenizer)
+    eos = tokenizer.eos_token_id
+    samples: list[Sample] = []
+    truncated = dropped = 0
+    for example in examples:
+        prompt = prompt_ids(example, spec, tokenizer, chat)
+        answer = list(tokenizer(example.answer, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            answer.append(eos)
+        input_ids = prompt + answer
+        labels = ([IGNORE_INDEX] * len(prompt) if spec.mask_prompt else list(prompt)) + answer
+        if len(input_ids) > spec.max_length:
+            truncated += 1
+            input_ids, labels = input_ids[: spec.max_length], labels[: spec.max_length]
+        if all(label == IGNORE_INDEX for label in labels):
+            dropped += 1
+            continue
+        samples.append(Sample(input_ids, labels))
+    if truncated:
+        log.warning("%d of %d samples were longer than maxLength=%d and were truncated",
+                    truncated, len(examples), spec.max_length)
+    if dropped:
+        log.warning("%d samples had no answer token left after truncation and were dropped", dropped)
+    if not samples:
+        raise InvalidInput(
+            f"no usable sample: all {len(examples)} prompts fill dataset.maxLength={spec.max_length}"
+        )
+    return samples
+
+
+def pack(samples: list[Sample], max_length: int) -> list[Sample]:
+    """Concatenate samples into blocks of ``max_length`` tokens (the last one may be shorter)."""
+    ids: list[int] = []
+    labels: list[int] = []
+    for sample in samples:
+        ids.extend(sample.input_ids)
+        labels.extend(sample.labels)
+    blocks = [
+        Sample(ids[i : i + max_length], labels[i : i + max_length]) for i in range(0, len(ids), max_length)
+    ]
+    return [b for b in blocks if any(label != IGNORE_INDEX for label in b.labels)]
+
+
+def collate(batch: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch to its longest sample; padding is masked from attention and loss."""
+    import torch
+
+    width = max(len(s.input_ids) for s in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, sample in enumerate(batch):
+        n = len(sample.input_ids)
+        input_ids[row, :n] = torch.tensor(sample.input_ids)
+        labels[row, :n] = torch.tensor(sample.labels)
+        attention[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}

@@ -1,0 +1,187 @@
+"""Resolve a model or dataset source to a local path.
+
+Schemes:
+
+- ``s3://bucket/key`` one object; ``s3://bucket/prefix`` every object under the prefix (a model
+  directory). Endpoint, region and TLS come from the config's ``storage`` section (or ``S3_ENDPOINT``
+  when unset); credentials only from the environment: ``AWS_ACCESS_KEY_ID``,
+  ``AWS_SECRET_ACCESS_KEY`` and optionally ``AWS_SESSION_TOKEN``.
+- ``file:///path`` and plain paths: used in place.
+- ``pvc://claim/path``: ``/mnt/pvc/<claim>/<path>``, where the operator mounts the claim
+  (``KUBETUNE_PVC_ROOT`` overrides the root for standalone runs).
+- ``hf://org/name`` (a model repository) and ``hf://datasets/org/name/path/in/repo`` (one file of a
+  dataset repository), at ``model.revision``; ``HF_TOKEN`` is used when set.
+
+Downloads are cached under ``KUBETUNE_CACHE_DIR`` (default ``~/.cache/kubetune/sources``; the
+operator mounts the job's cacheVolume there). A source that does not exist or cannot be reached
+raises :class:`SourceUnavailable` (exit code 4).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+
+from .config import StorageSpec
+from .errors import SourceUnavailable
+
+if TYPE_CHECKING:
+    from minio import Minio
+
+log = logging.getLogger(__name__)
+
+PVC_MOUNT_ROOT = "/mnt/pvc"
+"""Where the operator mounts a PersistentVolumeClaim named in a ``pvc://claim/path`` source."""
+
+DEFAULT_CACHE_DIR = "~/.cache/kubetune/sources"
+
+
+def cache_dir() -> Path:
+    """The download cache: ``KUBETUNE_CACHE_DIR`` or ``~/.cache/kubetune/sources``."""
+    return Path(os.environ.get("KUBETUNE_CACHE_DIR") or DEFAULT_CACHE_DIR).expanduser()
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """``s3://bucket/a/b`` → ``("bucket", "a/b")``."""
+    rest = uri.split("://", 1)[1]
+    bucket, _, key = rest.partition("/")
+    return bucket, key.strip("/")
+
+
+def s3_client(storage: StorageSpec) -> Minio:
+    """A MinIO/S3 client for the configured endpoint, with credentials from the environment."""
+    from minio import Minio
+
+    endpoint = storage.endpoint or os.environ.get("S3_ENDPOINT") or "s3.amazonaws.com"
+    secure = not storage.insecure
+    if "://" in endpoint:
+        parsed = urlparse(endpoint)
+        secure = parsed.scheme == "https"
+        endpoint = parsed.netloc
+    return Minio(
+        endpoint,
+        access_key=os.environ.get("AWS_ACCESS_KEY_ID"),
+        secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
+        session_token=os.environ.get("AWS_SESSION_TOKEN"),
+        secure=secure,
+        region=storage.region,
+    )
+
+
+def resolve(uri: str, storage: StorageSpec, revision: str | None = None, *, directory: bool = False) -> Path:
+    """Return a local path for ``uri``, downloading it into the cache when it is remote.
+
+    ``directory`` says a whole directory (a model) is wanted rather than one file (a dataset).
+    """
+    scheme = uri.split("://", 1)[0] if "://" in uri else ""
+    if scheme == "s3":
+        return _resolve_s3(uri, storage)
+    if scheme == "hf":
+        return _resolve_hf(uri, revision, directory=directory)
+    if scheme == "pvc":
+        claim_path = uri.split("://", 1)[1].strip("/")
+        root = os.environ.get("KUBETUNE_PVC_ROOT") or PVC_MOUNT_ROOT
+        return _existing(Path(root) / claim_path, uri)
+    if scheme == "file":
+        return _existing(Path(urlparse(uri).path), uri)
+    return _existing(Path(uri).expanduser(), uri)
+
+
+def _existing(path: Path, uri: str) -> Path:
+    if not path.exists():
+        raise SourceUnavailable(f"{uri}: {path} does not exist")
+    return path
+
+
+def _resolve_s3(uri: str, storage: StorageSpec) -> Path:
+    from minio.error import S3Error
+
+    bucket, key = split_s3(uri)
+    client = s3_client(storage)
+    target = cache_dir() / "s3" / bucket / key
+    try:
+        objects = _s3_objects(client, bucket, key)
+        if not objects:
+            raise SourceUnavailable(f"{uri}: no object or prefix {key!r} in bucket {bucket!r}")
+        single = len(objects) == 1 and objects[0][0] == key
+        total = sum(size for _, size in objects)
+        log.info("downloading %s (%d object(s), %d bytes) to %s", uri, len(objects), total, target)
+        for name, size in objects:
+            local = target if single else target / name[len(key) :].lstrip("/")
+            if local.is_file() and local.stat().st_size == size:
+                log.info("cached: %s", local)
+                continue
+            local.parent.mkdir(parents=True, exist_ok=True)
+            client.fget_object(bucket, name, str(local))
+            log.info("downloaded s3://%s/%s (%d bytes)", bucket, name, size)
+    except S3Error as err:
+        raise SourceUnavailable(f"{uri}: {err.code}: {err.message}") from err
+    except SourceUnavailable:
+        raise
+    except Exception as err:  # urllib3 connection errors and friends
+        if _is_connection_error(err):
+            raise SourceUnavailable(f"{uri}: object store unreachable: {err}") from err
+        raise
+    return target
+
+
+def _s3_objects(client: Minio, bucket: str, key: str) -> list[tuple[str, int]]:
+    """The object ``key`` itself, else every object under ``key/`` (recursively)."""
+    from minio.error import S3Error
+
+    if not client.bucket_exists(bucket):
+        raise SourceUnavailable(f"s3://{bucket}/{key}: bucket {bucket!r} does not exist")
+    if key:
+        try:
+            stat = client.stat_object(bucket, key)
+            return [(key, int(stat.size or 0))]
+        except S3Error as err:
+            if err.code not in ("NoSuchKey", "NoSuchObject", "ResourceNotFound"):
+                raise
+    prefix = f"{key}/" if key else ""
+    return [
+        (str(obj.object_name), int(obj.size or 0))
+        for obj in client.list_objects(bucket, prefix=prefix, recursive=True)
+        if obj.object_name and not obj.is_dir
+    ]
+
+
+def _is_connection_error(err: BaseException) -> bool:
+    import urllib3.exceptions
+
+    return isinstance(err, urllib3.exceptions.HTTPError | ConnectionError | TimeoutError)
+
+
+def _resolve_hf(uri: str, revision: str | None, *, directory: bool) -> Path:
+    rest = uri.split("://", 1)[1].strip("/")
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise SourceUnavailable(
+            f"{uri}: HF_HUB_OFFLINE is set, so the hub cannot be reached; copy the files to s3://, "
+            "pvc:// or a local path instead"
+        )
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    target = cache_dir() / "hf"
+    kwargs: dict[str, Any] = {"revision": revision, "cache_dir": str(target), "etag_timeout": 10}
+    log.info("downloading %s (revision %s) from the Hugging Face hub", uri, revision or "main")
+    try:
+        if rest.startswith("datasets/"):
+            parts = rest.split("/")
+            if len(parts) < 4:
+                raise SourceUnavailable(f"{uri}: expected hf://datasets/org/name/path/in/repo")
+            repo_id, filename = "/".join(parts[1:3]), "/".join(parts[3:])
+            return Path(hf_hub_download(repo_id, filename, repo_type="dataset", **kwargs))
+        if not directory:
+            parts = rest.split("/")
+            repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:])
+            if filename:
+                return Path(hf_hub_download(repo_id, filename, **kwargs))
+        return Path(snapshot_download(rest, **kwargs))
+    except SourceUnavailable:
+        raise
+    except Exception as err:
+        # Not found, gated, offline, DNS failure: none of these heals by retrying inside the pod.
+        raise SourceUnavailable(f"{uri}: cannot download from the Hugging Face hub: {err}") from err
