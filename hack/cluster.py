@@ -1,0 +1,710 @@
+"""Local development cluster of real components, no Docker: ``python hack/cluster.py up|down|status``.
+
+``up`` starts etcd, kube-apiserver, kube-controller-manager, kube-scheduler, MinIO and the local
+node agent (hack/node_agent.py, a development-only stand-in for kubelet + container runtime) as
+detached processes on loopback with free ports, waits until the cluster is usable and writes:
+
+    <dir>/kubeconfig      admin kubeconfig (client certificate in system:masters)
+    <dir>/bin/kubectl     kubectl and helm (hack/tools.py)
+    <dir>/bin/helm
+    <dir>/minio.env       MINIO_ENDPOINT, MINIO_ACCESS_KEY, MINIO_SECRET_KEY (random per cluster)
+    <dir>/cluster.json    state: processes (pid, process group, start time), ports, paths
+    <dir>/logs/           one log per component; pod logs under logs/pods/
+
+``<dir>`` is ``.kubetune/`` in the repository unless ``--dir`` says otherwise, so several clusters
+can run side by side. ``up`` on a running cluster does nothing; ``down`` stops every process ``up``
+started (process groups, found through the state file and an environment marker), unmounts what
+the node agent mounted and deletes the cluster's data. Certificates stay for the next ``up``.
+
+Binaries come from hack/build-binaries.sh (built once into ~/.cache/kubetune/bin/<versions>);
+``KUBEBUILDER_ASSETS`` supplies etcd, kube-apiserver and kubectl instead. With
+``USE_EXISTING_CLUSTER=true`` nothing is started: the current kubeconfig's cluster is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import datetime as dt
+import ipaddress
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+HACK = Path(__file__).resolve().parent
+REPO = HACK.parent
+DEFAULT_DIR = REPO / ".kubetune"
+SERVICE_CIDR = "10.0.0.0/24"
+SERVICE_IP = "10.0.0.1"  # first address of SERVICE_CIDR: the `kubernetes` Service
+NODE_NAME = "kubetune-local"
+CLUSTER_NAME = "kubetune-local"
+# Every process `up` starts (and every pod process of the node agent) carries this variable set to
+# the cluster directory, so `down` finds stragglers even when the state file is incomplete.
+MARKER_ENV = "KUBETUNE_LOCAL_CLUSTER"
+READY_TIMEOUT_S = 120.0
+
+
+def log(message: str) -> None:
+    print(f"cluster: {message}", file=sys.stderr, flush=True)
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes"}
+
+
+# --------------------------------------------------------------------------------------------
+# Paths, binaries, ports
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Fixed places of one cluster instance below its directory."""
+
+    root: Path
+
+    @property
+    def pki(self) -> Path:
+        return self.root / "pki"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def bin(self) -> Path:
+        return self.root / "bin"
+
+    @property
+    def state(self) -> Path:
+        return self.root / "cluster.json"
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.root / "kubeconfig"
+
+    @property
+    def minio_env(self) -> Path:
+        return self.root / "minio.env"
+
+    @property
+    def data(self) -> Path:
+        """Everything that belongs to one running cluster and goes away with `down`."""
+        return self.root / "data"
+
+    @property
+    def pvs(self) -> Path:
+        return self.root / "pvs"
+
+
+@dataclass(frozen=True)
+class Binaries:
+    etcd: Path
+    kube_apiserver: Path
+    kube_controller_manager: Path
+    kube_scheduler: Path
+    minio: Path
+    kubectl_override: Path | None
+
+
+def read_versions() -> dict[str, str]:
+    versions: dict[str, str] = {}
+    for line in (HACK / "versions.env").read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            key, value = line.split("=", 1)
+            versions[key] = value
+    return versions
+
+
+def build_dir() -> Path:
+    """Where hack/build-binaries.sh puts the binaries for the pinned versions."""
+    v = read_versions()
+    cache = Path(os.environ.get("KUBETUNE_CACHE", Path.home() / ".cache" / "kubetune"))
+    minio_rev = v["MINIO_VERSION"].rsplit("-", 1)[-1]
+    return cache / "bin" / f"k8s-{v['KUBERNETES_VERSION']}-etcd-{v['ETCD_VERSION']}-minio-{minio_rev}"
+
+
+def find_binaries() -> Binaries:
+    """Locate the binaries, building the missing ones (slow once, cached afterwards)."""
+    built = build_dir()
+    assets_env = os.environ.get("KUBEBUILDER_ASSETS")
+    assets = Path(assets_env) if assets_env else None
+
+    def pick(name: str) -> Path:
+        if assets is not None and (assets / name).is_file():
+            return assets / name
+        return built / name
+
+    names = ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "minio"]
+    if not all(pick(name).is_file() for name in names):
+        log(f"building binaries into {built} (hack/build-binaries.sh)")
+        subprocess.run(["bash", str(HACK / "build-binaries.sh")], check=True, stdout=subprocess.DEVNULL)
+    kubectl = assets / "kubectl" if assets is not None and (assets / "kubectl").is_file() else None
+    return Binaries(
+        etcd=pick("etcd"),
+        kube_apiserver=pick("kube-apiserver"),
+        kube_controller_manager=pick("kube-controller-manager"),
+        kube_scheduler=pick("kube-scheduler"),
+        minio=pick("minio"),
+        kubectl_override=kubectl,
+    )
+
+
+def free_ports(count: int) -> list[int]:
+    """Distinct free loopback ports (held open together so none is handed out twice)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Certificates
+
+
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    path.chmod(0o600)
+
+
+def _name(common_name: str, organization: str | None = None) -> x509.Name:
+    attrs = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
+    if organization:
+        attrs.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization))
+    return x509.Name(attrs)
+
+
+def _issue(
+    pki: Path,
+    stem: str,
+    subject: x509.Name,
+    *,
+    ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None,
+    server_names: list[str] | None = None,
+    client: bool = False,
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    issuer_name, signing_key = (ca[0].subject, ca[1]) if ca else (subject, key)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=3650 if ca is None else 365))
+        .add_extension(x509.BasicConstraints(ca=ca is None, path_length=None), critical=True)
+    )
+    if ca is None:
+        builder = builder.add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+        )
+    else:
+        usages = [ExtendedKeyUsageOID.CLIENT_AUTH] if client else []
+        if server_names:
+            usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
+            alt: list[x509.GeneralName] = []
+            for name in server_names:
+                try:
+                    alt.append(x509.IPAddress(ipaddress.ip_address(name)))
+                except ValueError:
+                    alt.append(x509.DNSName(name))
+            builder = builder.add_extension(x509.SubjectAlternativeName(alt), critical=False)
+        builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+        builder = builder.add_extension(
+            x509.KeyUsage(True, False, True, False, False, False, False, False, False), critical=True
+        )
+    cert = builder.sign(signing_key, hashes.SHA256())
+    (pki / f"{stem}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_key(pki / f"{stem}.key", key)
+    return cert, key
+
+
+# Client identities: file stem → (common name, organization).
+CLIENTS = {
+    "admin": ("kubetune-admin", "system:masters"),
+    "controller-manager": ("system:kube-controller-manager", None),
+    "scheduler": ("system:kube-scheduler", None),
+}
+
+
+def ensure_pki(pki: Path) -> None:
+    """CA, apiserver serving cert, client certs and the service-account key pair (kept across ups)."""
+    wanted = ["ca.crt", "apiserver.crt", "sa.key", "sa.pub", *(f"{c}.crt" for c in CLIENTS)]
+    if all((pki / name).is_file() for name in wanted):
+        return
+    log("generating certificates")
+    shutil.rmtree(pki, ignore_errors=True)
+    pki.mkdir(parents=True)
+    ca = _issue(pki, "ca", _name("kubetune-local-ca"), ca=None)
+    server_names = [
+        "127.0.0.1", "localhost", SERVICE_IP, "kubernetes", "kubernetes.default",
+        "kubernetes.default.svc", "kubernetes.default.svc.cluster.local",
+    ]
+    _issue(pki, "apiserver", _name("kube-apiserver"), ca=ca, server_names=server_names)
+    for stem, (cn, org) in CLIENTS.items():
+        _issue(pki, stem, _name(cn, org), ca=ca, client=True)
+    sa_key = ec.generate_private_key(ec.SECP256R1())
+    _write_key(pki / "sa.key", sa_key)
+    (pki / "sa.pub").write_bytes(
+        sa_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+
+
+def kubeconfig_text(server: str, pki: Path, client: str) -> str:
+    """A self-contained kubeconfig (certificates embedded) as JSON, which is valid YAML."""
+
+    def b64(name: str) -> str:
+        return base64.b64encode((pki / name).read_bytes()).decode()
+
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": CLUSTER_NAME, "cluster": {
+            "server": server, "certificate-authority-data": b64("ca.crt")}}],
+        "users": [{"name": client, "user": {
+            "client-certificate-data": b64(f"{client}.crt"), "client-key-data": b64(f"{client}.key")}}],
+        "contexts": [{"name": CLUSTER_NAME, "context": {"cluster": CLUSTER_NAME, "user": client}}],
+        "current-context": CLUSTER_NAME,
+        "preferences": {},
+    }
+    return json.dumps(config, indent=2) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Processes and state
+
+
+@dataclass
+class ProcessRecord:
+    name: str
+    pid: int
+    start_ticks: int  # /proc/<pid>/stat field 22: tells a reused pid from ours
+    args: list[str]
+
+    def alive(self) -> bool:
+        return process_start_ticks(self.pid) == self.start_ticks
+
+
+@dataclass
+class State:
+    dir: str
+    processes: list[ProcessRecord] = field(default_factory=list)
+    ports: dict[str, int] = field(default_factory=dict)
+    ready: bool = False
+    apiserver: str = ""
+    kubeconfig: str = ""
+    kubectl: str = ""
+    helm: str = ""
+    node: str = NODE_NAME
+    minio_endpoint: str = ""
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> State | None:
+        try:
+            raw = json.loads(path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        raw["processes"] = [ProcessRecord(**p) for p in raw.get("processes", [])]
+        return cls(**raw)
+
+
+def process_start_ticks(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] == "Z":  # a zombie is gone for our purposes
+        return None
+    return int(fields[19])
+
+
+def start_process(
+    name: str, args: list[str], paths: Paths, state: State, env: dict[str, str] | None = None
+) -> ProcessRecord:
+    """Start a detached process (own session and process group) logging to logs/<name>.log."""
+    full_env = {**os.environ, **(env or {}), MARKER_ENV: str(paths.root)}
+    with (paths.logs / f"{name}.log").open("wb") as logfile:
+        proc = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=logfile, stderr=subprocess.STDOUT,
+            start_new_session=True, env=full_env, cwd=paths.root,
+        )
+    record = ProcessRecord(name=name, pid=proc.pid, start_ticks=process_start_ticks(proc.pid) or 0, args=args)
+    state.processes.append(record)
+    state.save(paths.state)
+    return record
+
+
+def marked_processes(root: Path) -> list[int]:
+    """Pids of live processes whose environment carries this cluster's marker."""
+    marker = f"{MARKER_ENV}={root}".encode()
+    pids = []
+    for proc_dir in Path("/proc").iterdir():
+        if not proc_dir.name.isdigit() or int(proc_dir.name) == os.getpid():
+            continue
+        try:
+            environ = (proc_dir / "environ").read_bytes()
+        except OSError:
+            continue
+        if marker in environ.split(b"\0") and process_start_ticks(int(proc_dir.name)) is not None:
+            pids.append(int(proc_dir.name))
+    return pids
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, sig)
+
+
+def poll_until(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+# --------------------------------------------------------------------------------------------
+# Readiness probes
+
+
+def _https_context(pki: Path, verify: bool = True) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+    if not verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    ctx.load_cert_chain(str(pki / "admin.crt"), str(pki / "admin.key"))
+    return ctx
+
+
+def http_ok(url: str, context: ssl.SSLContext | None = None) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2, context=context) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def api_get(state: State, pki: Path, path: str) -> dict[str, Any] | None:
+    try:
+        with urllib.request.urlopen(state.apiserver + path, timeout=5, context=_https_context(pki)) as r:
+            result: dict[str, Any] = json.loads(r.read())
+            return result
+    except (urllib.error.URLError, OSError, json.JSONDecodeError):
+        return None
+
+
+def node_ready(state: State, pki: Path) -> bool:
+    node = api_get(state, pki, f"/api/v1/nodes/{state.node}")
+    if node is None:
+        return False
+    conditions = node.get("status", {}).get("conditions", [])
+    ready = any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+    blocking = [t for t in node.get("spec", {}).get("taints", []) if t.get("effect") == "NoSchedule"]
+    return ready and not blocking
+
+
+def default_service_account_exists(state: State, pki: Path) -> bool:
+    return api_get(state, pki, "/api/v1/namespaces/default/serviceaccounts/default") is not None
+
+
+def ensure_alive(state: State, name: str) -> Callable[[], None]:
+    def check() -> None:
+        for record in state.processes:
+            if record.name == name and not record.alive():
+                raise RuntimeError(f"{name} exited during startup; see its log under logs/{name}.log")
+
+    return check
+
+
+def wait_ready(name: str, state: State, probe: Callable[[], bool], timeout: float = READY_TIMEOUT_S) -> None:
+    check = ensure_alive(state, name)
+
+    def ready() -> bool:
+        check()
+        return probe()
+
+    poll_until(ready, timeout, name)
+
+
+# --------------------------------------------------------------------------------------------
+# Commands
+
+
+def cluster_up(paths: Paths, gpus: int) -> State:
+    """Start the cluster (or return the state of the running one)."""
+    existing = State.load(paths.state)
+    if existing and existing.ready and all(p.alive() for p in existing.processes):
+        log(f"already up: {existing.apiserver}")
+        return existing
+    if existing:
+        log("found a stale or partial cluster; stopping it first")
+        cluster_down(paths)
+
+    started = time.monotonic()
+    for directory in (paths.root, paths.logs, paths.logs / "pods", paths.data, paths.pvs):
+        directory.mkdir(parents=True, exist_ok=True)
+    binaries = find_binaries()
+    sys.path.insert(0, str(HACK))
+    import tools  # hack/tools.py
+
+    linked = tools.install_tools(paths.bin, binaries.kubectl_override)
+    ensure_pki(paths.pki)
+
+    names = ["etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler", "minio", "minio-console"]
+    ports = dict(zip(names, free_ports(len(names)), strict=True))
+    apiserver = f"https://127.0.0.1:{ports['apiserver']}"
+    state = State(
+        dir=str(paths.root), ports=ports, apiserver=apiserver, kubeconfig=str(paths.kubeconfig),
+        kubectl=str(linked["kubectl"]), helm=str(linked["helm"]),
+        minio_endpoint=f"127.0.0.1:{ports['minio']}",
+    )
+    state.save(paths.state)
+    paths.kubeconfig.write_text(kubeconfig_text(apiserver, paths.pki, "admin"))
+    paths.kubeconfig.chmod(0o600)
+    for client in ("controller-manager", "scheduler"):
+        (paths.pki / f"{client}.kubeconfig").write_text(kubeconfig_text(apiserver, paths.pki, client))
+
+    minio_user, minio_password = "kubetune-" + secrets.token_hex(4), secrets.token_urlsafe(24)
+    try:
+        _start_etcd(binaries, paths, state)
+        _start_minio(binaries, paths, state, minio_user, minio_password)
+        wait_ready("etcd", state, lambda: http_ok(f"http://127.0.0.1:{ports['etcd']}/health"))
+        _start_apiserver(binaries, paths, state)
+        wait_ready("kube-apiserver", state, lambda: http_ok(apiserver + "/readyz", _https_context(paths.pki)))
+        _start_controllers(binaries, paths, state)
+        _start_node_agent(paths, state, gpus)
+        wait_ready("minio", state, lambda: http_ok(f"http://{state.minio_endpoint}/minio/health/ready"))
+        paths.minio_env.write_text(
+            f"MINIO_ENDPOINT={state.minio_endpoint}\nMINIO_ACCESS_KEY={minio_user}\n"
+            f"MINIO_SECRET_KEY={minio_password}\n"
+        )
+        paths.minio_env.chmod(0o600)
+        unverified = _https_context(paths.pki, verify=False)
+        for name in ("controller-manager", "scheduler"):
+            url = f"https://127.0.0.1:{ports[name]}/healthz"
+            wait_ready(f"kube-{name}", state, lambda url=url: http_ok(url, unverified))
+        wait_ready("node-agent", state, lambda: node_ready(state, paths.pki))
+        wait_ready("kube-controller-manager", state, lambda: default_service_account_exists(state, paths.pki))
+    except BaseException:
+        log("startup failed; stopping what was started (logs kept under logs/)")
+        cluster_down(paths, keep_logs=True)
+        raise
+    state.ready = True
+    state.save(paths.state)
+    log(f"up in {time.monotonic() - started:.1f}s: {apiserver} (export KUBECONFIG={paths.kubeconfig})")
+    return state
+
+
+def _start_etcd(binaries: Binaries, paths: Paths, state: State) -> None:
+    client, peer = f"http://127.0.0.1:{state.ports['etcd']}", f"http://127.0.0.1:{state.ports['etcd-peer']}"
+    start_process("etcd", [
+        str(binaries.etcd), "--name=default", f"--data-dir={paths.data / 'etcd'}",
+        f"--listen-client-urls={client}", f"--advertise-client-urls={client}",
+        f"--listen-peer-urls={peer}", f"--initial-advertise-peer-urls={peer}",
+        f"--initial-cluster=default={peer}", "--initial-cluster-state=new",
+        # A throwaway test cluster: durability is not worth the fsync latency.
+        "--unsafe-no-fsync", "--log-level=warn",
+    ], paths, state)
+
+
+def _start_minio(binaries: Binaries, paths: Paths, state: State, user: str, password: str) -> None:
+    start_process("minio", [
+        str(binaries.minio), "server", str(paths.data / "minio"), "--quiet",
+        f"--address=127.0.0.1:{state.ports['minio']}",
+        f"--console-address=127.0.0.1:{state.ports['minio-console']}",
+    ], paths, state, env={
+        "MINIO_ROOT_USER": user, "MINIO_ROOT_PASSWORD": password, "MINIO_BROWSER": "off",
+        "MINIO_UPDATE": "off", "HOME": str(paths.data / "minio-home"),
+    })
+
+
+def _start_apiserver(binaries: Binaries, paths: Paths, state: State) -> None:
+    pki = paths.pki
+    start_process("kube-apiserver", [
+        str(binaries.kube_apiserver),
+        f"--etcd-servers=http://127.0.0.1:{state.ports['etcd']}",
+        "--advertise-address=127.0.0.1", "--bind-address=127.0.0.1",
+        f"--secure-port={state.ports['apiserver']}",
+        f"--tls-cert-file={pki / 'apiserver.crt'}", f"--tls-private-key-file={pki / 'apiserver.key'}",
+        f"--client-ca-file={pki / 'ca.crt'}",
+        "--authorization-mode=Node,RBAC",
+        "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+        f"--service-account-key-file={pki / 'sa.pub'}",
+        f"--service-account-signing-key-file={pki / 'sa.key'}",
+        f"--service-cluster-ip-range={SERVICE_CIDR}",
+        # The defaults (NamespaceLifecycle, LimitRanger, ServiceAccount, PodSecurity, Priority,
+        # DefaultStorageClass, ResourceQuota, webhooks, ...) plus NodeRestriction, as kubeadm does.
+        "--enable-admission-plugins=NodeRestriction",
+        "--allow-privileged=true",
+        # Endpoints may not hold a loopback address, so the `kubernetes` Service has none; pods
+        # reach the apiserver through KUBERNETES_SERVICE_HOST=127.0.0.1 set by the node agent.
+        "--endpoint-reconciler-type=none",
+        "--profiling=false", "--event-ttl=1h",
+    ], paths, state)
+
+
+def _start_controllers(binaries: Binaries, paths: Paths, state: State) -> None:
+    pki = paths.pki
+    serving = [f"--tls-cert-file={pki / 'apiserver.crt'}", f"--tls-private-key-file={pki / 'apiserver.key'}"]
+    cm_kubeconfig = str(pki / "controller-manager.kubeconfig")
+    start_process("kube-controller-manager", [
+        str(binaries.kube_controller_manager),
+        f"--kubeconfig={cm_kubeconfig}", f"--authentication-kubeconfig={cm_kubeconfig}",
+        f"--authorization-kubeconfig={cm_kubeconfig}",
+        "--leader-elect=false", "--bind-address=127.0.0.1",
+        f"--secure-port={state.ports['controller-manager']}", *serving,
+        f"--service-account-private-key-file={pki / 'sa.key'}", f"--root-ca-file={pki / 'ca.crt'}",
+        "--use-service-account-credentials=true",
+        f"--cluster-signing-cert-file={pki / 'ca.crt'}", f"--cluster-signing-key-file={pki / 'ca.key'}",
+        f"--service-cluster-ip-range={SERVICE_CIDR}", f"--cluster-name={CLUSTER_NAME}",
+        "--profiling=false",
+    ], paths, state)
+    sched_kubeconfig = str(pki / "scheduler.kubeconfig")
+    start_process("kube-scheduler", [
+        str(binaries.kube_scheduler),
+        f"--kubeconfig={sched_kubeconfig}", f"--authentication-kubeconfig={sched_kubeconfig}",
+        f"--authorization-kubeconfig={sched_kubeconfig}",
+        "--leader-elect=false", "--bind-address=127.0.0.1",
+        f"--secure-port={state.ports['scheduler']}", *serving, "--profiling=false",
+    ], paths, state)
+
+
+def _start_node_agent(paths: Paths, state: State, gpus: int) -> None:
+    start_process("node-agent", [
+        sys.executable, str(HACK / "node_agent.py"),
+        f"--kubeconfig={paths.kubeconfig}", f"--node-name={state.node}", f"--gpus={gpus}",
+        f"--state-dir={paths.data / 'node-agent'}", f"--pod-log-dir={paths.logs / 'pods'}",
+        f"--pv-dir={paths.pvs}",
+    ], paths, state, env={"PYTHONUNBUFFERED": "1"})
+
+
+def _mounts_below(root: Path) -> list[str]:
+    mounts = []
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        mountpoint = line.split()[1].replace("\\040", " ")
+        if mountpoint == str(root) or mountpoint.startswith(f"{root}/"):
+            mounts.append(mountpoint)
+    return sorted(mounts, key=len, reverse=True)
+
+
+def cluster_down(paths: Paths, keep_logs: bool = True, grace_s: float = 10.0) -> None:
+    """Stop every process of the cluster, unmount its volumes and delete its data."""
+    state = State.load(paths.state)
+    records = [p for p in (state.processes if state else []) if p.alive()]
+    # The node agent first (it stops its pods), the storage last.
+    for record in reversed(records):
+        _signal_group(record.pid, signal.SIGTERM)
+        if record.name == "node-agent":
+            with contextlib.suppress(TimeoutError):
+                poll_until(lambda r=record: not r.alive(), grace_s, "node agent to stop its pods")
+    with contextlib.suppress(TimeoutError):
+        poll_until(lambda: not any(r.alive() for r in records), grace_s, "cluster processes to stop")
+    for record in records:
+        if record.alive():
+            _signal_group(record.pid, signal.SIGKILL)
+    # Anything still carrying the marker: pod processes of a killed agent, stray children.
+    for pid in marked_processes(paths.root):
+        _signal_group(pid, signal.SIGKILL)
+    with contextlib.suppress(TimeoutError):
+        poll_until(lambda: not marked_processes(paths.root), grace_s, "marked processes to exit")
+    for mountpoint in _mounts_below(paths.root):
+        subprocess.run(["umount", "-l", mountpoint], check=False, stderr=subprocess.DEVNULL)
+    shutil.rmtree(paths.data, ignore_errors=True)
+    shutil.rmtree(paths.pvs, ignore_errors=True)
+    paths.state.unlink(missing_ok=True)
+    paths.minio_env.unlink(missing_ok=True)
+    if not keep_logs:
+        shutil.rmtree(paths.logs, ignore_errors=True)
+    if records or state:
+        log("down")
+
+
+def cluster_status(paths: Paths) -> dict[str, Any]:
+    state = State.load(paths.state)
+    if state is None:
+        return {"up": False, "dir": str(paths.root)}
+    processes = {p.name: {"pid": p.pid, "alive": p.alive()} for p in state.processes}
+    up = state.ready and all(p["alive"] for p in processes.values())
+    return {"up": up, **asdict(state), "processes": processes}
+
+
+def iter_minio_env(paths: Paths) -> Iterator[tuple[str, str]]:
+    for line in paths.minio_env.read_text().splitlines():
+        if "=" in line:
+            key, value = line.split("=", 1)
+            yield key, value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["up", "down", "status"])
+    parser.add_argument("--dir", type=Path, default=Path(os.environ.get("KUBETUNE_CLUSTER_DIR", DEFAULT_DIR)),
+                        help="state directory of this cluster instance (default: .kubetune/)")
+    parser.add_argument("--gpus", type=int, default=int(os.environ.get("KUBETUNE_NODE_GPUS", "2")),
+                        help="nvidia.com/gpu capacity of the local node (default 2)")
+    parser.add_argument("--json", action="store_true", help="status: print JSON")
+    args = parser.parse_args(argv)
+    paths = Paths(args.dir.resolve())
+
+    if env_flag("USE_EXISTING_CLUSTER") and args.command != "status":
+        log("USE_EXISTING_CLUSTER=true: using the current kubeconfig's cluster; nothing to start or stop")
+        return 0
+    if args.command == "up":
+        cluster_up(paths, args.gpus)
+    elif args.command == "down":
+        cluster_down(paths)
+    else:
+        status = cluster_status(paths)
+        if args.json:
+            print(json.dumps(status, indent=2))
+        else:
+            print("up" if status["up"] else "down", status.get("apiserver", ""))
+            for name, proc in status.get("processes", {}).items():
+                print(f"  {name:<24} pid {proc['pid']:<8} {'running' if proc['alive'] else 'exited'}")
+        return 0 if status["up"] else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
