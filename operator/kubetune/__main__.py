@@ -18,8 +18,6 @@ def main(argv: list[str] | None = None) -> int:
     op = sub.add_parser("operator", help="run the operator in the foreground (current kubeconfig)")
     op.add_argument("--namespace", "-n", action="append", default=[],
                     help="watch only this namespace (repeatable); all namespaces when omitted")
-    op.add_argument("--standalone", action="store_true",
-                    help="skip kopf peering (single operator instance, e.g. local development)")
 
     args = parser.parse_args(argv)
     if args.command == "crd":
@@ -36,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "operator":
         from kubetune.handlers import run
 
-        return run(namespaces=args.namespace, standalone=args.standalone)
+        return run(namespaces=args.namespace)
     return 2
 
 

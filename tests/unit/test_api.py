@@ -109,7 +109,7 @@ def test_quantization_requires_lora(quantization: str) -> None:
 
 def test_int4_merge_is_rejected() -> None:
     spec = with_change("output.mergeAdapter", True) | {"quantization": "int4"}
-    with pytest.raises(ValidationError, match="output.mergeAdapter is not supported with quantization int4"):
+    with pytest.raises(ValidationError, match=r"output\.mergeAdapter is not supported with quantization int4"):
         api.FineTuneJobSpec.model_validate(spec)
 
 

@@ -25,6 +25,18 @@ Template = Literal["auto", "chat", "plain"]
 LrScheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
 Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd"]
 
+# Exit codes of `python -m kubetune_trainer`, a contract with the operator (docs/trainer.md).
+EXIT_OK = 0
+EXIT_ERROR = 1
+"""Anything else; worth retrying."""
+EXIT_INVALID_INPUT = 3
+"""Invalid config or data: retrying cannot help, the Job fails at once."""
+EXIT_SOURCE_UNAVAILABLE = 4
+"""A model or dataset source was not found or not reachable."""
+
+PVC_MOUNT_ROOT = "/mnt/pvc"
+"""pvc://claim/path resolves to PVC_MOUNT_ROOT/claim/path; the operator mounts each claim there."""
+
 URI_MAX = 2048
 NAME_MAX = 253
 

@@ -1,0 +1,102 @@
+"""kopf handlers: the only module with kopf decorators. Each handler delegates to the Reconciler.
+
+Handlers are sync functions (kopf runs them in a thread pool) because the kubernetes client is
+synchronous. They return nothing: a return value would land in status.<handler>.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+import kubernetes
+
+from kubetune import api
+from kubetune.kube import Kube
+from kubetune.reconcile import OWNER_ANNOTATION, Reconciler, Retry
+from kubetune.render import MANAGED_BY
+from kubetune.settings import Settings
+from kubetune.status import TERMINAL
+
+SETTINGS = Settings.from_env()
+CHILD_LABELS = {"app.kubernetes.io/managed-by": MANAGED_BY}
+_reconciler: Reconciler | None = None
+
+
+def reconciler() -> Reconciler:
+    if _reconciler is None:
+        raise kopf.TemporaryError("operator is starting", delay=1)
+    return _reconciler
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    """Own prefixes for kopf's bookkeeping, our own Events, API timeouts, the API client."""
+    global _reconciler
+    settings.persistence.finalizer = "kubetune.io/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubetune.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="kubetune.io", key="last-handled-configuration"
+    )
+    settings.posting.enabled = False  # Events are posted by the reconciler, one per transition.
+    # Without a server-side timeout a watch can hang silently after network trouble
+    # (https://github.com/nolar/kopf/issues/585): reconnect every few minutes.
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.watching.connect_timeout = 30
+    settings.execution.max_workers = 16
+    try:
+        kubernetes.config.load_incluster_config()
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config()
+    _reconciler = Reconciler(Kube(), SETTINGS)
+
+
+def _reconcile(namespace: str | None, name: str) -> None:
+    if namespace is None:  # FineTuneJobs and their children are namespaced
+        return
+    try:
+        reconciler()(namespace, name)
+    except Retry as wait:
+        raise kopf.TemporaryError(str(wait), delay=wait.delay) from None
+
+
+@kopf.on.resume(api.GROUP, api.VERSION, api.PLURAL)
+@kopf.on.create(api.GROUP, api.VERSION, api.PLURAL)
+@kopf.on.update(api.GROUP, api.VERSION, api.PLURAL, field="spec")
+def finetunejob_changed(namespace: str | None, name: str, **_: Any) -> None:
+    """A FineTuneJob appeared, changed, or was found at start-up."""
+    _reconcile(namespace, name)
+
+
+@kopf.timer(api.GROUP, api.VERSION, api.PLURAL, interval=SETTINGS.resync_seconds, initial_delay=SETTINGS.resync_seconds,
+            when=lambda status, **_: status.get("phase") not in TERMINAL)
+def finetunejob_resync(namespace: str | None, name: str, **_: Any) -> None:
+    """Safety net for missed events: re-check active jobs periodically."""
+    _reconcile(namespace, name)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels=CHILD_LABELS)
+@kopf.on.event("", "v1", "pods", labels=CHILD_LABELS)
+def child_changed(namespace: str | None, annotations: kopf.Annotations, **_: Any) -> None:
+    """A training Job or Pod changed: reconcile the FineTuneJob it belongs to."""
+    owner = annotations.get(OWNER_ANNOTATION)
+    if owner:
+        _reconcile(namespace, owner)
+
+
+def run(namespaces: list[str]) -> int:
+    """Run the operator in the foreground until interrupted (`kubetune operator`)."""
+    import asyncio
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kubernetes").setLevel(logging.WARNING)
+    watched = namespaces or list(SETTINGS.namespaces)
+    asyncio.run(kopf.operator(
+        standalone=True,
+        clusterwide=not watched,
+        namespaces=watched,
+        liveness_endpoint=SETTINGS.liveness_endpoint,
+    ))
+    return 0

@@ -1,0 +1,143 @@
+"""Thin Kubernetes client helpers: create-or-adopt children, read them, patch status, post events."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Callable
+from typing import Any, cast
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from kubetune import api
+
+Json = dict[str, Any]
+log = logging.getLogger("kubetune.kube")
+
+
+class NotOwned(Exception):
+    """A child with our deterministic name exists but belongs to someone else."""
+
+
+def now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Kube:
+    """The few API calls the operator makes, with plain dicts in and out."""
+
+    def __init__(self, api_client: client.ApiClient | None = None) -> None:
+        self.client = api_client or client.ApiClient()
+        self.core = client.CoreV1Api(self.client)
+        self.batch = client.BatchV1Api(self.client)
+        self.custom = client.CustomObjectsApi(self.client)
+
+    def _dict(self, obj: Any) -> Json:
+        result: Json = self.client.sanitize_for_serialization(obj)
+        return result
+
+    # --- FineTuneJobs -------------------------------------------------------------------------
+
+    def get_finetunejob(self, namespace: str, name: str) -> Json | None:
+        try:
+            obj = self.custom.get_namespaced_custom_object(api.GROUP, api.VERSION, namespace, api.PLURAL, name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return cast(Json, obj)
+
+    def patch_status(self, namespace: str, name: str, status: Json) -> None:
+        """Merge-patch the status subresource; keys set to None are removed."""
+        self.custom.patch_namespaced_custom_object_status(
+            api.GROUP, api.VERSION, namespace, api.PLURAL, name, {"status": status}
+        )
+
+    # --- children -----------------------------------------------------------------------------
+
+    def create_or_adopt(self, obj: Json, owner_uid: str) -> tuple[Json, bool]:
+        """Create a child; if it already exists (restart, race), adopt it when we own it.
+
+        Returns the object and whether this call created it.
+        """
+        ns, name, kind = obj["metadata"]["namespace"], obj["metadata"]["name"], obj["kind"]
+        calls: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
+            "ConfigMap": (self.core.create_namespaced_config_map, self.core.read_namespaced_config_map),
+            "Job": (self.batch.create_namespaced_job, self.batch.read_namespaced_job),
+        }
+        create, read = calls[kind]
+        try:
+            return self._dict(create(ns, obj)), True
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+        existing = self._dict(read(name, ns))
+        owners = [ref.get("uid") for ref in existing["metadata"].get("ownerReferences") or []]
+        if owner_uid not in owners:
+            raise NotOwned(f"{kind} {ns}/{name} already exists and is not owned by this FineTuneJob; "
+                           "delete or rename it")
+        return existing, False
+
+    def get_job(self, namespace: str, name: str) -> Json | None:
+        try:
+            return self._dict(self.batch.read_namespaced_job(name, namespace))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def set_job_suspend(self, namespace: str, name: str, suspend: bool) -> None:
+        self.batch.patch_namespaced_job(name, namespace, {"spec": {"suspend": suspend}})
+
+    def list_pods(self, namespace: str, job_name: str) -> list[Json]:
+        pods = self.core.list_namespaced_pod(namespace, label_selector=f"batch.kubernetes.io/job-name={job_name}")
+        return [self._dict(p) for p in pods.items]
+
+    def delete_config_map(self, namespace: str, name: str) -> None:
+        try:
+            self.core.delete_namespaced_config_map(name, namespace)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    def missing(self, namespace: str, secrets: list[str], claims: list[str]) -> list[str]:
+        """'Secret x' / 'PersistentVolumeClaim y' for each that does not exist."""
+        absent = []
+        for kind, names, read in (
+            ("Secret", secrets, self.core.read_namespaced_secret),
+            ("PersistentVolumeClaim", claims, self.core.read_namespaced_persistent_volume_claim),
+        ):
+            for name in names:
+                try:
+                    read(name, namespace)
+                except ApiException as exc:
+                    if exc.status != 404:
+                        raise
+                    absent.append(f"{kind} {name}")
+        return absent
+
+    # --- events -------------------------------------------------------------------------------
+
+    def event(self, owner: Json, kind: str, reason: str, message: str) -> None:
+        """Post a core/v1 Event on a FineTuneJob. Best effort: a lost event never fails a reconcile."""
+        meta = owner["metadata"]
+        stamp = now()
+        body: Json = {
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {"apiVersion": f"{api.GROUP}/{api.VERSION}", "kind": api.KIND,
+                               "name": meta["name"], "namespace": meta["namespace"], "uid": meta["uid"]},
+            "type": kind,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": "kubetune-operator"},
+            "reportingComponent": "kubetune.io/operator",
+            "reportingInstance": "kubetune-operator",
+            "firstTimestamp": stamp,
+            "lastTimestamp": stamp,
+            "count": 1,
+        }
+        try:
+            self.core.create_namespaced_event(meta["namespace"], cast(Any, body))
+        except ApiException as exc:
+            log.warning("could not post event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], exc.reason)

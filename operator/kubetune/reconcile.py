@@ -1,0 +1,146 @@
+"""One level-based reconcile of a FineTuneJob: compare desired and observed, act, write status.
+
+Called by every handler (create, resume, spec update, child Job/Pod events, periodic resync), so
+the result never depends on which event arrived or whether the operator restarted in between:
+children have deterministic names (create-or-adopt), and the status is recomputed from the Job
+and its Pods.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import defaultdict
+from typing import Any
+
+from pydantic import ValidationError
+
+from kubetune import render, status
+from kubetune.api import FineTuneJobSpec
+from kubetune.kube import Kube, now
+from kubetune.settings import Settings
+
+Json = dict[str, Any]
+log = logging.getLogger("kubetune.reconcile")
+
+OWNER_ANNOTATION = "kubetune.io/finetunejob"
+PROBLEM_REASONS = ("Unschedulable", "ImagePullError", "Retrying", "MissingDependency")
+EVENT_REASONS = {"Running": "Started", "Succeeded": "Succeeded", "Failed": "Failed",
+                 "Suspended": "Suspended", "Queued": "Queued"}
+
+
+class Retry(Exception):
+    """Reconcile again later: something the job needs may appear (a Secret, a PVC)."""
+
+    def __init__(self, message: str, delay: float = 5.0) -> None:
+        super().__init__(message)
+        self.delay = delay
+
+
+def validation_message(error: ValidationError) -> str:
+    """'spec.<field>: <problem>' for each error, on one line."""
+    parts = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"])
+        parts.append(f"spec.{where}: {item['msg']}" if where else f"spec: {item['msg']}")
+    return "; ".join(parts)
+
+
+class Reconciler:
+    """Reconciles FineTuneJobs; one at a time per object (a lock per namespace/name)."""
+
+    def __init__(self, kube: Kube, settings: Settings) -> None:
+        self.kube = kube
+        self.settings = settings
+        self._locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
+
+    def __call__(self, namespace: str, name: str) -> None:
+        with self._locks[(namespace, name)]:
+            ftj = self.kube.get_finetunejob(namespace, name)
+            if ftj is None or ftj["metadata"].get("deletionTimestamp"):
+                return
+            self._reconcile(ftj)
+
+    def _write(self, ftj: Json, new: Json) -> None:
+        """Patch the status if it changed; post an Event when phase or reason changed."""
+        previous = ftj.get("status") or {}
+        if all(previous.get(k) == v for k, v in new.items()):
+            return
+        meta = ftj["metadata"]
+        self.kube.patch_status(meta["namespace"], meta["name"], new)
+        ftj["status"] = {**previous, **new}
+        phase, reason = str(new["phase"]), str(new.get("reason") or "")
+        if (phase, reason) == (previous.get("phase"), previous.get("reason")):
+            return
+        if previous.get("phase") == "Suspended" and phase != "Suspended":
+            self.kube.event(ftj, "Normal", "Resumed", "resumed")
+        warn = phase == "Failed" or reason in PROBLEM_REASONS
+        event_reason = reason if phase == "Pending" else EVENT_REASONS.get(phase, reason)
+        message = str(new.get("message") or phase)
+        if phase == "Succeeded" and (new.get("metrics") or {}).get("evalLoss") is not None:
+            message = f"training finished; final eval loss {new['metrics']['evalLoss']:.4f}"
+        self.kube.event(ftj, "Warning" if warn else "Normal", event_reason, message)
+        log.info("%s/%s: %s (%s) %s", meta["namespace"], meta["name"], phase, reason, message)
+
+    def _reconcile(self, ftj: Json) -> None:
+        meta = ftj["metadata"]
+        ns, name, uid = meta["namespace"], meta["name"], meta["uid"]
+        generation = int(meta.get("generation") or 1)
+        previous = ftj.get("status") or {}
+
+        try:
+            spec = FineTuneJobSpec.model_validate(ftj.get("spec") or {})
+        except ValidationError as error:
+            self._write(ftj, status.invalid_spec_status(validation_message(error), previous=previous,
+                                                        generation=generation, now=now()))
+            return
+
+        job_name = render.job_name(name)
+        job = self.kube.get_job(ns, job_name)
+        if job is None and previous.get("phase") in status.TERMINAL:
+            # The Job finished and was removed (ttlSecondsAfterFinished): the status stays as it
+            # was, the config goes with the Job, and nothing is created again.
+            if spec.ttl_seconds_after_finished is not None:
+                self.kube.delete_config_map(ns, render.config_map_name(name))
+            return
+
+        if job is None:
+            absent = self.kube.missing(ns, render.required_secrets(spec, self.settings),
+                                       render.required_claims(spec))
+            if absent:
+                message = (f"waiting for {', '.join(absent)} in namespace {ns}; "
+                           "the job starts once it exists")
+                self._write(ftj, status.waiting_status("MissingDependency", message, previous=previous,
+                                                       generation=generation, now=now()))
+                raise Retry(message, delay=5)
+            config_map = render.render_config_map(ftj, spec, self.settings)
+            self.kube.create_or_adopt(config_map, uid)
+            desired = render.render_job(ftj, spec, self.settings, config_map)
+            desired["metadata"]["annotations"][OWNER_ANNOTATION] = name
+            desired["spec"]["template"]["metadata"]["annotations"][OWNER_ANNOTATION] = name
+            job, created = self.kube.create_or_adopt(desired, uid)
+            if created:
+                self.kube.event(ftj, "Normal", "Created", f"created Job {job_name}")
+        else:
+            job = self._sync_suspend(job, spec)
+
+        pods = self.kube.list_pods(ns, job_name)
+        observed = status.observe(job, pods, suspend=spec.suspend, queued=bool(spec.scheduling.queue_name))
+        self._write(ftj, status.build_status(observed, previous=previous, generation=generation,
+                                             job_name=job_name, now=now()))
+
+    def _sync_suspend(self, job: Json, spec: FineTuneJobSpec) -> Json:
+        """spec.suspend → Job.spec.suspend. With a Kueue queue, Kueue alone un-suspends."""
+        current = bool((job.get("spec") or {}).get("suspend"))
+        if status.condition(job, "Complete") or status.condition(job, "Failed"):
+            return job
+        wanted = current
+        if spec.suspend:
+            wanted = True
+        elif not spec.scheduling.queue_name:
+            wanted = False
+        if wanted != current:
+            meta = job["metadata"]
+            self.kube.set_job_suspend(meta["namespace"], meta["name"], wanted)
+            job = {**job, "spec": {**job["spec"], "suspend": wanted}}
+        return job

@@ -1,0 +1,304 @@
+"""Pure functions: (FineTuneJob, settings) → the trainer config and the child objects.
+
+Nothing here talks to the API server; handlers create what these functions return.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import yaml
+
+from kubetune import api
+from kubetune.settings import Settings
+from kubetune_trainer.config import EXIT_INVALID_INPUT, PVC_MOUNT_ROOT, StorageSpec, TrainerConfig
+
+Json = dict[str, Any]
+
+CONTAINER = "trainer"
+CONFIG_DIR = "/etc/kubetune"
+CONFIG_FILE = "config.yaml"
+CACHE_DIR = "/var/cache/kubetune"
+SCRATCH_DIR = "/var/tmp/kubetune"
+TERMINATION_LOG = "/dev/termination-log"
+JOB_LABEL = "kubetune.io/job"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+CONFIG_HASH_ANNOTATION = "kubetune.io/config-hash"
+MANAGED_BY = "kubetune-operator"
+MAX_NAME = 63  # Job names become pod label values: at most 63 characters.
+
+
+def child_name(name: str, suffix: str) -> str:
+    """Deterministic child name `<name>-<suffix>`, shortened with a hash when too long."""
+    full = f"{name}-{suffix}"
+    if len(full) <= MAX_NAME:
+        return full
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"{name[: MAX_NAME - len(suffix) - 10].rstrip('-.')}-{digest}-{suffix}"
+
+
+def label_value(name: str) -> str:
+    """A label value for a FineTuneJob name (names may be longer than 63 characters)."""
+    return name if len(name) <= MAX_NAME else child_name(name[:40], "x")[:MAX_NAME]
+
+
+def job_name(name: str) -> str:
+    return child_name(name, "trainer")
+
+
+def config_map_name(name: str) -> str:
+    return child_name(name, "config")
+
+
+def labels(name: str) -> dict[str, str]:
+    """Labels of every child; kubetune.io/job finds them again."""
+    return {
+        "app.kubernetes.io/name": "kubetune-trainer",
+        "app.kubernetes.io/instance": label_value(name),
+        "app.kubernetes.io/component": "trainer",
+        "app.kubernetes.io/part-of": "kubetune",
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        JOB_LABEL: label_value(name),
+    }
+
+
+def owner_reference(owner: Json) -> Json:
+    """The controller owner reference to a FineTuneJob (GC deletes children with it)."""
+    meta = owner["metadata"]
+    return {
+        "apiVersion": f"{api.GROUP}/{api.VERSION}",
+        "kind": api.KIND,
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def child_metadata(owner: Json, name: str) -> Json:
+    meta = owner["metadata"]
+    return {
+        "name": name,
+        "namespace": meta["namespace"],
+        "labels": labels(meta["name"]),
+        "ownerReferences": [owner_reference(owner)],
+    }
+
+
+def storage_secret(spec: api.FineTuneJobSpec, settings: Settings) -> api.SecretRef | None:
+    """The Secret with S3 credentials: the job's own, else the operator's default."""
+    if spec.storage.secret_ref is not None:
+        return spec.storage.secret_ref
+    return api.SecretRef(name=settings.s3_secret) if settings.s3_secret else None
+
+
+def trainer_config(owner: Json, spec: api.FineTuneJobSpec, settings: Settings) -> TrainerConfig:
+    """The trainer's config for this job: the spec's sections, storage defaults, the run name."""
+    meta = owner["metadata"]
+    storage = spec.storage
+    return TrainerConfig(
+        run_name=f"{meta['namespace']}/{meta['name']}",
+        model=spec.model,
+        dataset=spec.dataset,
+        training=spec.training,
+        lora=spec.lora,
+        quantization=spec.quantization,
+        output=spec.output,
+        storage=StorageSpec(
+            endpoint=storage.endpoint or settings.s3_endpoint,
+            region=storage.region or settings.s3_region,
+            insecure=storage.insecure or (storage.endpoint is None and settings.s3_insecure),
+        ),
+    )
+
+
+def render_config_map(owner: Json, spec: api.FineTuneJobSpec, settings: Settings) -> Json:
+    """ConfigMap with the trainer config. It holds no secrets: credentials travel as env refs."""
+    config = trainer_config(owner, spec, settings).model_dump(mode="json", by_alias=True, exclude_none=True)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": child_metadata(owner, config_map_name(owner["metadata"]["name"])),
+        "data": {CONFIG_FILE: yaml.safe_dump(config, sort_keys=False)},
+    }
+
+
+def config_hash(config_map: Json) -> str:
+    return hashlib.sha256(json.dumps(config_map["data"], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def pvc_claims(spec: api.FineTuneJobSpec) -> list[str]:
+    """Claims named by pvc:// sources, in a stable order."""
+    sources = [spec.model.source, spec.model.tokenizer, spec.dataset.train, spec.dataset.validation]
+    claims = {s.split("://", 1)[1].split("/", 1)[0] for s in sources if s and s.startswith("pvc://")}
+    return sorted(claims)
+
+
+def required_secrets(spec: api.FineTuneJobSpec, settings: Settings) -> list[str]:
+    """Secrets the pod needs before it can start (storage credentials, extra env, pull secrets)."""
+    names = []
+    secret = storage_secret(spec, settings)
+    if secret:
+        names.append(secret.name)
+    for var in spec.env or []:
+        ref = (var.value_from or {}).get("secretKeyRef") or {}
+        if ref.get("name") and not ref.get("optional"):
+            names.append(ref["name"])
+    return sorted(set(names))
+
+
+def required_claims(spec: api.FineTuneJobSpec) -> list[str]:
+    """PVCs the pod mounts: the cache volume and pvc:// sources."""
+    claims = set(pvc_claims(spec))
+    if spec.cache_volume:
+        claims.add(spec.cache_volume.claim_name)
+    return sorted(claims)
+
+
+def _env(owner: Json, spec: api.FineTuneJobSpec, settings: Settings) -> list[Json]:
+    meta = owner["metadata"]
+    env: list[Json] = [
+        {"name": "KUBETUNE_JOB_NAMESPACE", "value": meta["namespace"]},
+        {"name": "KUBETUNE_JOB_NAME", "value": meta["name"]},
+        {"name": "KUBETUNE_TERMINATION_LOG", "value": TERMINATION_LOG},
+        {"name": "KUBETUNE_CACHE_DIR", "value": CACHE_DIR},
+        {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
+        {"name": "HOME", "value": SCRATCH_DIR},
+        {"name": "TMPDIR", "value": SCRATCH_DIR},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+    secret = storage_secret(spec, settings)
+    if secret:
+        for var, key in (("AWS_ACCESS_KEY_ID", secret.access_key_key),
+                         ("AWS_SECRET_ACCESS_KEY", secret.secret_key_key)):
+            env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": secret.name, "key": key}}})
+    for extra in spec.env or []:
+        env.append(extra.model_dump(mode="json", by_alias=True, exclude_none=True))
+    return env
+
+
+def _resources(spec: api.FineTuneJobSpec) -> Json:
+    res = spec.resources
+    limits: Json = {}
+    requests: Json = {}
+    if res.gpus:
+        limits[res.gpu_resource_name] = str(res.gpus)
+    if res.cpu:
+        limits["cpu"] = requests["cpu"] = res.cpu
+    if res.memory:
+        limits["memory"] = requests["memory"] = res.memory
+    out: Json = {}
+    if limits:
+        out["limits"] = limits
+    if requests:
+        out["requests"] = requests
+    return out
+
+
+def _volumes(owner: Json, spec: api.FineTuneJobSpec) -> tuple[list[Json], list[Json]]:
+    """(volumes, volumeMounts) of the training pod."""
+    volumes: list[Json] = [
+        {"name": "config", "configMap": {"name": config_map_name(owner["metadata"]["name"])}},
+        {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.resources.shared_memory}},
+        {"name": "scratch", "emptyDir": {}},
+    ]
+    mounts: list[Json] = [
+        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": "shm", "mountPath": "/dev/shm"},
+        {"name": "scratch", "mountPath": SCRATCH_DIR},
+    ]
+    if spec.cache_volume:
+        volumes.append({"name": "cache", "persistentVolumeClaim": {"claimName": spec.cache_volume.claim_name}})
+        mounts.append({"name": "cache", "mountPath": CACHE_DIR})
+    else:
+        volumes.append({"name": "cache", "emptyDir": {}})
+        mounts.append({"name": "cache", "mountPath": CACHE_DIR})
+    for index, claim in enumerate(pvc_claims(spec)):
+        volumes.append({"name": f"source-{index}", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
+        mounts.append({"name": f"source-{index}", "mountPath": f"{PVC_MOUNT_ROOT}/{claim}", "readOnly": True})
+    return volumes, mounts
+
+
+def render_pod_spec(owner: Json, spec: api.FineTuneJobSpec, settings: Settings) -> Json:
+    """The training pod: restricted security, GPU limits, config and shared memory mounts."""
+    volumes, mounts = _volumes(owner, spec)
+    container: Json = {
+        "name": CONTAINER,
+        "image": spec.image or settings.trainer_image,
+        "command": list(settings.trainer_command),
+        "args": ["--config", f"{CONFIG_DIR}/{CONFIG_FILE}"],
+        "env": _env(owner, spec, settings),
+        "resources": _resources(spec),
+        "volumeMounts": mounts,
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "runAsNonRoot": True,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    }
+    sched = spec.scheduling
+    pod: Json = {
+        "restartPolicy": "Never",
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": 1000,
+            "runAsGroup": 1000,
+            "fsGroup": 1000,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": volumes,
+    }
+    node_selector = {**settings.default_node_selector, **(sched.node_selector or {})}
+    optional = {
+        "nodeSelector": node_selector or None,
+        "tolerations": sched.tolerations,
+        "affinity": sched.affinity,
+        "priorityClassName": sched.priority_class_name,
+        "schedulerName": sched.scheduler_name,
+        "serviceAccountName": spec.service_account_name,
+        "imagePullSecrets": [{"name": s.name} for s in spec.image_pull_secrets or []] or None,
+    }
+    pod.update({k: v for k, v in optional.items() if v is not None})
+    return pod
+
+
+def render_job(owner: Json, spec: api.FineTuneJobSpec, settings: Settings, config_map: Json) -> Json:
+    """The batch/v1 Job that runs the trainer.
+
+    Invalid input (trainer exit code 3) fails the Job at once; disruptions (preemption, node drain)
+    do not count against backoffLimit; a Kueue queue creates it suspended for Kueue to admit.
+    """
+    meta = child_metadata(owner, job_name(owner["metadata"]["name"]))
+    queue = spec.scheduling.queue_name
+    if queue:
+        meta["labels"][KUEUE_QUEUE_LABEL] = queue
+    meta["annotations"] = {CONFIG_HASH_ANNOTATION: config_hash(config_map)}
+    job_spec: Json = {
+        "suspend": bool(spec.suspend or queue),
+        "backoffLimit": spec.backoff_limit,
+        "podFailurePolicy": {
+            "rules": [
+                {
+                    "action": "FailJob",
+                    "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [EXIT_INVALID_INPUT]},
+                },
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+            ]
+        },
+        "template": {
+            "metadata": {"labels": dict(meta["labels"]),
+                         "annotations": {CONFIG_HASH_ANNOTATION: config_hash(config_map)}},
+            "spec": render_pod_spec(owner, spec, settings),
+        },
+    }
+    if spec.active_deadline_seconds is not None:
+        job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
+    if spec.ttl_seconds_after_finished is not None:
+        job_spec["ttlSecondsAfterFinished"] = spec.ttl_seconds_after_finished
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}

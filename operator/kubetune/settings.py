@@ -1,0 +1,58 @@
+"""Operator settings, read once from the environment (the Helm chart sets them)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+DEFAULT_TRAINER_IMAGE = "ghcr.io/kubetune/trainer:0.1.0"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the operator can be configured with.
+
+    Environment variables (all optional):
+
+    - ``KUBETUNE_TRAINER_IMAGE``: trainer image when a FineTuneJob sets no ``spec.image``.
+    - ``KUBETUNE_NAMESPACES``: comma-separated namespaces to watch; all namespaces when empty.
+    - ``KUBETUNE_S3_ENDPOINT`` / ``KUBETUNE_S3_REGION`` / ``KUBETUNE_S3_INSECURE``: storage defaults
+      for FineTuneJobs that set no ``spec.storage.endpoint``.
+    - ``KUBETUNE_S3_SECRET``: default credentials Secret name (in the job's namespace).
+    - ``KUBETUNE_DEFAULT_NODE_SELECTOR``: JSON object added to every training pod's nodeSelector.
+    - ``KUBETUNE_RESYNC_SECONDS``: how often active jobs are re-checked in full (safety net).
+    - ``KUBETUNE_LIVENESS_ENDPOINT``: e.g. ``http://0.0.0.0:8080/healthz``; off when unset.
+    - ``KUBETUNE_TRAINER_COMMAND``: JSON list replacing the trainer command. A TEST DOUBLE hook
+      only: the e2e tests run a small stand-in trainer with it; never set it in production.
+    """
+
+    trainer_image: str = DEFAULT_TRAINER_IMAGE
+    namespaces: tuple[str, ...] = ()
+    s3_endpoint: str | None = None
+    s3_region: str | None = None
+    s3_insecure: bool = False
+    s3_secret: str | None = None
+    default_node_selector: dict[str, str] = field(default_factory=dict)
+    resync_seconds: float = 30.0
+    trainer_command: tuple[str, ...] = ("python", "-m", "kubetune_trainer")
+    liveness_endpoint: str | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Settings from environment variables (os.environ by default)."""
+        env = os.environ if env is None else env
+        command = env.get("KUBETUNE_TRAINER_COMMAND")
+        return cls(
+            trainer_image=env.get("KUBETUNE_TRAINER_IMAGE") or DEFAULT_TRAINER_IMAGE,
+            namespaces=tuple(n.strip() for n in env.get("KUBETUNE_NAMESPACES", "").split(",") if n.strip()),
+            s3_endpoint=env.get("KUBETUNE_S3_ENDPOINT") or None,
+            s3_region=env.get("KUBETUNE_S3_REGION") or None,
+            s3_insecure=env.get("KUBETUNE_S3_INSECURE", "").lower() in ("1", "true", "yes"),
+            s3_secret=env.get("KUBETUNE_S3_SECRET") or None,
+            default_node_selector=json.loads(env.get("KUBETUNE_DEFAULT_NODE_SELECTOR") or "{}"),
+            resync_seconds=float(env.get("KUBETUNE_RESYNC_SECONDS") or 30),
+            trainer_command=tuple(json.loads(command)) if command else cls.trainer_command,
+            liveness_endpoint=env.get("KUBETUNE_LIVENESS_ENDPOINT") or None,
+        )

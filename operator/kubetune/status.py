@@ -1,0 +1,253 @@
+"""Pure functions: (Job, Pods, previous status) → FineTuneJob status with conditions.
+
+Level-based: the status is recomputed from what the cluster shows, so an operator that restarts
+(or missed events) writes the same status. Conditions follow the Kubernetes API conventions with
+Ready / Reconciling / Stalled, which kstatus (Flux, Argo CD, kubectl wait) understands.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from kubetune.render import CONTAINER
+from kubetune_trainer.config import EXIT_INVALID_INPUT, EXIT_SOURCE_UNAVAILABLE
+
+Json = dict[str, Any]
+
+TERMINAL = ("Succeeded", "Failed")
+IMAGE_PULL_REASONS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull")
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What the operator saw: phase, reason and message, plus facts for the status."""
+
+    phase: str
+    reason: str
+    message: str
+    start_time: str | None = None
+    completion_time: str | None = None
+    attempts: int | None = None
+    summary: Json | None = None
+
+
+def condition(job: Json | None, kind: str) -> Json | None:
+    """The Job condition of this type with status True, if any."""
+    for cond in ((job or {}).get("status") or {}).get("conditions") or []:
+        if cond.get("type") == kind and cond.get("status") == "True":
+            return dict(cond)
+    return None
+
+
+def terminated_state(pod: Json) -> Json | None:
+    for status in (pod.get("status") or {}).get("containerStatuses") or []:
+        if status.get("name") == CONTAINER:
+            return (status.get("state") or {}).get("terminated") or (status.get("lastState") or {}).get(
+                "terminated"
+            )
+    return None
+
+
+def waiting_state(pod: Json) -> Json | None:
+    for status in (pod.get("status") or {}).get("containerStatuses") or []:
+        if status.get("name") == CONTAINER:
+            return (status.get("state") or {}).get("waiting")
+    return None
+
+
+def parse_summary(message: str | None) -> Json | None:
+    """The trainer's final summary (JSON in the termination message), or None if it is not JSON."""
+    if not message:
+        return None
+    try:
+        data = json.loads(message)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def describe_failure(pod: Json) -> tuple[str, str] | None:
+    """(reason, message) of a pod's failed trainer container, for users."""
+    state = terminated_state(pod)
+    if not state or state.get("exitCode", 0) == 0:
+        return None
+    code = state.get("exitCode")
+    if state.get("reason") == "OOMKilled":
+        return "OOMKilled", (
+            "the trainer ran out of memory (OOMKilled): raise resources.memory, or lower "
+            "training.batchSize / dataset.maxLength, or use quantization int8/int4"
+        )
+    text = state.get("message") or ""
+    summary = parse_summary(text)
+    if summary and summary.get("error"):
+        text = str(summary["error"])
+    text = text.strip()[-1024:]
+    reason = {EXIT_INVALID_INPUT: "InvalidInput", EXIT_SOURCE_UNAVAILABLE: "SourceUnavailable"}.get(
+        int(code or 1), "TrainerError"
+    )
+    return reason, f"trainer exited with code {code}: {text}" if text else f"trainer exited with code {code}"
+
+
+def newest(pods: list[Json]) -> list[Json]:
+    return sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp") or "", reverse=True)
+
+
+def observe(job: Json | None, pods: list[Json], *, suspend: bool, queued: bool) -> Observed:
+    """The phase of a FineTuneJob from its Job and the Job's pods."""
+    if job is None:
+        return Observed("Pending", "Creating", "creating the training Job")
+    status = job.get("status") or {}
+    counts = sum(int(status.get(k) or 0) for k in ("active", "failed", "succeeded"))
+    attempts = max(counts, len(pods)) or None
+    start = status.get("startTime")
+    pods = newest(pods)
+
+    done = condition(job, "Complete") or condition(job, "SuccessCriteriaMet")
+    if done:
+        summary = next((parse_summary((terminated_state(p) or {}).get("message")) for p in pods
+                        if (terminated_state(p) or {}).get("exitCode") == 0), None)
+        completion = status.get("completionTime") or done.get("lastTransitionTime")
+        return Observed("Succeeded", "Succeeded", "training finished", start, completion, attempts, summary)
+
+    failed = condition(job, "Failed") or condition(job, "FailureTarget")
+    if failed:
+        described = next((d for d in (describe_failure(p) for p in pods) if d), None)
+        job_reason = failed.get("reason") or "Failed"
+        if job_reason == "DeadlineExceeded":
+            reason, message = job_reason, "the job ran longer than activeDeadlineSeconds and was stopped"
+        elif job_reason == "BackoffLimitExceeded":
+            last = f"; last error: {described[1]}" if described else ""
+            reason, message = job_reason, f"the trainer failed {attempts or 0} times (backoffLimit reached){last}"
+        elif described:
+            reason, message = described
+        else:
+            reason, message = job_reason, failed.get("message") or "the training Job failed"
+        return Observed("Failed", reason, message, start, failed.get("lastTransitionTime"), attempts)
+
+    if (job.get("spec") or {}).get("suspend"):
+        if suspend:
+            return Observed("Suspended", "Suspended", "suspended: set spec.suspend=false to resume",
+                            start, None, attempts)
+        if queued:
+            return Observed("Queued", "WaitingForAdmission", "waiting for Kueue to admit the job",
+                            start, None, attempts)
+        return Observed("Pending", "Resuming", "resuming the training Job", start, None, attempts)
+
+    for pod in pods:
+        if (pod.get("status") or {}).get("phase") == "Running" and not pod["metadata"].get("deletionTimestamp"):
+            return Observed("Running", "Training", "the trainer is running", start, None, attempts)
+
+    for pod in pods:
+        phase = (pod.get("status") or {}).get("phase")
+        if phase not in (None, "Pending"):
+            continue
+        for cond in (pod.get("status") or {}).get("conditions") or []:
+            if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+                return Observed("Pending", cond.get("reason") or "Unschedulable",
+                                cond.get("message") or "the pod cannot be scheduled", start, None, attempts)
+        waiting = waiting_state(pod) or {}
+        if waiting.get("reason") in IMAGE_PULL_REASONS:
+            return Observed("Pending", "ImagePullError",
+                            f"cannot pull the trainer image: {waiting.get('message') or waiting['reason']}",
+                            start, None, attempts)
+        return Observed("Pending", "Starting", "the training pod is starting", start, None, attempts)
+
+    described = next((d for d in (describe_failure(p) for p in pods) if d), None)
+    if described:
+        return Observed("Pending", "Retrying", f"retrying after a failed attempt: {described[1]}",
+                        start, None, attempts)
+    return Observed("Pending", "Starting", "waiting for the training pod", start, None, attempts)
+
+
+def conditions(phase: str, reason: str, message: str, generation: int, previous: list[Json],
+               now: str) -> list[Json]:
+    """Ready / Reconciling / Stalled for a phase; lastTransitionTime kept while a status holds."""
+    ready = phase == "Succeeded"
+    stalled = phase == "Failed"
+    reconciling = phase in ("Pending", "Queued", "Running")
+    wanted = [
+        ("Ready", ready, "Succeeded" if ready else reason, "training finished" if ready else message),
+        ("Reconciling", reconciling, reason if reconciling else phase, message if reconciling else ""),
+        ("Stalled", stalled, reason if stalled else phase, message if stalled else ""),
+    ]
+    before = {c["type"]: c for c in previous}
+    out = []
+    for kind, value, why, text in wanted:
+        status = "True" if value else "False"
+        old = before.get(kind)
+        since = old["lastTransitionTime"] if old and old.get("status") == status else now
+        out.append({"type": kind, "status": status, "reason": why, "message": text,
+                    "lastTransitionTime": since, "observedGeneration": generation})
+    return out
+
+
+def summary_fields(summary: Json) -> Json:
+    """Progress, metrics and artifacts from the trainer's final summary."""
+    out: Json = {}
+    step, total = summary.get("step"), summary.get("totalSteps")
+    if step is not None:
+        out["progress"] = {"step": step, "totalSteps": total, "epoch": summary.get("epoch"), "percent": 100,
+                           "etaSeconds": 0}
+    metrics = {k: v for k, v in (summary.get("metrics") or {}).items() if v is not None}
+    if metrics:
+        out["metrics"] = metrics
+    artifacts = {k: v for k, v in (summary.get("artifacts") or {}).items() if v is not None}
+    if artifacts:
+        out["artifacts"] = artifacts
+    return out
+
+
+def build_status(observed: Observed, *, previous: Json, generation: int, job_name: str | None,
+                 now: str) -> Json:
+    """The complete status to write for an observation."""
+    status: Json = {
+        "phase": observed.phase,
+        "reason": observed.reason,
+        "message": observed.message,
+        "observedGeneration": generation,
+        "jobName": job_name,
+        "conditions": conditions(observed.phase, observed.reason, observed.message, generation,
+                                 previous.get("conditions") or [], now),
+    }
+    start = previous.get("startTime") or observed.start_time
+    if start:
+        status["startTime"] = start
+    if observed.completion_time and observed.phase in TERMINAL:
+        status["completionTime"] = observed.completion_time
+    if observed.attempts:
+        status["attempts"] = observed.attempts
+    for key in ("progress", "metrics", "artifacts"):
+        if previous.get(key):
+            status[key] = previous[key]
+    if observed.summary:
+        status.update(summary_fields(observed.summary))
+    if observed.phase == "Succeeded" and "progress" in status:
+        status["progress"] = {**status["progress"], "percent": 100, "etaSeconds": 0}
+    return status
+
+
+def invalid_spec_status(message: str, *, previous: Json, generation: int, now: str) -> Json:
+    """Status of a FineTuneJob whose spec the operator rejects (no Job is created)."""
+    return {
+        "phase": "Failed",
+        "reason": "InvalidSpec",
+        "message": message,
+        "observedGeneration": generation,
+        "conditions": conditions("Failed", "InvalidSpec", message, generation,
+                                 previous.get("conditions") or [], now),
+    }
+
+
+def waiting_status(reason: str, message: str, *, previous: Json, generation: int, now: str) -> Json:
+    """Status while something the pod needs (a Secret, a PVC) does not exist yet."""
+    status = {k: v for k, v in previous.items() if k in ("startTime", "attempts", "jobName")}
+    status.update({
+        "phase": "Pending",
+        "reason": reason,
+        "message": message,
+        "observedGeneration": generation,
+        "conditions": conditions("Pending", reason, message, generation, previous.get("conditions") or [], now),
+    })
+    return status
