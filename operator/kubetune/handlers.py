@@ -14,8 +14,8 @@ import kubernetes
 
 from kubetune import api
 from kubetune.kube import Kube
-from kubetune.reconcile import OWNER_ANNOTATION, Reconciler, Retry
-from kubetune.render import MANAGED_BY
+from kubetune.reconcile import Reconciler, Retry
+from kubetune.render import MANAGED_BY, OWNER_ANNOTATION
 from kubetune.settings import Settings
 from kubetune.status import TERMINAL
 

@@ -23,7 +23,6 @@ from kubetune.settings import Settings
 Json = dict[str, Any]
 log = logging.getLogger("kubetune.reconcile")
 
-OWNER_ANNOTATION = "kubetune.io/finetunejob"
 PROBLEM_REASONS = ("Unschedulable", "ImagePullError", "Retrying", "MissingDependency")
 EVENT_REASONS = {"Running": "Started", "Succeeded": "Succeeded", "Failed": "Failed",
                  "Suspended": "Suspended", "Queued": "Queued"}
@@ -116,8 +115,6 @@ class Reconciler:
             config_map = render.render_config_map(ftj, spec, self.settings)
             self.kube.create_or_adopt(config_map, uid)
             desired = render.render_job(ftj, spec, self.settings, config_map)
-            desired["metadata"]["annotations"][OWNER_ANNOTATION] = name
-            desired["spec"]["template"]["metadata"]["annotations"][OWNER_ANNOTATION] = name
             job, created = self.kube.create_or_adopt(desired, uid)
             if created:
                 self.kube.event(ftj, "Normal", "Created", f"created Job {job_name}")

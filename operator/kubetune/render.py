@@ -26,6 +26,7 @@ TERMINATION_LOG = "/dev/termination-log"
 JOB_LABEL = "kubetune.io/job"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 CONFIG_HASH_ANNOTATION = "kubetune.io/config-hash"
+OWNER_ANNOTATION = "kubetune.io/finetunejob"  # full FineTuneJob name (labels cap at 63 characters)
 MANAGED_BY = "kubetune-operator"
 MAX_NAME = 63  # Job names become pod label values: at most 63 characters.
 
@@ -41,7 +42,9 @@ def child_name(name: str, suffix: str) -> str:
 
 def label_value(name: str) -> str:
     """A label value for a FineTuneJob name (names may be longer than 63 characters)."""
-    return name if len(name) <= MAX_NAME else child_name(name[:40], "x")[:MAX_NAME]
+    if len(name) <= MAX_NAME:
+        return name
+    return f"{name[:50].rstrip('-.')}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
 
 
 def job_name(name: str) -> str:
@@ -278,7 +281,8 @@ def render_job(owner: Json, spec: api.FineTuneJobSpec, settings: Settings, confi
     queue = spec.scheduling.queue_name
     if queue:
         meta["labels"][KUEUE_QUEUE_LABEL] = queue
-    meta["annotations"] = {CONFIG_HASH_ANNOTATION: config_hash(config_map)}
+    annotations = {CONFIG_HASH_ANNOTATION: config_hash(config_map), OWNER_ANNOTATION: owner["metadata"]["name"]}
+    meta["annotations"] = dict(annotations)
     job_spec: Json = {
         "suspend": bool(spec.suspend or queue),
         "backoffLimit": spec.backoff_limit,
@@ -292,8 +296,7 @@ def render_job(owner: Json, spec: api.FineTuneJobSpec, settings: Settings, confi
             ]
         },
         "template": {
-            "metadata": {"labels": dict(meta["labels"]),
-                         "annotations": {CONFIG_HASH_ANNOTATION: config_hash(config_map)}},
+            "metadata": {"labels": dict(meta["labels"]), "annotations": annotations},
             "spec": render_pod_spec(owner, spec, settings),
         },
     }

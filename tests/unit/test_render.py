@@ -1,0 +1,144 @@
+"""render.py: golden files for a minimal and a maximal FineTuneJob, and the rules behind them.
+
+Refresh the golden files after an intended change with `KUBETUNE_UPDATE_GOLDEN=1 make unit`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from kubetune import render
+from kubetune.api import FineTuneJobSpec
+from kubetune.settings import Settings
+
+GOLDEN = Path(__file__).parent / "golden"
+SETTINGS = Settings(trainer_image="registry.example/kubetune/trainer:1.0", s3_endpoint="minio.storage:9000",
+                    s3_insecure=True, s3_secret="kubetune-s3")
+
+MINIMAL: dict[str, Any] = {
+    "model": {"source": "hf://Qwen/Qwen2.5-0.5B"},
+    "dataset": {"train": "s3://data/train.jsonl"},
+    "output": {"location": "s3://runs/"},
+}
+MAXIMAL: dict[str, Any] = {
+    "model": {"source": "pvc://models/llama-3-8b", "revision": "main", "tokenizer": "pvc://models/tok"},
+    "dataset": {"train": "pvc://data/train.parquet", "validation": "s3://data/val.parquet", "format": "parquet",
+                "promptColumn": "instruction", "answerColumn": "output", "systemPrompt": "Be brief.",
+                "template": "chat", "maxLength": 2048},
+    "training": {"epochs": 3, "learningRate": 1e-4, "batchSize": 2, "gradientAccumulation": 8,
+                 "optimizer": "paged_adamw_8bit", "precision": "bf16", "checkpointEverySteps": 200},
+    "lora": {"r": 64, "alpha": 16, "dropout": 0.1, "targetModules": ["q_proj", "v_proj"]},
+    "quantization": "int4",
+    "output": {"location": "s3://runs/llama/", "keepCheckpoints": 3},
+    "storage": {"endpoint": "s3.eu-west-1.amazonaws.com", "region": "eu-west-1",
+                "secretRef": {"name": "aws-creds", "accessKeyKey": "id", "secretKeyKey": "key"}},
+    "resources": {"gpus": 4, "gpuResourceName": "nvidia.com/gpu", "cpu": "16", "memory": "128Gi",
+                  "sharedMemory": "32Gi"},
+    "scheduling": {"nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+                   "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                   "affinity": {"nodeAffinity": {}}, "priorityClassName": "training",
+                   "queueName": "team-a", "schedulerName": "default-scheduler"},
+    "image": "registry.example/custom-trainer:2",
+    "imagePullSecrets": [{"name": "regcred"}],
+    "serviceAccountName": "trainer",
+    "env": [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}},
+            {"name": "NCCL_DEBUG", "value": "WARN"}],
+    "cacheVolume": {"claimName": "hf-cache"},
+    "suspend": False,
+    "backoffLimit": 5,
+    "activeDeadlineSeconds": 86400,
+    "ttlSecondsAfterFinished": 3600,
+}
+
+
+def owner(name: str = "llama", namespace: str = "team-a") -> dict[str, Any]:
+    return {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
+            "metadata": {"name": name, "namespace": namespace, "uid": "0000-1111"}}
+
+
+def rendered(spec: dict[str, Any]) -> dict[str, Any]:
+    parsed = FineTuneJobSpec.model_validate(spec)
+    config_map = render.render_config_map(owner(), parsed, SETTINGS)
+    return {"configMap": config_map, "job": render.render_job(owner(), parsed, SETTINGS, config_map)}
+
+
+@pytest.mark.parametrize("case", ["minimal", "maximal"])
+def test_render_matches_golden(case: str) -> None:
+    actual = yaml.safe_dump(rendered(MINIMAL if case == "minimal" else MAXIMAL), sort_keys=True)
+    path = GOLDEN / f"{case}.yaml"
+    if os.environ.get("KUBETUNE_UPDATE_GOLDEN"):
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(actual)
+    assert actual == path.read_text()
+
+
+def pod(spec: dict[str, Any]) -> dict[str, Any]:
+    result: dict[str, Any] = rendered(spec)["job"]["spec"]["template"]["spec"]
+    return result
+
+
+def test_pod_is_restricted() -> None:
+    container = pod(MINIMAL)["containers"][0]
+    assert container["securityContext"] == {
+        "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    assert pod(MINIMAL)["securityContext"]["runAsNonRoot"] is True
+
+
+def test_credentials_travel_only_as_secret_refs() -> None:
+    objects = rendered(MAXIMAL)
+    env = {e["name"]: e for e in objects["job"]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["AWS_ACCESS_KEY_ID"] == {"name": "AWS_ACCESS_KEY_ID",
+                                        "valueFrom": {"secretKeyRef": {"name": "aws-creds", "key": "id"}}}
+    assert "aws-creds" not in objects["configMap"]["data"]["config.yaml"]
+    assert "secretRef" not in objects["configMap"]["data"]["config.yaml"]
+
+
+def test_config_map_holds_the_trainer_config_with_defaults_from_settings() -> None:
+    config = yaml.safe_load(rendered(MINIMAL)["configMap"]["data"]["config.yaml"])
+    assert config["runName"] == "team-a/llama"
+    assert config["storage"] == {"endpoint": "minio.storage:9000", "insecure": True}
+
+
+def test_invalid_input_exit_code_fails_the_job_at_once() -> None:
+    rules = rendered(MINIMAL)["job"]["spec"]["podFailurePolicy"]["rules"]
+    assert rules[0] == {"action": "FailJob",
+                        "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [3]}}
+    assert rules[1] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
+
+
+def test_gpu_limits_and_shared_memory() -> None:
+    spec = pod(MAXIMAL)
+    assert spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    shm = next(v for v in spec["volumes"] if v["name"] == "shm")
+    assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "32Gi"}
+
+
+def test_cpu_only_job_requests_no_gpu() -> None:
+    spec = pod({**MINIMAL, "resources": {"gpus": 0}})
+    assert "limits" not in spec["containers"][0]["resources"]
+
+
+def test_kueue_queue_creates_the_job_suspended_with_the_label() -> None:
+    job = rendered(MAXIMAL)["job"]
+    assert job["spec"]["suspend"] is True
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+
+
+def test_pvc_sources_are_mounted_read_only() -> None:
+    mounts = {m["mountPath"]: m for m in pod(MAXIMAL)["containers"][0]["volumeMounts"]}
+    assert mounts["/mnt/pvc/models"]["readOnly"] and mounts["/mnt/pvc/data"]["readOnly"]
+    assert "/var/cache/kubetune" in mounts
+
+
+def test_long_names_stay_valid_and_distinct() -> None:
+    long_a, long_b = "a" * 200 + "x", "a" * 200 + "y"
+    assert len(render.job_name(long_a)) <= 63
+    assert render.job_name(long_a) != render.job_name(long_b)
+    assert render.job_name("short") == "short-trainer"

@@ -1,0 +1,147 @@
+"""status.py: the phase, reason and conditions for each Job/Pod situation."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from kubetune import status
+
+NOW = "2026-01-01T00:10:00Z"
+
+
+def job(*conditions: tuple[str, str], suspend: bool = False, **counts: int) -> dict[str, Any]:
+    return {
+        "metadata": {"name": "j"},
+        "spec": {"suspend": suspend},
+        "status": {
+            "startTime": "2026-01-01T00:00:00Z",
+            "conditions": [{"type": t, "status": "True", "reason": r, "message": f"{r} message",
+                            "lastTransitionTime": "2026-01-01T00:05:00Z"} for t, r in conditions],
+            **counts,
+        },
+    }
+
+
+def pod(phase: str = "Pending", *, created: str = "2026-01-01T00:00:00Z", scheduled: tuple[str, str] | None = None,
+        waiting: str | None = None, terminated: dict[str, Any] | None = None) -> dict[str, Any]:
+    state: dict[str, Any] = {}
+    if waiting:
+        state["waiting"] = {"reason": waiting, "message": f"{waiting}: registry.example/x not found"}
+    if terminated is not None:
+        state["terminated"] = terminated
+    conditions = []
+    if scheduled:
+        conditions.append({"type": "PodScheduled", "status": "False", "reason": scheduled[0], "message": scheduled[1]})
+    return {
+        "metadata": {"name": "p", "creationTimestamp": created},
+        "status": {"phase": phase, "conditions": conditions,
+                   "containerStatuses": [{"name": "trainer", "state": state}] if state else []},
+    }
+
+
+SUMMARY = json.dumps({"step": 40, "totalSteps": 40, "epoch": 2.0,
+                      "metrics": {"trainLoss": 0.5, "evalLoss": 0.7, "perplexity": 2.01},
+                      "artifacts": {"location": "s3://runs/ns/q/", "files": 9, "totalBytes": 1234}})
+
+CASES = [
+    # (id, job, pods, suspend, queued, phase, reason, words in message)
+    ("no job yet", None, [], False, False, "Pending", "Creating", "creating"),
+    ("pod unschedulable", job(active=1),
+     [pod(scheduled=("Unschedulable", "0/1 nodes are available: 1 Insufficient nvidia.com/gpu."))],
+     False, False, "Pending", "Unschedulable", "Insufficient nvidia.com/gpu"),
+    ("image pull error", job(active=1), [pod(waiting="ImagePullBackOff")], False, False,
+     "Pending", "ImagePullError", "cannot pull the trainer image"),
+    ("pod starting", job(active=1), [pod()], False, False, "Pending", "Starting", "starting"),
+    ("running", job(active=1), [pod("Running")], False, False, "Running", "Training", "running"),
+    ("suspended", job(suspend=True), [], True, False, "Suspended", "Suspended", "spec.suspend=false"),
+    ("waiting for kueue", job(suspend=True), [], False, True, "Queued", "WaitingForAdmission", "Kueue"),
+    ("succeeded", job(("SuccessCriteriaMet", "CompletionsReached"), ("Complete", "CompletionsReached"), succeeded=1),
+     [pod("Succeeded", terminated={"exitCode": 0, "message": SUMMARY})], False, False,
+     "Succeeded", "Succeeded", "finished"),
+    ("invalid input", job(("FailureTarget", "PodFailurePolicy"), ("Failed", "PodFailurePolicy"), failed=1),
+     [pod("Failed", terminated={"exitCode": 3, "message": json.dumps(
+         {"error": "s3://d/train.csv: missing column 'answer' (columns: prompt, output)", "exitCode": 3})})],
+     False, False, "Failed", "InvalidInput", "missing column 'answer'"),
+    ("oom killed", job(("Failed", "BackoffLimitExceeded"), failed=1),
+     [pod("Failed", terminated={"exitCode": 137, "reason": "OOMKilled"})], False, False,
+     "Failed", "BackoffLimitExceeded", "out of memory"),
+    ("backoff limit", job(("Failed", "BackoffLimitExceeded"), failed=2),
+     [pod("Failed", created="2026-01-01T00:01:00Z", terminated={"exitCode": 1, "message": "CUDA error"}),
+      pod("Failed", terminated={"exitCode": 1, "message": "CUDA error"})], False, False,
+     "Failed", "BackoffLimitExceeded", "failed 2 times"),
+    ("deadline", job(("Failed", "DeadlineExceeded"), failed=1), [], False, False,
+     "Failed", "DeadlineExceeded", "activeDeadlineSeconds"),
+    ("retrying", job(failed=1), [pod("Failed", terminated={"exitCode": 1, "message": "NCCL timeout"})],
+     False, False, "Pending", "Retrying", "NCCL timeout"),
+    ("source unavailable", job(("Failed", "BackoffLimitExceeded"), failed=1),
+     [pod("Failed", terminated={"exitCode": 4, "message": "hf://x/y: offline"})], False, False,
+     "Failed", "BackoffLimitExceeded", "hf://x/y: offline"),
+]
+
+
+@pytest.mark.parametrize(("job_obj", "pods", "suspend", "queued", "phase", "reason", "words"),
+                         [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_observe(job_obj: dict[str, Any] | None, pods: list[dict[str, Any]], suspend: bool, queued: bool,
+                 phase: str, reason: str, words: str) -> None:
+    observed = status.observe(job_obj, pods, suspend=suspend, queued=queued)
+    assert (observed.phase, observed.reason) == (phase, reason)
+    assert words in observed.message
+
+
+def conditions_by_type(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["type"]: c for c in result["conditions"]}
+
+
+@pytest.mark.parametrize(("phase", "ready", "reconciling", "stalled"), [
+    ("Pending", "False", "True", "False"),
+    ("Running", "False", "True", "False"),
+    ("Succeeded", "True", "False", "False"),
+    ("Failed", "False", "False", "True"),
+    ("Suspended", "False", "False", "False"),
+])
+def test_kstatus_conditions(phase: str, ready: str, reconciling: str, stalled: str) -> None:
+    result = status.build_status(status.Observed(phase, "R", "m"), previous={}, generation=3, job_name="j", now=NOW)
+    got = conditions_by_type(result)
+    assert (got["Ready"]["status"], got["Reconciling"]["status"], got["Stalled"]["status"]) == (
+        ready, reconciling, stalled)
+    assert all(c["observedGeneration"] == 3 for c in result["conditions"])
+    assert result["observedGeneration"] == 3
+
+
+def test_transition_time_is_kept_while_a_condition_holds() -> None:
+    first = status.build_status(status.Observed("Running", "Training", "m"), previous={}, generation=1,
+                                job_name="j", now="2026-01-01T00:00:00Z")
+    second = status.build_status(status.Observed("Running", "Training", "m"), previous=first, generation=1,
+                                 job_name="j", now="2026-01-01T00:09:00Z")
+    assert conditions_by_type(second)["Reconciling"]["lastTransitionTime"] == "2026-01-01T00:00:00Z"
+    third = status.build_status(status.Observed("Succeeded", "Succeeded", "m"), previous=second, generation=1,
+                                job_name="j", now="2026-01-01T00:10:00Z")
+    assert conditions_by_type(third)["Ready"]["lastTransitionTime"] == "2026-01-01T00:10:00Z"
+
+
+def test_success_summary_completes_the_status() -> None:
+    observed = status.observe(job(("Complete", "CompletionsReached"), succeeded=1),
+                              [pod("Succeeded", terminated={"exitCode": 0, "message": SUMMARY})],
+                              suspend=False, queued=False)
+    result = status.build_status(observed, previous={}, generation=1, job_name="j", now=NOW)
+    assert result["progress"]["percent"] == 100 and result["progress"]["step"] == 40
+    assert result["metrics"]["evalLoss"] == 0.7
+    assert result["artifacts"]["location"] == "s3://runs/ns/q/"
+    assert result["completionTime"] == "2026-01-01T00:05:00Z"
+    assert result["attempts"] == 1
+
+
+def test_start_time_is_kept_from_the_previous_status() -> None:
+    result = status.build_status(status.Observed("Running", "Training", "m", start_time="2026-01-02T00:00:00Z"),
+                                 previous={"startTime": "2026-01-01T00:00:00Z"}, generation=1, job_name="j",
+                                 now=NOW)
+    assert result["startTime"] == "2026-01-01T00:00:00Z"
+
+
+def test_invalid_spec_status_is_stalled() -> None:
+    result = status.invalid_spec_status("spec.training.batchSize: too big", previous={}, generation=2, now=NOW)
+    assert (result["phase"], result["reason"]) == ("Failed", "InvalidSpec")
+    assert conditions_by_type(result)["Stalled"]["message"] == "spec.training.batchSize: too big"
