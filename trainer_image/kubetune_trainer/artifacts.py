@@ -68,14 +68,13 @@ class LocalStore:
         shutil.copyfile(self.root / key, local)
 
     def list(self, prefix: str = "") -> list[str]:
-        base = self.root / prefix if prefix else self.root
-        if not base.exists():
+        # Same semantics as an S3 listing: every key that starts with the prefix string.
+        head, _, _ = prefix.rpartition("/")
+        base = self.root / head if head else self.root
+        if not base.is_dir():
             return []
-        return sorted(
-            p.relative_to(self.root).as_posix()
-            for p in base.rglob("*")
-            if p.is_file() and not p.name.startswith(".")
-        )
+        keys = (p.relative_to(self.root).as_posix() for p in base.rglob("*") if p.is_file())
+        return sorted(k for k in keys if k.startswith(prefix) and not k.rsplit("/", 1)[-1].startswith("."))
 
     def delete(self, key: str) -> None:
         path = self.root / key

@@ -113,10 +113,12 @@ class Trainer:
         self.config = config
         self.progress = Progress()
         self.work = Path(tempfile.mkdtemp(prefix="kubetune-run-"))
-        self.metrics_path = self.work / "metrics.jsonl"
-        self.reporter = reporter or Reporter(self.metrics_path)
+        self.reporter = reporter or Reporter()
         if self.reporter.metrics_path is None:
-            self.reporter.metrics_path = self.metrics_path
+            self.reporter.metrics_path = self.work / "metrics.jsonl"
+        self.metrics_path: Path = self.reporter.metrics_path
+        self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        self.metrics_path.write_text("")
         self.store: artifacts.Store | None = None
 
     # -- setup --------------------------------------------------------------------------------

@@ -1,0 +1,29 @@
+"""Shared assets for the trainer tests: a tiny backbone and dataset, built once, no downloads."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from trainer_helpers import tiny
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``backbone/``, ``data/train.jsonl`` (128 rows) and ``data/validation.jsonl`` (16 rows)."""
+    root = tmp_path_factory.mktemp("tiny")
+    tiny.build_tiny_backbone(root / "backbone")
+    tiny.write_dataset(root / "data" / "train.jsonl", 128, seed=0)
+    tiny.write_dataset(root / "data" / "validation.jsonl", 16, seed=1)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A private download cache and no reporting or termination message from the host."""
+    monkeypatch.setenv("KUBETUNE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for name in ("KUBETUNE_REPORT_URL", "KUBETUNE_REPORT_TOKEN", "KUBETUNE_TERMINATION_LOG"):
+        monkeypatch.delenv(name, raising=False)
+    yield
