@@ -325,7 +325,7 @@ class PodWorker(threading.Thread):
             return
         self.initialized = True
         for run in self.runs:
-            self.start(run)
+            self.start_container(run)
         self.monitor()
 
     def started_before(self) -> bool:
@@ -587,7 +587,7 @@ class PodWorker(threading.Thread):
         lines.append('exec "$@"')
         return "\n".join(lines)
 
-    def start(self, run: ContainerRun) -> None:
+    def start_container(self, run: ContainerRun) -> None:
         env = self.env_cache[run.name]
         try:
             argv = self.command(run, env)
@@ -643,7 +643,7 @@ class PodWorker(threading.Thread):
 
     def run_init_containers(self) -> bool:
         for run in self.init_runs:
-            self.start(run)
+            self.start_container(run)
             self.post_status("Pending")
             while run.exit_code != 0:
                 self.wait()
@@ -657,7 +657,7 @@ class PodWorker(threading.Thread):
                     self.schedule_restart(run)
                     self.post_status("Pending")
                 if run.restart_at is not None and time.monotonic() >= run.restart_at:
-                    self.start(run)
+                    self.start_container(run)
                     self.post_status("Pending")
         return True
 
@@ -685,7 +685,7 @@ class PodWorker(threading.Thread):
                 if self.reap(run) and self.should_restart(run):
                     self.schedule_restart(run)
                 if run.restart_at is not None and time.monotonic() >= run.restart_at:
-                    self.start(run)
+                    self.start_container(run)
             self.refresh_tokens()
             phase = self.phase()
             self.post_status(phase)

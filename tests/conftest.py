@@ -1,0 +1,168 @@
+"""Shared fixtures: one local cluster per test session, a fresh namespace per test.
+
+Session fixtures start the cluster (hack/cluster.py) only when a test asks for them, reuse a
+running one, and stop it at the end only if this session started it (``KUBETUNE_KEEP_CLUSTER=1``
+keeps it). ``USE_EXISTING_CLUSTER=true`` runs against the current kubeconfig's cluster instead
+(``KUBECONFIG`` or ``~/.kube/config``); MinIO then comes from the ``MINIO_*`` environment.
+
+    cluster      Cluster: kubeconfig, kubectl_path, helm_path, apiserver, kubectl(*args), helm(*args)
+    minio_env    {"MINIO_ENDPOINT": "host:port", "MINIO_ACCESS_KEY": ..., "MINIO_SECRET_KEY": ...}
+    k8s_api      kubernetes.client.ApiClient for the cluster
+    namespace    name of a fresh namespace (with its default ServiceAccount), deleted afterwards
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from helpers import wait_for  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER_SCRIPT = REPO / "hack" / "cluster.py"
+MINIO_KEYS = ("MINIO_ENDPOINT", "MINIO_ACCESS_KEY", "MINIO_SECRET_KEY")
+
+__all__ = ["Cluster", "wait_for"]
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes"}
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """How tests reach the cluster."""
+
+    kubeconfig: Path
+    kubectl_path: Path
+    helm_path: Path | None
+    apiserver: str
+    dir: Path | None = None  # state directory of a local cluster; None for an existing cluster
+    env: dict[str, str] = field(default_factory=dict, repr=False)
+
+    def _run(self, binary: Path, args: tuple[str, ...], input: str | None, check: bool,
+             timeout: float) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run([str(binary), *args], input=input, capture_output=True, text=True,
+                                env=self.env, timeout=timeout)
+        if check and result.returncode != 0:
+            raise AssertionError(f"{binary.name} {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
+        return result
+
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True,
+                timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """Run kubectl against this cluster; raises on failure unless ``check=False``."""
+        return self._run(self.kubectl_path, args, input, check, timeout)
+
+    def helm(self, *args: str, input: str | None = None, check: bool = True,
+             timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        if self.helm_path is None:
+            pytest.skip("helm is not available")
+        return self._run(self.helm_path, args, input, check, timeout)
+
+    def get(self, *args: str) -> Any:
+        """``kubectl get ... -o json`` parsed."""
+        return json.loads(self.kubectl("get", *args, "-o", "json").stdout)
+
+    def apply(self, manifest: dict[str, Any] | list[dict[str, Any]], namespace: str | None = None) -> None:
+        docs = manifest if isinstance(manifest, list) else [manifest]
+        extra = ["-n", namespace] if namespace else []
+        self.kubectl("apply", *extra, "-f", "-", input=yaml.safe_dump_all(docs))
+
+
+def _existing_cluster() -> Cluster:
+    kubeconfig = Path(os.environ.get("KUBECONFIG", "").split(os.pathsep)[0] or Path.home() / ".kube" / "config")
+    config = yaml.safe_load(kubeconfig.read_text())
+    context = next(c["context"] for c in config["contexts"] if c["name"] == config["current-context"])
+    server = next(c["cluster"]["server"] for c in config["clusters"] if c["name"] == context["cluster"])
+    assets = os.environ.get("KUBEBUILDER_ASSETS")
+    kubectl = shutil.which("kubectl") or (f"{assets}/kubectl" if assets else None)
+    if kubectl is None:
+        sys.path.insert(0, str(REPO / "hack"))
+        import tools
+
+        kubectl = str(tools.cached_tools()["kubectl"])
+    helm = shutil.which("helm")
+    return Cluster(kubeconfig=kubeconfig, kubectl_path=Path(kubectl), helm_path=Path(helm) if helm else None,
+                   apiserver=server, env={**os.environ, "KUBECONFIG": str(kubeconfig)})
+
+
+def _cluster_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(CLUSTER_SCRIPT), *args], capture_output=True, text=True)
+
+
+def _local_cluster(state_dir: Path) -> Cluster:
+    state = json.loads((state_dir / "cluster.json").read_text())
+    env = {**os.environ, "KUBECONFIG": state["kubeconfig"]}
+    return Cluster(kubeconfig=Path(state["kubeconfig"]), kubectl_path=Path(state["kubectl"]),
+                   helm_path=Path(state["helm"]), apiserver=state["apiserver"], dir=state_dir, env=env)
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[Cluster]:
+    """The session's cluster: the running local one, a freshly started one, or USE_EXISTING_CLUSTER's."""
+    if _flag("USE_EXISTING_CLUSTER"):
+        yield _existing_cluster()
+        return
+    state_dir = Path(os.environ.get("KUBETUNE_CLUSTER_DIR", REPO / ".kubetune")).resolve()
+    status = _cluster_cli("status", "--json", "--dir", str(state_dir))
+    started = status.returncode != 0
+    if started:
+        up = _cluster_cli("up", "--dir", str(state_dir))
+        if up.returncode != 0:
+            pytest.fail(f"hack/cluster.py up failed:\n{up.stderr[-4000:]}", pytrace=False)
+    try:
+        yield _local_cluster(state_dir)
+    finally:
+        if started and not _flag("KUBETUNE_KEEP_CLUSTER"):
+            _cluster_cli("down", "--dir", str(state_dir))
+
+
+@pytest.fixture(scope="session")
+def minio_env(cluster: Cluster) -> dict[str, str]:
+    """MinIO endpoint (host:port, plain HTTP) and credentials of the session's cluster."""
+    if cluster.dir is None:
+        missing = [key for key in MINIO_KEYS if not os.environ.get(key)]
+        if missing:
+            pytest.skip(f"USE_EXISTING_CLUSTER: set {', '.join(missing)} for MinIO tests")
+        return {key: os.environ[key] for key in MINIO_KEYS}
+    values = dict(line.split("=", 1) for line in (cluster.dir / "minio.env").read_text().splitlines() if "=" in line)
+    return {key: values[key] for key in MINIO_KEYS}
+
+
+@pytest.fixture(scope="session")
+def k8s_api(cluster: Cluster) -> Iterator[Any]:
+    """A ``kubernetes.client.ApiClient`` configured from the cluster's kubeconfig."""
+    from kubernetes import config
+
+    api = config.new_client_from_config(config_file=str(cluster.kubeconfig))
+    try:
+        yield api
+    finally:
+        api.close()
+
+
+@pytest.fixture
+def namespace(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh namespace for one test (ready for pods: its default ServiceAccount exists)."""
+    stem = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
+    name = f"t-{stem}-{secrets.token_hex(3)}"
+    cluster.kubectl("create", "namespace", name)
+    wait_for(lambda: cluster.kubectl("get", "serviceaccount", "default", "-n", name, check=False).returncode == 0,
+             timeout=60, message=f"default ServiceAccount in {name}")
+    try:
+        yield name
+    finally:
+        cluster.kubectl("delete", "namespace", name, "--wait=false", "--ignore-not-found", check=False)
