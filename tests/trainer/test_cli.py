@@ -1,0 +1,87 @@
+"""The command line: exit codes, first error line, no model load on bad input, termination message."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from trainer_helpers import REPO, tiny_config
+
+from kubetune_trainer import model as model_lib
+from kubetune_trainer.__main__ import main
+
+pytestmark = pytest.mark.trainer
+
+
+def write_config(path: Path, config: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def first_error(stderr: str) -> str:
+    return next(line for line in stderr.splitlines() if " ERROR " in line)
+
+
+@pytest.fixture
+def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if anything tries to load the backbone."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(model_lib, "load_model", refuse)
+    monkeypatch.setattr(model_lib, "load_base", refuse)
+
+
+def test_missing_column_exits_3_before_loading_the_model(assets: Path, tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path / "cfg.yaml", tiny_config(assets, tmp_path / "out", dataset={"promptColumn": "question"})
+    )
+    env = {**os.environ, "KUBETUNE_TERMINATION_LOG": str(tmp_path / "termination-log")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "kubetune_trainer", "--config", str(config)],
+        capture_output=True, text=True, timeout=300, env=env, cwd=REPO,
+    )
+    assert proc.returncode == 3, proc.stderr
+    line = first_error(proc.stderr)
+    assert str(assets / "data" / "train.jsonl") in line and "'question'" in line and "dataset.promptColumn" in line
+    assert "loading model" not in proc.stderr
+    summary = json.loads((tmp_path / "termination-log").read_text())
+    assert summary["exitCode"] == 3 and "'question'" in summary["error"]
+
+
+@pytest.mark.parametrize("content", ["", '{"prompt": "a", "answer": \n'], ids=["empty", "unreadable"])
+def test_empty_or_unreadable_data_exits_3(
+    content: str, assets: Path, tmp_path: Path, no_model_load: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    train = tmp_path / "train.jsonl"
+    train.write_text(content)
+    config = write_config(tmp_path / "cfg.yaml", tiny_config(assets, tmp_path / "out", dataset={"train": str(train)}))
+    assert main(["--config", str(config)]) == 3
+    assert str(train) in next(r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+
+
+def test_invalid_config_exits_3_naming_the_field(assets: Path, tmp_path: Path, no_model_load: None,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    config = write_config(tmp_path / "cfg.yaml", tiny_config(assets, tmp_path / "out"))
+    assert main(["--config", str(config), "--set", "training.batchSize=0"]) == 3
+    error = next(r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+    assert str(config) in error and "training.batchSize" in error
+
+
+@pytest.mark.parametrize(
+    "source", ["/nonexistent/backbone", "hf://org/model", "pvc://claim/models/x"], ids=["path", "hf-offline", "pvc"]
+)
+def test_unavailable_model_source_exits_4(source: str, assets: Path, tmp_path: Path, no_model_load: None,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KUBETUNE_TERMINATION_LOG", str(tmp_path / "termination-log"))
+    config = write_config(tmp_path / "cfg.yaml", tiny_config(assets, tmp_path / "out", model={"source": source}))
+    assert main(["--config", str(config)]) == 4
+    summary = json.loads((tmp_path / "termination-log").read_text())
+    assert summary["exitCode"] == 4 and source in summary["error"]

@@ -1,0 +1,104 @@
+"""Data validation and tokenization: fail fast with clear messages, mask prompts from the loss."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from trainer_helpers import tiny
+
+from kubetune_trainer import data
+from kubetune_trainer.config import DatasetSpec
+from kubetune_trainer.errors import InvalidInput
+
+pytestmark = pytest.mark.trainer
+
+
+@pytest.fixture(scope="module")
+def tokenizer(assets: Path) -> object:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(assets / "backbone"))
+
+
+def spec(**fields: object) -> DatasetSpec:
+    return DatasetSpec.model_validate({"train": "unused.jsonl", **fields})
+
+
+@pytest.mark.parametrize("template", ["chat", "plain"])
+def test_prompt_tokens_are_masked_and_answer_tokens_are_labels(tokenizer: object, template: str) -> None:
+    example = data.Example(prompt="reverse : red cat dog", answer="dog cat red")
+    [sample] = data.tokenize([example], spec(template=template), tokenizer)  # type: ignore[arg-type]
+    answer_ids = tokenizer(example.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]  # type: ignore[operator,attr-defined]
+    n_prompt = len(sample.input_ids) - len(answer_ids)
+    assert n_prompt > 3
+    assert sample.labels[:n_prompt] == [data.IGNORE_INDEX] * n_prompt
+    assert sample.labels[n_prompt:] == answer_ids == sample.input_ids[n_prompt:]
+
+
+def test_mask_prompt_false_trains_on_every_token(tokenizer: object) -> None:
+    [sample] = data.tokenize([data.Example("capital of peru ?", "lima")], spec(maskPrompt=False), tokenizer)  # type: ignore[arg-type]
+    assert sample.labels == sample.input_ids
+
+
+def test_long_samples_are_truncated_and_counted(tokenizer: object, caplog: pytest.LogCaptureFixture) -> None:
+    long = data.Example("reverse : " + " ".join(tiny.WORDS * 3), "red")
+    samples = data.tokenize([long, data.Example("capital of peru ?", "lima")], spec(maxLength=16), tokenizer)  # type: ignore[arg-type]
+    assert all(len(s.input_ids) <= 16 for s in samples)
+    assert "1 of 2 samples were longer than maxLength=16" in caplog.text
+
+
+def test_packing_fills_blocks_and_keeps_masks(tokenizer: object) -> None:
+    examples = [data.Example(r["prompt"], r["answer"]) for r in tiny.make_rows(20)]
+    samples = data.tokenize(examples, spec(), tokenizer)  # type: ignore[arg-type]
+    blocks = data.pack(samples, 32)
+    assert all(len(b.input_ids) == 32 for b in blocks[:-1])
+    assert sum(len(b.input_ids) for b in blocks) == sum(len(s.input_ids) for s in samples)
+    masked = sum(label == data.IGNORE_INDEX for b in blocks for label in b.labels)
+    assert masked == sum(label == data.IGNORE_INDEX for s in samples for label in s.labels)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
+def test_formats_are_detected_from_the_extension(tmp_path: Path, suffix: str) -> None:
+    path = tiny.write_dataset(tmp_path / f"train{suffix}", 5)
+    examples = data.load_examples(path, spec())
+    assert [(e.prompt, e.answer) for e in examples] == [(r["prompt"], r["answer"]) for r in tiny.make_rows(5)]
+
+
+def test_missing_column_names_the_file_the_column_and_the_columns_present(tmp_path: Path) -> None:
+    path = tiny.write_dataset(tmp_path / "train.csv", 5)
+    with pytest.raises(InvalidInput) as err:
+        data.load_examples(path, spec(answerColumn="response"))
+    message = str(err.value)
+    assert str(path) in message and "'response'" in message and "dataset.answerColumn" in message
+    assert "['prompt', 'answer']" in message
+
+
+def test_non_text_value_names_row_and_column(tmp_path: Path) -> None:
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps({"prompt": "a", "answer": "b"}) + "\n" + json.dumps({"prompt": "c", "answer": 7}) + "\n")
+    with pytest.raises(InvalidInput, match=r"row 2, column 'answer'.*expected text, got int"):
+        data.load_examples(path, spec())
+
+
+def test_empty_and_unreadable_files_are_invalid(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(InvalidInput, match="empty"):
+        data.load_examples(empty, spec())
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"not parquet at all")
+    with pytest.raises(InvalidInput, match=f"{broken}: cannot read as parquet"):
+        data.load_examples(broken, spec())
+    with pytest.raises(InvalidInput, match="format from the extension"):
+        data.load_examples(tmp_path / "train.txt", spec())
+
+
+def test_validation_split_is_seeded_and_disjoint() -> None:
+    examples = [data.Example(r["prompt"] + str(i), r["answer"]) for i, r in enumerate(tiny.make_rows(50))]
+    train, validation = data.split_examples(examples, 0.2, seed=3)
+    assert len(validation) == 10 and len(train) == 40
+    assert not set(train) & set(validation)
+    assert data.split_examples(examples, 0.2, seed=3) == (train, validation)
+    assert data.split_examples(examples, 0.2, seed=4) != (train, validation)
