@@ -21,7 +21,6 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,57 +28,13 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import wait_for  # noqa: E402
+from helpers import REPO, Cluster, wait_for
 
-REPO = Path(__file__).resolve().parents[1]
 CLUSTER_SCRIPT = REPO / "hack" / "cluster.py"
 MINIO_KEYS = ("MINIO_ENDPOINT", "MINIO_ACCESS_KEY", "MINIO_SECRET_KEY")
 
-__all__ = ["Cluster", "wait_for"]
-
-
 def _flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes"}
-
-
-@dataclass(frozen=True)
-class Cluster:
-    """How tests reach the cluster."""
-
-    kubeconfig: Path
-    kubectl_path: Path
-    helm_path: Path | None
-    apiserver: str
-    dir: Path | None = None  # state directory of a local cluster; None for an existing cluster
-    env: dict[str, str] = field(default_factory=dict, repr=False)
-
-    def _run(self, binary: Path, args: tuple[str, ...], input: str | None, check: bool,
-             timeout: float) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run([str(binary), *args], input=input, capture_output=True, text=True,
-                                env=self.env, timeout=timeout)
-        if check and result.returncode != 0:
-            raise AssertionError(f"{binary.name} {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
-        return result
-
-    def kubectl(self, *args: str, input: str | None = None, check: bool = True,
-                timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        """Run kubectl against this cluster; raises on failure unless ``check=False``."""
-        return self._run(self.kubectl_path, args, input, check, timeout)
-
-    def helm(self, *args: str, input: str | None = None, check: bool = True,
-             timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        if self.helm_path is None:
-            pytest.skip("helm is not available")
-        return self._run(self.helm_path, args, input, check, timeout)
-
-    def get(self, *args: str) -> Any:
-        """``kubectl get ... -o json`` parsed."""
-        return json.loads(self.kubectl("get", *args, "-o", "json").stdout)
-
-    def apply(self, manifest: dict[str, Any] | list[dict[str, Any]], namespace: str | None = None) -> None:
-        docs = manifest if isinstance(manifest, list) else [manifest]
-        extra = ["-n", namespace] if namespace else []
-        self.kubectl("apply", *extra, "-f", "-", input=yaml.safe_dump_all(docs))
 
 
 def _existing_cluster() -> Cluster:

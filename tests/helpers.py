@@ -1,10 +1,19 @@
-"""Helpers shared by the test suites (importable as ``from helpers import wait_for``)."""
+"""Helpers shared by the test suites: ``from helpers import Cluster, wait_for``."""
 
 from __future__ import annotations
 
+import json
+import subprocess
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
 
 T = TypeVar("T")
 
@@ -28,3 +37,43 @@ def wait_for(predicate: Callable[[], T], timeout: float = 60.0, message: str = "
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {message}") from last_error
         time.sleep(interval)
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """How tests reach the cluster."""
+
+    kubeconfig: Path
+    kubectl_path: Path
+    helm_path: Path | None
+    apiserver: str
+    dir: Path | None = None  # state directory of a local cluster; None for an existing cluster
+    env: dict[str, str] = field(default_factory=dict, repr=False)
+
+    def _run(self, binary: Path, args: tuple[str, ...], input: str | None, check: bool,
+             timeout: float) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run([str(binary), *args], input=input, capture_output=True, text=True,
+                                env=self.env, timeout=timeout)
+        if check and result.returncode != 0:
+            raise AssertionError(f"{binary.name} {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
+        return result
+
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True,
+                timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """Run kubectl against this cluster; raises on failure unless ``check=False``."""
+        return self._run(self.kubectl_path, args, input, check, timeout)
+
+    def helm(self, *args: str, input: str | None = None, check: bool = True,
+             timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        if self.helm_path is None:
+            pytest.skip("helm is not available")
+        return self._run(self.helm_path, args, input, check, timeout)
+
+    def get(self, *args: str) -> Any:
+        """``kubectl get ... -o json`` parsed."""
+        return json.loads(self.kubectl("get", *args, "-o", "json").stdout)
+
+    def apply(self, manifest: dict[str, Any] | list[dict[str, Any]], namespace: str | None = None) -> None:
+        docs = manifest if isinstance(manifest, list) else [manifest]
+        extra = ["-n", namespace] if namespace else []
+        self.kubectl("apply", *extra, "-f", "-", input=yaml.safe_dump_all(docs))

@@ -1,0 +1,243 @@
+"""The local development cluster behaves like a real one for what KubeTune needs.
+
+Real kube-apiserver, controller-manager and scheduler; pods run by the local node agent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from helpers import REPO, Cluster, wait_for
+
+pytestmark = pytest.mark.e2e
+
+PYTHON_IMAGE = "kubetune/trainer:dev"  # any image runs in the repository's Python environment
+
+
+def job(name: str, script: str, *, backoff_limit: int = 0, **pod_spec: Any) -> dict[str, Any]:
+    """A batch/v1 Job running ``python -c script`` once."""
+    container = {"name": "main", "image": PYTHON_IMAGE, "command": ["python", "-c", script]}
+    container.update(pod_spec.pop("container", {}))
+    return {
+        "apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name},
+        "spec": {"backoffLimit": backoff_limit, "template": {
+            "spec": {"restartPolicy": "Never", "containers": [container], **pod_spec}}},
+    }
+
+
+def job_condition(cluster: Cluster, namespace: str, name: str) -> str | None:
+    """The job's terminal condition type (Complete or Failed) once it has one."""
+    status = cluster.get("job", name, "-n", namespace).get("status", {})
+    done = [c["type"] for c in status.get("conditions", [])
+            if c["type"] in ("Complete", "Failed") and c["status"] == "True"]
+    return done[0] if done else None
+
+
+def job_pods(cluster: Cluster, namespace: str, name: str) -> list[dict[str, Any]]:
+    pods: list[dict[str, Any]] = cluster.get("pods", "-n", namespace, "-l", f"job-name={name}")["items"]
+    return pods
+
+
+def terminated_state(pod: dict[str, Any]) -> dict[str, Any]:
+    state: dict[str, Any] = pod["status"]["containerStatuses"][0]["state"]["terminated"]
+    return state
+
+
+def test_gpu_job_with_configmap_secret_and_termination_message_completes(cluster: Cluster, namespace: str) -> None:
+    cluster.apply([
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "greeting"},
+         "data": {"message.txt": "hello"}},
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "credentials"},
+         "stringData": {"token": "s3cr3t"}},
+    ], namespace)
+    script = (
+        "import os\n"
+        "greeting = open('/etc/greeting/message.txt').read()\n"
+        "token = open('/etc/credentials/token').read()\n"
+        "assert os.environ['TOKEN'] == token, 'env from secretKeyRef differs from the mounted secret'\n"
+        "open('/dev/termination-log', 'w').write(f'{greeting} {token}')\n"
+    )
+    cluster.apply(job(
+        "gpu", script,
+        container={
+            "env": [{"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "credentials", "key": "token"}}}],
+            "resources": {"limits": {"nvidia.com/gpu": 1}},
+            "volumeMounts": [{"name": "greeting", "mountPath": "/etc/greeting"},
+                             {"name": "credentials", "mountPath": "/etc/credentials", "readOnly": True}],
+        },
+        volumes=[{"name": "greeting", "configMap": {"name": "greeting"}},
+                 {"name": "credentials", "secret": {"secretName": "credentials"}}],
+    ), namespace)
+
+    assert wait_for(lambda: job_condition(cluster, namespace, "gpu"), 90, "job gpu to finish") == "Complete"
+    [pod] = job_pods(cluster, namespace, "gpu")
+    terminated = terminated_state(pod)
+    assert terminated["exitCode"] == 0
+    assert terminated["reason"] == "Completed"
+    assert terminated["message"] == "hello s3cr3t"
+    assert pod["status"]["phase"] == "Succeeded"
+
+
+def test_pod_authenticates_with_its_projected_service_account_token(cluster: Cluster, namespace: str) -> None:
+    script = (
+        "from kubernetes import client, config\n"
+        "config.load_incluster_config()\n"
+        "review = client.AuthenticationV1Api().create_self_subject_review("
+        "{'apiVersion': 'authentication.k8s.io/v1', 'kind': 'SelfSubjectReview'})\n"
+        "open('/dev/termination-log', 'w').write(review.status.user_info.username)\n"
+    )
+    cluster.apply(job("whoami", script), namespace)
+
+    assert wait_for(lambda: job_condition(cluster, namespace, "whoami"), 90, "job whoami") == "Complete"
+    [pod] = job_pods(cluster, namespace, "whoami")
+    assert terminated_state(pod)["message"] == f"system:serviceaccount:{namespace}:default"
+
+
+def test_failing_job_fails_after_backoff_limit_retries(cluster: Cluster, namespace: str) -> None:
+    cluster.apply(job("exit3", "raise SystemExit(3)", backoff_limit=1), namespace)
+
+    assert wait_for(lambda: job_condition(cluster, namespace, "exit3"), 120, "job exit3 to fail") == "Failed"
+    pods = job_pods(cluster, namespace, "exit3")
+    assert len(pods) == 2
+    for pod in pods:
+        assert pod["status"]["phase"] == "Failed"
+        assert terminated_state(pod)["exitCode"] == 3
+        assert terminated_state(pod)["reason"] == "Error"
+
+
+def test_pod_requesting_more_gpus_than_the_node_has_is_unschedulable(cluster: Cluster, namespace: str) -> None:
+    gpus = int(cluster.get("node", "kubetune-local")["status"]["allocatable"]["nvidia.com/gpu"])
+    cluster.apply({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "greedy"},
+        "spec": {"containers": [{"name": "main", "image": PYTHON_IMAGE, "command": ["true"],
+                                 "resources": {"limits": {"nvidia.com/gpu": gpus + 1}}}]},
+    }, namespace)
+
+    def scheduled_condition() -> dict[str, Any] | None:
+        conditions = cluster.get("pod", "greedy", "-n", namespace).get("status", {}).get("conditions", [])
+        return next((c for c in conditions if c["type"] == "PodScheduled"), None)
+
+    condition = wait_for(scheduled_condition, 60, "the scheduler's verdict on pod greedy")
+    assert condition["status"] == "False"
+    assert condition["reason"] == "Unschedulable"
+    assert "nvidia.com/gpu" in condition["message"]
+    assert cluster.get("pod", "greedy", "-n", namespace)["status"]["phase"] == "Pending"
+
+
+@pytest.mark.parametrize("propagation", ["background", "foreground"])
+def test_deleting_a_running_job_stops_its_process_with_sigterm(
+    cluster: Cluster, namespace: str, tmp_path: Path, propagation: str
+) -> None:
+    script = (
+        "import os, signal, sys, time\n"
+        "def stop(signum, frame):\n"
+        "    open('/out/sigterm', 'w').write('received')\n"
+        "    sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        "open('/out/pid.tmp', 'w').write(str(os.getpid()))\n"
+        "os.rename('/out/pid.tmp', '/out/pid')\n"
+        "while True:\n"
+        "    time.sleep(0.1)\n"
+    )
+    grace_s = 20
+    cluster.apply(job(
+        "sleeper", script, terminationGracePeriodSeconds=grace_s,
+        container={"volumeMounts": [{"name": "out", "mountPath": "/out"}]},
+        volumes=[{"name": "out", "hostPath": {"path": str(tmp_path), "type": "Directory"}}],
+    ), namespace)
+    pid = int(wait_for(lambda: (tmp_path / "pid").exists() and (tmp_path / "pid").read_text(), 90,
+                       "the job's process to start"))
+
+    deleted_at = time.monotonic()
+    cluster.kubectl("delete", "job", "sleeper", "-n", namespace, f"--cascade={propagation}", "--wait=false")
+
+    wait_for(lambda: (tmp_path / "sigterm").exists(), grace_s, "SIGTERM to reach the process")
+    wait_for(lambda: not Path(f"/proc/{pid}").exists(), grace_s, "the process to exit")
+    assert time.monotonic() - deleted_at < grace_s
+    wait_for(lambda: not job_pods(cluster, namespace, "sleeper"), 60, "the pod to be deleted")
+
+
+def test_minio_stores_and_returns_an_object(minio_env: dict[str, str]) -> None:
+    import io
+
+    from minio import Minio
+
+    client = Minio(minio_env["MINIO_ENDPOINT"], access_key=minio_env["MINIO_ACCESS_KEY"],
+                   secret_key=minio_env["MINIO_SECRET_KEY"], secure=False)
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    client.make_bucket(bucket)
+    payload = b"adapter weights"
+    client.put_object(bucket, "run/adapter.bin", io.BytesIO(payload), len(payload))
+
+    response = client.get_object(bucket, "run/adapter.bin")
+    try:
+        assert response.read() == payload
+    finally:
+        response.close()
+        response.release_conn()
+
+
+def test_pvc_of_the_default_storage_class_is_bound_and_mounted(cluster: Cluster, namespace: str) -> None:
+    cluster.apply({
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "data"},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+    }, namespace)
+    cluster.apply(job(
+        "writer", "open('/data/out.txt', 'w').write('persisted')",
+        container={"volumeMounts": [{"name": "data", "mountPath": "/data"}]},
+        volumes=[{"name": "data", "persistentVolumeClaim": {"claimName": "data"}}],
+    ), namespace)
+
+    assert wait_for(lambda: job_condition(cluster, namespace, "writer"), 90, "job writer") == "Complete"
+    assert cluster.dir is not None
+    assert (cluster.dir / "pvs" / namespace / "data" / "out.txt").read_text() == "persisted"
+
+
+def marked_pids(state_dir: Path) -> list[int]:
+    """Live processes carrying the cluster's environment marker (everything `up` started)."""
+    marker = f"KUBETUNE_LOCAL_CLUSTER={state_dir}".encode()
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if marker in (proc / "environ").read_bytes().split(b"\0"):
+                    stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+                    if stat[0] != "Z":
+                        pids.append(int(proc.name))
+            except OSError:
+                continue
+    return pids
+
+
+def test_down_leaves_no_process_of_the_cluster_running(tmp_path: Path) -> None:
+    if os.environ.get("USE_EXISTING_CLUSTER", "").lower() == "true":
+        pytest.skip("starts its own throwaway cluster")
+    state_dir = tmp_path / "cluster"
+    cli = [sys.executable, str(REPO / "hack" / "cluster.py")]
+    try:
+        subprocess.run([*cli, "up", "--dir", str(state_dir)], check=True, capture_output=True, timeout=300)
+        state = json.loads((state_dir / "cluster.json").read_text())
+        kubectl = [state["kubectl"], "--kubeconfig", state["kubeconfig"]]
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "sleeper", "namespace": "default"},
+               "spec": {"containers": [{"name": "main", "image": PYTHON_IMAGE, "command": ["sleep", "3600"]}]}}
+        subprocess.run([*kubectl, "apply", "-f", "-"], input=json.dumps(pod), text=True, check=True,
+                       capture_output=True)
+        subprocess.run([*kubectl, "wait", "pod/sleeper", "--for=condition=Ready", "--timeout=90s"], check=True,
+                       capture_output=True)
+        started = [p["pid"] for p in state["processes"]]
+        assert len(marked_pids(state_dir)) > len(started)  # the pod's process is one of them
+    finally:
+        subprocess.run([*cli, "down", "--dir", str(state_dir)], check=True, capture_output=True, timeout=120)
+
+    assert marked_pids(state_dir) == []
+    assert not any(Path(f"/proc/{pid}").exists() for pid in started)
+    assert not (state_dir / "cluster.json").exists()
