@@ -1,0 +1,84 @@
+"""A killed run resumes from its newest complete checkpoint and ends where an uninterrupted run does."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from trainer_helpers import REPO, tiny_config
+
+pytestmark = pytest.mark.trainer
+
+STEPS = 40
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.01)
+
+
+def trainer_cmd(config: Path) -> list[str]:
+    return [sys.executable, "-m", "kubetune_trainer", "--config", str(config)]
+
+
+def test_killed_run_resumes_and_matches_an_uninterrupted_run(assets: Path, tmp_path: Path) -> None:
+    def config_for(name: str) -> Path:
+        # Dropout on, so the restored RNG state matters as much as the weights and the optimizer.
+        cfg = tiny_config(
+            assets, tmp_path / name,
+            training={"maxSteps": STEPS, "batchSize": 4, "checkpointEverySteps": 5, "evalEverySteps": 20},
+            lora={"r": 4, "alpha": 8, "dropout": 0.1},
+        )
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    env = {**os.environ, "KUBETUNE_TERMINATION_LOG": str(tmp_path / "termination-log")}
+    run_dir = tmp_path / "resumed" / "tiny"
+    first_marker = run_dir / "checkpoints" / "step-5" / "checkpoint.json"
+    with (tmp_path / "first.log").open("w") as log:
+        proc = subprocess.Popen(trainer_cmd(config_for("resumed")), stdout=subprocess.DEVNULL, stderr=log,
+                                env=env, cwd=REPO)
+        try:
+            wait_for(lambda: first_marker.exists() or proc.poll() is not None, 300, first_marker.name)
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "first.log").read_text()
+    assert not (run_dir / "manifest.json").exists(), "the run finished before it could be interrupted"
+    complete = sorted(int(p.parent.name[5:]) for p in run_dir.glob("checkpoints/step-*/checkpoint.json"))
+    assert complete and complete[-1] < STEPS
+
+    resumed = subprocess.run(trainer_cmd(config_for("resumed")), capture_output=True, text=True, timeout=600,
+                             env=env, cwd=REPO)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from step {complete[-1]} " in resumed.stderr
+    summary = json.loads((tmp_path / "termination-log").read_text())
+    assert summary["step"] == STEPS and summary["totalSteps"] == STEPS
+    assert summary["artifacts"]["location"] == str(run_dir)
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(STEPS + 1)), "metrics.jsonl has each step exactly once"
+
+    reference = subprocess.run(trainer_cmd(config_for("reference")), capture_output=True, text=True, timeout=600,
+                               env=env, cwd=REPO)
+    assert reference.returncode == 0, reference.stderr
+    assert "resuming" not in reference.stderr
+    got = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    want = load_file(str(tmp_path / "reference" / "tiny" / "adapter" / "adapter_model.safetensors"))
+    assert got.keys() == want.keys()
+    # Same seeded data order, restored optimizer/scheduler/RNG and the same CPU kernels: identical.
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
