@@ -27,6 +27,7 @@ import argparse
 import base64
 import contextlib
 import datetime as dt
+import fcntl
 import ipaddress
 import json
 import os
@@ -580,6 +581,8 @@ def _start_apiserver(binaries: Binaries, paths: Paths, state: State) -> None:
         # Endpoints may not hold a loopback address, so the `kubernetes` Service has none; pods
         # reach the apiserver through KUBERNETES_SERVICE_HOST=127.0.0.1 set by the node agent.
         "--endpoint-reconciler-type=none",
+        # `kubectl logs` reaches the node agent's logs endpoint on the node's InternalIP.
+        "--kubelet-preferred-address-types=InternalIP",
         "--profiling=false", "--event-ttl=1h",
     ], paths, state)
 
@@ -616,6 +619,7 @@ def _start_node_agent(paths: Paths, state: State, gpus: int) -> None:
         f"--kubeconfig={paths.kubeconfig}", f"--node-name={state.node}", f"--gpus={gpus}",
         f"--state-dir={paths.data / 'node-agent'}", f"--pod-log-dir={paths.logs / 'pods'}",
         f"--pv-dir={paths.pvs}",
+        f"--serving-cert={paths.pki / 'apiserver.crt'}", f"--serving-key={paths.pki / 'apiserver.key'}",
     ], paths, state, env={"PYTHONUNBUFFERED": "1"})
 
 
@@ -669,11 +673,13 @@ def cluster_status(paths: Paths) -> dict[str, Any]:
     return {"up": up, **asdict(state), "processes": processes}
 
 
-def iter_minio_env(paths: Paths) -> Iterator[tuple[str, str]]:
-    for line in paths.minio_env.read_text().splitlines():
-        if "=" in line:
-            key, value = line.split("=", 1)
-            yield key, value
+@contextlib.contextmanager
+def exclusive(lock_path: Path) -> Iterator[None]:
+    """Serialize up/down of one cluster directory (parallel test sessions may race)."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -690,10 +696,12 @@ def main(argv: list[str] | None = None) -> int:
     if env_flag("USE_EXISTING_CLUSTER") and args.command != "status":
         log("USE_EXISTING_CLUSTER=true: using the current kubeconfig's cluster; nothing to start or stop")
         return 0
-    if args.command == "up":
-        cluster_up(paths, args.gpus)
-    elif args.command == "down":
-        cluster_down(paths)
+    if args.command in ("up", "down"):
+        with exclusive(paths.root / ".lock"):
+            if args.command == "up":
+                cluster_up(paths, args.gpus)
+            else:
+                cluster_down(paths)
     else:
         status = cluster_status(paths)
         if args.json:

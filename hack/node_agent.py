@@ -19,12 +19,14 @@ What it does:
   IMAGE_ENTRYPOINTS for its image, or fails with a clear message;
 * reports pod phase, conditions and container statuses like a kubelet (restartPolicy Never,
   OnFailure, Always), honours graceful deletion (SIGTERM to the process group, grace period,
-  SIGKILL, final delete) and writes container logs to ``<pod-log-dir>/<ns>_<pod>_<container>.log``;
+  SIGKILL, final delete) and writes container logs to ``<pod-log-dir>/<ns>_<pod>_<container>.log``,
+  served to ``kubectl logs`` (with ``-f``) through the apiserver;
 * provisions PersistentVolumes for claims of its StorageClass ``kubetune-local`` (the default).
 
 Not supported: images and their filesystems, user/PID/network namespaces (pods share the host's
 loopback network; the pod IP is 127.0.0.1), resource limits, probes, lifecycle hooks, sidecar
-init containers, ephemeral containers, ``kubectl logs/exec/port-forward``, volume updates
+init containers, ephemeral containers, ``kubectl exec/attach/port-forward``, ``logs --previous``
+(restarts append to one file), Services/DNS, volume updates
 after start, securityContext (processes run as root), GPU device isolation.
 """
 
@@ -43,12 +45,15 @@ import shlex
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
 import time
 import traceback
+import urllib.parse
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -824,6 +829,8 @@ class Agent:
                          "pods": "110", "ephemeral-storage": "100Gi"}
         self.allocatable = dict(self.capacity)
         self.stopping = threading.Event()
+        self.log_server = LogServer(self, args.serving_cert, args.serving_key) if args.serving_cert else None
+        self.logs_port = self.log_server.server_address[1] if self.log_server else 0
         self.workers: dict[str, PodWorker] = {}
         self.finished: set[str] = set()
         self.lock = threading.Lock()
@@ -848,7 +855,7 @@ class Agent:
                 condition("Ready", "True", "KubeletReady", "kubetune node agent is posting ready status"),
             ],
             "addresses": [{"type": "InternalIP", "address": POD_IP}, {"type": "Hostname", "address": self.node_name}],
-            "daemonEndpoints": {"kubeletEndpoint": {"Port": 0}},
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": self.logs_port}},
             "nodeInfo": {
                 "machineID": "", "systemUUID": "", "bootID": "", "kernelVersion": os.uname().release,
                 "osImage": "kubetune local node agent (development only)",
@@ -920,6 +927,11 @@ class Agent:
             worker = PodWorker(self, pod)
             self.workers[uid] = worker
         worker.start()
+
+    def container_running(self, namespace: str, pod: str, container: str) -> bool:
+        with self.lock:
+            workers = [w for w in self.workers.values() if (w.namespace, w.pod_name) == (namespace, pod)]
+        return any(r.name == container and r.running for w in workers for r in w.runs + w.init_runs)
 
     def forget(self, pod: JSON) -> None:
         uid = pod["metadata"]["uid"]
@@ -1059,7 +1071,10 @@ class Agent:
         self.kill_leftovers()
         self.register_node()
         self.ensure_storage_class()
-        for target in (self.heartbeat_loop, self.watch_pods, self.provision_loop):
+        loops = [self.heartbeat_loop, self.watch_pods, self.provision_loop]
+        if self.log_server is not None:
+            loops.append(self.log_server.serve_forever)
+        for target in loops:
             threading.Thread(target=target, name=target.__name__, daemon=True).start()
         self.stopping.wait()
         log.info("stopping: terminating pods")
@@ -1069,6 +1084,79 @@ class Agent:
             worker.changed.set()
         for worker in workers:
             worker.join(timeout=5)
+
+
+# --------------------------------------------------------------------------------------------
+# `kubectl logs`: the kubelet's /containerLogs endpoint, which the apiserver proxies to
+
+
+class LogServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, agent: Agent, cert: Path, key: Path) -> None:
+        super().__init__(("127.0.0.1", 0), LogHandler)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(str(cert), str(key))
+        self.socket = context.wrap_socket(self.socket, server_side=True)
+        self.agent = agent
+
+
+class LogHandler(BaseHTTPRequestHandler):
+    """Serves container log files; no authentication (loopback only, development only)."""
+
+    server: LogServer
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug(format, *args)
+
+    def do_GET(self) -> None:
+        url = urllib.parse.urlsplit(self.path)
+        parts = url.path.strip("/").split("/")
+        if parts == ["healthz"]:
+            self.reply(200, b"ok")
+            return
+        if len(parts) != 4 or parts[0] != "containerLogs":
+            self.reply(404, b"not found")
+            return
+        namespace, pod, container = parts[1:]
+        path = self.server.agent.pod_log_dir / f"{namespace}_{pod}_{container}.log"
+        if not path.exists():
+            self.reply(404, f"no logs for container {container} of pod {namespace}/{pod}".encode())
+            return
+        query = urllib.parse.parse_qs(url.query)
+        data = path.read_bytes()
+        if "tailLines" in query:
+            lines = data.splitlines(keepends=True)
+            data = b"".join(lines[-int(query["tailLines"][0]):]) if int(query["tailLines"][0]) else b""
+        if "limitBytes" in query:
+            data = data[: int(query["limitBytes"][0])]
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.end_headers()
+        self.wfile.write(data)
+        if query.get("follow", ["false"])[0] == "true":
+            self.follow(path, path.stat().st_size, namespace, pod, container)
+
+    def follow(self, path: Path, offset: int, namespace: str, pod: str, container: str) -> None:
+        with contextlib.suppress(OSError), path.open("rb") as handle:
+            handle.seek(offset)
+            while True:
+                chunk = handle.read(65536)
+                if chunk:
+                    self.wfile.write(chunk)
+                    self.wfile.flush()
+                elif not self.server.agent.container_running(namespace, pod, container):
+                    self.wfile.write(handle.read())
+                    return
+                else:
+                    time.sleep(POLL_S)
+
+    def reply(self, code: int, body: bytes) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -1081,6 +1169,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--state-dir", type=Path, required=True)
     parser.add_argument("--pod-log-dir", type=Path, required=True)
     parser.add_argument("--pv-dir", type=Path, required=True)
+    parser.add_argument("--serving-cert", type=Path, help="TLS certificate of the logs endpoint")
+    parser.add_argument("--serving-key", type=Path)
     parser.add_argument("--venv-bin", type=Path, default=REPO / ".venv" / "bin",
                         help="put first on PATH of every container: the image stand-in")
     return parser.parse_args(argv)
