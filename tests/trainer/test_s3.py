@@ -1,0 +1,108 @@
+"""Through a real MinIO: data and backbone read from s3://, outputs written there, manifest last."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+from typing import Any
+
+import pytest
+from trainer_helpers import make_config
+
+from kubetune_trainer import artifacts
+from kubetune_trainer.artifacts import IncompleteRun, S3Store, verify_manifest
+from kubetune_trainer.config import StorageSpec
+from kubetune_trainer.report import Reporter
+from kubetune_trainer.train import Trainer
+
+pytestmark = pytest.mark.trainer
+
+
+@pytest.fixture
+def bucket(minio_env: dict[str, str], assets: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """A fresh bucket holding the tiny backbone under ``models/tiny/`` and the data under ``data/``."""
+    from minio import Minio
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", minio_env["MINIO_ACCESS_KEY"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", minio_env["MINIO_SECRET_KEY"])
+    client = Minio(minio_env["MINIO_ENDPOINT"], access_key=minio_env["MINIO_ACCESS_KEY"],
+                   secret_key=minio_env["MINIO_SECRET_KEY"], secure=False)
+    name = f"trainer-{secrets.token_hex(4)}"
+    client.make_bucket(name)
+    for path in (assets / "backbone").iterdir():
+        client.fput_object(name, f"models/tiny/{path.name}", str(path))
+    for path in (assets / "data").iterdir():
+        client.fput_object(name, f"data/{path.name}", str(path))
+    storage = {"endpoint": minio_env["MINIO_ENDPOINT"], "insecure": True}
+    return {"name": name, "client": client, "storage": storage}
+
+
+def s3_config(assets: Path, bucket: dict[str, Any], steps: int = 12) -> Any:
+    name = bucket["name"]
+    return make_config(
+        assets, f"s3://{name}/runs",
+        model={"source": f"s3://{name}/models/tiny"},
+        dataset={"train": f"s3://{name}/data/train.jsonl", "validation": f"s3://{name}/data/validation.jsonl"},
+        training={"maxSteps": steps, "checkpointEverySteps": 5, "evalEverySteps": 5},
+        storage=bucket["storage"],
+    )
+
+
+def test_s3_data_in_s3_artifacts_out_manifest_last(
+    assets: Path, bucket: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uploads: list[str] = []
+    original = S3Store.put_file
+
+    def recording_put(self: S3Store, local: Path, key: str) -> None:
+        original(self, local, key)
+        uploads.append(key)
+
+    monkeypatch.setattr(S3Store, "put_file", recording_put)
+    result = Trainer(s3_config(assets, bucket), Reporter(tmp_path / "metrics.jsonl")).run()
+
+    location = f"s3://{bucket['name']}/runs/tiny"
+    assert result.summary["artifacts"]["location"] == location
+    assert result.summary["artifacts"]["manifest"] == f"{location}/manifest.json"
+    assert uploads[-1] == "manifest.json" and uploads.count("manifest.json") == 1
+    manifest = verify_manifest(location, StorageSpec.model_validate(bucket["storage"]))
+    published = {f["path"] for f in manifest["files"]}
+    assert {"adapter/adapter_model.safetensors", "metrics.jsonl", "README.md", "loss.png",
+            "predictions.jsonl", "trainer_config.json"} <= published
+    final_uploads = uploads[uploads.index(sorted(published)[0]):]
+    assert set(final_uploads[:-1]) == published, "every listed file was uploaded before the manifest"
+    assert result.summary["artifacts"]["files"] == len(published)
+    # Checkpoint 12 (final) and 10 kept; 5 pruned (keepCheckpoints=2).
+    store = S3Store(location, StorageSpec.model_validate(bucket["storage"]))
+    markers = [k for k in store.list("checkpoints/") if k.endswith("checkpoint.json")]
+    assert markers == ["checkpoints/step-10/checkpoint.json", "checkpoints/step-12/checkpoint.json"]
+
+
+def test_interrupted_upload_leaves_no_manifest(
+    assets: Path, bucket: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = S3Store.put_file
+
+    def failing_put(self: S3Store, local: Path, key: str) -> None:
+        if key == "loss.png":
+            raise ConnectionError("connection reset while uploading loss.png")
+        original(self, local, key)
+
+    monkeypatch.setattr(S3Store, "put_file", failing_put)
+    with pytest.raises(ConnectionError):
+        Trainer(s3_config(assets, bucket, steps=5), Reporter(tmp_path / "metrics.jsonl")).run()
+    location = f"s3://{bucket['name']}/runs/tiny"
+    store = S3Store(location, StorageSpec.model_validate(bucket["storage"]))
+    assert "adapter/adapter_model.safetensors" in store.list("adapter/")
+    assert store.list(artifacts.MANIFEST) == []
+    with pytest.raises(IncompleteRun, match="no manifest.json"):
+        verify_manifest(location, StorageSpec.model_validate(bucket["storage"]))
+
+
+def test_missing_bucket_is_a_source_error(assets: Path, bucket: dict[str, Any]) -> None:
+    from kubetune_trainer.errors import SourceUnavailable
+
+    config = s3_config(assets, bucket)
+    config.dataset.train = f"s3://{bucket['name']}/data/nope.jsonl"
+    with pytest.raises(SourceUnavailable, match="nope.jsonl"):
+        Trainer(config).run()
