@@ -95,7 +95,7 @@ def test_interrupted_upload_leaves_no_manifest(
     store = S3Store(location, StorageSpec.model_validate(bucket["storage"]))
     assert "adapter/adapter_model.safetensors" in store.list("adapter/")
     assert store.list(artifacts.MANIFEST) == []
-    with pytest.raises(IncompleteRun, match="no manifest.json"):
+    with pytest.raises(IncompleteRun, match=r"no manifest\.json"):
         verify_manifest(location, StorageSpec.model_validate(bucket["storage"]))
 
 
@@ -104,5 +104,5 @@ def test_missing_bucket_is_a_source_error(assets: Path, bucket: dict[str, Any]) 
 
     config = s3_config(assets, bucket)
     config.dataset.train = f"s3://{bucket['name']}/data/nope.jsonl"
-    with pytest.raises(SourceUnavailable, match="nope.jsonl"):
+    with pytest.raises(SourceUnavailable, match=r"nope\.jsonl"):
         Trainer(config).run()

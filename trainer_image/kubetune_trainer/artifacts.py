@@ -153,7 +153,7 @@ def publish(
     """
     if MANIFEST in store.list(MANIFEST):
         store.delete(MANIFEST)
-    files = []
+    files: list[dict[str, Any]] = []
     for path in sorted(p for p in staging.rglob("*") if p.is_file()):
         key = path.relative_to(staging).as_posix()
         if key == MANIFEST:

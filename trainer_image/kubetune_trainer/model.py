@@ -49,9 +49,9 @@ def resolve_precision(name: str, dev: torch.device) -> Precision:
 def quantization_config(quantization: str, compute_dtype: torch.dtype) -> BitsAndBytesConfig | None:
     """bitsandbytes settings: int8 (LLM.int8), int4 (nf4 with double quantization), or none."""
     if quantization == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True)  # type: ignore[no-untyped-call]
     if quantization == "int4":
-        return BitsAndBytesConfig(
+        return BitsAndBytesConfig(  # type: ignore[no-untyped-call]
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
@@ -81,7 +81,7 @@ def load_base(path: Path, config: TrainerConfig, precision: Precision, dev: torc
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = {"": dev.index if dev.type == "cuda" else "cpu"}
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        model: Any = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError) as err:
         raise InvalidInput(f"{config.model.source}: cannot load as a causal language model: {err}") from err
     if quant is None:
@@ -102,7 +102,7 @@ def load_model(path: Path, config: TrainerConfig, precision: Precision, dev: tor
     if config.quantization != "none":
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(
+        model = prepare_model_for_kbit_training(  # type: ignore[no-untyped-call]
             model, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs=ckpt_kwargs
         )
     elif checkpointing:

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import artifacts, data, model as model_lib, sources
+from . import artifacts, data, sources
+from . import model as model_lib
 from .config import TrainerConfig
 from .errors import InvalidInput
 from .report import Reporter
@@ -91,9 +92,9 @@ def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weigh
     import bitsandbytes as bnb
 
     cls = {
-        "adamw_8bit": bnb.optim.AdamW8bit,
-        "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
-        "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
+        "adamw_8bit": bnb.optim.AdamW8bit,  # type: ignore[attr-defined]
+        "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,  # type: ignore[attr-defined]
+        "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,  # type: ignore[attr-defined]
     }[name]
     return cls(params, lr=lr, weight_decay=weight_decay)
 
