@@ -1,0 +1,84 @@
+"""Progress reports: stdout always, pushes best effort with a bearer token, summary within 4 KiB."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kubetune_trainer.report import SUMMARY_MAX_BYTES, Reporter, encode_summary, write_termination_message
+
+pytestmark = pytest.mark.trainer
+
+
+@pytest.fixture
+def receiver() -> Iterator[tuple[str, list[tuple[str, dict[str, Any]]]]]:
+    """A local HTTP endpoint recording (Authorization header, JSON body) of each POST."""
+    received: list[tuple[str, dict[str, Any]]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append((self.headers.get("Authorization", ""), json.loads(body)))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}/report", received
+    server.shutdown()
+    server.server_close()
+
+
+def test_events_go_to_stdout_metrics_and_the_report_url(
+    receiver: tuple[str, list[tuple[str, dict[str, Any]]]], tmp_path: Path
+) -> None:
+    url, received = receiver
+    out = io.StringIO()
+    reporter = Reporter(tmp_path / "metrics.jsonl", url=url, token="s3cr3t", stream=out)
+    for step in range(3):
+        reporter.emit({"type": "progress", "step": step, "loss": 1.0 / (step + 1)})
+    reporter.close()
+    assert [json.loads(line)["step"] for line in out.getvalue().splitlines()] == [0, 1, 2]
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3
+    assert [body["step"] for _, body in received] == [0, 1, 2]
+    assert {auth for auth, _ in received} == {"Bearer s3cr3t"}
+
+
+def test_an_unreachable_operator_never_blocks_training(tmp_path: Path) -> None:
+    # A port nothing listens on: every push fails, emit() must still return at once.
+    reporter = Reporter(tmp_path / "metrics.jsonl", url="http://127.0.0.1:9/report", stream=io.StringIO())
+    started = time.monotonic()
+    for step in range(500):
+        reporter.emit({"type": "progress", "step": step})
+    assert time.monotonic() - started < 5
+    reporter.close(timeout=1)
+    assert reporter.sent == 0
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 500
+
+
+def test_summary_fits_in_a_termination_message() -> None:
+    summary = {"error": "x" * 10_000, "exitCode": 1, "step": 3, "totalSteps": 10}
+    encoded = encode_summary(summary)
+    assert len(encoded.encode()) <= SUMMARY_MAX_BYTES
+    decoded = json.loads(encoded)
+    assert decoded["exitCode"] == 1 and decoded["step"] == 3 and decoded["error"].startswith("xxx")
+    small = {"step": 1, "metrics": {"trainLoss": 0.5}, "artifacts": {"location": "s3://b/r", "files": 3}}
+    assert json.loads(encode_summary(small)) == small
+
+
+def test_termination_message_goes_to_the_configured_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KUBETUNE_TERMINATION_LOG", str(tmp_path / "termination-log"))
+    write_termination_message({"step": 5, "totalSteps": 5})
+    assert json.loads((tmp_path / "termination-log").read_text()) == {"step": 5, "totalSteps": 5}
