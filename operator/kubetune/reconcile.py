@@ -76,6 +76,8 @@ class Reconciler:
         warn = phase == "Failed" or reason in PROBLEM_REASONS
         event_reason = reason if phase == "Pending" else EVENT_REASONS.get(phase, reason)
         message = str(new.get("message") or phase)
+        if phase == "Failed":
+            message = f"{reason}: {message}"
         if phase == "Succeeded" and (new.get("metrics") or {}).get("evalLoss") is not None:
             message = f"training finished; final eval loss {new['metrics']['evalLoss']:.4f}"
         self.kube.event(ftj, "Warning" if warn else "Normal", event_reason, message)

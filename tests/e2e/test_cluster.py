@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -161,7 +162,7 @@ def test_deleting_a_running_job_stops_its_process_with_sigterm(
     cluster.kubectl("delete", "job", "sleeper", "-n", namespace, f"--cascade={propagation}", "--wait=false")
 
     wait_for(lambda: (tmp_path / "sigterm").exists(), grace_s, "SIGTERM to reach the process")
-    wait_for(lambda: not Path(f"/proc/{pid}").exists(), grace_s, "the process to exit")
+    wait_for(lambda: not running(pid), grace_s, "the process to exit")
     assert time.monotonic() - deleted_at < grace_s
     wait_for(lambda: not job_pods(cluster, namespace, "sleeper"), 60, "the pod to be deleted")
 
@@ -202,20 +203,25 @@ def test_pvc_of_the_default_storage_class_is_bound_and_mounted(cluster: Cluster,
     assert (cluster.dir / "pvs" / namespace / "data" / "out.txt").read_text() == "persisted"
 
 
+def running(pid: int) -> bool:
+    """Whether a process exists and is not a zombie waiting to be reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def marked_pids(state_dir: Path) -> list[int]:
-    """Live processes carrying the cluster's environment marker (everything `up` started)."""
+    """Running processes carrying the cluster's environment marker (everything `up` started)."""
     marker = f"KUBETUNE_LOCAL_CLUSTER={state_dir}".encode()
     pids = []
     for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                if marker in (proc / "environ").read_bytes().split(b"\0"):
-                    stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
-                    if stat[0] != "Z":
-                        pids.append(int(proc.name))
-            except OSError:
-                continue
-    return pids
+        try:
+            if proc.name.isdigit() and marker in (proc / "environ").read_bytes().split(b"\0"):
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return [pid for pid in pids if running(pid)]
 
 
 def test_down_leaves_no_process_of_the_cluster_running(tmp_path: Path) -> None:
@@ -239,5 +245,8 @@ def test_down_leaves_no_process_of_the_cluster_running(tmp_path: Path) -> None:
         subprocess.run([*cli, "down", "--dir", str(state_dir)], check=True, capture_output=True, timeout=120)
 
     assert marked_pids(state_dir) == []
-    assert not any(Path(f"/proc/{pid}").exists() for pid in started)
+    assert not any(running(pid) for pid in started)
     assert not (state_dir / "cluster.json").exists()
+    for port in state["ports"].values():
+        with socket.socket() as probe:
+            assert probe.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still accepts connections"

@@ -1,0 +1,98 @@
+"""Fixtures for operator e2e tests: the CRD installed once, an operator process per test."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from helpers import wait_for
+
+Cluster = Any  # tests/conftest.py's Cluster (conftest modules are not importable by name)
+REPO = Path(__file__).resolve().parents[2]
+FAKE_TRAINER = Path(__file__).parent / "fake_trainer.py"
+CRD_FILE = REPO / "crds" / "finetunejobs.kubetune.io.yaml"
+
+
+@pytest.fixture(scope="session")
+def crd(cluster: Cluster) -> None:
+    """The FineTuneJob CRD, applied once per session and Established."""
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_FILE))
+    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/finetunejobs.kubetune.io")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class Operator:
+    """`kubetune operator --namespace NS` as a child process, with the settings a test chooses."""
+
+    def __init__(self, cluster: Cluster, namespace: str, log_dir: Path, env: dict[str, str]) -> None:
+        self.cluster, self.namespace, self.log_dir, self.extra_env = cluster, namespace, log_dir, env
+        self.process: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def start(self) -> Operator:
+        port = free_port()
+        env = {
+            **self.cluster.env,
+            "KUBETUNE_RESYNC_SECONDS": "5",
+            "KUBETUNE_LIVENESS_ENDPOINT": f"http://127.0.0.1:{port}/healthz",
+            **self.extra_env,
+        }
+        self.starts += 1
+        log = (self.log_dir / f"operator-{self.starts}.log").open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "kubetune", "operator", "--namespace", self.namespace],
+            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+        )
+
+        def healthy() -> bool:
+            assert self.process is not None and self.process.poll() is None, "operator exited"
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:
+                return bool(response.status == 200)
+
+        wait_for(healthy, timeout=60, message="operator liveness endpoint")
+        return self
+
+    def stop(self, kill: bool = False) -> None:
+        """Stop the operator: SIGKILL (a crash) or SIGTERM (a clean shutdown)."""
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+            self.process.wait(timeout=30)
+        self.process = None
+
+    def logs(self) -> str:
+        return "\n".join(p.read_text(errors="replace") for p in sorted(self.log_dir.glob("operator-*.log")))
+
+
+@pytest.fixture
+def operator_env() -> dict[str, str]:
+    """Operator settings for a test; by default the TEST DOUBLE trainer (tests/e2e/fake_trainer.py)."""
+    return {"KUBETUNE_TRAINER_COMMAND": json.dumps(["python", str(FAKE_TRAINER)])}
+
+
+@pytest.fixture
+def operator(cluster: Cluster, crd: None, namespace: str, operator_env: dict[str, str],
+             tmp_path: Path) -> Iterator[Operator]:
+    """A running operator that watches only this test's namespace."""
+    running = Operator(cluster, namespace, tmp_path, operator_env).start()
+    try:
+        yield running
+    finally:
+        running.stop()
+        if os.environ.get("KUBETUNE_SHOW_OPERATOR_LOGS"):
+            print(running.logs())

@@ -1,0 +1,52 @@
+"""Helpers for operator e2e tests: FineTuneJob manifests and waits on their status."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from helpers import wait_for
+
+Cluster = Any  # tests/conftest.py's Cluster
+
+
+def finetunejob(name: str, **spec: Any) -> dict[str, Any]:
+    """A small valid FineTuneJob; keyword arguments replace spec sections."""
+    body: dict[str, Any] = {
+        "model": {"source": "s3://models/tiny/"},
+        "dataset": {"train": "s3://data/train.jsonl"},
+        "training": {"maxSteps": 10},
+        "output": {"location": "s3://runs/"},
+        "resources": {"gpus": 1, "sharedMemory": "64Mi"},
+        "backoffLimit": 0,
+    }
+    body.update(spec)
+    return {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name}, "spec": body}
+
+
+def ftj(cluster: Cluster, namespace: str, name: str) -> dict[str, Any]:
+    result: dict[str, Any] = cluster.get("finetunejob", name, "-n", namespace)
+    return result
+
+
+def wait_phase(cluster: Cluster, namespace: str, name: str, phase: str, timeout: float = 120,
+               reason: str | None = None) -> dict[str, Any]:
+    """Wait until the FineTuneJob reaches a phase (and reason); return its status."""
+
+    def reached() -> dict[str, Any] | None:
+        status: dict[str, Any] = ftj(cluster, namespace, name).get("status") or {}
+        if status.get("phase") == phase and (reason is None or status.get("reason") == reason):
+            return status
+        return None
+
+    return wait_for(reached, timeout=timeout, message=f"{namespace}/{name} phase {phase} {reason or ''}")
+
+
+def events(cluster: Cluster, namespace: str, name: str) -> list[dict[str, Any]]:
+    """Events posted on a FineTuneJob, oldest first."""
+    found = cluster.get("events", "-n", namespace, "--field-selector",
+                        f"involvedObject.kind=FineTuneJob,involvedObject.name={name}")["items"]
+    return sorted(found, key=lambda e: e.get("firstTimestamp") or "")
+
+
+def event_reasons(cluster: Cluster, namespace: str, name: str) -> list[str]:
+    return [e["reason"] for e in events(cluster, namespace, name)]

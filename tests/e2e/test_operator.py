@@ -1,0 +1,183 @@
+"""Operator core on the local cluster: FineTuneJob → Job → pod on the GPU node → status.
+
+These tests exercise the lifecycle with the TEST DOUBLE trainer (tests/e2e/fake_trainer.py);
+the real trainer runs in test_quickstart.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from operator_helpers import event_reasons, events, finetunejob, ftj, wait_phase
+
+from helpers import wait_for
+
+pytestmark = pytest.mark.e2e
+
+
+def env(**values: str) -> list[dict[str, str]]:
+    return [{"name": k, "value": v} for k, v in values.items()]
+
+
+def test_job_runs_on_the_gpu_node_and_succeeds(cluster: Any, namespace: str, operator: Any) -> None:
+    cluster.apply(finetunejob("ok", resources={"gpus": 1, "sharedMemory": "64Mi"}), namespace)
+    status = wait_phase(cluster, namespace, "ok", "Succeeded")
+
+    job = cluster.get("job", "ok-trainer", "-n", namespace)
+    pod_spec = job["spec"]["template"]["spec"]
+    assert pod_spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert job["metadata"]["ownerReferences"][0]["kind"] == "FineTuneJob"
+    assert job["spec"]["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"] == [3]
+    pod = cluster.get("pods", "-n", namespace, "-l", "batch.kubernetes.io/job-name=ok-trainer")["items"][0]
+    assert pod["spec"]["nodeName"] == "kubetune-local"
+
+    assert status["jobName"] == "ok-trainer" and status["attempts"] == 1
+    assert status["startTime"] <= status["completionTime"]
+    assert status["metrics"]["evalLoss"] == 0.5 and status["progress"]["percent"] == 100
+    assert status["artifacts"]["location"] == f"s3://runs/{namespace}/ok/"
+    assert {c["type"]: c["status"] for c in status["conditions"]} == {
+        "Ready": "True", "Reconciling": "False", "Stalled": "False"}
+    assert status["observedGeneration"] == ftj(cluster, namespace, "ok")["metadata"]["generation"]
+    wait_for(lambda: {"Created", "Succeeded"} <= set(event_reasons(cluster, namespace, "ok")),
+             timeout=30, message="Created and Succeeded events")
+
+
+def test_invalid_input_fails_at_once_with_the_trainer_message(cluster: Any, namespace: str, operator: Any) -> None:
+    message = "s3://data/train.jsonl: missing column 'answer' (columns: prompt, output)"
+    cluster.apply(finetunejob("bad-data", backoffLimit=3, env=env(FAKE_EXIT_CODE="3", FAKE_MESSAGE=message)),
+                  namespace)
+    status = wait_phase(cluster, namespace, "bad-data", "Failed")
+    assert status["reason"] == "InvalidInput"
+    assert message in status["message"]
+    assert status["attempts"] == 1, "invalid input must not be retried"
+    wait_for(lambda: "Failed" in event_reasons(cluster, namespace, "bad-data"), timeout=30, message="Failed event")
+
+
+def test_generic_failure_is_retried_up_to_backoff_limit(cluster: Any, namespace: str, operator: Any,
+                                                        tmp_path: Path) -> None:
+    started = tmp_path / "started"
+    cluster.apply(finetunejob("flaky", backoffLimit=1,
+                              env=env(FAKE_EXIT_CODE="1", FAKE_MESSAGE="CUDA error", FAKE_STARTED=str(started))),
+                  namespace)
+    status = wait_phase(cluster, namespace, "flaky", "Failed", timeout=180)
+    assert status["reason"] == "BackoffLimitExceeded"
+    assert status["attempts"] == 2
+    assert "CUDA error" in status["message"]
+    assert len(started.read_text().splitlines()) == 2
+
+
+def test_too_many_gpus_waits_with_the_scheduler_message(cluster: Any, namespace: str, operator: Any) -> None:
+    cluster.apply(finetunejob("greedy", resources={"gpus": 64, "sharedMemory": "64Mi"}), namespace)
+    status = wait_phase(cluster, namespace, "greedy", "Pending", reason="Unschedulable")
+    assert "nvidia.com/gpu" in status["message"]
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["Reconciling"]["status"] == "True" and conditions["Ready"]["status"] == "False"
+
+
+def test_suspend_and_resume(cluster: Any, namespace: str, operator: Any, tmp_path: Path) -> None:
+    release = tmp_path / "release"
+    started = tmp_path / "started"
+    cluster.apply(finetunejob("pausable", env=env(FAKE_WAIT_FOR=str(release), FAKE_STARTED=str(started))),
+                  namespace)
+    wait_phase(cluster, namespace, "pausable", "Running")
+
+    cluster.kubectl("patch", "ftj", "pausable", "-n", namespace, "--type=merge", "-p", '{"spec":{"suspend":true}}')
+    wait_phase(cluster, namespace, "pausable", "Suspended")
+    assert cluster.get("job", "pausable-trainer", "-n", namespace)["spec"]["suspend"] is True
+    wait_for(lambda: not cluster.get("pods", "-n", namespace, "-l",
+                                     "batch.kubernetes.io/job-name=pausable-trainer")["items"],
+             timeout=60, message="pods of the suspended job to go away")
+
+    release.touch()
+    cluster.kubectl("patch", "ftj", "pausable", "-n", namespace, "--type=merge", "-p", '{"spec":{"suspend":false}}')
+    wait_phase(cluster, namespace, "pausable", "Succeeded")
+    assert len(started.read_text().splitlines()) == 2
+    wait_for(lambda: {"Suspended", "Resumed"} <= set(event_reasons(cluster, namespace, "pausable")),
+             timeout=30, message="Suspended and Resumed events")
+
+
+def test_operator_killed_mid_run_adopts_the_job(cluster: Any, namespace: str, operator: Any,
+                                                tmp_path: Path) -> None:
+    release = tmp_path / "release"
+    cluster.apply(finetunejob("survivor", env=env(FAKE_WAIT_FOR=str(release))), namespace)
+    wait_phase(cluster, namespace, "survivor", "Running")
+
+    operator.stop(kill=True)
+    release.touch()
+    wait_for(lambda: cluster.get("job", "survivor-trainer", "-n", namespace)["status"].get("succeeded"),
+             timeout=120, message="the Job to complete while the operator is down")
+    assert ftj(cluster, namespace, "survivor")["status"]["phase"] == "Running"
+
+    operator.start()
+    status = wait_phase(cluster, namespace, "survivor", "Succeeded")
+    assert status["attempts"] == 1
+    jobs = cluster.get("jobs", "-n", namespace)["items"]
+    assert [j["metadata"]["name"] for j in jobs] == ["survivor-trainer"]
+
+
+def test_operator_restarted_before_the_job_exists_creates_one_job(cluster: Any, namespace: str,
+                                                                   operator: Any) -> None:
+    operator.stop(kill=True)
+    cluster.apply(finetunejob("late"), namespace)
+    operator.start()
+    operator.stop(kill=True)
+    operator.start()
+    wait_phase(cluster, namespace, "late", "Succeeded")
+    assert len(cluster.get("jobs", "-n", namespace)["items"]) == 1
+
+
+def test_schema_valid_but_invalid_spec_fails_with_invalid_spec(cluster: Any, namespace: str,
+                                                                operator: Any) -> None:
+    cluster.apply(finetunejob("wrong-scheme", model={"source": "gs://bucket/model"}), namespace)
+    status = wait_phase(cluster, namespace, "wrong-scheme", "Failed")
+    assert status["reason"] == "InvalidSpec"
+    assert "spec.model.source" in status["message"] and "unknown scheme" in status["message"]
+    assert cluster.get("jobs", "-n", namespace)["items"] == []
+    wait_for(lambda: any(e["reason"] == "Failed" and e["message"].startswith("InvalidSpec: spec.model.source")
+                         for e in events(cluster, namespace, "wrong-scheme")),
+             timeout=30, message="a Failed event naming InvalidSpec and the field")
+
+
+def test_missing_secret_waits_then_proceeds(cluster: Any, namespace: str, operator: Any) -> None:
+    cluster.apply(finetunejob("needs-creds", storage={"secretRef": {"name": "s3-creds"}}), namespace)
+    status = wait_phase(cluster, namespace, "needs-creds", "Pending", reason="MissingDependency")
+    assert "Secret s3-creds" in status["message"]
+    assert cluster.get("jobs", "-n", namespace)["items"] == []
+
+    cluster.kubectl("create", "secret", "generic", "s3-creds", "-n", namespace,
+                    "--from-literal=AWS_ACCESS_KEY_ID=id", "--from-literal=AWS_SECRET_ACCESS_KEY=key")
+    wait_phase(cluster, namespace, "needs-creds", "Succeeded", timeout=180)
+    logs = operator.logs()
+    assert "AWS_SECRET_ACCESS_KEY=key" not in logs and "key\n" not in logs
+
+
+def test_delete_removes_job_pods_and_config(cluster: Any, namespace: str, operator: Any, tmp_path: Path) -> None:
+    cluster.apply(finetunejob("doomed", env=env(FAKE_WAIT_FOR=str(tmp_path / "never"))), namespace)
+    wait_phase(cluster, namespace, "doomed", "Running")
+    cluster.kubectl("delete", "ftj", "doomed", "-n", namespace, "--wait=true", "--timeout=60s")
+
+    def children() -> list[str]:
+        found = []
+        for kind in ("jobs", "pods", "configmaps"):
+            items = cluster.get(kind, "-n", namespace, "-l", "kubetune.io/job=doomed")["items"]
+            found += [f"{kind}/{i['metadata']['name']}" for i in items]
+        return found
+
+    wait_for(lambda: children() == [], timeout=120, message="children to be garbage-collected")
+
+
+def test_ttl_removes_children_and_keeps_the_status(cluster: Any, namespace: str, operator: Any) -> None:
+    cluster.apply(finetunejob("short-lived", ttlSecondsAfterFinished=0), namespace)
+    wait_phase(cluster, namespace, "short-lived", "Succeeded")
+    wait_for(lambda: cluster.get("jobs,configmaps", "-n", namespace, "-l", "kubetune.io/job=short-lived")["items"]
+             == [], timeout=120, message="Job and ConfigMap removed after the TTL")
+    status = ftj(cluster, namespace, "short-lived")["status"]
+    assert status["phase"] == "Succeeded" and status["metrics"]["evalLoss"] == 0.5
+
+
+def test_restricted_pod_security_accepts_the_training_pod(cluster: Any, namespace: str, operator: Any) -> None:
+    cluster.kubectl("label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted")
+    cluster.apply(finetunejob("restricted"), namespace)
+    wait_phase(cluster, namespace, "restricted", "Succeeded")
