@@ -185,9 +185,7 @@ class LoraSpec(Section):
     """Adapter scaling (alpha / r multiplies the update)."""
     dropout: float = Field(default=0.05, ge=0, lt=1)
     """Dropout on the adapter input."""
-    target_modules: list[str] = Field(
-        default_factory=lambda: ["all-linear"], min_length=1, max_length=64
-    )
+    target_modules: list[str] = Field(default=["all-linear"], min_length=1, max_length=64)
     """Modules that get adapters: ["all-linear"] or module names such as q_proj, v_proj."""
 
     @field_validator("target_modules")

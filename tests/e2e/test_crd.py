@@ -1,0 +1,59 @@
+"""The generated CRD on a real API server: accepted, documented, and enforcing its rules at apply."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import yaml
+from operator_helpers import finetunejob
+
+pytestmark = pytest.mark.e2e
+
+
+def apply(cluster: Any, namespace: str, manifest: dict[str, Any]) -> Any:
+    return cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(manifest), check=False)
+
+
+def test_explain_shows_the_field_docs(cluster: Any, crd: None) -> None:
+    out = cluster.kubectl("explain", "ftj.spec.quantization").stdout
+    assert "int8/int4 need LoRA" in out
+    out = cluster.kubectl("explain", "ftj.spec.lora").stdout
+    assert "Low-rank adapters" in out or "LoRA adapters" in out
+    assert "targetModules" in out
+
+
+def test_defaults_are_filled_in_by_the_api_server(cluster: Any, crd: None, namespace: str) -> None:
+    assert apply(cluster, namespace, finetunejob("defaults")).returncode == 0
+    spec = cluster.get("ftj", "defaults", "-n", namespace)["spec"]
+    assert spec["lora"]["targetModules"] == ["all-linear"] and spec["quantization"] == "none"
+    assert spec["dataset"]["maskPrompt"] is True
+
+
+@pytest.mark.parametrize(("spec", "words"), [
+    ({"quantization": "int3"}, ["spec.quantization", "Unsupported value"]),
+    ({"training": {"batchSize": 0}}, ["spec.training.batchSize", "should be greater than or equal to 1"]),
+    ({"resources": {"gpus": -1}}, ["spec.resources.gpus"]),
+    ({"quantization": "int4", "lora": {"enabled": False}},
+     ["spec.lora.enabled", "quantization int8/int4 requires lora.enabled=true"]),
+    ({"training": {"epochs": 1, "maxSteps": 5}}, ["spec.training", "not both"]),
+    ({"output": {"location": "/tmp/out"}}, ["spec.output.location", "s3://"]),
+    ({"lora": {"targetModules": ["all-linear", "q_proj"]}}, ["spec.lora.targetModules", "all-linear"]),
+], ids=["enum", "minimum", "negative-gpus", "cel-int4-without-lora", "cel-epochs-and-steps", "cel-s3-output",
+        "cel-targets"])
+def test_invalid_finetunejob_is_rejected_at_apply(cluster: Any, crd: None, namespace: str,
+                                                  spec: dict[str, Any], words: list[str]) -> None:
+    result = apply(cluster, namespace, finetunejob("invalid", **spec))
+    assert result.returncode != 0
+    for word in words:
+        assert word in result.stderr, result.stderr
+
+
+def test_training_sections_are_immutable(cluster: Any, crd: None, namespace: str) -> None:
+    assert apply(cluster, namespace, finetunejob("fixed")).returncode == 0
+    result = cluster.kubectl("patch", "ftj", "fixed", "-n", namespace, "--type=merge",
+                             "-p", '{"spec":{"model":{"source":"s3://models/other/"}}}', check=False)
+    assert result.returncode != 0 and "model is immutable after creation" in result.stderr
+    result = cluster.kubectl("patch", "ftj", "fixed", "-n", namespace, "--type=merge",
+                             "-p", '{"spec":{"suspend":true}}', check=False)
+    assert result.returncode == 0, result.stderr
