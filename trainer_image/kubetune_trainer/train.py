@@ -199,11 +199,13 @@ class Trainer:
 
         model.train()
         window_loss: list[float] = []
-        window_tokens = 0
-        window_start = time.perf_counter()
+        # Throughput counts training compute only (not evaluation or checkpoint uploads); the ETA
+        # uses wall time, which includes them.
+        window_tokens, window_time = 0, 0.0
+        total_tokens, total_time = 0, 0.0
         loop_start = time.perf_counter()
-        total_tokens = 0
         for step in range(start + 1, steps + 1):
+            step_start = time.perf_counter()
             step_loss = 0.0
             for k in range(accum):
                 batch = data.collate(micro_batch((step - 1) * accum + k), pad_id)
@@ -212,9 +214,7 @@ class Trainer:
                     loss = model(**batch).loss / accum
                 scaler.scale(loss).backward()
                 step_loss += float(loss.detach())
-                tokens = int(batch["attention_mask"].sum())
-                window_tokens += tokens
-                total_tokens += tokens
+                window_tokens += int(batch["attention_mask"].sum())
             if tc.max_grad_norm > 0:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
@@ -222,7 +222,10 @@ class Trainer:
             scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
             window_loss.append(step_loss)
+            window_time += time.perf_counter() - step_start
 
             self.progress.step = step
             self.progress.epoch = step * accum / micro_per_epoch
@@ -231,18 +234,18 @@ class Trainer:
                 now = time.perf_counter()
                 self.progress.train_loss = sum(window_loss) / len(window_loss)
                 self.progress.learning_rate = float(scheduler.get_last_lr()[0])
-                self.progress.tokens_per_second = window_tokens / max(now - window_start, 1e-9)
+                self.progress.tokens_per_second = window_tokens / max(window_time, 1e-9)
                 eta = (steps - step) * (now - loop_start) / (step - start)
                 eval_loss = self.evaluate(model, val_samples, pad_id, dev, precision) if do_eval else None
                 self.report(step, dev, eta, eval_loss)
-                window_loss, window_tokens, window_start = [], 0, time.perf_counter()
+                total_tokens, total_time = total_tokens + window_tokens, total_time + window_time
+                window_loss, window_tokens, window_time = [], 0, 0.0
             if step % tc.checkpoint_every_steps == 0 or step == steps:
                 self.checkpoint(model, optimizer, scheduler, step)
-        elapsed = time.perf_counter() - loop_start
         if total_tokens:
-            self.progress.tokens_per_second = total_tokens / max(elapsed, 1e-9)
-            log.info("trained %d steps in %.1fs: %.0f tokens/s", steps - start, elapsed,
-                     self.progress.tokens_per_second)
+            self.progress.tokens_per_second = total_tokens / max(total_time, 1e-9)
+            log.info("trained %d steps in %.1fs (%.1fs of compute): %.0f tokens/s", steps - start,
+                     time.perf_counter() - loop_start, total_time, self.progress.tokens_per_second)
 
     def evaluate(
         self, model: Any, samples: list[data.Sample], pad_id: int, dev: torch.device, precision: model_lib.Precision
