@@ -314,6 +314,7 @@ class ProcessRecord:
     pid: int
     start_ticks: int  # /proc/<pid>/stat field 22: tells a reused pid from ours
     args: list[str]
+    env: dict[str, str] = field(default_factory=dict)  # extra environment, to restart it alike
 
     def alive(self) -> bool:
         return process_start_ticks(self.pid) == self.start_ticks
@@ -335,6 +336,7 @@ class State:
     def save(self, path: Path) -> None:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        tmp.chmod(0o600)  # holds MinIO's credentials
         tmp.replace(path)
 
     @classmethod
@@ -359,16 +361,18 @@ def process_start_ticks(pid: int) -> int | None:
 
 
 def start_process(
-    name: str, args: list[str], paths: Paths, state: State, env: dict[str, str] | None = None
+    name: str, args: list[str], paths: Paths, state: State, env: dict[str, str] | None = None,
+    append_log: bool = False,
 ) -> ProcessRecord:
     """Start a detached process (own session and process group) logging to logs/<name>.log."""
     full_env = {**os.environ, **(env or {}), MARKER_ENV: str(paths.root)}
-    with (paths.logs / f"{name}.log").open("wb") as logfile:
+    with (paths.logs / f"{name}.log").open("ab" if append_log else "wb") as logfile:
         proc = subprocess.Popen(
             args, stdin=subprocess.DEVNULL, stdout=logfile, stderr=subprocess.STDOUT,
             start_new_session=True, env=full_env, cwd=paths.root,
         )
-    record = ProcessRecord(name=name, pid=proc.pid, start_ticks=process_start_ticks(proc.pid) or 0, args=args)
+    record = ProcessRecord(name=name, pid=proc.pid, start_ticks=process_start_ticks(proc.pid) or 0, args=args,
+                           env=env or {})
     state.processes.append(record)
     state.save(paths.state)
     return record
@@ -478,6 +482,8 @@ def cluster_up(paths: Paths, gpus: int) -> State:
     if existing and existing.ready and all(p.alive() for p in existing.processes):
         log(f"already up: {existing.apiserver}")
         return existing
+    if existing and repair(paths, existing):
+        return existing
     if existing:
         log("found a stale or partial cluster; stopping it first")
         cluster_down(paths)
@@ -535,6 +541,24 @@ def cluster_up(paths: Paths, gpus: int) -> State:
     state.save(paths.state)
     log(f"up in {time.monotonic() - started:.1f}s: {apiserver} (export KUBECONFIG={paths.kubeconfig})")
     return state
+
+
+# Processes that can be restarted alone; the others hold the cluster's data.
+RESTARTABLE = {"kube-controller-manager", "kube-scheduler", "minio", "node-agent"}
+
+
+def repair(paths: Paths, state: State) -> bool:
+    """Restart dead processes of a running cluster in place. False: it needs a fresh start."""
+    dead = [p for p in state.processes if not p.alive()]
+    if not state.ready or any(p.name not in RESTARTABLE for p in dead):
+        return False
+    for record in dead:
+        log(f"restarting {record.name}")
+        state.processes.remove(record)
+        start_process(record.name, record.args, paths, state, record.env, append_log=True)
+    wait_ready("node-agent", state, lambda: node_ready(state, paths.pki))
+    log(f"up: {state.apiserver}")
+    return True
 
 
 def _start_etcd(binaries: Binaries, paths: Paths, state: State) -> None:

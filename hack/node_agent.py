@@ -317,12 +317,11 @@ class PodWorker(threading.Thread):
             return
         if phase in ("Succeeded", "Failed"):
             return
-        if self.started_before():
-            self.post_status("Failed", reason="NodeAgentRestarted",
-                             message="the node agent restarted while this pod was running")
-            return
         self.runs = [self.new_run(c) for c in self.pod["spec"]["containers"]]
         self.init_runs = [self.new_run(c, init=True) for c in self.pod["spec"].get("initContainers", [])]
+        if self.started_before():
+            self.fail_lost_containers()
+            return
         self.start_time = now_iso()
         if not self.prepare():
             return
@@ -332,6 +331,19 @@ class PodWorker(threading.Thread):
         for run in self.runs:
             self.start_container(run)
         self.monitor()
+
+    def fail_lost_containers(self) -> None:
+        """Report containers an earlier agent ran as lost, the way kubelet reports vanished ones."""
+        previous = {s["name"]: s for s in self.pod.get("status", {}).get("containerStatuses", [])}
+        for run in self.runs:
+            old = previous.get(run.name, {})
+            run.restart_count = old.get("restartCount", 0)
+            finished = old.get("state", {}).get("terminated")
+            run.state = {"terminated": finished} if finished else {"terminated": {
+                "exitCode": 137, "reason": "ContainerStatusUnknown", "finishedAt": now_iso(),
+                "message": "The container could not be located when the pod was terminated"}}
+        self.post_status("Failed", reason="NodeAgentRestarted",
+                         message="the node agent restarted while this pod was running")
 
     def started_before(self) -> bool:
         """Whether an earlier agent already started containers of this pod."""

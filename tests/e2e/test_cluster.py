@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -224,29 +226,85 @@ def marked_pids(state_dir: Path) -> list[int]:
     return [pid for pid in pids if running(pid)]
 
 
-def test_down_leaves_no_process_of_the_cluster_running(tmp_path: Path) -> None:
+class Throwaway:
+    """A second local cluster with its own state directory, driven through hack/cluster.py."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.dir = state_dir
+
+    def cli(self, command: str) -> None:
+        subprocess.run([sys.executable, str(REPO / "hack" / "cluster.py"), command, "--dir", str(self.dir)],
+                       check=True, capture_output=True, timeout=300)
+
+    @property
+    def state(self) -> dict[str, Any]:
+        state: dict[str, Any] = json.loads((self.dir / "cluster.json").read_text())
+        return state
+
+    def kubectl(self, *args: str, input: str | None = None) -> str:
+        state = self.state
+        return subprocess.run([state["kubectl"], "--kubeconfig", state["kubeconfig"], *args], input=input,
+                              text=True, check=True, capture_output=True, timeout=120).stdout
+
+    def run_pod(self, name: str, *command: str) -> None:
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "default"},
+               "spec": {"restartPolicy": "Never",
+                        "containers": [{"name": "main", "image": PYTHON_IMAGE, "command": list(command)}]}}
+        self.kubectl("apply", "-f", "-", input=json.dumps(pod))
+
+    def pod(self, name: str) -> dict[str, Any]:
+        pod: dict[str, Any] = json.loads(self.kubectl("get", "pod", name, "-o", "json"))
+        return pod
+
+    def pid_of(self, name: str) -> int:
+        return next(p["pid"] for p in self.state["processes"] if p["name"] == name)
+
+
+@pytest.fixture(scope="module")
+def throwaway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Throwaway]:
+    """A separate cluster for tests that break or stop it; the session cluster stays up."""
     if os.environ.get("USE_EXISTING_CLUSTER", "").lower() == "true":
         pytest.skip("starts its own throwaway cluster")
-    state_dir = tmp_path / "cluster"
-    cli = [sys.executable, str(REPO / "hack" / "cluster.py")]
+    cluster = Throwaway(tmp_path_factory.mktemp("throwaway") / "cluster")
+    cluster.cli("up")
     try:
-        subprocess.run([*cli, "up", "--dir", str(state_dir)], check=True, capture_output=True, timeout=300)
-        state = json.loads((state_dir / "cluster.json").read_text())
-        kubectl = [state["kubectl"], "--kubeconfig", state["kubeconfig"]]
-        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "sleeper", "namespace": "default"},
-               "spec": {"containers": [{"name": "main", "image": PYTHON_IMAGE, "command": ["sleep", "3600"]}]}}
-        subprocess.run([*kubectl, "apply", "-f", "-"], input=json.dumps(pod), text=True, check=True,
-                       capture_output=True)
-        subprocess.run([*kubectl, "wait", "pod/sleeper", "--for=condition=Ready", "--timeout=90s"], check=True,
-                       capture_output=True)
-        started = [p["pid"] for p in state["processes"]]
-        assert len(marked_pids(state_dir)) > len(started)  # the pod's process is one of them
+        yield cluster
     finally:
-        subprocess.run([*cli, "down", "--dir", str(state_dir)], check=True, capture_output=True, timeout=120)
+        cluster.cli("down")
 
-    assert marked_pids(state_dir) == []
+
+def test_restarted_node_agent_fails_the_pods_it_was_running_and_reruns_nothing(throwaway: Throwaway) -> None:
+    throwaway.run_pod("finished", "echo", "ran")
+    throwaway.run_pod("interrupted", "sleep", "3600")
+    wait_for(lambda: throwaway.pod("finished")["status"].get("phase") == "Succeeded", 60, "pod finished")
+    wait_for(lambda: throwaway.pod("interrupted")["status"].get("phase") == "Running", 60, "pod interrupted")
+    sleepers = [pid for pid in marked_pids(throwaway.dir) if b"3600" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+    os.kill(throwaway.pid_of("node-agent"), signal.SIGKILL)
+    throwaway.cli("up")  # restarts what died
+
+    interrupted = wait_for(lambda: (pod := throwaway.pod("interrupted"))["status"]["phase"] == "Failed" and pod,
+                           60, "the interrupted pod to be marked Failed")
+    assert interrupted["status"]["reason"] == "NodeAgentRestarted"
+    assert interrupted["status"]["containerStatuses"][0]["state"]["terminated"]["reason"] == "ContainerStatusUnknown"
+    assert sleepers and not any(running(pid) for pid in sleepers)
+    assert throwaway.pod("finished")["status"]["phase"] == "Succeeded"
+    log = throwaway.dir / "logs" / "pods" / "default_finished_main.log"
+    assert log.read_text() == "ran\n"
+
+
+def test_down_leaves_no_process_of_the_cluster_running(throwaway: Throwaway) -> None:
+    throwaway.run_pod("sleeper", "sleep", "3600")
+    wait_for(lambda: throwaway.pod("sleeper")["status"].get("phase") == "Running", 60, "pod sleeper")
+    state = throwaway.state
+    started = [p["pid"] for p in state["processes"]]
+    assert len(marked_pids(throwaway.dir)) > len(started)  # the pod's process is one of them
+
+    throwaway.cli("down")
+
+    assert marked_pids(throwaway.dir) == []
     assert not any(running(pid) for pid in started)
-    assert not (state_dir / "cluster.json").exists()
+    assert not (throwaway.dir / "cluster.json").exists()
     for port in state["ports"].values():
         with socket.socket() as probe:
             assert probe.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still accepts connections"
