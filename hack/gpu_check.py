@@ -1,0 +1,122 @@
+"""GPU check: bf16 LoRA, int8 LoRA and int4 QLoRA on a real CUDA card, through the real trainer.
+
+    python hack/gpu_check.py [--steps 40] [--layers 14] [--modes bf16,int8,int4] [--out DIR]
+
+Builds a ~0.85B-parameter Llama-architecture backbone from a config (random weights, saved in
+bf16; nothing is downloaded) and a tokenizer trained locally, then runs ``python -m
+kubetune_trainer`` once per mode (each in its own process, so peak GPU memory is that mode's own)
+with packed 512-token blocks. Prints peak GPU memory and tokens/s per mode as a table and writes
+the same figures to ``DIR/gpu_check.json`` when ``--out`` is given. Exits non-zero when a mode
+fails or when the quantized modes do not use less GPU memory than bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from bench_trainer import print_table, run_trainer  # noqa: E402
+
+
+def build_backbone(out: Path, layers: int, hidden: int, device: str) -> int:
+    """A random-weight Llama (bf16) with the tiny tokenizer; returns the parameter count."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    import tiny
+
+    tiny.build_tokenizer(out)
+
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    config = LlamaConfig(
+        vocab_size=32000,  # realistic embedding/LM-head cost; the tokenizer uses the first ids only
+        hidden_size=hidden,
+        intermediate_size=int(hidden * 2.75),
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 128,
+        num_key_value_heads=hidden // 128,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        dtype="bfloat16",
+    )
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    params = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(str(out))
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return params
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--layers", type=int, default=14)
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--modes", default="bf16,int8,int4")
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--allow-cpu", action="store_true", help="smoke-test this script without a GPU")
+    args = parser.parse_args()
+
+    import torch
+
+    if not torch.cuda.is_available() and not args.allow_cpu:
+        print("no CUDA device: this check needs a GPU", file=sys.stderr)
+        return 2
+    import tiny
+
+    with tempfile.TemporaryDirectory(prefix="kubetune-gpu-check-") as tmp:
+        work = Path(tmp)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        params = build_backbone(work / "backbone", args.layers, args.hidden, device)
+        tiny.write_dataset(work / "train.jsonl", 12000, seed=0)
+        tiny.write_dataset(work / "validation.jsonl", 32, seed=1)
+        rows: list[tuple[str, dict[str, Any]]] = []
+        for mode in args.modes.split(","):
+            config = {
+                "runName": mode,
+                "model": {"source": str(work / "backbone")},
+                "dataset": {"train": str(work / "train.jsonl"), "validation": str(work / "validation.jsonl"),
+                            "maxLength": 512},
+                "training": {"maxSteps": args.steps, "batchSize": 8, "learningRate": 2e-4, "packing": True,
+                             "precision": "bf16", "gradientCheckpointing": True,
+                             "optimizer": "paged_adamw_8bit" if mode != "bf16" else "adamw",
+                             "evalEverySteps": args.steps, "checkpointEverySteps": args.steps},
+                "lora": {"r": 16, "alpha": 32},
+                "quantization": "none" if mode == "bf16" else mode,
+                "output": {"location": str(work / "out")},
+            }
+            rows.append((mode, run_trainer(config, work, mode)))
+        device = torch.cuda.get_device_name(0) if device == "cuda" else "CPU (smoke test)"
+        print(f"{device}: Llama {params / 1e9:.2f}B params ({args.layers} layers, hidden {args.hidden}), "
+              f"{args.steps} steps, batch 8 x 512 tokens (packed), LoRA r=16, gradient checkpointing")
+        print_table(rows, "peak GPU mem")
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "gpu_check.json").write_text(json.dumps(
+                {"device": device, "parameters": params, "steps": args.steps,
+                 "results": {mode: s for mode, s in rows}}, indent=2))
+    failed = [mode for mode, s in rows if "error" in s]
+    if failed:
+        print(f"failed modes: {failed}", file=sys.stderr)
+        return 1
+    peak = {mode: s["metrics"]["peakMemoryBytes"] for mode, s in rows}
+    if "bf16" in peak and any(peak[m] >= peak["bf16"] for m in ("int8", "int4") if m in peak):
+        print(f"quantized modes should need less GPU memory than bf16: {peak}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
