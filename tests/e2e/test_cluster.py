@@ -189,20 +189,121 @@ def test_minio_stores_and_returns_an_object(minio_env: dict[str, str]) -> None:
         response.release_conn()
 
 
-def test_pvc_of_the_default_storage_class_is_bound_and_mounted(cluster: Cluster, namespace: str) -> None:
+def test_pvc_of_the_default_storage_class_keeps_data_between_pods(cluster: Cluster, namespace: str) -> None:
     cluster.apply({
         "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "data"},
         "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
     }, namespace)
-    cluster.apply(job(
-        "writer", "open('/data/out.txt', 'w').write('persisted')",
-        container={"volumeMounts": [{"name": "data", "mountPath": "/data"}]},
-        volumes=[{"name": "data", "persistentVolumeClaim": {"claimName": "data"}}],
-    ), namespace)
-
+    mount = {"container": {"volumeMounts": [{"name": "data", "mountPath": "/data"}]},
+             "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "data"}}]}
+    cluster.apply(job("writer", "open('/data/out.txt', 'w').write('persisted')", **mount), namespace)
     assert wait_for(lambda: job_condition(cluster, namespace, "writer"), 90, "job writer") == "Complete"
-    assert cluster.dir is not None
-    assert (cluster.dir / "pvs" / namespace / "data" / "out.txt").read_text() == "persisted"
+
+    reader = "open('/dev/termination-log', 'w').write(open('/data/out.txt').read())"
+    cluster.apply(job("reader", reader, **mount), namespace)
+
+    assert wait_for(lambda: job_condition(cluster, namespace, "reader"), 90, "job reader") == "Complete"
+    [pod] = job_pods(cluster, namespace, "reader")
+    assert terminated_state(pod)["message"] == "persisted"
+    assert cluster.get("pvc", "data", "-n", namespace)["status"]["phase"] == "Bound"
+
+
+def test_pod_sees_downward_api_projected_and_memory_backed_volumes(cluster: Cluster, namespace: str) -> None:
+    cluster.apply({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "settings"},
+                   "data": {"MODE": "lora", "nested.txt": "inner"}}, namespace)
+    script = (
+        "import json, os\n"
+        "mounts = open('/proc/self/mounts').read().splitlines()\n"
+        "report = {\n"
+        "  'cwd': os.getcwd(),\n"
+        "  'mode': os.environ['MODE'],\n"
+        "  'expanded': os.environ['GREETING'],\n"
+        "  'namespace': os.environ['POD_NAMESPACE'],\n"
+        "  'labels': open('/etc/podinfo/labels').read(),\n"
+        "  'projected_ns': open('/etc/projected/namespace').read(),\n"
+        "  'projected_cm': open('/etc/projected/settings/nested').read(),\n"
+        "  'sub_path': open('/etc/nested.txt').read(),\n"
+        "  'scratch': [m.split()[2] for m in mounts if m.split()[1] == '/scratch'],\n"
+        "}\n"
+        "open('/dev/termination-log', 'w').write(json.dumps(report))\n"
+    )
+    cluster.apply({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "inspect", "labels": {"app": "inspect"}},
+        "spec": {
+            "restartPolicy": "Never",
+            "containers": [{
+                "name": "main", "image": PYTHON_IMAGE, "command": ["python", "-c", script],
+                "workingDir": "/scratch",
+                "envFrom": [{"configMapRef": {"name": "settings"}}],
+                "env": [{"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+                        {"name": "GREETING", "value": "mode=$(MODE)"}],
+                "volumeMounts": [
+                    {"name": "podinfo", "mountPath": "/etc/podinfo"},
+                    {"name": "projected", "mountPath": "/etc/projected"},
+                    {"name": "settings", "mountPath": "/etc/nested.txt", "subPath": "nested.txt"},
+                    {"name": "scratch", "mountPath": "/scratch"},
+                ],
+            }],
+            "volumes": [
+                {"name": "podinfo", "downwardAPI": {"items": [
+                    {"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}}]}},
+                {"name": "projected", "projected": {"sources": [
+                    {"downwardAPI": {"items": [{"path": "namespace",
+                                                "fieldRef": {"fieldPath": "metadata.namespace"}}]}},
+                    {"configMap": {"name": "settings", "items": [{"key": "nested.txt", "path": "settings/nested"}]}},
+                ]}},
+                {"name": "settings", "configMap": {"name": "settings"}},
+                {"name": "scratch", "emptyDir": {"medium": "Memory", "sizeLimit": "64Mi"}},
+            ],
+        },
+    }, namespace)
+
+    pod = wait_for(lambda: (p := cluster.get("pod", "inspect", "-n", namespace))["status"].get("phase")
+                   in ("Succeeded", "Failed") and p, 60, "pod inspect to finish")
+    report = json.loads(terminated_state(pod)["message"])
+    assert report == {
+        "cwd": "/scratch", "mode": "lora", "expanded": "mode=lora", "namespace": namespace,
+        "labels": 'app="inspect"', "projected_ns": namespace, "projected_cm": "inner",
+        "sub_path": "inner", "scratch": ["tmpfs"],
+    }
+
+
+def test_on_failure_pod_restarts_its_container_until_it_succeeds(cluster: Cluster, namespace: str) -> None:
+    script = (
+        "import os\n"
+        "if not os.path.exists('/state/failed-once'):\n"
+        "    open('/state/failed-once', 'w').close()\n"
+        "    raise SystemExit(1)\n"
+    )
+    cluster.apply({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "flaky"},
+        "spec": {"restartPolicy": "OnFailure",
+                 "containers": [{"name": "main", "image": PYTHON_IMAGE, "command": ["python", "-c", script],
+                                 "volumeMounts": [{"name": "state", "mountPath": "/state"}]}],
+                 "volumes": [{"name": "state", "emptyDir": {}}]},
+    }, namespace)
+
+    pod = wait_for(lambda: (p := cluster.get("pod", "flaky", "-n", namespace))["status"].get("phase")
+                   == "Succeeded" and p, 60, "pod flaky to succeed")
+    status = pod["status"]["containerStatuses"][0]
+    assert status["restartCount"] == 1
+    assert status["lastState"]["terminated"]["exitCode"] == 1
+
+
+def test_pod_the_agent_cannot_run_fails_with_a_message(cluster: Cluster, namespace: str) -> None:
+    cluster.apply({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "nfs"},
+        "spec": {"restartPolicy": "Never",
+                 "containers": [{"name": "main", "image": PYTHON_IMAGE, "command": ["true"]}],
+                 "volumes": [{"name": "share", "nfs": {"server": "nfs.example", "path": "/export"}}]},
+    }, namespace)
+
+    pod = wait_for(lambda: (p := cluster.get("pod", "nfs", "-n", namespace))["status"].get("phase")
+                   == "Failed" and p, 60, "pod nfs to fail")
+    assert "unsupported volume type ['nfs']" in pod["status"]["message"]
+    # The node keeps running other pods.
+    cluster.apply(job("after", "pass"), namespace)
+    assert wait_for(lambda: job_condition(cluster, namespace, "after"), 60, "job after") == "Complete"
 
 
 def running(pid: int) -> bool:
