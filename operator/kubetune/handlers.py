@@ -12,16 +12,18 @@ from typing import Any
 import kopf
 import kubernetes
 
-from kubetune import api
+from kubetune import api, metrics
 from kubetune.kube import Kube
 from kubetune.reconcile import Reconciler, Retry
 from kubetune.render import MANAGED_BY, OWNER_ANNOTATION
+from kubetune.reports import ReportServer
 from kubetune.settings import Settings
 from kubetune.status import TERMINAL
 
 SETTINGS = Settings.from_env()
 CHILD_LABELS = {"app.kubernetes.io/managed-by": MANAGED_BY}
 _reconciler: Reconciler | None = None
+_server: ReportServer | None = None
 
 
 def reconciler() -> Reconciler:
@@ -31,9 +33,10 @@ def reconciler() -> Reconciler:
 
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
-    """Own prefixes for kopf's bookkeeping, our own Events, API timeouts, the API client."""
-    global _reconciler
+async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    """Own prefixes for kopf's bookkeeping, our own Events, API timeouts, the API client, the
+    report endpoint."""
+    global _reconciler, _server
     settings.persistence.finalizer = "kubetune.io/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubetune.io")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -50,7 +53,27 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         kubernetes.config.load_incluster_config()
     except kubernetes.config.ConfigException:
         kubernetes.config.load_kube_config()
-    _reconciler = Reconciler(Kube(), SETTINGS)
+    kube = Kube()
+    server = ReportServer(kube, interval=SETTINGS.status_interval, rate=SETTINGS.report_rate,
+                          burst=SETTINGS.report_burst)
+    if SETTINGS.report_listen:
+        host, _sep, port = SETTINGS.report_listen.rpartition(":")
+        await server.start(host or "0.0.0.0", int(port))
+        _server = server
+
+    def on_phase(namespace: str, name: str, phase: str) -> None:
+        if phase in TERMINAL:
+            server.finished(namespace, name)
+        elif phase == "Running":
+            server.started(namespace, name)
+
+    _reconciler = Reconciler(kube, SETTINGS, on_phase=on_phase)
+
+
+@kopf.on.cleanup()
+async def shutdown(**_: Any) -> None:
+    if _server is not None:
+        await _server.stop()
 
 
 def _reconcile(namespace: str | None, name: str) -> None:
@@ -75,6 +98,13 @@ def finetunejob_changed(namespace: str | None, name: str, **_: Any) -> None:
 def finetunejob_resync(namespace: str | None, name: str, **_: Any) -> None:
     """Safety net for missed events: re-check active jobs periodically."""
     _reconcile(namespace, name)
+
+
+@kopf.on.delete(api.GROUP, api.VERSION, api.PLURAL, optional=True)
+def finetunejob_deleted(namespace: str | None, name: str, **_: Any) -> None:
+    """Forget a deleted job's metrics (optional: no finalizer; owner references clean up)."""
+    if namespace:
+        metrics.forget(namespace, name)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=CHILD_LABELS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import logging
 from collections.abc import Callable
@@ -11,6 +12,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from kubetune import api
+from kubetune.render import REPORT_TOKEN_KEY, report_secret_name
 
 Json = dict[str, Any]
 log = logging.getLogger("kubetune.kube")
@@ -65,6 +67,7 @@ class Kube:
         calls: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
             "ConfigMap": (self.core.create_namespaced_config_map, self.core.read_namespaced_config_map),
             "Job": (self.batch.create_namespaced_job, self.batch.read_namespaced_job),
+            "Secret": (self.core.create_namespaced_secret, self.core.read_namespaced_secret),
         }
         create, read = calls[kind]
         try:
@@ -93,6 +96,17 @@ class Kube:
     def list_pods(self, namespace: str, job_name: str) -> list[Json]:
         pods = self.core.list_namespaced_pod(namespace, label_selector=f"batch.kubernetes.io/job-name={job_name}")
         return [self._dict(p) for p in pods.items]
+
+    def report_token(self, namespace: str, name: str) -> str | None:
+        """The report token of a FineTuneJob, from the Secret it owns (None when absent)."""
+        try:
+            secret = self.core.read_namespaced_secret(report_secret_name(name), namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        value = (secret.data or {}).get(REPORT_TOKEN_KEY)
+        return base64.b64decode(value).decode() if value else None
 
     def delete_config_map(self, namespace: str, name: str) -> None:
         try:

@@ -9,13 +9,16 @@ and its Pods.
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
+import time
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import ValidationError
 
-from kubetune import render, status
+from kubetune import metrics, render, status
 from kubetune.api import FineTuneJobSpec
 from kubetune.kube import Kube, now
 from kubetune.settings import Settings
@@ -48,27 +51,42 @@ def validation_message(error: ValidationError) -> str:
 class Reconciler:
     """Reconciles FineTuneJobs; one at a time per object (a lock per namespace/name)."""
 
-    def __init__(self, kube: Kube, settings: Settings) -> None:
+    def __init__(self, kube: Kube, settings: Settings,
+                 on_phase: Callable[[str, str, str], None] | None = None) -> None:
         self.kube = kube
         self.settings = settings
+        self.on_phase = on_phase  # (namespace, name, phase): lets the report server track jobs
         self._locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
 
     def __call__(self, namespace: str, name: str) -> None:
-        with self._locks[(namespace, name)]:
-            ftj = self.kube.get_finetunejob(namespace, name)
-            if ftj is None or ftj["metadata"].get("deletionTimestamp"):
-                return
-            self._reconcile(ftj)
+        started = time.monotonic()
+        try:
+            with self._locks[(namespace, name)]:
+                ftj = self.kube.get_finetunejob(namespace, name)
+                if ftj is None or ftj["metadata"].get("deletionTimestamp"):
+                    return
+                self._reconcile(ftj)
+        except Retry:
+            raise
+        except Exception as error:
+            metrics.RECONCILE_ERRORS.labels(kind=type(error).__name__).inc()
+            raise
+        finally:
+            metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
 
     def _write(self, ftj: Json, new: Json) -> None:
         """Patch the status if it changed; post an Event when phase or reason changed."""
         previous = ftj.get("status") or {}
+        meta = ftj["metadata"]
+        phase, reason = str(new["phase"]), str(new.get("reason") or "")
+        metrics.observe_phase(meta["namespace"], meta["name"], phase)
+        if self.on_phase:
+            self.on_phase(meta["namespace"], meta["name"], phase)
         if all(previous.get(k) == v for k, v in new.items()):
             return
-        meta = ftj["metadata"]
         self.kube.patch_status(meta["namespace"], meta["name"], new)
+        metrics.STATUS_WRITES.labels(source="reconcile").inc()
         ftj["status"] = {**previous, **new}
-        phase, reason = str(new["phase"]), str(new.get("reason") or "")
         if (phase, reason) == (previous.get("phase"), previous.get("reason")):
             return
         if previous.get("phase") == "Suspended" and phase != "Suspended":
@@ -99,6 +117,7 @@ class Reconciler:
         job_name = render.job_name(name)
         job = self.kube.get_job(ns, job_name)
         if job is None and previous.get("phase") in status.TERMINAL:
+            metrics.observe_phase(ns, name, previous["phase"])
             # The Job finished and was removed (ttlSecondsAfterFinished): the status stays as it
             # was, the config goes with the Job, and nothing is created again.
             if spec.ttl_seconds_after_finished is not None:
@@ -114,6 +133,9 @@ class Reconciler:
                 self._write(ftj, status.waiting_status("MissingDependency", message, previous=previous,
                                                        generation=generation, now=now()))
                 raise Retry(message, delay=5)
+            if self.settings.report_url:
+                token = secrets.token_urlsafe(32)  # kept only if this call creates the Secret
+                self.kube.create_or_adopt(render.render_report_secret(ftj, token), uid)
             config_map = render.render_config_map(ftj, spec, self.settings)
             self.kube.create_or_adopt(config_map, uid)
             desired = render.render_job(ftj, spec, self.settings, config_map)

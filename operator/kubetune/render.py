@@ -55,6 +55,24 @@ def config_map_name(name: str) -> str:
     return child_name(name, "config")
 
 
+def report_secret_name(name: str) -> str:
+    return child_name(name, "report")
+
+
+REPORT_TOKEN_KEY = "token"
+
+
+def render_report_secret(owner: Json, token: str) -> Json:
+    """The per-job Secret with the token the trainer presents to the report endpoint."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": child_metadata(owner, report_secret_name(owner["metadata"]["name"])),
+        "stringData": {REPORT_TOKEN_KEY: token},
+    }
+
+
 def labels(name: str) -> dict[str, str]:
     """Labels of every child; kubetune.io/job finds them again."""
     return {
@@ -177,6 +195,11 @@ def _env(owner: Json, spec: api.FineTuneJobSpec, settings: Settings) -> list[Jso
         for var, key in (("AWS_ACCESS_KEY_ID", secret.access_key_key),
                          ("AWS_SECRET_ACCESS_KEY", secret.secret_key_key)):
             env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": secret.name, "key": key}}})
+    if settings.report_url:
+        env.append({"name": "KUBETUNE_REPORT_URL",
+                    "value": f"{settings.report_url}/v1/reports/{meta['namespace']}/{meta['name']}"})
+        env.append({"name": "KUBETUNE_REPORT_TOKEN", "valueFrom": {"secretKeyRef": {
+            "name": report_secret_name(meta["name"]), "key": REPORT_TOKEN_KEY}}})
     for extra in spec.env or []:
         env.append(extra.model_dump(mode="json", by_alias=True, exclude_none=True))
     return env

@@ -23,6 +23,13 @@ class Settings:
     - ``KUBETUNE_S3_SECRET``: default credentials Secret name (in the job's namespace).
     - ``KUBETUNE_DEFAULT_NODE_SELECTOR``: JSON object added to every training pod's nodeSelector.
     - ``KUBETUNE_RESYNC_SECONDS``: how often active jobs are re-checked in full (safety net).
+    - ``KUBETUNE_REPORT_URL``: base URL at which training pods reach the operator's report
+      endpoint, e.g. ``http://kubetune.kubetune-system.svc:8081``; no progress pushes when unset
+      (the final summary still arrives through the termination message).
+    - ``KUBETUNE_REPORT_LISTEN``: ``host:port`` the report endpoint and /metrics listen on
+      (default ``0.0.0.0:8081``; empty disables the server).
+    - ``KUBETUNE_STATUS_INTERVAL``: at most one progress status write per job per this many seconds.
+    - ``KUBETUNE_REPORT_RATE`` / ``KUBETUNE_REPORT_BURST``: per-job report rate limit.
     - ``KUBETUNE_LIVENESS_ENDPOINT``: e.g. ``http://0.0.0.0:8080/healthz``; off when unset.
     - ``KUBETUNE_TRAINER_COMMAND``: JSON list replacing the trainer command. A TEST DOUBLE hook
       only: the e2e tests run a small stand-in trainer with it; never set it in production.
@@ -38,6 +45,11 @@ class Settings:
     resync_seconds: float = 30.0
     trainer_command: tuple[str, ...] = ("python", "-m", "kubetune_trainer")
     liveness_endpoint: str | None = None
+    report_url: str | None = None
+    report_listen: str | None = "0.0.0.0:8081"
+    status_interval: float = 3.0
+    report_rate: float = 2.0
+    report_burst: float = 20.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -55,4 +67,9 @@ class Settings:
             resync_seconds=float(env.get("KUBETUNE_RESYNC_SECONDS") or 30),
             trainer_command=tuple(json.loads(command)) if command else cls.trainer_command,
             liveness_endpoint=env.get("KUBETUNE_LIVENESS_ENDPOINT") or None,
+            report_url=(env.get("KUBETUNE_REPORT_URL") or "").rstrip("/") or None,
+            report_listen=env.get("KUBETUNE_REPORT_LISTEN", "0.0.0.0:8081") or None,
+            status_interval=float(env.get("KUBETUNE_STATUS_INTERVAL") or 3),
+            report_rate=float(env.get("KUBETUNE_REPORT_RATE") or 2),
+            report_burst=float(env.get("KUBETUNE_REPORT_BURST") or 20),
         )

@@ -218,13 +218,10 @@ def build_status(observed: Observed, *, previous: Json, generation: int, job_nam
         status["completionTime"] = observed.completion_time
     if observed.attempts:
         status["attempts"] = observed.attempts
-    for key in ("progress", "metrics", "artifacts"):
-        if previous.get(key):
-            status[key] = previous[key]
+    # progress and metrics come from trainer reports (reports.py) while the job runs; merge
+    # patches leave them alone. The final summary, when there is one, completes them.
     if observed.summary:
         status.update(summary_fields(observed.summary))
-    if observed.phase == "Succeeded" and "progress" in status:
-        status["progress"] = {**status["progress"], "percent": 100, "etaSeconds": 0}
     return status
 
 

@@ -44,6 +44,9 @@ class Operator:
         self.cluster, self.namespace, self.log_dir, self.extra_env = cluster, namespace, log_dir, env
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
+        # Fixed for this operator's lifetime: pods keep the report URL across operator restarts.
+        self.report_port = free_port()
+        self.report_url = f"http://127.0.0.1:{self.report_port}"
 
     def start(self) -> Operator:
         port = free_port()
@@ -51,6 +54,9 @@ class Operator:
             **self.cluster.env,
             "KUBETUNE_RESYNC_SECONDS": "5",
             "KUBETUNE_LIVENESS_ENDPOINT": f"http://127.0.0.1:{port}/healthz",
+            "KUBETUNE_REPORT_LISTEN": f"127.0.0.1:{self.report_port}",
+            "KUBETUNE_REPORT_URL": self.report_url,
+            "KUBETUNE_STATUS_INTERVAL": "1",
             **self.extra_env,
         }
         self.starts += 1
