@@ -74,7 +74,7 @@ def status_patch(report: ProgressReport, updated_at: str) -> Json:
         "peakMemoryBytes": report.peak_memory_bytes,
     }
     patch: Json = {"progress": progress}
-    reported = {k: v for k, v in values.items() if v is not None}
+    reported = {k: round(v, 6) if isinstance(v, float) else v for k, v in values.items() if v is not None}
     if reported:
         patch["metrics"] = reported
     return patch

@@ -190,7 +190,8 @@ def summary_fields(summary: Json) -> Json:
     if step is not None:
         out["progress"] = {"step": step, "totalSteps": total, "epoch": summary.get("epoch"), "percent": 100,
                            "etaSeconds": 0}
-    metrics = {k: v for k, v in (summary.get("metrics") or {}).items() if v is not None}
+    metrics = {k: round(v, 6) if isinstance(v, float) else v
+               for k, v in (summary.get("metrics") or {}).items() if v is not None}
     if metrics:
         out["metrics"] = metrics
     artifacts = {k: v for k, v in (summary.get("artifacts") or {}).items() if v is not None}

@@ -1,0 +1,67 @@
+"""Seed an S3 store (the local cluster's MinIO by default) with the quickstart's tiny backbone and data.
+
+    python hack/seed_demo.py [--dir .kubetune] [--bucket kubetune-demo]
+
+Builds the assets locally (hack/tiny.py: random-weight Llama-architecture model, locally trained
+tokenizer, synthetic instruction data; no downloads) once into <dir>/demo-assets/, then uploads
+them to the layout examples/quickstart.yaml expects:
+
+    s3://<bucket>/models/tiny-llama/...     s3://<bucket>/data/train.jsonl, data/validation.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+HACK = Path(__file__).resolve().parent
+sys.path.insert(0, str(HACK))
+
+import tiny  # noqa: E402
+
+BUCKET = "kubetune-demo"
+
+
+def read_env(path: Path) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+
+
+def build_assets(root: Path) -> Path:
+    """The tiny backbone and dataset, built once and reused."""
+    if not (root / "backbone" / "config.json").exists():
+        tiny.build_tiny_backbone(root / "backbone")
+        tiny.write_dataset(root / "data" / "train.jsonl", 256, seed=0)
+        tiny.write_dataset(root / "data" / "validation.jsonl", 32, seed=1)
+    return root
+
+
+def seed(endpoint: str, access_key: str, secret_key: str, assets: Path, bucket: str = BUCKET) -> list[str]:
+    """Upload the assets (plain HTTP endpoint host:port); return the object keys."""
+    from minio import Minio
+
+    client = Minio(endpoint, access_key=access_key, secret_key=secret_key, secure=False)
+    if not client.bucket_exists(bucket):
+        client.make_bucket(bucket)
+    keys = []
+    for local, prefix in ((assets / "backbone", "models/tiny-llama"), (assets / "data", "data")):
+        for path in sorted(p for p in local.rglob("*") if p.is_file()):
+            key = f"{prefix}/{path.relative_to(local).as_posix()}"
+            client.fput_object(bucket, key, str(path))
+            keys.append(key)
+    return keys
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dir", type=Path, default=HACK.parent / ".kubetune", help="local cluster directory")
+    parser.add_argument("--bucket", default=BUCKET)
+    args = parser.parse_args()
+    env = read_env(args.dir / "minio.env")
+    assets = build_assets(args.dir / "demo-assets")
+    keys = seed(env["MINIO_ENDPOINT"], env["MINIO_ACCESS_KEY"], env["MINIO_SECRET_KEY"], assets, args.bucket)
+    print(f"seeded s3://{args.bucket}/ with {len(keys)} objects (models/tiny-llama/, data/)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""examples/quickstart.yaml end to end: the REAL trainer on the local GPU node, real MinIO.
+
+Live progress in status while it trains, the operator killed mid-run and started again after the
+trainer finished (the final summary arrives through the termination message), verified artifacts,
+and the operator's /metrics.
+"""
+
+from __future__ import annotations
+
+import sys
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from helpers import wait_for
+from operator_helpers import event_reasons, wait_phase
+
+from kubetune_trainer.artifacts import verify_manifest
+from kubetune_trainer.config import StorageSpec
+
+pytestmark = pytest.mark.e2e
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "hack"))
+
+import seed_demo  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def demo_bucket(minio_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> str:
+    assets = seed_demo.build_assets(tmp_path_factory.mktemp("demo-assets"))
+    seed_demo.seed(minio_env["MINIO_ENDPOINT"], minio_env["MINIO_ACCESS_KEY"], minio_env["MINIO_SECRET_KEY"], assets)
+    return seed_demo.BUCKET
+
+
+@pytest.fixture
+def operator_env(minio_env: dict[str, str]) -> dict[str, str]:
+    """The real trainer (no test double), with MinIO as the default S3 endpoint."""
+    return {"KUBETUNE_S3_ENDPOINT": minio_env["MINIO_ENDPOINT"], "KUBETUNE_S3_INSECURE": "true"}
+
+
+def test_quickstart_trains_reports_progress_and_publishes_artifacts(
+    cluster: Any, namespace: str, demo_bucket: str, minio_env: dict[str, str], operator: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cluster.kubectl("create", "secret", "generic", "kubetune-s3", "-n", namespace,
+                    f"--from-literal=AWS_ACCESS_KEY_ID={minio_env['MINIO_ACCESS_KEY']}",
+                    f"--from-literal=AWS_SECRET_ACCESS_KEY={minio_env['MINIO_SECRET_KEY']}")
+    cluster.kubectl("apply", "-n", namespace, "-f", str(REPO / "examples" / "quickstart.yaml"))
+
+    seen: list[int] = []
+
+    def progressed_twice() -> bool:
+        status = cluster.get("ftj", "quickstart", "-n", namespace).get("status") or {}
+        assert status.get("phase") not in ("Failed", "Succeeded"), f"ended before progress was seen: {status}"
+        step = (status.get("progress") or {}).get("step")
+        if status.get("phase") == "Running" and step is not None and (not seen or step > seen[-1]):
+            seen.append(step)
+        return len(seen) >= 3
+
+    wait_for(progressed_twice, timeout=300, interval=0.1, message="progress to increase twice while Running")
+    table = cluster.kubectl("get", "ftj", "-n", namespace).stdout
+    assert "Running" in table
+    print(table)
+
+    # The operator goes away mid-run; the trainer finishes without it.
+    operator.stop(kill=True)
+    wait_for(lambda: cluster.get("job", "quickstart-trainer", "-n", namespace)["status"].get("succeeded"),
+             timeout=600, message="the training Job to complete")
+    operator.start()
+    status = wait_phase(cluster, namespace, "quickstart", "Succeeded", timeout=120)
+    print(cluster.kubectl("get", "ftj", "-n", namespace).stdout)
+    print(cluster.kubectl("get", "ftj", "-n", namespace, "-o", "wide").stdout)
+
+    assert status["progress"]["percent"] == 100 and status["progress"]["step"] == 40
+    assert status["metrics"]["trainLoss"] > 0 and status["metrics"]["evalLoss"] > 0
+    location = status["artifacts"]["location"]
+    assert location.startswith(f"s3://{demo_bucket}/runs/{namespace}/quickstart")
+
+    for key, value in minio_env.items():
+        monkeypatch.setenv({"MINIO_ACCESS_KEY": "AWS_ACCESS_KEY_ID", "MINIO_SECRET_KEY": "AWS_SECRET_ACCESS_KEY"}
+                           .get(key, key), value)
+    manifest = verify_manifest(location.rstrip("/"), StorageSpec(endpoint=minio_env["MINIO_ENDPOINT"],
+                                                                 insecure=True))
+    paths = {entry["path"] for entry in manifest["files"]}
+    assert {"adapter/adapter_model.safetensors", "metrics.jsonl", "README.md", "loss.png"} <= paths
+
+    wait_for(lambda: {"Created", "Started", "Succeeded"} <= set(event_reasons(cluster, namespace, "quickstart")),
+             timeout=30, message="Created, Started and Succeeded events")
+    with urllib.request.urlopen(f"{operator.report_url}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    assert 'kubetune_finetunejobs{phase="Succeeded"} 1.0' in text
+
+    config = yaml.safe_load(cluster.get("configmap", "quickstart-config", "-n", namespace)["data"]["config.yaml"])
+    assert "secret" not in yaml.safe_dump(config).lower().replace("secretref", "")
