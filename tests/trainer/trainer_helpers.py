@@ -24,7 +24,7 @@ def _load_tiny() -> Any:
 tiny = _load_tiny()
 
 
-def tiny_config(assets: Path, output: Path | str, **sections: dict[str, Any]) -> dict[str, Any]:
+def tiny_config(assets: Path, location: Path | str, **sections: dict[str, Any]) -> dict[str, Any]:
     """A small, fast config for the tiny backbone; ``sections`` update the defaults per section."""
     config: dict[str, Any] = {
         "runName": "tiny",
@@ -45,7 +45,7 @@ def tiny_config(assets: Path, output: Path | str, **sections: dict[str, Any]) ->
             "seed": 7,
         },
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-        "output": {"location": str(output)},
+        "output": {"location": str(location)},
     }
     for name, values in sections.items():
         if isinstance(config.get(name), dict):
@@ -55,5 +55,5 @@ def tiny_config(assets: Path, output: Path | str, **sections: dict[str, Any]) ->
     return config
 
 
-def make_config(assets: Path, output: Path | str, **sections: Any) -> TrainerConfig:
-    return TrainerConfig.model_validate(tiny_config(assets, output, **sections))
+def make_config(assets: Path, location: Path | str, **sections: Any) -> TrainerConfig:
+    return TrainerConfig.model_validate(tiny_config(assets, location, **sections))

@@ -86,7 +86,23 @@ def load_base(path: Path, config: TrainerConfig, precision: Precision, dev: torc
         raise InvalidInput(f"{config.model.source}: cannot load as a causal language model: {err}") from err
     if quant is None:
         model.to(dev)
+    if config.quantization == "int4" and dev.type == "cpu":
+        keep_cpu_4bit_layout_trainable(model)
     return model
+
+
+def keep_cpu_4bit_layout_trainable(model: Any) -> None:
+    """Stop bitsandbytes repacking 4-bit weights for CPU inference at the first eval-mode forward.
+
+    On CPUs with AVX512-BF16, ``Linear4bit`` converts its weights to an inference-only layout the
+    first time it runs in eval mode, and keeps them so; a training step after an evaluation would
+    then backpropagate through a kernel without autograd support (wrong input gradients).
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def load_model(path: Path, config: TrainerConfig, precision: Precision, dev: torch.device) -> Any:

@@ -1,0 +1,61 @@
+"""Published outputs: model card, curves, predictions, merged model, full fine-tune."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from trainer_helpers import make_config
+
+from kubetune_trainer import data
+from kubetune_trainer.artifacts import verify_manifest
+from kubetune_trainer.report import Reporter
+from kubetune_trainer.train import Trainer
+
+pytestmark = pytest.mark.trainer
+
+
+def test_merged_model_computes_what_the_adapter_model_computes(assets: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    config = make_config(assets, tmp_path / "out", training={"maxSteps": 6}, output={"mergeAdapter": True})
+    result = Trainer(config, Reporter(tmp_path / "metrics.jsonl")).run()
+    run = tmp_path / "out" / "tiny"
+    assert result.summary["artifacts"]["merged"] == f"{run}/merged"
+    files = {f["path"] for f in verify_manifest(str(run))["files"]}
+    assert {"merged/model.safetensors", "merged/config.json", "merged/tokenizer.json"} <= files
+
+    samples = data.tokenize(data.load_examples(assets / "data" / "validation.jsonl", config.dataset),
+                            config.dataset, result.tokenizer)
+    batch = data.collate(samples[:4], result.tokenizer.pad_token_id)
+    merged = AutoModelForCausalLM.from_pretrained(str(run / "merged")).eval()
+    with torch.no_grad():
+        want = result.model.eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        got = merged(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.allclose(got, want, atol=1e-4)
+
+
+def test_full_fine_tune_with_packing_publishes_the_model_and_a_model_card(assets: Path, tmp_path: Path) -> None:
+    config = make_config(
+        assets, tmp_path / "out",
+        lora={"enabled": False},
+        training={"maxSteps": 6, "packing": True, "learningRate": 0.001},
+    )
+    result = Trainer(config, Reporter(tmp_path / "metrics.jsonl")).run()
+    run = tmp_path / "out" / "tiny"
+    artifacts = result.summary["artifacts"]
+    assert artifacts["adapter"] is None and artifacts["merged"] == f"{run}/model"
+    manifest = verify_manifest(str(run))
+    files = {f["path"] for f in manifest["files"]}
+    assert {"model/model.safetensors", "README.md", "loss.png", "predictions.jsonl", "trainer_config.json",
+            "metrics.jsonl"} <= files
+    assert artifacts["files"] == len(files) and artifacts["totalBytes"] == manifest["totalBytes"]
+
+    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    card = (run / "README.md").read_text()
+    assert str(assets / "backbone") in card and "evalLoss" in card and "LoRA: off" in card
+    predictions = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 4 and set(predictions[0]) == {"prompt", "expected", "generated"}
+    assert json.loads((run / "trainer_config.json").read_text()) == config.model_dump(by_alias=True, mode="json")
