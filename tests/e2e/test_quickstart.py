@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 import yaml
-from helpers import wait_for
 from operator_helpers import event_reasons, wait_phase
 
+from helpers import wait_for
 from kubetune_trainer.artifacts import verify_manifest
 from kubetune_trainer.config import StorageSpec
 

@@ -1,0 +1,84 @@
+"""The report endpoint against the real API server: only a job's own token may report for it."""
+
+from __future__ import annotations
+
+import base64
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from operator_helpers import finetunejob, ftj, wait_phase
+
+from helpers import wait_for
+
+pytestmark = pytest.mark.e2e
+
+
+def post(url: str, body: dict[str, Any], token: str | None) -> int:
+    return send(url, body, token)[0]
+
+
+def send(url: str, body: dict[str, Any], token: str | None) -> tuple[int, dict[str, Any]]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return int(response.status), json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return int(error.code), json.loads(error.read() or b"{}")
+
+
+def test_only_the_jobs_own_token_reports_for_it(cluster: Any, namespace: str, operator: Any,
+                                                tmp_path: Path) -> None:
+    hold = [{"name": "FAKE_WAIT_FOR", "value": str(tmp_path / "release")}]
+    for name in ("job-a", "job-b"):
+        cluster.apply(finetunejob(name, env=hold), namespace)
+    for name in ("job-a", "job-b"):
+        wait_phase(cluster, namespace, name, "Running")
+
+    secret = cluster.get("secret", "job-a-report", "-n", namespace)
+    token_a = base64.b64decode(secret["data"]["token"]).decode()
+    assert secret["metadata"]["ownerReferences"][0]["name"] == "job-a"
+    pod = cluster.get("pods", "-n", namespace, "-l", "batch.kubernetes.io/job-name=job-a-trainer")["items"][0]
+    env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
+    assert env["KUBETUNE_REPORT_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "job-a-report"
+    assert token_a not in json.dumps(pod)
+
+    url_a = f"{operator.report_url}/v1/reports/{namespace}/job-a"
+    url_b = f"{operator.report_url}/v1/reports/{namespace}/job-b"
+    report = {"type": "progress", "step": 7, "totalSteps": 10, "loss": 1.5, "phase": "Succeeded"}
+    assert post(url_b, report, None) == 401
+    assert post(url_b, report, "not-a-token") == 403
+    assert post(url_b, report, token_a) == 403
+    assert post(url_a, {"type": "progress", "step": "x"}, token_a) == 400
+
+    assert post(url_a, report, token_a) == 202
+    status_a = wait_for(lambda: (ftj(cluster, namespace, "job-a").get("status") or {}).get("progress"),
+                        timeout=30, message="job-a progress from its report")
+    assert status_a["step"] == 7 and status_a["percent"] == 70
+    status_b = ftj(cluster, namespace, "job-b")["status"]
+    assert "progress" not in status_b and "metrics" not in status_b
+    assert ftj(cluster, namespace, "job-a")["status"]["phase"] == "Running"
+
+    (tmp_path / "release").touch()
+    wait_phase(cluster, namespace, "job-a", "Succeeded")
+    wait_phase(cluster, namespace, "job-b", "Succeeded")
+    assert send(url_a, {"type": "progress", "step": 1, "totalSteps": 10}, token_a) == (202, {"accepted": False})
+    assert ftj(cluster, namespace, "job-a")["status"]["progress"]["percent"] == 100
+
+
+def test_reports_are_rate_limited_per_job(cluster: Any, namespace: str, operator: Any, tmp_path: Path) -> None:
+    cluster.apply(finetunejob("chatty", env=[{"name": "FAKE_WAIT_FOR", "value": str(tmp_path / "release")}]),
+                  namespace)
+    wait_phase(cluster, namespace, "chatty", "Running")
+    token = base64.b64decode(cluster.get("secret", "chatty-report", "-n", namespace)["data"]["token"]).decode()
+    url = f"{operator.report_url}/v1/reports/{namespace}/chatty"
+    codes = [post(url, {"type": "progress", "step": i}, token) for i in range(40)]
+    assert codes.count(202) >= 20 and 429 in codes
+    (tmp_path / "release").touch()
+    wait_phase(cluster, namespace, "chatty", "Succeeded")

@@ -1,0 +1,42 @@
+"""reports.py: what a trainer report may change, and the per-job rate limit."""
+
+from __future__ import annotations
+
+from kubetune.reports import ProgressReport, TokenBucket, merge, status_patch
+
+NOW = "2026-01-01T00:00:00Z"
+
+
+def test_report_becomes_progress_and_metrics() -> None:
+    report = ProgressReport.model_validate({
+        "type": "progress", "step": 30, "totalSteps": 40, "epoch": 1.5, "loss": 0.51234567891,
+        "learningRate": 1e-4, "evalLoss": 0.7, "perplexity": 2.0, "tokensPerSecond": 1234.5,
+        "etaSeconds": 12.7, "peakMemoryBytes": 10,
+    })
+    assert status_patch(report, NOW) == {
+        "progress": {"step": 30, "totalSteps": 40, "percent": 75, "epoch": 1.5, "etaSeconds": 12, "updatedAt": NOW},
+        "metrics": {"trainLoss": 0.512346, "evalLoss": 0.7, "perplexity": 2.0, "learningRate": 0.0001,
+                    "tokensPerSecond": 1234.5, "peakMemoryBytes": 10},
+    }
+
+
+def test_a_report_cannot_set_phase_or_anything_else() -> None:
+    report = ProgressReport.model_validate({"step": 1, "phase": "Succeeded", "conditions": [],
+                                            "artifacts": {"location": "s3://evil/"}})
+    patch = status_patch(report, NOW)
+    assert set(patch) == {"progress"}
+    assert set(patch["progress"]) == {"step", "updatedAt"}
+
+
+def test_newer_report_keeps_metrics_the_older_one_had() -> None:
+    older = {"progress": {"step": 1}, "metrics": {"evalLoss": 0.9, "trainLoss": 1.0}}
+    newer = {"progress": {"step": 2}, "metrics": {"trainLoss": 0.8}}
+    assert merge(older, newer) == {"progress": {"step": 2}, "metrics": {"evalLoss": 0.9, "trainLoss": 0.8}}
+
+
+def test_token_bucket_allows_bursts_then_the_rate() -> None:
+    clock = [0.0]
+    bucket = TokenBucket(rate=2, burst=3, clock=lambda: clock[0])
+    assert [bucket.allow() for _ in range(4)] == [True, True, True, False]
+    clock[0] = 0.5
+    assert [bucket.allow() for _ in range(2)] == [True, False]
