@@ -98,10 +98,10 @@ def keep_cpu_4bit_layout_trainable(model: Any) -> None:
     first time it runs in eval mode, and keeps them so; a training step after an evaluation would
     then backpropagate through a kernel without autograd support (wrong input gradients).
     """
-    import bitsandbytes as bnb
+    from bitsandbytes.nn.modules import Linear4bit
 
     for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
+        if isinstance(module, Linear4bit):
             module.support_avx512bf16_for_cpu = False
 
 
