@@ -74,8 +74,8 @@ class ResourcesSpec(Section):
 
     gpus: int = Field(default=1, ge=0, le=64)
     """GPUs per node (resource limits of gpuResourceName). 0 runs on CPU."""
-    gpu_resource_name: str = Field(default="nvidia.com/gpu", min_length=1, max_length=NAME_MAX)
-    """Extended resource name of the GPU."""
+    gpu_resource_name: str | None = Field(default=None, min_length=1, max_length=NAME_MAX)
+    """Extended resource name of the GPU; the operator's default (nvidia.com/gpu) when unset."""
     cpu: str | None = Field(default=None, max_length=32, pattern=r"^[0-9]+(\.[0-9]+)?m?$")
     """CPU request and limit, e.g. "8" or "500m"."""
     memory: str | None = Field(default=None, max_length=32, pattern=r"^[0-9]+(\.[0-9]+)?([EPTGMK]i?)?$")

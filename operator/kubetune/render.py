@@ -205,12 +205,12 @@ def _env(owner: Json, spec: api.FineTuneJobSpec, settings: Settings) -> list[Jso
     return env
 
 
-def _resources(spec: api.FineTuneJobSpec) -> Json:
+def _resources(spec: api.FineTuneJobSpec, settings: Settings) -> Json:
     res = spec.resources
     limits: Json = {}
     requests: Json = {}
     if res.gpus:
-        limits[res.gpu_resource_name] = str(res.gpus)
+        limits[res.gpu_resource_name or settings.gpu_resource_name] = str(res.gpus)
     if res.cpu:
         limits["cpu"] = requests["cpu"] = res.cpu
     if res.memory:
@@ -256,7 +256,7 @@ def render_pod_spec(owner: Json, spec: api.FineTuneJobSpec, settings: Settings) 
         "command": list(settings.trainer_command),
         "args": ["--config", f"{CONFIG_DIR}/{CONFIG_FILE}"],
         "env": _env(owner, spec, settings),
-        "resources": _resources(spec),
+        "resources": _resources(spec, settings),
         "volumeMounts": mounts,
         "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",

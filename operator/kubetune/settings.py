@@ -21,6 +21,7 @@ class Settings:
     - ``KUBETUNE_S3_ENDPOINT`` / ``KUBETUNE_S3_REGION`` / ``KUBETUNE_S3_INSECURE``: storage defaults
       for FineTuneJobs that set no ``spec.storage.endpoint``.
     - ``KUBETUNE_S3_SECRET``: default credentials Secret name (in the job's namespace).
+    - ``KUBETUNE_GPU_RESOURCE_NAME``: GPU resource of FineTuneJobs that set none (nvidia.com/gpu).
     - ``KUBETUNE_DEFAULT_NODE_SELECTOR``: JSON object added to every training pod's nodeSelector.
     - ``KUBETUNE_RESYNC_SECONDS``: how often active jobs are re-checked in full (safety net).
     - ``KUBETUNE_REPORT_URL``: base URL at which training pods reach the operator's report
@@ -41,6 +42,7 @@ class Settings:
     s3_region: str | None = None
     s3_insecure: bool = False
     s3_secret: str | None = None
+    gpu_resource_name: str = "nvidia.com/gpu"
     default_node_selector: dict[str, str] = field(default_factory=dict)
     resync_seconds: float = 30.0
     trainer_command: tuple[str, ...] = ("python", "-m", "kubetune_trainer")
@@ -63,6 +65,7 @@ class Settings:
             s3_region=env.get("KUBETUNE_S3_REGION") or None,
             s3_insecure=env.get("KUBETUNE_S3_INSECURE", "").lower() in ("1", "true", "yes"),
             s3_secret=env.get("KUBETUNE_S3_SECRET") or None,
+            gpu_resource_name=env.get("KUBETUNE_GPU_RESOURCE_NAME") or "nvidia.com/gpu",
             default_node_selector=json.loads(env.get("KUBETUNE_DEFAULT_NODE_SELECTOR") or "{}"),
             resync_seconds=float(env.get("KUBETUNE_RESYNC_SECONDS") or 30),
             trainer_command=tuple(json.loads(command)) if command else cls.trainer_command,
