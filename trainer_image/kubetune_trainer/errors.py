@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-"""Anything unexpected (out of memory, a crash, a lost connection mid-run): worth retrying."""
-EXIT_INVALID = 3
-"""Invalid config or data: retrying cannot help."""
-EXIT_SOURCE_UNAVAILABLE = 4
-"""A model, tokenizer or dataset source was not found or could not be reached."""
+from .config import EXIT_ERROR, EXIT_INVALID_INPUT, EXIT_OK, EXIT_SOURCE_UNAVAILABLE
+
+# The codes are defined in config.py, which the operator imports (podFailurePolicy, status reasons).
+EXIT_FAILED = EXIT_ERROR
+EXIT_INVALID = EXIT_INVALID_INPUT
+
+__all__ = ["EXIT_FAILED", "EXIT_INVALID", "EXIT_OK", "EXIT_SOURCE_UNAVAILABLE", "InvalidInput", "SourceUnavailable",
+           "TrainerError"]
 
 
 class TrainerError(Exception):

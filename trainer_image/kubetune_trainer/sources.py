@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from .config import StorageSpec
+from .config import PVC_MOUNT_ROOT, StorageSpec
 from .errors import SourceUnavailable
 
 if TYPE_CHECKING:
@@ -33,9 +33,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PVC_MOUNT_ROOT = "/mnt/pvc"
-"""Where the operator mounts a PersistentVolumeClaim named in a ``pvc://claim/path`` source."""
-
+__all__ = ["PVC_MOUNT_ROOT", "SourceUnavailable", "cache_dir", "resolve", "s3_client", "split_s3"]
 DEFAULT_CACHE_DIR = "~/.cache/kubetune/sources"
 
 
