@@ -28,6 +28,7 @@ import base64
 import contextlib
 import datetime as dt
 import fcntl
+import functools
 import ipaddress
 import json
 import os
@@ -530,7 +531,7 @@ def cluster_up(paths: Paths, gpus: int) -> State:
         unverified = _https_context(paths.pki, verify=False)
         for name in ("controller-manager", "scheduler"):
             url = f"https://127.0.0.1:{ports[name]}/healthz"
-            wait_ready(f"kube-{name}", state, lambda url=url: http_ok(url, unverified))
+            wait_ready(f"kube-{name}", state, functools.partial(http_ok, url, unverified))
         wait_ready("node-agent", state, lambda: node_ready(state, paths.pki))
         wait_ready("kube-controller-manager", state, lambda: default_service_account_exists(state, paths.pki))
     except BaseException:
@@ -656,6 +657,10 @@ def _mounts_below(root: Path) -> list[str]:
     return sorted(mounts, key=len, reverse=True)
 
 
+def _exited(record: ProcessRecord) -> bool:
+    return not record.alive()
+
+
 def cluster_down(paths: Paths, keep_logs: bool = True, grace_s: float = 10.0) -> None:
     """Stop every process of the cluster, unmount its volumes and delete its data."""
     state = State.load(paths.state)
@@ -665,7 +670,7 @@ def cluster_down(paths: Paths, keep_logs: bool = True, grace_s: float = 10.0) ->
         _signal_group(record.pid, signal.SIGTERM)
         if record.name == "node-agent":
             with contextlib.suppress(TimeoutError):
-                poll_until(lambda r=record: not r.alive(), grace_s, "node agent to stop its pods")
+                poll_until(functools.partial(_exited, record), grace_s, "node agent to stop its pods")
     with contextlib.suppress(TimeoutError):
         poll_until(lambda: not any(r.alive() for r in records), grace_s, "cluster processes to stop")
     for record in records:

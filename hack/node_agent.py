@@ -383,7 +383,7 @@ class PodWorker(threading.Thread):
                 return False
 
     def get_object(self, kind: str, name: str, optional: bool) -> JSON | None:
-        obj = self.kube.get_or_none(f"/api/v1/namespaces/{self.namespace}/{kind}/{name}")
+        obj: JSON | None = self.kube.get_or_none(f"/api/v1/namespaces/{self.namespace}/{kind}/{name}")
         if obj is None and not optional:
             raise ConfigError(f"{kind[:-1]} {name!r} not found")
         return obj
@@ -533,14 +533,14 @@ class PodWorker(threading.Thread):
         for source in container.get("envFrom", []):
             ref = source.get("configMapRef") or source.get("secretRef") or {}
             kind = "configmaps" if "configMapRef" in source else "secrets"
-            for key, value in self.object_data(kind, ref["name"], ref.get("optional", False)).items():
+            for key, raw in self.object_data(kind, ref["name"], ref.get("optional", False)).items():
                 name = source.get("prefix", "") + key
                 if env_name_ok(name):
-                    env[name] = value.decode(errors="replace")
+                    env[name] = raw.decode(errors="replace")
         for var in container.get("env", []):
-            value = self.env_value(container, var, env)
-            if value is not None:
-                env[var["name"]] = value
+            resolved = self.env_value(container, var, env)
+            if resolved is not None:
+                env[var["name"]] = resolved
         return env
 
     def env_value(self, container: JSON, var: JSON, env: dict[str, str]) -> str | None:

@@ -102,7 +102,7 @@ def k8s_api(cluster: Cluster) -> Iterator[Any]:
     """A ``kubernetes.client.ApiClient`` configured from the cluster's kubeconfig."""
     from kubernetes import config
 
-    api = config.new_client_from_config(config_file=str(cluster.kubeconfig))
+    api = config.new_client_from_config(config_file=str(cluster.kubeconfig))  # type: ignore[no-untyped-call]
     try:
         yield api
     finally:

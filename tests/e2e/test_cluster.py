@@ -194,7 +194,7 @@ def test_pvc_of_the_default_storage_class_keeps_data_between_pods(cluster: Clust
         "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "data"},
         "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
     }, namespace)
-    mount = {"container": {"volumeMounts": [{"name": "data", "mountPath": "/data"}]},
+    mount: dict[str, Any] = {"container": {"volumeMounts": [{"name": "data", "mountPath": "/data"}]},
              "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "data"}}]}
     cluster.apply(job("writer", "open('/data/out.txt', 'w').write('persisted')", **mount), namespace)
     assert wait_for(lambda: job_condition(cluster, namespace, "writer"), 90, "job writer") == "Complete"
@@ -358,7 +358,7 @@ class Throwaway:
         return pod
 
     def pid_of(self, name: str) -> int:
-        return next(p["pid"] for p in self.state["processes"] if p["name"] == name)
+        return int(next(p["pid"] for p in self.state["processes"] if p["name"] == name))
 
 
 @pytest.fixture(scope="module")
