@@ -20,11 +20,14 @@ pytestmark = pytest.mark.trainer
 def test_merged_model_computes_what_the_adapter_model_computes(assets: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    config = make_config(assets, tmp_path / "out", training={"maxSteps": 6}, output={"mergeAdapter": True})
+    config = make_config(assets, tmp_path / "out", training={"maxSteps": 6, "gradientCheckpointing": True},
+                         output={"mergeAdapter": True})
     result = Trainer(config, Reporter(tmp_path / "metrics.jsonl")).run()
     run = tmp_path / "out" / "tiny"
     assert result.summary["artifacts"]["merged"] == f"{run}/merged"
     files = {f["path"] for f in verify_manifest(str(run))["files"]}
+    adapter_config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(assets / "backbone")
     assert {"merged/model.safetensors", "merged/config.json", "merged/tokenizer.json"} <= files
 
     samples = data.tokenize(data.load_examples(assets / "data" / "validation.jsonl", config.dataset),
@@ -59,3 +62,15 @@ def test_full_fine_tune_with_packing_publishes_the_model_and_a_model_card(assets
     predictions = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == 4 and set(predictions[0]) == {"prompt", "expected", "generated"}
     assert json.loads((run / "trainer_config.json").read_text()) == config.model_dump(by_alias=True, mode="json")
+
+
+@pytest.mark.parametrize(
+    ("training", "expected"),
+    [({"maxSteps": 7}, 7), ({"epochs": 2.0}, 20), ({"epochs": 0.5, "gradientAccumulation": 2}, 3)],
+)
+def test_total_steps_from_max_steps_or_epochs(assets: Path, training: dict[str, object], expected: int) -> None:
+    from kubetune_trainer.train import total_steps
+
+    overrides: dict[str, object] = {"maxSteps": None, **training}
+    # 10 micro-batches per epoch.
+    assert total_steps(make_config(assets, "/unused", training=overrides), micro_per_epoch=10) == expected

@@ -405,8 +405,13 @@ class Trainer:
         adapter_dir = merged_dir = None
         if cfg.lora.enabled:
             adapter_dir = out / "adapter"
-            model.peft_config["default"].base_model_name_or_path = cfg.model.source
             model.save_pretrained(str(adapter_dir))
+            # Name the backbone by its source, not by the local cache path it was loaded from.
+            adapter_config = adapter_dir / "adapter_config.json"
+            settings = json.loads(adapter_config.read_text())
+            settings["base_model_name_or_path"] = cfg.model.source
+            settings["revision"] = cfg.model.revision
+            adapter_config.write_text(json.dumps(settings, indent=2) + "\n")
             tokenizer.save_pretrained(str(adapter_dir))
             if cfg.output.merge_adapter:
                 merged_dir = out / "merged"
