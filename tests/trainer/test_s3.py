@@ -106,3 +106,21 @@ def test_missing_bucket_is_a_source_error(assets: Path, bucket: dict[str, Any]) 
     config.dataset.train = f"s3://{bucket['name']}/data/nope.jsonl"
     with pytest.raises(SourceUnavailable, match=r"nope\.jsonl"):
         Trainer(config).run()
+
+
+def test_endpoint_from_s3_endpoint_env_and_downloads_are_cached(
+    bucket: dict[str, Any], minio_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from kubetune_trainer.sources import resolve
+
+    monkeypatch.setenv("S3_ENDPOINT", f"http://{minio_env['MINIO_ENDPOINT']}")
+    monkeypatch.setenv("KUBETUNE_CACHE_DIR", str(tmp_path / "cache"))
+    storage = StorageSpec()  # no endpoint: S3_ENDPOINT, and its http:// scheme means plain HTTP
+    model_dir = resolve(f"s3://{bucket['name']}/models/tiny", storage, directory=True)
+    assert model_dir.is_relative_to(tmp_path / "cache")
+    assert (model_dir / "config.json").is_file() and (model_dir / "tokenizer.json").is_file()
+    caplog.clear()
+    with caplog.at_level("INFO", logger="kubetune_trainer.sources"):
+        assert resolve(f"s3://{bucket['name']}/models/tiny", storage, directory=True) == model_dir
+    assert "cached" in caplog.text and "downloaded s3://" not in caplog.text
