@@ -1,4 +1,4 @@
-"""`kubetune` command line: `kubetune crd [--check]`, `kubetune operator [--namespace NS ...]`."""
+"""`kubetune` command line: `crd [--check]`, `operator [--namespace NS ...]`, `selftest`."""
 
 from __future__ import annotations
 
@@ -19,6 +19,10 @@ def main(argv: list[str] | None = None) -> int:
     op.add_argument("--namespace", "-n", action="append", default=[],
                     help="watch only this namespace (repeatable); all namespaces when omitted")
 
+    test = sub.add_parser("selftest", help="check that a running operator reconciles (helm test)")
+    test.add_argument("--namespace", "-n", default="default", help="namespace to create the test object in")
+    test.add_argument("--timeout", type=float, default=120, help="seconds to wait for the operator")
+
     args = parser.parse_args(argv)
     if args.command == "crd":
         from kubetune import crd as crd_module
@@ -35,6 +39,10 @@ def main(argv: list[str] | None = None) -> int:
         from kubetune.handlers import run
 
         return run(namespaces=args.namespace)
+    if args.command == "selftest":
+        from kubetune.selftest import selftest
+
+        return selftest(args.namespace, args.timeout)
     return 2
 
 

@@ -10,10 +10,9 @@ import logging
 from typing import Any
 
 import kopf
-import kubernetes
 
 from kubetune import api, metrics
-from kubetune.kube import Kube
+from kubetune.kube import Kube, load_config
 from kubetune.reconcile import Reconciler, Retry
 from kubetune.render import MANAGED_BY, OWNER_ANNOTATION
 from kubetune.reports import ReportServer
@@ -49,10 +48,7 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.client_timeout = 330
     settings.watching.connect_timeout = 30
     settings.execution.max_workers = 16
-    try:
-        kubernetes.config.load_incluster_config()
-    except kubernetes.config.ConfigException:
-        kubernetes.config.load_kube_config()
+    load_config()
     kube = Kube()
     server = ReportServer(kube, interval=SETTINGS.status_interval, rate=SETTINGS.report_rate,
                           burst=SETTINGS.report_burst)
@@ -120,7 +116,7 @@ def run(namespaces: list[str]) -> int:
     """Run the operator in the foreground until interrupted (`kubetune operator`)."""
     import asyncio
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=SETTINGS.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kubernetes").setLevel(logging.WARNING)
     watched = namespaces or list(SETTINGS.namespaces)
     asyncio.run(kopf.operator(

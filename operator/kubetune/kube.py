@@ -22,6 +22,16 @@ class NotOwned(Exception):
     """A child with our deterministic name exists but belongs to someone else."""
 
 
+def load_config() -> None:
+    """In a pod: its service account; elsewhere: the current kubeconfig."""
+    from kubernetes import config
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+
+
 def now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 

@@ -31,6 +31,7 @@ class Settings:
       (default ``0.0.0.0:8081``; empty disables the server).
     - ``KUBETUNE_STATUS_INTERVAL``: at most one progress status write per job per this many seconds.
     - ``KUBETUNE_REPORT_RATE`` / ``KUBETUNE_REPORT_BURST``: per-job report rate limit.
+    - ``KUBETUNE_LOG_LEVEL``: DEBUG, INFO (default) or WARNING.
     - ``KUBETUNE_LIVENESS_ENDPOINT``: e.g. ``http://0.0.0.0:8080/healthz``; off when unset.
     - ``KUBETUNE_TRAINER_COMMAND``: JSON list replacing the trainer command. A TEST DOUBLE hook
       only: the e2e tests run a small stand-in trainer with it; never set it in production.
@@ -47,6 +48,7 @@ class Settings:
     resync_seconds: float = 30.0
     trainer_command: tuple[str, ...] = ("python", "-m", "kubetune_trainer")
     liveness_endpoint: str | None = None
+    log_level: str = "INFO"
     report_url: str | None = None
     report_listen: str | None = "0.0.0.0:8081"
     status_interval: float = 3.0
@@ -70,6 +72,7 @@ class Settings:
             resync_seconds=float(env.get("KUBETUNE_RESYNC_SECONDS") or 30),
             trainer_command=tuple(json.loads(command)) if command else cls.trainer_command,
             liveness_endpoint=env.get("KUBETUNE_LIVENESS_ENDPOINT") or None,
+            log_level=(env.get("KUBETUNE_LOG_LEVEL") or "INFO").upper(),
             report_url=(env.get("KUBETUNE_REPORT_URL") or "").rstrip("/") or None,
             report_listen=env.get("KUBETUNE_REPORT_LISTEN", "0.0.0.0:8081") or None,
             status_interval=float(env.get("KUBETUNE_STATUS_INTERVAL") or 3),

@@ -20,14 +20,6 @@ from helpers import wait_for
 Cluster = Any  # tests/conftest.py's Cluster (conftest modules are not importable by name)
 REPO = Path(__file__).resolve().parents[2]
 FAKE_TRAINER = Path(__file__).parent / "fake_trainer.py"
-CRD_FILE = REPO / "crds" / "finetunejobs.kubetune.io.yaml"
-
-
-@pytest.fixture(scope="session")
-def crd(cluster: Cluster) -> None:
-    """The FineTuneJob CRD, applied once per session and Established."""
-    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_FILE))
-    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/finetunejobs.kubetune.io")
 
 
 def free_port() -> int:

@@ -1,0 +1,131 @@
+"""The Helm chart: lint, server-side dry-run of its manifests, and a real install on the local cluster.
+
+The install runs the operator as a pod on the local node under the chart's ServiceAccount and
+RBAC, trains the quickstart with the real trainer, runs `helm test`, and uninstalls.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from helpers import wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "helm" / "kubetune"
+sys.path.insert(0, str(REPO / "hack"))
+
+import chart_docs  # noqa: E402
+import seed_demo  # noqa: E402
+
+NON_DEFAULT = ["--set", "storage.endpoint=minio.storage:9000", "--set", "storage.insecure=true",
+               "--set", "storage.secretName=s3", "--set", "trainer.nodeSelector.gpu=h100",
+               "--set", "image.tag=9.9.9", "--set", "logLevel=DEBUG", "--set", "reports.port=9091",
+               "--set", "serviceAccount.annotations.team=ml"]
+
+
+def test_chart_docs_and_schema_are_generated_from_values() -> None:
+    stale = [p for p, text in chart_docs.generated().items() if p.read_text() != text]
+    assert stale == [], "run `make chart-docs`"
+
+
+def test_schema_rejects_unknown_values(cluster: Any) -> None:
+    result = cluster.helm("template", "kt", str(CHART), "--set", "replicas=3", check=False)
+    assert result.returncode != 0 and "replicas" in result.stderr
+
+
+@pytest.mark.parametrize("values", [[], NON_DEFAULT], ids=["default", "non-default"])
+def test_lint_and_server_side_dry_run(cluster: Any, crd: None, namespace: str, values: list[str]) -> None:
+    cluster.helm("lint", str(CHART), *values)
+    rendered = cluster.helm("template", "kt", str(CHART), "-n", namespace, "--skip-tests", *values).stdout
+    result = cluster.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", "-", input=rendered)
+    assert "deployment.apps/kt-kubetune created (server dry run)" in result.stdout
+
+
+def test_watch_namespaces_binds_only_those(cluster: Any, crd: None, namespace: str) -> None:
+    rendered = cluster.helm("template", "kt", str(CHART), "-n", namespace,
+                            "--skip-tests", "--set", f"watchNamespaces={{{namespace}}}").stdout
+    docs = [d for d in yaml.safe_load_all(rendered) if d]
+    bindings = [(d["kind"], d["metadata"]["name"], d["metadata"].get("namespace")) for d in docs
+                if d["kind"] in ("RoleBinding", "ClusterRoleBinding")]
+    assert ("RoleBinding", "kt-kubetune", namespace) in bindings
+    assert ("ClusterRoleBinding", "kt-kubetune", None) not in bindings
+    env = {e["name"]: e["value"] for d in docs if d["kind"] == "Deployment"
+           for e in d["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["KUBETUNE_NAMESPACES"] == namespace
+    cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=rendered)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.mark.e2e
+def test_install_train_test_uninstall(cluster: Any, crd: None, namespace: str, minio_env: dict[str, str],
+                                      tmp_path: Path) -> None:
+    release_ns = f"kubetune-system-{secrets.token_hex(3)}"
+    report_port = free_port()
+    values = ["--set", f"storage.endpoint={minio_env['MINIO_ENDPOINT']}", "--set", "storage.insecure=true",
+              "--set", "storage.secretName=kubetune-s3",
+              # Pods of the local node share the host's loopback: the trainer reaches the operator there.
+              "--set", f"reports.port={report_port}", "--set", f"reports.url=http://127.0.0.1:{report_port}",
+              "--set", f"healthPort={free_port()}"]
+    install = cluster.helm("install", "kubetune", str(CHART), "-n", release_ns, "--create-namespace",
+                           "--wait", "--timeout", "180s", *values)
+    assert "helm test kubetune" in install.stdout  # NOTES.txt tells what to do next
+    try:
+        pod = wait_for(lambda: next(iter(cluster.get("pods", "-n", release_ns, "-l",
+                                                     "app.kubernetes.io/component=operator")["items"]), None),
+                       timeout=60, message="operator pod")
+        assert pod["spec"]["nodeName"] == "kubetune-local"
+        assert pod["spec"]["serviceAccountName"] == "kubetune"
+        wait_for(lambda: cluster.get("pod", pod["metadata"]["name"], "-n", release_ns)["status"]["phase"]
+                 == "Running", timeout=60, message="operator pod Running")
+
+        assets = seed_demo.build_assets(tmp_path / "assets")
+        seed_demo.seed(minio_env["MINIO_ENDPOINT"], minio_env["MINIO_ACCESS_KEY"], minio_env["MINIO_SECRET_KEY"],
+                       assets)
+        cluster.kubectl("create", "secret", "generic", "kubetune-s3", "-n", namespace,
+                        f"--from-literal=AWS_ACCESS_KEY_ID={minio_env['MINIO_ACCESS_KEY']}",
+                        f"--from-literal=AWS_SECRET_ACCESS_KEY={minio_env['MINIO_SECRET_KEY']}")
+        cluster.kubectl("apply", "-n", namespace, "-f", str(REPO / "examples" / "quickstart.yaml"))
+
+        def finished() -> dict[str, Any] | None:
+            status = cluster.get("ftj", "quickstart", "-n", namespace).get("status") or {}
+            assert status.get("phase") != "Failed", status
+            return status if status.get("phase") == "Succeeded" else None
+
+        status = wait_for(finished, timeout=600, message="quickstart Succeeded under the chart's operator")
+        assert status["metrics"]["evalLoss"] > 0 and status["artifacts"]["location"].startswith("s3://")
+        logs = Path(cluster.dir or tmp_path, "logs", "pods")
+        operator_log = next(logs.glob(f"{release_ns}_*_operator.log"), None)
+        if operator_log is not None:
+            assert "Forbidden" not in operator_log.read_text(), "the operator hit an RBAC denial"
+
+        test = cluster.helm("test", "kubetune", "-n", release_ns, "--timeout", "180s")
+        assert "Phase:          Succeeded" in test.stdout or "Succeeded" in test.stdout
+    finally:
+        cluster.helm("uninstall", "kubetune", "-n", release_ns, "--wait", "--timeout", "120s", check=False)
+
+    def left() -> list[str]:
+        found = json.loads(cluster.kubectl("get", "deployments,services,serviceaccounts,pods", "-n", release_ns,
+                                           "-l", "app.kubernetes.io/instance=kubetune", "-o", "json").stdout)
+        return [f"{i['kind']}/{i['metadata']['name']}" for i in found["items"]]
+
+    wait_for(lambda: left() == [], timeout=120, message="no operator resources left after helm uninstall")
+    cluster_wide = cluster.kubectl("get", "clusterroles,clusterrolebindings", "-o", "name").stdout
+    assert "kubetune" not in cluster_wide.replace("finetunejobs.kubetune.io", "")
+    assert cluster.kubectl("get", "crd", "finetunejobs.kubetune.io", check=False).returncode == 0, "CRD kept"
+    subprocess.run([str(cluster.kubectl_path), "delete", "namespace", release_ns, "--wait=false"],
+                   env=cluster.env, check=False, capture_output=True)
