@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         log.exception("training failed: %s: %s", type(err).__name__, err)
         return fail(log, f"{type(err).__name__}: {err}", EXIT_FAILED, trainer, reporter, logged=True)
+    finally:
+        if trainer is not None:
+            trainer.close()
     summary = {"type": "summary", **result.summary}
     reporter.emit(summary, record=False)
     reporter.close()

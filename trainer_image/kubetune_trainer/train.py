@@ -122,6 +122,10 @@ class Trainer:
         self.metrics_path.write_text("")
         self.store: artifacts.Store | None = None
 
+    def close(self) -> None:
+        """Remove the local working directory (staged outputs and checkpoints)."""
+        shutil.rmtree(self.work, ignore_errors=True)
+
     # -- setup --------------------------------------------------------------------------------
 
     def run(self) -> RunResult:
