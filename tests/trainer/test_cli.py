@@ -75,6 +75,15 @@ def test_invalid_config_exits_3_naming_the_field(assets: Path, tmp_path: Path, n
     assert str(config) in error and "training.batchSize" in error
 
 
+@pytest.mark.parametrize("text", ["model: [unclosed\n", "- a list\n", "{}\n"], ids=["yaml", "list", "empty"])
+def test_malformed_config_file_exits_3(text: str, tmp_path: Path, no_model_load: None,
+                                       caplog: pytest.LogCaptureFixture) -> None:
+    config = tmp_path / "cfg.yaml"
+    config.write_text(text)
+    assert main(["--config", str(config)]) == 3
+    assert str(config) in next(r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+
+
 @pytest.mark.parametrize(
     "source", ["/nonexistent/backbone", "hf://org/model", "pvc://claim/models/x"], ids=["path", "hf-offline", "pvc"]
 )

@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level)
     log = logging.getLogger("kubetune_trainer")
 
+    import yaml
     from pydantic import ValidationError
 
     from .config import load_config
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config, args.overrides)
     except ValidationError as err:
         return fail(log, describe_validation_error(args.config, err), EXIT_INVALID)
-    except (OSError, ValueError) as err:  # unreadable file, YAML/JSON syntax, bad --set
+    except (OSError, ValueError, yaml.YAMLError) as err:  # unreadable file, YAML/JSON syntax, bad --set
         return fail(log, f"{args.config}: invalid config: {err}", EXIT_INVALID)
 
     from .train import Trainer

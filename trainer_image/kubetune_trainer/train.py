@@ -152,7 +152,7 @@ class Trainer:
         precision = model_lib.resolve_precision(cfg.training.precision, dev)
         torch.manual_seed(cfg.training.seed)  # adapter initialisation
         model = model_lib.load_model(model_path, cfg, precision, dev)
-        self.loop(model, tokenizer, train_samples, val_samples, datasets, dev, precision)
+        self.loop(model, tokenizer, train_samples, val_samples, dev, precision)
         summary = self.finish(model, tokenizer, model_path, datasets, val_samples, dev, precision)
         return RunResult(summary, model, tokenizer)
 
@@ -164,7 +164,6 @@ class Trainer:
         tokenizer: Any,
         train_samples: list[data.Sample],
         val_samples: list[data.Sample],
-        datasets: Datasets,
         dev: torch.device,
         precision: model_lib.Precision,
     ) -> None:
