@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= operator,trainer,dev
 
-.PHONY: help venv test unit lint crd crd-check cluster-up cluster-down cluster-status bench gpu-check
+.PHONY: help venv test unit lint crd cluster-up cluster-down cluster-status bench gpu-check chart-docs demo demo-down
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -28,6 +28,7 @@ lint: venv  ## ruff + mypy + generated-file drift
 	$(VENV)/bin/ruff check operator trainer_image hack tests
 	$(VENV)/bin/mypy operator/kubetune trainer_image/kubetune_trainer
 	$(VENV)/bin/kubetune crd --check
+	$(PY) hack/chart_docs.py --check
 
 crd: venv  ## regenerate crds/, the chart's CRD copy and docs/api.md from operator/kubetune/api.py
 	$(VENV)/bin/kubetune crd
@@ -46,3 +47,12 @@ bench: venv  ## CPU benchmarks of the trainer (figures go to docs/benchmarks.md)
 
 gpu-check: venv  ## bf16 / int8 / int4 LoRA on a real GPU: peak memory and tokens/s
 	$(PY) hack/gpu_check.py
+
+chart-docs: venv  ## regenerate the chart's values.schema.json and README.md from values.yaml
+	$(PY) hack/chart_docs.py
+
+demo: venv  ## local cluster + Helm install + MinIO + quickstart FineTuneJob, followed live to its adapter
+	$(PY) hack/demo.py up
+
+demo-down:  ## uninstall the demo and stop the local cluster
+	$(PY) hack/demo.py down
