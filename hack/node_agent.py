@@ -41,6 +41,7 @@ import logging
 import math
 import os
 import re
+import secrets
 import shlex
 import shutil
 import signal
@@ -374,11 +375,14 @@ class PodWorker(threading.Thread):
                     self.env_cache[run.name] = self.container_env(run.spec)
                 return True
             except ConfigError as error:
+                if not any("CreateContainerConfigError" in str(r.state) for r in self.runs):
+                    self.record_event("Failed", f"Error: {error}", warning=True)
                 for run in self.init_runs + self.runs:
                     run.state = {"waiting": {"reason": "CreateContainerConfigError", "message": str(error)}}
                 self.post_status("Pending")
                 self.wait(CONFIG_RETRY_S)
             except PodError as error:
+                self.record_event("Failed", str(error), warning=True)
                 self.post_status("Failed", reason="UnsupportedPodSpec", message=str(error))
                 return False
 
@@ -612,6 +616,7 @@ class PodWorker(threading.Thread):
         except PodError as error:
             run.state = {"terminated": {"exitCode": 128, "reason": "StartError", "message": str(error),
                                         "startedAt": now_iso(), "finishedAt": now_iso()}}
+            self.record_event("Failed", str(error), warning=True)
             return
         run.termination_file.parent.mkdir(parents=True, exist_ok=True)
         run.termination_file.write_bytes(b"")
@@ -624,6 +629,8 @@ class PodWorker(threading.Thread):
             )
         run.state = {"running": {"startedAt": now_iso()}}
         run.restart_at = None
+        self.record_event("Started", f"Started container {run.name} (image {run.spec.get('image')!r} mapped to "
+                                     f"the local environment)")
         self.agent.record_pid(self.uid, run.name, run.proc.pid)
         log.info("pod %s/%s: started container %s (pid %d)", self.namespace, self.pod_name, run.name, run.proc.pid)
 
@@ -656,6 +663,8 @@ class PodWorker(threading.Thread):
         run.restart_at = time.monotonic() + run.backoff_s
         run.state = {"waiting": {"reason": "CrashLoopBackOff",
                                  "message": f"back-off {run.backoff_s:.0f}s restarting failed container"}}
+        self.record_event("BackOff", f"Back-off {run.backoff_s:.0f}s restarting failed container {run.name}",
+                          warning=True)
         run.backoff_s = min(run.backoff_s * 2, MAX_BACKOFF_S)
 
     def run_init_containers(self) -> bool:
@@ -684,6 +693,9 @@ class PodWorker(threading.Thread):
             self.kill_all(grace_s=0 if self.deleted else 2)
             return True
         if self.deleting:
+            for run in self.init_runs + self.runs:
+                if run.running:
+                    self.record_event("Killing", f"Stopping container {run.name}")
             self.kill_all(grace_s=self.grace_period())
             for run in self.init_runs + self.runs:
                 self.reap(run)
@@ -742,6 +754,24 @@ class PodWorker(threading.Thread):
             self.reap(run)
 
     # ---- API writes
+    def record_event(self, reason: str, message: str, warning: bool = False) -> None:
+        """A kubelet-style Event on the pod (best effort: events never fail a pod)."""
+        stamp = now_iso()
+        event = {
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"name": f"{self.pod_name}.{secrets.token_hex(8)}", "namespace": self.namespace},
+            "involvedObject": {"apiVersion": "v1", "kind": "Pod", "name": self.pod_name,
+                               "namespace": self.namespace, "uid": self.uid},
+            "reason": reason, "message": message, "type": "Warning" if warning else "Normal",
+            "source": {"component": "kubelet", "host": self.agent.node_name},
+            "reportingComponent": "kubetune-node-agent", "reportingInstance": self.agent.node_name,
+            "firstTimestamp": stamp, "lastTimestamp": stamp, "count": 1,
+        }
+        try:
+            self.kube.create(f"/api/v1/namespaces/{self.namespace}/events", event)
+        except Exception as error:
+            log.debug("event %s for %s/%s not recorded: %s", reason, self.namespace, self.pod_name, error)
+
     def post_status(self, phase: str, reason: str | None = None, message: str | None = None) -> None:
         current = self.pod.get("status", {})
         running = phase == "Running"
