@@ -15,6 +15,9 @@ source "$here/versions.env"
 cache=${KUBETUNE_CACHE:-$HOME/.cache/kubetune}
 bin=$cache/bin/k8s-$KUBERNETES_VERSION-etcd-$ETCD_VERSION-minio-${MINIO_VERSION##*-}
 mkdir -p "$bin"
+# One build at a time per version set: a second caller waits, then finds the binaries.
+exec 9>"$bin/.lock"
+flock 9
 export GOWORK=off CGO_ENABLED=0 GOFLAGS=-mod=mod
 log() { echo "build-binaries: $*" >&2; }
 
@@ -40,9 +43,10 @@ fi
 
 if [ ! -x "$bin/minio" ]; then
   log "building minio $MINIO_VERSION"
-  GOBIN="$bin/.gobin" go install -trimpath -ldflags "-s -w" "github.com/minio/minio@$MINIO_VERSION"
-  mv "$bin/.gobin/minio" "$bin/minio"
-  rmdir "$bin/.gobin"
+  gobin=$(mktemp -d "$bin/.gobin.XXXXXX")
+  GOBIN="$gobin" go install -trimpath -ldflags "-s -w" "github.com/minio/minio@$MINIO_VERSION"
+  mv "$gobin/minio" "$bin/minio"
+  rmdir "$gobin"
 fi
 
 echo "$bin"
