@@ -78,6 +78,13 @@ def test_summary_fits_in_a_termination_message() -> None:
     assert json.loads(encode_summary(small)) == small
 
 
+def test_non_finite_values_become_null() -> None:
+    out = io.StringIO()
+    Reporter(stream=out, url="").emit({"step": 1, "loss": float("nan"), "evalLoss": float("inf")}, record=False)
+    assert json.loads(out.getvalue()) == {"step": 1, "loss": None, "evalLoss": None}
+    assert json.loads(encode_summary({"metrics": {"trainLoss": float("nan")}})) == {"metrics": {"trainLoss": None}}
+
+
 def test_termination_message_goes_to_the_configured_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KUBETUNE_TERMINATION_LOG", str(tmp_path / "termination-log"))
     write_termination_message({"step": 5, "totalSteps": 5})

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import queue
 import sys
@@ -56,6 +57,7 @@ class Reporter:
 
     def emit(self, event: dict[str, Any], *, record: bool = True) -> None:
         """Print ``event`` as a JSON line, append it to metrics.jsonl (``record``), push it."""
+        event = finite(event)
         line = json.dumps(event, separators=(",", ":"), default=str)
         print(line, file=self.stream, flush=True)
         if record and self.metrics_path is not None:
@@ -107,6 +109,17 @@ class Reporter:
         self._thread = None
 
 
+def finite(value: Any) -> Any:
+    """``value`` with NaN and infinite floats replaced by None: strict JSON has no NaN."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite(v) for v in value]
+    return value
+
+
 def termination_log_path() -> Path | None:
     """Where the summary goes: ``KUBETUNE_TERMINATION_LOG``, else /dev/termination-log if writable."""
     configured = os.environ.get("KUBETUNE_TERMINATION_LOG")
@@ -120,7 +133,7 @@ def termination_log_path() -> Path | None:
 
 def encode_summary(summary: dict[str, Any], limit: int = SUMMARY_MAX_BYTES) -> str:
     """JSON of ``summary`` within ``limit`` bytes: drop detail first, then shorten the message."""
-    text = json.dumps(summary, separators=(",", ":"), default=str)
+    text = json.dumps(finite(summary), separators=(",", ":"), default=str)
     if len(text.encode()) <= limit:
         return text
     trimmed = json.loads(text)
