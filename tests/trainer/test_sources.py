@@ -39,3 +39,19 @@ def test_hf_sources_fail_fast_when_offline(uri: str, monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(SourceUnavailable, match="HF_HUB_OFFLINE"):
         resolve(uri, STORAGE, directory=uri.startswith("hf://org"))
+
+
+def test_hf_sources_use_the_cache_when_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The hub cache layout: <cache>/hf/<kind>s--org--name/{refs/main, snapshots/<commit>/...}.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("KUBETUNE_CACHE_DIR", str(tmp_path))
+    commit = "0" * 40
+    for kind, name in (("models", "config.json"), ("datasets", "train.jsonl")):
+        repo = tmp_path / "hf" / f"{kind}--org--name"
+        (repo / "refs").mkdir(parents=True)
+        (repo / "refs" / "main").write_text(commit)
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / name).write_text("{}")
+    model = resolve("hf://org/name", STORAGE, directory=True)
+    assert (model / "config.json").is_file()
+    assert resolve("hf://datasets/org/name/train.jsonl", STORAGE).read_text() == "{}"

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
@@ -153,18 +154,38 @@ def _is_connection_error(err: BaseException) -> bool:
     return isinstance(err, urllib3.exceptions.HTTPError | ConnectionError | TimeoutError)
 
 
-def _resolve_hf(uri: str, revision: str | None, *, directory: bool) -> Path:
-    rest = uri.split("://", 1)[1].strip("/")
+def _hub_unreachable(timeout: float = 5.0) -> str | None:
+    """Why the hub cannot be reached (checked in seconds, not after the client's retries), or None."""
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        raise SourceUnavailable(
-            f"{uri}: HF_HUB_OFFLINE is set, so the hub cannot be reached; copy the files to s3://, "
-            "pvc:// or a local path instead"
-        )
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None  # only the proxy knows; let the client try
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host = endpoint.hostname or "huggingface.co"
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as err:
+        return f"the hub ({host}:{port}) is unreachable: {err}"
+    return None
+
+
+def _resolve_hf(uri: str, revision: str | None, *, directory: bool) -> Path:
+    """Download from the hub; without the hub, only what the cache already holds is used."""
     from huggingface_hub import hf_hub_download, snapshot_download
 
-    target = cache_dir() / "hf"
-    kwargs: dict[str, Any] = {"revision": revision, "cache_dir": str(target), "etag_timeout": 10}
-    log.info("downloading %s (revision %s) from the Hugging Face hub", uri, revision or "main")
+    rest = uri.split("://", 1)[1].strip("/")
+    unreachable = _hub_unreachable()
+    kwargs: dict[str, Any] = {
+        "revision": revision,
+        "cache_dir": str(cache_dir() / "hf"),
+        "etag_timeout": 10,
+        "local_files_only": unreachable is not None,
+    }
+    if unreachable:
+        log.info("%s: %s; looking in the cache %s", uri, unreachable, kwargs["cache_dir"])
+    else:
+        log.info("downloading %s (revision %s) from the Hugging Face hub", uri, revision or "main")
     try:
         if rest.startswith("datasets/"):
             parts = rest.split("/")
@@ -181,5 +202,10 @@ def _resolve_hf(uri: str, revision: str | None, *, directory: bool) -> Path:
     except SourceUnavailable:
         raise
     except Exception as err:
-        # Not found, gated, offline, DNS failure: none of these heals by retrying inside the pod.
+        if unreachable:
+            raise SourceUnavailable(
+                f"{uri}: {unreachable}, and the cache has no copy; copy the files to s3://, pvc:// or a "
+                "local path, or set HF_ENDPOINT to a reachable mirror"
+            ) from err
+        # Not found, gated, a failed download: none of these heals by retrying inside the pod.
         raise SourceUnavailable(f"{uri}: cannot download from the Hugging Face hub: {err}") from err
