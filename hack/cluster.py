@@ -642,6 +642,9 @@ def _start_node_agent(paths: Paths, state: State, gpus: int) -> None:
     start_process("node-agent", [
         sys.executable, str(HACK / "node_agent.py"),
         f"--kubeconfig={paths.kubeconfig}", f"--node-name={state.node}", f"--gpus={gpus}",
+        # Capacity the scheduler sees; defaults to this machine's.
+        *([f"--cpu={os.environ['KUBETUNE_NODE_CPU']}"] if os.environ.get("KUBETUNE_NODE_CPU") else []),
+        *([f"--memory={os.environ['KUBETUNE_NODE_MEMORY']}"] if os.environ.get("KUBETUNE_NODE_MEMORY") else []),
         f"--state-dir={paths.data / 'node-agent'}", f"--pod-log-dir={paths.logs / 'pods'}",
         f"--pv-dir={paths.pvs}",
         f"--serving-cert={paths.pki / 'apiserver.crt'}", f"--serving-key={paths.pki / 'apiserver.key'}",

@@ -621,7 +621,8 @@ class PodWorker(threading.Thread):
         run.termination_file.parent.mkdir(parents=True, exist_ok=True)
         run.termination_file.write_bytes(b"")
         run.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with run.log_path.open("ab") as logfile:
+        # A new pod with the same name starts a new log; restarts of a container append to it.
+        with run.log_path.open("ab" if run.restart_count else "wb") as logfile:
             run.proc = subprocess.Popen(
                 ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c", script, "sh", *argv],
                 stdin=subprocess.DEVNULL, stdout=logfile, stderr=subprocess.STDOUT,
@@ -706,9 +707,16 @@ class PodWorker(threading.Thread):
 
     def monitor(self) -> None:
         self.post_status(self.phase())
+        deadline = self.pod["spec"].get("activeDeadlineSeconds")
+        started = time.monotonic()
         while True:
             self.wait()
             if self.interrupted():
+                return
+            if deadline is not None and time.monotonic() - started > deadline:
+                self.kill_all(grace_s=self.grace_period())
+                self.post_status("Failed", reason="DeadlineExceeded",
+                                 message="Pod was active on the node longer than the specified deadline")
                 return
             for run in self.runs:
                 if self.reap(run) and self.should_restart(run):

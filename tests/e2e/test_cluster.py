@@ -290,6 +290,19 @@ def test_on_failure_pod_restarts_its_container_until_it_succeeds(cluster: Cluste
     assert status["lastState"]["terminated"]["exitCode"] == 1
 
 
+def test_pod_past_its_active_deadline_is_stopped_and_fails(cluster: Cluster, namespace: str) -> None:
+    cluster.apply({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "slow"},
+        "spec": {"restartPolicy": "Never", "activeDeadlineSeconds": 2, "terminationGracePeriodSeconds": 1,
+                 "containers": [{"name": "main", "image": PYTHON_IMAGE, "command": ["sleep", "3600"]}]},
+    }, namespace)
+
+    pod = wait_for(lambda: (p := cluster.get("pod", "slow", "-n", namespace))["status"].get("phase")
+                   == "Failed" and p, 60, "pod slow to fail")
+    assert pod["status"]["reason"] == "DeadlineExceeded"
+    assert terminated_state(pod)["exitCode"] == 143  # SIGTERM
+
+
 def test_pod_the_agent_cannot_run_fails_with_a_message(cluster: Cluster, namespace: str) -> None:
     cluster.apply({
         "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "nfs"},
