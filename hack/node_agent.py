@@ -676,7 +676,8 @@ class PodWorker(threading.Thread):
                 self.wait()
                 if self.interrupted():
                     return False
-                if self.reap(run) and run.exit_code != 0:
+                start_failed = run.proc is None and run.restart_at is None and run.exit_code is not None
+                if (self.reap(run) or start_failed) and run.exit_code != 0:
                     if self.pod["spec"].get("restartPolicy", "Always") == "Never":
                         self.post_status("Failed", reason="InitContainerFailed",
                                          message=f"init container {run.name} exited {run.exit_code}")
