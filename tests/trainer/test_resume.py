@@ -82,3 +82,30 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_run(assets: Path, tmp_p
     # Same seeded data order, restored optimizer/scheduler/RNG and the same CPU kernels: identical.
     for name in want:
         assert torch.equal(got[name], want[name]), name
+
+
+@pytest.mark.parametrize(("quantization", "optimizer"), [("int8", "adamw_8bit"), ("int4", "paged_adamw_8bit")])
+def test_resume_restores_quantized_runs_with_8bit_optimizers(
+    quantization: str, optimizer: str, assets: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import shutil
+
+    from trainer_helpers import make_config
+
+    from kubetune_trainer.report import Reporter
+    from kubetune_trainer.train import Trainer
+
+    config = make_config(assets, tmp_path / "out", quantization=quantization,
+                         training={"maxSteps": 6, "checkpointEverySteps": 3, "optimizer": optimizer})
+    run = tmp_path / "out" / "tiny"
+    Trainer(config, Reporter(tmp_path / "m1.jsonl")).run()
+    first = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    # Pretend the pod died after step 3's checkpoint: drop everything written later.
+    shutil.rmtree(run / "checkpoints" / "step-6")
+    (run / "manifest.json").unlink()
+    with caplog.at_level("INFO", logger="kubetune_trainer.train"):
+        Trainer(config, Reporter(tmp_path / "m2.jsonl")).run()
+    assert "resuming from step 3 " in caplog.text
+    second = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
