@@ -50,8 +50,9 @@ def build_backbone(out: Path, layers: int, hidden: int, device: str) -> int:
     )
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
-    params = sum(p.numel() for p in model.parameters())
+        model: Any = LlamaForCausalLM(config)
+        model.to(torch.bfloat16)
+    params = int(sum(p.numel() for p in model.parameters()))
     model.save_pretrained(str(out))
     del model
     if device == "cuda":

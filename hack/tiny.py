@@ -81,7 +81,7 @@ def build_tokenizer(out_dir: str | Path) -> Path:
     from tokenizers import decoders
 
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    fast = PreTrainedTokenizerFast(
+    fast = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
     )
     fast.chat_template = CHAT_TEMPLATE

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -33,7 +34,8 @@ def test_merged_model_computes_what_the_adapter_model_computes(assets: Path, tmp
     samples = data.tokenize(data.load_examples(assets / "data" / "validation.jsonl", config.dataset),
                             config.dataset, result.tokenizer)
     batch = data.collate(samples[:4], result.tokenizer.pad_token_id)
-    merged = AutoModelForCausalLM.from_pretrained(str(run / "merged")).eval()
+    merged: Any = AutoModelForCausalLM.from_pretrained(str(run / "merged"))
+    merged.eval()
     with torch.no_grad():
         want = result.model.eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         got = merged(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +16,10 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from trainer_helpers import REPO, tiny_config
+from trainer_helpers import REPO, make_config, tiny_config
+
+from kubetune_trainer.report import Reporter
+from kubetune_trainer.train import Trainer
 
 pytestmark = pytest.mark.trainer
 
@@ -88,13 +92,6 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_run(assets: Path, tmp_p
 def test_resume_restores_quantized_runs_with_8bit_optimizers(
     quantization: str, optimizer: str, assets: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import shutil
-
-    from trainer_helpers import make_config
-
-    from kubetune_trainer.report import Reporter
-    from kubetune_trainer.train import Trainer
-
     config = make_config(assets, tmp_path / "out", quantization=quantization,
                          training={"maxSteps": 6, "checkpointEverySteps": 3, "optimizer": optimizer})
     run = tmp_path / "out" / "tiny"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -22,9 +23,10 @@ pytestmark = pytest.mark.trainer
 LOGIT_TOLERANCE = {"none": 1e-5, "int8": 1e-3, "int4": 1e-3}
 
 
-def logits(model: object, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     with torch.no_grad():
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()  # type: ignore[operator]
+        out: torch.Tensor = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return out.float()
 
 
 @pytest.mark.parametrize("quantization", ["none", "int8", "int4"])
