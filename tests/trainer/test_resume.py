@@ -23,7 +23,7 @@ from kubetune_trainer.train import Trainer
 
 pytestmark = pytest.mark.trainer
 
-STEPS = 80
+STEPS = 150
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
@@ -43,7 +43,7 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_run(assets: Path, tmp_p
         # Dropout on, so the restored RNG state matters as much as the weights and the optimizer.
         cfg = tiny_config(
             assets, tmp_path / name,
-            training={"maxSteps": STEPS, "batchSize": 4, "checkpointEverySteps": 5, "evalEverySteps": 40},
+            training={"maxSteps": STEPS, "batchSize": 4, "checkpointEverySteps": 5, "evalEverySteps": 50},
             lora={"r": 4, "alpha": 8, "dropout": 0.1},
         )
         path = tmp_path / f"{name}.yaml"
