@@ -117,6 +117,15 @@ def test_failing_job_fails_after_backoff_limit_retries(cluster: Cluster, namespa
         assert terminated_state(pod)["reason"] == "Error"
 
 
+def test_kubectl_logs_shows_what_the_container_printed(cluster: Cluster, namespace: str) -> None:
+    cluster.apply(job("chatty", "print('epoch 1 loss 2.5'); print('epoch 2 loss 1.9')"), namespace)
+    assert wait_for(lambda: job_condition(cluster, namespace, "chatty"), 60, "job chatty") == "Complete"
+
+    logs = cluster.kubectl("logs", "job/chatty", "-n", namespace).stdout
+    assert logs == "epoch 1 loss 2.5\nepoch 2 loss 1.9\n"
+    assert cluster.kubectl("logs", "job/chatty", "-n", namespace, "--tail=1").stdout == "epoch 2 loss 1.9\n"
+
+
 def test_pod_requesting_more_gpus_than_the_node_has_is_unschedulable(cluster: Cluster, namespace: str) -> None:
     gpus = int(cluster.get("node", "kubetune-local")["status"]["allocatable"]["nvidia.com/gpu"])
     cluster.apply({
