@@ -26,8 +26,14 @@ log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 """Label of tokens that do not count in the loss (prompt tokens, padding)."""
 
-_EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet",
-               ".pq": "parquet"}
+_EXTENSIONS = {
+    ".jsonl": "jsonl",
+    ".json": "jsonl",
+    ".ndjson": "jsonl",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
 
 
 @dataclass(frozen=True)
@@ -47,27 +53,28 @@ class Sample:
     labels: list[int]
 
 
-def detect_format(path: Path, fmt: str) -> str:
+def detect_format(path: Path, fmt: str, name: str | None = None) -> str:
     """The file format: ``fmt`` unless it is ``auto``, else from the extension."""
     if fmt != "auto":
         return fmt
     found = _EXTENSIONS.get(path.suffix.lower())
     if found is None:
         raise InvalidInput(
-            f"{path}: cannot tell the format from the extension {path.suffix!r}; "
+            f"{name or path}: cannot tell the format from the extension {path.suffix!r}; "
             "use .jsonl, .csv or .parquet, or set dataset.format"
         )
     return found
 
 
-def read_rows(path: Path, fmt: str) -> list[dict[str, Any]]:
-    """Read every row of a JSONL, CSV or Parquet file as a dict."""
+def read_rows(path: Path, fmt: str, name: str | None = None) -> list[dict[str, Any]]:
+    """Read every row of a JSONL, CSV or Parquet file as a dict; ``name`` names it in errors."""
+    name = name or str(path)
     if path.is_dir():
-        raise InvalidInput(f"{path}: is a directory, expected a data file")
-    fmt = detect_format(path, fmt)
+        raise InvalidInput(f"{name}: is a directory, expected a data file")
+    fmt = detect_format(path, fmt, name)
     try:
         if fmt == "jsonl":
-            return _read_jsonl(path)
+            return _read_jsonl(path, name)
         if fmt == "csv":
             with path.open(newline="", encoding="utf-8") as fh:
                 return list(csv.DictReader(fh))
@@ -76,13 +83,11 @@ def read_rows(path: Path, fmt: str) -> list[dict[str, Any]]:
         return list(pq.read_table(path).to_pylist())
     except InvalidInput:
         raise
-    except (OSError, UnicodeDecodeError, ValueError, csv.Error) as err:
-        raise InvalidInput(f"{path}: cannot read as {fmt}: {err}") from err
-    except Exception as err:  # pyarrow raises its own ArrowInvalid
-        raise InvalidInput(f"{path}: cannot read as {fmt}: {err}") from err
+    except Exception as err:  # OSError, UnicodeDecodeError, csv.Error, pyarrow's ArrowInvalid, …
+        raise InvalidInput(f"{name}: cannot read as {fmt}: {err}") from err
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+def _read_jsonl(path: Path, name: str) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     with path.open(encoding="utf-8") as fh:
         for number, line in enumerate(fh, start=1):
@@ -91,9 +96,9 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise InvalidInput(f"{path}: line {number} is not valid JSON: {err.msg}") from err
+                raise InvalidInput(f"{name}: line {number} is not valid JSON: {err.msg}") from err
             if not isinstance(row, dict):
-                raise InvalidInput(f"{path}: line {number} is not a JSON object")
+                raise InvalidInput(f"{name}: line {number} is not a JSON object")
             rows.append(row)
     return rows
 
@@ -104,7 +109,7 @@ def load_examples(path: Path, spec: DatasetSpec, name: str | None = None) -> lis
     ``name`` is how the file is called in messages (its source URI); the local path by default.
     """
     name = name or str(path)
-    rows = read_rows(path, spec.format)
+    rows = read_rows(path, spec.format, name)
     if not rows:
         raise InvalidInput(f"{name}: the dataset is empty (no rows)")
     present = list(rows[0].keys())
@@ -170,9 +175,8 @@ def format_prompt(example: Example, spec: DatasetSpec, tokenizer: PreTrainedToke
 
 def prompt_ids(example: Example, spec: DatasetSpec, tokenizer: PreTrainedTokenizerBase, chat: bool) -> list[int]:
     """Token ids of the prompt, with the BOS token where the tokenizer has one."""
-    ids: list[int] = list(tokenizer(format_prompt(example, spec, tokenizer, chat), add_special_tokens=False)[
-        "input_ids"
-    ])
+    text = format_prompt(example, spec, tokenizer, chat)
+    ids: list[int] = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     bos = tokenizer.bos_token_id
     if bos is not None and (not ids or ids[0] != bos):
         ids.insert(0, bos)
