@@ -730,10 +730,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command in ("up", "down"):
         with exclusive(paths.root / ".lock"):
-            if args.command == "up":
-                cluster_up(paths, args.gpus)
-            else:
+            if args.command == "down":
                 cluster_down(paths)
+                return 0
+            try:
+                cluster_up(paths, args.gpus)
+            except (TimeoutError, RuntimeError, subprocess.CalledProcessError) as error:
+                log(f"up failed: {error}")
+                return 1
     else:
         status = cluster_status(paths)
         if args.json:
