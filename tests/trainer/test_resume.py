@@ -106,3 +106,27 @@ def test_resume_restores_quantized_runs_with_8bit_optimizers(
     second = load_file(str(run / "adapter" / "adapter_model.safetensors"))
     for name in first:
         assert torch.equal(first[name], second[name]), name
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_143(assets: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(assets, tmp_path / "out", training={"maxSteps": STEPS, "batchSize": 4,
+                                                           "checkpointEverySteps": 100, "evalEverySteps": 100})
+    config = tmp_path / "cfg.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "KUBETUNE_TERMINATION_LOG": str(tmp_path / "termination-log")}
+    with (tmp_path / "stdout").open("w") as out, (tmp_path / "stderr").open("w") as err:
+        proc = subprocess.Popen(trainer_cmd(config), stdout=out, stderr=err, env=env, cwd=REPO)
+        try:
+            # The first progress line after step 1 says the loop is running.
+            wait_for(lambda: '"step":2,' in (tmp_path / "stdout").read_text() or proc.poll() is not None,
+                     300, "step 2")
+            proc.send_signal(signal.SIGTERM)
+        finally:
+            proc.wait(timeout=120)
+    stderr = (tmp_path / "stderr").read_text()
+    assert proc.returncode == 143, stderr
+    summary = json.loads((tmp_path / "termination-log").read_text())
+    assert summary["exitCode"] == 143 and 2 <= summary["step"] < STEPS
+    step = summary["step"]
+    assert f"stopped by SIGTERM at step {step}" in summary["error"]
+    assert (tmp_path / "out" / "tiny" / "checkpoints" / f"step-{step}" / "checkpoint.json").is_file()

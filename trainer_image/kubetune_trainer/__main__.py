@@ -8,6 +8,8 @@ Exit codes (a contract: the operator's Job podFailurePolicy depends on them):
 - 4: a source (model, tokenizer, dataset, output bucket) was not found or could not be reached.
 - 1: anything else (out of memory, a crash, a connection lost mid-run); worth retrying, and a
   retried run resumes from its newest complete checkpoint.
+- 143: stopped by SIGTERM; inside the training loop a checkpoint of the current step is written
+  first, so a retried run continues from there.
 
 Logs go to stderr; the first ERROR line names the file and the field or column at fault.
 Progress goes to stdout as JSON lines; the final summary (or the error) also goes to the

@@ -7,9 +7,11 @@ from .config import EXIT_ERROR, EXIT_INVALID_INPUT, EXIT_OK, EXIT_SOURCE_UNAVAIL
 # The codes are defined in config.py, which the operator imports (podFailurePolicy, status reasons).
 EXIT_FAILED = EXIT_ERROR
 EXIT_INVALID = EXIT_INVALID_INPUT
+EXIT_TERMINATED = 143
+"""Stopped by SIGTERM (128 + 15, as a process killed by it), after writing a checkpoint."""
 
-__all__ = ["EXIT_FAILED", "EXIT_INVALID", "EXIT_OK", "EXIT_SOURCE_UNAVAILABLE", "InvalidInput", "SourceUnavailable",
-           "TrainerError"]
+__all__ = ["EXIT_FAILED", "EXIT_INVALID", "EXIT_OK", "EXIT_SOURCE_UNAVAILABLE", "EXIT_TERMINATED", "InvalidInput",
+           "SourceUnavailable", "Terminated", "TrainerError"]
 
 
 class TrainerError(Exception):
@@ -28,3 +30,9 @@ class SourceUnavailable(TrainerError):
     """A source does not exist or cannot be reached (object store, hub, local path)."""
 
     exit_code = EXIT_SOURCE_UNAVAILABLE
+
+
+class Terminated(TrainerError):
+    """SIGTERM (pod deletion, preemption, node drain): the run stopped and can be resumed."""
+
+    exit_code = EXIT_TERMINATED

@@ -13,7 +13,9 @@ import math
 import random
 import resource
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from . import artifacts, data, sources
 from . import model as model_lib
 from .config import TrainerConfig
-from .errors import InvalidInput
+from .errors import InvalidInput, Terminated
 from .report import Reporter
 
 log = logging.getLogger(__name__)
@@ -121,6 +123,8 @@ class Trainer:
         self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
         self.metrics_path.write_text("")
         self.store: artifacts.Store | None = None
+        self.in_loop = False
+        self.stop_requested = False
 
     def close(self) -> None:
         """Remove the local working directory (staged outputs and checkpoints)."""
@@ -129,6 +133,24 @@ class Trainer:
     # -- setup --------------------------------------------------------------------------------
 
     def run(self) -> RunResult:
+        """Train and publish; on SIGTERM, checkpoint (when in the loop) and raise Terminated."""
+        if threading.current_thread() is not threading.main_thread():
+            return self._run()
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        try:
+            return self._run()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def _on_sigterm(self, signum: int, frame: object) -> None:
+        if self.in_loop:
+            # Finish the current step, write a checkpoint, then stop (see loop()).
+            log.warning("SIGTERM: stopping after the current step")
+            self.stop_requested = True
+        else:
+            raise Terminated(f"stopped by SIGTERM at step {self.progress.step}")
+
+    def _run(self) -> RunResult:
         cfg = self.config
         torch.manual_seed(cfg.training.seed)
         random.seed(cfg.training.seed)
@@ -201,6 +223,7 @@ class Trainer:
             return [train_samples[i] for i in chosen]
 
         model.train()
+        self.in_loop = True
         window_loss: list[float] = []
         # Throughput counts training compute only (not evaluation or checkpoint uploads); the ETA
         # uses wall time, which includes them.
@@ -243,8 +266,11 @@ class Trainer:
                 self.report(step, dev, eta, eval_loss)
                 total_tokens, total_time = total_tokens + window_tokens, total_time + window_time
                 window_loss, window_tokens, window_time = [], 0, 0.0
-            if step % tc.checkpoint_every_steps == 0 or step == steps:
+            if step % tc.checkpoint_every_steps == 0 or step == steps or self.stop_requested:
                 self.checkpoint(model, optimizer, scheduler, step)
+            if self.stop_requested:
+                raise Terminated(f"stopped by SIGTERM at step {step}; a checkpoint of step {step} was written")
+        self.in_loop = False
         if total_tokens:
             self.progress.tokens_per_second = total_tokens / max(total_time, 1e-9)
             log.info("trained %d steps in %.1fs (%.1fs of compute): %.0f tokens/s", steps - start,
