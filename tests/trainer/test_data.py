@@ -37,6 +37,23 @@ def test_prompt_tokens_are_masked_and_answer_tokens_are_labels(tokenizer: object
     assert sample.labels[n_prompt:] == answer_ids == sample.input_ids[n_prompt:]
 
 
+@pytest.mark.parametrize("template", ["chat", "plain"])
+def test_system_column_wins_over_system_prompt_and_is_masked(tmp_path: Path, tokenizer: object, template: str) -> None:
+    path = tmp_path / "train.jsonl"
+    rows = [{"prompt": "capital of peru ?", "answer": "lima", "sys": "you are a helpful assistant ."},
+            {"prompt": "capital of chile ?", "answer": "santiago", "sys": ""}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dataset = spec(systemColumn="sys", systemPrompt="system", template=template)
+    examples = data.load_examples(path, dataset)
+    assert [e.system for e in examples] == ["you are a helpful assistant .", "system"]
+    first, second = data.tokenize(examples, dataset, tokenizer)  # type: ignore[arg-type]
+    decoded = tokenizer.decode(first.input_ids)  # type: ignore[attr-defined]
+    assert "you are a helpful assistant ." in decoded
+    n_answer = sum(label != data.IGNORE_INDEX for label in first.labels)
+    assert n_answer == 2  # "lima" and EOS
+    assert "system" in tokenizer.decode(second.input_ids)  # type: ignore[attr-defined]
+
+
 def test_mask_prompt_false_trains_on_every_token(tokenizer: object) -> None:
     [sample] = data.tokenize([data.Example("capital of peru ?", "lima")], spec(maskPrompt=False), tokenizer)  # type: ignore[arg-type]
     assert sample.labels == sample.input_ids

@@ -163,11 +163,17 @@ def use_chat_template(spec: DatasetSpec, tokenizer: PreTrainedTokenizerBase) -> 
 def format_prompt(example: Example, spec: DatasetSpec, tokenizer: PreTrainedTokenizerBase, chat: bool) -> str:
     """The text the model sees before the answer."""
     if chat:
-        messages = []
-        if example.system:
-            messages.append({"role": "system", "content": example.system})
-        messages.append({"role": "user", "content": example.prompt})
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        user = {"role": "user", "content": example.prompt}
+        if not example.system:
+            return str(tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True))
+        system_message = {"role": "system", "content": example.system}
+        try:
+            text = tokenizer.apply_chat_template(
+                [system_message, user], tokenize=False, add_generation_prompt=True
+            )
+        except Exception:  # some templates (Gemma, Mistral) reject a system role
+            merged = {"role": "user", "content": f"{example.system}\n\n{example.prompt}"}
+            text = tokenizer.apply_chat_template([merged], tokenize=False, add_generation_prompt=True)
         return str(text)
     system = f"{example.system}\n\n" if example.system else ""
     return spec.prompt_format.replace("{system}", system).replace("{prompt}", example.prompt)
