@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
@@ -114,7 +115,7 @@ def _resolve_s3(uri: str, storage: StorageSpec) -> Path:
                 log.info("cached: %s", local)
                 continue
             local.parent.mkdir(parents=True, exist_ok=True)
-            client.fget_object(bucket, name, str(local))
+            client.fget_object(bucket, name, str(local), progress=DownloadProgress())
             log.info("downloaded s3://%s/%s (%d bytes)", bucket, name, size)
     except S3Error as err:
         raise SourceUnavailable(f"{uri}: {err.code}: {err.message}") from err
@@ -125,6 +126,29 @@ def _resolve_s3(uri: str, storage: StorageSpec) -> Path:
             raise SourceUnavailable(f"{uri}: object store unreachable: {err}") from err
         raise
     return target
+
+
+class DownloadProgress:
+    """Logs a large download's progress every 30 seconds (minio's progress protocol)."""
+
+    interval_s = 30.0
+
+    def __init__(self) -> None:
+        self.name = ""
+        self.total = 0
+        self.done = 0
+        self.last = time.monotonic()
+
+    def set_meta(self, object_name: str, total_length: int) -> None:
+        self.name, self.total = object_name, total_length
+
+    def update(self, length: int) -> None:
+        self.done += length
+        now = time.monotonic()
+        if now - self.last >= self.interval_s:
+            self.last = now
+            log.info("downloading %s: %d of %d MiB (%.0f%%)", self.name, self.done >> 20, self.total >> 20,
+                     100 * self.done / max(self.total, 1))
 
 
 def _s3_objects(client: Minio, bucket: str, key: str) -> list[tuple[str, int]]:
