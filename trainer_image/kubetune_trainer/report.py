@@ -59,7 +59,8 @@ class Reporter:
         """Print ``event`` as a JSON line, append it to metrics.jsonl (``record``), push it."""
         event = finite(event)
         line = json.dumps(event, separators=(",", ":"), default=str)
-        print(line, file=self.stream, flush=True)
+        with contextlib.suppress(OSError, ValueError):  # stdout closed or a broken pipe: train on
+            print(line, file=self.stream, flush=True)
         if record and self.metrics_path is not None:
             with self.metrics_path.open("a") as fh:
                 fh.write(line + "\n")
