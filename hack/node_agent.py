@@ -9,7 +9,8 @@ What it does:
   ``kubernetes.io/hostname``, ``kubernetes.io/os=linux``, ``nvidia.com/gpu.present=true``) and
   keeps it Ready with status and Lease heartbeats;
 * watches the pods bound to that node and runs each container as a host process under
-  ``unshare --mount --propagation private``: a small shell prologue bind-mounts the pod's volumes
+  ``unshare --mount --uts --propagation private`` (own hostname and /etc/hosts): a small shell
+  prologue bind-mounts the pod's volumes
   (configMap, secret, emptyDir, downwardAPI, projected service-account tokens from the
   TokenRequest API, persistentVolumeClaim → ``.kubetune/pvs/<namespace>/<claim>``, hostPath) and
   a per-container termination-message file, then execs the command;

@@ -267,6 +267,10 @@ class PodWorker(threading.Thread):
         path = run.spec.get("terminationMessagePath") or DEFAULT_TERMINATION_LOG
         mounts.append((path, run.termination_file, False))
         lines = ["set -e"]
+        if not self.pod["spec"].get("hostNetwork"):
+            hostname, hosts = self.host_identity()
+            mounts.append(("/etc/hosts", hosts, False))
+            lines.append(f"echo {shlex.quote(hostname)} > /proc/sys/kernel/hostname")
         for target, source, read_only in sorted(mounts, key=lambda m: m[0].count("/")):
             t, s = shlex.quote(target), shlex.quote(str(source))
             if source.is_dir():
@@ -281,6 +285,21 @@ class PodWorker(threading.Thread):
             lines.append(f"mkdir -p {shlex.quote(workdir)} && cd {shlex.quote(workdir)}")
         lines.append('exec "$@"')
         return "\n".join(lines)
+
+    def host_identity(self) -> tuple[str, Path]:
+        """The pod's hostname and its /etc/hosts file, as kubelet manages them."""
+        spec = self.pod["spec"]
+        hostname = (spec.get("hostname") or self.pod_name)[:63]
+        names = [hostname]
+        if spec.get("subdomain"):
+            names.insert(0, f"{hostname}.{spec['subdomain']}.{self.namespace}.svc.cluster.local")
+        hosts = self.dir / "etc-hosts"
+        if not hosts.exists():
+            hosts.parent.mkdir(parents=True, exist_ok=True)
+            hosts.write_text("# Kubernetes-managed hosts file (kubetune local node agent).\n"
+                             "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+                             f"{POD_IP}\t{' '.join(names)}\n")
+        return hostname, hosts
 
     def start_container(self, run: ContainerRun) -> None:
         env = self.env_cache[run.name]
@@ -298,7 +317,7 @@ class PodWorker(threading.Thread):
         # A new pod with the same name starts a new log; restarts of a container append to it.
         with run.log_path.open("ab" if run.restart_count else "wb") as logfile:
             run.proc = subprocess.Popen(
-                ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c", script, "sh", *argv],
+                ["unshare", "--mount", "--uts", "--propagation", "private", "--", "/bin/sh", "-c", script, "sh", *argv],
                 stdin=subprocess.DEVNULL, stdout=logfile, stderr=subprocess.STDOUT,
                 env=env, cwd="/", start_new_session=True,
             )

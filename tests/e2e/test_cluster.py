@@ -217,13 +217,17 @@ def test_pvc_of_the_default_storage_class_keeps_data_between_pods(cluster: Clust
     assert cluster.get("pvc", "data", "-n", namespace)["status"]["phase"] == "Bound"
 
 
-def test_pod_sees_downward_api_projected_and_memory_backed_volumes(cluster: Cluster, namespace: str) -> None:
+def test_pod_sees_its_hostname_downward_api_projected_and_memory_backed_volumes(
+    cluster: Cluster, namespace: str
+) -> None:
     cluster.apply({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "settings"},
                    "data": {"MODE": "lora", "nested.txt": "inner"}}, namespace)
     script = (
-        "import json, os\n"
+        "import json, os, socket\n"
         "mounts = open('/proc/self/mounts').read().splitlines()\n"
         "report = {\n"
+        "  'hostname': socket.gethostname(),\n"
+        "  'resolves': socket.gethostbyname(socket.gethostname()),\n"
         "  'cwd': os.getcwd(),\n"
         "  'mode': os.environ['MODE'],\n"
         "  'expanded': os.environ['GREETING'],\n"
@@ -271,6 +275,7 @@ def test_pod_sees_downward_api_projected_and_memory_backed_volumes(cluster: Clus
                    in ("Succeeded", "Failed") and p, 60, "pod inspect to finish")
     report = json.loads(terminated_state(pod)["message"])
     assert report == {
+        "hostname": "inspect", "resolves": "127.0.0.1",
         "cwd": "/scratch", "mode": "lora", "expanded": "mode=lora", "namespace": namespace,
         "labels": 'app="inspect"', "projected_ns": namespace, "projected_cm": "inner",
         "sub_path": "inner", "scratch": ["tmpfs"],
