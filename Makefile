@@ -42,8 +42,9 @@ cluster-down:  ## stop everything cluster-up started
 cluster-status:  ## show what runs and where
 	$(PY) hack/cluster.py status
 
-bench: venv  ## CPU benchmarks of the trainer (figures go to docs/benchmarks.md)
+bench: cluster-up  ## trainer on CPU, operator on the local cluster (figures go to docs/benchmarks.md)
 	$(PY) hack/bench_trainer.py
+	$(PY) hack/bench_operator.py
 
 gpu-check: venv  ## bf16 / int8 / int4 LoRA on a real GPU: peak memory and tokens/s
 	$(PY) hack/gpu_check.py
