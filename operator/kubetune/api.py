@@ -12,18 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from kubetune_trainer.config import (
-    NAME_MAX,
-    DatasetSpec,
-    LoraSpec,
-    ModelSpec,
-    OutputSpec,
-    Quantization,
-    Section,
-    StorageSpec,
-    TrainingSpec,
-    check_quantization,
-)
+from kubetune_trainer.config import NAME_MAX, RunSections, Section, StorageSpec
 
 GROUP = "kubetune.io"
 VERSION = "v1alpha1"
@@ -128,21 +117,13 @@ class CacheVolumeSpec(Section):
     """PVC name in the FineTuneJob's namespace."""
 
 
-class FineTuneJobSpec(Section):
-    """Desired state of a FineTuneJob: what to train, with what, and where it runs."""
+class FineTuneJobSpec(RunSections):
+    """Desired state of a FineTuneJob: what to train, with what, and where it runs.
 
-    model: ModelSpec
-    """The backbone to fine-tune."""
-    dataset: DatasetSpec
-    """The instruction data."""
-    training: TrainingSpec = Field(default_factory=TrainingSpec)
-    """Hyperparameters."""
-    lora: LoraSpec = Field(default_factory=LoraSpec)
-    """LoRA adapters."""
-    quantization: Quantization = "none"
-    """Base weights: none (bf16/fp16/fp32), int8 (8-bit LoRA) or int4 (nf4 QLoRA). int8/int4 need LoRA."""
-    output: OutputSpec
-    """Where the adapter and reports go; the job's own path <namespace>/<name> is appended."""
+    The training sections (model … storage) are the trainer's own; the output path gets
+    <namespace>/<name> appended.
+    """
+
     storage: JobStorageSpec = Field(default_factory=JobStorageSpec)
     """S3 endpoint and credentials."""
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
@@ -169,8 +150,7 @@ class FineTuneJobSpec(Section):
     """Delete the Job and its pods this long after the end; the FineTuneJob and its status stay."""
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> FineTuneJobSpec:
-        check_quantization(self.quantization, self.lora, self.output)
+    def _output_in_s3(self) -> FineTuneJobSpec:
         if not self.output.location.startswith("s3://"):
             raise ValueError(
                 "output.location must be s3://bucket/prefix for a FineTuneJob "

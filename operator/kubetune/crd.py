@@ -11,6 +11,7 @@ translate JSON-Schema-2020 exclusive bounds to OpenAPI v3.0, and attach CEL rule
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -269,8 +270,8 @@ def render_api_md() -> str:
             child = prop.get("items", prop) if prop.get("type") == "array" else prop
             if child.get("type") == "object" and "properties" in child:
                 queue.append((f"{path}.{name}", child))
-            default = f"`{yaml.safe_dump(prop['default'], default_flow_style=True).strip()}`" \
-                if "default" in prop else ("required" if name in required else "")
+            default = f"`{json.dumps(prop['default'])}`" if "default" in prop else (
+                "required" if name in required else "")
             desc = " ".join(prop.get("description", "").split())
             extra = _constraints(prop)
             text = (f"{desc} ({extra})" if extra else desc).replace("|", "\\|")

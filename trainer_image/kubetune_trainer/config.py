@@ -231,7 +231,31 @@ class StorageSpec(Section):
     """Use plain HTTP (local MinIO) instead of HTTPS."""
 
 
-class TrainerConfig(Section):
+class RunSections(Section):
+    """The sections that define a training run: shared by TrainerConfig and the FineTuneJob spec."""
+
+    model: ModelSpec
+    """The backbone to fine-tune."""
+    dataset: DatasetSpec
+    """The instruction data."""
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    """Hyperparameters."""
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    """LoRA adapters."""
+    quantization: Quantization = "none"
+    """Base weights: none (bf16/fp16/fp32), int8 (8-bit LoRA) or int4 (nf4 QLoRA). int8/int4 need LoRA."""
+    output: OutputSpec
+    """Where the adapter and reports go; the run's own path is appended."""
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+    """S3 endpoint (credentials come from the environment)."""
+
+    @model_validator(mode="after")
+    def _cross_section_rules(self) -> RunSections:
+        check_quantization(self.quantization, self.lora, self.output)
+        return self
+
+
+class TrainerConfig(RunSections):
     """A complete trainer run: what `python -m kubetune_trainer --config FILE` reads.
 
     Credentials are never part of it: they come from the environment (AWS_ACCESS_KEY_ID,
@@ -240,22 +264,10 @@ class TrainerConfig(Section):
 
     run_name: str = Field(default="run", min_length=1, max_length=NAME_MAX, pattern=r"^[A-Za-z0-9._/-]+$")
     """Appended to output.location; a FineTuneJob uses <namespace>/<name>."""
-    model: ModelSpec
-    dataset: DatasetSpec
-    training: TrainingSpec = Field(default_factory=TrainingSpec)
-    lora: LoraSpec = Field(default_factory=LoraSpec)
-    quantization: Quantization = "none"
-    output: OutputSpec
-    storage: StorageSpec = Field(default_factory=StorageSpec)
-
-    @model_validator(mode="after")
-    def _quantization_needs_lora(self) -> TrainerConfig:
-        check_quantization(self.quantization, self.lora, self.output)
-        return self
 
 
 def check_quantization(quantization: str, lora: LoraSpec, output: OutputSpec) -> None:
-    """Cross-section rules shared by the trainer config and the FineTuneJob spec."""
+    """Cross-section rules (the CRD's CEL rules say the same at apply time)."""
     if quantization != "none" and not lora.enabled:
         raise ValueError(
             f"quantization {quantization} requires lora.enabled=true "
