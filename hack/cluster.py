@@ -333,6 +333,7 @@ class State:
     helm: str = ""
     node: str = NODE_NAME
     minio_endpoint: str = ""
+    kubectl_cache: str = ""  # KUBECACHEDIR for this cluster: no stale discovery from an earlier one
 
     def save(self, path: Path) -> None:
         tmp = path.with_suffix(".tmp")
@@ -505,7 +506,7 @@ def cluster_up(paths: Paths, gpus: int) -> State:
     state = State(
         dir=str(paths.root), ports=ports, apiserver=apiserver, kubeconfig=str(paths.kubeconfig),
         kubectl=str(linked["kubectl"]), helm=str(linked["helm"]),
-        minio_endpoint=f"127.0.0.1:{ports['minio']}",
+        minio_endpoint=f"127.0.0.1:{ports['minio']}", kubectl_cache=str(paths.data / "kubectl-cache"),
     )
     state.save(paths.state)
     paths.kubeconfig.write_text(kubeconfig_text(apiserver, paths.pki, "admin"))

@@ -61,6 +61,8 @@ def _cluster_cli(*args: str) -> subprocess.CompletedProcess[str]:
 def _local_cluster(state_dir: Path) -> Cluster:
     state = json.loads((state_dir / "cluster.json").read_text())
     env = {**os.environ, "KUBECONFIG": state["kubeconfig"]}
+    if state.get("kubectl_cache"):
+        env["KUBECACHEDIR"] = state["kubectl_cache"]
     return Cluster(kubeconfig=Path(state["kubeconfig"]), kubectl_path=Path(state["kubectl"]),
                    helm_path=Path(state["helm"]), apiserver=state["apiserver"], dir=state_dir, env=env)
 

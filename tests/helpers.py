@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+STALE_DISCOVERY = "the server doesn't have a resource type"
 
 T = TypeVar("T")
 
@@ -54,6 +55,11 @@ class Cluster:
              timeout: float) -> subprocess.CompletedProcess[str]:
         result = subprocess.run([str(binary), *args], input=input, capture_output=True, text=True,
                                 env=self.env, timeout=timeout)
+        if result.returncode != 0 and binary == self.kubectl_path and STALE_DISCOVERY in result.stderr:
+            # kubectl's discovery cache predates a CRD that is now served: refresh it once and retry.
+            subprocess.run([str(binary), "api-resources"], capture_output=True, env=self.env, timeout=timeout)
+            result = subprocess.run([str(binary), *args], input=input, capture_output=True, text=True,
+                                    env=self.env, timeout=timeout)
         if check and result.returncode != 0:
             raise AssertionError(f"{binary.name} {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
         return result
