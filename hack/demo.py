@@ -21,7 +21,7 @@ from typing import Any
 
 HACK = Path(__file__).resolve().parent
 REPO = HACK.parent
-STATE = REPO / ".kubetune"
+STATE = REPO / ".kubetune"  # --dir replaces it
 RELEASE, RELEASE_NS, JOB_NS = "kubetune", "kubetune-system", "default"
 sys.path.insert(0, str(HACK))
 
@@ -80,7 +80,7 @@ def follow(name: str, timeout: float = 900) -> dict[str, Any]:
 
 def up() -> None:
     step("Starting the local cluster (kube-apiserver, etcd, controllers, scheduler, MinIO, GPU node agent)")
-    subprocess.run([sys.executable, str(HACK / "cluster.py"), "up"], check=True)
+    subprocess.run([sys.executable, str(HACK / "cluster.py"), "up", "--dir", str(STATE)], check=True)
     minio = seed_demo.read_env(STATE / "minio.env")
 
     step("Installing the KubeTune chart with helm (the operator runs as a pod on the local node)")
@@ -143,13 +143,16 @@ def show_artifacts(location: str, minio: dict[str, str]) -> None:
 def down() -> None:
     if (STATE / "kubeconfig").exists() and (STATE / "bin" / "helm").exists():
         run(str(STATE / "bin" / "helm"), "uninstall", RELEASE, "-n", RELEASE_NS, "--wait", capture=True, check=False)
-    subprocess.run([sys.executable, str(HACK / "cluster.py"), "down"], check=True)
+    subprocess.run([sys.executable, str(HACK / "cluster.py"), "down", "--dir", str(STATE)], check=True)
 
 
 def main() -> None:
+    global STATE
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["up", "down"])
+    parser.add_argument("--dir", type=Path, default=STATE, help="local cluster directory (default .kubetune/)")
     args = parser.parse_args()
+    STATE = args.dir.resolve()
     up() if args.command == "up" else down()
 
 

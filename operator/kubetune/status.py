@@ -138,6 +138,10 @@ def observe(job: Json | None, pods: list[Json], *, suspend: bool, queued: bool) 
     for pod in pods:
         if (pod.get("status") or {}).get("phase") == "Running" and not pod["metadata"].get("deletionTimestamp"):
             return Observed("Running", "Training", "the trainer is running", start, None, attempts)
+        if (pod.get("status") or {}).get("phase") == "Succeeded":
+            # The Job controller marks the Job Complete a moment after its pod succeeded.
+            return Observed("Running", "Finishing", "the trainer finished; completing the Job", start, None,
+                            attempts)
 
     for pod in pods:
         phase = (pod.get("status") or {}).get("phase")

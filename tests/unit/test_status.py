@@ -56,6 +56,8 @@ CASES = [
      "Pending", "ImagePullError", "cannot pull the trainer image"),
     ("pod starting", job(active=1), [pod()], False, False, "Pending", "Starting", "starting"),
     ("running", job(active=1), [pod("Running")], False, False, "Running", "Training", "running"),
+    ("pod done, job not yet complete", job(succeeded=1), [pod("Succeeded", terminated={"exitCode": 0})],
+     False, False, "Running", "Finishing", "finished"),
     ("suspended", job(suspend=True), [], True, False, "Suspended", "Suspended", "spec.suspend=false"),
     ("waiting for kueue", job(suspend=True), [], False, True, "Queued", "WaitingForAdmission", "Kueue"),
     ("succeeded", job(("SuccessCriteriaMet", "CompletionsReached"), ("Complete", "CompletionsReached"), succeeded=1),
