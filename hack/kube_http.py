@@ -59,13 +59,14 @@ class Kube:
         cluster = next(c["cluster"] for c in config["clusters"] if c["name"] == context["cluster"])
         user = next(u["user"] for u in config["users"] if u["name"] == context["user"])
         self.server = cluster["server"].rstrip("/")
-        self._scratch = Path(tempfile.mkdtemp(prefix="kube-http-"))
-        ca = _material(cluster, "certificate-authority", self._scratch)
-        self._ssl = ssl.create_default_context(cafile=ca)
-        cert = _material(user, "client-certificate", self._scratch)
-        key = _material(user, "client-key", self._scratch)
-        if cert:
-            self._ssl.load_cert_chain(cert, key)
+        # ssl reads certificates only from files; it keeps them in memory once loaded.
+        with tempfile.TemporaryDirectory(prefix="kube-http-") as scratch:
+            ca = _material(cluster, "certificate-authority", Path(scratch))
+            self._ssl = ssl.create_default_context(cafile=ca)
+            cert = _material(user, "client-certificate", Path(scratch))
+            key = _material(user, "client-key", Path(scratch))
+            if cert:
+                self._ssl.load_cert_chain(cert, key)
         self._token = user.get("token")
 
     def _open(self, method: str, path: str, body: Any, content_type: str, query: dict[str, Any] | None,
