@@ -491,6 +491,8 @@ def cluster_up(paths: Paths, gpus: int) -> State:
         cluster_down(paths)
 
     started = time.monotonic()
+    # Logs of the previous cluster stay readable after `down`; a fresh cluster starts fresh logs.
+    shutil.rmtree(paths.logs / "pods", ignore_errors=True)
     for directory in (paths.root, paths.logs, paths.logs / "pods", paths.data, paths.pvs):
         directory.mkdir(parents=True, exist_ok=True)
     binaries = find_binaries()
