@@ -52,8 +52,70 @@ def test_events_go_to_stdout_metrics_and_the_report_url(
     reporter.close()
     assert [json.loads(line)["step"] for line in out.getvalue().splitlines()] == [0, 1, 2]
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3
-    assert [body["step"] for _, body in received] == [0, 1, 2]
+    # Events that queue up while a push is in flight are coalesced: the newest always arrives.
+    steps = [body["step"] for _, body in received]
+    assert steps[-1] == 2 and steps == sorted(steps)
     assert {auth for auth, _ in received} == {"Bearer s3cr3t"}
+
+
+def test_a_backlog_is_sent_as_its_newest_event_with_the_latest_eval(tmp_path: Path) -> None:
+    received: list[dict[str, Any]] = []
+    first_arrived, release = threading.Event(), threading.Event()
+
+    class SlowHandler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            first_arrived.set()
+            release.wait(30)
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), SlowHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        reporter = Reporter(url=f"http://127.0.0.1:{server.server_port}/", stream=io.StringIO())
+        reporter.emit({"type": "progress", "step": 0, "evalLoss": 4.0})
+        assert first_arrived.wait(30)
+        for step in range(1, 50):  # queued while step 0 is in flight
+            reporter.emit({"type": "progress", "step": step, "evalLoss": 3.0 if step == 10 else None})
+        reporter.emit({"type": "checkpoint", "step": 49})
+        release.set()
+        reporter.close(timeout=30)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [(e["type"], e["step"], e.get("evalLoss")) for e in received] == [
+        ("progress", 0, 4.0), ("progress", 49, 3.0), ("checkpoint", 49, None)]
+
+
+def test_rate_limited_pushes_back_off_without_blocking(tmp_path: Path) -> None:
+    answers = [429, 204]
+    received: list[int] = []
+
+    class LimitedHandler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"])))["step"])
+            self.send_response(answers.pop(0) if answers else 204)
+            self.send_header("Retry-After", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), LimitedHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        reporter = Reporter(url=f"http://127.0.0.1:{server.server_port}/", stream=io.StringIO())
+        reporter.emit({"type": "progress", "step": 1})
+        reporter.emit({"type": "progress", "step": 2})
+        reporter.close(timeout=30)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert received[-1] == 2 and reporter.failed == 1 and reporter.sent == len(received) - 1
 
 
 def test_an_unreachable_operator_never_blocks_training(tmp_path: Path) -> None:

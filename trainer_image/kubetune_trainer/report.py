@@ -3,8 +3,9 @@
 Every progress event is one JSON object (camelCase keys) printed as a line on stdout and appended
 to ``metrics.jsonl``. When ``KUBETUNE_REPORT_URL`` is set, the same JSON is POSTed there with
 ``Authorization: Bearer $KUBETUNE_REPORT_TOKEN`` from a background thread: a bounded queue that
-drops the oldest event when full, short timeouts, errors logged and ignored. Training never waits
-for, or fails because of, the operator.
+drops the oldest event when full, short timeouts, errors logged and ignored; a backlog of progress
+events is sent as its newest event, and a 429/503 answer pauses pushing for its Retry-After (at
+most 10 s). Training never waits for, or fails because of, the operator.
 
 The final summary (at most 4 KiB) goes to the termination-message file: ``KUBETUNE_TERMINATION_LOG``,
 else ``/dev/termination-log`` when writable, else nowhere.
@@ -20,6 +21,7 @@ import os
 import queue
 import sys
 import threading
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any, TextIO
@@ -31,6 +33,7 @@ SUMMARY_MAX_BYTES = 4096
 """Kubernetes keeps at most 4096 bytes of a termination message."""
 QUEUE_SIZE = 64
 POST_TIMEOUT_S = 3.0
+MAX_BACKOFF_S = 10.0
 
 
 class Reporter:
@@ -50,6 +53,7 @@ class Reporter:
         self.sent = 0
         self.failed = 0
         self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue(maxsize=QUEUE_SIZE)
+        self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         if self.url:
             self._thread = threading.Thread(target=self._push_loop, name="kubetune-report", daemon=True)
@@ -79,17 +83,35 @@ class Reporter:
 
     def _push_loop(self) -> None:
         while True:
-            event = self._queue.get()
-            if event is None:
+            batch = [self._queue.get()]
+            while True:  # take whatever else is waiting: a backlog is coalesced, not replayed
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            closing = None in batch
+            for event in coalesce([e for e in batch if e is not None]):
+                self._push(event)
+            if closing:
                 return
-            try:
-                self._post(event)
-                self.sent += 1
-            except Exception as err:  # never let reporting disturb training
-                self.failed += 1
-                log.debug("progress report to %s failed: %s", self.url, err)
-                if self.failed in (1, 10, 100):
-                    log.warning("progress report failed (%d so far): %s", self.failed, err)
+
+    def _push(self, event: dict[str, Any]) -> None:
+        try:
+            self._post(event)
+            self.sent += 1
+        except Exception as err:  # never let reporting disturb training
+            self.failed += 1
+            log.debug("progress report to %s failed: %s", self.url, err)
+            if self.failed in (1, 10, 100):
+                log.warning("progress report failed (%d so far): %s", self.failed, err)
+            if isinstance(err, urllib.error.HTTPError) and err.code in (429, 503):
+                # Rate-limited: pause this thread (never training); events meanwhile coalesce.
+                retry_after = err.headers.get("Retry-After") if err.headers else None
+                try:
+                    delay = float(retry_after) if retry_after else 1.0
+                except ValueError:
+                    delay = 1.0
+                self._stop.wait(min(max(delay, 0.1), MAX_BACKOFF_S))
 
     def _post(self, event: dict[str, Any]) -> None:
         assert self.url is not None
@@ -107,7 +129,30 @@ class Reporter:
             return
         self._enqueue(None)
         self._thread.join(timeout)
+        self._stop.set()
         self._thread = None
+
+
+def coalesce(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A backlog of progress events becomes its newest one, carrying the newest eval results.
+
+    Other events (checkpoint, summary, failed) are kept, in order.
+    """
+    progress = [e for e in events if e.get("type", "progress") == "progress"]
+    if len(progress) <= 1:
+        return events
+    newest = dict(progress[-1])
+    evaluated = [e for e in progress if e.get("evalLoss") is not None]
+    if newest.get("evalLoss") is None and evaluated:
+        newest["evalLoss"] = evaluated[-1]["evalLoss"]
+        newest["perplexity"] = evaluated[-1].get("perplexity")
+    out = []
+    for event in events:
+        if event is progress[-1]:
+            out.append(newest)
+        elif event.get("type", "progress") != "progress":
+            out.append(event)
+    return out
 
 
 def finite(value: Any) -> Any:
