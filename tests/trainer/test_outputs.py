@@ -76,3 +76,14 @@ def test_total_steps_from_max_steps_or_epochs(assets: Path, training: dict[str, 
     overrides: dict[str, object] = {"maxSteps": None, **training}
     # 10 micro-batches per epoch.
     assert total_steps(make_config(assets, "/unused", training=overrides), micro_per_epoch=10) == expected
+
+
+def test_validation_split_and_gradient_accumulation(assets: Path, tmp_path: Path) -> None:
+    config = make_config(assets, tmp_path / "out", training={"maxSteps": 4, "gradientAccumulation": 2},
+                         dataset={"validation": None, "validationSplit": 0.25})
+    result = Trainer(config, Reporter(tmp_path / "metrics.jsonl")).run()
+    assert result.summary["step"] == 4
+    # 128 rows: 32 held out, 96 train = 12 micro-batches of 8; 4 steps x 2 micro-batches = 2/3 epoch.
+    assert result.summary["epoch"] == pytest.approx(8 / 12, abs=1e-3)
+    card = (tmp_path / "out" / "tiny" / "README.md").read_text()
+    assert "held out from train` (32 samples)" in card and "(96 samples)" in card
