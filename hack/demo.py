@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -30,7 +31,7 @@ import seed_demo  # noqa: E402
 
 def run(*args: str, capture: bool = False, check: bool = True, stdin: str | None = None) -> str:
     result = subprocess.run(args, text=True, capture_output=capture, check=False, input=stdin,
-                            env={"KUBECONFIG": str(STATE / "kubeconfig"), "PATH": f"{STATE / 'bin'}:/usr/bin:/bin"})
+                            env={**os.environ, "KUBECONFIG": str(STATE / "kubeconfig")})
     if check and result.returncode != 0:
         sys.exit(f"demo: {' '.join(args)} failed:\n{result.stderr if capture else ''}")
     return result.stdout if capture else ""

@@ -72,13 +72,16 @@ async def shutdown(**_: Any) -> None:
         await _server.stop()
 
 
-def _reconcile(namespace: str | None, name: str) -> None:
+def _reconcile(namespace: str | None, name: str, *, retry: bool = True) -> None:
+    """Reconcile; `Retry` becomes kopf's TemporaryError (retried with its delay) when `retry`,
+    else it is left to the periodic resync."""
     if namespace is None:  # FineTuneJobs and their children are namespaced
         return
     try:
         reconciler()(namespace, name)
     except Retry as wait:
-        raise kopf.TemporaryError(str(wait), delay=wait.delay) from None
+        if retry:
+            raise kopf.TemporaryError(str(wait), delay=wait.delay) from None
 
 
 @kopf.on.resume(api.GROUP, api.VERSION, api.PLURAL)
@@ -89,11 +92,13 @@ def finetunejob_changed(namespace: str | None, name: str, **_: Any) -> None:
     _reconcile(namespace, name)
 
 
-@kopf.timer(api.GROUP, api.VERSION, api.PLURAL, interval=SETTINGS.resync_seconds, initial_delay=SETTINGS.resync_seconds,
-            when=lambda status, **_: status.get("phase") not in TERMINAL)
+@kopf.timer(api.GROUP, api.VERSION, api.PLURAL, interval=SETTINGS.resync_seconds,
+            initial_delay=SETTINGS.resync_seconds,
+            when=lambda status, spec, **_: status.get("phase") not in TERMINAL
+            or spec.get("ttlSecondsAfterFinished") is not None)
 def finetunejob_resync(namespace: str | None, name: str, **_: Any) -> None:
-    """Safety net for missed events: re-check active jobs periodically."""
-    _reconcile(namespace, name)
+    """Re-check active jobs (a safety net for missed events) and expire finished ones (TTL)."""
+    _reconcile(namespace, name, retry=False)
 
 
 @kopf.on.delete(api.GROUP, api.VERSION, api.PLURAL, optional=True)
@@ -109,7 +114,7 @@ def child_changed(namespace: str | None, annotations: kopf.Annotations, **_: Any
     """A training Job or Pod changed: reconcile the FineTuneJob it belongs to."""
     owner = annotations.get(OWNER_ANNOTATION)
     if owner:
-        _reconcile(namespace, owner)
+        _reconcile(namespace, owner, retry=False)
 
 
 def run(namespaces: list[str]) -> int:

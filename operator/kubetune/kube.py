@@ -12,7 +12,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from kubetune import api
-from kubetune.render import REPORT_TOKEN_KEY, report_secret_name
+from kubetune.render import REPORT_TOKEN_KEY, config_map_name, job_name, report_secret_name
 
 Json = dict[str, Any]
 log = logging.getLogger("kubetune.kube")
@@ -118,12 +118,18 @@ class Kube:
         value = (secret.data or {}).get(REPORT_TOKEN_KEY)
         return base64.b64decode(value).decode() if value else None
 
-    def delete_config_map(self, namespace: str, name: str) -> None:
-        try:
-            self.core.delete_namespaced_config_map(name, namespace)
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
+    def delete_children(self, namespace: str, name: str) -> None:
+        """Delete a FineTuneJob's Job (with its pods), ConfigMap and report Secret."""
+        for delete, child in (
+            (self.batch.delete_namespaced_job, job_name(name)),
+            (self.core.delete_namespaced_config_map, config_map_name(name)),
+            (self.core.delete_namespaced_secret, report_secret_name(name)),
+        ):
+            try:
+                delete(child, namespace, propagation_policy="Background")
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
 
     def missing(self, namespace: str, secrets: list[str], claims: list[str]) -> list[str]:
         """'Secret x' / 'PersistentVolumeClaim y' for each that does not exist."""

@@ -8,6 +8,7 @@ and its Pods.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import secrets
 import threading
@@ -37,6 +38,12 @@ class Retry(Exception):
     def __init__(self, message: str, delay: float = 5.0) -> None:
         super().__init__(message)
         self.delay = delay
+
+
+def seconds_since(stamp: str) -> float:
+    """Seconds from an RFC 3339 UTC timestamp until now."""
+    then = dt.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    return (dt.datetime.now(dt.UTC) - then).total_seconds()
 
 
 def validation_message(error: ValidationError) -> str:
@@ -117,11 +124,11 @@ class Reconciler:
         job_name = render.job_name(name)
         job = self.kube.get_job(ns, job_name)
         if job is None and previous.get("phase") in status.TERMINAL:
+            # Finished, and the children were removed (ttlSecondsAfterFinished) or deleted by
+            # hand: the status stays as it was and nothing is created again.
             metrics.observe_phase(ns, name, previous["phase"])
-            # The Job finished and was removed (ttlSecondsAfterFinished): the status stays as it
-            # was, the config goes with the Job, and nothing is created again.
-            if spec.ttl_seconds_after_finished is not None:
-                self.kube.delete_config_map(ns, render.config_map_name(name))
+            return
+        if previous.get("phase") in status.TERMINAL and self._expire(ftj, spec, previous):
             return
 
         if job is None:
@@ -149,6 +156,23 @@ class Reconciler:
         observed = status.observe(job, pods, suspend=spec.suspend, queued=bool(spec.scheduling.queue_name))
         self._write(ftj, status.build_status(observed, previous=previous, generation=generation,
                                              job_name=job_name, now=now()))
+
+    def _expire(self, ftj: Json, spec: FineTuneJobSpec, previous: Json) -> bool:
+        """ttlSecondsAfterFinished: remove the children once the final status is written.
+
+        The operator does this itself rather than through the Job's own TTL, which could delete
+        the Job before its outcome is recorded. Returns True when the children were removed.
+        """
+        ttl, finished = spec.ttl_seconds_after_finished, previous.get("completionTime")
+        if ttl is None or not finished:
+            return False
+        left = ttl - seconds_since(finished)
+        if left > 0:
+            raise Retry(f"children are removed in {left:.0f}s (ttlSecondsAfterFinished)", delay=left)
+        meta = ftj["metadata"]
+        self.kube.delete_children(meta["namespace"], meta["name"])
+        self.kube.event(ftj, "Normal", "Cleaned", f"removed the Job and its pods {ttl}s after the end")
+        return True
 
     def _sync_suspend(self, job: Json, spec: FineTuneJobSpec) -> Json:
         """spec.suspend → Job.spec.suspend. With a Kueue queue, Kueue alone un-suspends."""

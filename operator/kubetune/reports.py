@@ -163,9 +163,10 @@ class ReportServer:
             self._tokens[key] = (token, time.monotonic())
         return token
 
-    def _reject(self, status: int, reason: str, message: str) -> web.Response:
+    def _reject(self, status: int, reason: str, message: str, retry_after: int | None = None) -> web.Response:
         metrics.REPORTS.labels(result=reason).inc()
-        return web.json_response({"error": message}, status=status)
+        headers = {"Retry-After": str(retry_after)} if retry_after else None
+        return web.json_response({"error": message}, status=status, headers=headers)
 
     async def handle_report(self, request: web.Request) -> web.Response:
         key: Key = (request.match_info["namespace"], request.match_info["name"])
@@ -177,7 +178,7 @@ class ReportServer:
             return self._reject(403, "forbidden", f"token is not valid for {key[0]}/{key[1]}")
         bucket = self._buckets.setdefault(key, TokenBucket(self.rate, self.burst))
         if not bucket.allow():
-            return self._reject(429, "rate_limited", "too many reports; slow down")
+            return self._reject(429, "rate_limited", "too many reports; slow down", retry_after=1)
         try:
             body = await request.json()
         except web.HTTPRequestEntityTooLarge:

@@ -7,6 +7,7 @@ Ready / Reconciling / Stalled, which kstatus (Flux, Argo CD, kubectl wait) under
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,14 @@ class Observed:
     completion_time: str | None = None
     attempts: int | None = None
     summary: Json | None = None
+
+
+def rfc3339(stamp: str | None) -> str | None:
+    """A timestamp as Kubernetes writes it (2026-01-01T00:00:00Z), whatever ISO form it came in."""
+    if not stamp:
+        return None
+    parsed = dt.datetime.fromisoformat(stamp.replace("Z", "+00:00")).astimezone(dt.UTC)
+    return parsed.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def condition(job: Json | None, kind: str) -> Json | None:
@@ -216,11 +225,11 @@ def build_status(observed: Observed, *, previous: Json, generation: int, job_nam
         "conditions": conditions(observed.phase, observed.reason, observed.message, generation,
                                  previous.get("conditions") or [], now),
     }
-    start = previous.get("startTime") or observed.start_time
+    start = previous.get("startTime") or rfc3339(observed.start_time)
     if start:
         status["startTime"] = start
     if observed.completion_time and observed.phase in TERMINAL:
-        status["completionTime"] = observed.completion_time
+        status["completionTime"] = rfc3339(observed.completion_time)
     if observed.attempts:
         status["attempts"] = observed.attempts
     # progress and metrics come from trainer reports (reports.py) while the job runs; merge

@@ -8,6 +8,8 @@ import pytest
 import yaml
 from operator_helpers import finetunejob
 
+from helpers import wait_for
+
 pytestmark = pytest.mark.e2e
 
 
@@ -16,8 +18,9 @@ def apply(cluster: Any, namespace: str, manifest: dict[str, Any]) -> Any:
 
 
 def test_explain_shows_the_field_docs(cluster: Any, crd: None) -> None:
-    out = cluster.kubectl("explain", "ftj.spec.quantization").stdout
-    assert "int8/int4 need LoRA" in out
+    # The API server publishes a new CRD's OpenAPI schema a moment after it is Established.
+    wait_for(lambda: "int8/int4 need LoRA" in cluster.kubectl("explain", "ftj.spec.quantization", check=False).stdout,
+             timeout=60, message="kubectl explain to show the field docs")
     out = cluster.kubectl("explain", "ftj.spec.lora").stdout
     assert "Low-rank adapters" in out or "LoRA adapters" in out
     assert "targetModules" in out

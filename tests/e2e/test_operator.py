@@ -171,10 +171,12 @@ def test_delete_removes_job_pods_and_config(cluster: Any, namespace: str, operat
 def test_ttl_removes_children_and_keeps_the_status(cluster: Any, namespace: str, operator: Any) -> None:
     cluster.apply(finetunejob("short-lived", ttlSecondsAfterFinished=0), namespace)
     wait_phase(cluster, namespace, "short-lived", "Succeeded")
-    wait_for(lambda: cluster.get("jobs,configmaps", "-n", namespace, "-l", "kubetune.io/job=short-lived")["items"]
-             == [], timeout=120, message="Job and ConfigMap removed after the TTL")
+    wait_for(lambda: cluster.get("jobs,pods,configmaps,secrets", "-n", namespace, "-l",
+                                 "kubetune.io/job=short-lived")["items"] == [],
+             timeout=120, message="Job, pods, ConfigMap and report Secret removed after the TTL")
     status = ftj(cluster, namespace, "short-lived")["status"]
     assert status["phase"] == "Succeeded" and status["metrics"]["evalLoss"] == 0.5
+    assert "Cleaned" in event_reasons(cluster, namespace, "short-lived")
 
 
 def test_restricted_pod_security_accepts_the_training_pod(cluster: Any, namespace: str, operator: Any) -> None:

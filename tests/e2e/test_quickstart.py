@@ -73,7 +73,7 @@ def test_quickstart_trains_reports_progress_and_publishes_artifacts(
     print(cluster.kubectl("get", "ftj", "-n", namespace).stdout)
     print(cluster.kubectl("get", "ftj", "-n", namespace, "-o", "wide").stdout)
 
-    assert status["progress"]["percent"] == 100 and status["progress"]["step"] == 40
+    assert status["progress"]["percent"] == 100 and status["progress"]["step"] == 300
     assert status["metrics"]["trainLoss"] > 0 and status["metrics"]["evalLoss"] > 0
     location = status["artifacts"]["location"]
     assert location.startswith(f"s3://{demo_bucket}/runs/{namespace}/quickstart")

@@ -136,6 +136,13 @@ def test_success_summary_completes_the_status() -> None:
     assert result["attempts"] == 1
 
 
+def test_times_are_written_as_kubernetes_writes_them() -> None:
+    observed = status.Observed("Succeeded", "Succeeded", "m", start_time="2026-01-01T00:00:00+00:00",
+                               completion_time="2026-01-01T01:00:00+00:00")
+    result = status.build_status(observed, previous={}, generation=1, job_name="j", now=NOW)
+    assert (result["startTime"], result["completionTime"]) == ("2026-01-01T00:00:00Z", "2026-01-01T01:00:00Z")
+
+
 def test_start_time_is_kept_from_the_previous_status() -> None:
     result = status.build_status(status.Observed("Running", "Training", "m", start_time="2026-01-02T00:00:00Z"),
                                  previous={"startTime": "2026-01-01T00:00:00Z"}, generation=1, job_name="j",
