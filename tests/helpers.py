@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -83,3 +84,11 @@ class Cluster:
         docs = manifest if isinstance(manifest, list) else [manifest]
         extra = ["-n", namespace] if namespace else []
         self.kubectl("apply", *extra, "-f", "-", input=yaml.safe_dump_all(docs))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port

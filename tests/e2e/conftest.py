@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -15,18 +14,11 @@ from typing import Any
 
 import pytest
 
-from helpers import wait_for
+from helpers import free_port, wait_for
 
 Cluster = Any  # tests/conftest.py's Cluster (conftest modules are not importable by name)
 REPO = Path(__file__).resolve().parents[2]
 FAKE_TRAINER = Path(__file__).parent / "fake_trainer.py"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class Operator:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from helpers import wait_for
+from helpers import free_port, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "kubetune"
@@ -62,13 +61,6 @@ def test_watch_namespaces_binds_only_those(cluster: Any, crd: None, namespace: s
            for e in d["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["KUBETUNE_NAMESPACES"] == namespace
     cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=rendered)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @pytest.mark.e2e
