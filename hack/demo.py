@@ -92,7 +92,7 @@ def up() -> None:
          "--set", "storage.secretName=kubetune-s3",
          # Pods on the local node share the host's loopback network (hack/node_agent.py).
          "--set", f"reports.port={report_port}", "--set", f"reports.url=http://127.0.0.1:{report_port}",
-         "--set", f"healthPort={port_or_free(8080)}")
+         "--set", f"healthPort={port_or_free(8080)}", "--set", "reports.statusIntervalSeconds=1")
     print(kubectl("get", "pods", "-n", RELEASE_NS, "-o", "wide"))
 
     step("Seeding MinIO with a tiny Llama-architecture backbone and an instruction dataset (built locally)")
