@@ -5,8 +5,9 @@
 #   kube-apiserver, kube-controller-manager, kube-scheduler  <- hack/k8s/go.mod (k8s.io/kubernetes)
 #   etcd                                                     <- hack/etcd/go.mod (go.etcd.io/etcd/server/v3)
 #   minio                                                    <- go install github.com/minio/minio@<pinned>
+#   helm (into its own bin/helm-<version>/)                  <- go install helm.sh/helm/v3/cmd/helm@<pinned>
 #
-# kubectl and helm come from the Python environment (see hack/tools.py), not from here.
+# kubectl comes from a pinned PyPI package (see hack/tools.py), not from here.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=versions.env
@@ -46,6 +47,23 @@ if [ ! -x "$bin/minio" ]; then
   gobin=$(mktemp -d "$bin/.gobin.XXXXXX")
   GOBIN="$gobin" go install -trimpath -ldflags "-s -w" "github.com/minio/minio@$MINIO_VERSION"
   mv "$gobin/minio" "$bin/minio"
+  rmdir "$gobin"
+fi
+
+helm_bin=$cache/bin/helm-$HELM_VERSION
+if [ ! -x "$helm_bin/helm" ]; then
+  log "building helm v$HELM_VERSION"
+  mkdir -p "$helm_bin"
+  gobin=$(mktemp -d "$helm_bin/.gobin.XXXXXX")
+  # As helm's own Makefile does: stamp the version and the Kubernetes version of its client
+  # libraries (the default for `helm template` and `helm lint`; 1.20 otherwise).
+  helm_pkg=helm.sh/helm/v3
+  GOBIN="$gobin" go install -trimpath -ldflags "-s -w \
+    -X $helm_pkg/internal/version.version=v$HELM_VERSION -X $helm_pkg/internal/version.gitTreeState=clean \
+    -X $helm_pkg/pkg/chartutil.k8sVersionMajor=1 -X $helm_pkg/pkg/chartutil.k8sVersionMinor=$HELM_K8S_MINOR \
+    -X $helm_pkg/pkg/lint/rules.k8sVersionMajor=1 -X $helm_pkg/pkg/lint/rules.k8sVersionMinor=$HELM_K8S_MINOR" \
+    "$helm_pkg/cmd/helm@v$HELM_VERSION"
+  mv "$gobin/helm" "$helm_bin/helm"
   rmdir "$gobin"
 fi
 

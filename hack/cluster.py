@@ -124,6 +124,7 @@ class Binaries:
     kube_controller_manager: Path
     kube_scheduler: Path
     minio: Path
+    helm: Path
     kubectl_override: Path | None
 
 
@@ -145,6 +146,12 @@ def build_dir() -> Path:
     return cache / "bin" / f"k8s-{v['KUBERNETES_VERSION']}-etcd-{v['ETCD_VERSION']}-minio-{minio_rev}"
 
 
+def helm_path() -> Path:
+    """Where hack/build-binaries.sh puts helm for the pinned version."""
+    cache = Path(os.environ.get("KUBETUNE_CACHE", Path.home() / ".cache" / "kubetune"))
+    return cache / "bin" / f"helm-{read_versions()['HELM_VERSION']}" / "helm"
+
+
 def find_binaries() -> Binaries:
     """Locate the binaries, building the missing ones (slow once, cached afterwards)."""
     built = build_dir()
@@ -157,7 +164,7 @@ def find_binaries() -> Binaries:
         return built / name
 
     names = ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "minio"]
-    if not all(pick(name).is_file() for name in names):
+    if not all(pick(name).is_file() for name in names) or not helm_path().is_file():
         log(f"building binaries into {built} (hack/build-binaries.sh)")
         subprocess.run(["bash", str(HACK / "build-binaries.sh")], check=True, stdout=subprocess.DEVNULL)
     kubectl = assets / "kubectl" if assets is not None and (assets / "kubectl").is_file() else None
@@ -167,6 +174,7 @@ def find_binaries() -> Binaries:
         kube_controller_manager=pick("kube-controller-manager"),
         kube_scheduler=pick("kube-scheduler"),
         minio=pick("minio"),
+        helm=helm_path(),
         kubectl_override=kubectl,
     )
 
@@ -499,7 +507,7 @@ def cluster_up(paths: Paths, gpus: int) -> State:
     sys.path.insert(0, str(HACK))
     import tools  # hack/tools.py
 
-    linked = tools.install_tools(paths.bin, binaries.kubectl_override)
+    linked = tools.install_tools(paths.bin, binaries.helm, binaries.kubectl_override)
     ensure_pki(paths.pki)
 
     names = ["etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler", "minio", "minio-console"]

