@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubetune.render import CONTAINER
-from kubetune_trainer.config import EXIT_INVALID_INPUT, EXIT_SOURCE_UNAVAILABLE
+from kubetune_trainer.config import EXIT_INVALID_INPUT, EXIT_SOURCE_UNAVAILABLE, EXIT_TERMINATED
 
 Json = dict[str, Any]
 
@@ -93,9 +93,10 @@ def describe_failure(pod: Json) -> tuple[str, str] | None:
     if summary and summary.get("error"):
         text = str(summary["error"])
     text = text.strip()[-1024:]
-    reason = {EXIT_INVALID_INPUT: "InvalidInput", EXIT_SOURCE_UNAVAILABLE: "SourceUnavailable"}.get(
-        int(code or 1), "TrainerError"
-    )
+    reason = {EXIT_INVALID_INPUT: "InvalidInput", EXIT_SOURCE_UNAVAILABLE: "SourceUnavailable",
+              EXIT_TERMINATED: "Interrupted"}.get(int(code or 1), "TrainerError")
+    if code == EXIT_TERMINATED and not text:
+        text = "stopped by SIGTERM after checkpointing; a retry continues from that step"
     return reason, f"trainer exited with code {code}: {text}" if text else f"trainer exited with code {code}"
 
 

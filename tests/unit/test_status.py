@@ -78,6 +78,8 @@ CASES = [
      "Failed", "DeadlineExceeded", "activeDeadlineSeconds"),
     ("retrying", job(failed=1), [pod("Failed", terminated={"exitCode": 1, "message": "NCCL timeout"})],
      False, False, "Pending", "Retrying", "NCCL timeout"),
+    ("interrupted", job(failed=1), [pod("Failed", terminated={"exitCode": 143})], False, False,
+     "Pending", "Retrying", "stopped by SIGTERM after checkpointing"),
     ("source unavailable", job(("Failed", "BackoffLimitExceeded"), failed=1),
      [pod("Failed", terminated={"exitCode": 4, "message": "hf://x/y: offline"})], False, False,
      "Failed", "BackoffLimitExceeded", "hf://x/y: offline"),

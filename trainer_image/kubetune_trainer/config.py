@@ -33,6 +33,8 @@ EXIT_INVALID_INPUT = 3
 """Invalid config or data: retrying cannot help, the Job fails at once."""
 EXIT_SOURCE_UNAVAILABLE = 4
 """A model or dataset source was not found or not reachable."""
+EXIT_TERMINATED = 143
+"""Stopped by SIGTERM (128 + 15) after checkpointing the current step; a retry continues from there."""
 
 PVC_MOUNT_ROOT = "/mnt/pvc"
 """pvc://claim/path resolves to PVC_MOUNT_ROOT/claim/path; the operator mounts each claim there."""

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from .config import EXIT_ERROR, EXIT_INVALID_INPUT, EXIT_OK, EXIT_SOURCE_UNAVAILABLE
+from .config import EXIT_ERROR, EXIT_INVALID_INPUT, EXIT_OK, EXIT_SOURCE_UNAVAILABLE, EXIT_TERMINATED
 
 # The codes are defined in config.py, which the operator imports (podFailurePolicy, status reasons).
 EXIT_FAILED = EXIT_ERROR
 EXIT_INVALID = EXIT_INVALID_INPUT
-EXIT_TERMINATED = 143
-"""Stopped by SIGTERM (128 + 15, as a process killed by it), after writing a checkpoint."""
 
 __all__ = ["EXIT_FAILED", "EXIT_INVALID", "EXIT_OK", "EXIT_SOURCE_UNAVAILABLE", "EXIT_TERMINATED", "InvalidInput",
            "SourceUnavailable", "Terminated", "TrainerError"]
