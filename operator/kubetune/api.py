@@ -121,7 +121,7 @@ class FineTuneJobSpec(RunSections):
     """Desired state of a FineTuneJob: what to train, with what, and where it runs.
 
     The training sections (model … storage) are the trainer's own; the output path gets
-    <namespace>/<name> appended.
+    <namespace>/<name>/<first 8 characters of the UID> appended.
     """
 
     storage: JobStorageSpec = Field(default_factory=JobStorageSpec)
@@ -214,7 +214,7 @@ class Artifacts(Section):
     """Where the results are."""
 
     location: str | None = None
-    """Run directory, e.g. s3://bucket/prefix/<namespace>/<name>/."""
+    """Run directory, e.g. s3://bucket/prefix/<namespace>/<name>/<uid prefix>/."""
     adapter: str | None = None
     """The trained adapter (safetensors) and tokenizer."""
     merged: str | None = None

@@ -7,6 +7,7 @@ synchronous. They return nothing: a return value would land in status.<handler>.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 import kopf
@@ -72,9 +73,14 @@ async def shutdown(**_: Any) -> None:
         await _server.stop()
 
 
+_deferred: dict[tuple[str, str], threading.Timer] = {}
+_deferred_lock = threading.Lock()
+
+
 def _reconcile(namespace: str | None, name: str, *, retry: bool = True) -> None:
-    """Reconcile; `Retry` becomes kopf's TemporaryError (retried with its delay) when `retry`,
-    else it is left to the periodic resync."""
+    """Reconcile. A `Retry` becomes kopf's TemporaryError (kopf retries the handler) when `retry`;
+    otherwise (event and timer handlers, which kopf does not retry) one in-process re-check is
+    scheduled after its delay. An operator restart loses nothing: the resume handler retries."""
     if namespace is None:  # FineTuneJobs and their children are namespaced
         return
     try:
@@ -82,6 +88,24 @@ def _reconcile(namespace: str | None, name: str, *, retry: bool = True) -> None:
     except Retry as wait:
         if retry:
             raise kopf.TemporaryError(str(wait), delay=wait.delay) from None
+        _defer(namespace, name, wait.delay)
+
+
+def _defer(namespace: str, name: str, delay: float) -> None:
+    key = (namespace, name)
+
+    def again() -> None:
+        with _deferred_lock:
+            _deferred.pop(key, None)
+        _reconcile(namespace, name, retry=False)
+
+    with _deferred_lock:
+        if key in _deferred:
+            return
+        timer = threading.Timer(delay, again)
+        timer.daemon = True
+        _deferred[key] = timer
+        timer.start()
 
 
 @kopf.on.resume(api.GROUP, api.VERSION, api.PLURAL)
@@ -94,10 +118,13 @@ def finetunejob_changed(namespace: str | None, name: str, **_: Any) -> None:
 
 @kopf.timer(api.GROUP, api.VERSION, api.PLURAL, interval=SETTINGS.resync_seconds,
             initial_delay=SETTINGS.resync_seconds,
-            when=lambda status, spec, **_: status.get("phase") not in TERMINAL
-            or spec.get("ttlSecondsAfterFinished") is not None)
+            when=lambda status, **_: status.get("phase") not in TERMINAL)
 def finetunejob_resync(namespace: str | None, name: str, **_: Any) -> None:
-    """Re-check active jobs (a safety net for missed events) and expire finished ones (TTL)."""
+    """Re-check active jobs: a safety net for missed events.
+
+    kopf keeps its finalizer (kubetune.io/finalizer) on a FineTuneJob while a timer runs for it,
+    so only active jobs have one; kopf removes it when the job ends.
+    """
     _reconcile(namespace, name, retry=False)
 
 

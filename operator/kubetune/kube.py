@@ -21,6 +21,10 @@ log = logging.getLogger("kubetune.kube")
 class NotOwned(Exception):
     """A child with our deterministic name exists but belongs to someone else."""
 
+    def __init__(self, what: str) -> None:
+        super().__init__(f"{what} already exists and is not owned by this FineTuneJob")
+        self.what = what
+
 
 def load_config() -> None:
     """In a pod: its service account; elsewhere: the current kubeconfig."""
@@ -88,8 +92,7 @@ class Kube:
         existing = self._dict(read(name, ns))
         owners = [ref.get("uid") for ref in existing["metadata"].get("ownerReferences") or []]
         if owner_uid not in owners:
-            raise NotOwned(f"{kind} {ns}/{name} already exists and is not owned by this FineTuneJob; "
-                           "delete or rename it")
+            raise NotOwned(f"{kind} {name}")
         return existing, False
 
     def get_job(self, namespace: str, name: str) -> Json | None:
@@ -103,8 +106,10 @@ class Kube:
     def set_job_suspend(self, namespace: str, name: str, suspend: bool) -> None:
         self.batch.patch_namespaced_job(name, namespace, {"spec": {"suspend": suspend}})
 
-    def list_pods(self, namespace: str, job_name: str) -> list[Json]:
-        pods = self.core.list_namespaced_pod(namespace, label_selector=f"batch.kubernetes.io/job-name={job_name}")
+    def list_pods(self, namespace: str, job: Json) -> list[Json]:
+        """The pods of this very Job (by its UID: an older Job of the same name may still have pods)."""
+        selector = f"batch.kubernetes.io/controller-uid={job['metadata']['uid']}"
+        pods = self.core.list_namespaced_pod(namespace, label_selector=selector)
         return [self._dict(p) for p in pods.items]
 
     def report_token(self, namespace: str, name: str) -> str | None:

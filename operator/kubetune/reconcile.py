@@ -15,19 +15,19 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from pydantic import ValidationError
 
 from kubetune import metrics, render, status
 from kubetune.api import FineTuneJobSpec
-from kubetune.kube import Kube, now
+from kubetune.kube import Kube, NotOwned, now
 from kubetune.settings import Settings
 
 Json = dict[str, Any]
 log = logging.getLogger("kubetune.reconcile")
 
-PROBLEM_REASONS = ("Unschedulable", "ImagePullError", "Retrying", "MissingDependency")
+PROBLEM_REASONS = ("Unschedulable", "ImagePullError", "Retrying", "MissingDependency", "NameConflict")
 EVENT_REASONS = {"Running": "Started", "Succeeded": "Succeeded", "Failed": "Failed",
                  "Suspended": "Suspended", "Queued": "Queued"}
 
@@ -38,6 +38,10 @@ class Retry(Exception):
     def __init__(self, message: str, delay: float = 5.0) -> None:
         super().__init__(message)
         self.delay = delay
+
+
+def owned_by(obj: Json, uid: str) -> bool:
+    return any(ref.get("uid") == uid for ref in obj["metadata"].get("ownerReferences") or [])
 
 
 def seconds_since(stamp: str) -> float:
@@ -117,12 +121,18 @@ class Reconciler:
         try:
             spec = FineTuneJobSpec.model_validate(ftj.get("spec") or {})
         except ValidationError as error:
+            if previous.get("phase") in status.TERMINAL:
+                return  # a finished job keeps its outcome, even if validation rules changed since
             self._write(ftj, status.invalid_spec_status(validation_message(error), previous=previous,
                                                         generation=generation, now=now()))
             return
 
         job_name = render.job_name(name)
         job = self.kube.get_job(ns, job_name)
+        if job is not None and not owned_by(job, uid):
+            # A Job of that name that is not ours: usually the previous FineTuneJob of the same
+            # name, still being garbage-collected. Never observe or adopt it.
+            self._wait_for_name(ftj, f"Job {job_name}", previous, generation)
         if job is None and previous.get("phase") in status.TERMINAL:
             # Finished, and the children were removed (ttlSecondsAfterFinished) or deleted by
             # hand: the status stays as it was and nothing is created again.
@@ -140,22 +150,33 @@ class Reconciler:
                 self._write(ftj, status.waiting_status("MissingDependency", message, previous=previous,
                                                        generation=generation, now=now()))
                 raise Retry(message, delay=5)
-            if self.settings.report_url:
-                token = secrets.token_urlsafe(32)  # kept only if this call creates the Secret
-                self.kube.create_or_adopt(render.render_report_secret(ftj, token), uid)
-            config_map = render.render_config_map(ftj, spec, self.settings)
-            self.kube.create_or_adopt(config_map, uid)
-            desired = render.render_job(ftj, spec, self.settings, config_map)
-            job, created = self.kube.create_or_adopt(desired, uid)
+            try:
+                if self.settings.report_url:
+                    token = secrets.token_urlsafe(32)  # kept only if this call creates the Secret
+                    self.kube.create_or_adopt(render.render_report_secret(ftj, token), uid)
+                config_map = render.render_config_map(ftj, spec, self.settings)
+                self.kube.create_or_adopt(config_map, uid)
+                desired = render.render_job(ftj, spec, self.settings, config_map)
+                job, created = self.kube.create_or_adopt(desired, uid)
+            except NotOwned as conflict:
+                self._wait_for_name(ftj, conflict.what, previous, generation)
             if created:
                 self.kube.event(ftj, "Normal", "Created", f"created Job {job_name}")
         else:
             job = self._sync_suspend(job, spec)
 
-        pods = self.kube.list_pods(ns, job_name)
+        pods = self.kube.list_pods(ns, job)
         observed = status.observe(job, pods, suspend=spec.suspend, queued=bool(spec.scheduling.queue_name))
         self._write(ftj, status.build_status(observed, previous=previous, generation=generation,
                                              job_name=job_name, now=now()))
+
+    def _wait_for_name(self, ftj: Json, what: str, previous: Json, generation: int) -> NoReturn:
+        """A child's name is taken by an object this FineTuneJob does not own: wait, and say so."""
+        message = (f"{what} exists and belongs to another owner (a deleted FineTuneJob of the same name "
+                   "is still being cleaned up, or a name conflict); the job starts once it is gone")
+        self._write(ftj, status.waiting_status("NameConflict", message, previous=previous,
+                                               generation=generation, now=now()))
+        raise Retry(message, delay=3)
 
     def _expire(self, ftj: Json, spec: FineTuneJobSpec, previous: Json) -> bool:
         """ttlSecondsAfterFinished: remove the children once the final status is written.

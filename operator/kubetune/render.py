@@ -115,12 +115,18 @@ def storage_secret(spec: api.FineTuneJobSpec, settings: Settings) -> api.SecretR
     return api.SecretRef(name=settings.s3_secret) if settings.s3_secret else None
 
 
+def run_name(owner: Json) -> str:
+    """<namespace>/<name>/<first 8 of the UID>: retries of a job share it (and resume from its
+    checkpoints); a new FineTuneJob of the same name gets a fresh one and never overwrites it."""
+    meta = owner["metadata"]
+    return f"{meta['namespace']}/{meta['name']}/{meta['uid'][:8]}"
+
+
 def trainer_config(owner: Json, spec: api.FineTuneJobSpec, settings: Settings) -> TrainerConfig:
     """The trainer's config for this job: the spec's sections, storage defaults, the run name."""
-    meta = owner["metadata"]
     storage = spec.storage
     return TrainerConfig(
-        run_name=f"{meta['namespace']}/{meta['name']}",
+        run_name=run_name(owner),
         model=spec.model,
         dataset=spec.dataset,
         training=spec.training,
@@ -270,6 +276,8 @@ def render_pod_spec(owner: Json, spec: api.FineTuneJobSpec, settings: Settings) 
     sched = spec.scheduling
     pod: Json = {
         "restartPolicy": "Never",
+        # On SIGTERM the trainer finishes its step and uploads a checkpoint before it exits.
+        "terminationGracePeriodSeconds": 300,
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": 10001,  # the trainer image's user

@@ -36,7 +36,8 @@ def test_job_runs_on_the_gpu_node_and_succeeds(cluster: Any, namespace: str, ope
     assert status["jobName"] == "ok-trainer" and status["attempts"] == 1
     assert status["startTime"] <= status["completionTime"]
     assert status["metrics"]["evalLoss"] == 0.5 and status["progress"]["percent"] == 100
-    assert status["artifacts"]["location"] == f"s3://runs/{namespace}/ok/"
+    uid = ftj(cluster, namespace, "ok")["metadata"]["uid"]
+    assert status["artifacts"]["location"] == f"s3://runs/{namespace}/ok/{uid[:8]}/"
     assert {c["type"]: c["status"] for c in status["conditions"]} == {
         "Ready": "True", "Reconciling": "False", "Stalled": "False"}
     assert status["observedGeneration"] == ftj(cluster, namespace, "ok")["metadata"]["generation"]
@@ -183,3 +184,22 @@ def test_restricted_pod_security_accepts_the_training_pod(cluster: Any, namespac
     cluster.kubectl("label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted")
     cluster.apply(finetunejob("restricted"), namespace)
     wait_phase(cluster, namespace, "restricted", "Succeeded")
+
+
+def test_recreated_job_with_the_same_name_runs_on_its_own(cluster: Any, namespace: str, operator: Any,
+                                                           tmp_path: Path) -> None:
+    cluster.apply(finetunejob("again", env=env(FAKE_WAIT_FOR=str(tmp_path / "never"))), namespace)
+    wait_phase(cluster, namespace, "again", "Running")
+    first_uid = ftj(cluster, namespace, "again")["metadata"]["uid"]
+    cluster.kubectl("delete", "ftj", "again", "-n", namespace, "--wait=false")
+    wait_for(lambda: cluster.kubectl("get", "ftj", "again", "-n", namespace, check=False).returncode != 0,
+             timeout=60, message="the first FineTuneJob to be deleted")
+
+    cluster.apply(finetunejob("again"), namespace)
+    status = wait_phase(cluster, namespace, "again", "Succeeded", timeout=180)
+    second_uid = ftj(cluster, namespace, "again")["metadata"]["uid"]
+    assert second_uid != first_uid
+    job = cluster.get("job", "again-trainer", "-n", namespace)
+    assert job["metadata"]["ownerReferences"][0]["uid"] == second_uid
+    assert status["attempts"] == 1
+    assert status["artifacts"]["location"].endswith(f"/again/{second_uid[:8]}/")

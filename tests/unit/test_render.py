@@ -102,7 +102,7 @@ def test_credentials_travel_only_as_secret_refs() -> None:
 
 def test_config_map_holds_the_trainer_config_with_defaults_from_settings() -> None:
     config = yaml.safe_load(rendered(MINIMAL)["configMap"]["data"]["config.yaml"])
-    assert config["runName"] == "team-a/llama"
+    assert config["runName"] == "team-a/llama/0000-111"
     assert config["storage"] == {"endpoint": "minio.storage:9000", "insecure": True}
 
 
