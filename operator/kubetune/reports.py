@@ -17,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import threading
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -125,6 +127,9 @@ class ReportServer:
         self._scheduled: set[Key] = set()
         self._last_flush: dict[Key, float] = {}
         self._finished: set[Key] = set()
+        # Held while a progress write is checked and sent, and while a job is marked finished: a
+        # write is either done before the final status is written, or not sent at all.
+        self._write_locks: defaultdict[Key, threading.Lock] = defaultdict(threading.Lock)
         self._runner: web.AppRunner | None = None
 
     def app(self) -> web.Application:
@@ -147,8 +152,9 @@ class ReportServer:
     def finished(self, namespace: str, name: str) -> None:
         """The job ended: drop pending reports so a late one cannot overwrite the final status."""
         key = (namespace, name)
-        self._finished.add(key)
-        self._pending.pop(key, None)
+        with self._write_locks[key]:
+            self._finished.add(key)
+            self._pending.pop(key, None)
 
     def started(self, namespace: str, name: str) -> None:
         """The job runs (again, e.g. resumed): accept its reports."""
@@ -211,14 +217,20 @@ class ReportServer:
     async def _flush(self, key: Key) -> None:
         self._scheduled.discard(key)
         patch = self._pending.pop(key, None)
-        if not patch or key in self._finished:
+        if not patch:
             return
         self._last_flush[key] = time.monotonic()
         try:
-            await asyncio.get_running_loop().run_in_executor(None, self.kube.patch_status, *key, patch)
-            metrics.STATUS_WRITES.labels(source="report").inc()
+            await asyncio.get_running_loop().run_in_executor(None, self._write_unless_finished, key, patch)
         except Exception as error:  # a lost progress update heals with the next report
             log.warning("could not write progress of %s/%s: %s", *key, error)
+
+    def _write_unless_finished(self, key: Key, patch: Json) -> None:
+        with self._write_locks[key]:
+            if key in self._finished:
+                return
+            self.kube.patch_status(*key, patch)
+        metrics.STATUS_WRITES.labels(source="report").inc()
 
     async def handle_metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
