@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import json
 import logging
 from collections.abc import Callable
 from typing import Any, cast
@@ -24,6 +25,14 @@ class NotOwned(Exception):
     def __init__(self, what: str) -> None:
         super().__init__(f"{what} already exists and is not owned by this FineTuneJob")
         self.what = what
+
+
+def api_message(exc: ApiException) -> str:
+    """The API server's own message of an error (e.g. which RBAC rule is missing)."""
+    try:
+        return str(json.loads(exc.body or "{}").get("message") or exc.reason)
+    except ValueError:
+        return str(exc.reason)
 
 
 def load_config() -> None:
@@ -175,4 +184,5 @@ class Kube:
         try:
             self.core.create_namespaced_event(meta["namespace"], cast(Any, body))
         except ApiException as exc:
-            log.warning("could not post event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], exc.reason)
+            log.warning("could not post event %s on %s/%s: %s", reason, meta["namespace"], meta["name"],
+                        api_message(exc))
