@@ -123,6 +123,9 @@ class ReportServer:
         self.rate, self.burst = rate, burst
         self._tokens: dict[Key, tuple[str, float]] = {}
         self._buckets: dict[Key, TokenBucket] = {}
+        # Token lookups (Secret reads) for uncached jobs, across all jobs: unauthenticated
+        # requests cannot turn into unbounded load on the API server.
+        self._lookups = TokenBucket(rate=20, burst=50)
         self._pending: dict[Key, Json] = {}
         self._scheduled: set[Key] = set()
         self._last_flush: dict[Key, float] = {}
@@ -164,6 +167,8 @@ class ReportServer:
         cached = self._tokens.get(key)
         if cached and time.monotonic() - cached[1] < TOKEN_CACHE_SECONDS:
             return cached[0]
+        if not self._lookups.allow():
+            return None
         token = await asyncio.get_running_loop().run_in_executor(None, self.kube.report_token, *key)
         if token:
             self._tokens[key] = (token, time.monotonic())
