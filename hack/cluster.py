@@ -53,6 +53,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 HACK = Path(__file__).resolve().parent
+sys.path.insert(0, str(HACK))
+import tools  # noqa: E402  (hack/tools.py: kubectl, helm, the cache root)
+
 REPO = HACK.parent
 DEFAULT_DIR = REPO / ".kubetune"
 SERVICE_CIDR = "10.0.0.0/24"
@@ -141,15 +144,14 @@ def read_versions() -> dict[str, str]:
 def build_dir() -> Path:
     """Where hack/build-binaries.sh puts the binaries for the pinned versions."""
     v = read_versions()
-    cache = Path(os.environ.get("KUBETUNE_CACHE", Path.home() / ".cache" / "kubetune"))
+    cache = tools.cache_root()
     minio_rev = v["MINIO_VERSION"].rsplit("-", 1)[-1]
     return cache / "bin" / f"k8s-{v['KUBERNETES_VERSION']}-etcd-{v['ETCD_VERSION']}-minio-{minio_rev}"
 
 
 def helm_path() -> Path:
     """Where hack/build-binaries.sh puts helm for the pinned version."""
-    cache = Path(os.environ.get("KUBETUNE_CACHE", Path.home() / ".cache" / "kubetune"))
-    return cache / "bin" / f"helm-{read_versions()['HELM_VERSION']}" / "helm"
+    return tools.cache_root() / "bin" / f"helm-{read_versions()['HELM_VERSION']}" / "helm"
 
 
 def find_binaries() -> Binaries:
@@ -504,9 +506,6 @@ def cluster_up(paths: Paths, gpus: int) -> State:
     for directory in (paths.root, paths.logs, paths.logs / "pods", paths.data, paths.pvs):
         directory.mkdir(parents=True, exist_ok=True)
     binaries = find_binaries()
-    sys.path.insert(0, str(HACK))
-    import tools  # hack/tools.py
-
     linked = tools.install_tools(paths.bin, binaries.helm, binaries.kubectl_override)
     ensure_pki(paths.pki)
 

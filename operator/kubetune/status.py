@@ -50,20 +50,24 @@ def condition(job: Json | None, kind: str) -> Json | None:
     return None
 
 
-def terminated_state(pod: Json) -> Json | None:
+def trainer_status(pod: Json) -> Json:
+    """The trainer container's status in a pod ({} before the kubelet reports it)."""
     for status in (pod.get("status") or {}).get("containerStatuses") or []:
         if status.get("name") == CONTAINER:
-            return (status.get("state") or {}).get("terminated") or (status.get("lastState") or {}).get(
-                "terminated"
-            )
-    return None
+            return dict(status)
+    return {}
+
+
+def terminated_state(pod: Json) -> Json | None:
+    status = trainer_status(pod)
+    terminated: Json | None = (status.get("state") or {}).get("terminated") or (
+        status.get("lastState") or {}).get("terminated")
+    return terminated
 
 
 def waiting_state(pod: Json) -> Json | None:
-    for status in (pod.get("status") or {}).get("containerStatuses") or []:
-        if status.get("name") == CONTAINER:
-            return (status.get("state") or {}).get("waiting")
-    return None
+    waiting: Json | None = (trainer_status(pod).get("state") or {}).get("waiting")
+    return waiting
 
 
 def parse_summary(message: str | None) -> Json | None:
