@@ -33,6 +33,11 @@ EXIT_INVALID_INPUT = 3
 """Invalid config or data: retrying cannot help, the Job fails at once."""
 EXIT_SOURCE_UNAVAILABLE = 4
 """A model or dataset source was not found or not reachable."""
+EXIT_STORE_UNAVAILABLE = 5
+"""The artifact store became unreachable mid-run and stayed so past the retry window; the run's
+checkpoints are intact, so a replacement pod resumes (the Job does not count it as a failure)."""
+EXIT_OUT_OF_MEMORY = 6
+"""The accelerator ran out of memory: retrying the same settings cannot help, the Job fails at once."""
 EXIT_TERMINATED = 143
 """Stopped by SIGTERM (128 + 15) after checkpointing the current step; a retry continues from there."""
 
