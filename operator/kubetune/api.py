@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from kubetune_trainer.config import NAME_MAX, RunSections, Section, StorageSpec
 
@@ -92,11 +92,37 @@ class SchedulingSpec(Section):
     """Scheduler of the pod (default scheduler when unset)."""
 
 
+# Environment variables the operator sets in the training pod. A FineTuneJob cannot set them:
+# overriding KUBETUNE_REPORT_URL/TOKEN or AWS_* would send the job's credentials elsewhere.
+RESERVED_ENV_PREFIXES: tuple[str, ...] = ("KUBETUNE_", "AWS_")
+RESERVED_ENV_NAMES: tuple[str, ...] = ("HF_HOME", "HOME", "TMPDIR", "PYTHONUNBUFFERED")
+
+
+def reserved_env_name(name: str) -> bool:
+    """Whether the operator owns this environment variable of the training pod."""
+    return name in RESERVED_ENV_NAMES or name.startswith(RESERVED_ENV_PREFIXES)
+
+
+def reserved_env_message(name: str) -> str:
+    return (f"{name} is reserved: the operator sets {', '.join(RESERVED_ENV_NAMES)} and every "
+            f"{'*, '.join(RESERVED_ENV_PREFIXES)}* variable of the training pod")
+
+
 class EnvVar(Section):
-    """An extra environment variable of the trainer (core/v1 EnvVar)."""
+    """An extra environment variable of the trainer (core/v1 EnvVar).
+
+    Names the operator sets (KUBETUNE_*, AWS_*, HF_HOME, HOME, TMPDIR, PYTHONUNBUFFERED) are rejected.
+    """
 
     name: str = Field(min_length=1, max_length=NAME_MAX)
-    """Variable name."""
+    """Variable name; not one the operator sets (KUBETUNE_*, AWS_*, HF_HOME, HOME, TMPDIR, PYTHONUNBUFFERED)."""
+
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, name: str) -> str:
+        if reserved_env_name(name):
+            raise ValueError(reserved_env_message(name))
+        return name
     value: str | None = None
     """Literal value."""
     value_from: Json | None = None
@@ -135,7 +161,7 @@ class FineTuneJobSpec(RunSections):
     image_pull_secrets: list[LocalObjectReference] | None = Field(default=None, max_length=16)
     """Secrets for pulling the trainer image."""
     service_account_name: str | None = Field(default=None, max_length=NAME_MAX)
-    """ServiceAccount of the training pod."""
+    """ServiceAccount of the training pod. Only then is a service-account token mounted in the pod."""
     env: list[EnvVar] | None = Field(default=None, max_length=128)
     """Extra environment variables of the trainer."""
     cache_volume: CacheVolumeSpec | None = None

@@ -64,6 +64,20 @@ LORA_TARGETS_RULE: Schema = {
     "message": "\"all-linear\" cannot be combined with module names",
 }
 
+
+def reserved_env_rule() -> Schema:
+    """CEL twin of api.EnvVar's check: the operator's own variables cannot be set by a job."""
+    prefixes = " || ".join(f"self.name.startsWith('{p}')" for p in api.RESERVED_ENV_PREFIXES)
+    names = ", ".join(f"'{n}'" for n in api.RESERVED_ENV_NAMES)
+    return {
+        "rule": f"!({prefixes} || self.name in [{names}])",
+        "message": "reserved: the operator sets this variable of the training pod",
+        "messageExpression": f"self.name + {json.dumps(api.reserved_env_message(''))}",
+        "fieldPath": ".name",
+        "reason": "FieldValueForbidden",
+    }
+
+
 PRINTER_COLUMNS: list[Schema] = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
     {
@@ -153,6 +167,7 @@ def spec_schema() -> Schema:
     for name, rules in SECTION_RULES.items():
         props[name].setdefault("x-kubernetes-validations", []).extend(copy.deepcopy(rules))
     props["lora"]["properties"]["targetModules"]["x-kubernetes-validations"] = [dict(LORA_TARGETS_RULE)]
+    props["env"]["items"]["x-kubernetes-validations"] = [reserved_env_rule()]
     return spec
 
 

@@ -185,8 +185,12 @@ def required_claims(spec: api.FineTuneJobSpec) -> list[str]:
 
 
 def _env(owner: Json, spec: api.FineTuneJobSpec, settings: Settings) -> list[Json]:
+    """The job's own variables first, then the operator's: for a repeated name the last entry wins,
+    so even a job that slipped past validation cannot redirect reports or credentials."""
     meta = owner["metadata"]
-    env: list[Json] = [
+    env: list[Json] = [extra.model_dump(mode="json", by_alias=True, exclude_none=True)
+                       for extra in spec.env or [] if not api.reserved_env_name(extra.name)]
+    env += [
         {"name": "KUBETUNE_JOB_NAMESPACE", "value": meta["namespace"]},
         {"name": "KUBETUNE_JOB_NAME", "value": meta["name"]},
         {"name": "KUBETUNE_TERMINATION_LOG", "value": TERMINATION_LOG},
@@ -206,8 +210,6 @@ def _env(owner: Json, spec: api.FineTuneJobSpec, settings: Settings) -> list[Jso
                     "value": f"{settings.report_url}/v1/reports/{meta['namespace']}/{meta['name']}"})
         env.append({"name": "KUBETUNE_REPORT_TOKEN", "valueFrom": {"secretKeyRef": {
             "name": report_secret_name(meta["name"]), "key": REPORT_TOKEN_KEY}}})
-    for extra in spec.env or []:
-        env.append(extra.model_dump(mode="json", by_alias=True, exclude_none=True))
     return env
 
 
@@ -236,6 +238,8 @@ def _volumes(owner: Json, spec: api.FineTuneJobSpec) -> tuple[list[Json], list[J
         {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.resources.shared_memory}},
         {"name": "scratch", "emptyDir": {}},
     ]
+    # The root filesystem is read-only: the trainer writes to these volumes only (TMPDIR and HOME
+    # point at the scratch volume).
     mounts: list[Json] = [
         {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
         {"name": "shm", "mountPath": "/dev/shm"},
@@ -269,6 +273,7 @@ def render_pod_spec(owner: Json, spec: api.FineTuneJobSpec, settings: Settings) 
         "securityContext": {
             "allowPrivilegeEscalation": False,
             "capabilities": {"drop": ["ALL"]},
+            "readOnlyRootFilesystem": True,
             "runAsNonRoot": True,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
@@ -287,6 +292,8 @@ def render_pod_spec(owner: Json, spec: api.FineTuneJobSpec, settings: Settings) 
         },
         "containers": [container],
         "volumes": volumes,
+        # The trainer never talks to the Kubernetes API: no token unless the job names an account.
+        "automountServiceAccountToken": spec.service_account_name is not None,
     }
     node_selector = {**settings.default_node_selector, **(sched.node_selector or {})}
     optional = {

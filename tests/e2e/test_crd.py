@@ -42,8 +42,12 @@ def test_defaults_are_filled_in_by_the_api_server(cluster: Any, crd: None, names
     ({"training": {"epochs": 1, "maxSteps": 5}}, ["spec.training", "not both"]),
     ({"output": {"location": "/tmp/out"}}, ["spec.output.location", "s3://"]),
     ({"lora": {"targetModules": ["all-linear", "q_proj"]}}, ["spec.lora.targetModules", "all-linear"]),
+    ({"env": [{"name": "HF_TOKEN", "value": "x"}, {"name": "KUBETUNE_REPORT_URL", "value": "http://evil"}]},
+     ["spec.env[1].name", "KUBETUNE_REPORT_URL is reserved"]),
+    ({"env": [{"name": "AWS_SECRET_ACCESS_KEY", "value": "x"}]},
+     ["spec.env[0].name", "AWS_SECRET_ACCESS_KEY is reserved"]),
 ], ids=["enum", "minimum", "negative-gpus", "cel-int4-without-lora", "cel-epochs-and-steps", "cel-s3-output",
-        "cel-targets"])
+        "cel-targets", "cel-reserved-report-url", "cel-reserved-aws"])
 def test_invalid_finetunejob_is_rejected_at_apply(cluster: Any, crd: None, namespace: str,
                                                   spec: dict[str, Any], words: list[str]) -> None:
     result = apply(cluster, namespace, finetunejob("invalid", **spec))

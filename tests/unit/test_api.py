@@ -107,6 +107,21 @@ def test_quantization_requires_lora(quantization: str) -> None:
         api.FineTuneJobSpec.model_validate(spec)
 
 
+@pytest.mark.parametrize("name", ["KUBETUNE_REPORT_URL", "KUBETUNE_REPORT_TOKEN", "AWS_SECRET_ACCESS_KEY",
+                                  "AWS_ENDPOINT_URL", "HOME", "HF_HOME", "TMPDIR", "PYTHONUNBUFFERED"])
+def test_reserved_env_names_are_rejected(name: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        api.FineTuneJobSpec.model_validate({**VALID_SPEC, "env": [{"name": name, "value": "x"}]})
+    assert info.value.errors()[0]["loc"] == ("env", 0, "name")
+    assert f"{name} is reserved" in str(info.value)
+
+
+def test_other_env_names_are_accepted() -> None:
+    spec = api.FineTuneJobSpec.model_validate({**VALID_SPEC, "env": [{"name": "HF_TOKEN", "value": "x"},
+                                                                     {"name": "NCCL_DEBUG", "value": "WARN"}]})
+    assert [e.name for e in spec.env or []] == ["HF_TOKEN", "NCCL_DEBUG"]
+
+
 def test_int4_merge_is_rejected() -> None:
     spec = with_change("output.mergeAdapter", True) | {"quantization": "int4"}
     with pytest.raises(ValidationError, match=r"output\.mergeAdapter is not supported with quantization int4"):

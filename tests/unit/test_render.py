@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from kubetune import render
+from kubetune import api, render
 from kubetune.api import FineTuneJobSpec
 from kubetune.settings import Settings
 
@@ -85,10 +85,38 @@ def pod(spec: dict[str, Any]) -> dict[str, Any]:
 def test_pod_is_restricted() -> None:
     container = pod(MINIMAL)["containers"][0]
     assert container["securityContext"] == {
-        "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True,
-        "seccompProfile": {"type": "RuntimeDefault"},
+        "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"},
     }
     assert pod(MINIMAL)["securityContext"]["runAsNonRoot"] is True
+    writable = {m["mountPath"] for m in container["volumeMounts"] if not m.get("readOnly")}
+    assert {"/var/tmp/kubetune", "/var/cache/kubetune", "/dev/shm"} <= writable
+
+
+def test_service_account_token_is_mounted_only_for_a_named_account() -> None:
+    assert pod(MINIMAL)["automountServiceAccountToken"] is False
+    assert "serviceAccountName" not in pod(MINIMAL)
+    assert pod(MAXIMAL)["automountServiceAccountToken"] is True
+    assert pod(MAXIMAL)["serviceAccountName"] == "trainer"
+
+
+def test_every_variable_the_operator_sets_is_reserved() -> None:
+    spec = FineTuneJobSpec.model_validate(MAXIMAL)
+    env = render.render_pod_spec(owner(), spec, Settings(report_url="http://op:8081"))["containers"][0]["env"]
+    own = [e["name"] for e in env if e["name"] not in {x["name"] for x in MAXIMAL["env"]}]
+    assert "KUBETUNE_REPORT_TOKEN" in own and "AWS_SECRET_ACCESS_KEY" in own
+    assert all(api.reserved_env_name(name) for name in own), [n for n in own if not api.reserved_env_name(n)]
+
+
+def test_operator_variables_come_last_and_win_over_a_job_that_slipped_past_validation() -> None:
+    # model_construct skips validation: what an older operator or a bypassed webhook might let in.
+    spec = FineTuneJobSpec.model_validate(MAXIMAL)
+    spec.env = [*(spec.env or []), api.EnvVar.model_construct(name="KUBETUNE_REPORT_URL", value="http://evil")]
+    container = render.render_pod_spec(owner(), spec, Settings(report_url="http://op:8081"))["containers"][0]
+    urls = [e.get("value") for e in container["env"] if e["name"] == "KUBETUNE_REPORT_URL"]
+    assert urls == ["http://op:8081/v1/reports/team-a/llama"]
+    names = [e["name"] for e in container["env"]]
+    assert names.index("HF_TOKEN") < names.index("KUBETUNE_JOB_NAME")
 
 
 def test_credentials_travel_only_as_secret_refs() -> None:
