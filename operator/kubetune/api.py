@@ -270,6 +270,8 @@ class FineTuneJobStatus(Section):
     """When training first started."""
     completion_time: str | None = None
     """When the job succeeded or failed."""
+    cleanup_time: str | None = None
+    """When the Job and its pods were removed after the end (ttlSecondsAfterFinished)."""
     job_name: str | None = None
     """The batch/v1 Job that runs the trainer."""
     attempts: int | None = None

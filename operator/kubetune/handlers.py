@@ -7,7 +7,6 @@ synchronous. They return nothing: a return value would land in status.<handler>.
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Any
 
 import kopf
@@ -21,6 +20,7 @@ from kubetune.settings import Settings
 from kubetune.status import TERMINAL
 
 SETTINGS = Settings.from_env()
+ERROR_BACKOFF = 5.0  # seconds before kopf runs a handler again after an unexpected error
 CHILD_LABELS = {"app.kubernetes.io/managed-by": MANAGED_BY}
 _reconciler: Reconciler | None = None
 _server: ReportServer | None = None
@@ -48,11 +48,16 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.watching.connect_timeout = 30
+    # kopf's own requests (finalizers, annotations) are bounded like ours (Kube(timeout=...)).
+    settings.networking.request_timeout = SETTINGS.api_timeout
+    settings.networking.connect_timeout = min(5.0, SETTINGS.api_timeout)
     settings.execution.max_workers = 16
+    settings.execution.default_backoff = ERROR_BACKOFF
     load_config()
-    kube = Kube()
+    kube = Kube(timeout=SETTINGS.api_timeout)
+    reconciling = Reconciler(kube, SETTINGS)
     server = ReportServer(kube, interval=SETTINGS.status_interval, rate=SETTINGS.report_rate,
-                          burst=SETTINGS.report_burst)
+                          burst=SETTINGS.report_burst, health=lambda: reconciling.stalled(SETTINGS.stall_seconds))
     if SETTINGS.report_listen:
         host, _sep, port = SETTINGS.report_listen.rpartition(":")
         await server.start(host or "0.0.0.0", int(port))
@@ -64,7 +69,8 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         elif phase == "Running":
             server.started(namespace, name)
 
-    _reconciler = Reconciler(kube, SETTINGS, on_phase=on_phase)
+    reconciling.on_phase = on_phase
+    _reconciler = reconciling
 
 
 @kopf.on.cleanup()
@@ -73,14 +79,11 @@ async def shutdown(**_: Any) -> None:
         await _server.stop()
 
 
-_deferred: dict[tuple[str, str], threading.Timer] = {}
-_deferred_lock = threading.Lock()
-
-
 def _reconcile(namespace: str | None, name: str, *, retry: bool = True) -> None:
-    """Reconcile. A `Retry` becomes kopf's TemporaryError (kopf retries the handler) when `retry`;
-    otherwise (event and timer handlers, which kopf does not retry) one in-process re-check is
-    scheduled after its delay. An operator restart loses nothing: the resume handler retries."""
+    """Reconcile. A `Retry` becomes kopf's TemporaryError (kopf runs the handler again after its
+    delay) when `retry`; event handlers, which kopf does not retry, drop it: the resync timer
+    (`finetunejob_resync`) comes back to every job that still needs work. Nothing deferred lives
+    in this process only, so an error or a restart loses nothing."""
     if namespace is None:  # FineTuneJobs and their children are namespaced
         return
     try:
@@ -88,24 +91,13 @@ def _reconcile(namespace: str | None, name: str, *, retry: bool = True) -> None:
     except Retry as wait:
         if retry:
             raise kopf.TemporaryError(str(wait), delay=wait.delay) from None
-        _defer(namespace, name, wait.delay)
 
 
-def _defer(namespace: str, name: str, delay: float) -> None:
-    key = (namespace, name)
-
-    def again() -> None:
-        with _deferred_lock:
-            _deferred.pop(key, None)
-        _reconcile(namespace, name, retry=False)
-
-    with _deferred_lock:
-        if key in _deferred:
-            return
-        timer = threading.Timer(delay, again)
-        timer.daemon = True
-        _deferred[key] = timer
-        timer.start()
+def needs_resync(spec: kopf.Spec, status: kopf.Status, **_: Any) -> bool:
+    """Active jobs, and finished ones whose children ttlSecondsAfterFinished has yet to remove."""
+    if status.get("phase") not in TERMINAL:
+        return True
+    return spec.get("ttlSecondsAfterFinished") is not None and not status.get("cleanupTime")
 
 
 @kopf.on.resume(api.GROUP, api.VERSION, api.PLURAL)
@@ -117,15 +109,16 @@ def finetunejob_changed(namespace: str | None, name: str, **_: Any) -> None:
 
 
 @kopf.timer(api.GROUP, api.VERSION, api.PLURAL, interval=SETTINGS.resync_seconds,
-            initial_delay=SETTINGS.resync_seconds,
-            when=lambda status, **_: status.get("phase") not in TERMINAL)
+            initial_delay=SETTINGS.resync_seconds, backoff=ERROR_BACKOFF, when=needs_resync)
 def finetunejob_resync(namespace: str | None, name: str, **_: Any) -> None:
-    """Re-check active jobs: a safety net for missed events.
+    """Re-check jobs that need it: a safety net for missed events, retries of what failed, and the
+    ttlSecondsAfterFinished clean-up (kopf runs the timer again at a TemporaryError's delay, and
+    after ERROR_BACKOFF seconds on any other error).
 
-    kopf keeps its finalizer (kubetune.io/finalizer) on a FineTuneJob while a timer runs for it,
-    so only active jobs have one; kopf removes it when the job ends.
+    kopf keeps its finalizer (kubetune.io/finalizer) on a FineTuneJob while its timer runs, and
+    removes it once the job needs nothing more (`needs_resync`).
     """
-    _reconcile(namespace, name, retry=False)
+    _reconcile(namespace, name)
 
 
 @kopf.on.delete(api.GROUP, api.VERSION, api.PLURAL, optional=True)

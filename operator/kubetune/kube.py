@@ -49,11 +49,23 @@ def now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-class Kube:
-    """The few API calls the operator makes, with plain dicts in and out."""
+CONNECT_TIMEOUT = 5.0
 
-    def __init__(self, api_client: client.ApiClient | None = None) -> None:
-        self.client = api_client or client.ApiClient()
+
+class Kube:
+    """The few API calls the operator makes, with plain dicts in and out.
+
+    Every call carries a request timeout (connect, read): a half-open connection to the API server
+    fails the call after `timeout` seconds instead of parking a worker thread forever.
+    """
+
+    def __init__(self, api_client: client.ApiClient | None = None, timeout: float = 30.0) -> None:
+        self.timeout = (min(CONNECT_TIMEOUT, timeout), timeout)
+        if api_client is None:
+            configuration = client.Configuration.get_default_copy()
+            configuration.retries = 1  # one retry on a fresh connection; then the caller decides
+            api_client = client.ApiClient(configuration)
+        self.client = api_client
         self.core = client.CoreV1Api(self.client)
         self.batch = client.BatchV1Api(self.client)
         self.custom = client.CustomObjectsApi(self.client)
@@ -66,7 +78,8 @@ class Kube:
 
     def get_finetunejob(self, namespace: str, name: str) -> Json | None:
         try:
-            obj = self.custom.get_namespaced_custom_object(api.GROUP, api.VERSION, namespace, api.PLURAL, name)
+            obj = self.custom.get_namespaced_custom_object(api.GROUP, api.VERSION, namespace, api.PLURAL, name,
+                                                           _request_timeout=self.timeout)
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -76,8 +89,23 @@ class Kube:
     def patch_status(self, namespace: str, name: str, status: Json) -> None:
         """Merge-patch the status subresource; keys set to None are removed."""
         self.custom.patch_namespaced_custom_object_status(
-            api.GROUP, api.VERSION, namespace, api.PLURAL, name, {"status": status}
+            api.GROUP, api.VERSION, namespace, api.PLURAL, name, {"status": status},
+            _request_timeout=self.timeout,
         )
+
+    def patch_progress(self, namespace: str, name: str, operations: list[Json]) -> bool:
+        """Apply a JSON Patch to the status subresource. False when the API server refuses it
+        because a `test` operation failed (the status is no longer what the patch was meant for)."""
+        try:
+            self.custom.patch_namespaced_custom_object_status(
+                api.GROUP, api.VERSION, namespace, api.PLURAL, name, cast(Any, operations),
+                _content_type="application/json-patch+json", _request_timeout=self.timeout,
+            )
+        except ApiException as exc:
+            if exc.status == 422:
+                return False
+            raise
+        return True
 
     # --- children -----------------------------------------------------------------------------
 
@@ -94,11 +122,11 @@ class Kube:
         }
         create, read = calls[kind]
         try:
-            return self._dict(create(ns, obj)), True
+            return self._dict(create(ns, obj, _request_timeout=self.timeout)), True
         except ApiException as exc:
             if exc.status != 409:
                 raise
-        existing = self._dict(read(name, ns))
+        existing = self._dict(read(name, ns, _request_timeout=self.timeout))
         owners = [ref.get("uid") for ref in existing["metadata"].get("ownerReferences") or []]
         if owner_uid not in owners:
             raise NotOwned(f"{kind} {name}")
@@ -106,25 +134,27 @@ class Kube:
 
     def get_job(self, namespace: str, name: str) -> Json | None:
         try:
-            return self._dict(self.batch.read_namespaced_job(name, namespace))
+            return self._dict(self.batch.read_namespaced_job(name, namespace, _request_timeout=self.timeout))
         except ApiException as exc:
             if exc.status == 404:
                 return None
             raise
 
     def set_job_suspend(self, namespace: str, name: str, suspend: bool) -> None:
-        self.batch.patch_namespaced_job(name, namespace, {"spec": {"suspend": suspend}})
+        self.batch.patch_namespaced_job(name, namespace, {"spec": {"suspend": suspend}},
+                                        _request_timeout=self.timeout)
 
     def list_pods(self, namespace: str, job: Json) -> list[Json]:
         """The pods of this very Job (by its UID: an older Job of the same name may still have pods)."""
         selector = f"batch.kubernetes.io/controller-uid={job['metadata']['uid']}"
-        pods = self.core.list_namespaced_pod(namespace, label_selector=selector)
+        pods = self.core.list_namespaced_pod(namespace, label_selector=selector, _request_timeout=self.timeout)
         return [self._dict(p) for p in pods.items]
 
     def report_token(self, namespace: str, name: str) -> str | None:
         """The report token of a FineTuneJob, from the Secret it owns (None when absent)."""
         try:
-            secret = self.core.read_namespaced_secret(report_secret_name(name), namespace)
+            secret = self.core.read_namespaced_secret(report_secret_name(name), namespace,
+                                                      _request_timeout=self.timeout)
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -140,7 +170,7 @@ class Kube:
             (self.core.delete_namespaced_secret, report_secret_name(name)),
         ):
             try:
-                delete(child, namespace, propagation_policy="Background")
+                delete(child, namespace, propagation_policy="Background", _request_timeout=self.timeout)
             except ApiException as exc:
                 if exc.status != 404:
                     raise
@@ -154,7 +184,7 @@ class Kube:
         ):
             for name in names:
                 try:
-                    read(name, namespace)
+                    read(name, namespace, _request_timeout=self.timeout)
                 except ApiException as exc:
                     if exc.status != 404:
                         raise
@@ -182,7 +212,9 @@ class Kube:
             "count": 1,
         }
         try:
-            self.core.create_namespaced_event(meta["namespace"], cast(Any, body))
+            self.core.create_namespaced_event(meta["namespace"], cast(Any, body), _request_timeout=self.timeout)
         except ApiException as exc:
             log.warning("could not post event %s on %s/%s: %s", reason, meta["namespace"], meta["name"],
                         api_message(exc))
+        except Exception as exc:  # timeouts, connection errors
+            log.warning("could not post event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], exc)

@@ -13,21 +13,23 @@ import logging
 import secrets
 import threading
 import time
-from collections import defaultdict
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from kubetune import metrics, render, status
 from kubetune.api import FineTuneJobSpec
-from kubetune.kube import Kube, NotOwned, now
+from kubetune.kube import Kube, NotOwned, api_message, now
 from kubetune.settings import Settings
 
 Json = dict[str, Any]
 log = logging.getLogger("kubetune.reconcile")
 
-PROBLEM_REASONS = ("Unschedulable", "ImagePullError", "Retrying", "MissingDependency", "NameConflict")
+PROBLEM_REASONS = ("Unschedulable", "ImagePullError", "Retrying", "MissingDependency", "NameConflict",
+                   "JobRejected", *status.CONTAINER_START_REASONS)
+REJECTED_RETRY_SECONDS = 30.0  # a rejected child is tried again this often (and at once on a spec change)
 EVENT_REASONS = {"Running": "Started", "Succeeded": "Succeeded", "Failed": "Failed",
                  "Suspended": "Suspended", "Queued": "Queued"}
 
@@ -60,23 +62,49 @@ def validation_message(error: ValidationError) -> str:
 
 
 class Reconciler:
-    """Reconciles FineTuneJobs; one at a time per object (a lock per namespace/name)."""
+    """Reconciles FineTuneJobs, one pass at a time per object.
+
+    A call for an object whose reconcile is already running does not wait: it marks the object
+    dirty and returns, and the running pass goes round once more (a work queue's dirty set). So no
+    thread ever waits on a lock held across a network call.
+    """
 
     def __init__(self, kube: Kube, settings: Settings,
                  on_phase: Callable[[str, str, str], None] | None = None) -> None:
         self.kube = kube
         self.settings = settings
         self.on_phase = on_phase  # (namespace, name, phase): lets the report server track jobs
-        self._locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
+        self._guard = threading.Lock()  # guards the two collections below; never held across I/O
+        self._running: dict[tuple[str, str], float] = {}  # key → start of the pass (monotonic)
+        self._dirty: set[tuple[str, str]] = set()
 
     def __call__(self, namespace: str, name: str) -> None:
+        key = (namespace, name)
+        with self._guard:
+            if key in self._running:
+                self._dirty.add(key)
+                return
+            self._running[key] = time.monotonic()
+        try:
+            while True:
+                self._once(namespace, name)
+                with self._guard:
+                    if key not in self._dirty:
+                        break
+                    self._dirty.discard(key)
+                    self._running[key] = time.monotonic()
+        finally:
+            with self._guard:
+                self._running.pop(key, None)
+                self._dirty.discard(key)
+
+    def _once(self, namespace: str, name: str) -> None:
         started = time.monotonic()
         try:
-            with self._locks[(namespace, name)]:
-                ftj = self.kube.get_finetunejob(namespace, name)
-                if ftj is None or ftj["metadata"].get("deletionTimestamp"):
-                    return
-                self._reconcile(ftj)
+            ftj = self.kube.get_finetunejob(namespace, name)
+            if ftj is None or ftj["metadata"].get("deletionTimestamp"):
+                return
+            self._reconcile(ftj)
         except Retry:
             raise
         except Exception as error:
@@ -84,6 +112,17 @@ class Reconciler:
             raise
         finally:
             metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
+
+    def stalled(self, limit: float) -> str | None:
+        """Why the operator is wedged (a reconcile pass running longer than `limit` seconds), else
+        None. Every API call has a timeout, so a healthy pass always ends, even during an outage."""
+        now = time.monotonic()
+        with self._guard:
+            oldest = min(self._running.items(), key=lambda item: item[1], default=None)
+        if oldest is not None and now - oldest[1] > limit:
+            (namespace, name), since = oldest
+            return f"reconcile of {namespace}/{name} has been running for {now - since:.0f}s"
+        return None
 
     def _write(self, ftj: Json, new: Json) -> None:
         """Patch the status if it changed; post an Event when phase or reason changed."""
@@ -118,16 +157,15 @@ class Reconciler:
         generation = int(meta.get("generation") or 1)
         previous = ftj.get("status") or {}
 
+        job_name = render.job_name(name)
         try:
             spec = FineTuneJobSpec.model_validate(ftj.get("spec") or {})
         except ValidationError as error:
             if previous.get("phase") in status.TERMINAL:
                 return  # a finished job keeps its outcome, even if validation rules changed since
-            self._write(ftj, status.invalid_spec_status(validation_message(error), previous=previous,
-                                                        generation=generation, now=now()))
+            self._invalid(ftj, job_name, validation_message(error), previous, generation)
             return
 
-        job_name = render.job_name(name)
         job = self.kube.get_job(ns, job_name)
         if job is not None and not owned_by(job, uid):
             # A Job of that name that is not ours: usually the previous FineTuneJob of the same
@@ -137,6 +175,8 @@ class Reconciler:
             # Finished, and the children were removed (ttlSecondsAfterFinished) or deleted by
             # hand: the status stays as it was and nothing is created again.
             metrics.observe_phase(ns, name, previous["phase"])
+            if spec.ttl_seconds_after_finished is not None and not previous.get("cleanupTime"):
+                self._mark_cleaned(ftj)
             return
         if previous.get("phase") in status.TERMINAL and self._expire(ftj, spec, previous):
             return
@@ -160,6 +200,14 @@ class Reconciler:
                 job, created = self.kube.create_or_adopt(desired, uid)
             except NotOwned as conflict:
                 self._wait_for_name(ftj, conflict.what, previous, generation)
+            except ApiException as rejected:
+                if rejected.status not in (400, 403, 422):
+                    raise  # the API server is in trouble, not the request: kopf retries
+                # Invalid (a bad toleration or resource name), or denied by a webhook or a quota.
+                message = f"the API server rejected a child object of this job: {api_message(rejected)}"
+                self._write(ftj, status.waiting_status("JobRejected", message, previous=previous,
+                                                       generation=generation, now=now()))
+                raise Retry(message, delay=REJECTED_RETRY_SECONDS) from None
             if created:
                 self.kube.event(ftj, "Normal", "Created", f"created Job {job_name}")
         else:
@@ -168,6 +216,31 @@ class Reconciler:
         pods = self.kube.list_pods(ns, job)
         observed = status.observe(job, pods, suspend=spec.suspend, queued=bool(spec.scheduling.queue_name))
         self._write(ftj, status.build_status(observed, previous=previous, generation=generation,
+                                             job_name=job_name, now=now()))
+
+    def _mark_cleaned(self, ftj: Json) -> None:
+        """status.cleanupTime: the children are gone; the resync timer stops for this job."""
+        meta = ftj["metadata"]
+        self.kube.patch_status(meta["namespace"], meta["name"], {"cleanupTime": now()})
+        metrics.STATUS_WRITES.labels(source="reconcile").inc()
+
+    def _invalid(self, ftj: Json, job_name: str, message: str, previous: Json, generation: int) -> None:
+        """The spec does not validate. Before any Job exists: Failed (InvalidSpec). A Job created
+        when the spec was valid (an upgrade tightened the rules) keeps being tracked to its end."""
+        meta = ftj["metadata"]
+        job = self.kube.get_job(meta["namespace"], job_name)
+        if job is None or not owned_by(job, meta["uid"]):
+            self._write(ftj, status.invalid_spec_status(message, previous=previous, generation=generation,
+                                                        now=now()))
+            return
+        log.warning("%s/%s: the spec no longer validates (%s); following its running Job to the end",
+                    meta["namespace"], meta["name"], message)
+        raw = ftj.get("spec") or {}
+        pods = self.kube.list_pods(meta["namespace"], job)
+        observed = status.observe(job, pods, suspend=bool(raw.get("suspend")),
+                                  queued=bool((raw.get("scheduling") or {}).get("queueName")))
+        self._write(ftj, status.build_status(observed, previous=previous,
+                                             generation=int(previous.get("observedGeneration") or generation),
                                              job_name=job_name, now=now()))
 
     def _wait_for_name(self, ftj: Json, what: str, previous: Json, generation: int) -> NoReturn:
@@ -192,6 +265,7 @@ class Reconciler:
             raise Retry(f"children are removed in {left:.0f}s (ttlSecondsAfterFinished)", delay=left)
         meta = ftj["metadata"]
         self.kube.delete_children(meta["namespace"], meta["name"])
+        self._mark_cleaned(ftj)
         self.kube.event(ftj, "Normal", "Cleaned", f"removed the Job and its pods {ttl}s after the end")
         return True
 

@@ -13,7 +13,14 @@ import yaml
 
 from kubetune import api
 from kubetune.settings import Settings
-from kubetune_trainer.config import EXIT_INVALID_INPUT, PVC_MOUNT_ROOT, StorageSpec, TrainerConfig
+from kubetune_trainer.config import (
+    EXIT_INVALID_INPUT,
+    EXIT_OUT_OF_MEMORY,
+    EXIT_STORE_UNAVAILABLE,
+    PVC_MOUNT_ROOT,
+    StorageSpec,
+    TrainerConfig,
+)
 
 Json = dict[str, Any]
 
@@ -312,8 +319,9 @@ def render_pod_spec(owner: Json, spec: api.FineTuneJobSpec, settings: Settings) 
 def render_job(owner: Json, spec: api.FineTuneJobSpec, settings: Settings, config_map: Json) -> Json:
     """The batch/v1 Job that runs the trainer.
 
-    Invalid input (trainer exit code 3) fails the Job at once; disruptions (preemption, node drain)
-    do not count against backoffLimit; a Kueue queue creates it suspended for Kueue to admit.
+    Invalid input (trainer exit code 3) and out-of-memory (6) fail the Job at once; disruptions
+    (preemption, node drain) and an object store that went away mid-run (5) do not count against
+    backoffLimit; a Kueue queue creates it suspended for Kueue to admit.
     """
     meta = child_metadata(owner, job_name(owner["metadata"]["name"]))
     queue = spec.scheduling.queue_name
@@ -328,9 +336,17 @@ def render_job(owner: Json, spec: api.FineTuneJobSpec, settings: Settings, confi
             "rules": [
                 {
                     "action": "FailJob",
-                    "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [EXIT_INVALID_INPUT]},
+                    "onExitCodes": {"containerName": CONTAINER, "operator": "In",
+                                    "values": [EXIT_INVALID_INPUT, EXIT_OUT_OF_MEMORY]},
                 },
                 {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+                # The store went away mid-run: the next pod resumes from its checkpoint, and the
+                # outage does not use up backoffLimit. The trainer exits so only after it had
+                # written to the store, so a wrong endpoint still fails the job.
+                {
+                    "action": "Ignore",
+                    "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [EXIT_STORE_UNAVAILABLE]},
+                },
             ]
         },
         "template": {

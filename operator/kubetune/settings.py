@@ -31,6 +31,9 @@ class Settings:
       (default ``0.0.0.0:8081``; empty disables the server).
     - ``KUBETUNE_STATUS_INTERVAL``: at most one progress status write per job per this many seconds.
     - ``KUBETUNE_REPORT_RATE`` / ``KUBETUNE_REPORT_BURST``: per-job report rate limit.
+    - ``KUBETUNE_API_TIMEOUT``: seconds before any Kubernetes API request is abandoned (default 30).
+    - ``KUBETUNE_STALL_SECONDS``: /healthz on the report port fails once a reconcile has run this
+      long (default 300): with every API call bounded, only a wedged operator gets there.
     - ``KUBETUNE_LOG_LEVEL``: DEBUG, INFO (default) or WARNING.
     - ``KUBETUNE_LIVENESS_ENDPOINT``: e.g. ``http://0.0.0.0:8080/healthz``; off when unset.
     - ``KUBETUNE_TRAINER_COMMAND``: JSON list replacing the trainer command. A TEST DOUBLE hook
@@ -54,6 +57,8 @@ class Settings:
     status_interval: float = 3.0
     report_rate: float = 2.0
     report_burst: float = 20.0
+    api_timeout: float = 30.0
+    stall_seconds: float = 300.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -78,4 +83,6 @@ class Settings:
             status_interval=float(env.get("KUBETUNE_STATUS_INTERVAL") or 3),
             report_rate=float(env.get("KUBETUNE_REPORT_RATE") or 2),
             report_burst=float(env.get("KUBETUNE_REPORT_BURST") or 20),
+            api_timeout=float(env.get("KUBETUNE_API_TIMEOUT") or 30),
+            stall_seconds=float(env.get("KUBETUNE_STALL_SECONDS") or 300),
         )

@@ -13,12 +13,25 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubetune.render import CONTAINER
-from kubetune_trainer.config import EXIT_INVALID_INPUT, EXIT_SOURCE_UNAVAILABLE, EXIT_TERMINATED
+from kubetune_trainer.config import (
+    EXIT_INVALID_INPUT,
+    EXIT_OUT_OF_MEMORY,
+    EXIT_SOURCE_UNAVAILABLE,
+    EXIT_STORE_UNAVAILABLE,
+    EXIT_TERMINATED,
+)
 
 Json = dict[str, Any]
 
 TERMINAL = ("Succeeded", "Failed")
 IMAGE_PULL_REASONS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull")
+# The kubelet cannot start the container (a Secret without the key the job names, a bad mount...):
+# shown with the kubelet's own reason and message, not as "starting".
+CONTAINER_START_REASONS = ("CreateContainerConfigError", "CreateContainerError", "RunContainerError",
+                           "CrashLoopBackOff")
+EXIT_REASONS = {EXIT_INVALID_INPUT: "InvalidInput", EXIT_SOURCE_UNAVAILABLE: "SourceUnavailable",
+                EXIT_STORE_UNAVAILABLE: "StoreUnavailable", EXIT_OUT_OF_MEMORY: "OutOfMemory",
+                EXIT_TERMINATED: "Interrupted"}
 
 
 @dataclass(frozen=True)
@@ -97,8 +110,7 @@ def describe_failure(pod: Json) -> tuple[str, str] | None:
     if summary and summary.get("error"):
         text = str(summary["error"])
     text = text.strip()[-1024:]
-    reason = {EXIT_INVALID_INPUT: "InvalidInput", EXIT_SOURCE_UNAVAILABLE: "SourceUnavailable",
-              EXIT_TERMINATED: "Interrupted"}.get(int(code or 1), "TrainerError")
+    reason = EXIT_REASONS.get(int(code or 1), "TrainerError")
     if code == EXIT_TERMINATED and not text:
         text = "stopped by SIGTERM after checkpointing; a retry continues from that step"
     return reason, f"trainer exited with code {code}: {text}" if text else f"trainer exited with code {code}"
@@ -169,6 +181,10 @@ def observe(job: Json | None, pods: list[Json], *, suspend: bool, queued: bool) 
         if waiting.get("reason") in IMAGE_PULL_REASONS:
             return Observed("Pending", "ImagePullError",
                             f"cannot pull the trainer image: {waiting.get('message') or waiting['reason']}",
+                            start, None, attempts)
+        if waiting.get("reason") in CONTAINER_START_REASONS:
+            return Observed("Pending", waiting["reason"],
+                            f"the training pod cannot start: {waiting.get('message') or waiting['reason']}",
                             start, None, attempts)
         return Observed("Pending", "Starting", "the training pod is starting", start, None, attempts)
 
@@ -241,6 +257,8 @@ def build_status(observed: Observed, *, previous: Json, generation: int, job_nam
     # patches leave them alone. The final summary, when there is one, completes them.
     if observed.summary:
         status.update(summary_fields(observed.summary))
+    elif observed.phase == "Running" and "metrics" not in previous:
+        status["metrics"] = {}  # progress writes (reports.progress_operations) set metrics one by one
     return status
 
 

@@ -7,13 +7,16 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
+from faults import BlackholeProxy
 from helpers import free_port, wait_for
 
 Cluster = Any  # tests/conftest.py's Cluster (conftest modules are not importable by name)
@@ -80,6 +83,33 @@ def operator(cluster: Cluster, crd: None, namespace: str, operator_env: dict[str
              tmp_path: Path) -> Iterator[Operator]:
     """A running operator that watches only this test's namespace."""
     running = Operator(cluster, namespace, tmp_path, operator_env).start()
+    try:
+        yield running
+    finally:
+        running.stop()
+        if os.environ.get("KUBETUNE_SHOW_OPERATOR_LOGS"):
+            print(running.logs())
+
+
+@pytest.fixture
+def apiserver_proxy(cluster: Cluster) -> Iterator[BlackholeProxy]:
+    """A fault-injecting TCP proxy in front of the API server (tests/faults.py)."""
+    address = urllib.parse.urlsplit(cluster.apiserver)
+    with BlackholeProxy(address.hostname or "127.0.0.1", address.port or 443) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def proxied_operator(cluster: Cluster, crd: None, namespace: str, operator_env: dict[str, str],
+                     apiserver_proxy: BlackholeProxy, tmp_path: Path) -> Iterator[Operator]:
+    """An operator that reaches the API server only through `apiserver_proxy` (API timeout 5 s)."""
+    kubeconfig = yaml.safe_load(Path(cluster.env["KUBECONFIG"]).read_text())
+    for entry in kubeconfig["clusters"]:
+        entry["cluster"]["server"] = f"https://127.0.0.1:{apiserver_proxy.port}"
+    path = tmp_path / "kubeconfig-via-proxy"
+    path.write_text(yaml.safe_dump(kubeconfig))
+    env = {**operator_env, "KUBECONFIG": str(path), "KUBETUNE_API_TIMEOUT": "5"}
+    running = Operator(cluster, namespace, tmp_path, env).start()
     try:
         yield running
     finally:

@@ -30,7 +30,7 @@ def test_job_runs_on_the_gpu_node_and_succeeds(cluster: Any, namespace: str, ope
     pod_spec = job["spec"]["template"]["spec"]
     assert pod_spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert job["metadata"]["ownerReferences"][0]["kind"] == "FineTuneJob"
-    assert job["spec"]["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"] == [3]
+    assert job["spec"]["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"] == [3, 6]
     pod = cluster.get("pods", "-n", namespace, "-l", "batch.kubernetes.io/job-name=ok-trainer")["items"][0]
     assert pod["spec"]["nodeName"] == "kubetune-local"
 
@@ -119,15 +119,24 @@ def test_operator_killed_mid_run_adopts_the_job(cluster: Any, namespace: str, op
     assert [j["metadata"]["name"] for j in jobs] == ["survivor-trainer"]
 
 
-def test_operator_restarted_before_the_job_exists_creates_one_job(cluster: Any, namespace: str,
-                                                                   operator: Any) -> None:
+def test_operator_restarted_before_the_job_exists_starts_the_trainer_once(cluster: Any, namespace: str,
+                                                                         operator: Any, tmp_path: Path) -> None:
+    started, release = tmp_path / "started", tmp_path / "release"
     operator.stop(kill=True)
-    cluster.apply(finetunejob("late"), namespace)
+    cluster.apply(finetunejob("late", env=env(FAKE_STARTED=str(started), FAKE_WAIT_FOR=str(release))), namespace)
     operator.start()
+    job_uid = wait_for(lambda: cluster.get("job", "late-trainer", "-n", namespace)["metadata"]["uid"],
+                       timeout=60, message="the Job")
     operator.stop(kill=True)
     operator.start()
-    wait_phase(cluster, namespace, "late", "Succeeded")
-    assert len(cluster.get("jobs", "-n", namespace)["items"]) == 1
+    wait_phase(cluster, namespace, "late", "Running")
+    operator.stop(kill=True)
+    operator.start()
+    release.touch()
+    status = wait_phase(cluster, namespace, "late", "Succeeded")
+    # Neither deleted and re-created nor run twice by a restarted operator.
+    assert cluster.get("job", "late-trainer", "-n", namespace)["metadata"]["uid"] == job_uid
+    assert len(started.read_text().splitlines()) == 1 and status["attempts"] == 1
 
 
 def test_schema_valid_but_invalid_spec_fails_with_invalid_spec(cluster: Any, namespace: str,
@@ -171,17 +180,6 @@ def test_delete_removes_job_pods_and_config(cluster: Any, namespace: str, operat
     wait_for(lambda: children() == [], timeout=120, message="children to be garbage-collected")
 
 
-def test_ttl_removes_children_and_keeps_the_status(cluster: Any, namespace: str, operator: Any) -> None:
-    cluster.apply(finetunejob("short-lived", ttlSecondsAfterFinished=0), namespace)
-    wait_phase(cluster, namespace, "short-lived", "Succeeded")
-    wait_for(lambda: cluster.get("jobs,pods,configmaps,secrets", "-n", namespace, "-l",
-                                 "kubetune.io/job=short-lived")["items"] == [],
-             timeout=120, message="Job, pods, ConfigMap and report Secret removed after the TTL")
-    status = ftj(cluster, namespace, "short-lived")["status"]
-    assert status["phase"] == "Succeeded" and status["metrics"]["evalLoss"] == 0.5
-    assert "Cleaned" in event_reasons(cluster, namespace, "short-lived")
-
-
 def test_restricted_pod_security_accepts_the_training_pod(cluster: Any, namespace: str, operator: Any) -> None:
     cluster.kubectl("label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted")
     cluster.apply(finetunejob("restricted"), namespace)
@@ -205,3 +203,22 @@ def test_recreated_job_with_the_same_name_runs_on_its_own(cluster: Any, namespac
     assert job["metadata"]["ownerReferences"][0]["uid"] == second_uid
     assert status["attempts"] == 1
     assert status["artifacts"]["location"].endswith(f"/again/{second_uid[:8]}/")
+
+
+def test_a_job_the_api_server_rejects_says_why(cluster: Any, namespace: str, operator: Any) -> None:
+    cluster.apply(finetunejob("bad-gpu", resources={"gpus": 1, "gpuResourceName": "gpu"}), namespace)
+    status = wait_phase(cluster, namespace, "bad-gpu", "Pending", reason="JobRejected")
+    assert "the API server rejected" in status["message"] and "gpu" in status["message"]
+    assert cluster.get("jobs", "-n", namespace)["items"] == []
+    wait_for(lambda: any(e["reason"] == "JobRejected" and e["type"] == "Warning"
+                         for e in events(cluster, namespace, "bad-gpu")),
+             timeout=30, message="a JobRejected warning event")
+
+
+def test_a_secret_without_the_named_key_shows_the_kubelet_reason(cluster: Any, namespace: str,
+                                                                 operator: Any) -> None:
+    cluster.kubectl("create", "secret", "generic", "hf", "-n", namespace, "--from-literal=other=x")
+    cluster.apply(finetunejob("no-key", env=[{"name": "HF_TOKEN", "valueFrom": {
+        "secretKeyRef": {"name": "hf", "key": "token"}}}]), namespace)
+    status = wait_phase(cluster, namespace, "no-key", "Pending", reason="CreateContainerConfigError")
+    assert "the training pod cannot start" in status["message"] and "token" in status["message"]

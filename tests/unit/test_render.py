@@ -134,11 +134,15 @@ def test_config_map_holds_the_trainer_config_with_defaults_from_settings() -> No
     assert config["storage"] == {"endpoint": "minio.storage:9000", "insecure": True}
 
 
-def test_invalid_input_exit_code_fails_the_job_at_once() -> None:
+def test_exit_codes_decide_retries() -> None:
     rules = rendered(MINIMAL)["job"]["spec"]["podFailurePolicy"]["rules"]
-    assert rules[0] == {"action": "FailJob",
-                        "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [3]}}
-    assert rules[1] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
+    assert rules == [
+        # invalid input (3) and out of memory (6): retrying the same settings cannot help
+        {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [3, 6]}},
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+        # the store went away mid-run (5): resume in a new pod without using up backoffLimit
+        {"action": "Ignore", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [5]}},
+    ]
 
 
 def test_gpu_limits_and_shared_memory() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kubetune.reports import ProgressReport, TokenBucket, merge, status_patch
+from kubetune.reports import ProgressReport, TokenBucket, merge, progress_operations, status_patch
 
 NOW = "2026-01-01T00:00:00Z"
 
@@ -40,3 +40,12 @@ def test_token_bucket_allows_bursts_then_the_rate() -> None:
     assert [bucket.allow() for _ in range(4)] == [True, True, True, False]
     clock[0] = 0.5
     assert [bucket.allow() for _ in range(2)] == [True, False]
+
+
+def test_progress_write_applies_only_while_running_and_keeps_other_metrics() -> None:
+    patch = status_patch(ProgressReport(step=5, total_steps=10, loss=1.5), NOW)
+    operations = progress_operations(patch)
+    assert operations[0] == {"op": "test", "path": "/status/phase", "value": "Running"}
+    assert {"op": "add", "path": "/status/progress", "value": patch["progress"]} in operations
+    assert {"op": "add", "path": "/status/metrics/trainLoss", "value": 1.5} in operations
+    assert not any(op["path"] == "/status/metrics" for op in operations)  # evalLoss of an earlier report stays
