@@ -28,7 +28,9 @@ STRING_MAPS = {"nodeSelector", "podLabels", "podAnnotations", "trainer.nodeSelec
 PORT = {"type": "integer", "minimum": 1, "maximum": 65535}
 OVERRIDES: dict[str, dict[str, Any]] = {
     "image.pullPolicy": {"enum": ["Always", "IfNotPresent", "Never"]},
-    "service.type": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]},
+    # The report endpoint speaks plain HTTP: never expose it through a cloud load balancer.
+    "service.type": {"enum": ["ClusterIP", "NodePort"]},
+    "networkPolicy.extraIngressFrom": {"items": {"type": "object"}},
     "logLevel": {"enum": ["DEBUG", "INFO", "WARNING", "ERROR"]},
     "watchNamespaces": {"items": {"type": "string", "minLength": 1}},
     "imagePullSecrets": {"items": {"type": "object", "required": ["name"], "additionalProperties": False,

@@ -611,7 +611,9 @@ def _start_apiserver(binaries: Binaries, paths: Paths, state: State) -> None:
         f"--service-cluster-ip-range={SERVICE_CIDR}",
         # The defaults (NamespaceLifecycle, LimitRanger, ServiceAccount, PodSecurity, Priority,
         # DefaultStorageClass, ResourceQuota, webhooks, ...) plus NodeRestriction, as kubeadm does.
-        "--enable-admission-plugins=NodeRestriction",
+        # OwnerReferencesPermissionEnforcement is on in OpenShift: children with blockOwnerDeletion
+        # need update on finetunejobs/finalizers, which the chart's RBAC must grant.
+        "--enable-admission-plugins=NodeRestriction,OwnerReferencesPermissionEnforcement",
         "--allow-privileged=true",
         # Endpoints may not hold a loopback address, so the `kubernetes` Service has none; pods
         # reach the apiserver through KUBERNETES_SERVICE_HOST=127.0.0.1 set by the node agent.

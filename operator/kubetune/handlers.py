@@ -57,20 +57,25 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     kube = Kube(timeout=SETTINGS.api_timeout)
     reconciling = Reconciler(kube, SETTINGS)
     server = ReportServer(kube, interval=SETTINGS.status_interval, rate=SETTINGS.report_rate,
-                          burst=SETTINGS.report_burst, health=lambda: reconciling.stalled(SETTINGS.stall_seconds))
+                          burst=SETTINGS.report_burst)
     if SETTINGS.report_listen:
         host, _sep, port = SETTINGS.report_listen.rpartition(":")
         await server.start(host or "0.0.0.0", int(port))
         _server = server
 
-    def on_phase(namespace: str, name: str, phase: str) -> None:
-        if phase in TERMINAL:
-            server.finished(namespace, name)
-        elif phase == "Running":
-            server.started(namespace, name)
-
-    reconciling.on_phase = on_phase
+    reconciling.on_phase = server.observe
     _reconciler = reconciling
+
+
+@kopf.on.probe(id="reconciles")
+def reconciles_progress(**_: Any) -> str:
+    """Part of the liveness endpoint: it answers 500 once a reconcile has run longer than
+    KUBETUNE_STALL_SECONDS (every API call has a timeout, so only a wedged operator gets there)."""
+    problem = reconciler().stalled(SETTINGS.stall_seconds) if _reconciler is not None else None
+    if problem:
+        logging.getLogger("kubetune.health").error("liveness check failed: %s", problem)
+        raise kopf.PermanentError(problem)
+    return "ok"
 
 
 @kopf.on.cleanup()
@@ -121,11 +126,15 @@ def finetunejob_resync(namespace: str | None, name: str, **_: Any) -> None:
     _reconcile(namespace, name)
 
 
-@kopf.on.delete(api.GROUP, api.VERSION, api.PLURAL, optional=True)
-def finetunejob_deleted(namespace: str | None, name: str, **_: Any) -> None:
-    """Forget a deleted job's metrics (optional: no finalizer; owner references clean up)."""
-    if namespace:
+@kopf.on.event(api.GROUP, api.VERSION, api.PLURAL)
+def finetunejob_event(type: str, namespace: str | None, name: str, **_: Any) -> None:
+    """A FineTuneJob is gone (with or without a finalizer): forget everything kept about it, so
+    memory and the jobs-by-phase gauge follow the jobs that exist. Owner references remove its
+    children."""
+    if type == "DELETED" and namespace:
         metrics.forget(namespace, name)
+        if _server is not None:
+            _server.forget(namespace, name)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=CHILD_LABELS)

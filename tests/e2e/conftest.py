@@ -46,6 +46,7 @@ class Operator:
             "KUBETUNE_STATUS_INTERVAL": "1",
             **self.extra_env,
         }
+        self.health_url = f"http://127.0.0.1:{port}/healthz"
         self.starts += 1
         log = (self.log_dir / f"operator-{self.starts}.log").open("wb")
         self.process = subprocess.Popen(
@@ -102,13 +103,14 @@ def apiserver_proxy(cluster: Cluster) -> Iterator[BlackholeProxy]:
 @pytest.fixture
 def proxied_operator(cluster: Cluster, crd: None, namespace: str, operator_env: dict[str, str],
                      apiserver_proxy: BlackholeProxy, tmp_path: Path) -> Iterator[Operator]:
-    """An operator that reaches the API server only through `apiserver_proxy` (API timeout 5 s)."""
+    """An operator that reaches the API server only through `apiserver_proxy` (API timeout 5 s
+    unless `operator_env` says otherwise)."""
     kubeconfig = yaml.safe_load(Path(cluster.env["KUBECONFIG"]).read_text())
     for entry in kubeconfig["clusters"]:
         entry["cluster"]["server"] = f"https://127.0.0.1:{apiserver_proxy.port}"
     path = tmp_path / "kubeconfig-via-proxy"
     path.write_text(yaml.safe_dump(kubeconfig))
-    env = {**operator_env, "KUBECONFIG": str(path), "KUBETUNE_API_TIMEOUT": "5"}
+    env = {"KUBETUNE_API_TIMEOUT": "5", **operator_env, "KUBECONFIG": str(path)}
     running = Operator(cluster, namespace, tmp_path, env).start()
     try:
         yield running

@@ -7,10 +7,13 @@ the real trainer runs in test_quickstart.py.
 from __future__ import annotations
 
 import json
+import re
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from operator_helpers import event_reasons, events, finetunejob, ftj, wait_phase
 
 from helpers import wait_for
@@ -222,3 +225,22 @@ def test_a_secret_without_the_named_key_shows_the_kubelet_reason(cluster: Any, n
         "secretKeyRef": {"name": "hf", "key": "token"}}}]), namespace)
     status = wait_phase(cluster, namespace, "no-key", "Pending", reason="CreateContainerConfigError")
     assert "the training pod cannot start" in status["message"] and "token" in status["message"]
+
+
+def jobs_by_phase(operator: Any) -> dict[str, float]:
+    with urllib.request.urlopen(f"{operator.report_url}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    found = re.findall(r'^kubetune_finetunejobs\{phase="(\w+)"\} ([0-9.e+]+)$', text, re.MULTILINE)
+    return {phase: float(value) for phase, value in found}
+
+
+def test_deleted_jobs_are_forgotten(cluster: Any, namespace: str, operator: Any) -> None:
+    count = 200
+    # Schema-valid, operator-invalid: each one is reconciled, counted and fails without a Job.
+    manifests = [finetunejob(f"many-{i}", model={"source": "gs://bucket/model"}) for i in range(count)]
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump_all(manifests))
+    wait_for(lambda: jobs_by_phase(operator).get("Failed") == count, timeout=300,
+             message=f"{count} FineTuneJobs counted as Failed")
+    cluster.kubectl("delete", "ftj", "--all", "-n", namespace, "--wait=true", "--timeout=120s")
+    wait_for(lambda: set(jobs_by_phase(operator).values()) == {0.0}, timeout=60,
+             message="the jobs-by-phase gauge back at 0 after the jobs were deleted")

@@ -8,9 +8,11 @@ silently drops every byte, as a dead route or middlebox does; connections that s
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -63,7 +65,7 @@ def test_jobs_that_finish_during_an_api_outage_succeed_soon_after_it(
         wait_phase(cluster, namespace, name, "Succeeded", timeout=RECOVERY)
     assert time.monotonic() - healed <= RECOVERY
     assert len(cluster.get("jobs", "-n", namespace)["items"]) == len(names), "a Job was created twice"
-    with urllib.request.urlopen(f"{proxied_operator.report_url}/healthz", timeout=5) as response:
+    with urllib.request.urlopen(proxied_operator.health_url, timeout=5) as response:
         assert response.status == 200
 
 
@@ -93,3 +95,27 @@ def test_ttl_clean_up_happens_although_the_api_server_is_unreachable_at_the_dead
     assert "Cleaned" in event_reasons(cluster, namespace, "short-lived")
     wait_for(lambda: not ftj(cluster, namespace, "short-lived")["metadata"].get("finalizers"), timeout=30,
              message="kopf to drop its finalizer once nothing is left to do")
+
+
+def liveness(operator: Any) -> int:
+    try:
+        with urllib.request.urlopen(operator.health_url, timeout=5) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return int(error.code)
+
+
+WEDGED = {"KUBETUNE_TRAINER_COMMAND": json.dumps(["python", str(Path(__file__).parent / "fake_trainer.py")]),
+          "KUBETUNE_API_TIMEOUT": "120", "KUBETUNE_STALL_SECONDS": "3"}
+
+
+@pytest.mark.parametrize("operator_env", [WEDGED], ids=["api-timeout-120s-stall-3s"])
+def test_liveness_fails_while_a_reconcile_is_stuck(cluster: Any, namespace: str, proxied_operator: Any,
+                                                   apiserver_proxy: Any, tmp_path: Path) -> None:
+    cluster.apply(finetunejob("stuck", env=env(FAKE_WAIT_FOR=str(tmp_path / "never"))), namespace)
+    wait_phase(cluster, namespace, "stuck", "Running")
+    assert liveness(proxied_operator) == 200
+    apiserver_proxy.blackhole()  # the next resync waits on the API server for up to 120 s
+    wait_for(lambda: liveness(proxied_operator) == 500, timeout=60,
+             message="the liveness endpoint to report the stuck reconcile")
+    proxied_operator.stop(kill=True)

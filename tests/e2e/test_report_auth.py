@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import base64
+import http.client
+import itertools
 import json
+import os
+import secrets
+import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -82,3 +88,70 @@ def test_reports_are_rate_limited_per_job(cluster: Any, namespace: str, operator
     assert codes.count(202) >= 20 and 429 in codes
     (tmp_path / "release").touch()
     wait_phase(cluster, namespace, "chatty", "Succeeded")
+
+
+FLOOD_SECONDS = float(os.environ.get("KUBETUNE_TEST_FLOOD_SECONDS", "120"))
+FLOOD_RATE = 200  # bogus requests per second, all threads together
+
+
+def flood(port: int, namespace: str, real_job: str, stop: threading.Event, sent: list[int], rate: float) -> None:
+    """Bogus reports at `rate` per second: unknown jobs, the real job with wrong tokens, no tokens."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    body = json.dumps({"type": "progress", "step": 999}).encode()
+    period, due, i = 1.0 / rate, time.monotonic(), 0
+    while not stop.is_set():
+        i += 1
+        name = real_job if i % 10 == 0 else f"ghost-{secrets.token_hex(4)}"
+        headers = {"Content-Type": "application/json"}
+        if i % 10 != 5:
+            headers["Authorization"] = f"Bearer {secrets.token_urlsafe(32)}"
+        try:
+            connection.request("POST", f"/v1/reports/{namespace}/{name}", body=body, headers=headers)
+            connection.getresponse().read()
+            sent[0] += 1
+        except (OSError, http.client.HTTPException):
+            connection.close()
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        due += period
+        stop.wait(max(0.0, due - time.monotonic()))
+    connection.close()
+
+
+def test_a_flood_of_bogus_reports_does_not_stop_a_real_jobs_progress(cluster: Any, namespace: str, operator: Any,
+                                                                      tmp_path: Path) -> None:
+    cluster.apply(finetunejob("steady", env=[{"name": "FAKE_WAIT_FOR", "value": str(tmp_path / "release")}]),
+                  namespace)
+    wait_phase(cluster, namespace, "steady", "Running")
+    token = base64.b64decode(cluster.get("secret", "steady-report", "-n", namespace)["data"]["token"]).decode()
+    url = f"{operator.report_url}/v1/reports/{namespace}/steady"
+
+    stop, sent = threading.Event(), [0]
+    threads = [threading.Thread(target=flood, args=(operator.report_port, namespace, "steady", stop, sent,
+                                                    FLOOD_RATE / 4), daemon=True) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    codes: list[int] = []
+    seen: list[int] = []
+    started = time.monotonic()
+    step = 0
+    try:
+        while time.monotonic() - started < FLOOD_SECONDS:
+            step += 1
+            codes.append(post(url, {"type": "progress", "step": step, "totalSteps": 100000}, token))
+            if step % 20 == 0:
+                seen.append(int((ftj(cluster, namespace, "steady")["status"].get("progress") or {}).get("step", 0)))
+            stop.wait(0.5)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+    elapsed = time.monotonic() - started
+    print(f"flood: {sent[0]} bogus requests in {elapsed:.0f}s ({sent[0] / elapsed:.0f}/s); "
+          f"real reports {codes.count(202)}/{len(codes)} accepted; progress samples {seen}")
+    assert codes.count(202) == len(codes), f"real reports refused: {sorted(set(codes))}"
+    assert len(seen) >= 3 and all(a < b for a, b in itertools.pairwise(seen)), seen
+    wait_for(lambda: ftj(cluster, namespace, "steady")["status"]["progress"]["step"] == step, timeout=30,
+             message="the last real report in status")
+    assert sent[0] > 0
+    (tmp_path / "release").touch()
+    wait_phase(cluster, namespace, "steady", "Succeeded")

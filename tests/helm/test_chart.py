@@ -7,6 +7,7 @@ RBAC, trains the quickstart with the real trainer, runs `helm test`, and uninsta
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import subprocess
 import sys
@@ -100,14 +101,17 @@ def test_install_train_test_uninstall(cluster: Any, crd: None, namespace: str, m
 
         status = wait_for(finished, timeout=600, message="quickstart Succeeded under the chart's operator")
         assert status["metrics"]["evalLoss"] > 0 and status["artifacts"]["location"].startswith("s3://")
-        logs = Path(cluster.dir or tmp_path, "logs", "pods")
-        operator_log = next(logs.glob(f"{release_ns}_*_operator.log"), None)
-        if operator_log is not None:
-            # An RBAC denial reads 'is forbidden: User "system:serviceaccount:…" cannot …'.
-            assert 'forbidden: User "system:serviceaccount' not in operator_log.read_text(), "RBAC denial"
+        operator_log = cluster.kubectl("logs", "-n", release_ns, pod["metadata"]["name"]).stdout
+        assert "kubetune.reconcile" in operator_log, "no operator log to check"
+        # An RBAC denial reads 'is forbidden: User "system:serviceaccount:…" cannot …'.
+        assert 'forbidden: User "system:serviceaccount' not in operator_log, "RBAC denial"
+        sa = f"system:serviceaccount:{release_ns}:kubetune"
+        assert cluster.kubectl("auth", "can-i", f"--as={sa}", "update", "finetunejobs.kubetune.io/finalizers",
+                               "-n", namespace).stdout.strip() == "yes"
 
         test = cluster.helm("test", "kubetune", "-n", release_ns, "--timeout", "180s")
-        assert "Phase:          Succeeded" in test.stdout or "Succeeded" in test.stdout
+        phases = re.findall(r"^Phase:\s+(\w+)", test.stdout, re.MULTILINE)
+        assert phases and set(phases) == {"Succeeded"}, test.stdout
     finally:
         cluster.helm("uninstall", "kubetune", "-n", release_ns, "--wait", "--timeout", "120s", check=False)
 
