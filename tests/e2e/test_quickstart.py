@@ -7,13 +7,14 @@ and the operator's /metrics.
 
 from __future__ import annotations
 
+import base64
+import json
 import sys
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from operator_helpers import event_reasons, wait_phase
 
 from helpers import wait_for
@@ -92,5 +93,14 @@ def test_quickstart_trains_reports_progress_and_publishes_artifacts(
         text = response.read().decode()
     assert 'kubetune_finetunejobs{phase="Succeeded"} 1.0' in text
 
-    config = yaml.safe_load(cluster.get("configmap", "quickstart-config", "-n", namespace)["data"]["config.yaml"])
-    assert "secret" not in yaml.safe_dump(config).lower().replace("secretref", "")
+    # Neither the storage credentials nor the report token appear anywhere but in their Secrets.
+    report_token = base64.b64decode(
+        cluster.get("secret", "quickstart-report", "-n", namespace)["data"]["token"]).decode()
+    visible = [
+        cluster.get("configmap", "quickstart-config", "-n", namespace)["data"]["config.yaml"],
+        json.dumps(cluster.get("ftj,jobs,pods,events", "-n", namespace)),
+        cluster.kubectl("logs", "-n", namespace, "job/quickstart-trainer").stdout,
+        operator.logs(),
+    ]
+    for credential in (minio_env["MINIO_SECRET_KEY"], minio_env["MINIO_ACCESS_KEY"], report_token):
+        assert all(credential not in text for text in visible), "a credential leaked"
