@@ -7,6 +7,7 @@ and scheduler states and the RNG states; a resumed run continues exactly where t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -35,6 +36,14 @@ log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_MARKER = "checkpoint.json"
 """Written last into a checkpoint directory: a checkpoint without it is incomplete and ignored."""
+CHECKPOINT_FORMAT = 2
+CHECKPOINT_FILES = (
+    "metrics.jsonl", "optimizer.pt", "rng.safetensors", "scheduler.pt", "state.json", "trainable.safetensors",
+)
+"""Every file of a checkpoint, sorted; the marker lists exactly these with their sizes and sha256."""
+CONFIG_HASH_SECTIONS = ("model", "dataset", "training", "lora", "quantization")
+CADENCE_FIELDS = ("evalEverySteps", "checkpointEverySteps", "logEverySteps")
+"""training fields that do not change what is trained: left out of the config hash."""
 PREDICTION_SAMPLES = 4
 
 
@@ -109,6 +118,115 @@ def total_steps(config: TrainerConfig, micro_per_epoch: int) -> int:
     return max(1, math.ceil((config.training.epochs or 1.0) * steps_per_epoch))
 
 
+def config_hash(config: TrainerConfig) -> str:
+    """sha256 of what decides the trained weights: the model, dataset, training, lora and quantization
+    sections (camelCase JSON, sorted keys), without the evaluation/checkpoint/log cadence."""
+    sections = config.model_dump(by_alias=True, mode="json", include=set(CONFIG_HASH_SECTIONS))
+    for name in CADENCE_FIELDS:
+        sections["training"].pop(name, None)
+    return hashlib.sha256(json.dumps(sections, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+class RejectedCheckpoint(Exception):
+    """A checkpoint that must not be resumed from; the message says why."""
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A checkpoint read and checked, not yet applied to the model and optimizer."""
+
+    step: int
+    epoch: float
+    trainable: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    grad_scaler: dict[str, Any]
+    torch_rng: torch.Tensor
+    cuda_rng: list[torch.Tensor]
+    python_rng: tuple[Any, ...]
+    metrics: str
+    events: list[dict[str, Any]]
+
+
+GRAD_SCALER_KEYS = {"scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker"}
+
+
+def parse_checkpoint(local: Path, step: int, model: Any, scheduler: Any) -> LoadedCheckpoint:
+    """Read the files of a downloaded checkpoint as plain data and check them against the model.
+
+    Tensors come from safetensors; the optimizer and scheduler states through ``torch.load`` with
+    ``weights_only=True`` (tensors and plain containers only: a pickle that names any other callable
+    is refused, never run). Raises RejectedCheckpoint.
+    """
+    try:
+        trainable = load_file(str(local / "trainable.safetensors"))
+    except Exception as err:
+        raise RejectedCheckpoint(f"trainable.safetensors cannot be read: {err}") from err
+    expected = {name: tuple(p.shape) for name, p in model.named_parameters() if p.requires_grad}
+    got = {name: tuple(t.shape) for name, t in trainable.items()}
+    if got != expected:
+        differ = sorted(set(got) ^ set(expected)) or sorted(n for n in got if got[n] != expected[n])
+        raise RejectedCheckpoint(f"trainable.safetensors does not match the model's trained weights: {differ[:3]}")
+
+    states: dict[str, dict[str, Any]] = {}
+    for name in ("optimizer.pt", "scheduler.pt"):
+        try:
+            state = torch.load(local / name, weights_only=True)
+        except Exception as err:  # pickle.UnpicklingError for anything but tensors and containers
+            raise RejectedCheckpoint(f"{name} cannot be loaded as plain data: {err}") from err
+        if not isinstance(state, dict):
+            raise RejectedCheckpoint(f"{name} holds {type(state).__name__}, not a state dict")
+        states[name] = state
+    if not {"state", "param_groups"} <= set(states["optimizer.pt"]):
+        raise RejectedCheckpoint("optimizer.pt is not an optimizer state dict")
+    if set(states["scheduler.pt"]) != set(scheduler.state_dict()):
+        raise RejectedCheckpoint(f"scheduler.pt has keys {sorted(states['scheduler.pt'])}, "
+                                 f"the scheduler has {sorted(scheduler.state_dict())}")
+
+    try:
+        rng = load_file(str(local / "rng.safetensors"))
+    except Exception as err:
+        raise RejectedCheckpoint(f"rng.safetensors cannot be read: {err}") from err
+    torch_rng = rng.get("torch")
+    if torch_rng is None or torch_rng.dtype != torch.uint8 or torch_rng.shape != torch.get_rng_state().shape:
+        raise RejectedCheckpoint("rng.safetensors holds no valid torch RNG state")
+    cuda_keys = sorted((k for k in rng if k.startswith("cuda.")), key=lambda k: int(k[5:]) if k[5:].isdigit() else -1)
+    if set(rng) - {"torch", *cuda_keys} or cuda_keys != [f"cuda.{i}" for i in range(len(cuda_keys))] or any(
+        rng[k].dtype != torch.uint8 or rng[k].dim() != 1 for k in cuda_keys
+    ):
+        raise RejectedCheckpoint(f"rng.safetensors has unexpected tensors {sorted(rng)}")
+
+    try:
+        state = json.loads((local / "state.json").read_text())
+        python_random = state["pythonRandom"]
+        python_rng = (python_random["version"], tuple(python_random["state"]), python_random["gauss"])
+        random.Random().setstate(python_rng)  # validates without touching the global generator
+        epoch = float(state["epoch"])
+        grad_scaler = state["gradScaler"]
+        if state["step"] != step or not isinstance(grad_scaler, dict):
+            raise ValueError(f"step {state['step']!r}, gradScaler {grad_scaler!r}")
+        if grad_scaler and (set(grad_scaler) != GRAD_SCALER_KEYS or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in grad_scaler.values()
+        )):
+            raise ValueError(f"gradScaler {grad_scaler!r}")
+    except Exception as err:
+        raise RejectedCheckpoint(f"state.json is not a valid training state: {type(err).__name__}: {err}") from err
+
+    try:
+        metrics = (local / "metrics.jsonl").read_text()
+        events = [json.loads(line) for line in metrics.splitlines() if line]
+        if not all(isinstance(e, dict) for e in events):
+            raise ValueError("a line is not a JSON object")
+    except Exception as err:
+        raise RejectedCheckpoint(f"metrics.jsonl is not JSON lines: {err}") from err
+
+    return LoadedCheckpoint(
+        step=step, epoch=epoch, trainable=trainable, optimizer=states["optimizer.pt"],
+        scheduler=states["scheduler.pt"], grad_scaler=grad_scaler, torch_rng=torch_rng,
+        cuda_rng=[rng[k] for k in cuda_keys], python_rng=python_rng, metrics=metrics, events=events,
+    )
+
+
 class Trainer:
     """One run of a :class:`TrainerConfig`."""
 
@@ -125,6 +243,8 @@ class Trainer:
         self.store: artifacts.Store | None = None
         self.in_loop = False
         self.stop_requested = False
+        self.rejected: set[int] = set()
+        """Steps of checkpoints in the store that resume() refused; pruned once a new one is written."""
 
     def close(self) -> None:
         """Remove the local working directory (staged outputs and checkpoints)."""
@@ -208,7 +328,7 @@ class Trainer:
             steps, len(train_samples), batch_size, accum, micro_per_epoch,
         )
 
-        start = self.resume(model, optimizer, scheduler)
+        start = self.resume(model, optimizer, scheduler, scaler)
         if start == 0:
             self.report(0, dev, None, self.evaluate(model, val_samples, pad_id, dev, precision))
         orders: dict[int, list[int]] = {}
@@ -267,7 +387,7 @@ class Trainer:
                 total_tokens, total_time = total_tokens + window_tokens, total_time + window_time
                 window_loss, window_tokens, window_time = [], 0, 0.0
             if step % tc.checkpoint_every_steps == 0 or step == steps or self.stop_requested:
-                self.checkpoint(model, optimizer, scheduler, step)
+                self.checkpoint(model, optimizer, scheduler, scaler, step)
             if self.stop_requested:
                 raise Terminated(f"stopped by SIGTERM at step {step}; a checkpoint of step {step} was written")
         self.in_loop = False
@@ -318,7 +438,7 @@ class Trainer:
 
     # -- checkpoints --------------------------------------------------------------------------
 
-    def checkpoint(self, model: Any, optimizer: Any, scheduler: Any, step: int) -> None:
+    def checkpoint(self, model: Any, optimizer: Any, scheduler: Any, scaler: Any, step: int) -> None:
         """Write a checkpoint to the store; its marker goes last, then old checkpoints are pruned."""
         assert self.store is not None
         local = self.work / "checkpoint"
@@ -327,18 +447,37 @@ class Trainer:
         save_file(model_lib.trainable_state(model), str(local / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), local / "optimizer.pt")
         torch.save(scheduler.state_dict(), local / "scheduler.pt")
-        rng: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, local / "rng.pt")
+            rng.update({f"cuda.{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())})
+        save_file(rng, str(local / "rng.safetensors"))
         shutil.copyfile(self.metrics_path, local / "metrics.jsonl")
-        (local / "state.json").write_text(json.dumps({"step": step, "epoch": self.progress.epoch}))
+        version, internal, gauss = random.getstate()
+        state = {
+            "step": step,
+            "epoch": self.progress.epoch,
+            "pythonRandom": {"version": version, "state": list(internal), "gauss": gauss},
+            "gradScaler": scaler.state_dict(),
+        }
+        (local / "state.json").write_text(json.dumps(state))
         prefix = f"{CHECKPOINT_DIR}/step-{step}"
-        files = sorted(p.name for p in local.iterdir())
-        for name in files:
-            self.store.put_file(local / name, f"{prefix}/{name}")
+        if step in self.rejected:
+            # Nothing of a rejected checkpoint of the same step may stay next to the new files.
+            self.delete_checkpoint(step)
+            self.rejected.discard(step)
+        files = []
+        for name in CHECKPOINT_FILES:
+            path = local / name
+            files.append({"name": name, "size": path.stat().st_size, "sha256": artifacts.sha256_of(path)})
+            self.store.put_file(path, f"{prefix}/{name}")
         marker = local / CHECKPOINT_MARKER
-        marker.write_text(json.dumps({"step": step, "files": files}))
+        marker.write_text(json.dumps({
+            "format": CHECKPOINT_FORMAT,
+            "step": step,
+            "runName": self.config.run_name,
+            "configHash": config_hash(self.config),
+            "files": files,
+        }))
         self.store.put_file(marker, f"{prefix}/{CHECKPOINT_MARKER}")
         log.info("checkpoint at step %d: %s/%s", step, self.store.uri, prefix)
         self.reporter.emit({"type": "checkpoint", "step": step, "location": f"{self.store.uri}/{prefix}"},
@@ -359,56 +498,120 @@ class Trainer:
         return complete, sorted(s for s, done in steps.items() if not done)
 
     def prune_checkpoints(self) -> None:
-        """Keep the newest output.keepCheckpoints complete checkpoints; drop older partial ones."""
+        """Keep the newest output.keepCheckpoints valid checkpoints; drop rejected and older partial ones."""
         assert self.store is not None
         complete, incomplete = self.checkpoints()
-        stale = complete[: -self.config.output.keep_checkpoints]
-        newest = complete[-1] if complete else -1
+        valid = [s for s in complete if s not in self.rejected]
+        stale = valid[: -self.config.output.keep_checkpoints]
+        newest = valid[-1] if valid else -1
+        stale += [s for s in complete if s in self.rejected]
         stale += [s for s in incomplete if s < newest]
         for step in stale:
-            prefix = f"{CHECKPOINT_DIR}/step-{step}/"
-            keys = self.store.list(prefix)
-            # The marker first: a half-deleted checkpoint must not look complete.
-            for key in sorted(keys, key=lambda k: not k.endswith(CHECKPOINT_MARKER)):
-                self.store.delete(key)
+            self.delete_checkpoint(step)
+        self.rejected.difference_update(stale)
 
-    def resume(self, model: Any, optimizer: Any, scheduler: Any) -> int:
-        """Load the newest complete checkpoint, if any; return its step (0 when starting fresh)."""
+    def delete_checkpoint(self, step: int) -> None:
+        assert self.store is not None
+        keys = self.store.list(f"{CHECKPOINT_DIR}/step-{step}/")
+        # The marker first: a half-deleted checkpoint must not look complete.
+        for key in sorted(keys, key=lambda k: not k.endswith(CHECKPOINT_MARKER)):
+            self.store.delete(key)
+
+    def resume(self, model: Any, optimizer: Any, scheduler: Any, scaler: Any) -> int:
+        """Load the newest valid checkpoint of this run, if any; return its step (0 when starting fresh).
+
+        A checkpoint is only data: no file is unpickled beyond tensors and plain containers, and one
+        that belongs to another run or config, or does not match its marker, is skipped with a
+        warning (the next older one is tried).
+        """
         assert self.store is not None
         complete, _ = self.checkpoints()
-        if not complete:
-            return 0
-        step = complete[-1]
+        for step in reversed(complete):
+            prefix = f"{CHECKPOINT_DIR}/step-{step}"
+            try:
+                loaded = self.read_checkpoint(step, model, scheduler)
+            except RejectedCheckpoint as err:
+                log.warning("checkpoint %s/%s rejected: %s", self.store.uri, prefix, err)
+                self.rejected.add(step)
+                continue
+            self.apply_checkpoint(loaded, model, optimizer, scheduler, scaler)
+            log.info("resuming from step %d (%s/%s)", step, self.store.uri, prefix)
+            return step
+        if self.rejected:
+            log.warning("no usable checkpoint in %s/%s; starting from step 0", self.store.uri, CHECKPOINT_DIR)
+        return 0
+
+    def read_checkpoint(self, step: int, model: Any, scheduler: Any) -> LoadedCheckpoint:
+        """Download and check one checkpoint without touching the model; raise RejectedCheckpoint."""
+        assert self.store is not None
         prefix = f"{CHECKPOINT_DIR}/step-{step}"
-        local = self.work / "resume"
-        for name in json.loads(self._fetch(f"{prefix}/{CHECKPOINT_MARKER}", local).read_text())["files"]:
-            self._fetch(f"{prefix}/{name}", local)
-        model_lib.load_trainable_state(model, load_file(str(local / "trainable.safetensors")))
-        optimizer.load_state_dict(torch.load(local / "optimizer.pt", weights_only=True))
-        scheduler.load_state_dict(torch.load(local / "scheduler.pt", weights_only=True))
-        rng = torch.load(local / "rng.pt", weights_only=False)
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        shutil.copyfile(local / "metrics.jsonl", self.metrics_path)
-        self.progress.events = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
-        state = json.loads((local / "state.json").read_text())
-        self.progress.step, self.progress.epoch = step, float(state["epoch"])
+        local = self.work / "resume" / f"step-{step}"
+        shutil.rmtree(local, ignore_errors=True)
+        local.mkdir(parents=True)
+        self.store.get_file(f"{prefix}/{CHECKPOINT_MARKER}", local / CHECKPOINT_MARKER)
+        try:
+            marker = json.loads((local / CHECKPOINT_MARKER).read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise RejectedCheckpoint(f"{CHECKPOINT_MARKER} is not JSON: {err}") from err
+        if not isinstance(marker, dict) or marker.get("format") != CHECKPOINT_FORMAT:
+            raise RejectedCheckpoint(
+                f"{CHECKPOINT_MARKER} is not checkpoint format {CHECKPOINT_FORMAT} (written by an older trainer, "
+                "or not by the trainer at all)"
+            )
+        if marker.get("runName") != self.config.run_name:
+            raise RejectedCheckpoint(
+                f"it belongs to run {marker.get('runName')!r}, not {self.config.run_name!r}"
+            )
+        if marker.get("configHash") != config_hash(self.config):
+            raise RejectedCheckpoint(
+                "it was written with another config (configHash differs in the model, dataset, training, lora "
+                "or quantization section)"
+            )
+        total = self.progress.total_steps or 0
+        if marker.get("step") != step or not 1 <= step <= total:
+            raise RejectedCheckpoint(
+                f"its step {marker.get('step')!r} (directory step-{step}) is outside 1..{total}"
+            )
+        files = marker.get("files")
+        entries: list[dict[str, Any]] = files if isinstance(files, list) else []
+        names = sorted(str(e.get("name")) for e in entries if isinstance(e, dict))
+        if len(names) != len(entries) or names != list(CHECKPOINT_FILES):
+            raise RejectedCheckpoint(f"its files list {files!r} does not name exactly {list(CHECKPOINT_FILES)}")
+        present = {key.rsplit("/", 1)[-1] for key in self.store.list(f"{prefix}/")}
+        missing = sorted(set(CHECKPOINT_FILES) - present)
+        if missing:
+            raise RejectedCheckpoint(f"{', '.join(missing)} listed in {CHECKPOINT_MARKER} but missing")
+        for entry in entries:
+            name, path = entry["name"], local / entry["name"]
+            self.store.get_file(f"{prefix}/{name}", path)
+            size, digest = path.stat().st_size, artifacts.sha256_of(path)
+            if size != entry.get("size") or digest != entry.get("sha256"):
+                raise RejectedCheckpoint(f"{name} has size {size} sha256 {digest}, the marker says "
+                                         f"{entry.get('size')} {entry.get('sha256')}")
+        return parse_checkpoint(local, step, model, scheduler)
+
+    def apply_checkpoint(
+        self, loaded: LoadedCheckpoint, model: Any, optimizer: Any, scheduler: Any, scaler: Any
+    ) -> None:
+        model_lib.load_trainable_state(model, loaded.trainable)
+        optimizer.load_state_dict(loaded.optimizer)
+        scheduler.load_state_dict(loaded.scheduler)
+        if loaded.grad_scaler and scaler.is_enabled():
+            scaler.load_state_dict(loaded.grad_scaler)
+        torch.set_rng_state(loaded.torch_rng)
+        if torch.cuda.is_available():
+            for index, state in enumerate(loaded.cuda_rng[: torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(state, index)
+        random.setstate(loaded.python_rng)
+        self.metrics_path.write_text(loaded.metrics)
+        self.progress.events = list(loaded.events)
+        self.progress.step, self.progress.epoch = loaded.step, loaded.epoch
         for event in self.progress.events:
             if event.get("loss") is not None:
                 self.progress.train_loss = event["loss"]
                 self.progress.learning_rate = event["learningRate"]
             if event.get("evalLoss") is not None:
                 self.progress.eval_loss = event["evalLoss"]
-        log.info("resuming from step %d (%s/%s)", step, self.store.uri, prefix)
-        return step
-
-    def _fetch(self, key: str, local_dir: Path) -> Path:
-        assert self.store is not None
-        path = local_dir / key.rsplit("/", 1)[-1]
-        self.store.get_file(key, path)
-        return path
 
     # -- outputs ------------------------------------------------------------------------------
 
