@@ -37,8 +37,22 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 
 
+class UnsafeKey(ValueError):
+    """A key that is not a relative path inside the run (absolute, ``..``, empty parts)."""
+
+
+def check_key(key: object) -> str:
+    """Return ``key`` if it is a relative ``/``-separated path that stays under the run's root."""
+    if not isinstance(key, str) or not key:
+        raise UnsafeKey(f"{key!r} is not a path")
+    parts = key.split("/")
+    if key.startswith("/") or "\\" in key or "\0" in key or any(p in ("", ".", "..") for p in parts):
+        raise UnsafeKey(f"{key!r} is not a relative path inside the run (absolute, '..', '.' or empty parts)")
+    return key
+
+
 class Store(Protocol):
-    """Keys are ``/``-separated paths relative to the run's root."""
+    """Keys are ``/``-separated paths relative to the run's root (see :func:`check_key`)."""
 
     uri: str
 
@@ -55,8 +69,15 @@ class LocalStore:
         self.root = root
         self.uri = str(root)
 
+    def _path(self, key: str) -> Path:
+        path = self.root / check_key(key)
+        # Symbolic links inside the root must not lead out of it either.
+        if not path.resolve().is_relative_to(self.root.resolve()):
+            raise UnsafeKey(f"{key!r} leads out of {self.root}")
+        return path
+
     def put_file(self, local: Path, key: str) -> None:
-        target = self.root / key
+        target = self._path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
         os.close(fd)
@@ -64,8 +85,9 @@ class LocalStore:
         os.replace(tmp, target)
 
     def get_file(self, key: str, local: Path) -> None:
+        source = self._path(key)
         local.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(self.root / key, local)
+        shutil.copyfile(source, local)
 
     def list(self, prefix: str = "") -> list[str]:
         # Same semantics as an S3 listing: every key that starts with the prefix string.
@@ -77,7 +99,7 @@ class LocalStore:
         return sorted(k for k in keys if k.startswith(prefix) and not k.rsplit("/", 1)[-1].startswith("."))
 
     def delete(self, key: str) -> None:
-        path = self.root / key
+        path = self._path(key)
         path.unlink(missing_ok=True)
         # Drop directories that became empty, up to the root.
         for parent in path.parents:
@@ -100,6 +122,7 @@ class S3Store:
         self.client = s3_client(storage)
 
     def _key(self, key: str) -> str:
+        check_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def put_file(self, local: Path, key: str) -> None:
@@ -154,8 +177,10 @@ def publish(
     if MANIFEST in store.list(MANIFEST):
         store.delete(MANIFEST)
     files: list[dict[str, Any]] = []
-    for path in sorted(p for p in staging.rglob("*") if p.is_file()):
-        key = path.relative_to(staging).as_posix()
+    for path in sorted(p for p in staging.rglob("*") if p.is_file() or p.is_symlink()):
+        key = check_key(path.relative_to(staging).as_posix())
+        if path.is_symlink():
+            raise UnsafeKey(f"{path} is a symbolic link; only regular files are published")
         if key == MANIFEST:
             continue
         files.append({"path": key, "size": path.stat().st_size, "sha256": sha256_of(path)})
@@ -182,6 +207,28 @@ class IncompleteRun(Exception):
     """No manifest, or a file that does not match it."""
 
 
+def check_manifest(location: str, manifest: object) -> None:
+    """Check the shape of a manifest and that every entry is a path inside the run; raise IncompleteRun.
+
+    Runs before any listed file is touched: an entry such as ``../x`` or ``/etc/x`` would otherwise
+    make the check read, write or delete files outside the run.
+    """
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), list):
+        raise IncompleteRun(f"{location}: {MANIFEST} has no files list")
+    for entry in manifest["files"]:
+        if not isinstance(entry, dict):
+            raise IncompleteRun(f"{location}: {MANIFEST} entry {entry!r} is not an object")
+        try:
+            check_key(entry.get("path"))
+        except UnsafeKey as err:
+            raise IncompleteRun(f"{location}: {MANIFEST} entry {entry.get('path')!r} rejected: {err}") from err
+        size, digest = entry.get("size"), entry.get("sha256")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0 or not isinstance(digest, str) or len(
+            digest
+        ) != 64:
+            raise IncompleteRun(f"{location}: {MANIFEST} entry {entry['path']!r} has no valid size and sha256")
+
+
 def verify_manifest(location: str, storage: StorageSpec | None = None) -> dict[str, Any]:
     """Check a published run (``<output.location>/<runName>``): every file's size and sha256.
 
@@ -195,7 +242,11 @@ def verify_manifest(location: str, storage: StorageSpec | None = None) -> dict[s
         if MANIFEST not in store.list(MANIFEST):
             raise IncompleteRun(f"{location}: no {MANIFEST}; the run is incomplete")
         store.get_file(MANIFEST, work / MANIFEST)
-        manifest: dict[str, Any] = json.loads((work / MANIFEST).read_text())
+        try:
+            manifest: dict[str, Any] = json.loads((work / MANIFEST).read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise IncompleteRun(f"{location}: {MANIFEST} is not JSON: {err}") from err
+        check_manifest(location, manifest)
         for entry in manifest["files"]:
             local = work / "files" / entry["path"]
             try:
