@@ -1,4 +1,5 @@
-"""Shared assets for the trainer tests: a tiny backbone and dataset, built once, no downloads."""
+"""Shared assets for the trainer tests: a tiny backbone and dataset, built once, no downloads; and a
+private MinIO server that a test may stop and restart (the cluster's shared one must keep running)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,30 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from trainer_helpers import tiny
+from trainer_helpers import MinioServer, minio_binary, tiny
+
+
+@pytest.fixture(scope="session")
+def minio_server_binary() -> Path:
+    return minio_binary()
+
+
+@pytest.fixture
+def private_minio(minio_server_binary: Path, tmp_path_factory: pytest.TempPathFactory,
+                  monkeypatch: pytest.MonkeyPatch) -> Iterator[MinioServer]:
+    """A running MinIO server for this test alone, its credentials in AWS_* and a bucket ``test``."""
+    from minio import Minio
+
+    server = MinioServer(minio_server_binary, tmp_path_factory.mktemp("minio"))
+    server.start()
+    try:
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", server.access_key)
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", server.secret_key)
+        Minio(server.endpoint, access_key=server.access_key, secret_key=server.secret_key,
+              secure=False).make_bucket("test")
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from trainer_helpers import make_config
+from trainer_helpers import MinioServer, make_config
 
 from kubetune_trainer import artifacts
 from kubetune_trainer.artifacts import IncompleteRun, S3Store, verify_manifest
 from kubetune_trainer.config import StorageSpec
+from kubetune_trainer.errors import SourceUnavailable, StoreUnavailable
 from kubetune_trainer.report import Reporter
 from kubetune_trainer.train import Trainer
 
@@ -78,34 +79,49 @@ def test_s3_data_in_s3_artifacts_out_manifest_last(
     assert markers == ["checkpoints/step-10/checkpoint.json", "checkpoints/step-12/checkpoint.json"]
 
 
-def test_interrupted_upload_leaves_no_manifest(
-    assets: Path, bucket: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_store_outage_while_publishing_leaves_no_manifest(
+    assets: Path, private_minio: MinioServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("KUBETUNE_STORE_RETRY_SECONDS", "1")
     original = S3Store.put_file
 
-    def failing_put(self: S3Store, local: Path, key: str) -> None:
+    def stop_server_before_loss_png(self: S3Store, local: Path, key: str) -> None:
+        # Only the timing is arranged here: the server process really stops, the upload really fails.
         if key == "loss.png":
-            raise ConnectionError("connection reset while uploading loss.png")
+            private_minio.stop()
         original(self, local, key)
 
-    monkeypatch.setattr(S3Store, "put_file", failing_put)
-    with pytest.raises(ConnectionError):
-        Trainer(s3_config(assets, bucket, steps=5), Reporter(tmp_path / "metrics.jsonl")).run()
-    location = f"s3://{bucket['name']}/runs/tiny"
-    store = S3Store(location, StorageSpec.model_validate(bucket["storage"]))
+    monkeypatch.setattr(S3Store, "put_file", stop_server_before_loss_png)
+    storage = {"endpoint": private_minio.endpoint, "insecure": True}
+    config = make_config(assets, "s3://test/runs", training={"maxSteps": 5, "checkpointEverySteps": 5},
+                         storage=storage)
+    with pytest.raises(StoreUnavailable, match=r"upload s3://test/runs/tiny/loss\.png") as err:
+        Trainer(config, Reporter(tmp_path / "metrics.jsonl")).run()
+    assert err.value.exit_code == 5
+
+    private_minio.start()
+    location = "s3://test/runs/tiny"
+    store = S3Store(location, StorageSpec.model_validate(storage))
     assert "adapter/adapter_model.safetensors" in store.list("adapter/")
-    assert store.list(artifacts.MANIFEST) == []
+    assert store.list("loss.png") == [] and store.list(artifacts.MANIFEST) == []
     with pytest.raises(IncompleteRun, match=r"no manifest\.json"):
-        verify_manifest(location, StorageSpec.model_validate(bucket["storage"]))
+        verify_manifest(location, StorageSpec.model_validate(storage))
 
 
-def test_missing_bucket_is_a_source_error(assets: Path, bucket: dict[str, Any]) -> None:
-    from kubetune_trainer.errors import SourceUnavailable
-
+def test_missing_data_object_is_a_source_error(assets: Path, bucket: dict[str, Any]) -> None:
     config = s3_config(assets, bucket)
     config.dataset.train = f"s3://{bucket['name']}/data/nope.jsonl"
-    with pytest.raises(SourceUnavailable, match=r"nope\.jsonl"):
+    with pytest.raises(SourceUnavailable, match=r"nope\.jsonl") as err:
         Trainer(config).run()
+    assert err.value.exit_code == 4
+
+
+def test_missing_output_bucket_is_a_source_error(assets: Path, bucket: dict[str, Any]) -> None:
+    config = s3_config(assets, bucket)
+    config.output.location = f"s3://{bucket['name']}-missing/runs"
+    with pytest.raises(SourceUnavailable, match=rf"bucket '{bucket['name']}-missing' does not exist") as err:
+        Trainer(config).run()
+    assert err.value.exit_code == 4
 
 
 def test_endpoint_from_s3_endpoint_env_and_downloads_are_cached(

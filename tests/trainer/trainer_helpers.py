@@ -1,19 +1,24 @@
-"""Helpers for the trainer tests: the tiny assets module and small configs."""
+"""Helpers for the trainer tests: the tiny assets module, small configs and a private MinIO server."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import secrets
+import socket
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+from helpers import wait_for
 from kubetune_trainer.config import TrainerConfig
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _load_tiny() -> Any:
-    spec = importlib.util.spec_from_file_location("kubetune_hack_tiny", REPO / "hack" / "tiny.py")
+def _load_hack(name: str) -> Any:
+    spec = importlib.util.spec_from_file_location(f"kubetune_hack_{name}", REPO / "hack" / f"{name}.py")
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
@@ -21,7 +26,12 @@ def _load_tiny() -> Any:
     return module
 
 
-tiny = _load_tiny()
+tiny = _load_hack("tiny")
+
+
+def minio_binary() -> Path:
+    """The MinIO server the local cluster runs (hack/build-binaries.sh builds it once, if missing)."""
+    return Path(_load_hack("cluster").find_binaries().minio)
 
 
 def tiny_config(assets: Path, location: Path | str, **sections: dict[str, Any]) -> dict[str, Any]:
@@ -57,3 +67,67 @@ def tiny_config(assets: Path, location: Path | str, **sections: dict[str, Any]) 
 
 def make_config(assets: Path, location: Path | str, **sections: Any) -> TrainerConfig:
     return TrainerConfig.model_validate(tiny_config(assets, location, **sections))
+
+
+class MinioServer:
+    """A MinIO server process of its own: fixed port and data directory across stop() and start()."""
+
+    def __init__(self, binary: Path, root: Path) -> None:
+        self.binary, self.data, self.log = binary, root / "data", root / "minio.log"
+        self.port, self.console_port = free_ports(2)
+        self.endpoint = f"127.0.0.1:{self.port}"
+        self.access_key, self.secret_key = "test-" + secrets.token_hex(4), secrets.token_urlsafe(18)
+        self.home = root / "home"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = {"PATH": os.environ.get("PATH", ""), "HOME": str(self.home), "MINIO_ROOT_USER": self.access_key,
+               "MINIO_ROOT_PASSWORD": self.secret_key, "MINIO_BROWSER": "off", "MINIO_UPDATE": "off"}
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [str(self.binary), "server", str(self.data), "--quiet", f"--address={self.endpoint}",
+                 f"--console-address=127.0.0.1:{self.console_port}"],
+                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        wait_for(self.ready, timeout=60, message=f"MinIO on {self.endpoint} (log: {self.log})")
+
+    def ready(self) -> bool:
+        import urllib.request
+
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"MinIO exited with {self.process.returncode}: {self.log.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"http://{self.endpoint}/minio/health/ready", timeout=2) as response:
+                return bool(response.status == 200)
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        """Stop the server and wait until its port refuses connections."""
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=30)
+        self.process = None
+        wait_for(lambda: not port_open(self.port), timeout=30, message=f"port {self.port} closed")
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0

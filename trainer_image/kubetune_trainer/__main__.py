@@ -5,9 +5,12 @@ Exit codes (a contract: the operator's Job podFailurePolicy depends on them):
 - 0: success; outputs published with their manifest.
 - 3: invalid config or data (a missing column, an empty or unreadable file, a rejected field);
   retrying cannot help.
-- 4: a source (model, tokenizer, dataset, output bucket) was not found or could not be reached.
-- 1: anything else (out of memory, a crash, a connection lost mid-run); worth retrying, and a
-  retried run resumes from its newest complete checkpoint.
+- 4: a source (model, tokenizer, dataset, output bucket) was not found or could not be reached
+  (the object store: for the whole ``KUBETUNE_STORE_RETRY_SECONDS`` before this pod wrote to it).
+- 5: the artifact store stopped answering after this pod had written to it and stayed away for
+  ``KUBETUNE_STORE_RETRY_SECONDS``; the checkpoints are intact and a new pod resumes from them.
+- 1: anything else (a crash, a connection lost mid-run); worth retrying, and a retried run
+  resumes from its newest complete checkpoint.
 - 143: stopped by SIGTERM; inside the training loop a checkpoint of the current step is written
   first, so a retried run continues from there.
 

@@ -26,15 +26,17 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlparse
 
 from .config import StorageSpec
-from .errors import SourceUnavailable
+from .errors import SourceUnavailable, StoreUnavailable, TrainerError
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+
+T = TypeVar("T")
 
 
 class UnsafeKey(ValueError):
@@ -60,6 +62,9 @@ class Store(Protocol):
     def get_file(self, key: str, local: Path) -> None: ...
     def list(self, prefix: str = "") -> list[str]: ...
     def delete(self, key: str) -> None: ...
+    def size(self, key: str) -> int | None:
+        """The object's size in bytes, or None when there is no such object."""
+        ...
 
 
 class LocalStore:
@@ -98,6 +103,10 @@ class LocalStore:
         keys = (p.relative_to(self.root).as_posix() for p in base.rglob("*") if p.is_file())
         return sorted(k for k in keys if k.startswith(prefix) and not k.rsplit("/", 1)[-1].startswith("."))
 
+    def size(self, key: str) -> int | None:
+        path = self._path(key)
+        return path.stat().st_size if path.is_file() else None
+
     def delete(self, key: str) -> None:
         path = self._path(key)
         path.unlink(missing_ok=True)
@@ -112,46 +121,92 @@ class LocalStore:
 
 
 class S3Store:
-    """A prefix in an S3 bucket (MinIO, AWS S3, …)."""
+    """A prefix in an S3 bucket (MinIO, AWS S3, …).
+
+    Every request is retried through connection errors, timeouts and 5xx answers for
+    ``KUBETUNE_STORE_RETRY_SECONDS`` (read here, once per store). When the store stays away, the error
+    is :class:`StoreUnavailable` (exit 5) once this process has written to the store (so the endpoint
+    and credentials are known to work), else :class:`SourceUnavailable` (exit 4).
+    """
 
     def __init__(self, uri: str, storage: StorageSpec) -> None:
-        from .sources import s3_client, split_s3
+        from .sources import s3_client, split_s3, store_retry_seconds
 
         self.uri = uri.rstrip("/")
         self.bucket, self.prefix = split_s3(uri)
         self.client = s3_client(storage)
+        self.retry_seconds = store_retry_seconds()
+        self.written = False
+        """Whether a write to the store has succeeded in this process."""
 
     def _key(self, key: str) -> str:
         check_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
 
+    def _unavailable(self, message: str) -> TrainerError:
+        if self.written:
+            return StoreUnavailable(message)
+        return SourceUnavailable(f"output.location: {message}")
+
+    def _retrying(self, what: str, operation: Callable[[], T]) -> T:
+        from .sources import retrying
+
+        return retrying(what, operation, self.retry_seconds, self._unavailable)
+
     def put_file(self, local: Path, key: str) -> None:
-        self.client.fput_object(self.bucket, self._key(key), str(local))
+        name = self._key(key)
+        self._retrying(f"upload {self.uri}/{key}", lambda: self.client.fput_object(self.bucket, name, str(local)))
+        self.written = True
 
     def get_file(self, key: str, local: Path) -> None:
+        name = self._key(key)
         local.parent.mkdir(parents=True, exist_ok=True)
-        self.client.fget_object(self.bucket, self._key(key), str(local))
+        self._retrying(f"download {self.uri}/{key}", lambda: self.client.fget_object(self.bucket, name, str(local)))
 
     def list(self, prefix: str = "") -> list[str]:
         root = f"{self.prefix}/" if self.prefix else ""
-        objects = self.client.list_objects(self.bucket, prefix=root + prefix, recursive=True)
-        return sorted(str(o.object_name)[len(root) :] for o in objects if o.object_name and not o.is_dir)
+
+        def names() -> list[str]:
+            objects = self.client.list_objects(self.bucket, prefix=root + prefix, recursive=True)
+            return sorted(str(o.object_name)[len(root) :] for o in objects if o.object_name and not o.is_dir)
+
+        return self._retrying(f"list {self.uri}/{prefix}", names)
+
+    def size(self, key: str) -> int | None:
+        from minio.error import S3Error
+
+        name = self._key(key)
+
+        def stat() -> int | None:
+            try:
+                return int(self.client.stat_object(self.bucket, name).size or 0)
+            except S3Error as err:
+                if err.code in ("NoSuchKey", "NoSuchObject", "ResourceNotFound"):
+                    return None
+                raise
+
+        return self._retrying(f"stat {self.uri}/{key}", stat)
 
     def delete(self, key: str) -> None:
-        self.client.remove_object(self.bucket, self._key(key))
+        name = self._key(key)
+        self._retrying(f"delete {self.uri}/{key}", lambda: self.client.remove_object(self.bucket, name))
 
 
 def open_store(location: str, run_name: str, storage: StorageSpec) -> Store:
     """The store for one run: ``<location>/<runName>/``."""
     if location.startswith("s3://"):
+        from .sources import retrying
+
         store = S3Store(f"{location.rstrip('/')}/{run_name}", storage)
         try:
-            if not store.client.bucket_exists(store.bucket):
-                raise SourceUnavailable(f"output.location {location}: bucket {store.bucket!r} does not exist")
+            exists = retrying(f"output.location {location}", lambda: store.client.bucket_exists(store.bucket),
+                              store.retry_seconds)
         except SourceUnavailable:
             raise
         except Exception as err:
-            raise SourceUnavailable(f"output.location {location}: object store unreachable: {err}") from err
+            raise SourceUnavailable(f"output.location {location}: {type(err).__name__}: {err}") from err
+        if not exists:
+            raise SourceUnavailable(f"output.location {location}: bucket {store.bucket!r} does not exist")
         return store
     root = Path(urlparse(location).path if location.startswith("file://") else location).expanduser()
     return LocalStore(root.absolute() / run_name)
@@ -188,6 +243,15 @@ def publish(
         if on_upload:
             on_upload(key)
         log.info("uploaded %s/%s (%d bytes)", store.uri, key, files[-1]["size"])
+    # The manifest vouches for every file: confirm that the store holds each one as uploaded.
+    for entry in files:
+        stored = store.size(entry["path"])
+        if stored != entry["size"]:
+            found = "no such object" if stored is None else f"{stored} bytes"
+            raise TrainerError(
+                f"{store.uri}/{entry['path']}: uploaded {entry['size']} bytes but the store has {found}; "
+                f"{MANIFEST} not written"
+            )
     manifest = {
         "version": 1,
         "location": store.uri,

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-from .config import EXIT_ERROR, EXIT_INVALID_INPUT, EXIT_OK, EXIT_SOURCE_UNAVAILABLE, EXIT_TERMINATED
+from .config import (
+    EXIT_ERROR,
+    EXIT_INVALID_INPUT,
+    EXIT_OK,
+    EXIT_SOURCE_UNAVAILABLE,
+    EXIT_STORE_UNAVAILABLE,
+    EXIT_TERMINATED,
+)
 
 # The codes are defined in config.py, which the operator imports (podFailurePolicy, status reasons).
 EXIT_FAILED = EXIT_ERROR
 EXIT_INVALID = EXIT_INVALID_INPUT
 
-__all__ = ["EXIT_FAILED", "EXIT_INVALID", "EXIT_OK", "EXIT_SOURCE_UNAVAILABLE", "EXIT_TERMINATED", "InvalidInput",
-           "SourceUnavailable", "Terminated", "TrainerError"]
+__all__ = ["EXIT_FAILED", "EXIT_INVALID", "EXIT_OK", "EXIT_SOURCE_UNAVAILABLE", "EXIT_STORE_UNAVAILABLE",
+           "EXIT_TERMINATED", "InvalidInput", "SourceUnavailable", "StoreUnavailable", "Terminated", "TrainerError"]
 
 
 class TrainerError(Exception):
@@ -28,6 +35,13 @@ class SourceUnavailable(TrainerError):
     """A source does not exist or cannot be reached (object store, hub, local path)."""
 
     exit_code = EXIT_SOURCE_UNAVAILABLE
+
+
+class StoreUnavailable(TrainerError):
+    """The artifact store stopped answering after this pod had written to it, and stayed away for the
+    whole retry window: an outage, not a wrong endpoint; the checkpoints written so far are intact."""
+
+    exit_code = EXIT_STORE_UNAVAILABLE
 
 
 class Terminated(TrainerError):

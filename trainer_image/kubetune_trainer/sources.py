@@ -15,28 +15,100 @@ Schemes:
 Downloads are cached under ``KUBETUNE_CACHE_DIR`` (default ``~/.cache/kubetune/sources``; the
 operator mounts the job's cacheVolume there). A source that does not exist or cannot be reached
 raises :class:`SourceUnavailable` (exit code 4).
+
+Object-store requests (these downloads and every artifact-store operation) that fail with a
+connection error, a timeout or a 5xx answer are retried with exponential backoff for
+``KUBETUNE_STORE_RETRY_SECONDS`` (default 300), read when a client is opened; see :func:`retrying`.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlparse
 
 from .config import PVC_MOUNT_ROOT, StorageSpec
-from .errors import SourceUnavailable
+from .errors import InvalidInput, SourceUnavailable, TrainerError
 
 if TYPE_CHECKING:
     from minio import Minio
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PVC_MOUNT_ROOT", "SourceUnavailable", "cache_dir", "resolve", "s3_client", "split_s3"]
+__all__ = ["PVC_MOUNT_ROOT", "SourceUnavailable", "cache_dir", "resolve", "retrying", "s3_client", "split_s3",
+           "store_retry_seconds"]
 DEFAULT_CACHE_DIR = "~/.cache/kubetune/sources"
+STORE_RETRY_ENV = "KUBETUNE_STORE_RETRY_SECONDS"
+DEFAULT_STORE_RETRY_SECONDS = 300.0
+RETRY_FIRST_DELAY_S = 0.5
+RETRY_MAX_DELAY_S = 15.0
+CONNECT_TIMEOUT_S = 10.0
+"""Per connection attempt (minio's own default is 5 minutes, longer than the whole retry window)."""
+READ_TIMEOUT_S = 120.0
+TRANSIENT_S3_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout",
+                      "XMinioServerNotInitialized"}
+
+T = TypeVar("T")
+
+
+def store_retry_seconds() -> float:
+    """How long object-store requests are retried: ``KUBETUNE_STORE_RETRY_SECONDS`` (default 300)."""
+    raw = os.environ.get(STORE_RETRY_ENV, "").strip()
+    if not raw:
+        return DEFAULT_STORE_RETRY_SECONDS
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not math.isfinite(value) or value < 0:
+        raise InvalidInput(f"{STORE_RETRY_ENV}={raw!r}: expected a number of seconds, 0 or more")
+    return value
+
+
+def is_transient(err: BaseException) -> bool:
+    """A connection error, a timeout or a 5xx answer: the store may answer again."""
+    import urllib3.exceptions
+    from minio.error import InvalidResponseError, S3Error, ServerError
+
+    if isinstance(err, urllib3.exceptions.HTTPError | ConnectionError | TimeoutError):
+        return True
+    if isinstance(err, ServerError):
+        return err.status_code >= 500
+    if isinstance(err, S3Error):
+        return err.code in TRANSIENT_S3_CODES or err.response.status >= 500
+    if isinstance(err, InvalidResponseError):
+        return str(err).startswith("non-XML response from server; Response code: 5")
+    return False
+
+
+def retrying(what: str, operation: Callable[[], T], window: float,
+             unavailable: Callable[[str], TrainerError] = SourceUnavailable) -> T:
+    """Run ``operation``, retrying transient object-store errors with exponential backoff for
+    ``window`` seconds; then raise ``unavailable(message)``. Other errors propagate at once."""
+    deadline = time.monotonic() + window
+    delay = RETRY_FIRST_DELAY_S
+    while True:
+        try:
+            return operation()
+        except Exception as err:
+            if not is_transient(err):
+                raise
+            reason = f"{type(err).__name__}: {err}"[:500]
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise unavailable(
+                    f"{what}: object store unreachable for {window:g}s ({STORE_RETRY_ENV}): {reason}"
+                ) from err
+            pause = min(delay, left)
+            log.warning("%s: object store unreachable (%s); retrying in %.1fs, %.0fs left", what, reason, pause, left)
+            time.sleep(pause)
+            delay = min(delay * 2, RETRY_MAX_DELAY_S)
 
 
 def cache_dir() -> Path:
@@ -52,7 +124,12 @@ def split_s3(uri: str) -> tuple[str, str]:
 
 
 def s3_client(storage: StorageSpec) -> Minio:
-    """A MinIO/S3 client for the configured endpoint, with credentials from the environment."""
+    """A MinIO/S3 client for the configured endpoint, with credentials from the environment.
+
+    Short connect timeouts and few retries inside the client: :func:`retrying` owns the waiting.
+    """
+    import certifi
+    import urllib3
     from minio import Minio
 
     endpoint = storage.endpoint or os.environ.get("S3_ENDPOINT") or "s3.amazonaws.com"
@@ -68,6 +145,13 @@ def s3_client(storage: StorageSpec) -> Minio:
         session_token=os.environ.get("AWS_SESSION_TOKEN"),
         secure=secure,
         region=storage.region,
+        http_client=urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=CONNECT_TIMEOUT_S, read=READ_TIMEOUT_S),
+            maxsize=10,
+            cert_reqs="CERT_REQUIRED",
+            ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
+            retries=urllib3.Retry(total=2, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
+        ),
     )
 
 
@@ -101,9 +185,10 @@ def _resolve_s3(uri: str, storage: StorageSpec) -> Path:
 
     bucket, key = split_s3(uri)
     client = s3_client(storage)
+    window = store_retry_seconds()
     target = cache_dir() / "s3" / bucket / key
     try:
-        objects = _s3_objects(client, bucket, key)
+        objects = retrying(f"list {uri}", lambda: _s3_objects(client, bucket, key), window)
         if not objects:
             raise SourceUnavailable(f"{uri}: no object or prefix {key!r} in bucket {bucket!r}")
         single = len(objects) == 1 and objects[0][0] == key
@@ -115,7 +200,10 @@ def _resolve_s3(uri: str, storage: StorageSpec) -> Path:
                 log.info("cached: %s", local)
                 continue
             local.parent.mkdir(parents=True, exist_ok=True)
-            client.fget_object(bucket, name, str(local), progress=DownloadProgress())
+            retrying(f"download s3://{bucket}/{name}",
+                     lambda name=name, local=local: client.fget_object(  # type: ignore[misc]
+                         bucket, name, str(local), progress=DownloadProgress()),
+                     window)
             log.info("downloaded s3://%s/%s (%d bytes)", bucket, name, size)
     except S3Error as err:
         raise SourceUnavailable(f"{uri}: {err.code}: {err.message}") from err
