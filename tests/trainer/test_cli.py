@@ -94,3 +94,27 @@ def test_unavailable_model_source_exits_4(source: str, assets: Path, tmp_path: P
     assert main(["--config", str(config)]) == 4
     summary = json.loads((tmp_path / "termination-log").read_text())
     assert summary["exitCode"] == 4 and source in summary["error"]
+
+
+def test_out_of_memory_exits_6_with_settings_to_change(
+    assets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import torch
+
+    def clip_grad_norm_out_of_memory(*args: object, **kwargs: object) -> None:
+        """TEST DOUBLE for torch.nn.utils.clip_grad_norm_: fails as a CUDA allocation does when memory runs out
+        (this test runs on the CPU, where no real CUDA out-of-memory can happen)."""
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (test double)")
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_grad_norm_out_of_memory)
+    monkeypatch.setenv("KUBETUNE_TERMINATION_LOG", str(tmp_path / "termination-log"))
+    config = write_config(tmp_path / "cfg.yaml", tiny_config(assets, tmp_path / "out"))
+    assert main(["--config", str(config)]) == 6
+    summary = json.loads((tmp_path / "termination-log").read_text())
+    assert summary["exitCode"] == 6 and summary["step"] == 0
+    error = summary["error"]
+    assert error.startswith("out of accelerator memory during step 1: CUDA out of memory. Tried to allocate 2.00 GiB")
+    for hint in ("quantization int4 (now none)", "dataset.maxLength (now 32)", "training.batchSize (now 8",
+                 "more GPUs"):
+        assert hint in error, hint
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [error]

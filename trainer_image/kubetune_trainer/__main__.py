@@ -9,6 +9,8 @@ Exit codes (a contract: the operator's Job podFailurePolicy depends on them):
   (the object store: for the whole ``KUBETUNE_STORE_RETRY_SECONDS`` before this pod wrote to it).
 - 5: the artifact store stopped answering after this pod had written to it and stayed away for
   ``KUBETUNE_STORE_RETRY_SECONDS``; the checkpoints are intact and a new pod resumes from them.
+- 6: the accelerator ran out of memory; retrying the same settings cannot help (the message
+  suggests int4, a smaller dataset.maxLength or training.batchSize, or more GPUs).
 - 1: anything else (a crash, a connection lost mid-run); worth retrying, and a retried run
   resumes from its newest complete checkpoint.
 - 143: stopped by SIGTERM; inside the training loop a checkpoint of the current step is written

@@ -6,6 +6,7 @@ from .config import (
     EXIT_ERROR,
     EXIT_INVALID_INPUT,
     EXIT_OK,
+    EXIT_OUT_OF_MEMORY,
     EXIT_SOURCE_UNAVAILABLE,
     EXIT_STORE_UNAVAILABLE,
     EXIT_TERMINATED,
@@ -15,8 +16,9 @@ from .config import (
 EXIT_FAILED = EXIT_ERROR
 EXIT_INVALID = EXIT_INVALID_INPUT
 
-__all__ = ["EXIT_FAILED", "EXIT_INVALID", "EXIT_OK", "EXIT_SOURCE_UNAVAILABLE", "EXIT_STORE_UNAVAILABLE",
-           "EXIT_TERMINATED", "InvalidInput", "SourceUnavailable", "StoreUnavailable", "Terminated", "TrainerError"]
+__all__ = ["EXIT_FAILED", "EXIT_INVALID", "EXIT_OK", "EXIT_OUT_OF_MEMORY", "EXIT_SOURCE_UNAVAILABLE",
+           "EXIT_STORE_UNAVAILABLE", "EXIT_TERMINATED", "InvalidInput", "OutOfMemory", "SourceUnavailable",
+           "StoreUnavailable", "Terminated", "TrainerError"]
 
 
 class TrainerError(Exception):
@@ -42,6 +44,12 @@ class StoreUnavailable(TrainerError):
     whole retry window: an outage, not a wrong endpoint; the checkpoints written so far are intact."""
 
     exit_code = EXIT_STORE_UNAVAILABLE
+
+
+class OutOfMemory(TrainerError):
+    """The accelerator ran out of memory: the same settings fail again, so the Job does not retry."""
+
+    exit_code = EXIT_OUT_OF_MEMORY
 
 
 class Terminated(TrainerError):

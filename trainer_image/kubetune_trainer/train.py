@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from . import artifacts, data, sources
 from . import model as model_lib
 from .config import TrainerConfig
-from .errors import InvalidInput, Terminated
+from .errors import InvalidInput, OutOfMemory, Terminated
 from .report import Reporter
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,10 @@ CONFIG_HASH_SECTIONS = ("model", "dataset", "training", "lora", "quantization")
 CADENCE_FIELDS = ("evalEverySteps", "checkpointEverySteps", "logEverySteps")
 """training fields that do not change what is trained: left out of the config hash."""
 PREDICTION_SAMPLES = 4
+OUT_OF_MEMORY_ERRORS: tuple[type[BaseException], ...] = (
+    torch.cuda.OutOfMemoryError, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+)
+"""torch.cuda.OutOfMemoryError and, where torch has it, the device-independent torch.OutOfMemoryError."""
 
 
 @dataclass
@@ -253,14 +257,36 @@ class Trainer:
     # -- setup --------------------------------------------------------------------------------
 
     def run(self) -> RunResult:
-        """Train and publish; on SIGTERM, checkpoint (when in the loop) and raise Terminated."""
-        if threading.current_thread() is not threading.main_thread():
-            return self._run()
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        """Train and publish; on SIGTERM, checkpoint (when in the loop) and raise Terminated.
+
+        An accelerator out-of-memory error becomes :class:`OutOfMemory` with settings to change.
+        """
         try:
-            return self._run()
-        finally:
-            signal.signal(signal.SIGTERM, previous)
+            if threading.current_thread() is not threading.main_thread():
+                return self._run()
+            previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+            try:
+                return self._run()
+            finally:
+                signal.signal(signal.SIGTERM, previous)
+        except OUT_OF_MEMORY_ERRORS as err:
+            raise OutOfMemory(self.out_of_memory_message(err)) from err
+
+    def out_of_memory_message(self, err: BaseException) -> str:
+        cfg, tc = self.config, self.config.training
+        step = self.progress.step
+        where = f"during step {step + 1}" if self.in_loop else f"outside the training loop (at step {step})"
+        detail = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        hints = [
+            *([f"quantization int4 (now {cfg.quantization})"] if cfg.quantization != "int4" and cfg.lora.enabled
+              else []),
+            f"a smaller dataset.maxLength (now {cfg.dataset.max_length})",
+            f"a smaller training.batchSize (now {tc.batch_size}; raise training.gradientAccumulation to keep "
+            "the effective batch)",
+            *(["training.gradientCheckpointing: true"] if not tc.gradient_checkpointing else []),
+            "or more GPUs",
+        ]
+        return f"out of accelerator memory {where}: {detail}. To fit, try " + ", ".join(hints)
 
     def _on_sigterm(self, signum: int, frame: object) -> None:
         if self.in_loop:
