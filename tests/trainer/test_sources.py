@@ -1,14 +1,17 @@
-"""Source URIs resolve to local paths; what cannot be found is a SourceUnavailable (exit 4)."""
+"""Source URIs resolve to local paths; what cannot be found is a SourceUnavailable (exit 4); the
+download cache is kept per endpoint and a cached file is used only when it matches the object."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
+from trainer_helpers import MinioServer
 
 from kubetune_trainer.config import StorageSpec
-from kubetune_trainer.errors import SourceUnavailable
-from kubetune_trainer.sources import PVC_MOUNT_ROOT, resolve
+from kubetune_trainer.errors import InvalidInput, SourceUnavailable
+from kubetune_trainer.sources import PVC_MOUNT_ROOT, cache_path, resolve
 
 pytestmark = pytest.mark.trainer
 
@@ -55,3 +58,94 @@ def test_hf_sources_use_the_cache_when_offline(tmp_path: Path, monkeypatch: pyte
     model = resolve("hf://org/name", STORAGE, directory=True)
     assert (model / "config.json").is_file()
     assert resolve("hf://datasets/org/name/train.jsonl", STORAGE).read_text() == "{}"
+
+
+def s3_storage(server: MinioServer) -> StorageSpec:
+    return StorageSpec(endpoint=server.endpoint, insecure=True)
+
+
+def test_two_endpoints_never_share_a_cache_entry(
+    private_minio: MinioServer, minio_server_binary: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Same bucket, same key, same size, different bytes: only the endpoint tells them apart.
+    other = MinioServer(minio_server_binary, tmp_path / "other", private_minio.access_key, private_minio.secret_key)
+    (tmp_path / "other").mkdir()
+    other.start()
+    try:
+        other.client().make_bucket("test")
+        for server, byte in ((private_minio, b"a"), (other, b"b")):
+            (tmp_path / "rows").write_bytes(byte * 1000)
+            server.client().fput_object("test", "data/train.jsonl", str(tmp_path / "rows"))
+        first = resolve("s3://test/data/train.jsonl", s3_storage(private_minio))
+        second = resolve("s3://test/data/train.jsonl", s3_storage(other))
+        assert first != second
+        assert first.read_bytes() == b"a" * 1000 and second.read_bytes() == b"b" * 1000
+        caplog.clear()
+        with caplog.at_level("INFO", logger="kubetune_trainer.sources"):
+            assert resolve("s3://test/data/train.jsonl", s3_storage(private_minio)).read_bytes() == b"a" * 1000
+        assert "cached: " in caplog.text and "downloaded" not in caplog.text
+    finally:
+        other.stop()
+
+
+def flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    ("upload", "damage"),
+    [("single-part", "corrupted"), ("single-part", "planted-with-forged-record"),
+     ("multipart", "corrupted"), ("multipart", "planted")],
+)
+def test_corrupted_or_planted_cache_file_is_downloaded_again(
+    upload: str, damage: str, private_minio: MinioServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import hashlib
+    import json
+    import os
+
+    part = 5 * 1024 * 1024
+    original = os.urandom(part + 1 if upload == "multipart" else 1000)
+    (tmp_path / "weights.bin").write_bytes(original)
+    result = private_minio.client().fput_object("test", "models/m/weights.bin", str(tmp_path / "weights.bin"),
+                                                part_size=part)
+    assert ("-" in result.etag) == (upload == "multipart")
+    storage = s3_storage(private_minio)
+    cached = resolve("s3://test/models/m", storage, directory=True) / "weights.bin"
+    assert cached.read_bytes() == original
+    if damage == "corrupted":
+        flip_last_byte(cached)  # same size: a size check alone would take it
+    else:
+        cached.write_bytes(os.urandom(len(original)))
+        [record] = [p for p in (tmp_path / "cache").rglob("weights.bin") if p != cached]
+        if damage == "planted":
+            record.unlink()
+        else:
+            record.write_text(json.dumps({"etag": result.etag, "size": len(original),
+                                          "sha256": hashlib.sha256(cached.read_bytes()).hexdigest()}))
+
+    caplog.clear()
+    with caplog.at_level("INFO", logger="kubetune_trainer.sources"):
+        assert resolve("s3://test/models/m", storage, directory=True) / "weights.bin" == cached
+    assert cached.read_bytes() == original
+    assert f"cached {cached} is not used: " in caplog.text
+    assert "downloaded s3://test/models/m/weights.bin" in caplog.text
+
+
+@pytest.mark.parametrize("uri", ["s3://test/../../escaped", "s3://test/data/../../../../escaped", "s3://../escaped",
+                                 "s3://test/data/./train.jsonl", "s3://test/data//train.jsonl"])
+def test_s3_key_cannot_leave_the_cache_directory(uri: str, tmp_path: Path) -> None:
+    # Refused before any request: the endpoint does not even have to exist.
+    with pytest.raises(InvalidInput, match="cannot be stored in the download cache"):
+        resolve(uri, StorageSpec(endpoint="127.0.0.1:9", insecure=True))
+    assert not list(tmp_path.rglob("escaped"))
+
+
+def test_listed_object_names_cannot_leave_the_cache_directory(tmp_path: Path) -> None:
+    root = tmp_path / "cache" / "s3" / "endpoint"
+    assert cache_path(root, "test", "models/m/config.json", "s3://test/models/m") == root / "test/models/m/config.json"
+    for name in ("models/m/../../../../escaped", "/etc/passwd", "models/m/.."):
+        with pytest.raises(InvalidInput, match=re.escape(repr(name))):
+            cache_path(root, "test", name, "s3://test/models/m")

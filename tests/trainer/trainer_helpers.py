@@ -72,11 +72,12 @@ def make_config(assets: Path, location: Path | str, **sections: Any) -> TrainerC
 class MinioServer:
     """A MinIO server process of its own: fixed port and data directory across stop() and start()."""
 
-    def __init__(self, binary: Path, root: Path) -> None:
+    def __init__(self, binary: Path, root: Path, access_key: str | None = None, secret_key: str | None = None) -> None:
         self.binary, self.data, self.log = binary, root / "data", root / "minio.log"
         self.port, self.console_port = free_ports(2)
         self.endpoint = f"127.0.0.1:{self.port}"
-        self.access_key, self.secret_key = "test-" + secrets.token_hex(4), secrets.token_urlsafe(18)
+        self.access_key = access_key or "test-" + secrets.token_hex(4)
+        self.secret_key = secret_key or secrets.token_urlsafe(18)
         self.home = root / "home"
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -115,6 +116,11 @@ class MinioServer:
             self.process.wait(timeout=30)
         self.process = None
         wait_for(lambda: not port_open(self.port), timeout=30, message=f"port {self.port} closed")
+
+    def client(self) -> Any:
+        from minio import Minio
+
+        return Minio(self.endpoint, access_key=self.access_key, secret_key=self.secret_key, secure=False)
 
 
 def free_ports(count: int) -> list[int]:

@@ -13,8 +13,10 @@ Schemes:
   dataset repository), at ``model.revision``; ``HF_TOKEN`` is used when set.
 
 Downloads are cached under ``KUBETUNE_CACHE_DIR`` (default ``~/.cache/kubetune/sources``; the
-operator mounts the job's cacheVolume there). A source that does not exist or cannot be reached
-raises :class:`SourceUnavailable` (exit code 4).
+operator mounts the job's cacheVolume there): s3:// objects under ``s3/<endpoint>/<bucket>/<key>``,
+and a cached file is used only when it checks out against the object (see
+:func:`cached_copy_problem`). A source that does not exist or cannot be reached raises
+:class:`SourceUnavailable` (exit code 4).
 
 Object-store requests (these downloads and every artifact-store operation) that fail with a
 connection error, a timeout or a 5xx answer are retried with exponential backoff for
@@ -23,12 +25,16 @@ connection error, a timeout or a 5xx answer are retried with exponential backoff
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
+import re
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlparse
@@ -123,6 +129,17 @@ def split_s3(uri: str) -> tuple[str, str]:
     return bucket, key.strip("/")
 
 
+def s3_endpoint(storage: StorageSpec) -> tuple[str, bool]:
+    """``(host:port, https?)`` from storage.endpoint, else ``S3_ENDPOINT``, else AWS S3."""
+    endpoint = storage.endpoint or os.environ.get("S3_ENDPOINT") or "s3.amazonaws.com"
+    secure = not storage.insecure
+    if "://" in endpoint:
+        parsed = urlparse(endpoint)
+        secure = parsed.scheme == "https"
+        endpoint = parsed.netloc
+    return endpoint, secure
+
+
 def s3_client(storage: StorageSpec) -> Minio:
     """A MinIO/S3 client for the configured endpoint, with credentials from the environment.
 
@@ -132,12 +149,7 @@ def s3_client(storage: StorageSpec) -> Minio:
     import urllib3
     from minio import Minio
 
-    endpoint = storage.endpoint or os.environ.get("S3_ENDPOINT") or "s3.amazonaws.com"
-    secure = not storage.insecure
-    if "://" in endpoint:
-        parsed = urlparse(endpoint)
-        secure = parsed.scheme == "https"
-        endpoint = parsed.netloc
+    endpoint, secure = s3_endpoint(storage)
     return Minio(
         endpoint,
         access_key=os.environ.get("AWS_ACCESS_KEY_ID"),
@@ -186,25 +198,27 @@ def _resolve_s3(uri: str, storage: StorageSpec) -> Path:
     bucket, key = split_s3(uri)
     client = s3_client(storage)
     window = store_retry_seconds()
-    target = cache_dir() / "s3" / bucket / key
+    endpoint, secure = s3_endpoint(storage)
+    # Per endpoint: the same bucket and key on two object stores are two different objects.
+    root = cache_dir() / "s3" / endpoint_dir(endpoint, secure)
+    target = cache_path(root, bucket, key, uri)
     try:
         objects = retrying(f"list {uri}", lambda: _s3_objects(client, bucket, key), window)
         if not objects:
             raise SourceUnavailable(f"{uri}: no object or prefix {key!r} in bucket {bucket!r}")
-        single = len(objects) == 1 and objects[0][0] == key
-        total = sum(size for _, size in objects)
+        single = len(objects) == 1 and objects[0].name == key
+        total = sum(o.size for o in objects)
         log.info("downloading %s (%d object(s), %d bytes) to %s", uri, len(objects), total, target)
-        for name, size in objects:
-            local = target if single else target / name[len(key) :].lstrip("/")
-            if local.is_file() and local.stat().st_size == size:
-                log.info("cached: %s", local)
+        for obj in objects:
+            local = target if single else cache_path(root, bucket, obj.name, uri)
+            record = cache_path(root.with_name(root.name + CACHE_RECORD_SUFFIX), bucket, obj.name, uri)
+            why = cached_copy_problem(local, record, obj)
+            if why is None:
+                log.info("cached: %s (verified)", local)
                 continue
-            local.parent.mkdir(parents=True, exist_ok=True)
-            retrying(f"download s3://{bucket}/{name}",
-                     lambda name=name, local=local: client.fget_object(  # type: ignore[misc]
-                         bucket, name, str(local), progress=DownloadProgress()),
-                     window)
-            log.info("downloaded s3://%s/%s (%d bytes)", bucket, name, size)
+            if why != "absent":
+                log.warning("cached %s is not used: %s; downloading it again", local, why)
+            download(client, bucket, obj, local, record, window)
     except S3Error as err:
         raise SourceUnavailable(f"{uri}: {err.code}: {err.message}") from err
     except SourceUnavailable:
@@ -214,6 +228,91 @@ def _resolve_s3(uri: str, storage: StorageSpec) -> Path:
             raise SourceUnavailable(f"{uri}: object store unreachable: {err}") from err
         raise
     return target
+
+
+CACHE_RECORD_SUFFIX = ".records"
+"""``<cache>/s3/<endpoint>.records/<bucket>/<key>``: what was downloaded (ETag, size, sha256), kept
+beside the files rather than among them, so that a model directory holds only the model's files."""
+
+
+@dataclass(frozen=True)
+class S3Object:
+    name: str
+    size: int
+    etag: str
+
+
+def endpoint_dir(endpoint: str, secure: bool) -> str:
+    """A cache directory name for one endpoint: readable, and unique through a hash of its URL."""
+    url = f"{'https' if secure else 'http'}://{endpoint}"
+    readable = re.sub(r"[^A-Za-z0-9.-]+", "_", endpoint)[:64]
+    return f"{readable}-{hashlib.sha256(url.encode()).hexdigest()[:12]}"
+
+
+def cache_path(root: Path, bucket: str, name: str, uri: str) -> Path:
+    """``root/bucket/name``; a bucket or key with ``..``, ``.`` or empty parts, or an absolute key, is
+    refused so that nothing is written outside the cache."""
+    parts = [bucket, *name.strip("/").split("/")] if name.strip("/") else [bucket]
+    if name.startswith("/") or "\\" in name or "\0" in name or any(p in ("", ".", "..") for p in parts):
+        raise InvalidInput(f"{uri}: object key {name!r} cannot be stored in the download cache "
+                           "('..', '.', empty parts or an absolute path)")
+    path = root.joinpath(*parts)
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise InvalidInput(f"{uri}: object key {name!r} leads out of the download cache {root}")
+    return path
+
+
+MD5_ETAG = re.compile(r"[0-9a-f]{32}")
+
+
+def file_digests(path: Path) -> tuple[str, str]:
+    """(md5, sha256) of a file, in one pass."""
+    md5, sha256 = hashlib.md5(usedforsecurity=False), hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            md5.update(chunk)
+            sha256.update(chunk)
+    return md5.hexdigest(), sha256.hexdigest()
+
+
+def cached_copy_problem(local: Path, record: Path, obj: S3Object) -> str | None:
+    """Why the cached file cannot stand in for ``obj`` ("absent" when there is none), or None.
+
+    An object uploaded in one part has its MD5 as ETag: the file must have that MD5. Otherwise
+    (multipart uploads) the file must have the sha256 recorded when it was downloaded, for the
+    same ETag and size.
+    """
+    if not local.exists() and not local.is_symlink():
+        return "absent"
+    if local.is_symlink() or not local.is_file():
+        return "not a regular file"
+    size = local.stat().st_size
+    if size != obj.size:
+        return f"{size} bytes, the object has {obj.size}"
+    md5, sha256 = file_digests(local)
+    if MD5_ETAG.fullmatch(obj.etag):
+        return None if md5 == obj.etag else f"its MD5 {md5} is not the object's ETag {obj.etag}"
+    try:
+        recorded = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return "no record of its download"
+    if recorded != {"etag": obj.etag, "size": obj.size, "sha256": sha256}:
+        return "it does not match the record of its download (changed since, or another object)"
+    return None
+
+
+def download(client: Minio, bucket: str, obj: S3Object, local: Path, record: Path, window: float) -> None:
+    """Download one object into the cache and record its ETag, size and sha256."""
+    record.unlink(missing_ok=True)
+    if local.is_symlink() or local.is_dir():
+        raise InvalidInput(f"s3://{bucket}/{obj.name}: the cache path {local} is not a regular file")
+    local.parent.mkdir(parents=True, exist_ok=True)
+    retrying(f"download s3://{bucket}/{obj.name}",
+             lambda: client.fget_object(bucket, obj.name, str(local), progress=DownloadProgress()), window)
+    _, sha256 = file_digests(local)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"etag": obj.etag, "size": obj.size, "sha256": sha256}))
+    log.info("downloaded s3://%s/%s (%d bytes)", bucket, obj.name, obj.size)
 
 
 class DownloadProgress:
@@ -239,7 +338,7 @@ class DownloadProgress:
                      100 * self.done / max(self.total, 1))
 
 
-def _s3_objects(client: Minio, bucket: str, key: str) -> list[tuple[str, int]]:
+def _s3_objects(client: Minio, bucket: str, key: str) -> list[S3Object]:
     """The object ``key`` itself, else every object under ``key/`` (recursively)."""
     from minio.error import S3Error
 
@@ -248,13 +347,13 @@ def _s3_objects(client: Minio, bucket: str, key: str) -> list[tuple[str, int]]:
     if key:
         try:
             stat = client.stat_object(bucket, key)
-            return [(key, int(stat.size or 0))]
+            return [S3Object(key, int(stat.size or 0), (stat.etag or "").strip('"'))]
         except S3Error as err:
             if err.code not in ("NoSuchKey", "NoSuchObject", "ResourceNotFound"):
                 raise
     prefix = f"{key}/" if key else ""
     return [
-        (str(obj.object_name), int(obj.size or 0))
+        S3Object(str(obj.object_name), int(obj.size or 0), (obj.etag or "").strip('"'))
         for obj in client.list_objects(bucket, prefix=prefix, recursive=True)
         if obj.object_name and not obj.is_dir
     ]
