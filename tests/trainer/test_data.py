@@ -37,21 +37,34 @@ def test_prompt_tokens_are_masked_and_answer_tokens_are_labels(tokenizer: object
     assert sample.labels[n_prompt:] == answer_ids == sample.input_ids[n_prompt:]
 
 
+# The whole rendered sample, system text included: "system" alone would also match the chat
+# template's own <|system|> token, so each system text is made of words the tiny tokenizer knows.
+RENDERED = {
+    "chat": "<s> <|system|> {system} <|user|> {prompt} <|assistant|> {answer} </s>",
+    "plain": "<s> {system} ### Instruction: {prompt} ### Response: {answer} </s>",
+}
+
+
 @pytest.mark.parametrize("template", ["chat", "plain"])
 def test_system_column_wins_over_system_prompt_and_is_masked(tmp_path: Path, tokenizer: object, template: str) -> None:
     path = tmp_path / "train.jsonl"
-    rows = [{"prompt": "capital of peru ?", "answer": "lima", "sys": "you are a helpful assistant ."},
+    column_text, prompt_text = "you are a helpful assistant .", "you are a capital assistant ."
+    rows = [{"prompt": "capital of peru ?", "answer": "lima", "sys": column_text},
             {"prompt": "capital of chile ?", "answer": "santiago", "sys": ""}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    dataset = spec(systemColumn="sys", systemPrompt="system", template=template)
+    dataset = spec(systemColumn="sys", systemPrompt=prompt_text, template=template)
     examples = data.load_examples(path, dataset)
-    assert [e.system for e in examples] == ["you are a helpful assistant .", "system"]
+    assert [e.system for e in examples] == [column_text, prompt_text]
+    chat = data.use_chat_template(dataset, tokenizer)  # type: ignore[arg-type]
+    assert chat == (template == "chat")
+    for example, system in zip(examples, (column_text, prompt_text), strict=True):
+        assert system in data.format_prompt(example, dataset, tokenizer, chat)  # type: ignore[arg-type]
     first, second = data.tokenize(examples, dataset, tokenizer)  # type: ignore[arg-type]
-    decoded = tokenizer.decode(first.input_ids)  # type: ignore[attr-defined]
-    assert "you are a helpful assistant ." in decoded
+    for sample, row, system in ((first, rows[0], column_text), (second, rows[1], prompt_text)):
+        expected = RENDERED[template].format(system=system, prompt=row["prompt"], answer=row["answer"])
+        assert tokenizer.decode(sample.input_ids) == expected  # type: ignore[attr-defined]
     n_answer = sum(label != data.IGNORE_INDEX for label in first.labels)
     assert n_answer == 2  # "lima" and EOS
-    assert "system" in tokenizer.decode(second.input_ids)  # type: ignore[attr-defined]
 
 
 def test_mask_prompt_false_trains_on_every_token(tokenizer: object) -> None:
