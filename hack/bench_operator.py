@@ -110,9 +110,9 @@ class Bench:
                  stdin=json.dumps(ftj("reporter", env=[{"name": "FAKE_WAIT_FOR", "value": str(hold)}])))
         secret = None
         while secret is None:
-            try:
-                secret = self.core.read_namespaced_secret("reporter-report", self.namespace)
-            except Exception:
+            found = self.core.list_namespaced_secret(self.namespace, label_selector="kubetune.io/job=reporter").items
+            secret = found[0] if found else None
+            if secret is None:
                 time.sleep(0.1)
         token = base64.b64decode(secret.data["token"]).decode()
         posted: dict[int, float] = {}

@@ -37,6 +37,7 @@ OVERRIDES: dict[str, dict[str, Any]] = {
                                    "properties": {"name": {"type": "string", "minLength": 1}}}},
     "tolerations": {"items": {"type": "object"}},
     "reports.port": PORT,
+    "trainer.terminationGracePeriodSeconds": {"minimum": 30},
     "healthPort": PORT,
     "reports.statusIntervalSeconds": {"type": "number", "exclusiveMinimum": 0},
     "reports.ratePerSecond": {"type": "number", "exclusiveMinimum": 0},

@@ -56,8 +56,12 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     load_config()
     kube = Kube(timeout=SETTINGS.api_timeout)
     reconciling = Reconciler(kube, SETTINGS)
-    server = ReportServer(kube, interval=SETTINGS.status_interval, rate=SETTINGS.report_rate,
-                          burst=SETTINGS.report_burst)
+    if SETTINGS.report_key_generated and SETTINGS.report_url:
+        logging.getLogger("kubetune.reports").warning(
+            "KUBETUNE_REPORT_KEY is not set: using a random key; after a restart, running jobs can no longer "
+            "push progress (their final status still arrives)")
+    server = ReportServer(kube, key=SETTINGS.report_key, interval=SETTINGS.status_interval,
+                          rate=SETTINGS.report_rate, burst=SETTINGS.report_burst)
     if SETTINGS.report_listen:
         host, _sep, port = SETTINGS.report_listen.rpartition(":")
         await server.start(host or "0.0.0.0", int(port))

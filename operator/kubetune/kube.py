@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import json
 import logging
@@ -13,7 +12,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from kubetune import api
-from kubetune.render import REPORT_TOKEN_KEY, config_map_name, job_name, report_secret_name
+from kubetune.render import config_map_name, job_name
 
 Json = dict[str, Any]
 log = logging.getLogger("kubetune.kube")
@@ -112,13 +111,15 @@ class Kube:
     def create_or_adopt(self, obj: Json, owner_uid: str) -> tuple[Json, bool]:
         """Create a child; if it already exists (restart, race), adopt it when we own it.
 
-        Returns the object and whether this call created it.
+        Returns the object and whether this call created it. A Secret is never read back (the
+        operator has no read access to Secrets): its name is unique to the owner (it carries the
+        owner's UID), so one that exists is this owner's.
         """
         ns, name, kind = obj["metadata"]["namespace"], obj["metadata"]["name"], obj["kind"]
         calls: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
             "ConfigMap": (self.core.create_namespaced_config_map, self.core.read_namespaced_config_map),
             "Job": (self.batch.create_namespaced_job, self.batch.read_namespaced_job),
-            "Secret": (self.core.create_namespaced_secret, self.core.read_namespaced_secret),
+            "Secret": (self.core.create_namespaced_secret, self.core.read_namespaced_secret),  # read: never
         }
         create, read = calls[kind]
         try:
@@ -126,6 +127,8 @@ class Kube:
         except ApiException as exc:
             if exc.status != 409:
                 raise
+        if kind == "Secret":
+            return obj, False
         existing = self._dict(read(name, ns, _request_timeout=self.timeout))
         owners = [ref.get("uid") for ref in existing["metadata"].get("ownerReferences") or []]
         if owner_uid not in owners:
@@ -150,24 +153,12 @@ class Kube:
         pods = self.core.list_namespaced_pod(namespace, label_selector=selector, _request_timeout=self.timeout)
         return [self._dict(p) for p in pods.items]
 
-    def report_token(self, namespace: str, name: str) -> str | None:
-        """The report token of a FineTuneJob, from the Secret it owns (None when absent)."""
-        try:
-            secret = self.core.read_namespaced_secret(report_secret_name(name), namespace,
-                                                      _request_timeout=self.timeout)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-        value = (secret.data or {}).get(REPORT_TOKEN_KEY)
-        return base64.b64decode(value).decode() if value else None
-
     def delete_children(self, namespace: str, name: str) -> None:
-        """Delete a FineTuneJob's Job (with its pods), ConfigMap and report Secret."""
+        """Delete a FineTuneJob's Job (with its pods) and ConfigMap. Its report Secret stays until
+        the FineTuneJob is deleted (owner reference): the operator never deletes Secrets."""
         for delete, child in (
             (self.batch.delete_namespaced_job, job_name(name)),
             (self.core.delete_namespaced_config_map, config_map_name(name)),
-            (self.core.delete_namespaced_secret, report_secret_name(name)),
         ):
             try:
                 delete(child, namespace, propagation_policy="Background", _request_timeout=self.timeout)
@@ -175,20 +166,17 @@ class Kube:
                 if exc.status != 404:
                     raise
 
-    def missing(self, namespace: str, secrets: list[str], claims: list[str]) -> list[str]:
-        """'Secret x' / 'PersistentVolumeClaim y' for each that does not exist."""
+    def missing_claims(self, namespace: str, claims: list[str]) -> list[str]:
+        """'PersistentVolumeClaim y' for each claim that does not exist. (Missing Secrets show in
+        the pod's status instead: the operator never reads Secrets.)"""
         absent = []
-        for kind, names, read in (
-            ("Secret", secrets, self.core.read_namespaced_secret),
-            ("PersistentVolumeClaim", claims, self.core.read_namespaced_persistent_volume_claim),
-        ):
-            for name in names:
-                try:
-                    read(name, namespace, _request_timeout=self.timeout)
-                except ApiException as exc:
-                    if exc.status != 404:
-                        raise
-                    absent.append(f"{kind} {name}")
+        for name in claims:
+            try:
+                self.core.read_namespaced_persistent_volume_claim(name, namespace, _request_timeout=self.timeout)
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+                absent.append(f"PersistentVolumeClaim {name}")
         return absent
 
     # --- events -------------------------------------------------------------------------------

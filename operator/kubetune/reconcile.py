@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -52,6 +51,20 @@ def seconds_since(stamp: str) -> float:
     return (dt.datetime.now(dt.UTC) - then).total_seconds()
 
 
+def applied_generation(ftj: Json, job: Json) -> int:
+    """status.observedGeneration: the FineTuneJob's generation if the Job runs its current spec
+    (edits of suspend and ttlSecondsAfterFinished are applied live); else the last generation that
+    was applied, so an edit the running Job cannot take (resources, scheduling, image...) shows as
+    not observed."""
+    generation = int(ftj["metadata"].get("generation") or 1)
+    annotations = job["metadata"].get("annotations") or {}
+    made_from = annotations.get(render.SPEC_HASH_ANNOTATION)
+    if made_from is None or made_from == render.spec_hash(ftj):
+        return generation
+    applied = int((ftj.get("status") or {}).get("observedGeneration") or 0)
+    return max(applied, int(annotations.get(render.GENERATION_ANNOTATION) or 1))
+
+
 def validation_message(error: ValidationError) -> str:
     """'spec.<field>: <problem>' for each error, on one line."""
     parts = []
@@ -70,10 +83,11 @@ class Reconciler:
     """
 
     def __init__(self, kube: Kube, settings: Settings,
-                 on_phase: Callable[[str, str, str], None] | None = None) -> None:
+                 on_phase: Callable[[str, str, str, str, int | None], None] | None = None) -> None:
         self.kube = kube
         self.settings = settings
-        self.on_phase = on_phase  # (namespace, name, phase): lets the report server track jobs
+        # (namespace, name, uid, phase, progress step in status): lets the report server track jobs
+        self.on_phase = on_phase
         self._guard = threading.Lock()  # guards the two collections below; never held across I/O
         self._running: dict[tuple[str, str], float] = {}  # key → start of the pass (monotonic)
         self._dirty: set[tuple[str, str]] = set()
@@ -131,7 +145,8 @@ class Reconciler:
         phase, reason = str(new["phase"]), str(new.get("reason") or "")
         metrics.observe_phase(meta["namespace"], meta["name"], phase)
         if self.on_phase:
-            self.on_phase(meta["namespace"], meta["name"], phase)
+            step = (previous.get("progress") or {}).get("step")
+            self.on_phase(meta["namespace"], meta["name"], meta["uid"], phase, step)
         if all(previous.get(k) == v for k, v in new.items()):
             return
         self.kube.patch_status(meta["namespace"], meta["name"], new)
@@ -182,8 +197,7 @@ class Reconciler:
             return
 
         if job is None:
-            absent = self.kube.missing(ns, render.required_secrets(spec, self.settings),
-                                       render.required_claims(spec))
+            absent = self.kube.missing_claims(ns, render.required_claims(spec))
             if absent:
                 message = (f"waiting for {', '.join(absent)} in namespace {ns}; "
                            "the job starts once it exists")
@@ -192,7 +206,7 @@ class Reconciler:
                 raise Retry(message, delay=5)
             try:
                 if self.settings.report_url:
-                    token = secrets.token_urlsafe(32)  # kept only if this call creates the Secret
+                    token = render.report_token(self.settings.report_key, uid)
                     self.kube.create_or_adopt(render.render_report_secret(ftj, token), uid)
                 config_map = render.render_config_map(ftj, spec, self.settings)
                 self.kube.create_or_adopt(config_map, uid)
@@ -215,7 +229,7 @@ class Reconciler:
 
         pods = self.kube.list_pods(ns, job)
         observed = status.observe(job, pods, suspend=spec.suspend, queued=bool(spec.scheduling.queue_name))
-        self._write(ftj, status.build_status(observed, previous=previous, generation=generation,
+        self._write(ftj, status.build_status(observed, previous=previous, generation=applied_generation(ftj, job),
                                              job_name=job_name, now=now()))
 
     def _mark_cleaned(self, ftj: Json) -> None:

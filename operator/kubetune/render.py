@@ -5,7 +5,9 @@ Nothing here talks to the API server; handlers create what these functions retur
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import hmac
 import json
 from typing import Any
 
@@ -33,6 +35,10 @@ TERMINATION_LOG = "/dev/termination-log"
 JOB_LABEL = "kubetune.io/job"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 CONFIG_HASH_ANNOTATION = "kubetune.io/config-hash"
+SPEC_HASH_ANNOTATION = "kubetune.io/spec-hash"  # the spec the Job was made from (see spec_hash)
+GENERATION_ANNOTATION = "kubetune.io/generation"
+# Spec fields the operator applies to a Job that exists; an edit of any other field is not applied.
+LIVE_FIELDS = ("suspend", "ttlSecondsAfterFinished")
 OWNER_ANNOTATION = "kubetune.io/finetunejob"  # full FineTuneJob name (labels cap at 63 characters)
 MANAGED_BY = "kubetune-operator"
 MAX_NAME = 63  # Job names become pod label values: at most 63 characters.
@@ -62,20 +68,32 @@ def config_map_name(name: str) -> str:
     return child_name(name, "config")
 
 
-def report_secret_name(name: str) -> str:
-    return child_name(name, "report")
+def report_secret_name(name: str, uid: str) -> str:
+    """The report Secret's name carries the UID: a Secret of that name can only be this job's
+    (the operator may create Secrets but never read them, so it could not check an owner)."""
+    return child_name(name, f"report-{uid[:8]}")
 
 
 REPORT_TOKEN_KEY = "token"
 
 
+def report_token(key: bytes, uid: str) -> str:
+    """A FineTuneJob's report token: HMAC-SHA256 of its UID under the operator's report key.
+
+    The operator can check a token without reading any Secret, and a job re-created under the
+    same name (a new UID) gets a different one."""
+    digest = hmac.new(key, f"kubetune.io/report/{uid}".encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).decode().rstrip("=")
+
+
 def render_report_secret(owner: Json, token: str) -> Json:
-    """The per-job Secret with the token the trainer presents to the report endpoint."""
+    """The per-job Secret with the token the trainer presents to the report endpoint (the pod
+    reads it through a secretKeyRef; the operator only creates it)."""
     return {
         "apiVersion": "v1",
         "kind": "Secret",
         "type": "Opaque",
-        "metadata": child_metadata(owner, report_secret_name(owner["metadata"]["name"])),
+        "metadata": child_metadata(owner, report_secret_name(owner["metadata"]["name"], owner["metadata"]["uid"])),
         "stringData": {REPORT_TOKEN_KEY: token},
     }
 
@@ -159,6 +177,12 @@ def render_config_map(owner: Json, spec: api.FineTuneJobSpec, settings: Settings
     }
 
 
+def spec_hash(owner: Json) -> str:
+    """Hash of the FineTuneJob's spec without the fields applied to a running Job (LIVE_FIELDS)."""
+    fixed = {k: v for k, v in (owner.get("spec") or {}).items() if k not in LIVE_FIELDS}
+    return hashlib.sha256(json.dumps(fixed, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def config_hash(config_map: Json) -> str:
     return hashlib.sha256(json.dumps(config_map["data"], sort_keys=True).encode()).hexdigest()[:16]
 
@@ -168,19 +192,6 @@ def pvc_claims(spec: api.FineTuneJobSpec) -> list[str]:
     sources = [spec.model.source, spec.model.tokenizer, spec.dataset.train, spec.dataset.validation]
     claims = {s.split("://", 1)[1].split("/", 1)[0] for s in sources if s and s.startswith("pvc://")}
     return sorted(claims)
-
-
-def required_secrets(spec: api.FineTuneJobSpec, settings: Settings) -> list[str]:
-    """Secrets the pod needs before it can start (storage credentials, extra env, pull secrets)."""
-    names = []
-    secret = storage_secret(spec, settings)
-    if secret:
-        names.append(secret.name)
-    for var in spec.env or []:
-        ref = (var.value_from or {}).get("secretKeyRef") or {}
-        if ref.get("name") and not ref.get("optional"):
-            names.append(ref["name"])
-    return sorted(set(names))
 
 
 def required_claims(spec: api.FineTuneJobSpec) -> list[str]:
@@ -216,7 +227,7 @@ def _env(owner: Json, spec: api.FineTuneJobSpec, settings: Settings) -> list[Jso
         env.append({"name": "KUBETUNE_REPORT_URL",
                     "value": f"{settings.report_url}/v1/reports/{meta['namespace']}/{meta['name']}"})
         env.append({"name": "KUBETUNE_REPORT_TOKEN", "valueFrom": {"secretKeyRef": {
-            "name": report_secret_name(meta["name"]), "key": REPORT_TOKEN_KEY}}})
+            "name": report_secret_name(meta["name"], meta["uid"]), "key": REPORT_TOKEN_KEY}}})
     return env
 
 
@@ -288,8 +299,9 @@ def render_pod_spec(owner: Json, spec: api.FineTuneJobSpec, settings: Settings) 
     sched = spec.scheduling
     pod: Json = {
         "restartPolicy": "Never",
-        # On SIGTERM the trainer finishes its step and uploads a checkpoint before it exits.
-        "terminationGracePeriodSeconds": 300,
+        # On SIGTERM the trainer finishes its step and uploads a checkpoint before it exits: the
+        # grace must cover one step and one checkpoint upload (KUBETUNE_TERMINATION_GRACE_SECONDS).
+        "terminationGracePeriodSeconds": settings.termination_grace_seconds,
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": 10001,  # the trainer image's user
@@ -328,7 +340,8 @@ def render_job(owner: Json, spec: api.FineTuneJobSpec, settings: Settings, confi
     if queue:
         meta["labels"][KUEUE_QUEUE_LABEL] = queue
     annotations = {CONFIG_HASH_ANNOTATION: config_hash(config_map), OWNER_ANNOTATION: owner["metadata"]["name"]}
-    meta["annotations"] = dict(annotations)
+    meta["annotations"] = {**annotations, SPEC_HASH_ANNOTATION: spec_hash(owner),
+                           GENERATION_ANNOTATION: str(owner["metadata"].get("generation") or 1)}
     job_spec: Json = {
         "suspend": bool(spec.suspend or queue),
         "backoffLimit": spec.backoff_limit,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -27,10 +28,17 @@ class Settings:
     - ``KUBETUNE_REPORT_URL``: base URL at which training pods reach the operator's report
       endpoint, e.g. ``http://kubetune.kubetune-system.svc:8081``; no progress pushes when unset
       (the final summary still arrives through the termination message).
+    - ``KUBETUNE_REPORT_KEY``: secret key from which each job's report token is derived
+      (HMAC of the job's UID); the chart keeps it in a Secret. When unset, a random key is made at
+      start-up, and after a restart running jobs can no longer push progress (their final summary
+      still arrives through the termination message).
     - ``KUBETUNE_REPORT_LISTEN``: ``host:port`` the report endpoint and /metrics listen on
       (default ``0.0.0.0:8081``; empty disables the server).
     - ``KUBETUNE_STATUS_INTERVAL``: at most one progress status write per job per this many seconds.
     - ``KUBETUNE_REPORT_RATE`` / ``KUBETUNE_REPORT_BURST``: per-job report rate limit.
+    - ``KUBETUNE_TERMINATION_GRACE_SECONDS``: termination grace of training pods (default 300): time
+      to finish a step and upload a checkpoint after SIGTERM; raise it for large adapters or full
+      fine-tunes on a slow object store.
     - ``KUBETUNE_API_TIMEOUT``: seconds before any Kubernetes API request is abandoned (default 30).
     - ``KUBETUNE_STALL_SECONDS``: /healthz on the report port fails once a reconcile has run this
       long (default 300): with every API call bounded, only a wedged operator gets there.
@@ -57,7 +65,10 @@ class Settings:
     status_interval: float = 3.0
     report_rate: float = 2.0
     report_burst: float = 20.0
+    report_key: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
+    report_key_generated: bool = True
     api_timeout: float = 30.0
+    termination_grace_seconds: int = 300
     stall_seconds: float = 300.0
 
     @classmethod
@@ -65,7 +76,10 @@ class Settings:
         """Settings from environment variables (os.environ by default)."""
         env = os.environ if env is None else env
         command = env.get("KUBETUNE_TRAINER_COMMAND")
+        key = env.get("KUBETUNE_REPORT_KEY") or ""
         return cls(
+            report_key=key.encode() if key else secrets.token_bytes(32),
+            report_key_generated=not key,
             trainer_image=env.get("KUBETUNE_TRAINER_IMAGE") or DEFAULT_TRAINER_IMAGE,
             namespaces=tuple(n.strip() for n in env.get("KUBETUNE_NAMESPACES", "").split(",") if n.strip()),
             s3_endpoint=env.get("KUBETUNE_S3_ENDPOINT") or None,
@@ -84,5 +98,6 @@ class Settings:
             report_rate=float(env.get("KUBETUNE_REPORT_RATE") or 2),
             report_burst=float(env.get("KUBETUNE_REPORT_BURST") or 20),
             api_timeout=float(env.get("KUBETUNE_API_TIMEOUT") or 30),
+            termination_grace_seconds=int(env.get("KUBETUNE_TERMINATION_GRACE_SECONDS") or 300),
             stall_seconds=float(env.get("KUBETUNE_STALL_SECONDS") or 300),
         )

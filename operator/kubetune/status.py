@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,8 @@ IMAGE_PULL_REASONS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "E
 # shown with the kubelet's own reason and message, not as "starting".
 CONTAINER_START_REASONS = ("CreateContainerConfigError", "CreateContainerError", "RunContainerError",
                            "CrashLoopBackOff")
+# The kubelet's message when a Secret the pod references does not exist (yet).
+MISSING_SECRET = re.compile(r"""secret ["']([^"']+)["'] not found""")
 EXIT_REASONS = {EXIT_INVALID_INPUT: "InvalidInput", EXIT_SOURCE_UNAVAILABLE: "SourceUnavailable",
                 EXIT_STORE_UNAVAILABLE: "StoreUnavailable", EXIT_OUT_OF_MEMORY: "OutOfMemory",
                 EXIT_TERMINATED: "Interrupted"}
@@ -182,6 +185,12 @@ def observe(job: Json | None, pods: list[Json], *, suspend: bool, queued: bool) 
             return Observed("Pending", "ImagePullError",
                             f"cannot pull the trainer image: {waiting.get('message') or waiting['reason']}",
                             start, None, attempts)
+        missing = MISSING_SECRET.search(str(waiting.get("message") or ""))
+        if waiting.get("reason") == "CreateContainerConfigError" and missing:
+            namespace = (job.get("metadata") or {}).get("namespace")
+            return Observed("Pending", "MissingDependency",
+                            f"waiting for Secret {missing.group(1)} in namespace {namespace}; the job starts "
+                            "once it exists", start, None, attempts)
         if waiting.get("reason") in CONTAINER_START_REASONS:
             return Observed("Pending", waiting["reason"],
                             f"the training pod cannot start: {waiting.get('message') or waiting['reason']}",

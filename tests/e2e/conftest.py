@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -20,15 +21,43 @@ from faults import BlackholeProxy
 from helpers import free_port, wait_for
 
 Cluster = Any  # tests/conftest.py's Cluster (conftest modules are not importable by name)
+# The chaos suite runs with `make chaos` (KUBETUNE_CHAOS=1) only: long, and not a gate for `make test`.
+collect_ignore = [] if os.environ.get("KUBETUNE_CHAOS") else ["chaos"]
 REPO = Path(__file__).resolve().parents[2]
 FAKE_TRAINER = Path(__file__).parent / "fake_trainer.py"
 
 
+OPERATOR_NAMESPACE = "kubetune-e2e"
+OPERATOR_ACCOUNT = "e2e-operator"  # fullnameOverride: the chart's ServiceAccount and RBAC under this name
+
+
+@pytest.fixture(scope="session")
+def operator_kubeconfig(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A kubeconfig with the chart's ServiceAccount and RBAC (cluster-wide), not admin credentials:
+    the e2e operator can do exactly what an installed one can."""
+    cluster.kubectl("create", "namespace", OPERATOR_NAMESPACE, check=False)
+    rbac = cluster.helm("template", "e2e", str(REPO / "helm" / "kubetune"), "-n", OPERATOR_NAMESPACE,
+                        "--set", f"fullnameOverride={OPERATOR_ACCOUNT}", "--show-only", "templates/serviceaccount.yaml",
+                        "--show-only", "templates/rbac.yaml").stdout
+    cluster.kubectl("apply", "-f", "-", input=rbac)
+    token = cluster.kubectl("create", "token", OPERATOR_ACCOUNT, "-n", OPERATOR_NAMESPACE,
+                            "--duration=24h").stdout.strip()
+    config = yaml.safe_load(Path(cluster.env["KUBECONFIG"]).read_text())
+    config["users"] = [{"name": "operator", "user": {"token": token}}]
+    for context in config["contexts"]:
+        context["context"]["user"] = "operator"
+    path = tmp_path_factory.mktemp("operator") / "kubeconfig"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
 class Operator:
-    """`kubetune operator --namespace NS` as a child process, with the settings a test chooses."""
+    """`kubetune operator --namespace NS` as a child process, with the settings a test chooses,
+    under the chart's ServiceAccount and RBAC."""
 
     def __init__(self, cluster: Cluster, namespace: str, log_dir: Path, env: dict[str, str]) -> None:
         self.cluster, self.namespace, self.log_dir, self.extra_env = cluster, namespace, log_dir, env
+        self.report_key = secrets.token_urlsafe(32)  # kept across restarts, as the chart's Secret is
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
         # Fixed for this operator's lifetime: pods keep the report URL across operator restarts.
@@ -44,6 +73,7 @@ class Operator:
             "KUBETUNE_REPORT_LISTEN": f"127.0.0.1:{self.report_port}",
             "KUBETUNE_REPORT_URL": self.report_url,
             "KUBETUNE_STATUS_INTERVAL": "1",
+            "KUBETUNE_REPORT_KEY": self.report_key,
             **self.extra_env,
         }
         self.health_url = f"http://127.0.0.1:{port}/healthz"
@@ -80,10 +110,11 @@ def operator_env() -> dict[str, str]:
 
 
 @pytest.fixture
-def operator(cluster: Cluster, crd: None, namespace: str, operator_env: dict[str, str],
+def operator(cluster: Cluster, crd: None, namespace: str, operator_env: dict[str, str], operator_kubeconfig: Path,
              tmp_path: Path) -> Iterator[Operator]:
     """A running operator that watches only this test's namespace."""
-    running = Operator(cluster, namespace, tmp_path, operator_env).start()
+    env = {"KUBECONFIG": str(operator_kubeconfig), **operator_env}
+    running = Operator(cluster, namespace, tmp_path, env).start()
     try:
         yield running
     finally:
@@ -102,10 +133,11 @@ def apiserver_proxy(cluster: Cluster) -> Iterator[BlackholeProxy]:
 
 @pytest.fixture
 def proxied_operator(cluster: Cluster, crd: None, namespace: str, operator_env: dict[str, str],
-                     apiserver_proxy: BlackholeProxy, tmp_path: Path) -> Iterator[Operator]:
+                     operator_kubeconfig: Path, apiserver_proxy: BlackholeProxy,
+                     tmp_path: Path) -> Iterator[Operator]:
     """An operator that reaches the API server only through `apiserver_proxy` (API timeout 5 s
     unless `operator_env` says otherwise)."""
-    kubeconfig = yaml.safe_load(Path(cluster.env["KUBECONFIG"]).read_text())
+    kubeconfig = yaml.safe_load(operator_kubeconfig.read_text())
     for entry in kubeconfig["clusters"]:
         entry["cluster"]["server"] = f"https://127.0.0.1:{apiserver_proxy.port}"
     path = tmp_path / "kubeconfig-via-proxy"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 from helpers import wait_for
@@ -21,6 +22,13 @@ def finetunejob(name: str, **spec: Any) -> dict[str, Any]:
     }
     body.update(spec)
     return {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name}, "spec": body}
+
+
+def report_token(cluster: Cluster, namespace: str, name: str) -> str:
+    """The report token the operator gave a FineTuneJob (from its report Secret)."""
+    secrets = cluster.get("secrets", "-n", namespace, "-l", f"kubetune.io/job={name}")["items"]
+    assert len(secrets) == 1, [s["metadata"]["name"] for s in secrets]
+    return base64.b64decode(secrets[0]["data"]["token"]).decode()
 
 
 def ftj(cluster: Cluster, namespace: str, name: str) -> dict[str, Any]:

@@ -7,7 +7,6 @@ and the operator's /metrics.
 
 from __future__ import annotations
 
-import base64
 import json
 import sys
 import urllib.request
@@ -15,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from operator_helpers import event_reasons, wait_phase
+from operator_helpers import event_reasons, report_token, wait_phase
 
 from helpers import wait_for
 from kubetune_trainer.artifacts import verify_manifest
@@ -94,13 +93,12 @@ def test_quickstart_trains_reports_progress_and_publishes_artifacts(
     assert 'kubetune_finetunejobs{phase="Succeeded"} 1.0' in text
 
     # Neither the storage credentials nor the report token appear anywhere but in their Secrets.
-    report_token = base64.b64decode(
-        cluster.get("secret", "quickstart-report", "-n", namespace)["data"]["token"]).decode()
+    token = report_token(cluster, namespace, "quickstart")
     visible = [
         cluster.get("configmap", "quickstart-config", "-n", namespace)["data"]["config.yaml"],
         json.dumps(cluster.get("ftj,jobs,pods,events", "-n", namespace)),
         cluster.kubectl("logs", "-n", namespace, "job/quickstart-trainer").stdout,
         operator.logs(),
     ]
-    for credential in (minio_env["MINIO_SECRET_KEY"], minio_env["MINIO_ACCESS_KEY"], report_token):
+    for credential in (minio_env["MINIO_SECRET_KEY"], minio_env["MINIO_ACCESS_KEY"], token):
         assert all(credential not in text for text in visible), "a credential leaked"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import http.client
 import itertools
 import json
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from operator_helpers import finetunejob, ftj, wait_phase
+from operator_helpers import finetunejob, ftj, report_token, wait_phase
 
 from helpers import wait_for
 
@@ -47,12 +46,12 @@ def test_only_the_jobs_own_token_reports_for_it(cluster: Any, namespace: str, op
     for name in ("job-a", "job-b"):
         wait_phase(cluster, namespace, name, "Running")
 
-    secret = cluster.get("secret", "job-a-report", "-n", namespace)
-    token_a = base64.b64decode(secret["data"]["token"]).decode()
+    secret = cluster.get("secrets", "-n", namespace, "-l", "kubetune.io/job=job-a")["items"][0]
+    token_a = report_token(cluster, namespace, "job-a")
     assert secret["metadata"]["ownerReferences"][0]["name"] == "job-a"
     pod = cluster.get("pods", "-n", namespace, "-l", "batch.kubernetes.io/job-name=job-a-trainer")["items"][0]
     env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
-    assert env["KUBETUNE_REPORT_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "job-a-report"
+    assert env["KUBETUNE_REPORT_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == secret["metadata"]["name"]
     assert token_a not in json.dumps(pod)
 
     url_a = f"{operator.report_url}/v1/reports/{namespace}/job-a"
@@ -68,7 +67,7 @@ def test_only_the_jobs_own_token_reports_for_it(cluster: Any, namespace: str, op
                         timeout=30, message="job-a progress from its report")
     assert status_a["step"] == 7 and status_a["percent"] == 70
     status_b = ftj(cluster, namespace, "job-b")["status"]
-    assert "progress" not in status_b and "metrics" not in status_b
+    assert "progress" not in status_b and not status_b.get("metrics")
     assert ftj(cluster, namespace, "job-a")["status"]["phase"] == "Running"
 
     (tmp_path / "release").touch()
@@ -82,7 +81,7 @@ def test_reports_are_rate_limited_per_job(cluster: Any, namespace: str, operator
     cluster.apply(finetunejob("chatty", env=[{"name": "FAKE_WAIT_FOR", "value": str(tmp_path / "release")}]),
                   namespace)
     wait_phase(cluster, namespace, "chatty", "Running")
-    token = base64.b64decode(cluster.get("secret", "chatty-report", "-n", namespace)["data"]["token"]).decode()
+    token = report_token(cluster, namespace, "chatty")
     url = f"{operator.report_url}/v1/reports/{namespace}/chatty"
     codes = [post(url, {"type": "progress", "step": i}, token) for i in range(40)]
     assert codes.count(202) >= 20 and 429 in codes
@@ -122,7 +121,7 @@ def test_a_flood_of_bogus_reports_does_not_stop_a_real_jobs_progress(cluster: An
     cluster.apply(finetunejob("steady", env=[{"name": "FAKE_WAIT_FOR", "value": str(tmp_path / "release")}]),
                   namespace)
     wait_phase(cluster, namespace, "steady", "Running")
-    token = base64.b64decode(cluster.get("secret", "steady-report", "-n", namespace)["data"]["token"]).decode()
+    token = report_token(cluster, namespace, "steady")
     url = f"{operator.report_url}/v1/reports/{namespace}/steady"
 
     stop, sent = threading.Event(), [0]
@@ -155,3 +154,26 @@ def test_a_flood_of_bogus_reports_does_not_stop_a_real_jobs_progress(cluster: An
     assert sent[0] > 0
     (tmp_path / "release").touch()
     wait_phase(cluster, namespace, "steady", "Succeeded")
+
+
+def test_progress_never_goes_backwards_after_a_resume(cluster: Any, namespace: str, operator: Any,
+                                                     tmp_path: Path) -> None:
+    cluster.apply(finetunejob("resumed", env=[{"name": "FAKE_WAIT_FOR", "value": str(tmp_path / "release")}]),
+                  namespace)
+    wait_phase(cluster, namespace, "resumed", "Running")
+    token = report_token(cluster, namespace, "resumed")
+    url = f"{operator.report_url}/v1/reports/{namespace}/resumed"
+
+    def status() -> dict[str, Any]:
+        return ftj(cluster, namespace, "resumed")["status"]
+
+    assert post(url, {"type": "progress", "step": 30, "totalSteps": 100, "loss": 1.0}, token) == 202
+    wait_for(lambda: (status().get("progress") or {}).get("step") == 30, timeout=30, message="step 30")
+    # The pod restarted and resumed from its checkpoint of step 25: its loss is news, its step is not.
+    assert post(url, {"type": "progress", "step": 26, "totalSteps": 100, "loss": 0.7}, token) == 202
+    wait_for(lambda: status()["metrics"].get("trainLoss") == 0.7, timeout=30, message="the resumed run's loss")
+    assert status()["progress"]["step"] == 30 and status()["progress"]["percent"] == 30
+    assert post(url, {"type": "progress", "step": 31, "totalSteps": 100, "loss": 0.6}, token) == 202
+    wait_for(lambda: status()["progress"]["step"] == 31, timeout=30, message="step 31")
+    (tmp_path / "release").touch()
+    wait_phase(cluster, namespace, "resumed", "Succeeded")

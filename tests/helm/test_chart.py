@@ -108,6 +108,9 @@ def test_install_train_test_uninstall(cluster: Any, crd: None, namespace: str, m
         sa = f"system:serviceaccount:{release_ns}:kubetune"
         assert cluster.kubectl("auth", "can-i", f"--as={sa}", "update", "finetunejobs.kubetune.io/finalizers",
                                "-n", namespace).stdout.strip() == "yes"
+        for verb in ("get", "list", "delete"):  # the operator never reads or deletes a Secret
+            denied = cluster.kubectl("auth", "can-i", f"--as={sa}", verb, "secrets", "-n", "kube-system", check=False)
+            assert denied.stdout.strip() == "no", verb
 
         test = cluster.helm("test", "kubetune", "-n", release_ns, "--timeout", "180s")
         phases = re.findall(r"^Phase:\s+(\w+)", test.stdout, re.MULTILINE)

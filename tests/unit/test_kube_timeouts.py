@@ -25,9 +25,8 @@ CALLS: dict[str, Callable[[Kube], Any]] = {
     "get_job": lambda k: k.get_job("ns", "job-trainer"),
     "set_job_suspend": lambda k: k.set_job_suspend("ns", "job-trainer", True),
     "list_pods": lambda k: k.list_pods("ns", JOB),
-    "report_token": lambda k: k.report_token("ns", "job"),
     "delete_children": lambda k: k.delete_children("ns", "job"),
-    "missing": lambda k: k.missing("ns", ["s"], ["c"]),
+    "missing_claims": lambda k: k.missing_claims("ns", ["c"]),
 }
 BEST_EFFORT = {"event"}  # swallows its errors by design; it must still return
 

@@ -174,3 +174,17 @@ def test_long_names_stay_valid_and_distinct() -> None:
     assert len(render.job_name(long_a)) <= 63
     assert render.job_name(long_a) != render.job_name(long_b)
     assert render.job_name("short") == "short-trainer"
+
+
+def test_report_tokens_are_bound_to_the_job_uid_and_the_operator_key() -> None:
+    token = render.report_token(b"k" * 32, "uid-1")
+    assert token == render.report_token(b"k" * 32, "uid-1") and len(token) >= 43
+    assert token != render.report_token(b"k" * 32, "uid-2")  # same name, re-created: a new token
+    assert token != render.report_token(b"x" * 32, "uid-1")
+
+
+def test_termination_grace_comes_from_the_operator_setting() -> None:
+    spec = FineTuneJobSpec.model_validate(MINIMAL)
+    assert render.render_pod_spec(owner(), spec, Settings())["terminationGracePeriodSeconds"] == 300
+    slow_store = Settings.from_env({"KUBETUNE_TERMINATION_GRACE_SECONDS": "1800"})
+    assert render.render_pod_spec(owner(), spec, slow_store)["terminationGracePeriodSeconds"] == 1800

@@ -49,3 +49,9 @@ def test_progress_write_applies_only_while_running_and_keeps_other_metrics() -> 
     assert {"op": "add", "path": "/status/progress", "value": patch["progress"]} in operations
     assert {"op": "add", "path": "/status/metrics/trainLoss", "value": 1.5} in operations
     assert not any(op["path"] == "/status/metrics" for op in operations)  # evalLoss of an earlier report stays
+
+
+def test_a_step_already_shown_updates_metrics_but_not_progress() -> None:
+    patch = status_patch(ProgressReport(step=3, loss=0.5), NOW)
+    operations = progress_operations(patch, progress=False)
+    assert [op["path"] for op in operations] == ["/status/phase", "/status/metrics/trainLoss"]

@@ -26,10 +26,11 @@ def job(*conditions: tuple[str, str], suspend: bool = False, **counts: int) -> d
 
 
 def pod(phase: str = "Pending", *, created: str = "2026-01-01T00:00:00Z", scheduled: tuple[str, str] | None = None,
-        waiting: str | None = None, terminated: dict[str, Any] | None = None) -> dict[str, Any]:
+        waiting: str | None = None, message: str | None = None,
+        terminated: dict[str, Any] | None = None) -> dict[str, Any]:
     state: dict[str, Any] = {}
     if waiting:
-        state["waiting"] = {"reason": waiting, "message": f"{waiting}: registry.example/x not found"}
+        state["waiting"] = {"reason": waiting, "message": message or f"{waiting}: registry.example/x not found"}
     if terminated is not None:
         state["terminated"] = terminated
     conditions = []
@@ -82,6 +83,8 @@ CASES = [
      "Pending", "Retrying", "stopped by SIGTERM after checkpointing"),
     ("secret without the key", job(active=1), [pod(waiting="CreateContainerConfigError")], False, False,
      "Pending", "CreateContainerConfigError", "the training pod cannot start"),
+    ("secret missing", job(active=1), [pod(waiting="CreateContainerConfigError", message='secret "s3" not found')],
+     False, False, "Pending", "MissingDependency", "waiting for Secret s3"),
     ("crash loop", job(active=1), [pod(waiting="CrashLoopBackOff")], False, False,
      "Pending", "CrashLoopBackOff", "registry.example/x not found"),
     ("out of memory", job(("FailureTarget", "PodFailurePolicy"), ("Failed", "PodFailurePolicy"), failed=1),
