@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= operator,trainer,dev
 
-.PHONY: help venv test unit lint crd cluster-up cluster-down cluster-status bench gpu-check chart-docs demo demo-down
+.PHONY: help venv scan-venv test unit lint crd cluster-up cluster-down cluster-status bench chaos gpu-check chart-docs demo demo-down
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -18,7 +18,16 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 venv: $(VENV)/.installed  ## create .venv/ with the operator, trainer and dev extras
 
-test: lint  ## everything this machine can run: lint, unit, trainer (CPU), e2e (local cluster), helm
+# checkov (manifest scanner) lives in its own environment: its pins clash with the project's.
+SCAN_VENV := .venv-scan
+$(SCAN_VENV)/.installed: hack/scan-requirements.txt
+	test -x $(SCAN_VENV)/bin/python || python3 -m venv $(SCAN_VENV)
+	$(SCAN_VENV)/bin/python -m pip install -q -r hack/scan-requirements.txt
+	touch $@
+
+scan-venv: $(SCAN_VENV)/.installed  ## create .venv-scan/ with checkov (tests/helm/test_scan.py runs it)
+
+test: lint scan-venv  ## everything this machine can run: lint, unit, trainer (CPU), e2e (local cluster), helm
 	$(PY) -m pytest tests
 
 unit: venv  ## unit tests only (no cluster, no training)
@@ -45,6 +54,9 @@ cluster-status:  ## show what runs and where
 bench: cluster-up  ## trainer on CPU, operator on the local cluster (figures go to docs/benchmarks.md)
 	$(PY) hack/bench_trainer.py
 	$(PY) hack/bench_operator.py
+
+chaos: venv  ## chaos suite on the local cluster: operator kills, pod kills, MinIO and API outages (figures)
+	KUBETUNE_CHAOS=1 $(PY) -m pytest tests/e2e/chaos -s -p no:cacheprovider
 
 gpu-check: venv  ## bf16 / int8 / int4 LoRA on a real GPU: peak memory and tokens/s
 	$(PY) hack/gpu_check.py

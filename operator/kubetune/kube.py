@@ -68,6 +68,7 @@ class Kube:
         self.core = client.CoreV1Api(self.client)
         self.batch = client.BatchV1Api(self.client)
         self.custom = client.CustomObjectsApi(self.client)
+        self.networking = client.NetworkingV1Api(self.client)
 
     def _dict(self, obj: Any) -> Json:
         result: Json = self.client.sanitize_for_serialization(obj)
@@ -119,6 +120,8 @@ class Kube:
         calls: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
             "ConfigMap": (self.core.create_namespaced_config_map, self.core.read_namespaced_config_map),
             "Job": (self.batch.create_namespaced_job, self.batch.read_namespaced_job),
+            "NetworkPolicy": (self.networking.create_namespaced_network_policy,
+                              self.networking.read_namespaced_network_policy),
             "Secret": (self.core.create_namespaced_secret, self.core.read_namespaced_secret),  # read: never
         }
         create, read = calls[kind]
@@ -154,11 +157,12 @@ class Kube:
         return [self._dict(p) for p in pods.items]
 
     def delete_children(self, namespace: str, name: str) -> None:
-        """Delete a FineTuneJob's Job (with its pods) and ConfigMap. Its report Secret stays until
-        the FineTuneJob is deleted (owner reference): the operator never deletes Secrets."""
+        """Delete a FineTuneJob's Job (with its pods), ConfigMap and NetworkPolicy. Its report Secret
+        stays until the FineTuneJob is deleted (owner reference): the operator never deletes Secrets."""
         for delete, child in (
             (self.batch.delete_namespaced_job, job_name(name)),
             (self.core.delete_namespaced_config_map, config_map_name(name)),
+            (self.networking.delete_namespaced_network_policy, job_name(name)),
         ):
             try:
                 delete(child, namespace, propagation_policy="Background", _request_timeout=self.timeout)

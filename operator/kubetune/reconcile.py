@@ -210,6 +210,7 @@ class Reconciler:
                     self.kube.create_or_adopt(render.render_report_secret(ftj, token), uid)
                 config_map = render.render_config_map(ftj, spec, self.settings)
                 self.kube.create_or_adopt(config_map, uid)
+                self.kube.create_or_adopt(render.render_network_policy(ftj), uid)
                 desired = render.render_job(ftj, spec, self.settings, config_map)
                 job, created = self.kube.create_or_adopt(desired, uid)
             except NotOwned as conflict:

@@ -7,6 +7,7 @@ import os
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 DEFAULT_TRAINER_IMAGE = "ghcr.io/kubetune/trainer:0.1.0"
 
@@ -28,10 +29,11 @@ class Settings:
     - ``KUBETUNE_REPORT_URL``: base URL at which training pods reach the operator's report
       endpoint, e.g. ``http://kubetune.kubetune-system.svc:8081``; no progress pushes when unset
       (the final summary still arrives through the termination message).
-    - ``KUBETUNE_REPORT_KEY``: secret key from which each job's report token is derived
-      (HMAC of the job's UID); the chart keeps it in a Secret. When unset, a random key is made at
-      start-up, and after a restart running jobs can no longer push progress (their final summary
-      still arrives through the termination message).
+    - ``KUBETUNE_REPORT_KEY_FILE`` (or ``KUBETUNE_REPORT_KEY``, the value itself): secret key from
+      which each job's report token is derived (HMAC of the job's UID); the chart mounts it from a
+      Secret. When neither is set, a random key is made at start-up, and after a restart running
+      jobs can no longer push progress (their final summary still arrives through the termination
+      message).
     - ``KUBETUNE_REPORT_LISTEN``: ``host:port`` the report endpoint and /metrics listen on
       (default ``0.0.0.0:8081``; empty disables the server).
     - ``KUBETUNE_STATUS_INTERVAL``: at most one progress status write per job per this many seconds.
@@ -76,7 +78,8 @@ class Settings:
         """Settings from environment variables (os.environ by default)."""
         env = os.environ if env is None else env
         command = env.get("KUBETUNE_TRAINER_COMMAND")
-        key = env.get("KUBETUNE_REPORT_KEY") or ""
+        key_file = env.get("KUBETUNE_REPORT_KEY_FILE")
+        key = Path(key_file).read_text().strip() if key_file else env.get("KUBETUNE_REPORT_KEY") or ""
         return cls(
             report_key=key.encode() if key else secrets.token_bytes(32),
             report_key_generated=not key,
