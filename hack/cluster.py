@@ -15,6 +15,8 @@ detached processes on loopback with free ports, waits until the cluster is usabl
 can run side by side. ``up`` on a running cluster does nothing; ``down`` stops every process ``up``
 started (process groups, found through the state file and an environment marker), unmounts what
 the node agent mounted and deletes the cluster's data. Certificates stay for the next ``up``.
+``stop NAME`` / ``start NAME`` stop one process of the cluster and start it again alike (fault
+injection, e.g. an object-store outage: ``stop minio``).
 
 Binaries come from hack/build-binaries.sh (built once into ~/.cache/kubetune/bin/<versions>);
 ``KUBEBUILDER_ASSETS`` supplies etcd, kube-apiserver and kubectl instead. With
@@ -717,6 +719,32 @@ def cluster_status(paths: Paths) -> dict[str, Any]:
     return {"up": up, **asdict(state), "processes": processes}
 
 
+def stop_service(paths: Paths, name: str, grace_s: float = 10.0) -> None:
+    """Stop one process of the cluster (fault injection: `stop minio`); `start_service` brings it back."""
+    state = State.load(paths.state)
+    record = next((p for p in (state.processes if state else []) if p.name == name), None)
+    if record is None:
+        raise RuntimeError(f"no cluster process named {name}")
+    _signal_group(record.pid, signal.SIGTERM)
+    with contextlib.suppress(TimeoutError):
+        poll_until(functools.partial(_exited, record), grace_s, f"{name} to stop")
+    if record.alive():
+        _signal_group(record.pid, signal.SIGKILL)
+        poll_until(functools.partial(_exited, record), grace_s, f"{name} to be killed")
+
+
+def start_service(paths: Paths, name: str) -> None:
+    """Start a stopped process of the cluster again, with its recorded arguments and environment."""
+    state = State.load(paths.state)
+    record = next((p for p in (state.processes if state else []) if p.name == name), None)
+    if state is None or record is None:
+        raise RuntimeError(f"no cluster process named {name}")
+    if record.alive():
+        return
+    state.processes.remove(record)
+    start_process(name, record.args, paths, state, env=record.env, append_log=True)
+
+
 @contextlib.contextmanager
 def exclusive(lock_path: Path) -> Iterator[None]:
     """Serialize up/down of one cluster directory (parallel test sessions may race)."""
@@ -728,7 +756,8 @@ def exclusive(lock_path: Path) -> Iterator[None]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["up", "down", "status"])
+    parser.add_argument("command", choices=["up", "down", "status", "stop", "start"])
+    parser.add_argument("service", nargs="?", help="stop/start: one process of the cluster (e.g. minio)")
     parser.add_argument("--dir", type=Path, default=Path(os.environ.get("KUBETUNE_CLUSTER_DIR", DEFAULT_DIR)),
                         help="state directory of this cluster instance (default: .kubetune/)")
     parser.add_argument("--gpus", type=int, default=int(os.environ.get("KUBETUNE_NODE_GPUS", "2")),
@@ -739,6 +768,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if env_flag("USE_EXISTING_CLUSTER") and args.command != "status":
         log("USE_EXISTING_CLUSTER=true: using the current kubeconfig's cluster; nothing to start or stop")
+        return 0
+    if args.command in ("stop", "start"):
+        if not args.service:
+            parser.error(f"{args.command} needs a process name, e.g. minio")
+        with exclusive(paths.root / ".lock"):
+            (stop_service if args.command == "stop" else start_service)(paths, args.service)
         return 0
     if args.command in ("up", "down"):
         with exclusive(paths.root / ".lock"):

@@ -106,8 +106,8 @@ def test_install_train_test_uninstall(cluster: Any, crd: None, namespace: str, m
         # An RBAC denial reads 'is forbidden: User "system:serviceaccount:…" cannot …'.
         assert 'forbidden: User "system:serviceaccount' not in operator_log, "RBAC denial"
         sa = f"system:serviceaccount:{release_ns}:kubetune"
-        assert cluster.kubectl("auth", "can-i", f"--as={sa}", "update", "finetunejobs.kubetune.io/finalizers",
-                               "-n", namespace).stdout.strip() == "yes"
+        assert cluster.kubectl("auth", "can-i", f"--as={sa}", "update", "finetunejobs.kubetune.io",
+                               "--subresource=finalizers", "-n", namespace).stdout.strip() == "yes"
         for verb in ("get", "list", "delete"):  # the operator never reads or deletes a Secret
             denied = cluster.kubectl("auth", "can-i", f"--as={sa}", verb, "secrets", "-n", "kube-system", check=False)
             assert denied.stdout.strip() == "no", verb
