@@ -2,7 +2,8 @@
 
 The CRD schema, the chart's CRD copy and docs/api.md are generated from these models
 (`kubetune crd`). Training sections are the trainer's own models (kubetune_trainer.config), so a
-section means the same thing in a FineTuneJob and in a standalone trainer config.
+section means the same thing in a FineTuneJob and in a standalone trainer config; status.progress,
+status.metrics and status.artifacts are the trainer's own event models (kubetune_trainer.events).
 This module imports no kopf, kubernetes client or torch.
 """
 
@@ -13,6 +14,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from kubetune_trainer.config import NAME_MAX, RunSections, Section, StorageSpec
+from kubetune_trainer.events import Artifacts, Metrics, Progress
 
 GROUP = "kubetune.io"
 VERSION = "v1alpha1"
@@ -200,57 +202,6 @@ class Condition(Section):
     """When status last changed (RFC 3339)."""
     observed_generation: int | None = None
     """The spec generation the condition was computed for."""
-
-
-class Progress(Section):
-    """Training progress."""
-
-    step: int | None = None
-    """Optimizer steps done."""
-    total_steps: int | None = None
-    """Optimizer steps planned."""
-    epoch: float | None = None
-    """Epochs done (fractional)."""
-    percent: int | None = Field(default=None, ge=0, le=100)
-    """step / totalSteps in percent."""
-    eta_seconds: int | None = None
-    """Estimated seconds left."""
-    updated_at: str | None = None
-    """Time of the last progress report (RFC 3339)."""
-
-
-class Metrics(Section):
-    """Latest training metrics."""
-
-    train_loss: float | None = None
-    """Training loss (recent average)."""
-    eval_loss: float | None = None
-    """Validation loss."""
-    perplexity: float | None = None
-    """exp(evalLoss)."""
-    learning_rate: float | None = None
-    """Current learning rate."""
-    tokens_per_second: float | None = None
-    """Training throughput."""
-    peak_memory_bytes: int | None = None
-    """Peak accelerator (or host) memory of the trainer."""
-
-
-class Artifacts(Section):
-    """Where the results are."""
-
-    location: str | None = None
-    """Run directory, e.g. s3://bucket/prefix/<namespace>/<name>/<uid prefix>/."""
-    adapter: str | None = None
-    """The trained adapter (safetensors) and tokenizer."""
-    merged: str | None = None
-    """The merged model, when output.mergeAdapter."""
-    manifest: str | None = None
-    """manifest.json: every file with size and sha256; written last."""
-    total_bytes: int | None = None
-    """Total size of the artifacts."""
-    files: int | None = None
-    """Number of files."""
 
 
 class FineTuneJobStatus(Section):

@@ -29,12 +29,12 @@ from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from pydantic.alias_generators import to_camel
+from pydantic import ValidationError
 
 from kubetune import metrics
 from kubetune.kube import Kube, now
 from kubetune.render import report_token
+from kubetune_trainer.events import ProgressReport, rounded
 
 Json = dict[str, Any]
 log = logging.getLogger("kubetune.reports")
@@ -44,44 +44,10 @@ SOURCE_RATE, SOURCE_BURST = 5.0, 20.0  # failed or uncached requests per client 
 MAX_SOURCES = 4096
 
 
-class ProgressReport(BaseModel):
-    """The fields a trainer may report. Anything else in the body is ignored."""
-
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
-
-    type: str = "progress"
-    step: int = Field(ge=0)
-    total_steps: int | None = Field(default=None, ge=0)
-    epoch: float | None = Field(default=None, ge=0)
-    loss: float | None = None
-    learning_rate: float | None = Field(default=None, ge=0)
-    eval_loss: float | None = None
-    perplexity: float | None = Field(default=None, ge=0)
-    tokens_per_second: float | None = Field(default=None, ge=0)
-    eta_seconds: float | None = Field(default=None, ge=0)
-    peak_memory_bytes: int | None = Field(default=None, ge=0)
-
-
 def status_patch(report: ProgressReport, updated_at: str) -> Json:
     """status.progress and status.metrics from one report (only the fields it carries)."""
-    progress: Json = {"step": report.step, "updatedAt": updated_at}
-    if report.total_steps:
-        progress["totalSteps"] = report.total_steps
-        progress["percent"] = min(100, int(100 * report.step / report.total_steps))
-    if report.epoch is not None:
-        progress["epoch"] = round(report.epoch, 4)
-    if report.eta_seconds is not None:
-        progress["etaSeconds"] = int(report.eta_seconds)
-    values = {
-        "trainLoss": report.loss,
-        "evalLoss": report.eval_loss,
-        "perplexity": report.perplexity,
-        "learningRate": report.learning_rate,
-        "tokensPerSecond": report.tokens_per_second,
-        "peakMemoryBytes": report.peak_memory_bytes,
-    }
-    patch: Json = {"progress": progress}
-    reported = {k: round(v, 6) if isinstance(v, float) else v for k, v in values.items() if v is not None}
+    patch: Json = {"progress": report.progress(updated_at).model_dump(by_alias=True, exclude_none=True)}
+    reported = rounded(report.metrics().model_dump(by_alias=True, exclude_none=True))
     if reported:
         patch["metrics"] = reported
     return patch

@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ValidationError
+
 from kubetune.render import CONTAINER
 from kubetune_trainer.config import (
     EXIT_INVALID_INPUT,
@@ -21,6 +23,7 @@ from kubetune_trainer.config import (
     EXIT_STORE_UNAVAILABLE,
     EXIT_TERMINATED,
 )
+from kubetune_trainer.events import Summary
 
 Json = dict[str, Any]
 
@@ -227,20 +230,11 @@ def conditions(phase: str, reason: str, message: str, generation: int, previous:
 
 
 def summary_fields(summary: Json) -> Json:
-    """Progress, metrics and artifacts from the trainer's final summary."""
-    out: Json = {}
-    step, total = summary.get("step"), summary.get("totalSteps")
-    if step is not None:
-        out["progress"] = {"step": step, "totalSteps": total, "epoch": summary.get("epoch"), "percent": 100,
-                           "etaSeconds": 0}
-    metrics = {k: round(v, 6) if isinstance(v, float) else v
-               for k, v in (summary.get("metrics") or {}).items() if v is not None}
-    if metrics:
-        out["metrics"] = metrics
-    artifacts = {k: v for k, v in (summary.get("artifacts") or {}).items() if v is not None}
-    if artifacts:
-        out["artifacts"] = artifacts
-    return out
+    """Progress, metrics and artifacts from the trainer's final summary (kubetune_trainer.events)."""
+    try:
+        return Summary.model_validate(summary).status_fields()
+    except ValidationError:
+        return {}  # not our trainer's summary: the status keeps what the reports said
 
 
 def build_status(observed: Observed, *, previous: Json, generation: int, job_name: str | None,

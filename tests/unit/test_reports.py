@@ -55,3 +55,14 @@ def test_a_step_already_shown_updates_metrics_but_not_progress() -> None:
     patch = status_patch(ProgressReport(step=3, loss=0.5), NOW)
     operations = progress_operations(patch, progress=False)
     assert [op["path"] for op in operations] == ["/status/phase", "/status/metrics/trainLoss"]
+
+
+def test_status_and_reports_share_the_trainers_event_models() -> None:
+    from kubetune import api
+    from kubetune_trainer import events
+
+    status = api.FineTuneJobStatus.model_fields
+    assert status["progress"].annotation == events.Progress | None
+    assert status["metrics"].annotation == events.Metrics | None
+    assert status["artifacts"].annotation == events.Artifacts | None
+    assert ProgressReport is events.ProgressReport
