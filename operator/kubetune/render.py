@@ -373,6 +373,9 @@ def render_job(owner: Json, spec: api.FineTuneJobSpec, settings: Settings, confi
     job_spec: Json = {
         "suspend": bool(spec.suspend or queue),
         "backoffLimit": spec.backoff_limit,
+        # One writer per run directory: a replacement pod starts only once the previous one has
+        # fully terminated (it may still be uploading a checkpoint during its grace period).
+        "podReplacementPolicy": "Failed",
         "podFailurePolicy": {
             "rules": [
                 {

@@ -134,6 +134,10 @@ def test_config_map_holds_the_trainer_config_with_defaults_from_settings() -> No
     assert config["storage"] == {"endpoint": "minio.storage:9000", "insecure": True}
 
 
+def test_a_replacement_pod_waits_until_the_previous_one_is_gone() -> None:
+    assert rendered(MINIMAL)["job"]["spec"]["podReplacementPolicy"] == "Failed"
+
+
 def test_exit_codes_decide_retries() -> None:
     rules = rendered(MINIMAL)["job"]["spec"]["podFailurePolicy"]["rules"]
     assert rules == [
