@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -109,18 +110,41 @@ def operator_env() -> dict[str, str]:
     return {"KUBETUNE_TRAINER_COMMAND": json.dumps(["python", str(FAKE_TRAINER)])}
 
 
+@pytest.fixture(scope="session")
+def demo_bucket(minio_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> str:
+    """MinIO seeded with the demo's tiny backbone and data (hack/seed_demo.py)."""
+    sys.path.insert(0, str(REPO / "hack"))
+    import seed_demo
+
+    assets = seed_demo.build_assets(tmp_path_factory.mktemp("demo-assets"))
+    seed_demo.seed(minio_env["MINIO_ENDPOINT"], minio_env["MINIO_ACCESS_KEY"], minio_env["MINIO_SECRET_KEY"], assets)
+    return str(seed_demo.BUCKET)
+
+
 @pytest.fixture
-def operator(cluster: Cluster, crd: None, namespace: str, operator_env: dict[str, str], operator_kubeconfig: Path,
-             tmp_path: Path) -> Iterator[Operator]:
-    """A running operator that watches only this test's namespace."""
-    env = {"KUBECONFIG": str(operator_kubeconfig), **operator_env}
-    running = Operator(cluster, namespace, tmp_path, env).start()
+def real_trainer_env(minio_env: dict[str, str]) -> dict[str, str]:
+    """Operator settings for the real trainer (no test double), with MinIO as the default store."""
+    return {"KUBETUNE_S3_ENDPOINT": minio_env["MINIO_ENDPOINT"], "KUBETUNE_S3_INSECURE": "true"}
+
+
+@contextlib.contextmanager
+def running_operator(cluster: Cluster, namespace: str, log_dir: Path, env: dict[str, str]) -> Iterator[Operator]:
+    running = Operator(cluster, namespace, log_dir, env).start()
     try:
         yield running
     finally:
         running.stop()
         if os.environ.get("KUBETUNE_SHOW_OPERATOR_LOGS"):
             print(running.logs())
+
+
+@pytest.fixture
+def operator(cluster: Cluster, crd: None, namespace: str, operator_env: dict[str, str], operator_kubeconfig: Path,
+             tmp_path: Path) -> Iterator[Operator]:
+    """A running operator that watches only this test's namespace."""
+    with running_operator(cluster, namespace, tmp_path, {"KUBECONFIG": str(operator_kubeconfig), **operator_env}) \
+            as running:
+        yield running
 
 
 @pytest.fixture
@@ -143,10 +167,5 @@ def proxied_operator(cluster: Cluster, crd: None, namespace: str, operator_env: 
     path = tmp_path / "kubeconfig-via-proxy"
     path.write_text(yaml.safe_dump(kubeconfig))
     env = {"KUBETUNE_API_TIMEOUT": "5", **operator_env, "KUBECONFIG": str(path)}
-    running = Operator(cluster, namespace, tmp_path, env).start()
-    try:
+    with running_operator(cluster, namespace, tmp_path, env) as running:
         yield running
-    finally:
-        running.stop()
-        if os.environ.get("KUBETUNE_SHOW_OPERATOR_LOGS"):
-            print(running.logs())

@@ -234,13 +234,24 @@ def jobs_by_phase(operator: Any) -> dict[str, float]:
     return {phase: float(value) for phase, value in found}
 
 
+def rss_bytes(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE).group(1)) * 1024  # type: ignore[union-attr]
+
+
 def test_deleted_jobs_are_forgotten(cluster: Any, namespace: str, operator: Any) -> None:
     count = 200
-    # Schema-valid, operator-invalid: each one is reconciled, counted and fails without a Job.
-    manifests = [finetunejob(f"many-{i}", model={"source": "gs://bucket/model"}) for i in range(count)]
-    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump_all(manifests))
-    wait_for(lambda: jobs_by_phase(operator).get("Failed") == count, timeout=300,
-             message=f"{count} FineTuneJobs counted as Failed")
-    cluster.kubectl("delete", "ftj", "--all", "-n", namespace, "--wait=true", "--timeout=120s")
-    wait_for(lambda: set(jobs_by_phase(operator).values()) == {0.0}, timeout=60,
-             message="the jobs-by-phase gauge back at 0 after the jobs were deleted")
+    rss = []
+    for round_ in range(2):
+        # Schema-valid, operator-invalid: each one is reconciled, counted and fails without a Job.
+        manifests = [finetunejob(f"many-{round_}-{i}", model={"source": "gs://bucket/model"}) for i in range(count)]
+        cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump_all(manifests))
+        wait_for(lambda: jobs_by_phase(operator).get("Failed") == count, timeout=300,
+                 message=f"{count} FineTuneJobs counted as Failed")
+        cluster.kubectl("delete", "ftj", "--all", "-n", namespace, "--wait=true", "--timeout=120s")
+        wait_for(lambda: set(jobs_by_phase(operator).values()) == {0.0}, timeout=60,
+                 message="the jobs-by-phase gauge back at 0 after the jobs were deleted")
+        rss.append(rss_bytes(operator.process.pid))
+    print(f"operator RSS after {count} jobs created and deleted: {rss[0] / 2**20:.0f} MiB; "
+          f"after {2 * count}: {rss[1] / 2**20:.0f} MiB")
+    assert rss[1] <= rss[0] * 1.1 + 16 * 2**20, "the operator keeps memory for deleted jobs"

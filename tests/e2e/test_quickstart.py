@@ -8,7 +8,6 @@ and the operator's /metrics.
 from __future__ import annotations
 
 import json
-import sys
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -22,22 +21,11 @@ from kubetune_trainer.config import StorageSpec
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "hack"))
-
-import seed_demo  # noqa: E402
-
-
-@pytest.fixture(scope="session")
-def demo_bucket(minio_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> str:
-    assets = seed_demo.build_assets(tmp_path_factory.mktemp("demo-assets"))
-    seed_demo.seed(minio_env["MINIO_ENDPOINT"], minio_env["MINIO_ACCESS_KEY"], minio_env["MINIO_SECRET_KEY"], assets)
-    return seed_demo.BUCKET
 
 
 @pytest.fixture
-def operator_env(minio_env: dict[str, str]) -> dict[str, str]:
-    """The real trainer (no test double), with MinIO as the default S3 endpoint."""
-    return {"KUBETUNE_S3_ENDPOINT": minio_env["MINIO_ENDPOINT"], "KUBETUNE_S3_INSECURE": "true"}
+def operator_env(real_trainer_env: dict[str, str]) -> dict[str, str]:
+    return real_trainer_env
 
 
 def test_quickstart_trains_reports_progress_and_publishes_artifacts(

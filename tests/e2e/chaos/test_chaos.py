@@ -31,9 +31,7 @@ from kubetune_trainer.config import StorageSpec
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[3]
-sys.path.insert(0, str(REPO / "hack"))
-
-import seed_demo  # noqa: E402
+BUCKET = "kubetune-demo"  # hack/seed_demo.py's (the demo_bucket fixture seeds it)
 
 ROWS: list[tuple[str, str, str]] = []  # (scenario, figure, value)
 CHECKPOINT_EVERY = 10
@@ -46,17 +44,9 @@ def table() -> Iterator[None]:
     print("\n\nchaos results\n" + "\n".join(f"| {s:<{width}} | {f} | {v} |" for s, f, v in ROWS))
 
 
-@pytest.fixture(scope="module")
-def demo_bucket(minio_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> str:
-    assets = seed_demo.build_assets(tmp_path_factory.mktemp("demo-assets"))
-    seed_demo.seed(minio_env["MINIO_ENDPOINT"], minio_env["MINIO_ACCESS_KEY"], minio_env["MINIO_SECRET_KEY"], assets)
-    return seed_demo.BUCKET
-
-
 @pytest.fixture
-def operator_env(minio_env: dict[str, str]) -> dict[str, str]:
-    """The real trainer, MinIO as the default store."""
-    return {"KUBETUNE_S3_ENDPOINT": minio_env["MINIO_ENDPOINT"], "KUBETUNE_S3_INSECURE": "true"}
+def operator_env(real_trainer_env: dict[str, str]) -> dict[str, str]:
+    return real_trainer_env
 
 
 @pytest.fixture
@@ -69,15 +59,15 @@ def credentials(cluster: Any, namespace: str, minio_env: dict[str, str]) -> None
 def tiny_job(name: str, steps: int, gpus: int = 1, backoff: int = 6) -> dict[str, Any]:
     """A real training run of the demo's tiny backbone."""
     return {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name}, "spec": {
-        "model": {"source": f"s3://{seed_demo.BUCKET}/models/tiny-llama/"},
-        "dataset": {"train": f"s3://{seed_demo.BUCKET}/data/train.jsonl",
-                    "validation": f"s3://{seed_demo.BUCKET}/data/validation.jsonl",
+        "model": {"source": f"s3://{BUCKET}/models/tiny-llama/"},
+        "dataset": {"train": f"s3://{BUCKET}/data/train.jsonl",
+                    "validation": f"s3://{BUCKET}/data/validation.jsonl",
                     "promptColumn": "prompt", "answerColumn": "answer", "maxLength": 64},
         "training": {"maxSteps": steps, "batchSize": 8, "learningRate": 0.003, "logEverySteps": 1,
                      "evalEverySteps": steps, "checkpointEverySteps": CHECKPOINT_EVERY,
                      "gradientCheckpointing": False},
         "lora": {"r": 8, "alpha": 16},
-        "output": {"location": f"s3://{seed_demo.BUCKET}/chaos/"},
+        "output": {"location": f"s3://{BUCKET}/chaos/"},
         "storage": {"insecure": True, "secretRef": {"name": "kubetune-s3"}},
         "resources": {"gpus": gpus, "sharedMemory": "256Mi"},
         "backoffLimit": backoff,
