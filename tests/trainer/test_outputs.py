@@ -74,8 +74,8 @@ def test_total_steps_from_max_steps_or_epochs(assets: Path, training: dict[str, 
     from kubetune_trainer.train import total_steps
 
     overrides: dict[str, object] = {"maxSteps": None, **training}
-    # 10 micro-batches per epoch.
-    assert total_steps(make_config(assets, "/unused", training=overrides), micro_per_epoch=10) == expected
+    # 80 samples, batch size 8: 10 steps per epoch without gradient accumulation.
+    assert total_steps(make_config(assets, "/unused", training=overrides), train_samples=80) == expected
 
 
 def test_validation_split_and_gradient_accumulation(assets: Path, tmp_path: Path) -> None:

@@ -19,15 +19,20 @@ Exit codes (a contract: the operator's Job podFailurePolicy depends on them):
 Logs go to stderr; the first ERROR line names the file and the field or column at fault.
 Progress goes to stdout as JSON lines; the final summary (or the error) also goes to the
 termination-message file (see ``report.py``).
+
+Under torchrun (``RANK``/``WORLD_SIZE`` set) every process trains; only rank 0 prints and pushes
+progress and writes the termination message.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Any
 
+from .distributed import World, world_from_env
 from .errors import EXIT_FAILED, EXIT_INVALID, EXIT_OK, TrainerError
 from .report import Reporter, write_termination_message
 
@@ -46,9 +51,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def setup_logging(level: str) -> None:
+def setup_logging(level: str, world: World) -> None:
     # No-op when the root logger already has handlers (embedding, tests): keep theirs.
-    logging.basicConfig(stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    rank = f"[rank {world.rank}] " if world.distributed else ""
+    logging.basicConfig(stream=sys.stderr, format=f"%(asctime)s %(levelname)s {rank}%(name)s: %(message)s")
     logging.getLogger().setLevel(level.upper())
     for noisy in ("urllib3", "httpx", "filelock", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -65,7 +71,8 @@ def describe_validation_error(path: str, err: Any) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    setup_logging(args.log_level)
+    world = world_from_env()
+    setup_logging(args.log_level, world)
     log = logging.getLogger("kubetune_trainer")
 
     import yaml
@@ -76,27 +83,31 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, args.overrides)
     except ValidationError as err:
-        return fail(log, describe_validation_error(args.config, err), EXIT_INVALID)
+        return fail(log, describe_validation_error(args.config, err), EXIT_INVALID, world=world)
     except (OSError, ValueError, yaml.YAMLError) as err:  # unreadable file, YAML/JSON syntax, bad --set
-        return fail(log, f"{args.config}: invalid config: {err}", EXIT_INVALID)
+        return fail(log, f"{args.config}: invalid config: {err}", EXIT_INVALID, world=world)
 
     from .train import Trainer
 
-    reporter = Reporter()
+    # Only rank 0 reports: the other ranks' events would repeat its own.
+    reporter = Reporter() if world.is_main else Reporter(url="", stream=open(os.devnull, "w"))  # noqa: SIM115
     trainer: Trainer | None = None
     try:
-        trainer = Trainer(config, reporter)
+        trainer = Trainer(config, reporter, world)
         result = trainer.run()
     except TrainerError as err:
-        return fail(log, str(err), err.exit_code, trainer, reporter)
+        return fail(log, str(err), err.exit_code, trainer, reporter, world=world)
     except KeyboardInterrupt:
-        return fail(log, "interrupted", EXIT_FAILED, trainer, reporter)
+        return fail(log, "interrupted", EXIT_FAILED, trainer, reporter, world=world)
     except Exception as err:
         log.exception("training failed: %s: %s", type(err).__name__, err)
-        return fail(log, f"{type(err).__name__}: {err}", EXIT_FAILED, trainer, reporter, logged=True)
+        return fail(log, f"{type(err).__name__}: {err}", EXIT_FAILED, trainer, reporter, logged=True, world=world)
     finally:
         if trainer is not None:
             trainer.close()
+    if not world.is_main:
+        reporter.close()
+        return EXIT_OK
     summary = {"type": "summary", **result.summary}
     reporter.emit(summary, record=False)
     reporter.close()
@@ -112,8 +123,9 @@ def fail(
     trainer: Any = None,
     reporter: Reporter | None = None,
     logged: bool = False,
+    world: World | None = None,
 ) -> int:
-    """Log the error, report it, write it to the termination message; return the exit code."""
+    """Log the error, report it, write it to the termination message (rank 0); return the exit code."""
     if not logged:
         log.error("%s", message)
     summary: dict[str, Any] = {"error": message, "exitCode": code}
@@ -123,7 +135,8 @@ def fail(
     if reporter is not None:
         reporter.emit({"type": "failed", **summary}, record=False)
         reporter.close()
-    write_termination_message(summary)
+    if world is None or world.is_main:
+        write_termination_message(summary)
     return code
 
 

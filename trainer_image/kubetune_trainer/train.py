@@ -7,6 +7,7 @@ and scheduler states and the RNG states; a resumed run continues exactly where t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import artifacts, data, sources
+from . import artifacts, data, distributed, sources
 from . import model as model_lib
 from .config import TrainerConfig
 from .errors import InvalidInput, OutOfMemory, Terminated
@@ -114,12 +115,68 @@ def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weigh
     return cls(params, lr=lr, weight_decay=weight_decay)
 
 
-def total_steps(config: TrainerConfig, micro_per_epoch: int) -> int:
-    """maxSteps, or epochs (default one) of optimizer steps."""
+def total_steps(config: TrainerConfig, train_samples: int, world_size: int = 1) -> int:
+    """maxSteps, or epochs (default one) of optimizer steps of the global batch."""
     if config.training.max_steps is not None:
         return config.training.max_steps
-    steps_per_epoch = math.ceil(micro_per_epoch / config.training.gradient_accumulation)
-    return max(1, math.ceil((config.training.epochs or 1.0) * steps_per_epoch))
+    tc = config.training
+    steps_per_epoch = math.ceil(train_samples / (tc.batch_size * tc.gradient_accumulation * world_size))
+    return max(1, math.ceil((tc.epochs or 1.0) * steps_per_epoch))
+
+
+class DataOrder:
+    """Which samples each optimizer step trains on, and which of them each rank's micro-batches take.
+
+    An epoch is a seeded permutation of the samples, cut into global batches of
+    ``batch_size * gradient_accumulation * world_size`` samples (the epoch's last one may be
+    smaller). The global batch of a step depends only on the seed, the step and its size, so it is
+    the same set whatever the split into micro-batches and ranks: micro-batch ``k`` of rank ``r``
+    is the ``(k * world_size + r)``-th slice of ``batch_size`` samples of it.
+    """
+
+    def __init__(self, samples: int, batch_size: int, accumulation: int, world_size: int, seed: int) -> None:
+        self.samples, self.batch_size, self.world_size, self.seed = samples, batch_size, world_size, seed
+        self.global_batch = batch_size * accumulation * world_size
+        self.steps_per_epoch = math.ceil(samples / self.global_batch)
+        self._epoch, self._order = -1, list[int]()
+
+    def step(self, step: int) -> list[int]:
+        """Indices of the samples of optimizer step ``step`` (1-based), over every rank."""
+        epoch, position = divmod(step - 1, self.steps_per_epoch)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            self._epoch, self._order = epoch, torch.randperm(self.samples, generator=generator).tolist()
+        return self._order[position * self.global_batch : (position + 1) * self.global_batch]
+
+    def micro_batch(self, step_samples: list[int], k: int, rank: int) -> list[int]:
+        """Rank ``rank``'s ``k``-th micro-batch of a step; empty where the step's batch has run out."""
+        first = (k * self.world_size + rank) * self.batch_size
+        return step_samples[first : first + self.batch_size]
+
+
+def target_tokens(sample: data.Sample) -> int:
+    """Tokens of ``sample`` that its loss is taken on: labels after the one-token shift, not ignored."""
+    return sum(1 for label in sample.labels[1:] if label != data.IGNORE_INDEX)
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy (fp32) of the next-token predictions; 0 where the label is ignored."""
+    shifted = labels[:, 1:]
+    losses = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.size(-1)), shifted.reshape(-1),
+        ignore_index=data.IGNORE_INDEX, reduction="none",
+    )
+    return losses.view(shifted.shape)
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of the per-token losses of a batch (a 0-d fp32 tensor on the logits' device)."""
+    return token_losses(logits, labels).sum()
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The torch seed of one optimizer step on one rank (dropout masks)."""
+    return (seed * 1_000_003 + step * 4099 + rank) % 2**63
 
 
 def config_hash(config: TrainerConfig) -> str:
@@ -234,8 +291,11 @@ def parse_checkpoint(local: Path, step: int, model: Any, scheduler: Any) -> Load
 class Trainer:
     """One run of a :class:`TrainerConfig`."""
 
-    def __init__(self, config: TrainerConfig, reporter: Reporter | None = None) -> None:
+    def __init__(
+        self, config: TrainerConfig, reporter: Reporter | None = None, world: distributed.World | None = None
+    ) -> None:
         self.config = config
+        self.world = world if world is not None else distributed.world_from_env()
         self.progress = Progress()
         self.work = Path(tempfile.mkdtemp(prefix="kubetune-run-"))
         self.reporter = reporter or Reporter()
@@ -262,6 +322,7 @@ class Trainer:
         An accelerator out-of-memory error becomes :class:`OutOfMemory` with settings to change.
         """
         try:
+            distributed.init(self.world)
             if threading.current_thread() is not threading.main_thread():
                 return self._run()
             previous = signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -271,6 +332,8 @@ class Trainer:
                 signal.signal(signal.SIGTERM, previous)
         except OUT_OF_MEMORY_ERRORS as err:
             raise OutOfMemory(self.out_of_memory_message(err)) from err
+        finally:
+            distributed.shutdown()
 
     def out_of_memory_message(self, err: BaseException) -> str:
         cfg, tc = self.config, self.config.training
@@ -297,18 +360,22 @@ class Trainer:
             raise Terminated(f"stopped by SIGTERM at step {self.progress.step}")
 
     def _run(self) -> RunResult:
-        cfg = self.config
+        cfg, world = self.config, self.world
         torch.manual_seed(cfg.training.seed)
         random.seed(cfg.training.seed)
         self.store = artifacts.open_store(cfg.output.location, cfg.run_name, cfg.storage)
+        # The first process of each machine fills the download cache; the others then find it there.
+        if world.local_rank != 0:
+            world.barrier()
         datasets = load_datasets(cfg)
-
         model_path = sources.resolve(cfg.model.source, cfg.storage, cfg.model.revision, directory=True)
         tokenizer_path = (
             sources.resolve(cfg.model.tokenizer, cfg.storage, cfg.model.revision, directory=True)
             if cfg.model.tokenizer
             else model_path
         )
+        if world.local_rank == 0:
+            world.barrier()
         tokenizer = model_lib.load_tokenizer(tokenizer_path, cfg.model.trust_remote_code)
         train_samples = data.tokenize(datasets.train, cfg.dataset, tokenizer)
         val_samples = data.tokenize(datasets.validation, cfg.dataset, tokenizer)
@@ -316,11 +383,13 @@ class Trainer:
             train_samples = data.pack(train_samples, cfg.dataset.max_length)
             log.info("packing: %d blocks of up to %d tokens", len(train_samples), cfg.dataset.max_length)
 
-        dev = model_lib.device()
+        dev = world.device()
         precision = model_lib.resolve_precision(cfg.training.precision, dev)
-        torch.manual_seed(cfg.training.seed)  # adapter initialisation
+        torch.manual_seed(cfg.training.seed)  # adapter initialisation, the same on every rank
         model = model_lib.load_model(model_path, cfg, precision, dev)
         self.loop(model, tokenizer, train_samples, val_samples, dev, precision)
+        if not world.is_main:
+            return RunResult({}, model, tokenizer)
         summary = self.finish(model, tokenizer, model_path, datasets, val_samples, dev, precision)
         return RunResult(summary, model, tokenizer)
 
@@ -335,10 +404,10 @@ class Trainer:
         dev: torch.device,
         precision: model_lib.Precision,
     ) -> None:
-        cfg, tc = self.config, self.config.training
+        cfg, tc, world = self.config, self.config.training, self.world
         batch_size, accum = tc.batch_size, tc.gradient_accumulation
-        micro_per_epoch = math.ceil(len(train_samples) / batch_size)
-        steps = total_steps(cfg, micro_per_epoch)
+        order = DataOrder(len(train_samples), batch_size, accum, world.world_size, tc.seed)
+        steps = total_steps(cfg, len(train_samples), world.world_size)
         self.progress.total_steps = steps
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = make_optimizer(tc.optimizer, params, tc.learning_rate, tc.weight_decay)
@@ -349,44 +418,67 @@ class Trainer:
         )
         scaler = torch.amp.GradScaler(dev.type, enabled=precision.dtype == torch.float16 and dev.type == "cuda")
         pad_id = tokenizer.pad_token_id
+        targets = [target_tokens(s) for s in train_samples]
         log.info(
-            "training: %d steps, %d samples, batch size %d, gradient accumulation %d, %d micro-batches per epoch",
-            steps, len(train_samples), batch_size, accum, micro_per_epoch,
+            "training: %d steps, %d samples, batch size %d per device, gradient accumulation %d, %d process(es): "
+            "%d samples and %d steps per epoch",
+            steps, len(train_samples), batch_size, accum, world.world_size, order.global_batch, order.steps_per_epoch,
         )
 
         start = self.resume(model, optimizer, scheduler, scaler)
+        agreed = world.broadcast_int(start, dev)
+        if agreed != start:
+            raise RuntimeError(f"rank {world.rank} resumed from step {start}, rank 0 from step {agreed}")
         if start == 0:
             self.report(0, dev, None, self.evaluate(model, val_samples, pad_id, dev, precision))
-        orders: dict[int, list[int]] = {}
-
-        def micro_batch(index: int) -> list[data.Sample]:
-            epoch, position = divmod(index, micro_per_epoch)
-            if epoch not in orders:
-                generator = torch.Generator().manual_seed(tc.seed + epoch)
-                orders.clear()
-                orders[epoch] = torch.randperm(len(train_samples), generator=generator).tolist()
-            chosen = orders[epoch][position * batch_size : (position + 1) * batch_size]
-            return [train_samples[i] for i in chosen]
+        engine = distributed.wrap(model, world, dev)
 
         model.train()
         self.in_loop = True
-        window_loss: list[float] = []
+        # The running loss stays on the device: reading it back costs a host sync, so that happens
+        # only when progress is reported.
+        window_loss = torch.zeros((), dtype=torch.float32, device=dev)
+        window_targets = 0
         # Throughput counts training compute only (not evaluation or checkpoint uploads); the ETA
         # uses wall time, which includes them.
         window_tokens, window_time = 0, 0.0
         total_tokens, total_time = 0, 0.0
         loop_start = time.perf_counter()
+        compute_start = time.perf_counter()
         for step in range(start + 1, steps + 1):
-            step_start = time.perf_counter()
-            step_loss = 0.0
+            step_samples = order.step(step)
+            # Every rank knows the whole global batch, so the step's target-token count needs no
+            # communication; each token's loss weighs 1 / step_targets in the step's gradient.
+            step_targets = sum(targets[i] for i in step_samples)
+            # DDP averages gradients over the ranks; scale so that their mean is the sum over ranks.
+            scale = world.world_size / max(step_targets, 1)
+            window_targets += step_targets
+            window_tokens += sum(len(train_samples[i].input_ids) for i in step_samples)
+            # Dropout masks depend on the step and the rank only: a resumed run, and every rank, draws
+            # the masks the uninterrupted run would.
+            torch.manual_seed(step_seed(tc.seed, step, world.rank))
             for k in range(accum):
-                batch = data.collate(micro_batch((step - 1) * accum + k), pad_id)
-                batch = {name: t.to(dev) for name, t in batch.items()}
-                with torch.autocast(dev.type, dtype=precision.dtype, enabled=precision.autocast):
-                    loss = model(**batch).loss / accum
-                scaler.scale(loss).backward()
-                step_loss += float(loss.detach())
-                window_tokens += int(batch["attention_mask"].sum())
+                chosen = order.micro_batch(step_samples, k, world.rank)
+                weight = 1.0
+                if not chosen:
+                    if not world.distributed:
+                        continue
+                    # This rank has no samples left in the epoch's last step: it still takes part in
+                    # DDP's gradient all-reduce, with a sample that contributes nothing.
+                    chosen, weight = step_samples[:1], 0.0
+                batch = data.collate([train_samples[i] for i in chosen], pad_id)
+                sync = k == accum - 1
+                with contextlib.ExitStack() as stack:
+                    if world.distributed and not sync:
+                        stack.enter_context(engine.no_sync())
+                    with torch.autocast(dev.type, dtype=precision.dtype, enabled=precision.autocast):
+                        logits = engine(
+                            input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
+                            **({"position_ids": batch["position_ids"].to(dev)} if "position_ids" in batch else {}),
+                        ).logits
+                    loss_sum = token_loss_sum(logits, batch["labels"].to(dev)) * weight
+                    scaler.scale(loss_sum * scale).backward()  # type: ignore[no-untyped-call]
+                window_loss += loss_sum.detach()
             if tc.max_grad_norm > 0:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
@@ -394,28 +486,38 @@ class Trainer:
             scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            window_loss.append(step_loss)
-            window_time += time.perf_counter() - step_start
 
             self.progress.step = step
-            self.progress.epoch = step * accum / micro_per_epoch
+            self.progress.epoch = step / order.steps_per_epoch
             do_eval = step % tc.eval_every_steps == 0 or step == steps
-            if step % tc.log_every_steps == 0 or do_eval or step == steps:
+            do_log = step % tc.log_every_steps == 0 or do_eval or step == steps
+            stop = world.any(self.stop_requested, dev) if world.distributed else self.stop_requested
+            do_checkpoint = step % tc.checkpoint_every_steps == 0 or step == steps or stop
+            if do_log or do_checkpoint:
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                window_time += time.perf_counter() - compute_start
+            if do_log:
                 now = time.perf_counter()
-                self.progress.train_loss = sum(window_loss) / len(window_loss)
+                loss_total = world.all_reduce_sum([float(window_loss)], dev)[0]
+                self.progress.train_loss = loss_total / max(window_targets, 1)
                 self.progress.learning_rate = float(scheduler.get_last_lr()[0])
                 self.progress.tokens_per_second = window_tokens / max(window_time, 1e-9)
                 eta = (steps - step) * (now - loop_start) / (step - start)
                 eval_loss = self.evaluate(model, val_samples, pad_id, dev, precision) if do_eval else None
                 self.report(step, dev, eta, eval_loss)
                 total_tokens, total_time = total_tokens + window_tokens, total_time + window_time
-                window_loss, window_tokens, window_time = [], 0, 0.0
-            if step % tc.checkpoint_every_steps == 0 or step == steps or self.stop_requested:
-                self.checkpoint(model, optimizer, scheduler, scaler, step)
-            if self.stop_requested:
+                window_loss.zero_()
+                window_targets, window_tokens, window_time = 0, 0, 0.0
+            if do_checkpoint:
+                if world.is_main:
+                    self.checkpoint(model, optimizer, scheduler, scaler, step)
+                # No rank starts the next step before the checkpoint of this one is in the store.
+                world.barrier()
+            if stop:
                 raise Terminated(f"stopped by SIGTERM at step {step}; a checkpoint of step {step} was written")
+            if do_log or do_checkpoint:
+                compute_start = time.perf_counter()
         self.in_loop = False
         if total_tokens:
             self.progress.tokens_per_second = total_tokens / max(total_time, 1e-9)
@@ -425,23 +527,28 @@ class Trainer:
     def evaluate(
         self, model: Any, samples: list[data.Sample], pad_id: int, dev: torch.device, precision: model_lib.Precision
     ) -> float:
-        """Mean loss per answer token over the validation samples."""
+        """Mean loss per answer token over the validation samples (each rank takes every N-th batch)."""
         was_training = model.training
         model.eval()
-        total, count = 0.0, 0
+        world = self.world
+        total = torch.zeros((), dtype=torch.float64, device=dev)
+        count = 0
         batch_size = self.config.training.batch_size
+        starts = range(0, len(samples), batch_size)
         with torch.no_grad():
-            for i in range(0, len(samples), batch_size):
+            for i in starts[world.rank :: world.world_size]:
                 batch = data.collate(samples[i : i + batch_size], pad_id)
-                batch = {name: t.to(dev) for name, t in batch.items()}
                 with torch.autocast(dev.type, dtype=precision.dtype, enabled=precision.autocast):
-                    loss = model(**batch).loss
-                n = int((batch["labels"][:, 1:] != data.IGNORE_INDEX).sum())
-                total += float(loss) * n
-                count += n
+                    logits = model(
+                        input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
+                        **({"position_ids": batch["position_ids"].to(dev)} if "position_ids" in batch else {}),
+                    ).logits
+                total += token_loss_sum(logits, batch["labels"].to(dev))
+                count += int((batch["labels"][:, 1:] != data.IGNORE_INDEX).sum())
         if was_training:
             model.train()
-        self.progress.eval_loss = total / max(count, 1)
+        loss_sum, count_sum = world.all_reduce_sum([float(total), float(count)], dev)
+        self.progress.eval_loss = loss_sum / max(count_sum, 1)
         return self.progress.eval_loss
 
     def report(self, step: int, dev: torch.device, eta: float | None, eval_loss: float | None) -> None:
