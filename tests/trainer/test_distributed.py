@@ -1,0 +1,139 @@
+"""Two processes under torchrun (DDP over gloo on the CPU): real processes, real process group."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from test_loss_normalisation import TOLERANCE, adapter, exact_training, relative_difference, write_uneven_dataset
+from trainer_helpers import REPO, make_config, tiny_config
+
+from kubetune_trainer.artifacts import verify_manifest
+from kubetune_trainer.report import Reporter
+from kubetune_trainer.train import Trainer
+
+pytestmark = pytest.mark.trainer
+
+
+def torchrun(config: Path, processes: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
+            "-m", "kubetune_trainer", "--config", str(config)]
+
+
+def write_config(path: Path, config: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_env(tmp_path: Path) -> dict[str, str]:
+    return {**os.environ, "KUBETUNE_TERMINATION_LOG": str(tmp_path / "termination-log"), "OMP_NUM_THREADS": "1"}
+
+
+def wait_for(condition: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("quantization", ["none", "int8", "int4"])
+def test_two_processes_train_and_publish_one_manifest(quantization: str, assets: Path, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "cfg.yaml", tiny_config(
+        assets, tmp_path / "out", quantization=quantization,
+        training={"maxSteps": 6, "batchSize": 4, "checkpointEverySteps": 3, "evalEverySteps": 3},
+    ))
+    done = subprocess.run(torchrun(config), capture_output=True, text=True, timeout=600, env=run_env(tmp_path),
+                          cwd=REPO)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "rank 0 of 2" in done.stderr and "rank 1 of 2" in done.stderr
+    run = tmp_path / "out" / "tiny"
+    manifest = verify_manifest(str(run))
+    assert manifest["files"]
+    assert [p.name for p in run.glob("manifest.json")] == ["manifest.json"]
+    # Rank 0 alone reports: each step's progress line once, one summary.
+    progress = [json.loads(line) for line in done.stdout.splitlines() if '"type":"progress"' in line]
+    assert [e["step"] for e in progress] == list(range(7))
+    assert sum('"type":"summary"' in line for line in done.stdout.splitlines()) == 1
+    summary = json.loads((tmp_path / "termination-log").read_text())
+    assert summary["step"] == 6 and summary["artifacts"]["location"] == str(run)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-3", "step-6"]
+
+
+def test_two_processes_equal_one_process_with_the_global_batch(assets: Path, tmp_path: Path) -> None:
+    write_uneven_dataset(tmp_path / "data" / "train.jsonl", 96, seed=0)
+    write_uneven_dataset(tmp_path / "data" / "validation.jsonl", 8, seed=1)
+    two = write_config(tmp_path / "two.yaml", tiny_config(
+        assets, tmp_path / "two", **exact_training(assets, tmp_path / "data", batchSize=4)))
+    done = subprocess.run(torchrun(two), capture_output=True, text=True, timeout=600, env=run_env(tmp_path),
+                          cwd=REPO)
+    assert done.returncode == 0, done.stderr[-4000:]
+    one = make_config(assets, tmp_path / "one", **exact_training(assets, tmp_path / "data", batchSize=8))
+    Trainer(one, Reporter(tmp_path / "one.jsonl")).run()
+    assert relative_difference(adapter(tmp_path / "one"), adapter(tmp_path / "two")) < TOLERANCE
+
+
+def children(pid: int) -> list[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(p) for p in text.split()]
+
+
+def test_killed_rank_fails_the_run_and_a_rerun_resumes_exactly(assets: Path, tmp_path: Path) -> None:
+    steps = 40
+
+    def config_for(name: str) -> Path:
+        # Dropout on: every rank must draw the masks the uninterrupted run drew.
+        return write_config(tmp_path / f"{name}.yaml", tiny_config(
+            assets, tmp_path / name,
+            training={"maxSteps": steps, "batchSize": 4, "checkpointEverySteps": 5, "evalEverySteps": 20},
+            lora={"r": 4, "alpha": 8, "dropout": 0.1},
+        ))
+
+    env = run_env(tmp_path)
+    run_dir = tmp_path / "resumed" / "tiny"
+    marker = run_dir / "checkpoints" / "step-5" / "checkpoint.json"
+    with (tmp_path / "first.log").open("w") as log:
+        launcher = subprocess.Popen(torchrun(config_for("resumed")), stdout=subprocess.DEVNULL, stderr=log,
+                                    env=env, cwd=REPO)
+        try:
+            wait_for(lambda: marker.exists() or launcher.poll() is not None, 300, marker.name)
+            workers = children(launcher.pid)
+            assert len(workers) == 2, workers
+            os.kill(workers[1], signal.SIGKILL)
+            launcher.wait(timeout=120)
+        finally:
+            if launcher.poll() is None:
+                launcher.kill()
+                launcher.wait(timeout=60)
+    assert launcher.returncode != 0, (tmp_path / "first.log").read_text()[-4000:]
+    assert not (run_dir / "manifest.json").exists(), "the run finished before it could be interrupted"
+    complete = sorted(int(p.parent.name[5:]) for p in run_dir.glob("checkpoints/step-*/checkpoint.json"))
+    assert complete and complete[-1] < steps
+
+    resumed = subprocess.run(torchrun(config_for("resumed")), capture_output=True, text=True, timeout=600,
+                             env=env, cwd=REPO)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    for rank in (0, 1):
+        assert f"[rank {rank}] kubetune_trainer.train: resuming from step {complete[-1]} " in resumed.stderr
+    steps_reported = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps_reported == list(range(steps + 1))
+
+    reference = subprocess.run(torchrun(config_for("reference")), capture_output=True, text=True, timeout=600,
+                               env=env, cwd=REPO)
+    assert reference.returncode == 0, reference.stderr[-4000:]
+    got = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    want = load_file(str(tmp_path / "reference" / "tiny" / "adapter" / "adapter_model.safetensors"))
+    # Same data order, restored weights and optimizer state, dropout seeded per step and rank, and
+    # gloo's sum of two gradients is exact in its order: bit-identical.
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
