@@ -137,3 +137,16 @@ def test_killed_rank_fails_the_run_and_a_rerun_resumes_exactly(assets: Path, tmp
     # gloo's sum of two gradients is exact in its order: bit-identical.
     for name in want:
         assert torch.equal(got[name], want[name]), name
+
+
+def test_launcher_keeps_the_exit_code_of_the_failed_worker(assets: Path, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "cfg.yaml", tiny_config(assets, tmp_path / "out",
+                                                             dataset={"promptColumn": "question"}))
+    plain = subprocess.run(torchrun(config), capture_output=True, text=True, timeout=300, env=run_env(tmp_path),
+                           cwd=REPO)
+    assert plain.returncode == 1, plain.stderr[-4000:]  # torchrun's own: the reason is lost
+    launched = subprocess.run([sys.executable, "-m", "kubetune_trainer.launch", *torchrun(config)[3:]],
+                              capture_output=True, text=True, timeout=300, env=run_env(tmp_path), cwd=REPO)
+    assert launched.returncode == 3, launched.stderr[-4000:]
+    summary = json.loads((tmp_path / "termination-log").read_text())
+    assert summary["exitCode"] == 3 and "'question' (dataset.promptColumn) not found" in summary["error"]
