@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
 import pytest
+import torch
 from trainer_helpers import tiny
 
 from kubetune_trainer import data
@@ -79,14 +81,33 @@ def test_long_samples_are_truncated_and_counted(tokenizer: object, caplog: pytes
     assert "1 of 2 samples were longer than maxLength=16" in caplog.text
 
 
-def test_packing_fills_blocks_and_keeps_masks(tokenizer: object) -> None:
+def test_packing_keeps_samples_whole_with_their_own_positions_and_masks(tokenizer: object) -> None:
     examples = [data.Example(r["prompt"], r["answer"]) for r in tiny.make_rows(20)]
     samples = data.tokenize(examples, spec(), tokenizer)  # type: ignore[arg-type]
     blocks = data.pack(samples, 32)
-    assert all(len(b.input_ids) == 32 for b in blocks[:-1])
-    assert sum(len(b.input_ids) for b in blocks) == sum(len(s.input_ids) for s in samples)
-    masked = sum(label == data.IGNORE_INDEX for b in blocks for label in b.labels)
-    assert masked == sum(label == data.IGNORE_INDEX for s in samples for label in s.labels)
+    assert len(blocks) < len(samples) and all(len(b.input_ids) <= 32 for b in blocks)
+    unpacked = []
+    for block in blocks:
+        assert block.position_ids is not None
+        starts = [i for i, p in enumerate(block.position_ids) if p == 0] + [len(block.input_ids)]
+        for a, b in itertools.pairwise(starts):
+            assert block.position_ids[a:b] == list(range(b - a))
+            unpacked.append((block.input_ids[a:b], block.labels[a + 1 : b]))
+    # The same samples in the same order, every label kept but each sample's first (never predicted).
+    assert unpacked == [(s.input_ids, s.labels[1:]) for s in samples]
+    assert all(b.labels[a] == data.IGNORE_INDEX for b in blocks for a, p in enumerate(b.position_ids or []) if p == 0)
+
+
+def test_collate_keeps_packed_samples_from_attending_to_each_other() -> None:
+    block = data.Sample([5, 6, 7, 8, 9], [-100, 6, -100, 8, 9], [0, 1, 0, 1, 2])
+    batch = data.collate([block, data.Sample([5, 6], [-100, 6], [0, 1])], pad_id=0)
+    assert batch["position_ids"].tolist() == [[0, 1, 0, 1, 2], [0, 1, 0, 0, 0]]
+    mask = batch["attention_mask"]
+    assert mask.shape == (2, 1, 5, 5) and mask.dtype == torch.bool
+    assert mask[0, 0].int().tolist() == [
+        [1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 1],
+    ]
+    assert mask[1, 0, 1].int().tolist() == [1, 1, 0, 0, 0] and mask[1, 0, 3].int().tolist() == [0, 0, 0, 1, 0]
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])

@@ -51,6 +51,8 @@ class Sample:
 
     input_ids: list[int]
     labels: list[int]
+    position_ids: list[int] | None = None
+    """Set on packed blocks only: each packed sample's positions, restarting at 0."""
 
 
 def detect_format(path: Path, fmt: str, name: str | None = None) -> str:
@@ -228,20 +230,34 @@ def tokenize(
 
 
 def pack(samples: list[Sample], max_length: int) -> list[Sample]:
-    """Concatenate samples into blocks of ``max_length`` tokens (the last one may be shorter)."""
-    ids: list[int] = []
-    labels: list[int] = []
+    """Put whole samples, in order, into blocks of at most ``max_length`` tokens.
+
+    No sample is split between blocks. Inside a block each sample keeps its own positions
+    (``position_ids`` restart at 0) and, through :func:`collate`, attends only to itself; the
+    first label of each sample is ignored, as it would be unpacked (nothing before it predicts it).
+    So a packed block trains exactly as its samples would one by one, without padding.
+    """
+    blocks: list[Sample] = []
+    current = Sample([], [], [])
     for sample in samples:
-        ids.extend(sample.input_ids)
-        labels.extend(sample.labels)
-    blocks = [
-        Sample(ids[i : i + max_length], labels[i : i + max_length]) for i in range(0, len(ids), max_length)
-    ]
-    return [b for b in blocks if any(label != IGNORE_INDEX for label in b.labels)]
+        if current.input_ids and len(current.input_ids) + len(sample.input_ids) > max_length:
+            blocks.append(current)
+            current = Sample([], [], [])
+        assert current.position_ids is not None
+        current.input_ids.extend(sample.input_ids)
+        current.labels.extend([IGNORE_INDEX, *sample.labels[1:]])
+        current.position_ids.extend(range(len(sample.input_ids)))
+    if current.input_ids:
+        blocks.append(current)
+    return [b for b in blocks if any(label != IGNORE_INDEX for label in b.labels[1:])]
 
 
 def collate(batch: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch to its longest sample; padding is masked from attention and loss."""
+    """Right-pad a batch to its longest sample; padding is masked from attention and loss.
+
+    Packed blocks (with ``position_ids``) also get ``position_ids`` and a 4-D boolean attention
+    mask (batch, 1, query, key): causal inside each packed sample, nothing across samples.
+    """
     import torch
 
     width = max(len(s.input_ids) for s in batch)
@@ -253,4 +269,17 @@ def collate(batch: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
         input_ids[row, :n] = torch.tensor(sample.input_ids)
         labels[row, :n] = torch.tensor(sample.labels)
         attention[row, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+    if all(s.position_ids is None for s in batch):
+        return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+    positions = torch.zeros((len(batch), width), dtype=torch.long)
+    # Which packed sample each token belongs to; padding gets its own id per token.
+    segments = -torch.arange(1, width + 1).repeat(len(batch), 1)
+    for row, sample in enumerate(batch):
+        pos = sample.position_ids if sample.position_ids is not None else list(range(len(sample.input_ids)))
+        n = len(pos)
+        positions[row, :n] = torch.tensor(pos)
+        segments[row, :n] = torch.cumsum((positions[row, :n] == 0).long(), 0)
+    same = segments[:, :, None] == segments[:, None, :]
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    mask = (same & causal)[:, None]
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "position_ids": positions}
