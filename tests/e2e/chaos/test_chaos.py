@@ -192,7 +192,8 @@ def test_training_pod_killed_three_times(cluster: Any, namespace: str, demo_buck
 
 
 def test_minio_stopped_for_three_minutes_mid_run(cluster: Any, namespace: str, demo_bucket: str, credentials: None,
-                                                minio_env: dict[str, str], operator: Any) -> None:
+                                                minio_env: dict[str, str], operator: Any,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
     name, outage = "no-store", 180.0
     cluster.apply(tiny_job(name, steps=200), namespace)
     wait_for(lambda: ((ftj(cluster, namespace, name).get("status") or {}).get("progress") or {}).get("step", 0)
@@ -206,6 +207,8 @@ def test_minio_stopped_for_three_minutes_mid_run(cluster: Any, namespace: str, d
         subprocess.run([*cli, "start", "minio"], check=True, capture_output=True)
     back = time.monotonic()
     status = wait_phase(cluster, namespace, name, "Succeeded", timeout=900)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", minio_env["MINIO_ACCESS_KEY"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", minio_env["MINIO_SECRET_KEY"])
     manifest = verify_manifest(status["artifacts"]["location"].rstrip("/"),
                                StorageSpec(endpoint=minio_env["MINIO_ENDPOINT"], insecure=True))
     scenario = "MinIO stopped for 3 minutes mid-run"
