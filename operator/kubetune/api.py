@@ -54,10 +54,13 @@ class JobStorageSpec(StorageSpec):
 
 
 class DistributionSpec(Section):
-    """Multi-node training."""
+    """How many training processes run: one per GPU of the pod (data parallel, PyTorch DDP)."""
 
     nodes: int = Field(default=1, ge=1, le=1)
     """Number of nodes. Only 1 in v1alpha1: use resources.gpus for several GPUs on one node."""
+    processes_per_node: int = Field(default=1, ge=1, le=64)
+    """Training processes of a CPU-only job (resources.gpus 0; gloo backend). With GPUs there is one
+    process per GPU and this stays 1."""
 
 
 class ResourcesSpec(Section):
@@ -176,6 +179,14 @@ class FineTuneJobSpec(RunSections):
     """Time limit of the whole run, in seconds."""
     ttl_seconds_after_finished: int | None = Field(default=None, ge=0)
     """Delete the Job and its pods this long after the end; the FineTuneJob and its status stay."""
+
+    @model_validator(mode="after")
+    def _processes(self) -> FineTuneJobSpec:
+        if self.resources.gpus and self.resources.distribution.processes_per_node != 1:
+            raise ValueError(
+                "resources.distribution.processesPerNode is for CPU-only jobs (resources.gpus: 0); "
+                "with GPUs the trainer runs one process per GPU")
+        return self
 
     @model_validator(mode="after")
     def _output_in_s3(self) -> FineTuneJobSpec:

@@ -45,6 +45,13 @@ SPEC_RULES: list[Schema] = [
         "reason": "FieldValueInvalid",
     },
     {
+        "rule": "self.resources.gpus == 0 || self.resources.distribution.processesPerNode == 1",
+        "message": "resources.distribution.processesPerNode is for CPU-only jobs (resources.gpus: 0); "
+                   "with GPUs the trainer runs one process per GPU",
+        "fieldPath": ".resources.distribution.processesPerNode",
+        "reason": "FieldValueInvalid",
+    },
+    {
         "rule": "self.output.location.startsWith('s3://')",
         "message": "output.location must be an s3://bucket/prefix",
         "fieldPath": ".output.location",

@@ -275,13 +275,26 @@ def _volumes(owner: Json, spec: api.FineTuneJobSpec) -> tuple[list[Json], list[J
     return volumes, mounts
 
 
+def processes_per_pod(spec: api.FineTuneJobSpec) -> int:
+    """One training process per GPU; processesPerNode for CPU-only jobs."""
+    return spec.resources.gpus or spec.resources.distribution.processes_per_node
+
+
+def trainer_command(spec: api.FineTuneJobSpec, settings: Settings) -> list[str]:
+    """The trainer itself for one process; the launcher (torchrun) for several."""
+    processes = processes_per_pod(spec)
+    if processes == 1:
+        return list(settings.trainer_command)
+    return [*settings.launcher_command, "--nproc-per-node", str(processes), "-m", "kubetune_trainer"]
+
+
 def render_pod_spec(owner: Json, spec: api.FineTuneJobSpec, settings: Settings) -> Json:
     """The training pod: restricted security, GPU limits, config and shared memory mounts."""
     volumes, mounts = _volumes(owner, spec)
     container: Json = {
         "name": CONTAINER,
         "image": spec.image or settings.trainer_image,
-        "command": list(settings.trainer_command),
+        "command": trainer_command(spec, settings),
         "args": ["--config", f"{CONFIG_DIR}/{CONFIG_FILE}"],
         "env": _env(owner, spec, settings),
         "resources": _resources(spec, settings),

@@ -60,6 +60,9 @@ class Settings:
     default_node_selector: dict[str, str] = field(default_factory=dict)
     resync_seconds: float = 30.0
     trainer_command: tuple[str, ...] = ("python", "-m", "kubetune_trainer")
+    # Several processes per pod: torchrun that keeps the failed worker's exit code (the Job's
+    # podFailurePolicy reads it), running the trainer module in each process.
+    launcher_command: tuple[str, ...] = ("python", "-m", "kubetune_trainer.launch", "--standalone")
     liveness_endpoint: str | None = None
     log_level: str = "INFO"
     report_url: str | None = None

@@ -46,8 +46,10 @@ def test_defaults_are_filled_in_by_the_api_server(cluster: Any, crd: None, names
      ["spec.env[1].name", "KUBETUNE_REPORT_URL is reserved"]),
     ({"env": [{"name": "AWS_SECRET_ACCESS_KEY", "value": "x"}]},
      ["spec.env[0].name", "AWS_SECRET_ACCESS_KEY is reserved"]),
+    ({"resources": {"gpus": 2, "sharedMemory": "64Mi", "distribution": {"processesPerNode": 2}}},
+     ["spec.resources.distribution.processesPerNode", "for CPU-only jobs"]),
 ], ids=["enum", "minimum", "negative-gpus", "cel-int4-without-lora", "cel-epochs-and-steps", "cel-s3-output",
-        "cel-targets", "cel-reserved-report-url", "cel-reserved-aws"])
+        "cel-targets", "cel-reserved-report-url", "cel-reserved-aws", "cel-processes-with-gpus"])
 def test_invalid_finetunejob_is_rejected_at_apply(cluster: Any, crd: None, namespace: str,
                                                   spec: dict[str, Any], words: list[str]) -> None:
     result = apply(cluster, namespace, finetunejob("invalid", **spec))

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from operator_helpers import event_reasons, report_token, wait_phase
 
 from helpers import wait_for
@@ -90,3 +91,26 @@ def test_quickstart_trains_reports_progress_and_publishes_artifacts(
     ]
     for credential in (minio_env["MINIO_SECRET_KEY"], minio_env["MINIO_ACCESS_KEY"], token):
         assert all(credential not in text for text in visible), "a credential leaked"
+
+
+def test_two_training_processes_in_one_pod(cluster: Any, namespace: str, demo_bucket: str, minio_env: dict[str, str],
+                                           operator: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CPU-only job with distribution.processesPerNode 2: torchrun (gloo) and DDP in the pod, rank 0
+    reporting and publishing: one progress in status, one verified manifest."""
+    cluster.kubectl("create", "secret", "generic", "kubetune-s3", "-n", namespace,
+                    f"--from-literal=AWS_ACCESS_KEY_ID={minio_env['MINIO_ACCESS_KEY']}",
+                    f"--from-literal=AWS_SECRET_ACCESS_KEY={minio_env['MINIO_SECRET_KEY']}")
+    manifest = yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text())
+    manifest["metadata"]["name"] = "two-ranks"
+    manifest["spec"]["training"].update(maxSteps=40, evalEverySteps=20, checkpointEverySteps=20, logEverySteps=5)
+    manifest["spec"]["resources"] = {"gpus": 0, "sharedMemory": "256Mi", "distribution": {"processesPerNode": 2}}
+    cluster.apply(manifest, namespace)
+    status = wait_phase(cluster, namespace, "two-ranks", "Succeeded", timeout=600)
+    assert status["progress"]["step"] == 40 and status["attempts"] == 1
+    command = cluster.get("job", "two-ranks-trainer", "-n", namespace)["spec"]["template"]["spec"]["containers"][0]
+    assert command["command"][-4:] == ["--nproc-per-node", "2", "-m", "kubetune_trainer"]
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", minio_env["MINIO_ACCESS_KEY"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", minio_env["MINIO_SECRET_KEY"])
+    published = verify_manifest(status["artifacts"]["location"].rstrip("/"),
+                                StorageSpec(endpoint=minio_env["MINIO_ENDPOINT"], insecure=True))
+    assert "adapter/adapter_model.safetensors" in {entry["path"] for entry in published["files"]}

@@ -124,6 +124,15 @@ def test_other_env_names_are_accepted() -> None:
     assert [e.name for e in spec.env or []] == ["HF_TOKEN", "NCCL_DEBUG"]
 
 
+def test_processes_per_node_is_for_cpu_only_jobs() -> None:
+    spec = {**VALID_SPEC, "resources": {"gpus": 2, "distribution": {"processesPerNode": 2}}}
+    with pytest.raises(ValidationError, match="processesPerNode is for CPU-only jobs"):
+        api.FineTuneJobSpec.model_validate(spec)
+    cpu = api.FineTuneJobSpec.model_validate({**VALID_SPEC, "resources": {"gpus": 0,
+                                                                         "distribution": {"processesPerNode": 2}}})
+    assert cpu.resources.distribution.processes_per_node == 2
+
+
 def test_int4_merge_is_rejected() -> None:
     spec = with_change("output.mergeAdapter", True) | {"quantization": "int4"}
     with pytest.raises(ValidationError, match=r"output\.mergeAdapter is not supported with quantization int4"):

@@ -192,3 +192,11 @@ def test_termination_grace_comes_from_the_operator_setting() -> None:
     assert render.render_pod_spec(owner(), spec, Settings())["terminationGracePeriodSeconds"] == 300
     slow_store = Settings.from_env({"KUBETUNE_TERMINATION_GRACE_SECONDS": "1800"})
     assert render.render_pod_spec(owner(), spec, slow_store)["terminationGracePeriodSeconds"] == 1800
+
+
+def test_one_training_process_per_gpu_under_the_launcher() -> None:
+    assert pod(MINIMAL)["containers"][0]["command"] == ["python", "-m", "kubetune_trainer"]
+    assert pod(MAXIMAL)["containers"][0]["command"] == [
+        "python", "-m", "kubetune_trainer.launch", "--standalone", "--nproc-per-node", "4", "-m", "kubetune_trainer"]
+    cpu = pod({**MINIMAL, "resources": {"gpus": 0, "distribution": {"processesPerNode": 2}}})
+    assert cpu["containers"][0]["command"][-4:] == ["--nproc-per-node", "2", "-m", "kubetune_trainer"]
