@@ -73,7 +73,7 @@ def test_gradient_accumulation_equals_one_larger_batch(assets: Path, uneven_data
     Trainer(split, Reporter(tmp_path / "split.jsonl")).run()
     assert relative_difference(adapter(tmp_path / "large"), adapter(tmp_path / "split")) < TOLERANCE
     # The reported loss is per target token of the step, so it agrees too.
-    losses = [[json.loads(line)["loss"] for line in (tmp_path / name).read_text().splitlines()][1:]
+    losses = [[json.loads(line)["trainLoss"] for line in (tmp_path / name).read_text().splitlines()][1:]
               for name in ("large.jsonl", "split.jsonl")]
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
 

@@ -334,7 +334,7 @@ def plot_losses(events: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = [(e["step"], e["loss"]) for e in events if e.get("loss") is not None]
+    train = [(e["step"], e["trainLoss"]) for e in events if e.get("trainLoss") is not None]
     evals = [(e["step"], e["evalLoss"]) for e in events if e.get("evalLoss") is not None]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     if train:

@@ -122,6 +122,13 @@ class Summary(Incoming):
         return out
 
 
+def event_json(report: ProgressReport) -> dict[str, Any]:
+    """A progress report as the trainer prints, records (metrics.jsonl) and pushes it: type and step
+    first, for people reading the log."""
+    values = report.model_dump(by_alias=True)
+    return {"type": values.pop("type"), "step": values.pop("step"), **values}
+
+
 def rounded(values: dict[str, Any]) -> dict[str, Any]:
     """Floats to 6 significant decimals, as status shows them."""
     return {k: round(v, 6) if isinstance(v, float) else v for k, v in values.items()}

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import artifacts, data, distributed, sources
+from . import artifacts, data, distributed, events, sources
 from . import model as model_lib
 from .config import TrainerConfig
 from .errors import InvalidInput, OutOfMemory, Terminated
@@ -553,19 +553,19 @@ class Trainer:
 
     def report(self, step: int, dev: torch.device, eta: float | None, eval_loss: float | None) -> None:
         p = self.progress
-        event = {
-            "type": "progress",
-            "step": step,
-            "totalSteps": p.total_steps,
-            "epoch": round(p.epoch, 4),
-            "loss": p.train_loss if step else None,
-            "learningRate": p.learning_rate,
-            "evalLoss": eval_loss,
-            "perplexity": perplexity(eval_loss),
-            "tokensPerSecond": round(p.tokens_per_second, 1) if p.tokens_per_second and step else None,
-            "etaSeconds": round(eta, 1) if eta is not None else None,
-            "peakMemoryBytes": peak_memory_bytes(dev),
-        }
+        report = events.ProgressReport(
+            step=step,
+            total_steps=p.total_steps,
+            epoch=round(p.epoch, 4),
+            train_loss=p.train_loss if step else None,
+            learning_rate=p.learning_rate,
+            eval_loss=eval_loss,
+            perplexity=perplexity(eval_loss),
+            tokens_per_second=round(p.tokens_per_second, 1) if p.tokens_per_second and step else None,
+            eta_seconds=round(eta, 1) if eta is not None else None,
+            peak_memory_bytes=peak_memory_bytes(dev),
+        )
+        event = events.event_json(report)
         p.events.append(event)
         self.reporter.emit(event)
 
@@ -740,11 +740,12 @@ class Trainer:
         self.progress.events = list(loaded.events)
         self.progress.step, self.progress.epoch = loaded.step, loaded.epoch
         for event in self.progress.events:
-            if event.get("loss") is not None:
-                self.progress.train_loss = event["loss"]
-                self.progress.learning_rate = event["learningRate"]
-            if event.get("evalLoss") is not None:
-                self.progress.eval_loss = event["evalLoss"]
+            report = events.ProgressReport.model_validate(event)
+            if report.train_loss is not None:
+                self.progress.train_loss = report.train_loss
+                self.progress.learning_rate = report.learning_rate
+            if report.eval_loss is not None:
+                self.progress.eval_loss = report.eval_loss
 
     # -- outputs ------------------------------------------------------------------------------
 
@@ -799,32 +800,32 @@ class Trainer:
         artifacts.plot_losses(self.progress.events, out / "loss.png")
         manifest = artifacts.publish(out, self.store)
         uri = self.store.uri
-        summary = {
-            "step": self.progress.step,
-            "totalSteps": self.progress.total_steps,
-            "epoch": round(self.progress.epoch, 4),
-            "metrics": metrics,
-            "artifacts": {
-                "location": uri,
-                "adapter": f"{uri}/adapter" if adapter_dir else None,
-                "merged": f"{uri}/{merged_dir.name}" if merged_dir else None,
-                "manifest": f"{uri}/{artifacts.MANIFEST}",
-                "totalBytes": manifest["totalBytes"],
-                "files": len(manifest["files"]),
-            },
-        }
-        return summary
+        summary = events.Summary(
+            step=self.progress.step,
+            total_steps=self.progress.total_steps,
+            epoch=round(self.progress.epoch, 4),
+            metrics=events.Metrics.model_validate(metrics),
+            artifacts=events.Artifacts(
+                location=uri,
+                adapter=f"{uri}/adapter" if adapter_dir else None,
+                merged=f"{uri}/{merged_dir.name}" if merged_dir else None,
+                manifest=f"{uri}/{artifacts.MANIFEST}",
+                total_bytes=manifest["totalBytes"],
+                files=len(manifest["files"]),
+            ),
+        )
+        return summary.model_dump(by_alias=True, exclude={"error", "exit_code"})
 
     def final_metrics(self, dev: torch.device) -> dict[str, Any]:
         p = self.progress
-        return {
-            "trainLoss": p.train_loss,
-            "evalLoss": p.eval_loss,
-            "perplexity": perplexity(p.eval_loss),
-            "learningRate": p.learning_rate,
-            "tokensPerSecond": round(p.tokens_per_second, 1) if p.tokens_per_second else None,
-            "peakMemoryBytes": peak_memory_bytes(dev),
-        }
+        return events.Metrics(
+            train_loss=p.train_loss,
+            eval_loss=p.eval_loss,
+            perplexity=perplexity(p.eval_loss),
+            learning_rate=p.learning_rate,
+            tokens_per_second=round(p.tokens_per_second, 1) if p.tokens_per_second else None,
+            peak_memory_bytes=peak_memory_bytes(dev),
+        ).model_dump(by_alias=True)
 
 
 def perplexity(loss: float | None) -> float | None:
