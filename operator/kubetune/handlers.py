@@ -58,8 +58,8 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     reconciling = Reconciler(kube, SETTINGS)
     if SETTINGS.report_key_generated and SETTINGS.report_url:
         logging.getLogger("kubetune.reports").warning(
-            "KUBETUNE_REPORT_KEY is not set: using a random key; after a restart, running jobs can no longer "
-            "push progress (their final status still arrives)")
+            "neither KUBETUNE_REPORT_KEY_FILE nor KUBETUNE_REPORT_KEY is set: using a random key; after a "
+            "restart, running jobs can no longer push progress (their final status still arrives)")
     server = ReportServer(kube, key=SETTINGS.report_key, interval=SETTINGS.status_interval,
                           rate=SETTINGS.report_rate, burst=SETTINGS.report_burst)
     if SETTINGS.report_listen:
