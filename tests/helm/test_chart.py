@@ -42,6 +42,21 @@ def test_schema_rejects_unknown_values(cluster: Any) -> None:
     assert result.returncode != 0 and "replicas" in result.stderr
 
 
+def test_the_plain_http_report_endpoint_cannot_get_a_load_balancer(cluster: Any) -> None:
+    result = cluster.helm("template", "kt", str(CHART), "--set", "service.type=LoadBalancer", check=False)
+    assert result.returncode != 0 and "/service/type" in result.stderr
+
+
+def test_only_training_pods_reach_the_report_port(cluster: Any) -> None:
+    docs = [d for d in yaml.safe_load_all(cluster.helm("template", "kt", str(CHART)).stdout) if d]
+    policy = next(d for d in docs if d["kind"] == "NetworkPolicy")
+    reports, health = policy["spec"]["ingress"]
+    assert reports["from"] == [{"namespaceSelector": {}, "podSelector": {
+        "matchLabels": {"app.kubernetes.io/name": "kubetune-trainer"}}}]
+    assert reports["ports"] == [{"port": "reports", "protocol": "TCP"}]
+    assert "from" not in health and health["ports"] == [{"port": "health", "protocol": "TCP"}]
+
+
 @pytest.mark.parametrize("values", [[], NON_DEFAULT], ids=["default", "non-default"])
 def test_lint_and_server_side_dry_run(cluster: Any, crd: None, namespace: str, values: list[str]) -> None:
     cluster.helm("lint", str(CHART), *values)
