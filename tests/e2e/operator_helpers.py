@@ -11,13 +11,14 @@ Cluster = Any  # tests/conftest.py's Cluster
 
 
 def finetunejob(name: str, **spec: Any) -> dict[str, Any]:
-    """A small valid FineTuneJob; keyword arguments replace spec sections."""
+    """A small valid FineTuneJob; keyword arguments replace spec sections. CPU-only by default: the
+    local node's two GPUs are left to the tests about GPUs, so no test waits for another's pods."""
     body: dict[str, Any] = {
         "model": {"source": "s3://models/tiny/"},
         "dataset": {"train": "s3://data/train.jsonl"},
         "training": {"maxSteps": 10},
         "output": {"location": "s3://runs/"},
-        "resources": {"gpus": 1, "sharedMemory": "64Mi"},
+        "resources": {"gpus": 0, "sharedMemory": "64Mi"},
         "backoffLimit": 0,
     }
     body.update(spec)

@@ -122,3 +122,4 @@ def test_liveness_fails_while_a_reconcile_is_stuck(cluster: Any, namespace: str,
     wait_for(lambda: liveness(proxied_operator) == 500, timeout=60,
              message="the liveness endpoint to report the stuck reconcile")
     proxied_operator.stop(kill=True)
+    (tmp_path / "never").touch()  # let the training pod end instead of outliving the test
