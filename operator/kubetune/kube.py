@@ -117,12 +117,12 @@ class Kube:
         owner's UID), so one that exists is this owner's.
         """
         ns, name, kind = obj["metadata"]["namespace"], obj["metadata"]["name"], obj["kind"]
-        calls: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
+        calls: dict[str, tuple[Callable[..., Any], Callable[..., Any] | None]] = {
             "ConfigMap": (self.core.create_namespaced_config_map, self.core.read_namespaced_config_map),
             "Job": (self.batch.create_namespaced_job, self.batch.read_namespaced_job),
             "NetworkPolicy": (self.networking.create_namespaced_network_policy,
                               self.networking.read_namespaced_network_policy),
-            "Secret": (self.core.create_namespaced_secret, self.core.read_namespaced_secret),  # read: never
+            "Secret": (self.core.create_namespaced_secret, None),
         }
         create, read = calls[kind]
         try:
@@ -130,7 +130,7 @@ class Kube:
         except ApiException as exc:
             if exc.status != 409:
                 raise
-        if kind == "Secret":
+        if read is None:
             return obj, False
         existing = self._dict(read(name, ns, _request_timeout=self.timeout))
         owners = [ref.get("uid") for ref in existing["metadata"].get("ownerReferences") or []]
