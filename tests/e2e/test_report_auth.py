@@ -38,6 +38,13 @@ def send(url: str, body: dict[str, Any], token: str | None) -> tuple[int, dict[s
         return int(error.code), json.loads(error.read() or b"{}")
 
 
+def running_job(cluster: Any, namespace: str, operator: Any, name: str, release: Path) -> tuple[str, str]:
+    """A FineTuneJob held Running (TEST DOUBLE trainer) until `release` exists: (report URL, token)."""
+    cluster.apply(finetunejob(name, env=[{"name": "FAKE_WAIT_FOR", "value": str(release)}]), namespace)
+    wait_phase(cluster, namespace, name, "Running")
+    return f"{operator.report_url}/v1/reports/{namespace}/{name}", report_token(cluster, namespace, name)
+
+
 def test_only_the_jobs_own_token_reports_for_it(cluster: Any, namespace: str, operator: Any,
                                                 tmp_path: Path) -> None:
     hold = [{"name": "FAKE_WAIT_FOR", "value": str(tmp_path / "release")}]
@@ -78,11 +85,7 @@ def test_only_the_jobs_own_token_reports_for_it(cluster: Any, namespace: str, op
 
 
 def test_reports_are_rate_limited_per_job(cluster: Any, namespace: str, operator: Any, tmp_path: Path) -> None:
-    cluster.apply(finetunejob("chatty", env=[{"name": "FAKE_WAIT_FOR", "value": str(tmp_path / "release")}]),
-                  namespace)
-    wait_phase(cluster, namespace, "chatty", "Running")
-    token = report_token(cluster, namespace, "chatty")
-    url = f"{operator.report_url}/v1/reports/{namespace}/chatty"
+    url, token = running_job(cluster, namespace, operator, "chatty", tmp_path / "release")
     codes = [post(url, {"type": "progress", "step": i}, token) for i in range(40)]
     assert codes.count(202) >= 20 and 429 in codes
     (tmp_path / "release").touch()
@@ -118,11 +121,7 @@ def flood(port: int, namespace: str, real_job: str, stop: threading.Event, sent:
 
 def test_a_flood_of_bogus_reports_does_not_stop_a_real_jobs_progress(cluster: Any, namespace: str, operator: Any,
                                                                       tmp_path: Path) -> None:
-    cluster.apply(finetunejob("steady", env=[{"name": "FAKE_WAIT_FOR", "value": str(tmp_path / "release")}]),
-                  namespace)
-    wait_phase(cluster, namespace, "steady", "Running")
-    token = report_token(cluster, namespace, "steady")
-    url = f"{operator.report_url}/v1/reports/{namespace}/steady"
+    url, token = running_job(cluster, namespace, operator, "steady", tmp_path / "release")
 
     stop, sent = threading.Event(), [0]
     threads = [threading.Thread(target=flood, args=(operator.report_port, namespace, "steady", stop, sent,
@@ -158,11 +157,7 @@ def test_a_flood_of_bogus_reports_does_not_stop_a_real_jobs_progress(cluster: An
 
 def test_progress_never_goes_backwards_after_a_resume(cluster: Any, namespace: str, operator: Any,
                                                      tmp_path: Path) -> None:
-    cluster.apply(finetunejob("resumed", env=[{"name": "FAKE_WAIT_FOR", "value": str(tmp_path / "release")}]),
-                  namespace)
-    wait_phase(cluster, namespace, "resumed", "Running")
-    token = report_token(cluster, namespace, "resumed")
-    url = f"{operator.report_url}/v1/reports/{namespace}/resumed"
+    url, token = running_job(cluster, namespace, operator, "resumed", tmp_path / "release")
 
     def status() -> dict[str, Any]:
         return ftj(cluster, namespace, "resumed")["status"]
