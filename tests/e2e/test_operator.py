@@ -19,6 +19,7 @@ from operator_helpers import event_reasons, events, finetunejob, ftj, wait_phase
 from helpers import wait_for
 
 pytestmark = pytest.mark.e2e
+REPO = Path(__file__).resolve().parents[2]
 
 
 def env(**values: str) -> list[dict[str, str]]:
@@ -255,3 +256,28 @@ def test_deleted_jobs_are_forgotten(cluster: Any, namespace: str, operator: Any)
     print(f"operator RSS after {count} jobs created and deleted: {rss[0] / 2**20:.0f} MiB; "
           f"after {2 * count}: {rss[1] / 2**20:.0f} MiB")
     assert rss[1] <= rss[0] * 1.1 + 16 * 2**20, "the operator keeps memory for deleted jobs"
+
+
+ENV_RULE = "/spec/versions/0/schema/openAPIV3Schema/properties/spec/properties/env/items/x-kubernetes-validations"
+
+
+def test_a_running_job_whose_spec_stops_validating_is_followed_to_its_end(
+        cluster: Any, namespace: str, operator: Any, tmp_path: Path) -> None:
+    release = tmp_path / "release"
+    cluster.apply(finetunejob("grandfathered", env=env(FAKE_WAIT_FOR=str(release))), namespace)
+    wait_phase(cluster, namespace, "grandfathered", "Running")
+    # An older CRD without the reserved-name rule lets a spec in that this operator rejects: what
+    # an upgrade that tightens validation leaves behind.
+    cluster.kubectl("patch", "crd", "finetunejobs.kubetune.io", "--type=json",
+                    "-p", json.dumps([{"op": "remove", "path": ENV_RULE}]))
+    try:
+        patch = json.dumps({"spec": {"env": [*env(FAKE_WAIT_FOR=str(release)), {"name": "KUBETUNE_X", "value": "1"}]}})
+        wait_for(lambda: cluster.kubectl("patch", "ftj", "grandfathered", "-n", namespace, "--type=merge", "-p", patch,
+                                         check=False).returncode == 0, timeout=60, message="the looser CRD in force")
+    finally:
+        cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
+    wait_for(lambda: "no longer validates" in operator.logs(), timeout=60, message="the operator to notice")
+    assert ftj(cluster, namespace, "grandfathered")["status"]["phase"] == "Running"
+    release.touch()
+    status = wait_phase(cluster, namespace, "grandfathered", "Succeeded")
+    assert status["reason"] == "Succeeded" and status["metrics"]["evalLoss"] == 0.5
