@@ -15,9 +15,10 @@ What it does:
   TokenRequest API, persistentVolumeClaim → ``.kubetune/pvs/<namespace>/<claim>``, hostPath) and
   a per-container termination-message file, then execs the command;
 * maps every container image to this repository's Python environment: ``PATH`` starts with
-  ``<repo>/.venv/bin`` (both KubeTune images carry this project, so ``python -m kubetune_trainer``
-  and ``kubetune operator`` work); a container without ``command`` gets the entrypoint listed in
-  IMAGE_ENTRYPOINTS for its image, or fails with a clear message;
+  ``<repo>/.venv/bin`` and ``PYTHONPATH`` names this checkout's packages (both KubeTune images
+  carry this project, so ``python -m kubetune_trainer`` and ``kubetune operator`` work); a
+  container without ``command`` gets the entrypoint listed in IMAGE_ENTRYPOINTS for its image, or
+  fails with a clear message;
 * reports pod phase, conditions and container statuses like a kubelet (restartPolicy Never,
   OnFailure, Always), honours graceful deletion (SIGTERM to the process group, grace period,
   SIGKILL, final delete) and writes container logs to ``<pod-log-dir>/<ns>_<pod>_<container>.log``,
@@ -159,6 +160,8 @@ class Agent:
     def base_env(self, pod: JSON) -> dict[str, str]:
         env = {
             "PATH": f"{self.venv_bin}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            # the images carry this checkout's code, also where .venv is shared with another one
+            "PYTHONPATH": f"{REPO / 'operator'}:{REPO / 'trainer_image'}",
             "HOME": "/root", "HOSTNAME": pod["metadata"]["name"], "LANG": "C.UTF-8",
             "KUBERNETES_SERVICE_HOST": self.api_host, "KUBERNETES_SERVICE_PORT": self.api_port,
             "KUBERNETES_SERVICE_PORT_HTTPS": self.api_port,
