@@ -1,35 +1,60 @@
 """Operator benchmarks on the local cluster (figures printed, recorded in docs/benchmarks.md).
 
-    python hack/bench_operator.py [--dir .kubetune] [--jobs 20] [--report-seconds 60]
+    python hack/bench_operator.py [--dir .kubetune] [--sizes 50,200,1000] [--lifecycle-sizes 50,200]
+                                  [--report-seconds 60] [--idle-seconds 60] [--peer auto|off]
 
-1. apply → Job created: N FineTuneJobs applied at once (one `kubectl apply`); the time until each
-   Job appears is taken from a watch on Jobs (median, p95, max), plus apply → Succeeded.
-2. report → status: one job (held running) receives a report every 0.5 s for a while; a watch on
-   the FineTuneJob times each report until its step shows in status.progress (median, p95), and
-   counts status writes per minute.
+Every series runs in a namespace of its own, on a quiet cluster: the previous series has settled
+and its namespace is gone (the finished lifecycle jobs stay until the end, as history does). N
+objects are "created at once" by 8 client threads; each latency runs from that object's own create
+request until a watch shows the result.
 
-Jobs run the e2e TEST DOUBLE trainer (tests/e2e/fake_trainer.py): this measures the operator and
-the control plane, not training.
+    floor           N ConfigMaps → each seen on a watch: the API server's own create → watch trip
+    job-controller  N plain Jobs whose pods cannot schedule → each Job's Pod seen: the Kubernetes
+                    Job controller (Job → Pod), the peer inside Kubernetes
+    operator        N FineTuneJobs whose pods cannot schedule (a nodeSelector no node has) → each
+                    Job seen: the operator's own work
+    peer            N PyTorchJobs → each Pod seen: Kubeflow training-operator v1.8.1, built from
+                    its Go module by hack/build-peer.sh (--peer off skips it)
+    lifecycle       N FineTuneJobs run by the TEST DOUBLE trainer (tests/e2e/fake_trainer.py) →
+                    Job seen, and Job Complete → FineTuneJob Succeeded
+    report          one job held running gets a progress report every 0.5 s: report → status,
+                    and status writes per running job per minute
+
+Also measured: operator RSS and CPU seconds (with the largest series' jobs and the finished
+lifecycle jobs present, and after all are deleted), writes to idle FineTuneJobs (their status does
+not change), and API requests per FineTuneJob: the operator's own client (its
+kubetune_api_requests_total) plus kopf's (the API server's PATCH count on finetunejobs).
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import os
+import re
 import secrets
+import shutil
+import signal
+import socket
 import statistics
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE_TRAINER = REPO / "tests" / "e2e" / "fake_trainer.py"
+NOWHERE = {"kubetune.io/bench": "no-such-node"}  # a nodeSelector no node has: pods stay Pending
+CREATORS = 8  # client threads that create a series' objects
+Json = dict[str, Any]
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -37,98 +62,477 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
-def summary(values: list[float]) -> str:
-    return (f"median {statistics.median(values):.3f}s  p95 {percentile(values, 95):.3f}s  "
-            f"max {max(values):.3f}s  (n={len(values)})")
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
-def ftj(name: str, env: list[dict[str, str]] | None = None) -> dict[str, Any]:
-    return {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name},
-            "spec": {"model": {"source": "s3://m/tiny/"}, "dataset": {"train": "s3://d/train.jsonl"},
-                     "training": {"maxSteps": 10}, "output": {"location": "s3://runs/"},
-                     "resources": {"gpus": 0, "sharedMemory": "16Mi"}, "backoffLimit": 0, "env": env or []}}
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.05)
+
+
+@dataclass
+class Row:
+    series: str
+    size: int
+    what: str
+    values: list[float]
+
+    @property
+    def p50(self) -> float:
+        return statistics.median(self.values)
+
+    @property
+    def p95(self) -> float:
+        return percentile(self.values, 95)
+
+
+@dataclass
+class Results:
+    rows: list[Row] = field(default_factory=list)
+    facts: list[tuple[str, str]] = field(default_factory=list)
+
+    def add(self, series: str, size: int, what: str, values: Iterable[float]) -> Row:
+        row = Row(series, size, what, list(values))
+        self.rows.append(row)
+        print(f"  {series} {size}: {what}: median {row.p50:.3f}s  p95 {row.p95:.3f}s  max {max(row.values):.3f}s "
+              f"(n={len(row.values)})", flush=True)
+        return row
+
+    def fact(self, what: str, value: str) -> None:
+        self.facts.append((what, value))
+        print(f"  {what}: {value}", flush=True)
+
+    def table(self) -> str:
+        floors = {r.size: r.p95 for r in self.rows if r.series == "floor"}
+        lines = ["| series | jobs | measured | median | p95 | max | p95 / floor p95 |",
+                 "|---|---|---|---|---|---|---|"]
+        for r in self.rows:
+            ratio = f"{r.p95 / floors[r.size]:.1f}x" if floors.get(r.size) else "—"
+            lines.append(f"| {r.series} | {r.size} | {r.what} | {r.p50:.3f} s | {r.p95:.3f} s | "
+                         f"{max(r.values):.3f} s | {ratio} |")
+        lines += ["", "| figure | value |", "|---|---|"]
+        lines += [f"| {what} | {value} |" for what, value in self.facts]
+        return "\n".join(lines)
+
+
+class Api:
+    """Raw JSON requests and watches (no model objects: the bench must stay light next to what it measures)."""
+
+    def __init__(self, kubeconfig: Path) -> None:
+        from kubernetes import config
+
+        self.client = config.new_client_from_config(config_file=str(kubeconfig))
+        self.client.rest_client.pool_manager.connection_pool_kw["maxsize"] = CREATORS + 8
+
+    def raw(self, method: str, path: str, body: Any = None, query: list[tuple[str, str]] | None = None,
+            timeout: float = 60) -> Any:
+        """The response, unread (a watch streams it)."""
+        params = self.client.param_serialize(
+            method=method, resource_path=path, query_params=query or [], body=body, auth_settings=["BearerToken"],
+            header_params={"Accept": "application/json", "Content-Type": "application/json"})
+        response = self.client.call_api(*params, _request_timeout=timeout)
+        if response.status >= 400:
+            raise RuntimeError(f"{method} {path}: {response.status} {response.read()[:500]!r}")
+        return response
+
+    def request(self, method: str, path: str, body: Any = None, query: list[tuple[str, str]] | None = None) -> Json:
+        data = self.raw(method, path, body, query).read()
+        return json.loads(data) if data and data[:1] == b"{" else {}
+
+    def text(self, path: str) -> str:
+        return str(self.raw("GET", path).read().decode())
+
+    def create_all(self, path: str, bodies: list[Json]) -> dict[str, float]:
+        """POST every body from CREATORS threads; when each create request was sent, by name."""
+        sent: dict[str, float] = {}
+
+        def create(body: Json) -> None:
+            sent[body["metadata"]["name"]] = time.monotonic()
+            self.request("POST", path, body)
+
+        with ThreadPoolExecutor(CREATORS) as pool:
+            list(pool.map(create, bodies))
+        return sent
+
+    def watch(self, path: str, on_event: Callable[[float, str, Json], None], stop: threading.Event) -> None:
+        """Follow `path` from now on in a thread, calling on_event(seen, type, object) per event."""
+        from kubernetes.watch.watch import iter_resp_lines
+
+        version = self.request("GET", path, query=[("limit", "1")])["metadata"]["resourceVersion"]
+        started = threading.Event()
+
+        def loop() -> None:
+            nonlocal version
+            while not stop.is_set():
+                response = self.raw("GET", path, query=[("watch", "1"), ("resourceVersion", version),
+                                                        ("allowWatchBookmarks", "true"), ("timeoutSeconds", "5")])
+                started.set()
+                for line in iter_resp_lines(response.response):
+                    seen = time.monotonic()
+                    event = json.loads(line)
+                    if event["type"] == "ERROR":
+                        raise RuntimeError(f"watch {path}: {event['object'].get('message')}")
+                    version = event["object"]["metadata"]["resourceVersion"]
+                    if event["type"] != "BOOKMARK":
+                        on_event(seen, event["type"], event["object"])
+                    if stop.is_set():
+                        break
+                response.response.release_conn()
+
+        threading.Thread(target=loop, daemon=True).start()
+        started.wait(30)
+
+
+class Operator:
+    """`kubetune operator` for the bench namespaces, with the test double trainer."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "kubetune", "operator"],  # cluster-wide: the series' namespaces come and go
+            env={**env, "KUBETUNE_TRAINER_COMMAND": json.dumps(["python", str(FAKE_TRAINER)]),
+                 "KUBETUNE_REPORT_LISTEN": f"127.0.0.1:{self.port}", "KUBETUNE_REPORT_URL": self.url,
+                 "KUBETUNE_REPORT_KEY": secrets.token_hex(16), "KUBETUNE_LOG_LEVEL": "WARNING"},
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def healthy() -> bool:
+            try:
+                urllib.request.urlopen(f"{self.url}/healthz", timeout=1).read()
+                return True
+            except OSError:
+                return False
+
+        wait_until(healthy, 60, "the operator's /healthz")
+
+    def rss_mib(self) -> float:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmRSS")
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def api_requests(self) -> dict[str, float]:
+        """The operator's own API requests so far (its kubetune_api_requests_total), by verb and resource."""
+        text = urllib.request.urlopen(f"{self.url}/metrics", timeout=5).read().decode()
+        counts: dict[str, float] = {}
+        for line in text.splitlines():
+            if line.startswith("kubetune_api_requests_total{"):
+                labels, value = line.rsplit(" ", 1)
+                found = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+                counts[f"{found['verb']} {found['resource']}"] = float(value)
+        return counts
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def kopf_patches(api: Api) -> float:
+    """PATCH requests on finetunejobs themselves (not /status): kopf's finalizer bookkeeping."""
+    total = 0.0
+    for line in api.text("/metrics").splitlines():
+        if (line.startswith("apiserver_request_total{") and 'resource="finetunejobs"' in line
+                and 'verb="PATCH"' in line and 'subresource=""' in line):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def requests_since(operator: Operator, api: Api, before: tuple[dict[str, float], float]) -> dict[str, float]:
+    """API requests since `before` (from `request_counts`), by verb and resource; kopf's as 'PATCH finetunejobs'."""
+    own, kopf = request_counts(operator, api)
+    delta = {key: value - before[0].get(key, 0.0) for key, value in own.items()}
+    delta["PATCH finetunejobs (kopf)"] = kopf - before[1]
+    return {key: value for key, value in delta.items() if value}
+
+
+def request_counts(operator: Operator, api: Api) -> tuple[dict[str, float], float]:
+    return operator.api_requests(), kopf_patches(api)
+
+
+def per_job(requests: dict[str, float], size: int) -> str:
+    return ", ".join(f"{key} {value / size:.1f}" for key, value in sorted(requests.items()))
+
+
+def finetunejob(name: str, *, env: list[Json] | None = None, pending: bool = False) -> Json:
+    spec: Json = {"model": {"source": "s3://m/tiny/"}, "dataset": {"train": "s3://d/train.jsonl"},
+                  "training": {"maxSteps": 10}, "output": {"location": "s3://runs/"},
+                  "resources": {"gpus": 0, "sharedMemory": "16Mi"}, "backoffLimit": 0, "env": env or []}
+    if pending:
+        spec["scheduling"] = {"nodeSelector": NOWHERE}
+    return {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name}, "spec": spec}
+
+
+def plain_job(name: str) -> Json:
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name},
+            "spec": {"backoffLimit": 0, "template": {"spec": {
+                "restartPolicy": "Never", "nodeSelector": NOWHERE,
+                "containers": [{"name": "main", "image": "bench/none", "command": ["true"]}]}}}}
+
+
+def pytorch_job(name: str) -> Json:
+    return {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob", "metadata": {"name": name},
+            "spec": {"pytorchReplicaSpecs": {"Master": {"replicas": 1, "restartPolicy": "Never", "template": {
+                "spec": {"nodeSelector": NOWHERE,
+                         "containers": [{"name": "pytorch", "image": "bench/none", "command": ["true"]}]}}}}}}
+
+
+def is_complete(job: Json) -> bool:
+    return any(c.get("type") == "Complete" and c.get("status") == "True"
+               for c in (job.get("status") or {}).get("conditions") or [])
 
 
 class Bench:
-    def __init__(self, state: Path) -> None:
-        from kubernetes import client, config
-
+    def __init__(self, state: Path, results: Results) -> None:
+        self.state = state
         self.env = {**os.environ, "KUBECONFIG": str(state / "kubeconfig")}
-        self.kubectl = str(state / "bin" / "kubectl")
-        self.api = config.new_client_from_config(config_file=str(state / "kubeconfig"))
-        self.batch = client.BatchV1Api(self.api)
-        self.custom = client.CustomObjectsApi(self.api)
-        self.core = client.CoreV1Api(self.api)
-        self.namespace = f"bench-{secrets.token_hex(3)}"
+        self.api = Api(state / "kubeconfig")
+        self.results = results
+        self.prefix = f"bench-{secrets.token_hex(2)}"
+        self.namespaces: list[str] = []
+        self.operator: Operator | None = None
 
-    def run(self, *args: str, stdin: str | None = None) -> str:
-        return subprocess.run([self.kubectl, *args], input=stdin, env=self.env, text=True, check=True,
-                              capture_output=True).stdout
+    # --- namespaces -------------------------------------------------------------------------------
 
-    def watch_times(self, list_call: Any, stop: threading.Event, on_event: Any) -> threading.Thread:
-        from kubernetes import watch
+    def namespace(self, series: str, size: int) -> str:
+        name = f"{self.prefix}-{series}-{size}"
+        self.api.request("POST", "/api/v1/namespaces", {"metadata": {"name": name}})
+        wait_until(lambda: self._has_service_account(name), 30, f"the default ServiceAccount of {name}")
+        self.namespaces.append(name)
+        return name
 
-        def loop() -> None:
-            while not stop.is_set():
-                for event in watch.Watch().stream(list_call, self.namespace, timeout_seconds=2):
-                    on_event(time.monotonic(), event["object"])
-                    if stop.is_set():
-                        return
+    def _has_service_account(self, namespace: str) -> bool:
+        items = self.api.request("GET", f"/api/v1/namespaces/{namespace}/serviceaccounts")["items"]
+        return any(sa["metadata"]["name"] == "default" for sa in items)
 
-        thread = threading.Thread(target=loop, daemon=True)
-        thread.start()
-        return thread
+    def remove(self, namespace: str, timeout: float = 600) -> None:
+        """Delete a series' objects, then its namespace, and wait until all are gone: the next series
+        starts on a quiet cluster. (FineTuneJobs go first, while the operator still serves the
+        namespace and can release its finalizer.)"""
+        ftjs = f"/apis/kubetune.io/v1alpha1/namespaces/{namespace}/finetunejobs"
+        pods = f"/api/v1/namespaces/{namespace}/pods"
+        self.api.request("DELETE", ftjs)
+        self.api.request("DELETE", f"/apis/batch/v1/namespaces/{namespace}/jobs",
+                         query=[("propagationPolicy", "Background")])
+        wait_until(lambda: not self.api.request("GET", ftjs)["items"] and not self.api.request("GET", pods)["items"],
+                   timeout, f"the FineTuneJobs and pods of {namespace} to be deleted")
+        self.api.request("DELETE", f"/api/v1/namespaces/{namespace}")
 
-    def job_creation(self, count: int) -> None:
+        def gone() -> bool:
+            names = [n["metadata"]["name"] for n in self.api.request("GET", "/api/v1/namespaces")["items"]]
+            return namespace not in names
+
+        wait_until(gone, timeout, f"namespace {namespace} to be deleted")
+        self.namespaces.remove(namespace)
+
+    def quiet(self, seen: dict[str, float], seconds: float = 3.0, timeout: float = 300) -> None:
+        """Wait until no watched event arrived for `seconds` (`seen` holds the last event time)."""
+        wait_until(lambda: time.monotonic() - seen["last"] > seconds, timeout, "the series to settle")
+
+    # --- series -----------------------------------------------------------------------------------
+
+    def floor(self, size: int) -> None:
+        ns = self.namespace("floor", size)
+        seen: dict[str, float] = {}
+        stop = threading.Event()
+        self.api.watch(f"/api/v1/namespaces/{ns}/configmaps",
+                       lambda t, kind, obj: seen.setdefault(obj["metadata"]["name"], t) if kind == "ADDED" else None,
+                       stop)
+        bodies = [{"metadata": {"name": f"cm-{i:04d}"}, "data": {"k": "v"}} for i in range(size)]
+        sent = self.api.create_all(f"/api/v1/namespaces/{ns}/configmaps", bodies)
+        wait_until(lambda: all(n in seen for n in sent), 300, "every ConfigMap on the watch")
+        stop.set()
+        self.results.add("floor", size, "ConfigMap create → seen on a watch", (seen[n] - sent[n] for n in sent))
+        self.remove(ns)
+
+    def job_controller(self, size: int) -> None:
+        ns = self.namespace("jobctl", size)
+        pods: dict[str, float] = {}
+        stop = threading.Event()
+
+        def on_pod(t: float, kind: str, pod: Json) -> None:
+            job = (pod["metadata"].get("labels") or {}).get("job-name")
+            if kind == "ADDED" and job:
+                pods.setdefault(job, t)
+
+        self.api.watch(f"/api/v1/namespaces/{ns}/pods", on_pod, stop)
+        sent = self.api.create_all(f"/apis/batch/v1/namespaces/{ns}/jobs",
+                                   [plain_job(f"job-{i:04d}") for i in range(size)])
+        wait_until(lambda: all(n in pods for n in sent), 600, "a Pod of every Job")
+        stop.set()
+        self.results.add("job-controller", size, "Job create → its Pod seen", (pods[n] - sent[n] for n in sent))
+        self.remove(ns)
+
+    def peer(self, size: int, binary: Path) -> None:
+        """Kubeflow training-operator v1.8.1 as built by hack/build-peer.sh (its header says how it
+        runs outside a cluster: a cert Secret to fill and a self-signed pair for its webhook server,
+        which nothing calls). Same worker count as KubeTune's operator; its client keeps its own
+        default rate limit (20 requests/s, burst 30), which v1.8.1 has no flag for."""
+        self.run_kubectl("apply", "--server-side", "--force-conflicts", "-f",
+                         str(binary.parent / "kubeflow.org_pytorchjobs.yaml"))
+        ns = self.namespace("peer", size)
+        self.api.request("POST", f"/api/v1/namespaces/{ns}/secrets",
+                         {"metadata": {"name": "training-operator-webhook-cert"}})
+        self_signed_pair(Path("/tmp/k8s-webhook-server/serving-certs"))
+        pods: dict[str, float] = {}
+        stop = threading.Event()
+
+        def on_pod(t: float, kind: str, pod: Json) -> None:
+            job = (pod["metadata"].get("labels") or {}).get("training.kubeflow.org/job-name")
+            if kind == "ADDED" and job:
+                pods.setdefault(job, t)
+
+        health = free_port()
+        process = subprocess.Popen(
+            [str(binary), f"--kubeconfig={self.state / 'kubeconfig'}", "--enable-scheme=pytorchjob",
+             f"--metrics-bind-address=127.0.0.1:{free_port()}", f"--health-probe-bind-address=127.0.0.1:{health}",
+             f"--webhook-server-port={free_port()}", "--controller-threads=16"],
+            env={**self.env, "MY_POD_NAMESPACE": ns}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_until(lambda: self._ready(f"http://127.0.0.1:{health}/readyz"), 120, "training-operator readiness")
+            self.api.watch(f"/api/v1/namespaces/{ns}/pods", on_pod, stop)
+            sent = self.api.create_all(f"/apis/kubeflow.org/v1/namespaces/{ns}/pytorchjobs",
+                                       [pytorch_job(f"pt-{i:04d}") for i in range(size)])
+            wait_until(lambda: all(n in pods for n in sent), 900, "a Pod of every PyTorchJob")
+            self.results.add("peer: training-operator", size, "PyTorchJob create → its Pod seen",
+                             (pods[n] - sent[n] for n in sent))
+            self.api.request("DELETE", f"/apis/kubeflow.org/v1/namespaces/{ns}/pytorchjobs")
+            self.remove(ns)
+        finally:
+            stop.set()
+            process.terminate()  # v1.8.1 panics on its way out ("close of closed channel"): exit code ignored
+            process.wait(timeout=30)
+
+    @staticmethod
+    def _ready(url: str) -> bool:
+        try:
+            urllib.request.urlopen(url, timeout=1).read()
+            return True
+        except OSError:
+            return False
+
+    def operator_series(self, size: int, *, idle_seconds: float, keep: bool = False) -> None:
+        """FineTuneJobs whose pods never schedule: apply → Job is the operator's own work."""
+        assert self.operator is not None
+        ns = self.namespace("operator", size)
+        jobs: dict[str, float] = {}
+        phases: dict[str, str] = {}
+        last = {"last": time.monotonic()}
+        writes = [0]
+        stop = threading.Event()
+
+        def on_job(t: float, kind: str, job: Json) -> None:
+            last["last"] = t
+            owner = (job["metadata"].get("annotations") or {}).get("kubetune.io/finetunejob")
+            if kind == "ADDED" and owner:
+                jobs.setdefault(owner, t)
+
+        def on_ftj(t: float, kind: str, obj: Json) -> None:
+            last["last"] = t
+            if kind == "MODIFIED":
+                writes[0] += 1
+            phase = (obj.get("status") or {}).get("phase")
+            if phase:
+                phases[obj["metadata"]["name"]] = phase
+
+        self.api.watch(f"/apis/batch/v1/namespaces/{ns}/jobs", on_job, stop)
+        self.api.watch(f"/apis/kubetune.io/v1alpha1/namespaces/{ns}/finetunejobs", on_ftj, stop)
+        before = request_counts(self.operator, self.api)
+        cpu_before = self.operator.cpu_seconds()
+        sent = self.api.create_all(f"/apis/kubetune.io/v1alpha1/namespaces/{ns}/finetunejobs",
+                                   [finetunejob(f"ftj-{i:04d}", pending=True) for i in range(size)])
+        wait_until(lambda: all(n in jobs for n in sent), 900, "a Job for every FineTuneJob")
+        wait_until(lambda: all(n in phases for n in sent), 300, "a status on every FineTuneJob")
+        self.results.add("operator", size, "FineTuneJob create → Job seen", (jobs[n] - sent[n] for n in sent))
+        self.quiet(last)
+        requests = requests_since(self.operator, self.api, before)
+        self.results.fact(f"operator {size}: API requests per FineTuneJob until settled",
+                          f"{sum(requests.values()) / size:.1f} ({per_job(requests, size)})")
+        self.results.fact(f"operator {size}: operator CPU seconds per FineTuneJob",
+                          f"{(self.operator.cpu_seconds() - cpu_before) / size:.3f}")
+        if idle_seconds:
+            writes[0] = 0
+            before = request_counts(self.operator, self.api)
+            begin = time.monotonic()
+            time.sleep(idle_seconds)
+            minutes = (time.monotonic() - begin) / 60
+            requests = requests_since(self.operator, self.api, before)
+            self.results.fact(f"operator {size}: writes to idle FineTuneJobs (status unchanged), per job per minute",
+                              f"{writes[0] / size / minutes:.2f}")
+            self.results.fact(f"operator {size}: API requests per idle FineTuneJob per minute",
+                              f"{sum(requests.values()) / size / minutes:.2f}")
+        stop.set()
+        if not keep:
+            self.remove(ns)
+
+    def lifecycle(self, size: int) -> None:
+        """FineTuneJobs run to the end by the test double: the whole lifecycle."""
+        ns = self.namespace("lifecycle", size)
         created: dict[str, float] = {}
+        complete: dict[str, float] = {}
         succeeded: dict[str, float] = {}
         stop = threading.Event()
 
-        def on_job(now: float, job: Any) -> None:
-            created.setdefault(job.metadata.name, now)
+        def on_job(t: float, kind: str, job: Json) -> None:
+            owner = (job["metadata"].get("annotations") or {}).get("kubetune.io/finetunejob")
+            if owner:
+                created.setdefault(owner, t)
+                if is_complete(job):
+                    complete.setdefault(owner, t)
 
-        def on_ftj(now: float, obj: dict[str, Any]) -> None:
+        def on_ftj(t: float, kind: str, obj: Json) -> None:
             if (obj.get("status") or {}).get("phase") == "Succeeded":
-                succeeded.setdefault(obj["metadata"]["name"], now)
+                succeeded.setdefault(obj["metadata"]["name"], t)
 
-        self.watch_times(self.batch.list_namespaced_job, stop, on_job)
-        self.watch_times(lambda ns, **kw: self.custom.list_namespaced_custom_object(
-            "kubetune.io", "v1alpha1", ns, "finetunejobs", **kw), stop, on_ftj)
-        manifests = "\n---\n".join(json.dumps(ftj(f"job-{i:02d}")) for i in range(count))
-        start = time.monotonic()
-        self.run("apply", "-n", self.namespace, "-f", "-", stdin=manifests)
-        deadline = time.monotonic() + 300
-        while (len(created) < count or len(succeeded) < count) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        self.api.watch(f"/apis/batch/v1/namespaces/{ns}/jobs", on_job, stop)
+        self.api.watch(f"/apis/kubetune.io/v1alpha1/namespaces/{ns}/finetunejobs", on_ftj, stop)
+        sent = self.api.create_all(f"/apis/kubetune.io/v1alpha1/namespaces/{ns}/finetunejobs",
+                                   [finetunejob(f"ftj-{i:04d}") for i in range(size)])
+        wait_until(lambda: all(n in succeeded for n in sent), 900, "every FineTuneJob to succeed")
+        wait_until(lambda: all(n in complete for n in sent), 60, "every Job's Complete on the watch")
         stop.set()
-        print(f"apply -> Job created, {count} jobs applied at once: {summary([t - start for t in created.values()])}")
-        print(f"apply -> Succeeded:                        {summary([t - start for t in succeeded.values()])}")
+        self.results.add("lifecycle", size, "FineTuneJob create → Job seen", (created[n] - sent[n] for n in sent))
+        self.results.add("lifecycle", size, "Job Complete → FineTuneJob Succeeded",
+                         (max(0.0, succeeded[n] - complete[n]) for n in sent))
 
-    def report_latency(self, report_url: str, seconds: float) -> None:
-        hold = self.namespace_path("release")
-        self.run("apply", "-n", self.namespace, "-f", "-",
-                 stdin=json.dumps(ftj("reporter", env=[{"name": "FAKE_WAIT_FOR", "value": str(hold)}])))
-        secret = None
-        while secret is None:
-            found = self.core.list_namespaced_secret(self.namespace, label_selector="kubetune.io/job=reporter").items
-            secret = found[0] if found else None
-            if secret is None:
-                time.sleep(0.1)
-        token = base64.b64decode(secret.data["token"]).decode()
+    def report(self, seconds: float) -> None:
+        assert self.operator is not None
+        ns = self.namespace("report", 1)
+        hold = Path(f"/tmp/kubetune-{ns}-release")
+        self.api.request("POST", f"/apis/kubetune.io/v1alpha1/namespaces/{ns}/finetunejobs",
+                         finetunejob("reporter", env=[{"name": "FAKE_WAIT_FOR", "value": str(hold)}]))
+        phase: dict[str, str] = {}
         posted: dict[int, float] = {}
         seen: dict[int, float] = {}
         writes = [0]
         stop = threading.Event()
 
-        def on_ftj(now: float, obj: dict[str, Any]) -> None:
-            step = ((obj.get("status") or {}).get("progress") or {}).get("step")
-            if obj["metadata"]["name"] == "reporter" and step is not None and step not in seen:
-                seen[step] = now
+        def on_ftj(t: float, kind: str, obj: Json) -> None:
+            status = obj.get("status") or {}
+            phase["now"] = str(status.get("phase"))
+            step = (status.get("progress") or {}).get("step")
+            if step is not None and step not in seen:
+                seen[step] = t
                 writes[0] += 1
 
-        self.watch_times(lambda ns, **kw: self.custom.list_namespaced_custom_object(
-            "kubetune.io", "v1alpha1", ns, "finetunejobs", **kw), stop, on_ftj)
-        url = f"{report_url}/v1/reports/{self.namespace}/reporter"
+        self.api.watch(f"/apis/kubetune.io/v1alpha1/namespaces/{ns}/finetunejobs", on_ftj, stop)
+        wait_until(lambda: phase.get("now") == "Running", 120, "the reporter job to run")
+        secret = self.api.request("GET", f"/api/v1/namespaces/{ns}/secrets",
+                                  query=[("labelSelector", "kubetune.io/job=reporter")])["items"][0]
+        token = base64.b64decode(secret["data"]["token"]).decode()
+        url = f"{self.operator.url}/v1/reports/{ns}/reporter"
         begin = time.monotonic()
         step = 0
         while time.monotonic() - begin < seconds:
@@ -139,57 +543,104 @@ class Bench:
             posted[step] = time.monotonic()
             urllib.request.urlopen(request, timeout=5).read()
             time.sleep(0.5)
-        time.sleep(5)
+        last = step
+        wait_until(lambda: max(seen, default=0) >= last, 30, "the last report in status")
         stop.set()
         hold.touch()
-        # Written: each status write carries the newest report, timed from that report.
-        written = [seen[s] - posted[s] for s in seen if s in posted]
-        # Visible: every report, timed until a status with its step (or a later one) shows.
-        visible = [min(t for s2, t in seen.items() if s2 >= s) - posted[s]
-                   for s in posted if any(s2 >= s for s2 in seen)]
-        minutes = (max(seen.values()) - begin) / 60 if seen else 1
-        print("report -> status, a report every 0.5s, status interval 3s:")
-        print(f"  report that is written -> in status: {summary(written)}")
-        print(f"  any report -> its step or a later one in status: {summary(visible)}")
-        print(f"status writes from reports: {writes[0] / minutes:.1f} per job per minute ({step} reports sent)")
+        visible = [min(t for s2, t in seen.items() if s2 >= s) - posted[s] for s in posted]
+        minutes = (time.monotonic() - begin) / 60
+        self.results.add("report", 1, "report → its step (or a later one) in status", visible)
+        self.results.fact("status writes per running job per minute (a report every 0.5 s)",
+                          f"{writes[0] / minutes:.1f}")
+        hold.unlink(missing_ok=True)
 
-    def namespace_path(self, name: str) -> Path:
-        path = Path(f"/tmp/kubetune-bench-{self.namespace}")
-        path.mkdir(exist_ok=True)
-        return path / name
+    def run_kubectl(self, *args: str) -> str:
+        return subprocess.run([str(self.state / "bin" / "kubectl"), *args], env=self.env, text=True, check=True,
+                              capture_output=True).stdout
+
+
+def peer_binary() -> Path | None:
+    """The training-operator binary (hack/build-peer.sh builds it once, then finds it in the cache)."""
+    if not shutil.which("go"):
+        return None
+    done = subprocess.run(["bash", str(REPO / "hack" / "build-peer.sh")], capture_output=True, text=True)
+    if done.returncode != 0:
+        print(f"peer: hack/build-peer.sh failed: {done.stderr.strip()[-500:]}", flush=True)
+        return None
+    return Path(done.stdout.strip().splitlines()[-1])
+
+
+def self_signed_pair(directory: Path) -> None:
+    """tls.crt and tls.key for a loopback server (the peer's webhook server needs some pair)."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now)
+            .not_valid_after(now + dt.timedelta(days=1)).sign(key, hashes.SHA256()))
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "tls.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (directory / "tls.key").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                          serialization.PrivateFormat.PKCS8,
+                                                          serialization.NoEncryption()))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", type=Path, default=REPO / ".kubetune")
-    parser.add_argument("--jobs", type=int, default=20)
+    parser.add_argument("--sizes", default="50,200,1000", help="comma-separated numbers of jobs applied at once")
+    parser.add_argument("--lifecycle-sizes", default="50,200", help="sizes of the test-double lifecycle series")
     parser.add_argument("--report-seconds", type=float, default=60)
+    parser.add_argument("--idle-seconds", type=float, default=60, help="idle window at the largest size (0: skip)")
+    parser.add_argument("--peer", choices=("auto", "off"), default="auto",
+                        help="auto: measure Kubeflow training-operator when hack/build-peer.sh builds it")
     args = parser.parse_args()
-    bench = Bench(args.dir)
-    bench.run("create", "namespace", bench.namespace)
-    bench.run("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
-    report_port = 18081
-    operator = subprocess.Popen(
-        [sys.executable, "-m", "kubetune", "operator", "--namespace", bench.namespace],
-        env={**bench.env, "KUBETUNE_TRAINER_COMMAND": json.dumps(["python", str(FAKE_TRAINER)]),
-             "KUBETUNE_REPORT_LISTEN": f"127.0.0.1:{report_port}",
-             "KUBETUNE_REPORT_URL": f"http://127.0.0.1:{report_port}",
-             "KUBETUNE_LOG_LEVEL": "WARNING"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    lifecycle_sizes = [int(s) for s in args.lifecycle_sizes.split(",") if s]
+    results = Results()
+    bench = Bench(args.dir, results)
+    bench.run_kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
+    peer = peer_binary() if args.peer == "auto" else None
+    if peer is None and args.peer == "auto":
+        print("peer: Kubeflow training-operator not built (hack/build-peer.sh); the peer series is skipped")
+    bench.operator = Operator(bench.env)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{report_port}/healthz", timeout=1).read()
-                break
-            except OSError:
-                time.sleep(0.2)
-        bench.job_creation(args.jobs)
-        bench.report_latency(f"http://127.0.0.1:{report_port}", args.report_seconds)
+        results.fact("operator RSS at start", f"{bench.operator.rss_mib():.0f} MiB")
+        for size in lifecycle_sizes:
+            print(f"lifecycle series, {size} jobs", flush=True)
+            bench.lifecycle(size)
+        for size in sizes:
+            print(f"series of {size}", flush=True)
+            bench.floor(size)
+            bench.job_controller(size)
+            if peer:
+                bench.peer(size, peer)
+            largest = size == max(sizes)
+            bench.operator_series(size, idle_seconds=args.idle_seconds if largest else 0, keep=largest)
+            if largest:
+                finished = sum(lifecycle_sizes)
+                results.fact(f"operator RSS with {size} active and {finished} finished FineTuneJobs",
+                             f"{bench.operator.rss_mib():.0f} MiB")
+                results.fact("operator CPU seconds so far", f"{bench.operator.cpu_seconds():.0f} s")
+        bench.report(args.report_seconds)
+        for ns in list(bench.namespaces):
+            bench.remove(ns)
+        results.fact("operator RSS after every FineTuneJob was deleted", f"{bench.operator.rss_mib():.0f} MiB")
     finally:
-        operator.terminate()
-        operator.wait(timeout=30)
-        bench.run("delete", "namespace", bench.namespace, "--wait=false")
+        for ns in list(bench.namespaces):  # after a failure; FineTuneJobs go while the operator runs
+            with contextlib.suppress(Exception):
+                bench.remove(ns, timeout=120)
+        bench.operator.stop()
+    print()
+    print(f"{os.cpu_count()} cores; figures in seconds; p95 / floor p95 compares with the floor of the same size")
+    print(results.table())
 
 
 if __name__ == "__main__":

@@ -5,13 +5,14 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import urllib.parse
 from collections.abc import Callable
 from typing import Any, cast
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from kubetune import api
+from kubetune import api, metrics
 from kubetune.render import config_map_name, job_name
 
 Json = dict[str, Any]
@@ -51,6 +52,32 @@ def now() -> str:
 CONNECT_TIMEOUT = 5.0
 
 
+def resource_of(url: str) -> str:
+    """'jobs', 'finetunejobs/status'...: the resource (and subresource) a request URL names."""
+    parts = urllib.parse.urlsplit(url).path.strip("/").split("/")
+    if "namespaces" in parts[:-1]:
+        rest = parts[parts.index("namespaces") + 2:]
+        if not rest:
+            return "namespaces"
+    else:
+        rest = parts[2:] if parts[:1] == ["api"] else parts[3:]
+    if not rest:
+        return "-"
+    return f"{rest[0]}/{rest[2]}" if len(rest) > 2 else rest[0]
+
+
+def count_requests(api_client: client.ApiClient) -> None:
+    """Count every request of this client in kubetune_api_requests_total."""
+    rest = api_client.rest_client
+    send = rest.request
+
+    def counted(method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+        metrics.API_REQUESTS.labels(verb=method, resource=resource_of(url)).inc()
+        return send(method, url, *args, **kwargs)
+
+    rest.request = counted  # type: ignore[method-assign]
+
+
 class Kube:
     """The few API calls the operator makes, with plain dicts in and out.
 
@@ -64,6 +91,7 @@ class Kube:
             configuration = client.Configuration.get_default_copy()
             configuration.retries = 1  # one retry on a fresh connection; then the caller decides
             api_client = client.ApiClient(configuration)
+            count_requests(api_client)
         self.client = api_client
         self.core = client.CoreV1Api(self.client)
         self.batch = client.BatchV1Api(self.client)

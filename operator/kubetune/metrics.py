@@ -15,6 +15,8 @@ RECONCILE_SECONDS = Histogram(
 )
 RECONCILE_ERRORS = Counter("kubetune_reconcile_errors_total", "Reconciles that raised an error", ["kind"])
 REPORTS = Counter("kubetune_reports_total", "Progress reports from trainers, by result", ["result"])
+API_REQUESTS = Counter("kubetune_api_requests_total", "Kubernetes API requests of the reconciler and the report "
+                       "endpoint (kopf's own are not counted), by HTTP method and resource", ["verb", "resource"])
 STATUS_WRITES = Counter("kubetune_status_writes_total", "Status patches of FineTuneJobs, by source", ["source"])
 
 _phases: dict[tuple[str, str], str] = {}
