@@ -192,11 +192,11 @@ class Api:
 class Operator:
     """`kubetune operator` for the bench namespaces, with the test double trainer."""
 
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], namespaces: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "kubetune", "operator"],  # cluster-wide: the series' namespaces come and go
+            [sys.executable, "-m", "kubetune", "operator", "--namespace", namespaces],
             env={**env, "KUBETUNE_TRAINER_COMMAND": json.dumps(["python", str(FAKE_TRAINER)]),
                  "KUBETUNE_REPORT_LISTEN": f"127.0.0.1:{self.port}", "KUBETUNE_REPORT_URL": self.url,
                  "KUBETUNE_REPORT_KEY": secrets.token_hex(16), "KUBETUNE_LOG_LEVEL": "WARNING"},
@@ -610,7 +610,7 @@ def main() -> None:
     peer = peer_binary() if args.peer == "auto" else None
     if peer is None and args.peer == "auto":
         print("peer: Kubeflow training-operator not built (hack/build-peer.sh); the peer series is skipped")
-    bench.operator = Operator(bench.env)
+    bench.operator = Operator(bench.env, f"{bench.prefix}-*")  # a kopf glob: the series' namespaces come and go
     try:
         results.fact("operator RSS at start", f"{bench.operator.rss_mib():.0f} MiB")
         for size in lifecycle_sizes:

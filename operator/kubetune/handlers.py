@@ -22,6 +22,7 @@ from kubetune.status import TERMINAL
 SETTINGS = Settings.from_env()
 ERROR_BACKOFF = 5.0  # seconds before kopf runs a handler again after an unexpected error
 CHILD_LABELS = {"app.kubernetes.io/managed-by": MANAGED_BY}
+Json = dict[str, Any]
 _reconciler: Reconciler | None = None
 _server: ReportServer | None = None
 
@@ -32,10 +33,46 @@ def reconciler() -> Reconciler:
     return _reconciler
 
 
+JOB_UID_LABEL = "batch.kubernetes.io/controller-uid"
+
+
+@kopf.index("batch", "v1", "jobs", labels=CHILD_LABELS)
+async def training_jobs(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Any, Json]:
+    """Watch cache of training Jobs, by (namespace, name). kopf fills every index from its initial
+    listing before any handler runs, so a reconcile never sees a half-filled cache."""
+    return {(namespace, name): dict(body)}
+
+
+@kopf.index("", "v1", "pods", labels=CHILD_LABELS)
+async def training_pods(labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, Json]:
+    """Watch cache of training Pods, by the UID of their Job."""
+    uid = labels.get(JOB_UID_LABEL)
+    return {uid: dict(body)} if uid else {}
+
+
+class CachedChildren:
+    """Reads a FineTuneJob's Job and Pods from the indices above instead of the API (a GET and a
+    LIST saved per reconcile). The caches lag the API by a watch event at most: a Job created a
+    moment ago may not be there yet (creating it again answers 409 and adopts it), and every change
+    of a Job or Pod triggers a reconcile once it is in the cache (`child_changed`)."""
+
+    def __init__(self, jobs: kopf.Index[tuple[str, str], Json], pods: kopf.Index[str, Json]) -> None:
+        self.jobs = jobs
+        self.pods = pods
+
+    def get_job(self, namespace: str, name: str) -> Json | None:
+        # list(...) copies the store's values in one step: kopf updates it on the event loop thread.
+        found = list(self.jobs.get((namespace, name), ()))
+        return found[0] if found else None
+
+    def list_pods(self, namespace: str, job: Json) -> list[Json]:
+        return list(self.pods.get(job["metadata"]["uid"], ()))
+
+
 @kopf.on.startup()
-async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+async def configure(settings: kopf.OperatorSettings, **kwargs: Any) -> None:
     """Own prefixes for kopf's bookkeeping, our own Events, API timeouts, the API client, the
-    report endpoint."""
+    report endpoint, the watch caches."""
     global _reconciler, _server
     settings.persistence.finalizer = "kubetune.io/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubetune.io")
@@ -56,6 +93,7 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     load_config()
     kube = Kube(timeout=SETTINGS.api_timeout)
     reconciling = Reconciler(kube, SETTINGS)
+    reconciling.children = CachedChildren(kwargs["training_jobs"], kwargs["training_pods"])
     if SETTINGS.report_key_generated and SETTINGS.report_url:
         logging.getLogger("kubetune.reports").warning(
             "neither KUBETUNE_REPORT_KEY_FILE nor KUBETUNE_REPORT_KEY is set: using a random key; after a "
@@ -131,11 +169,15 @@ def finetunejob_resync(namespace: str | None, name: str, **_: Any) -> None:
 
 
 @kopf.on.event(api.GROUP, api.VERSION, api.PLURAL)
-def finetunejob_event(type: str, namespace: str | None, name: str, **_: Any) -> None:
-    """A FineTuneJob is gone (with or without a finalizer): forget everything kept about it, so
-    memory and the jobs-by-phase gauge follow the jobs that exist. Owner references remove its
-    children."""
-    if type == "DELETED" and namespace:
+def finetunejob_event(type: str | None, namespace: str | None, name: str, **_: Any) -> None:
+    """A new FineTuneJob is reconciled at once, from its first watch event: kopf's on.create
+    comes one round trip later (kopf first adds its finalizer and waits for that write to come back),
+    and then finds its children in place. A FineTuneJob that is gone (with or without a finalizer):
+    forget everything kept about it, so memory and the jobs-by-phase gauge follow the jobs that
+    exist. Owner references remove its children."""
+    if type == "ADDED":
+        _reconcile(namespace, name, retry=False)  # on.create retries what this pass could not finish
+    elif type == "DELETED" and namespace:
         metrics.forget(namespace, name)
         if _server is not None:
             _server.forget(namespace, name)

@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
@@ -39,6 +39,15 @@ class Retry(Exception):
     def __init__(self, message: str, delay: float = 5.0) -> None:
         super().__init__(message)
         self.delay = delay
+
+
+class Children(Protocol):
+    """Where a reconcile reads a FineTuneJob's Job and Pods: the API (`Kube`), or the operator's
+    watch caches (kopf indices, see handlers.py), which answer without a request."""
+
+    def get_job(self, namespace: str, name: str) -> Json | None: ...
+
+    def list_pods(self, namespace: str, job: Json) -> list[Json]: ...
 
 
 def owned_by(obj: Json, uid: str) -> bool:
@@ -86,6 +95,7 @@ class Reconciler:
                  on_phase: Callable[[str, str, str, str, int | None], None] | None = None) -> None:
         self.kube = kube
         self.settings = settings
+        self.children: Children = kube  # handlers.py swaps in its watch caches
         # (namespace, name, uid, phase, progress step in status): lets the report server track jobs
         self.on_phase = on_phase
         self._guard = threading.Lock()  # guards the two collections below; never held across I/O
@@ -181,7 +191,7 @@ class Reconciler:
             self._invalid(ftj, job_name, validation_message(error), previous, generation)
             return
 
-        job = self.kube.get_job(ns, job_name)
+        job = self.children.get_job(ns, job_name)
         if job is not None and not owned_by(job, uid):
             # A Job of that name that is not ours: usually the previous FineTuneJob of the same
             # name, still being garbage-collected. Never observe or adopt it.
@@ -228,7 +238,7 @@ class Reconciler:
         else:
             job = self._sync_suspend(job, spec)
 
-        pods = self.kube.list_pods(ns, job)
+        pods = self.children.list_pods(ns, job)
         observed = status.observe(job, pods, suspend=spec.suspend, queued=bool(spec.scheduling.queue_name))
         self._write(ftj, status.build_status(observed, previous=previous, generation=applied_generation(ftj, job),
                                              job_name=job_name, now=now()))
@@ -243,7 +253,7 @@ class Reconciler:
         """The spec does not validate. Before any Job exists: Failed (InvalidSpec). A Job created
         when the spec was valid (an upgrade tightened the rules) keeps being tracked to its end."""
         meta = ftj["metadata"]
-        job = self.kube.get_job(meta["namespace"], job_name)
+        job = self.children.get_job(meta["namespace"], job_name)
         if job is None or not owned_by(job, meta["uid"]):
             self._write(ftj, status.invalid_spec_status(message, previous=previous, generation=generation,
                                                         now=now()))
@@ -251,7 +261,7 @@ class Reconciler:
         log.warning("%s/%s: the spec no longer validates (%s); following its running Job to the end",
                     meta["namespace"], meta["name"], message)
         raw = ftj.get("spec") or {}
-        pods = self.kube.list_pods(meta["namespace"], job)
+        pods = self.children.list_pods(meta["namespace"], job)
         observed = status.observe(job, pods, suspend=bool(raw.get("suspend")),
                                   queued=bool((raw.get("scheduling") or {}).get("queueName")))
         self._write(ftj, status.build_status(observed, previous=previous,
@@ -275,6 +285,8 @@ class Reconciler:
         ttl, finished = spec.ttl_seconds_after_finished, previous.get("completionTime")
         if ttl is None or not finished:
             return False
+        if previous.get("cleanupTime"):
+            return True  # removed already; a watch cache may still show the Job for a moment
         left = ttl - seconds_since(finished)
         if left > 0:
             raise Retry(f"children are removed in {left:.0f}s (ttlSecondsAfterFinished)", delay=left)

@@ -258,6 +258,28 @@ def test_deleted_jobs_are_forgotten(cluster: Any, namespace: str, operator: Any)
     assert rss[1] <= rss[0] * 1.1 + 16 * 2**20, "the operator keeps memory for deleted jobs"
 
 
+def test_a_burst_of_jobs_gets_exactly_one_job_each_and_all_succeed(cluster: Any, namespace: str,
+                                                                   operator: Any) -> None:
+    """50 FineTuneJobs applied at once: the fast path (first watch event) and kopf's on.create both
+    reconcile each one, and the watch caches may lag: still one Job and one Created event each."""
+    count = 50
+    names = sorted(f"burst-{i:02d}" for i in range(count))
+    cluster.kubectl("apply", "-n", namespace, "-f", "-",
+                    input=yaml.safe_dump_all([finetunejob(name) for name in names]))
+
+    def all_succeeded() -> bool:
+        items = cluster.get("finetunejobs", "-n", namespace)["items"]
+        return len(items) == count and all((i.get("status") or {}).get("phase") == "Succeeded" for i in items)
+
+    wait_for(all_succeeded, timeout=600, message=f"{count} FineTuneJobs Succeeded")
+    jobs = cluster.get("jobs", "-n", namespace)["items"]
+    assert sorted(j["metadata"]["annotations"]["kubetune.io/finetunejob"] for j in jobs) == names
+    assert all((j["status"].get("succeeded"), j["status"].get("failed", 0)) == (1, 0) for j in jobs)
+    created = [e["involvedObject"]["name"] for e in cluster.get("events", "-n", namespace)["items"]
+               if e["involvedObject"]["kind"] == "FineTuneJob" and e["reason"] == "Created"]
+    assert sorted(created) == names, "a FineTuneJob got its Job created more than once"
+
+
 ENV_RULE = "/spec/versions/0/schema/openAPIV3Schema/properties/spec/properties/env/items/x-kubernetes-validations"
 
 
