@@ -67,7 +67,7 @@ class Settings:
     log_level: str = "INFO"
     report_url: str | None = None
     report_listen: str | None = "0.0.0.0:8081"
-    status_interval: float = 3.0
+    status_interval: float = 5.0
     report_rate: float = 2.0
     report_burst: float = 20.0
     report_key: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
@@ -100,7 +100,7 @@ class Settings:
             log_level=(env.get("KUBETUNE_LOG_LEVEL") or "INFO").upper(),
             report_url=(env.get("KUBETUNE_REPORT_URL") or "").rstrip("/") or None,
             report_listen=env.get("KUBETUNE_REPORT_LISTEN", "0.0.0.0:8081") or None,
-            status_interval=float(env.get("KUBETUNE_STATUS_INTERVAL") or 3),
+            status_interval=float(env.get("KUBETUNE_STATUS_INTERVAL") or 5),
             report_rate=float(env.get("KUBETUNE_REPORT_RATE") or 2),
             report_burst=float(env.get("KUBETUNE_REPORT_BURST") or 20),
             api_timeout=float(env.get("KUBETUNE_API_TIMEOUT") or 30),
