@@ -17,6 +17,7 @@ import os
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -180,7 +181,7 @@ def suggestions(run: RunSections, world_size: int) -> str:
 
 
 def check_job(spec: api.FineTuneJobSpec, storage: StorageSpec,
-              fetch: Any = remote_config) -> Verdict | None:
+              fetch: Callable[[str, StorageSpec, str | None], Json] = remote_config) -> Verdict | None:
     """The operator's check before creating the Job; None when there is nothing to check
     (no GPUs, or the GPU memory is unknown)."""
     if spec.resources.gpus < 1:
