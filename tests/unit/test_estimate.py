@@ -141,3 +141,15 @@ def test_parse_quantity(text: str, expected: int) -> None:
 def test_parse_quantity_rejects(text: str) -> None:
     with pytest.raises(ValueError):
         parse_quantity(text)
+
+
+def test_device_verdict() -> None:
+    from kubetune_trainer.estimate import device_verdict
+
+    got = estimate(SMALL, measured_settings("none"))
+    total = 80 * GiB
+    assert device_verdict(got, got.peak + 1, total)[0] == "fits"
+    outcome, message = device_verdict(got, int(got.peak * 0.9), total)
+    assert outcome == "tight" and "margin" in message  # within the estimate's tolerance: training starts
+    outcome, message = device_verdict(got, int(got.peak * 0.8), total)
+    assert outcome == "wontfit" and "free of 80.00 GiB" in message

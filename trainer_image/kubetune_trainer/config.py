@@ -165,6 +165,9 @@ class TrainingSpec(Section):
     """Compute precision: auto is bf16 where the device supports it, else fp32."""
     gradient_checkpointing: bool = True
     """Recompute activations in the backward pass: less memory, about 20-30% slower."""
+    auto_fit: bool = False
+    """On an accelerator out-of-memory, halve the micro-batch (batchSize), double
+    gradientAccumulation so that the global batch stays, and repeat the step (single-process runs)."""
     packing: bool = False
     """Concatenate samples into full maxLength blocks (faster; prompts stay masked)."""
     eval_every_steps: int = Field(default=100, ge=1)

@@ -389,3 +389,19 @@ def parse_quantity(value: str | int) -> int:
     if amount <= 0:
         raise ValueError(f"{value!r}: must be more than 0")
     return int(amount * scale)
+
+
+DEVICE_MARGIN = 0.15
+"""The estimate's calibration tolerance: the trainer refuses a device only when even a peak this
+much below the estimate would not fit its free memory."""
+
+
+def device_verdict(got: Estimate, free: int, total: int) -> tuple[Literal["fits", "tight", "wontfit"], str]:
+    """The trainer's check at start, against the device's free memory (torch.cuda.mem_get_info,
+    taken with the CUDA context already created, so the runtime reserve is not added again)."""
+    needed = f"estimated peak {gib(got.peak)}, the device has {gib(free)} free of {gib(total)}"
+    if got.peak <= free:
+        return "fits", needed
+    if got.peak * (1 - DEVICE_MARGIN) <= free:
+        return "tight", needed + f"; within the estimate's {DEVICE_MARGIN:.0%} margin, so training starts"
+    return "wontfit", needed
