@@ -124,15 +124,17 @@ def local_config(source: str) -> Json | None:
 
 def credentialed_config(source: str, storage: StorageSpec, revision: str | None) -> Json:
     """config.json of an hf:// or s3:// backbone with the caller's credentials (HF_TOKEN, AWS_*),
-    downloading only that file; needs the trainer's dependencies (minio, huggingface-hub)."""
+    downloading only that file (into the trainer's download cache); without the trainer's
+    dependencies (minio, huggingface-hub), read anonymously as the operator does."""
     try:
         from kubetune_trainer import sources
     except ImportError as err:  # pragma: no cover - the trainer extras are missing
         raise ConfigUnavailable(f"{source}: {err}") from err
     try:
         path = sources.resolve(join(source, "config.json"), storage, revision)
-    except ImportError as err:
-        raise ConfigUnavailable(f"{source}: reading it needs the trainer extras ({err})") from err
+    except ImportError:
+        # Without the trainer's dependencies (minio, huggingface-hub): the operator's anonymous read.
+        return remote_config(source, storage, revision)
     except Exception as err:
         raise ConfigUnavailable(f"{source}: {err}") from err
     found = local_config(str(path))
