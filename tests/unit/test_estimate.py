@@ -153,3 +153,16 @@ def test_device_verdict() -> None:
     assert outcome == "tight" and "margin" in message  # within the estimate's tolerance: training starts
     outcome, message = device_verdict(got, int(got.peak * 0.8), total)
     assert outcome == "wontfit" and "free of 80.00 GiB" in message
+
+
+def test_fit_micro_batch_halves_until_the_estimate_fills_85_percent() -> None:
+    from kubetune_trainer.estimate import fit_micro_batch
+
+    shape = read_shape(MODELS / "llama-8b")
+    settings = replace(measured_settings("int4"), micro_batch=16, max_length=2048)
+    peaks = {b: estimate(shape, replace(settings, micro_batch=b)).peak for b in (16, 8, 4, 2, 1)}
+    assert fit_micro_batch(shape, settings, free=int(peaks[16] / 0.85) + 1) == 16
+    assert fit_micro_batch(shape, settings, free=int(peaks[4] / 0.85) + 1) == 4
+    assert fit_micro_batch(shape, settings, free=int(peaks[4] / 0.85) - 1) == 2
+    assert fit_micro_batch(shape, settings, free=1) == 1  # never below 1: the device check decides then
+    assert fit_micro_batch(shape, settings, free=int(peaks[8] / 0.5) + 1, fraction=0.5) == 8

@@ -166,8 +166,9 @@ class TrainingSpec(Section):
     gradient_checkpointing: bool = True
     """Recompute activations in the backward pass: less memory, about 20-30% slower."""
     auto_fit: bool = False
-    """On an accelerator out-of-memory, halve the micro-batch (batchSize), double
-    gradientAccumulation so that the global batch stays, and repeat the step (single-process runs)."""
+    """Fit the micro-batch to the GPU, keeping the global batch (batchSize x gradientAccumulation):
+    at start, halve batchSize until the memory estimate fills at most 85% of the free GPU memory; on
+    an out-of-memory in a step (one process), halve it again, raise the accumulation, repeat the step."""
     packing: bool = False
     """Concatenate samples into full maxLength blocks (faster; prompts stay masked)."""
     eval_every_steps: int = Field(default=100, ge=1)

@@ -22,7 +22,7 @@ FSDP, full fine-tunes, other architectures) follow the same accounting but are n
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -405,3 +405,18 @@ def device_verdict(got: Estimate, free: int, total: int) -> tuple[Literal["fits"
     if got.peak * (1 - DEVICE_MARGIN) <= free:
         return "tight", needed + f"; within the estimate's {DEVICE_MARGIN:.0%} margin, so training starts"
     return "wontfit", needed
+
+
+AUTO_FIT_MEMORY_FRACTION = 0.85
+"""training.autoFit at start: the micro-batch is the largest whose estimated peak fills at most this
+fraction of the device's free memory."""
+
+
+def fit_micro_batch(shape: ModelShape, settings: RunSettings, free: int,
+                    fraction: float = AUTO_FIT_MEMORY_FRACTION) -> int:
+    """The micro-batch to start with: ``settings.micro_batch`` halved (as an out-of-memory halves it)
+    until the estimated peak is at most ``fraction`` of ``free`` bytes; at least 1."""
+    micro = settings.micro_batch
+    while micro > 1 and estimate(shape, replace(settings, micro_batch=micro)).peak > fraction * free:
+        micro //= 2
+    return micro

@@ -101,15 +101,18 @@ def peak_memory_bytes(dev: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def check_device_memory(config: TrainerConfig, world: distributed.World, dev: torch.device) -> Estimate | None:
+def check_device_memory(config: TrainerConfig, world: distributed.World,
+                        dev: torch.device) -> tuple[Estimate | None, int]:
     """Estimate the run's peak GPU memory from the backbone's config.json (read before the weights)
     and compare it with the device's free memory: raise :class:`OutOfMemory` when it cannot fit.
 
-    Returns the estimate (the out-of-memory message quotes it), or None on the CPU or when config.json
-    cannot be read here (loading the model then says why)."""
+    Returns the estimate (the out-of-memory message quotes it; None on the CPU or when config.json
+    cannot be read here, and loading the model then says why) and the micro-batch to start with:
+    training.batchSize, or with training.autoFit the largest that fills at most 85% of the free memory."""
+    batch = config.training.batch_size
     if dev.type != "cuda":
-        return None
-    from .estimate import ModelConfigError, ModelShape, RunSettings, device_verdict, estimate
+        return None, batch
+    from .estimate import ModelConfigError, ModelShape, RunSettings, device_verdict, estimate, fit_micro_batch
 
     source = config.model.source.rstrip("/") + "/config.json"
     try:
@@ -117,15 +120,18 @@ def check_device_memory(config: TrainerConfig, world: distributed.World, dev: to
         shape = ModelShape.from_config(json.loads(Path(path).read_text()))
     except (TrainerError, OSError, ValueError, ModelConfigError) as err:
         log.warning("GPU memory not estimated: %s", err)
-        return None
-    micro_batch = 1 if config.training.auto_fit else None
-    got = estimate(shape, RunSettings.from_run(config, world_size=world.world_size, micro_batch=micro_batch))
+        return None, batch
+    settings = RunSettings.from_run(config, world_size=world.world_size)
     free, total = torch.cuda.mem_get_info(dev)
+    if config.training.auto_fit:
+        batch = fit_micro_batch(shape, settings, free)
+        settings = RunSettings.from_run(config, world_size=world.world_size, micro_batch=batch)
+    got = estimate(shape, settings)
     outcome, message = device_verdict(got, free, total)
     if outcome == "wontfit":
         raise OutOfMemory(f"the run cannot fit this GPU: {message}")
-    (log.warning if outcome == "tight" else log.info)("GPU memory: %s", message)
-    return got
+    (log.warning if outcome == "tight" else log.info)("GPU memory (micro-batch %d): %s", batch, message)
+    return got, batch
 
 
 def halve_micro_batch(batch_size: int, accumulation: int) -> tuple[int, int]:
@@ -412,7 +418,7 @@ class Trainer:
         if world.local_rank != 0:
             world.barrier()
         datasets = load_datasets(cfg)
-        self.memory_estimate = check_device_memory(cfg, world, world.device())
+        self.memory_estimate, self.micro_batch_size = check_device_memory(cfg, world, world.device())
         model_path = sources.resolve(cfg.model.source, cfg.storage, cfg.model.revision, directory=True)
         tokenizer_path = (
             sources.resolve(cfg.model.tokenizer, cfg.storage, cfg.model.revision, directory=True)
@@ -452,6 +458,10 @@ class Trainer:
         cfg, tc, world = self.config, self.config.training, self.world
         batch_size, accum = tc.batch_size, tc.gradient_accumulation
         order = DataOrder(len(train_samples), batch_size, accum, world.world_size, tc.seed)
+        if self.micro_batch_size < batch_size:
+            # training.autoFit chose a smaller micro-batch at start; the global batch stays.
+            batch_size, accum = self.micro_batch_size, math.ceil(batch_size * accum / self.micro_batch_size)
+            order.batch_size = batch_size
         steps = total_steps(cfg, len(train_samples), world.world_size)
         self.progress.total_steps = steps
         params = [p for p in model.parameters() if p.requires_grad]
