@@ -83,3 +83,15 @@ def test_a_config_the_operator_cannot_read_skips_the_check(cluster: Any, namespa
     wait_phase(cluster, namespace, "private", "Succeeded")
     skipped = [e for e in events(cluster, namespace, "private") if e["reason"] == "EstimateSkipped"]
     assert skipped and "HTTP 403" in skipped[0]["message"]
+
+
+def test_an_out_of_memory_fails_at_once_without_retries(cluster: Any, namespace: str, operator: Any) -> None:
+    message = ("out of accelerator memory during step 3: CUDA out of memory (estimated peak 21.3 GiB per GPU: "
+               "weights 14.9, activations 1.0, logits 3.0 GiB). To fit, try quantization int4 (now none)")
+    env = [{"name": "FAKE_EXIT_CODE", "value": "6"}, {"name": "FAKE_MESSAGE", "value": message}]
+    cluster.apply(finetunejob("oom", backoffLimit=3, resources={"gpus": 1, "sharedMemory": "64Mi"}, env=env),
+                  namespace)
+    status = wait_phase(cluster, namespace, "oom", "Failed")
+    assert status["reason"] == "OutOfMemory"
+    assert "estimated peak 21.3 GiB" in status["message"] and "quantization int4" in status["message"]
+    assert status["attempts"] == 1, "an out-of-memory must not be retried"
