@@ -5,7 +5,8 @@
 Builds a ~0.85B-parameter Llama-architecture backbone from a config (random weights, saved in
 bf16; nothing is downloaded) and a tokenizer trained locally, then runs ``python -m
 kubetune_trainer`` once per mode (each in its own process, so peak GPU memory is that mode's own)
-with packed 512-token blocks. Prints peak GPU memory and tokens/s per mode as a table and writes
+with packed 512-token blocks. Prints peak GPU memory and tokens/s per mode as a table, the
+estimator's peak beside each measured one (kubetune_trainer.estimate), and writes
 the same figures to ``DIR/gpu_check.json`` when ``--out`` is given. Exits non-zero when a mode
 fails or when the quantized modes do not use less GPU memory than bf16.
 """
@@ -60,6 +61,14 @@ def build_backbone(out: Path, layers: int, hidden: int, device: str) -> int:
     return params
 
 
+def estimated_peak(config: dict[str, Any], backbone: Path) -> int:
+    """The estimator's peak GPU memory for a mode's config (what `kubetune estimate` would print)."""
+    from kubetune_trainer.config import TrainerConfig
+    from kubetune_trainer.estimate import RunSettings, estimate, read_shape
+
+    return estimate(read_shape(backbone), RunSettings.from_run(TrainerConfig.model_validate(config))).peak
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=40)
@@ -84,6 +93,7 @@ def main() -> int:
         tiny.write_dataset(work / "train.jsonl", 12000, seed=0)
         tiny.write_dataset(work / "validation.jsonl", 32, seed=1)
         rows: list[tuple[str, dict[str, Any]]] = []
+        estimates: dict[str, int] = {}
         for mode in args.modes.split(","):
             config = {
                 "runName": mode,
@@ -99,15 +109,21 @@ def main() -> int:
                 "output": {"location": str(work / "out")},
             }
             rows.append((mode, run_trainer(config, work, mode)))
+            estimates[mode] = estimated_peak(config, work / "backbone")
         device = torch.cuda.get_device_name(0) if device == "cuda" else "CPU (smoke test)"
         print(f"{device}: Llama {params / 1e9:.2f}B params ({args.layers} layers, hidden {args.hidden}), "
               f"{args.steps} steps, batch 8 x 512 tokens (packed), LoRA r=16, gradient checkpointing")
         print_table(rows, "peak GPU mem")
+        for mode, summary in rows:
+            measured = (summary.get("metrics") or {}).get("peakMemoryBytes")
+            if measured:
+                print(f"{mode}: estimated peak {estimates[mode] / 2**30:.2f} GiB, measured {measured / 2**30:.2f} GiB "
+                      f"({estimates[mode] / measured - 1:+.1%}; kubetune_trainer.estimate)")
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / "gpu_check.json").write_text(json.dumps(
                 {"device": device, "parameters": params, "steps": args.steps,
-                 "results": {mode: s for mode, s in rows}}, indent=2))
+                 "results": {mode: s for mode, s in rows}, "estimatedPeakBytes": estimates}, indent=2))
     failed = [mode for mode, s in rows if "error" in s]
     if failed:
         print(f"failed modes: {failed}", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""`kubetune` command line: `crd [--check]`, `operator [--namespace NS ...]`, `selftest`."""
+"""`kubetune` command line: `crd [--check]`, `operator [--namespace NS ...]`, `selftest`,
+`estimate -f FILE [--gpu-memory 80Gi] [--json]`."""
 
 from __future__ import annotations
 
@@ -23,7 +24,21 @@ def main(argv: list[str] | None = None) -> int:
     test.add_argument("--namespace", "-n", default="default", help="namespace to create the test object in")
     test.add_argument("--timeout", type=float, default=120, help="seconds to wait for the operator")
 
+    est = sub.add_parser("estimate", help="estimate the peak GPU memory of a FineTuneJob or trainer config; "
+                                          "exit 1 when it does not fit")
+    est.add_argument("-f", "--file", type=Path, required=True, help="FineTuneJob manifest or trainer config")
+    est.add_argument("--gpu-memory", help="memory of one GPU, e.g. 80Gi (default: the manifest's "
+                                          "resources.gpuMemory or nvidia.com/gpu.memory node selector)")
+    est.add_argument("--model-config", type=Path,
+                     help="the backbone's config.json (or its directory) instead of reading model.source")
+    est.add_argument("--world-size", type=int, help="training processes (default: the manifest's resources.gpus)")
+    est.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp",
+                     help="ddp replicates the model on every GPU, fsdp shards it (default ddp)")
+    est.add_argument("--json", action="store_true", help="print the estimate as JSON (total in peakBytes)")
+
     args = parser.parse_args(argv)
+    if args.command == "estimate":
+        return estimate_command(args)
     if args.command == "crd":
         from kubetune import crd as crd_module
 
@@ -44,6 +59,43 @@ def main(argv: list[str] | None = None) -> int:
 
         return selftest(args.namespace, args.timeout)
     return 2
+
+
+def estimate_command(args: argparse.Namespace) -> int:
+    """`kubetune estimate`: 0 fits (or no GPU memory given), 1 does not fit, 2 bad input."""
+    import json
+
+    from pydantic import ValidationError
+
+    from kubetune import preflight
+    from kubetune_trainer.estimate import ModelConfigError, ModelShape, RunSettings, estimate, parse_quantity
+
+    try:
+        run, processes, memory = preflight.load_run(args.file)
+        if args.gpu_memory:
+            memory = parse_quantity(args.gpu_memory)
+        source = str(args.model_config) if args.model_config else run.model.source
+        config = preflight.local_config(source)
+        if config is None:
+            config = preflight.credentialed_config(source, run.storage, run.model.revision)
+        shape = ModelShape.from_config(config)
+        world = args.world_size or processes
+        if world < 1:
+            raise ValueError("--world-size must be 1 or more")
+        got = estimate(shape, RunSettings.from_run(run, world_size=world, strategy=args.strategy), gpu_memory=memory)
+    except ValidationError as err:
+        print(f"{args.file}: invalid: {err}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError, ModelConfigError, preflight.ConfigUnavailable) as err:
+        print(f"kubetune estimate: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(got.as_json(), indent=2))
+    else:
+        print("\n".join(got.lines()))
+        if got.fits is False:
+            print(preflight.suggestions(run, world))
+    return 1 if got.fits is False else 0
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from kubetune_trainer.config import NAME_MAX, RunSections, Section, StorageSpec
+from kubetune_trainer.estimate import parse_quantity
 from kubetune_trainer.events import Artifacts, Metrics, Progress
 
 GROUP = "kubetune.io"
@@ -74,10 +75,20 @@ class ResourcesSpec(Section):
     """CPU request and limit, e.g. "8" or "500m"."""
     memory: str | None = Field(default=None, max_length=32, pattern=r"^[0-9]+(\.[0-9]+)?([EPTGMK]i?)?$")
     """Memory request and limit, e.g. "64Gi"."""
+    gpu_memory: str | None = Field(default=None, max_length=32, pattern=r"^[0-9]+(\.[0-9]+)?([EPTGMK]i?)?$")
+    """Memory of one GPU, e.g. "80Gi". When set, the operator estimates the run's peak GPU memory
+    before creating the Job and fails the job (reason WontFit) if it cannot fit; see docs/operations.md."""
     shared_memory: str = Field(default="8Gi", max_length=32, pattern=r"^[0-9]+(\.[0-9]+)?([EPTGMK]i?)?$")
     """Size of /dev/shm (a memory-backed emptyDir) for data loader workers."""
     distribution: DistributionSpec = Field(default_factory=DistributionSpec)
     """Multi-node settings."""
+
+    @field_validator("gpu_memory")
+    @classmethod
+    def _positive_gpu_memory(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_quantity(v)
+        return v
 
 
 class SchedulingSpec(Section):

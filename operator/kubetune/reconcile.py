@@ -18,10 +18,11 @@ from typing import Any, NoReturn, Protocol
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from kubetune import metrics, render, status
+from kubetune import metrics, preflight, render, status
 from kubetune.api import FineTuneJobSpec
 from kubetune.kube import Kube, NotOwned, api_message, now
 from kubetune.settings import Settings
+from kubetune_trainer.config import StorageSpec
 
 Json = dict[str, Any]
 log = logging.getLogger("kubetune.reconcile")
@@ -101,6 +102,7 @@ class Reconciler:
         self._guard = threading.Lock()  # guards the two collections below; never held across I/O
         self._running: dict[tuple[str, str], float] = {}  # key → start of the pass (monotonic)
         self._dirty: set[tuple[str, str]] = set()
+        self.fetch_config: Callable[[str, StorageSpec, str | None], Json] = preflight.remote_config
 
     def __call__(self, namespace: str, name: str) -> None:
         key = (namespace, name)
@@ -214,6 +216,8 @@ class Reconciler:
                 self._write(ftj, status.waiting_status("MissingDependency", message, previous=previous,
                                                        generation=generation, now=now()))
                 raise Retry(message, delay=5)
+            if self._wont_fit(ftj, spec, previous, generation):
+                return
             try:
                 if self.settings.report_url:
                     token = render.report_token(self.settings.report_key, uid)
@@ -242,6 +246,20 @@ class Reconciler:
         observed = status.observe(job, pods, suspend=spec.suspend, queued=bool(spec.scheduling.queue_name))
         self._write(ftj, status.build_status(observed, previous=previous, generation=applied_generation(ftj, job),
                                              job_name=job_name, now=now()))
+
+    def _wont_fit(self, ftj: Json, spec: FineTuneJobSpec, previous: Json, generation: int) -> bool:
+        """The GPU memory check before the Job is created (kubetune.preflight): a run whose estimate
+        exceeds the GPU's memory fails with WontFit and holds no GPU. Returns True when it did."""
+        verdict = preflight.check_job(spec, render.effective_storage(spec, self.settings), fetch=self.fetch_config)
+        if verdict is None:
+            return False
+        if verdict.outcome == "wontfit":
+            self._write(ftj, status.refused_status("WontFit", verdict.message, previous=previous,
+                                                   generation=generation, now=now()))
+            return True
+        reason = "Estimated" if verdict.outcome == "fits" else "EstimateSkipped"
+        self.kube.event(ftj, "Normal", reason, verdict.message)
+        return False
 
     def _mark_cleaned(self, ftj: Json) -> None:
         """status.cleanupTime: the children are gone; the resync timer stops for this job."""

@@ -149,7 +149,6 @@ def run_name(owner: Json) -> str:
 
 def trainer_config(owner: Json, spec: api.FineTuneJobSpec, settings: Settings) -> TrainerConfig:
     """The trainer's config for this job: the spec's sections, storage defaults, the run name."""
-    storage = spec.storage
     return TrainerConfig(
         run_name=run_name(owner),
         model=spec.model,
@@ -158,11 +157,17 @@ def trainer_config(owner: Json, spec: api.FineTuneJobSpec, settings: Settings) -
         lora=spec.lora,
         quantization=spec.quantization,
         output=spec.output,
-        storage=StorageSpec(
-            endpoint=storage.endpoint or settings.s3_endpoint,
-            region=storage.region or settings.s3_region,
-            insecure=storage.insecure or (storage.endpoint is None and settings.s3_insecure),
-        ),
+        storage=effective_storage(spec, settings),
+    )
+
+
+def effective_storage(spec: api.FineTuneJobSpec, settings: Settings) -> StorageSpec:
+    """The job's storage section with the operator's defaults filled in (no credentials)."""
+    storage = spec.storage
+    return StorageSpec(
+        endpoint=storage.endpoint or settings.s3_endpoint,
+        region=storage.region or settings.s3_region,
+        insecure=storage.insecure or (storage.endpoint is None and settings.s3_insecure),
     )
 
 

@@ -267,13 +267,17 @@ def build_status(observed: Observed, *, previous: Json, generation: int, job_nam
 
 def invalid_spec_status(message: str, *, previous: Json, generation: int, now: str) -> Json:
     """Status of a FineTuneJob whose spec the operator rejects (no Job is created)."""
+    return refused_status("InvalidSpec", message, previous=previous, generation=generation, now=now)
+
+
+def refused_status(reason: str, message: str, *, previous: Json, generation: int, now: str) -> Json:
+    """Failed before any Job exists: InvalidSpec, or WontFit (the estimate exceeds the GPU memory)."""
     return {
         "phase": "Failed",
-        "reason": "InvalidSpec",
+        "reason": reason,
         "message": message,
         "observedGeneration": generation,
-        "conditions": conditions("Failed", "InvalidSpec", message, generation,
-                                 previous.get("conditions") or [], now),
+        "conditions": conditions("Failed", reason, message, generation, previous.get("conditions") or [], now),
     }
 
 

@@ -165,6 +165,10 @@ class TrainingSpec(Section):
     """Compute precision: auto is bf16 where the device supports it, else fp32."""
     gradient_checkpointing: bool = True
     """Recompute activations in the backward pass: less memory, about 20-30% slower."""
+    auto_fit: bool = False
+    """Fit the micro-batch to the GPU, keeping the global batch (batchSize x gradientAccumulation):
+    at start, halve batchSize until the memory estimate fills at most 85% of the free GPU memory; on
+    an out-of-memory in a step (one process), halve it again, raise the accumulation, repeat the step."""
     packing: bool = False
     """Concatenate samples into full maxLength blocks (faster; prompts stay masked)."""
     eval_every_steps: int = Field(default=100, ge=1)

@@ -29,7 +29,8 @@ from safetensors.torch import load_file, save_file
 from . import artifacts, data, distributed, events, sources
 from . import model as model_lib
 from .config import TrainerConfig
-from .errors import InvalidInput, OutOfMemory, Terminated
+from .errors import InvalidInput, OutOfMemory, Terminated, TrainerError
+from .estimate import Estimate
 from .report import Reporter
 
 log = logging.getLogger(__name__)
@@ -43,8 +44,9 @@ CHECKPOINT_FILES = (
 )
 """Every file of a checkpoint, sorted; the marker lists exactly these with their sizes and sha256."""
 CONFIG_HASH_SECTIONS = ("model", "dataset", "training", "lora", "quantization")
-CADENCE_FIELDS = ("evalEverySteps", "checkpointEverySteps", "logEverySteps")
-"""training fields that do not change what is trained: left out of the config hash."""
+CADENCE_FIELDS = ("evalEverySteps", "checkpointEverySteps", "logEverySteps", "autoFit")
+"""training fields that do not change what is trained (auto-fit keeps each step's samples and loss
+weighting): left out of the config hash."""
 PREDICTION_SAMPLES = 4
 OUT_OF_MEMORY_ERRORS: tuple[type[BaseException], ...] = (
     torch.cuda.OutOfMemoryError, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
@@ -97,6 +99,45 @@ def peak_memory_bytes(dev: torch.device) -> int:
     if dev.type == "cuda":
         return int(torch.cuda.max_memory_allocated(dev))
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def check_device_memory(config: TrainerConfig, world: distributed.World,
+                        dev: torch.device) -> tuple[Estimate | None, int]:
+    """Estimate the run's peak GPU memory from the backbone's config.json (read before the weights)
+    and compare it with the device's free memory: raise :class:`OutOfMemory` when it cannot fit.
+
+    Returns the estimate (the out-of-memory message quotes it; None on the CPU or when config.json
+    cannot be read here, and loading the model then says why) and the micro-batch to start with:
+    training.batchSize, or with training.autoFit the largest that fills at most 85% of the free memory."""
+    batch = config.training.batch_size
+    if dev.type != "cuda":
+        return None, batch
+    from .estimate import ModelConfigError, ModelShape, RunSettings, device_verdict, estimate, fit_micro_batch
+
+    source = config.model.source.rstrip("/") + "/config.json"
+    try:
+        path = sources.resolve(source, config.storage, config.model.revision)
+        shape = ModelShape.from_config(json.loads(Path(path).read_text()))
+    except (TrainerError, OSError, ValueError, ModelConfigError) as err:
+        log.warning("GPU memory not estimated: %s", err)
+        return None, batch
+    settings = RunSettings.from_run(config, world_size=world.world_size)
+    free, total = torch.cuda.mem_get_info(dev)
+    if config.training.auto_fit:
+        batch = fit_micro_batch(shape, settings, free)
+        settings = RunSettings.from_run(config, world_size=world.world_size, micro_batch=batch)
+    got = estimate(shape, settings)
+    outcome, message = device_verdict(got, free, total)
+    if outcome == "wontfit":
+        raise OutOfMemory(f"the run cannot fit this GPU: {message}")
+    (log.warning if outcome == "tight" else log.info)("GPU memory (micro-batch %d): %s", batch, message)
+    return got, batch
+
+
+def halve_micro_batch(batch_size: int, accumulation: int) -> tuple[int, int]:
+    """Half the micro-batch, and enough more forward passes to keep ``batch_size * accumulation``."""
+    smaller = max(1, batch_size // 2)
+    return smaller, math.ceil(batch_size * accumulation / smaller)
 
 
 def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> Any:
@@ -181,7 +222,7 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 
 def config_hash(config: TrainerConfig) -> str:
     """sha256 of what decides the trained weights: the model, dataset, training, lora and quantization
-    sections (camelCase JSON, sorted keys), without the evaluation/checkpoint/log cadence."""
+    sections (camelCase JSON, sorted keys), without the evaluation/checkpoint/log cadence and autoFit."""
     sections = config.model_dump(by_alias=True, mode="json", include=set(CONFIG_HASH_SECTIONS))
     for name in CADENCE_FIELDS:
         sections["training"].pop(name, None)
@@ -307,6 +348,9 @@ class Trainer:
         self.store: artifacts.Store | None = None
         self.in_loop = False
         self.stop_requested = False
+        self.memory_estimate: Estimate | None = None
+        self.micro_batch_size = config.training.batch_size
+        """The micro-batch in use: training.batchSize, or less after auto-fit halved it."""
         self.rejected: set[int] = set()
         """Steps of checkpoints in the store that resume() refused; pruned once a new one is written."""
 
@@ -344,12 +388,18 @@ class Trainer:
             *([f"quantization int4 (now {cfg.quantization})"] if cfg.quantization != "int4" and cfg.lora.enabled
               else []),
             f"a smaller dataset.maxLength (now {cfg.dataset.max_length})",
-            f"a smaller training.batchSize (now {tc.batch_size}; raise training.gradientAccumulation to keep "
-            "the effective batch)",
+            *([f"a smaller training.batchSize (now {self.micro_batch_size}; raise training.gradientAccumulation "
+               "to keep the effective batch)"] if self.micro_batch_size > 1 else []),
+            *(["training.autoFit: true"] if not tc.auto_fit and self.micro_batch_size > 1 else []),
             *(["training.gradientCheckpointing: true"] if not tc.gradient_checkpointing else []),
             "or more GPUs",
         ]
-        return f"out of accelerator memory {where}: {detail}. To fit, try " + ", ".join(hints)
+        estimate = ""
+        if self.memory_estimate is not None:
+            got = self.memory_estimate
+            estimate = (f" (estimated peak {got.peak / 2**30:.1f} GiB per GPU: weights {got.weights / 2**30:.1f}, "
+                        f"activations {got.activations / 2**30:.1f}, logits {got.logits / 2**30:.1f} GiB)")
+        return f"out of accelerator memory {where}: {detail}{estimate}. To fit, try " + ", ".join(hints)
 
     def _on_sigterm(self, signum: int, frame: object) -> None:
         if self.in_loop:
@@ -368,6 +418,7 @@ class Trainer:
         if world.local_rank != 0:
             world.barrier()
         datasets = load_datasets(cfg)
+        self.memory_estimate, self.micro_batch_size = check_device_memory(cfg, world, world.device())
         model_path = sources.resolve(cfg.model.source, cfg.storage, cfg.model.revision, directory=True)
         tokenizer_path = (
             sources.resolve(cfg.model.tokenizer, cfg.storage, cfg.model.revision, directory=True)
@@ -407,6 +458,10 @@ class Trainer:
         cfg, tc, world = self.config, self.config.training, self.world
         batch_size, accum = tc.batch_size, tc.gradient_accumulation
         order = DataOrder(len(train_samples), batch_size, accum, world.world_size, tc.seed)
+        if self.micro_batch_size < batch_size:
+            # training.autoFit chose a smaller micro-batch at start; the global batch stays.
+            batch_size, accum = self.micro_batch_size, math.ceil(batch_size * accum / self.micro_batch_size)
+            order.batch_size = batch_size
         steps = total_steps(cfg, len(train_samples), world.world_size)
         self.progress.total_steps = steps
         params = [p for p in model.parameters() if p.requires_grad]
@@ -452,33 +507,42 @@ class Trainer:
             step_targets = sum(targets[i] for i in step_samples)
             # DDP averages gradients over the ranks; scale so that their mean is the sum over ranks.
             scale = world.world_size / max(step_targets, 1)
+            while True:
+                # Dropout masks depend on the step and the rank only: a resumed run, and every rank,
+                # draws the masks the uninterrupted run would.
+                torch.manual_seed(step_seed(tc.seed, step, world.rank))
+                try:
+                    step_loss = torch.zeros((), dtype=torch.float32, device=dev)
+                    for k in range(accum):
+                        chosen = order.micro_batch(step_samples, k, world.rank)
+                        weight = 1.0
+                        if not chosen:
+                            if not world.distributed:
+                                continue
+                            # This rank has no samples left in the epoch's last step: it still takes
+                            # part in DDP's gradient all-reduce, with a sample that contributes nothing.
+                            chosen, weight = step_samples[:1], 0.0
+                        step_loss += self.micro_step(engine, train_samples, chosen, pad_id, dev, precision, scaler,
+                                                     scale, weight, no_sync=world.distributed and k != accum - 1)
+                    break
+                except OUT_OF_MEMORY_ERRORS as err:
+                    if not tc.auto_fit or world.distributed or batch_size == 1:
+                        raise
+                    detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+                # Out of the except block, so that its traceback no longer holds the step's tensors.
+                optimizer.zero_grad(set_to_none=True)
+                step_loss = torch.zeros((), dtype=torch.float32, device=dev)
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+                batch_size, accum = halve_micro_batch(batch_size, accum)
+                order.batch_size = batch_size
+                self.micro_batch_size = batch_size
+                log.warning("out of memory in step %d (%s): micro-batch %d, gradient accumulation %d from now "
+                            "on (the global batch stays %d); repeating the step", step, detail, batch_size, accum,
+                            order.global_batch)
+            window_loss += step_loss
             window_targets += step_targets
             window_tokens += sum(len(train_samples[i].input_ids) for i in step_samples)
-            # Dropout masks depend on the step and the rank only: a resumed run, and every rank, draws
-            # the masks the uninterrupted run would.
-            torch.manual_seed(step_seed(tc.seed, step, world.rank))
-            for k in range(accum):
-                chosen = order.micro_batch(step_samples, k, world.rank)
-                weight = 1.0
-                if not chosen:
-                    if not world.distributed:
-                        continue
-                    # This rank has no samples left in the epoch's last step: it still takes part in
-                    # DDP's gradient all-reduce, with a sample that contributes nothing.
-                    chosen, weight = step_samples[:1], 0.0
-                batch = data.collate([train_samples[i] for i in chosen], pad_id)
-                sync = k == accum - 1
-                with contextlib.ExitStack() as stack:
-                    if world.distributed and not sync:
-                        stack.enter_context(engine.no_sync())
-                    with torch.autocast(dev.type, dtype=precision.dtype, enabled=precision.autocast):
-                        logits = engine(
-                            input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
-                            **({"position_ids": batch["position_ids"].to(dev)} if "position_ids" in batch else {}),
-                        ).logits
-                    loss_sum = token_loss_sum(logits, batch["labels"].to(dev)) * weight
-                    scaler.scale(loss_sum * scale).backward()  # type: ignore[no-untyped-call]
-                window_loss += loss_sum.detach()
             if tc.max_grad_norm > 0:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
@@ -524,6 +588,24 @@ class Trainer:
             log.info("trained %d steps in %.1fs (%.1fs of compute): %.0f tokens/s", steps - start,
                      time.perf_counter() - loop_start, total_time, self.progress.tokens_per_second)
 
+    def micro_step(self, engine: Any, samples: list[data.Sample], chosen: list[int], pad_id: int,
+                   dev: torch.device, precision: model_lib.Precision, scaler: Any, scale: float, weight: float,
+                   no_sync: bool) -> torch.Tensor:
+        """Forward and backward of one micro-batch (``chosen`` indices of ``samples``); its detached
+        loss sum times ``weight``. ``scale`` weighs its tokens' losses in the step's gradient."""
+        batch = data.collate([samples[i] for i in chosen], pad_id)
+        with contextlib.ExitStack() as stack:
+            if no_sync:
+                stack.enter_context(engine.no_sync())
+            with torch.autocast(dev.type, dtype=precision.dtype, enabled=precision.autocast):
+                logits = engine(
+                    input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
+                    **({"position_ids": batch["position_ids"].to(dev)} if "position_ids" in batch else {}),
+                ).logits
+            loss_sum = token_loss_sum(logits, batch["labels"].to(dev)) * weight
+            scaler.scale(loss_sum * scale).backward()
+        return loss_sum.detach()
+
     def evaluate(
         self, model: Any, samples: list[data.Sample], pad_id: int, dev: torch.device, precision: model_lib.Precision
     ) -> float:
@@ -533,7 +615,7 @@ class Trainer:
         world = self.world
         total = torch.zeros((), dtype=torch.float64, device=dev)
         count = 0
-        batch_size = self.config.training.batch_size
+        batch_size = self.micro_batch_size
         starts = range(0, len(samples), batch_size)
         with torch.no_grad():
             for i in starts[world.rank :: world.world_size]:

@@ -1,0 +1,91 @@
+"""Auto-fit on the CPU: an out-of-memory halves the micro-batch, keeps the global batch, loses no data."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from trainer_helpers import make_config
+
+from kubetune_trainer.errors import OutOfMemory
+from kubetune_trainer.report import Reporter
+from kubetune_trainer.train import Trainer, halve_micro_batch
+
+pytestmark = pytest.mark.trainer
+
+
+class CudaOutOfMemoryTestDouble(torch.cuda.OutOfMemoryError):
+    """TEST DOUBLE for the CUDA allocator's out-of-memory error: these tests run on the CPU, where no
+    real CUDA out-of-memory can happen."""
+
+
+class RecordingTrainer(Trainer):
+    """The real trainer; its micro-steps record which samples each optimizer step trained on, and
+    fail like a CUDA allocation when a micro-batch holds more than ``fits`` samples."""
+
+    def __init__(self, *args: Any, fits: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fits = fits
+        self.seen: dict[int, Counter[int]] = {}
+        self.failures: list[int] = []
+
+    def micro_step(self, engine: Any, samples: Any, chosen: list[int], *args: Any, **kwargs: Any) -> torch.Tensor:
+        step = self.progress.step + 1
+        if self.fits is not None and len(chosen) > self.fits:
+            self.failures.append(len(chosen))
+            # A partial step's samples do not count: the step is repeated from its start.
+            self.seen.pop(step, None)
+            raise CudaOutOfMemoryTestDouble(f"CUDA out of memory (test double): micro-batch of {len(chosen)}")
+        loss = super().micro_step(engine, samples, chosen, *args, **kwargs)
+        self.seen.setdefault(step, Counter()).update(chosen)
+        return loss
+
+
+def run(assets: Path, out: Path, fits: int | None, auto_fit: bool = True) -> RecordingTrainer:
+    config = make_config(assets, out, training={"maxSteps": 12, "batchSize": 8, "gradientAccumulation": 2,
+                                                "autoFit": auto_fit, "evalEverySteps": 6,
+                                                "checkpointEverySteps": 6})
+    trainer = RecordingTrainer(config, Reporter(out / "metrics.jsonl"), fits=fits)
+    trainer.run()
+    return trainer
+
+
+def test_out_of_memory_halves_the_micro_batch_and_trains_on_the_same_samples(
+        assets: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    plain = run(assets, tmp_path / "plain", fits=None)
+    with caplog.at_level(logging.WARNING, logger="kubetune_trainer.train"):
+        fitted = run(assets, tmp_path / "fitted", fits=3)
+
+    assert fitted.failures == [8, 4], "8 and 4 do not fit; 2 does"
+    assert fitted.micro_batch_size == 2
+    assert fitted.progress.step == plain.progress.step == 12
+    # Every step trained on exactly the samples of the uninterrupted run, each once.
+    assert fitted.seen == plain.seen
+    assert all(sum(c.values()) == 16 and max(c.values()) == 1 for c in fitted.seen.values())
+    # The same global batch and loss weighting: the same adapter, up to the order of float sums.
+    assert fitted.progress.train_loss == pytest.approx(plain.progress.train_loss, rel=1e-4)
+    warnings = [r.getMessage() for r in caplog.records if "out of memory in step 1" in r.getMessage()]
+    assert len(warnings) == 2
+    assert "micro-batch 2, gradient accumulation 8" in warnings[1] and "global batch stays 16" in warnings[1]
+
+
+def test_without_auto_fit_an_out_of_memory_ends_the_run(assets: Path, tmp_path: Path) -> None:
+    with pytest.raises(OutOfMemory, match=r"training\.autoFit: true"):
+        run(assets, tmp_path / "out", fits=3, auto_fit=False)
+
+
+def test_an_out_of_memory_at_micro_batch_one_ends_the_run(assets: Path, tmp_path: Path) -> None:
+    with pytest.raises(OutOfMemory, match="out of accelerator memory during step 1"):
+        run(assets, tmp_path / "out", fits=0)
+
+
+@pytest.mark.parametrize(("batch", "accumulation", "expected"), [(8, 2, (4, 4)), (3, 1, (1, 3)), (5, 2, (2, 5)),
+                                                                 (1, 4, (1, 4))])
+def test_halving_keeps_the_global_batch(batch: int, accumulation: int, expected: tuple[int, int]) -> None:
+    smaller, more = halve_micro_batch(batch, accumulation)
+    assert (smaller, more) == expected
+    assert smaller * more >= batch * accumulation

@@ -1,0 +1,196 @@
+"""`kubetune estimate` and the operator's GPU memory check before a Job is created."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from kubetune import api, preflight
+from kubetune.__main__ import main
+from kubetune_trainer.config import StorageSpec
+
+MODELS = Path(__file__).resolve().parent / "models"
+
+
+def manifest(tmp_path: Path, quantization: str, model: str = "llama-70b", **resources: Any) -> Path:
+    job = {
+        "apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "big"},
+        "spec": {
+            "model": {"source": str(MODELS / model)},
+            "dataset": {"train": "s3://data/train.jsonl", "maxLength": 2048},
+            "training": {"batchSize": 1, "gradientAccumulation": 16, "optimizer": "paged_adamw_8bit"},
+            "lora": {"r": 16, "targetModules": ["all-linear"]},
+            "quantization": quantization,
+            "output": {"location": "s3://runs/"},
+            "resources": {"gpus": 1, **resources},
+        },
+    }
+    path = tmp_path / "job.yaml"
+    # A manifest file may hold other objects too (a PVC first, as in examples/).
+    path.write_text(yaml.safe_dump_all([{"apiVersion": "v1", "kind": "PersistentVolumeClaim"}, job]))
+    return path
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    code = main(["estimate", *args])
+    return code, capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("quantization", "memory", "fits"), [("int4", "24Gi", False), ("int4", "80Gi", True),
+                                                               ("none", "80Gi", False)])
+def test_70b_jobs(tmp_path: Path, capsys: pytest.CaptureFixture[str], quantization: str, memory: str,
+                  fits: bool) -> None:
+    code, out = run_cli(capsys, "-f", str(manifest(tmp_path, quantization)), "--gpu-memory", memory)
+    assert code == (0 if fits else 1), out
+    for line in ("weights", "trained parameters + gradients + optimizer", "activations", "logits and loss",
+                 "allocator overhead", "required per GPU"):
+        assert line in out
+    assert ("fits" if fits else "does NOT fit") in out
+    assert "70.55B parameters" in out
+    if not fits:
+        assert "to fit, try" in out
+
+
+def test_json_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = run_cli(capsys, "-f", str(manifest(tmp_path, "int4")), "--gpu-memory", "80Gi", "--json")
+    assert code == 0
+    got = json.loads(out)
+    assert got["fits"] is True and got["gpuMemoryBytes"] == 80 * 1024**3
+    assert 40 * 1024**3 < got["peakBytes"] < got["requiredBytes"] < 80 * 1024**3
+    assert got["peakBytes"] == pytest.approx(sum(got["breakdown"].values()), abs=8)
+    assert got["settings"]["quantization"] == "int4" and got["settings"]["maxLength"] == 2048
+
+
+def test_gpu_memory_from_the_manifest_and_no_verdict_without_one(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = run_cli(capsys, "-f", str(manifest(tmp_path, "int4", gpuMemory="24Gi")))
+    assert code == 1 and "24.00 GiB: does NOT fit" in out
+    code, out = run_cli(capsys, "-f", str(manifest(tmp_path, "int4")))
+    assert code == 0 and "fit" not in out.split("required per GPU")[1]
+
+
+def test_trainer_config_and_model_config_override(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"source": "hf://meta-llama/Llama-3.1-8B"},  # not read: --model-config wins
+        "dataset": {"train": "data.jsonl", "maxLength": 1024},
+        "training": {"batchSize": 2},
+        "quantization": "int4",
+        "output": {"location": str(tmp_path / "out")},
+    }))
+    code, out = run_cli(capsys, "-f", str(config), "--model-config", str(MODELS / "llama-8b" / "config.json"),
+                        "--gpu-memory", "24Gi", "--json")
+    assert code == 0
+    assert json.loads(out)["settings"]["microBatch"] == 2
+
+
+def test_world_size_and_fsdp(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = str(manifest(tmp_path, "none"))
+    code, _ = run_cli(capsys, "-f", path, "--gpu-memory", "80Gi", "--world-size", "8", "--strategy", "ddp")
+    assert code == 1  # DDP replicates 131 GiB of bf16 weights on every GPU
+    code, out = run_cli(capsys, "-f", path, "--gpu-memory", "80Gi", "--world-size", "8", "--strategy", "fsdp")
+    assert code == 0, out
+
+
+@pytest.mark.parametrize(("change", "error"), [
+    ({"model": {"source": "/nonexistent/model"}}, "no such file"),
+    ({"quantization": "int3"}, "invalid"),
+])
+def test_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str], change: dict[str, Any],
+                           error: str) -> None:
+    path = manifest(tmp_path, "int4")
+    docs = list(yaml.safe_load_all(path.read_text()))
+    docs[1]["spec"].update(change)
+    path.write_text(yaml.safe_dump_all(docs))
+    assert main(["estimate", "-f", str(path), "--gpu-memory", "80Gi"]) == 2
+    assert error in capsys.readouterr().err
+
+
+def test_bad_gpu_memory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["estimate", "-f", str(manifest(tmp_path, "int4")), "--gpu-memory", "lots"]) == 2
+    assert "lots" in capsys.readouterr().err
+
+
+def spec(tmp_path: Path, quantization: str, **resources: Any) -> api.FineTuneJobSpec:
+    docs = list(yaml.safe_load_all(manifest(tmp_path, quantization, **resources).read_text()))
+    return api.FineTuneJobSpec.model_validate(docs[1]["spec"])
+
+
+def test_gpu_memory_field_and_node_label(tmp_path: Path) -> None:
+    assert preflight.gpu_memory(spec(tmp_path, "int4", gpuMemory="80Gi")) == (80 * 1024**3, "resources.gpuMemory")
+    labelled = spec(tmp_path, "int4").model_copy(update={"scheduling": api.SchedulingSpec(
+        node_selector={"nvidia.com/gpu.memory": "81559"})})
+    assert preflight.gpu_memory(labelled) == (81559 * 1024**2, "node label nvidia.com/gpu.memory=81559 (MiB)")
+    assert preflight.gpu_memory(spec(tmp_path, "int4")) is None
+    with pytest.raises(ValueError, match="gpuMemory"):
+        spec(tmp_path, "int4", gpuMemory="0Gi")
+
+
+def read_fixture(source: str, storage: StorageSpec, revision: str | None) -> dict[str, Any]:
+    return json.loads((Path(source) / "config.json").read_text())
+
+
+def test_check_job(tmp_path: Path) -> None:
+    wont = preflight.check_job(spec(tmp_path, "none", gpuMemory="80Gi"), StorageSpec(), fetch=read_fixture)
+    assert wont is not None and wont.outcome == "wontfit"
+    assert "does not fit in 80.0 GiB (resources.gpuMemory)" in wont.message
+    assert "quantization int4 (now none)" in wont.message
+    fits = preflight.check_job(spec(tmp_path, "int4", gpuMemory="80Gi"), StorageSpec(), fetch=read_fixture)
+    assert fits is not None and fits.outcome == "fits"
+    # Nothing to check: GPU memory unknown, or a CPU job.
+    assert preflight.check_job(spec(tmp_path, "none"), StorageSpec(), fetch=read_fixture) is None
+    cpu = spec(tmp_path, "none", gpuMemory="80Gi")
+    cpu.resources.gpus = 0
+    assert preflight.check_job(cpu, StorageSpec(), fetch=read_fixture) is None
+
+
+def test_check_job_skips_a_config_it_cannot_read(tmp_path: Path) -> None:
+    skipped = preflight.check_job(spec(tmp_path, "none", gpuMemory="80Gi"), StorageSpec())
+    assert skipped is not None and skipped.outcome == "skipped"
+    assert "cannot read a local source" in skipped.message
+
+
+def test_anonymous_urls() -> None:
+    storage = StorageSpec(endpoint="minio.local:9000", insecure=True)
+    assert preflight.anonymous_url("s3://models/tiny/", storage, None) == "http://minio.local:9000/models/tiny/config.json"
+    assert preflight.anonymous_url("s3://models", StorageSpec(), None) == "https://s3.amazonaws.com/models/config.json"
+    assert preflight.anonymous_url("hf://Qwen/Qwen2.5-0.5B", storage, "v1.0") == \
+        "https://huggingface.co/Qwen/Qwen2.5-0.5B/resolve/v1.0/config.json"
+
+
+@pytest.fixture
+def http_root(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A real HTTP server serving tmp_path (stands in for a public bucket)."""
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, directory=str(tmp_path), **kwargs)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}", tmp_path
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_remote_config_over_http(http_root: tuple[str, Path]) -> None:
+    endpoint, root = http_root
+    (root / "models" / "big").mkdir(parents=True)
+    (root / "models" / "big" / "config.json").write_text((MODELS / "llama-70b" / "config.json").read_text())
+    storage = StorageSpec(endpoint=endpoint, insecure=True)
+    assert preflight.remote_config("s3://models/big", storage, None)["hidden_size"] == 8192
+    with pytest.raises(preflight.ConfigUnavailable, match="HTTP 404"):
+        preflight.remote_config("s3://models/missing", storage, None)
