@@ -265,14 +265,16 @@ def build_status(observed: Observed, *, previous: Json, generation: int, job_nam
     return status
 
 
-def invalid_spec_status(message: str, *, previous: Json, generation: int, now: str) -> Json:
-    """Status of a FineTuneJob whose spec the operator rejects (no Job is created)."""
+def invalid_spec_status(message: str, *, previous: Json, generation: int, now: str,
+                        reason: str = "InvalidSpec") -> Json:
+    """Status of a FineTuneJob whose spec the operator rejects (no Job is created): InvalidSpec, or
+    PolicyViolation when it breaks its preset's limits."""
     return {
         "phase": "Failed",
-        "reason": "InvalidSpec",
+        "reason": reason,
         "message": message,
         "observedGeneration": generation,
-        "conditions": conditions("Failed", "InvalidSpec", message, generation,
+        "conditions": conditions("Failed", reason, message, generation,
                                  previous.get("conditions") or [], now),
     }
 
