@@ -65,8 +65,9 @@ def admission_policy(cluster: Any, crd: None, tmp_path_factory: pytest.TempPathF
     tests share the cluster). Yields the token."""
     token = secrets.token_hex(4)
     values = tmp_path_factory.mktemp("policy") / "values.yaml"
+    selector = {"matchLabels": {POLICY_LABEL: token}}
     values.write_text(yaml.safe_dump({"fullnameOverride": f"e2e-{token}",
-                                      "admissionPolicy": {"namespaceSelector": {"matchLabels": {POLICY_LABEL: token}}}}))
+                                      "admissionPolicy": {"namespaceSelector": selector}}))
     rendered = cluster.helm("template", "e2e", str(REPO / "helm" / "kubetune"), "-f", str(values),
                             "--show-only", "templates/admission-policy.yaml").stdout
     cluster.kubectl("apply", "-f", "-", input=rendered)
