@@ -195,12 +195,13 @@ def violations(spec: FineTuneJobSpec, job: Json, limits: PresetLimits | None, *,
     """
     found: list[str] = []
     where = preset or "no preset"
-    if restrict_images_and_accounts and job.get("image") and not (limits and limits.allowed_images):
-        found.append(f"spec.image: {where} allows no user-chosen image (limits.allowedImages is empty)")
-    if restrict_images_and_accounts and job.get("serviceAccountName") and not (
-            limits and limits.allowed_service_accounts):
-        found.append(f"spec.serviceAccountName: {where} allows no user-chosen service account "
-                     "(limits.allowedServiceAccounts is empty)")
+    for field, allowed, what, limit in (
+            ("image", limits and limits.allowed_images, "image", "allowedImages"),
+            ("serviceAccountName", limits and limits.allowed_service_accounts, "service account",
+             "allowedServiceAccounts")):
+        if restrict_images_and_accounts and job.get(field) and not allowed:
+            found.append(f"spec.{field}: a FineTuneJob without a preset cannot choose its {what}" if preset is None
+                         else f"spec.{field}: {preset} allows no user-chosen {what} (limits.{limit} is empty)")
     if limits is None:
         return found
     if limits.allowed_model_prefixes is not None:

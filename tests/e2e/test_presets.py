@@ -7,6 +7,7 @@ of its config as the final step, so the effective spec shows in status.progress.
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
@@ -221,3 +222,17 @@ def test_the_operator_fails_a_job_that_got_past_admission(cluster: Any, namespac
     assert "FineTunePreset/team" in status["message"]
     assert status["preset"]["name"] == "team"
     assert cluster.kubectl("get", "job", "bypass-trainer", "-n", namespace, check=False).returncode != 0
+
+
+RESTRICTED = {"KUBETUNE_TRAINER_COMMAND": json.dumps(["python", str(Path(__file__).parent / "fake_trainer.py")]),
+              "KUBETUNE_RESTRICT_IMAGES_AND_SERVICE_ACCOUNTS": "true"}
+
+
+@pytest.mark.parametrize("operator_env", [RESTRICTED], ids=["restricted"])
+def test_the_operator_refuses_a_chosen_image_no_preset_allows(cluster: Any, namespace: str, operator: Any) -> None:
+    cluster.apply(finetunejob("own-image", image="example.com/trainer:1"), namespace)
+    status = wait_phase(cluster, namespace, "own-image", "Failed", reason="PolicyViolation")
+    assert status["message"] == "spec.image: a FineTuneJob without a preset cannot choose its image"
+    cluster.apply(preset("team", namespace, limits={"allowedImages": ["example.com/trainer:"]}), namespace)
+    cluster.apply(job("allowed", image="example.com/trainer:1"), namespace)
+    wait_phase(cluster, namespace, "allowed", "Succeeded")
