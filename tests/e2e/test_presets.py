@@ -134,6 +134,25 @@ def test_a_job_within_its_presets_limits_is_accepted(cluster: Any, policed: str)
     assert result.returncode == 0, result.stderr
 
 
+def test_edits_are_checked_but_a_tightened_preset_does_not_block_suspend(cluster: Any, policed: str) -> None:
+    assert apply(cluster, policed, job("edited", resources={"gpus": 1})).returncode == 0
+    result = cluster.kubectl("patch", "ftj", "edited", "-n", policed, "--type=merge",
+                             "-p", '{"spec":{"resources":{"gpus":2}}}', check=False)
+    assert result.returncode != 0 and "spec.resources.gpus: 2 is more than limits.maxGpusPerNode 1" in result.stderr
+    cluster.kubectl("patch", "finetunepreset", "team", "-n", policed, "--type=merge",
+                    "-p", '{"spec":{"limits":{"maxGpusPerNode":0}}}')
+
+    def tightened() -> bool:  # the job as it stands would now be refused
+        again = cluster.kubectl("apply", "--dry-run=server", "-n", policed, "-f", "-", check=False,
+                                input=yaml.safe_dump(job("edited-2", resources={"gpus": 1})))
+        return again.returncode != 0 and "limits.maxGpusPerNode 0" in again.stderr
+
+    wait_for(tightened, timeout=60, message="the tightened preset in force")
+    suspend = cluster.kubectl("patch", "ftj", "edited", "-n", policed, "--type=merge",
+                              "-p", '{"spec":{"suspend":true}}', check=False)
+    assert suspend.returncode == 0, suspend.stderr
+
+
 def test_without_a_preset_a_job_cannot_choose_its_image_or_service_account(cluster: Any, policed: str) -> None:
     for field, value in (("image", "registry.example/trainer:1.2"), ("serviceAccountName", "trainer")):
         result = apply(cluster, policed, finetunejob("mine", **{field: value}))
