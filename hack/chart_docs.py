@@ -22,7 +22,7 @@ import yaml
 CHART = Path(__file__).resolve().parents[1] / "helm" / "kubetune"
 
 # Kubernetes objects passed through as they are.
-FREE_FORM = {"resources", "podSecurityContext", "securityContext", "affinity"}
+FREE_FORM = {"resources", "podSecurityContext", "securityContext", "affinity", "admissionPolicy.namespaceSelector"}
 STRING_MAPS = {"nodeSelector", "podLabels", "podAnnotations", "trainer.nodeSelector",
                "serviceAccount.annotations", "serviceMonitor.labels"}
 PORT = {"type": "integer", "minimum": 1, "maximum": 65535}

@@ -127,6 +127,7 @@ def namespace(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[str]
 
 @pytest.fixture(scope="session")
 def crd(cluster: Cluster) -> None:
-    """The FineTuneJob CRD (crds/), applied once per session and Established."""
+    """The FineTuneJob and preset CRDs (crds/), applied once per session and Established."""
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
-    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/finetunejobs.kubetune.io")
+    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/finetunejobs.kubetune.io",
+                    "crd/finetunepresets.kubetune.io", "crd/clusterfinetunepresets.kubetune.io")

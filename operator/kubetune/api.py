@@ -30,7 +30,7 @@ PHASES: tuple[str, ...] = ("Pending", "Queued", "Running", "Succeeded", "Failed"
 
 # Spec fields that define the training run. They cannot change after creation (CEL
 # `self == oldSelf`): a running job would otherwise no longer match its spec.
-IMMUTABLE_FIELDS = ("model", "dataset", "training", "lora", "quantization", "output", "storage")
+IMMUTABLE_FIELDS = ("model", "dataset", "training", "lora", "quantization", "output", "storage", "preset")
 
 Json = dict[str, Any]
 """A free-form Kubernetes object (kept as-is: x-kubernetes-preserve-unknown-fields)."""
@@ -159,6 +159,18 @@ class CacheVolumeSpec(Section):
     """PVC name in the FineTuneJob's namespace."""
 
 
+PresetKind = Literal["ClusterFineTunePreset", "FineTunePreset"]
+
+
+class PresetRef(Section):
+    """The preset whose defaults and limits apply to a FineTuneJob."""
+
+    kind: PresetKind = "ClusterFineTunePreset"
+    """ClusterFineTunePreset (cluster-wide) or FineTunePreset (in the job's namespace)."""
+    name: str = Field(min_length=1, max_length=NAME_MAX)
+    """Preset name."""
+
+
 class FineTuneJobSpec(RunSections):
     """Desired state of a FineTuneJob: what to train, with what, and where it runs.
 
@@ -190,6 +202,9 @@ class FineTuneJobSpec(RunSections):
     """Time limit of the whole run, in seconds."""
     ttl_seconds_after_finished: int | None = Field(default=None, ge=0)
     """Delete the Job and its pods this long after the end; the FineTuneJob and its status stay."""
+    preset: PresetRef | None = None
+    """Preset whose defaults fill the fields this spec leaves unset and whose limits bound it; the
+    namespace's kubetune.io/default-preset annotation when unset. Fixed at creation."""
 
     @model_validator(mode="after")
     def _processes(self) -> FineTuneJobSpec:
@@ -226,6 +241,18 @@ class Condition(Section):
     """The spec generation the condition was computed for."""
 
 
+class AppliedPreset(Section):
+    """The preset a FineTuneJob's Job was made with."""
+
+    kind: PresetKind
+    """ClusterFineTunePreset or FineTunePreset."""
+    name: str
+    """Preset name."""
+    generation: int
+    """metadata.generation of the preset whose defaults were applied; later edits of the preset do
+    not change the job."""
+
+
 class FineTuneJobStatus(Section):
     """Observed state of a FineTuneJob; written by the operator only."""
 
@@ -255,6 +282,8 @@ class FineTuneJobStatus(Section):
     """Latest metrics."""
     artifacts: Artifacts | None = None
     """Results."""
+    preset: AppliedPreset | None = None
+    """The preset whose defaults were applied."""
 
 
 class FineTuneJob(Section):

@@ -12,7 +12,7 @@ from typing import Any, cast
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from kubetune import api, metrics
+from kubetune import api, metrics, presets
 from kubetune.render import config_map_name, job_name
 
 Json = dict[str, Any]
@@ -113,6 +113,32 @@ class Kube:
         try:
             obj = self.custom.get_namespaced_custom_object(api.GROUP, api.VERSION, namespace, api.PLURAL, name,
                                                            _request_timeout=self.timeout)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return cast(Json, obj)
+
+    # --- presets ------------------------------------------------------------------------------
+
+    def get_namespace(self, name: str) -> Json | None:
+        try:
+            return self._json(self.core.read_namespace, name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def get_preset(self, kind: str, namespace: str, name: str) -> Json | None:
+        """A FineTunePreset in `namespace`, or a ClusterFineTunePreset; None when it does not exist."""
+        plural = presets.PLURALS[kind]
+        try:
+            if kind == presets.CLUSTER_KIND:
+                obj = self.custom.get_cluster_custom_object(api.GROUP, api.VERSION, plural, name,
+                                                            _request_timeout=self.timeout)
+            else:
+                obj = self.custom.get_namespaced_custom_object(api.GROUP, api.VERSION, namespace, plural, name,
+                                                               _request_timeout=self.timeout)
         except ApiException as exc:
             if exc.status == 404:
                 return None

@@ -18,13 +18,15 @@ from typing import Any, NoReturn, Protocol
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from kubetune import metrics, preflight, render, status
+from kubetune import metrics, preflight, presets, render, status
 from kubetune.api import FineTuneJobSpec
 from kubetune.kube import Kube, NotOwned, api_message, now
+from kubetune.presets import PresetLimits
 from kubetune.settings import Settings
 from kubetune_trainer.config import StorageSpec
 
 Json = dict[str, Any]
+Resolved = tuple[Json | None, Json, PresetLimits | None]  # applied preset, its defaults, its limits
 log = logging.getLogger("kubetune.reconcile")
 
 PROBLEM_REASONS = ("Unschedulable", "ImagePullError", "Retrying", "MissingDependency", "NameConflict",
@@ -185,15 +187,39 @@ class Reconciler:
         previous = ftj.get("status") or {}
 
         job_name = render.job_name(name)
+        raw = ftj.get("spec") or {}
+        job = self.children.get_job(ns, job_name)
+        if job is not None and owned_by(job, uid):
+            # The Job exists: its effective spec was frozen with it (later preset edits do not count).
+            applied, defaults = render.frozen_preset(job)
+            limits = None
+        elif previous.get("phase") in status.TERMINAL:
+            applied, defaults, limits = None, {}, None  # finished: only live fields (ttl) still matter
+        else:
+            resolved = self._preset(ftj, previous, generation)
+            if resolved is None:
+                return
+            applied, defaults, limits = resolved
         try:
-            spec = FineTuneJobSpec.model_validate(ftj.get("spec") or {})
+            spec = FineTuneJobSpec.model_validate(presets.effective_spec(raw, defaults))
         except ValidationError as error:
             if previous.get("phase") in status.TERMINAL:
                 return  # a finished job keeps its outcome, even if validation rules changed since
-            self._invalid(ftj, job_name, validation_message(error), previous, generation)
+            self._invalid(ftj, job_name, validation_message(error), previous, generation, applied)
             return
+        if job is None and previous.get("phase") not in status.TERMINAL:
+            where = f"{applied['kind']}/{applied['name']}" if applied else None
+            broken = presets.violations(spec, raw, limits, preset=where,
+                                        restrict_images_and_accounts=self.settings.restrict_images_and_service_accounts)
+            if broken:
+                # Admission (the chart's ValidatingAdmissionPolicy) should have refused it: it was
+                # bypassed, absent, or the preset changed since the job was applied.
+                self._write(ftj, {**status.invalid_spec_status("; ".join(broken), previous=previous,
+                                                               generation=generation, now=now(),
+                                                               reason="PolicyViolation"),
+                                  **({"preset": applied} if applied else {})})
+                return
 
-        job = self.children.get_job(ns, job_name)
         if job is not None and not owned_by(job, uid):
             # A Job of that name that is not ours: usually the previous FineTuneJob of the same
             # name, still being garbage-collected. Never observe or adopt it.
@@ -225,7 +251,8 @@ class Reconciler:
                 config_map = render.render_config_map(ftj, spec, self.settings)
                 self.kube.create_or_adopt(config_map, uid)
                 self.kube.create_or_adopt(render.render_network_policy(ftj), uid)
-                desired = render.render_job(ftj, spec, self.settings, config_map)
+                desired = render.render_job(ftj, spec, self.settings, config_map,
+                                            render.preset_annotations(applied, defaults))
                 job, created = self.kube.create_or_adopt(desired, uid)
             except NotOwned as conflict:
                 self._wait_for_name(ftj, conflict.what, previous, generation)
@@ -244,8 +271,43 @@ class Reconciler:
 
         pods = self.children.list_pods(ns, job)
         observed = status.observe(job, pods, suspend=spec.suspend, queued=bool(spec.scheduling.queue_name))
-        self._write(ftj, status.build_status(observed, previous=previous, generation=applied_generation(ftj, job),
-                                             job_name=job_name, now=now()))
+        new = status.build_status(observed, previous=previous, generation=applied_generation(ftj, job),
+                                  job_name=job_name, now=now())
+        self._write(ftj, {**new, "preset": applied} if applied else new)
+
+    def _preset(self, ftj: Json, previous: Json, generation: int) -> Resolved | None:
+        """The preset of a job not yet started: ({kind, name, generation}, its defaults, its limits),
+        or (None, {}, None) without one. None when the job failed (a bad reference or preset); a
+        preset that does not exist yet is waited for, like a missing PVC."""
+        meta = ftj["metadata"]
+        raw = ftj.get("spec") or {}
+        namespace = None if raw.get("preset") else self.kube.get_namespace(meta["namespace"])
+        try:
+            ref = presets.preset_ref(raw, namespace)
+        except (ValueError, ValidationError) as error:
+            self._write(ftj, status.invalid_spec_status(str(error), previous=previous, generation=generation,
+                                                        now=now()))
+            return None
+        if ref is None:
+            return None, {}, None
+        preset = self.kube.get_preset(ref.kind, meta["namespace"], ref.name)
+        where = f"{ref.kind} {ref.name}"
+        if ref.kind == presets.KIND:
+            where += f" in namespace {meta['namespace']}"
+        if preset is None:
+            message = f"waiting for {where}; the job starts once it exists"
+            self._write(ftj, status.waiting_status("MissingDependency", message, previous=previous,
+                                                   generation=generation, now=now()))
+            raise Retry(message, delay=5)
+        try:
+            defaults = presets.preset_defaults(preset)
+            limits = presets.FineTunePresetSpec.model_validate(preset.get("spec") or {}).limits
+        except ValidationError as error:
+            message = f"{where} is invalid: {validation_message(error).replace('spec.', 'preset spec.')}"
+            self._write(ftj, status.invalid_spec_status(message, previous=previous, generation=generation, now=now()))
+            return None
+        applied = {"kind": ref.kind, "name": ref.name, "generation": int(preset["metadata"].get("generation") or 1)}
+        return applied, defaults, limits
 
     def _wont_fit(self, ftj: Json, spec: FineTuneJobSpec, previous: Json, generation: int) -> bool:
         """The GPU memory check before the Job is created (kubetune.preflight): a run whose estimate
@@ -267,14 +329,15 @@ class Reconciler:
         self.kube.patch_status(meta["namespace"], meta["name"], {"cleanupTime": now()})
         metrics.STATUS_WRITES.labels(source="reconcile").inc()
 
-    def _invalid(self, ftj: Json, job_name: str, message: str, previous: Json, generation: int) -> None:
+    def _invalid(self, ftj: Json, job_name: str, message: str, previous: Json, generation: int,
+                 applied: Json | None = None) -> None:
         """The spec does not validate. Before any Job exists: Failed (InvalidSpec). A Job created
         when the spec was valid (an upgrade tightened the rules) keeps being tracked to its end."""
         meta = ftj["metadata"]
         job = self.children.get_job(meta["namespace"], job_name)
         if job is None or not owned_by(job, meta["uid"]):
-            self._write(ftj, status.invalid_spec_status(message, previous=previous, generation=generation,
-                                                        now=now()))
+            new = status.invalid_spec_status(message, previous=previous, generation=generation, now=now())
+            self._write(ftj, {**new, "preset": applied} if applied else new)
             return
         log.warning("%s/%s: the spec no longer validates (%s); following its running Job to the end",
                     meta["namespace"], meta["name"], message)

@@ -37,6 +37,10 @@ KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 CONFIG_HASH_ANNOTATION = "kubetune.io/config-hash"
 SPEC_HASH_ANNOTATION = "kubetune.io/spec-hash"  # the spec the Job was made from (see spec_hash)
 GENERATION_ANNOTATION = "kubetune.io/generation"
+# The preset applied at creation ({kind, name, generation}) and its defaults, as JSON: the job's
+# effective spec is frozen with the Job, so later edits of the preset never change it.
+PRESET_ANNOTATION = "kubetune.io/preset"
+PRESET_DEFAULTS_ANNOTATION = "kubetune.io/preset-defaults"
 # Spec fields the operator applies to a Job that exists; an edit of any other field is not applied.
 LIVE_FIELDS = ("suspend", "ttlSecondsAfterFinished")
 OWNER_ANNOTATION = "kubetune.io/finetunejob"  # full FineTuneJob name (labels cap at 63 characters)
@@ -374,7 +378,26 @@ def scanner_notes(spec: api.FineTuneJobSpec) -> dict[str, str]:
     return {f"checkov.io/skip{i}": f"{check}={why}" for i, (check, why) in enumerate(sorted(notes.items()), 1)}
 
 
-def render_job(owner: Json, spec: api.FineTuneJobSpec, settings: Settings, config_map: Json) -> Json:
+def preset_annotations(applied: Json | None, defaults: Json) -> dict[str, str]:
+    """The Job annotations that freeze the preset a job was made with (none without a preset)."""
+    if applied is None:
+        return {}
+    return {PRESET_ANNOTATION: json.dumps(applied, sort_keys=True),
+            PRESET_DEFAULTS_ANNOTATION: json.dumps(defaults, sort_keys=True)}
+
+
+def frozen_preset(job: Json) -> tuple[Json | None, Json]:
+    """The preset ({kind, name, generation}) and defaults a Job was made with; (None, {}) without one."""
+    annotations = job["metadata"].get("annotations") or {}
+    if PRESET_ANNOTATION not in annotations:
+        return None, {}
+    applied: Json = json.loads(annotations[PRESET_ANNOTATION])
+    defaults: Json = json.loads(annotations.get(PRESET_DEFAULTS_ANNOTATION) or "{}")
+    return applied, defaults
+
+
+def render_job(owner: Json, spec: api.FineTuneJobSpec, settings: Settings, config_map: Json,
+               preset: dict[str, str] | None = None) -> Json:
     """The batch/v1 Job that runs the trainer.
 
     Invalid input (trainer exit code 3) and out-of-memory (6) fail the Job at once; disruptions
@@ -387,7 +410,8 @@ def render_job(owner: Json, spec: api.FineTuneJobSpec, settings: Settings, confi
         meta["labels"][KUEUE_QUEUE_LABEL] = queue
     annotations = {CONFIG_HASH_ANNOTATION: config_hash(config_map), OWNER_ANNOTATION: owner["metadata"]["name"]}
     meta["annotations"] = {**annotations, SPEC_HASH_ANNOTATION: spec_hash(owner),
-                           GENERATION_ANNOTATION: str(owner["metadata"].get("generation") or 1), **scanner_notes(spec)}
+                           GENERATION_ANNOTATION: str(owner["metadata"].get("generation") or 1), **scanner_notes(spec),
+                           **(preset or {})}
     job_spec: Json = {
         "suspend": bool(spec.suspend or queue),
         "backoffLimit": spec.backoff_limit,

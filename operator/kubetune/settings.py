@@ -44,6 +44,9 @@ class Settings:
     - ``KUBETUNE_API_TIMEOUT``: seconds before any Kubernetes API request is abandoned (default 30).
     - ``KUBETUNE_STALL_SECONDS``: /healthz on the report port fails once a reconcile has run this
       long (default 300): with every API call bounded, only a wedged operator gets there.
+    - ``KUBETUNE_RESTRICT_IMAGES_AND_SERVICE_ACCOUNTS``: ``true`` (the chart's default) fails a
+      FineTuneJob that sets ``spec.image`` or ``spec.serviceAccountName`` unless its preset's limits
+      list allowed ones (reason PolicyViolation; the chart's admission policy rejects it at apply).
     - ``KUBETUNE_LOG_LEVEL``: DEBUG, INFO (default) or WARNING.
     - ``KUBETUNE_LIVENESS_ENDPOINT``: e.g. ``http://0.0.0.0:8080/healthz``; off when unset.
     - ``KUBETUNE_TRAINER_COMMAND``: JSON list replacing the trainer command. A TEST DOUBLE hook
@@ -75,6 +78,7 @@ class Settings:
     api_timeout: float = 30.0
     termination_grace_seconds: int = 300
     stall_seconds: float = 300.0
+    restrict_images_and_service_accounts: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -106,4 +110,6 @@ class Settings:
             api_timeout=float(env.get("KUBETUNE_API_TIMEOUT") or 30),
             termination_grace_seconds=int(env.get("KUBETUNE_TERMINATION_GRACE_SECONDS") or 300),
             stall_seconds=float(env.get("KUBETUNE_STALL_SECONDS") or 300),
+            restrict_images_and_service_accounts=env.get("KUBETUNE_RESTRICT_IMAGES_AND_SERVICE_ACCOUNTS", "")
+            .lower() in ("1", "true", "yes"),
         )

@@ -265,13 +265,16 @@ def build_status(observed: Observed, *, previous: Json, generation: int, job_nam
     return status
 
 
-def invalid_spec_status(message: str, *, previous: Json, generation: int, now: str) -> Json:
-    """Status of a FineTuneJob whose spec the operator rejects (no Job is created)."""
-    return refused_status("InvalidSpec", message, previous=previous, generation=generation, now=now)
+def invalid_spec_status(message: str, *, previous: Json, generation: int, now: str,
+                        reason: str = "InvalidSpec") -> Json:
+    """Status of a FineTuneJob whose spec the operator rejects (no Job is created): InvalidSpec, or
+    PolicyViolation when it breaks its preset's limits."""
+    return refused_status(reason, message, previous=previous, generation=generation, now=now)
 
 
 def refused_status(reason: str, message: str, *, previous: Json, generation: int, now: str) -> Json:
-    """Failed before any Job exists: InvalidSpec, or WontFit (the estimate exceeds the GPU memory)."""
+    """Failed before any Job exists: InvalidSpec, PolicyViolation, or WontFit (the estimate exceeds
+    the GPU memory)."""
     return {
         "phase": "Failed",
         "reason": reason,

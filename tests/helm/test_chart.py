@@ -79,6 +79,23 @@ def test_watch_namespaces_binds_only_those(cluster: Any, crd: None, namespace: s
     cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=rendered)
 
 
+def test_admission_policies_follow_the_values(cluster: Any) -> None:
+    def policies(*values: str) -> dict[str, Any]:
+        docs = [d for d in yaml.safe_load_all(cluster.helm("template", "kt", str(CHART), *values).stdout) if d]
+        return {d["metadata"]["name"]: d for d in docs if d["kind"] == "ValidatingAdmissionPolicy"}
+
+    found = policies()
+    assert {p["spec"].get("paramKind", {}).get("kind") for p in found.values()} == {
+        "FineTunePreset", "ClusterFineTunePreset", None}
+    env = {e["name"]: e["value"] for d in yaml.safe_load_all(cluster.helm("template", "kt", str(CHART)).stdout)
+           if d and d["kind"] == "Deployment" for e in d["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["KUBETUNE_RESTRICT_IMAGES_AND_SERVICE_ACCOUNTS"] == "true"
+    # Turned off, a job may choose its image and service account (within its preset's lists, if any).
+    relaxed = policies("--set", "admissionPolicy.restrictImagesAndServiceAccounts=false")
+    assert "kt-kubetune-finetunejob-without-preset" not in relaxed and len(relaxed) == 2
+    assert policies("--set", "admissionPolicy.enabled=false") == {}
+
+
 @pytest.mark.e2e
 def test_install_train_test_uninstall(cluster: Any, crd: None, namespace: str, minio_env: dict[str, str],
                                       tmp_path: Path) -> None:
@@ -116,6 +133,18 @@ def test_install_train_test_uninstall(cluster: Any, crd: None, namespace: str, m
 
         status = wait_for(finished, timeout=600, message="quickstart Succeeded under the chart's operator")
         assert status["metrics"]["evalLoss"] > 0 and status["artifacts"]["location"].startswith("s3://")
+        installed = cluster.kubectl("get", "validatingadmissionpolicies,validatingadmissionpolicybindings",
+                                    "-o", "name").stdout.split()
+        for kind in ("validatingadmissionpolicy", "validatingadmissionpolicybinding"):
+            for name in ("finetunepreset-limits", "clusterfinetunepreset-limits", "finetunejob-without-preset"):
+                assert f"{kind}.admissionregistration.k8s.io/kubetune-{name}" in installed, installed
+        for crd_name in ("finetunepresets.kubetune.io", "clusterfinetunepresets.kubetune.io"):
+            assert cluster.kubectl("get", "crd", crd_name, check=False).returncode == 0, crd_name
+        own = yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text())
+        own["metadata"]["name"], own["spec"]["image"] = "own-image", "example.com/trainer:1"
+        chosen = cluster.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", "-", check=False,
+                                 input=yaml.safe_dump(own))
+        assert chosen.returncode != 0 and "spec.image: a FineTuneJob without a preset" in chosen.stderr
         operator_log = cluster.kubectl("logs", "-n", release_ns, pod["metadata"]["name"]).stdout
         assert "kubetune.reconcile" in operator_log, "no operator log to check"
         # An RBAC denial reads 'is forbidden: User "system:serviceaccount:…" cannot …'.
@@ -139,7 +168,8 @@ def test_install_train_test_uninstall(cluster: Any, crd: None, namespace: str, m
         return [f"{i['kind']}/{i['metadata']['name']}" for i in found["items"]]
 
     wait_for(lambda: left() == [], timeout=120, message="no operator resources left after helm uninstall")
-    cluster_wide = cluster.kubectl("get", "clusterroles,clusterrolebindings", "-o", "name").stdout
+    cluster_wide = cluster.kubectl("get", "clusterroles,clusterrolebindings,validatingadmissionpolicies,"
+                                   "validatingadmissionpolicybindings", "-o", "name").stdout
     assert "kubetune" not in cluster_wide.replace("finetunejobs.kubetune.io", "")
     assert cluster.kubectl("get", "crd", "finetunejobs.kubetune.io", check=False).returncode == 0, "CRD kept"
     subprocess.run([str(cluster.kubectl_path), "delete", "namespace", release_ns, "--wait=false"],

@@ -27,6 +27,8 @@ CALLS: dict[str, Callable[[Kube], Any]] = {
     "list_pods": lambda k: k.list_pods("ns", JOB),
     "delete_children": lambda k: k.delete_children("ns", "job"),
     "missing_claims": lambda k: k.missing_claims("ns", ["c"]),
+    "get_namespace": lambda k: k.get_namespace("ns"),
+    "get_preset": lambda k: k.get_preset("ClusterFineTunePreset", "ns", "p"),
 }
 BEST_EFFORT = {"event"}  # swallows its errors by design; it must still return
 

@@ -1,0 +1,250 @@
+"""FineTunePreset and ClusterFineTunePreset (kubetune.io/v1alpha1): defaults and limits for FineTuneJobs.
+
+A preset holds defaults for FineTuneJob spec sections and limits on what a job may ask for. The
+effective spec of a job is the job's own spec over its preset's defaults (`effective_spec`); the
+limits are enforced at apply time by the chart's ValidatingAdmissionPolicies and checked again by
+the operator on the effective spec (`violations`) before it creates the Job.
+
+The CRD schemas are generated from these models like FineTuneJob's (`kubetune crd`). This module
+imports no kopf, kubernetes client or torch.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Literal
+
+from pydantic import Field
+
+from kubetune.api import (
+    GROUP,
+    CacheVolumeSpec,
+    EnvVar,
+    FineTuneJobSpec,
+    JobStorageSpec,
+    LocalObjectReference,
+    PresetKind,
+    PresetRef,
+    ResourcesSpec,
+    SchedulingSpec,
+)
+from kubetune.render import required_claims
+from kubetune_trainer.config import NAME_MAX, Quantization, Section, TrainingSpec
+
+Json = dict[str, Any]
+
+KIND = "FineTunePreset"
+CLUSTER_KIND = "ClusterFineTunePreset"
+PLURALS = {KIND: "finetunepresets", CLUSTER_KIND: "clusterfinetunepresets"}
+SHORT_NAMES = {KIND: ["ftp"], CLUSTER_KIND: ["cftp"]}
+DEFAULT_PRESET_ANNOTATION = f"{GROUP}/default-preset"
+"""Namespace annotation naming the preset of FineTuneJobs that name none: `<name>` for a
+ClusterFineTunePreset, `FineTunePreset/<name>` for a FineTunePreset in the job's namespace."""
+
+# Spec fields of a FineTuneJob a preset may default (camelCase, as in the API).
+DEFAULTABLE_FIELDS = ("image", "imagePullSecrets", "serviceAccountName", "env", "resources", "scheduling",
+                      "storage", "cacheVolume", "training", "activeDeadlineSeconds")
+
+
+class PresetDefaults(Section):
+    """Defaults for the FineTuneJob spec: a field the job leaves unset takes the preset's value.
+
+    Sections merge field by field (the job wins), env merges by name, other lists are replaced.
+    training.epochs and training.maxSteps are alternatives: a job that sets one drops the
+    preset's other.
+    """
+
+    image: str | None = Field(default=None, max_length=1024)
+    """Trainer image."""
+    image_pull_secrets: list[LocalObjectReference] | None = Field(default=None, max_length=16)
+    """Secrets for pulling the trainer image."""
+    service_account_name: str | None = Field(default=None, max_length=NAME_MAX)
+    """ServiceAccount of the training pod."""
+    env: list[EnvVar] | None = Field(default=None, max_length=128)
+    """Extra environment variables of the trainer (a job's variable of the same name wins)."""
+    resources: ResourcesSpec | None = None
+    """GPUs, CPU and memory."""
+    scheduling: SchedulingSpec | None = None
+    """Node selection, tolerations, priority and queue (queueName)."""
+    storage: JobStorageSpec | None = None
+    """S3 endpoint and credentials Secret."""
+    cache_volume: CacheVolumeSpec | None = None
+    """PVC that caches downloads."""
+    training: TrainingSpec | None = None
+    """Training hyperparameters."""
+    active_deadline_seconds: int | None = Field(default=None, ge=1)
+    """Time limit of the whole run, in seconds."""
+
+
+class PresetLimits(Section):
+    """What a FineTuneJob using this preset may ask for; an unset limit allows anything.
+
+    Checked on the effective spec (the job over the preset's defaults).
+    """
+
+    allowed_model_prefixes: list[str] | None = Field(default=None, max_length=64)
+    """model.source (and model.tokenizer) must start with one of these, e.g. s3://models/ or hf://Qwen/."""
+    allowed_output_prefixes: list[str] | None = Field(default=None, max_length=64)
+    """output.location must start with one of these, e.g. s3://runs/team-a/."""
+    allowed_images: list[str] | None = Field(default=None, max_length=64)
+    """A spec.image the job sets must start with one of these (end an entry with ':' or '@' to pin a
+    repository). Where the chart restricts images (the default), a job may set spec.image only
+    when its preset lists it here."""
+    allowed_service_accounts: list[str] | None = Field(default=None, max_length=64)
+    """A spec.serviceAccountName the job sets must be one of these. Where the chart restricts service
+    accounts (the default), a job may set one only when its preset lists it here."""
+    allowed_pvcs: list[str] | None = Field(default=None, max_length=64)
+    """PersistentVolumeClaims the job may mount (cacheVolume.claimName and pvc:// sources)."""
+    max_gpus_per_node: int | None = Field(default=None, ge=0, le=64)
+    """At most this many resources.gpus."""
+    max_nodes: int | None = Field(default=None, ge=1)
+    """At most this many resources.distribution.nodes."""
+    allowed_quantizations: list[Quantization] | None = Field(default=None, max_length=3)
+    """quantization must be one of these."""
+    max_steps: int | None = Field(default=None, ge=1)
+    """training.maxSteps at most this (a job may not leave it unset and train by epochs beyond maxEpochs)."""
+    max_epochs: float | None = Field(default=None, gt=0)
+    """training.epochs at most this."""
+
+
+class FineTunePresetSpec(Section):
+    """Defaults and limits for the FineTuneJobs that use this preset."""
+
+    description: str | None = Field(default=None, max_length=1024)
+    """What the preset is for, shown to users."""
+    defaults: PresetDefaults | None = None
+    """Values of fields a FineTuneJob leaves unset."""
+    limits: PresetLimits | None = None
+    """What a FineTuneJob may ask for."""
+
+
+class FineTunePreset(Section):
+    """Defaults and limits for FineTuneJobs of one namespace (or, as ClusterFineTunePreset, of all)."""
+
+    api_version: Literal["kubetune.io/v1alpha1"] = "kubetune.io/v1alpha1"
+    kind: PresetKind = "FineTunePreset"
+    metadata: Json = Field(default_factory=dict)
+    spec: FineTunePresetSpec = Field(default_factory=FineTunePresetSpec)
+
+
+def parse_ref(value: str) -> PresetRef:
+    """A namespace's default-preset annotation: `<name>` or `<Kind>/<name>`."""
+    kind, _sep, name = value.strip().rpartition("/")
+    if kind not in ("", KIND, CLUSTER_KIND):
+        raise ValueError(f"{DEFAULT_PRESET_ANNOTATION}: unknown preset kind {kind!r}; "
+                         f"use <name> or FineTunePreset/<name>")
+    return PresetRef.model_validate({"kind": kind or CLUSTER_KIND, "name": name})
+
+
+def preset_ref(spec: Json, namespace: Json | None) -> PresetRef | None:
+    """The preset of a FineTuneJob: spec.preset, else its namespace's default-preset annotation."""
+    if spec.get("preset"):
+        return PresetRef.model_validate(spec["preset"])
+    value = (((namespace or {}).get("metadata") or {}).get("annotations") or {}).get(DEFAULT_PRESET_ANNOTATION)
+    return parse_ref(value) if value and value.strip() else None
+
+
+def preset_defaults(preset: Json) -> Json:
+    """The defaults a preset sets, as written (validated; nothing filled in)."""
+    spec = FineTunePresetSpec.model_validate(preset.get("spec") or {})
+    if spec.defaults is None:
+        return {}
+    result: Json = spec.defaults.model_dump(by_alias=True, exclude_unset=True, mode="json")
+    return result
+
+
+def merge(defaults: Json, job: Json) -> Json:
+    """The job's spec over a preset's defaults: objects merge key by key, the job wins."""
+    merged = copy.deepcopy(defaults)
+    for key, value in job.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def effective_spec(job: Json, defaults: Json) -> Json:
+    """The spec that runs: the FineTuneJob's spec over its preset's defaults."""
+    base = copy.deepcopy(defaults)
+    training = job.get("training") or {}
+    if ("epochs" in training or "maxSteps" in training) and "training" in base:
+        for key in ("epochs", "maxSteps"):
+            base["training"].pop(key, None)
+    spec = merge(base, {k: v for k, v in job.items() if k != "env"})
+    if "env" in base or "env" in job:
+        own = {e["name"] for e in job.get("env") or []}
+        spec["env"] = [e for e in base.get("env") or [] if e["name"] not in own] + list(job.get("env") or [])
+    return spec
+
+
+def _prefixed(value: str, prefixes: list[str]) -> bool:
+    return any(value.startswith(prefix) for prefix in prefixes)
+
+
+def _listed(values: list[str]) -> str:
+    return ", ".join(values) if values else "(none)"
+
+
+def violations(spec: FineTuneJobSpec, job: Json, limits: PresetLimits | None, *, preset: str | None,
+               restrict_images_and_accounts: bool) -> list[str]:
+    """Each way the effective spec breaks the preset's limits, naming the field and the limit.
+
+    `job` is the FineTuneJob's own spec (for spec.image and spec.serviceAccountName: a preset's
+    own default is not a user's choice). `preset` is "Kind/name", or None for a job without one.
+    """
+    found: list[str] = []
+    where = preset or "no preset"
+    for field, allowed, what, limit in (
+            ("image", limits and limits.allowed_images, "image", "allowedImages"),
+            ("serviceAccountName", limits and limits.allowed_service_accounts, "service account",
+             "allowedServiceAccounts")):
+        if restrict_images_and_accounts and job.get(field) and not allowed:
+            found.append(f"spec.{field}: a FineTuneJob without a preset cannot choose its {what}" if preset is None
+                         else f"spec.{field}: {preset} allows no user-chosen {what} (limits.{limit} is empty)")
+    if limits is None:
+        return found
+    if limits.allowed_model_prefixes is not None:
+        for field, value in (("model.source", spec.model.source), ("model.tokenizer", spec.model.tokenizer)):
+            if value and not _prefixed(value, limits.allowed_model_prefixes):
+                found.append(f"spec.{field}: {value} is not under limits.allowedModelPrefixes of {where} "
+                             f"({_listed(limits.allowed_model_prefixes)})")
+    if limits.allowed_output_prefixes is not None and not _prefixed(spec.output.location,
+                                                                    limits.allowed_output_prefixes):
+        found.append(f"spec.output.location: {spec.output.location} is not under limits.allowedOutputPrefixes "
+                     f"of {where} ({_listed(limits.allowed_output_prefixes)})")
+    if limits.allowed_images and spec.image and not _prefixed(spec.image, limits.allowed_images):
+        found.append(f"spec.image: {spec.image} is not in limits.allowedImages of {where} "
+                     f"({_listed(limits.allowed_images)})")
+    accounts = limits.allowed_service_accounts
+    if accounts and spec.service_account_name and spec.service_account_name not in accounts:
+        found.append(f"spec.serviceAccountName: {spec.service_account_name} is not in "
+                     f"limits.allowedServiceAccounts of {where} ({_listed(accounts)})")
+    if limits.allowed_pvcs is not None:
+        claims = set(required_claims(spec))
+        for claim in sorted(claims - set(limits.allowed_pvcs)):
+            field = ("cacheVolume.claimName" if spec.cache_volume and spec.cache_volume.claim_name == claim
+                     else "pvc:// source")
+            found.append(f"spec.{field}: PVC {claim} is not in limits.allowedPvcs of {where} "
+                         f"({_listed(limits.allowed_pvcs)})")
+    if limits.max_gpus_per_node is not None and spec.resources.gpus > limits.max_gpus_per_node:
+        found.append(f"spec.resources.gpus: {spec.resources.gpus} is more than limits.maxGpusPerNode "
+                     f"{limits.max_gpus_per_node} of {where}")
+    nodes = spec.resources.distribution.nodes
+    if limits.max_nodes is not None and nodes > limits.max_nodes:
+        found.append(f"spec.resources.distribution.nodes: {nodes} is more than limits.maxNodes "
+                     f"{limits.max_nodes} of {where}")
+    if limits.allowed_quantizations is not None and spec.quantization not in limits.allowed_quantizations:
+        found.append(f"spec.quantization: {spec.quantization} is not in limits.allowedQuantizations of {where} "
+                     f"({_listed(list(limits.allowed_quantizations))})")
+    steps = spec.training.max_steps
+    if limits.max_steps is not None and steps is not None and steps > limits.max_steps:
+        found.append(f"spec.training.maxSteps: {steps} is more than limits.maxSteps {limits.max_steps} of {where}")
+    epochs = spec.training.epochs
+    if limits.max_epochs is not None and epochs is not None and epochs > limits.max_epochs:
+        found.append(f"spec.training.epochs: {epochs:g} is more than limits.maxEpochs {limits.max_epochs:g} "
+                     f"of {where}")
+    return found
+
+
+

@@ -1,0 +1,207 @@
+"""Presets: the effective spec (job over preset defaults) and the operator's limit checks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from kubetune import crd, presets
+from kubetune.api import FineTuneJobSpec
+from kubetune.presets import PresetLimits
+
+JOB: dict[str, Any] = {
+    "model": {"source": "s3://models/tiny/"},
+    "dataset": {"train": "s3://data/train.jsonl"},
+    "output": {"location": "s3://runs/team-a/"},
+}
+PRESET: dict[str, Any] = {
+    "metadata": {"name": "gpu-small", "generation": 3},
+    "spec": {
+        "defaults": {
+            "image": "registry.example/trainer:1.2",
+            "resources": {"gpus": 2, "memory": "64Gi"},
+            "scheduling": {"queueName": "team-a", "tolerations": [{"key": "gpu", "operator": "Exists"}]},
+            "storage": {"endpoint": "minio.storage:9000", "secretRef": {"name": "s3"}},
+            "training": {"learningRate": 1e-4, "epochs": 2},
+            "env": [{"name": "HF_HUB_OFFLINE", "value": "1"}, {"name": "LOG", "value": "info"}],
+        },
+        "limits": {"maxGpusPerNode": 4},
+    },
+}
+
+
+def effective(job: dict[str, Any], preset: dict[str, Any] = PRESET) -> dict[str, Any]:
+    return presets.effective_spec(job, presets.preset_defaults(preset))
+
+
+def test_preset_defaults_fill_what_the_job_leaves_unset() -> None:
+    spec = FineTuneJobSpec.model_validate(effective(JOB))
+    assert spec.image == "registry.example/trainer:1.2"
+    assert spec.resources.gpus == 2 and spec.resources.memory == "64Gi"
+    assert spec.resources.shared_memory == "8Gi"  # the built-in default below the preset's
+    assert spec.scheduling.queue_name == "team-a"
+    assert spec.storage.endpoint == "minio.storage:9000" and spec.storage.secret_ref is not None
+    assert spec.training.learning_rate == 1e-4 and spec.training.epochs == 2
+
+
+def test_the_job_wins_field_by_field() -> None:
+    job = {**JOB, "resources": {"gpus": 1}, "training": {"learningRate": 3e-4},
+           "env": [{"name": "LOG", "value": "debug"}]}
+    spec = FineTuneJobSpec.model_validate(effective(job))
+    assert spec.resources.gpus == 1 and spec.resources.memory == "64Gi"
+    assert spec.training.learning_rate == 3e-4 and spec.training.epochs == 2
+    assert [(e.name, e.value) for e in spec.env or []] == [("HF_HUB_OFFLINE", "1"), ("LOG", "debug")]
+
+
+def test_a_job_that_sets_max_steps_drops_the_preset_epochs() -> None:
+    spec = FineTuneJobSpec.model_validate(effective({**JOB, "training": {"maxSteps": 50}}))
+    assert spec.training.max_steps == 50 and spec.training.epochs is None
+    assert spec.training.learning_rate == 1e-4
+
+
+def test_lists_other_than_env_are_replaced() -> None:
+    job = {**JOB, "scheduling": {"tolerations": [{"key": "spot", "operator": "Exists"}]}}
+    spec = FineTuneJobSpec.model_validate(effective(job))
+    assert spec.scheduling.tolerations == [{"key": "spot", "operator": "Exists"}]
+    assert spec.scheduling.queue_name == "team-a"
+
+
+def test_the_merge_does_not_change_its_inputs() -> None:
+    defaults = presets.preset_defaults(PRESET)
+    before = repr(defaults)
+    presets.effective_spec({**JOB, "resources": {"cpu": "4"}}, defaults)
+    assert repr(defaults) == before
+
+
+def test_preset_defaults_are_what_the_preset_says_and_nothing_more() -> None:
+    assert presets.preset_defaults({"spec": {"defaults": {"resources": {"cpu": "8"}}}}) == {"resources": {"cpu": "8"}}
+    assert presets.preset_defaults({"spec": {}}) == {}
+
+
+def test_an_invalid_preset_default_is_refused() -> None:
+    with pytest.raises(ValidationError, match="gpus"):
+        presets.preset_defaults({"spec": {"defaults": {"resources": {"gpus": -1}}}})
+
+
+@pytest.mark.parametrize(("spec", "ref"), [
+    ({"preset": {"name": "a"}}, ("ClusterFineTunePreset", "a")),
+    ({"preset": {"kind": "FineTunePreset", "name": "b"}}, ("FineTunePreset", "b")),
+])
+def test_preset_ref_of_the_job(spec: dict[str, Any], ref: tuple[str, str]) -> None:
+    found = presets.preset_ref(spec, {"metadata": {"annotations": {presets.DEFAULT_PRESET_ANNOTATION: "other"}}})
+    assert found is not None and (found.kind, found.name) == ref
+
+
+@pytest.mark.parametrize(("value", "ref"), [
+    ("gpu-small", ("ClusterFineTunePreset", "gpu-small")),
+    ("FineTunePreset/team", ("FineTunePreset", "team")),
+    ("ClusterFineTunePreset/x", ("ClusterFineTunePreset", "x")),
+])
+def test_namespace_default_preset(value: str, ref: tuple[str, str]) -> None:
+    found = presets.preset_ref({}, {"metadata": {"annotations": {presets.DEFAULT_PRESET_ANNOTATION: value}}})
+    assert found is not None and (found.kind, found.name) == ref
+
+
+def test_no_preset_and_a_bad_annotation() -> None:
+    assert presets.preset_ref({}, {"metadata": {}}) is None
+    with pytest.raises(ValueError, match="unknown preset kind"):
+        presets.preset_ref({}, {"metadata": {"annotations": {presets.DEFAULT_PRESET_ANNOTATION: "Pod/x"}}})
+
+
+LIMITS = PresetLimits.model_validate({
+    "allowedModelPrefixes": ["s3://models/", "hf://Qwen/"],
+    "allowedOutputPrefixes": ["s3://runs/team-a/"],
+    "allowedImages": ["registry.example/trainer:"],
+    "allowedServiceAccounts": ["trainer"],
+    "allowedPvcs": ["hf-cache"],
+    "maxGpusPerNode": 2,
+    "maxNodes": 1,
+    "allowedQuantizations": ["int4", "int8"],
+    "maxSteps": 1000,
+    "maxEpochs": 3,
+})
+BASE = {**JOB, "quantization": "int4", "resources": {"gpus": 1}}
+
+
+def check(job: dict[str, Any], limits: PresetLimits | None = LIMITS, restrict: bool = True) -> list[str]:
+    spec = FineTuneJobSpec.model_validate(job)
+    return presets.violations(spec, job, limits, preset="ClusterFineTunePreset/gpu-small",
+                              restrict_images_and_accounts=restrict)
+
+
+def test_a_job_within_the_limits_passes() -> None:
+    job = {**BASE, "image": "registry.example/trainer:1.3", "serviceAccountName": "trainer",
+           "cacheVolume": {"claimName": "hf-cache"}, "training": {"maxSteps": 1000}}
+    assert check(job) == []
+
+
+@pytest.mark.parametrize(("change", "words"), [
+    ({"model": {"source": "hf://meta-llama/Llama-3.1-8B"}}, ["spec.model.source", "allowedModelPrefixes",
+                                                             "s3://models/, hf://Qwen/"]),
+    ({"model": {"source": "s3://models/x/", "tokenizer": "hf://other/tok"}}, ["spec.model.tokenizer"]),
+    ({"output": {"location": "s3://runs/team-b/"}}, ["spec.output.location", "allowedOutputPrefixes",
+                                                      "s3://runs/team-a/"]),
+    ({"resources": {"gpus": 4}}, ["spec.resources.gpus", "4 is more than limits.maxGpusPerNode 2"]),
+    ({"image": "evil.example/trainer:1"}, ["spec.image", "allowedImages"]),
+    ({"serviceAccountName": "admin"}, ["spec.serviceAccountName", "allowedServiceAccounts", "trainer"]),
+    ({"cacheVolume": {"claimName": "other"}}, ["spec.cacheVolume.claimName", "PVC other", "allowedPvcs"]),
+    ({"dataset": {"train": "pvc://data/train.jsonl"}}, ["spec.pvc:// source", "PVC data"]),
+    ({"quantization": "none", "resources": {"gpus": 1}}, ["spec.quantization", "none is not in",
+                                                           "allowedQuantizations"]),
+    ({"training": {"maxSteps": 5000}}, ["spec.training.maxSteps", "5000 is more than limits.maxSteps 1000"]),
+    ({"training": {"epochs": 10}}, ["spec.training.epochs", "10 is more than limits.maxEpochs 3"]),
+], ids=["model", "tokenizer", "output", "gpus", "image", "service-account", "pvc", "pvc-source", "quantization",
+        "max-steps", "max-epochs"])
+def test_each_limit_names_the_field_and_the_limit(change: dict[str, Any], words: list[str]) -> None:
+    found = check({**BASE, **change})
+    assert len(found) == 1, found
+    for word in words:
+        assert word in found[0], found[0]
+    assert "ClusterFineTunePreset/gpu-small" in found[0]
+
+
+def test_max_nodes() -> None:
+    spec = FineTuneJobSpec.model_validate(BASE)
+    limits = LIMITS.model_copy(update={"max_nodes": 1})
+    assert presets.violations(spec, BASE, limits, preset=None, restrict_images_and_accounts=False) == []
+
+
+def test_images_and_service_accounts_need_a_preset_that_allows_them() -> None:
+    job = {**JOB, "image": "registry.example/trainer:1.2", "serviceAccountName": "trainer"}
+    found = check(job, limits=None)
+    assert [f.split(":")[0] for f in found] == ["spec.image", "spec.serviceAccountName"]
+    assert check(job, limits=None, restrict=False) == []
+    assert len(check(job, limits=PresetLimits(), restrict=True)) == 2
+
+
+def test_a_preset_default_image_is_not_a_user_choice() -> None:
+    job = presets.effective_spec(JOB, presets.preset_defaults(PRESET))
+    spec = FineTuneJobSpec.model_validate(job)
+    assert presets.violations(spec, JOB, None, preset="ClusterFineTunePreset/gpu-small",
+                              restrict_images_and_accounts=True) == []
+
+
+def test_preset_crds_are_generated_with_printer_columns_and_no_defaults() -> None:
+    for kind in (presets.KIND, presets.CLUSTER_KIND):
+        doc = crd.build_preset_crd(kind)
+        assert doc["spec"]["scope"] == ("Cluster" if kind == presets.CLUSTER_KIND else "Namespaced")
+        version = doc["spec"]["versions"][0]
+        assert {c["name"] for c in version["additionalPrinterColumns"]} >= {"Max-GPUs", "Queue", "Age"}
+        assert "default" not in keys(version["schema"])
+
+
+def test_fields_a_preset_may_default_have_no_api_server_default() -> None:
+    spec = crd.build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    for name in presets.DEFAULTABLE_FIELDS:
+        assert "default" not in keys(spec["properties"][name]), name
+
+
+def keys(node: Any) -> set[str]:
+    """Every key of every object in a schema."""
+    if isinstance(node, dict):
+        return set(node) | {k for v in node.values() for k in keys(v)}
+    if isinstance(node, list):
+        return {k for v in node for k in keys(v)}
+    return set()
