@@ -21,6 +21,8 @@ from kubetune.status import TERMINAL
 
 SETTINGS = Settings.from_env()
 ERROR_BACKOFF = 5.0  # seconds before kopf runs a handler again after an unexpected error
+WAIT_RETRY_SECONDS = 5.0  # how often a job that waits for something (WAITING_REASONS) is looked at
+WAITING_REASONS = ("MissingDependency", "NameConflict")
 CHILD_LABELS = {"app.kubernetes.io/managed-by": MANAGED_BY}
 Json = dict[str, Any]
 _reconciler: Reconciler | None = None
@@ -36,29 +38,60 @@ def reconciler() -> Reconciler:
 JOB_UID_LABEL = "batch.kubernetes.io/controller-uid"
 
 
+CACHED_METADATA = ("name", "namespace", "uid", "labels", "annotations", "ownerReferences", "creationTimestamp",
+                   "deletionTimestamp")
+
+
+def essentials(body: kopf.Body, spec_fields: tuple[str, ...] = ()) -> Json:
+    """What a reconcile reads of a Job or Pod (metadata, status, a few spec fields): a cache of
+    whole objects (pod templates, managedFields) would cost the operator several times the memory."""
+    meta, spec = body.get("metadata") or {}, body.get("spec") or {}
+    return {"metadata": {key: meta[key] for key in CACHED_METADATA if key in meta},
+            "spec": {key: spec[key] for key in spec_fields if key in spec},
+            "status": body.get("status") or {}}
+
+
+FINETUNEJOB_METADATA = ("name", "namespace", "uid", "generation", "labels", "creationTimestamp", "deletionTimestamp")
+
+
+@kopf.index(api.GROUP, api.VERSION, api.PLURAL)
+async def finetunejobs(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Any, Json]:
+    """Watch cache of FineTuneJobs (metadata without annotations, spec, status), by (namespace, name)."""
+    meta = body.get("metadata") or {}
+    return {(namespace, name): {"metadata": {key: meta[key] for key in FINETUNEJOB_METADATA if key in meta},
+                                "spec": body.get("spec") or {}, "status": body.get("status") or {}}}
+
+
 @kopf.index("batch", "v1", "jobs", labels=CHILD_LABELS)
 async def training_jobs(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Any, Json]:
     """Watch cache of training Jobs, by (namespace, name). kopf fills every index from its initial
     listing before any handler runs, so a reconcile never sees a half-filled cache."""
-    return {(namespace, name): dict(body)}
+    return {(namespace, name): essentials(body, ("suspend",))}
 
 
 @kopf.index("", "v1", "pods", labels=CHILD_LABELS)
 async def training_pods(labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, Json]:
     """Watch cache of training Pods, by the UID of their Job."""
     uid = labels.get(JOB_UID_LABEL)
-    return {uid: dict(body)} if uid else {}
+    return {uid: essentials(body)} if uid else {}
 
 
 class CachedChildren:
-    """Reads a FineTuneJob's Job and Pods from the indices above instead of the API (a GET and a
-    LIST saved per reconcile). The caches lag the API by a watch event at most: a Job created a
-    moment ago may not be there yet (creating it again answers 409 and adopts it), and every change
-    of a Job or Pod triggers a reconcile once it is in the cache (`child_changed`)."""
+    """Reads FineTuneJobs, Jobs and Pods from the indices above instead of the API. The caches lag
+    the API by a watch event at most: a Job created a moment ago may not be there yet (creating it
+    again answers 409 and adopts it), and every change of a Job or Pod triggers a reconcile once it
+    is in the cache (`child_changed`). A reconcile acts only on a FineTuneJob read afresh (see
+    Reconciler._settled)."""
 
-    def __init__(self, jobs: kopf.Index[tuple[str, str], Json], pods: kopf.Index[str, Json]) -> None:
+    def __init__(self, finetunejobs: kopf.Index[tuple[str, str], Json], jobs: kopf.Index[tuple[str, str], Json],
+                 pods: kopf.Index[str, Json]) -> None:
+        self.finetunejobs = finetunejobs
         self.jobs = jobs
         self.pods = pods
+
+    def get_finetunejob(self, namespace: str, name: str) -> Json | None:
+        found = list(self.finetunejobs.get((namespace, name), ()))
+        return found[0] if found else None
 
     def get_job(self, namespace: str, name: str) -> Json | None:
         # list(...) copies the store's values in one step: kopf updates it on the event loop thread.
@@ -93,7 +126,7 @@ async def configure(settings: kopf.OperatorSettings, **kwargs: Any) -> None:
     load_config()
     kube = Kube(timeout=SETTINGS.api_timeout)
     reconciling = Reconciler(kube, SETTINGS)
-    reconciling.children = CachedChildren(kwargs["training_jobs"], kwargs["training_pods"])
+    reconciling.cache = CachedChildren(kwargs["finetunejobs"], kwargs["training_jobs"], kwargs["training_pods"])
     if SETTINGS.report_key_generated and SETTINGS.report_url:
         logging.getLogger("kubetune.reports").warning(
             "neither KUBETUNE_REPORT_KEY_FILE nor KUBETUNE_REPORT_KEY is set: using a random key; after a "
@@ -126,7 +159,7 @@ async def shutdown(**_: Any) -> None:
         await _server.stop()
 
 
-def _reconcile(namespace: str | None, name: str, *, retry: bool = True) -> None:
+def _reconcile(namespace: str | None, name: str, *, retry: bool = True, fresh: bool = False) -> None:
     """Reconcile. A `Retry` becomes kopf's TemporaryError (kopf runs the handler again after its
     delay) when `retry`; event handlers, which kopf does not retry, drop it: the resync timer
     (`finetunejob_resync`) comes back to every job that still needs work. Nothing deferred lives
@@ -134,7 +167,7 @@ def _reconcile(namespace: str | None, name: str, *, retry: bool = True) -> None:
     if namespace is None:  # FineTuneJobs and their children are namespaced
         return
     try:
-        reconciler()(namespace, name)
+        reconciler()(namespace, name, fresh=fresh)
     except Retry as wait:
         if retry:
             raise kopf.TemporaryError(str(wait), delay=wait.delay) from None
@@ -147,40 +180,56 @@ def needs_resync(spec: kopf.Spec, status: kopf.Status, **_: Any) -> bool:
     return spec.get("ttlSecondsAfterFinished") is not None and not status.get("cleanupTime")
 
 
-@kopf.on.resume(api.GROUP, api.VERSION, api.PLURAL)
-@kopf.on.create(api.GROUP, api.VERSION, api.PLURAL)
-@kopf.on.update(api.GROUP, api.VERSION, api.PLURAL, field="spec")
-def finetunejob_changed(namespace: str | None, name: str, **_: Any) -> None:
-    """A FineTuneJob appeared, changed, or was found at start-up."""
-    _reconcile(namespace, name)
-
-
 @kopf.timer(api.GROUP, api.VERSION, api.PLURAL, interval=SETTINGS.resync_seconds,
             initial_delay=SETTINGS.resync_seconds, backoff=ERROR_BACKOFF, when=needs_resync)
 def finetunejob_resync(namespace: str | None, name: str, **_: Any) -> None:
-    """Re-check jobs that need it: a safety net for missed events, retries of what failed, and the
-    ttlSecondsAfterFinished clean-up (kopf runs the timer again at a TemporaryError's delay, and
-    after ERROR_BACKOFF seconds on any other error).
+    """Re-check jobs that need it, reading the FineTuneJob afresh: a safety net for missed events,
+    retries of what failed, and the ttlSecondsAfterFinished clean-up (kopf runs the timer again at a
+    TemporaryError's delay, and after ERROR_BACKOFF seconds on any other error).
 
-    kopf keeps its finalizer (kubetune.io/finalizer) on a FineTuneJob while its timer runs, and
+    kopf keeps its finalizer (kubetune.io/finalizer) on a FineTuneJob while its timers run, and
     removes it once the job needs nothing more (`needs_resync`).
     """
-    _reconcile(namespace, name)
+    _reconcile(namespace, name, fresh=True)
+
+
+def waiting(status: kopf.Status, **_: Any) -> bool:
+    """Jobs that wait for something to appear (a PVC, a preset, a name to be freed)."""
+    return status.get("phase") == "Pending" and status.get("reason") in WAITING_REASONS
+
+
+@kopf.timer(api.GROUP, api.VERSION, api.PLURAL, interval=WAIT_RETRY_SECONDS, initial_delay=WAIT_RETRY_SECONDS,
+            backoff=ERROR_BACKOFF, when=waiting)
+def finetunejob_waiting(namespace: str | None, name: str, **_: Any) -> None:
+    """Jobs that wait for something are looked at more often than the resync: they start a few
+    seconds after what they wait for appears."""
+    _reconcile(namespace, name, fresh=True)
+
+
+_generations: dict[str, int] = {}  # FineTuneJob UID → the generation last reconciled from an event
 
 
 @kopf.on.event(api.GROUP, api.VERSION, api.PLURAL)
-def finetunejob_event(type: str | None, namespace: str | None, name: str, **_: Any) -> None:
-    """A new FineTuneJob is reconciled at once, from its first watch event: kopf's on.create
-    comes one round trip later (kopf first adds its finalizer and waits for that write to come back),
-    and then finds its children in place. A FineTuneJob that is gone (with or without a finalizer):
-    forget everything kept about it, so memory and the jobs-by-phase gauge follow the jobs that
-    exist. Owner references remove its children."""
-    if type == "ADDED":
-        _reconcile(namespace, name, retry=False)  # on.create retries what this pass could not finish
-    elif type == "DELETED" and namespace:
-        metrics.forget(namespace, name)
-        if _server is not None:
-            _server.forget(namespace, name)
+def finetunejob_event(type: str | None, namespace: str | None, name: str, uid: str, meta: kopf.Meta,
+                      **_: Any) -> None:
+    """FineTuneJobs are reconciled from their watch events: found at start-up (type None), new
+    (ADDED: at once, not one round trip later as kopf's on.create would, after its finalizer), or
+    with a new generation (a spec edit); status and metadata writes (generation unchanged) are
+    not. What such a pass cannot finish, the timers take up. A FineTuneJob that is gone: forget
+    everything kept about it, so memory and the jobs-by-phase gauge follow the jobs that exist
+    (owner references remove its children)."""
+    if type == "DELETED":
+        _generations.pop(uid, None)
+        if namespace:
+            metrics.forget(namespace, name)
+            if _server is not None:
+                _server.forget(namespace, name)
+        return
+    generation = int(meta.get("generation") or 0)
+    if type == "MODIFIED" and _generations.get(uid) == generation:
+        return
+    _reconcile(namespace, name, retry=False, fresh=type == "MODIFIED")
+    _generations[uid] = generation
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=CHILD_LABELS)

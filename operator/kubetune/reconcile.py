@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, NoReturn, Protocol
+from typing import Any, NoReturn, Protocol, cast
 
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
@@ -53,6 +53,23 @@ class Children(Protocol):
     def list_pods(self, namespace: str, job: Json) -> list[Json]: ...
 
 
+class Cache(Children, Protocol):
+    """The watch caches, FineTuneJobs included."""
+
+    def get_finetunejob(self, namespace: str, name: str) -> Json | None: ...
+
+
+class NeedsAction(Exception):
+    """A check on cached objects found something to do: reconcile for real (fresh read, then act)."""
+
+
+class _Refuse:
+    """The API as seen by a check on cached objects: any call at all means there is work to do."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise NeedsAction(name)
+
+
 def owned_by(obj: Json, uid: str) -> bool:
     return any(ref.get("uid") == uid for ref in obj["metadata"].get("ownerReferences") or [])
 
@@ -86,6 +103,9 @@ def validation_message(error: ValidationError) -> str:
     return "; ".join(parts)
 
 
+_REFUSE = _Refuse()
+
+
 class Reconciler:
     """Reconciles FineTuneJobs, one pass at a time per object.
 
@@ -96,9 +116,10 @@ class Reconciler:
 
     def __init__(self, kube: Kube, settings: Settings,
                  on_phase: Callable[[str, str, str, str, int | None], None] | None = None) -> None:
-        self.kube = kube
+        self._kube = kube
         self.settings = settings
-        self.children: Children = kube  # handlers.py swaps in its watch caches
+        self.cache: Cache | None = None  # handlers.py sets its watch caches
+        self._checking = threading.local()  # .active: this thread runs a check on cached objects
         # (namespace, name, uid, phase, progress step in status): lets the report server track jobs
         self.on_phase = on_phase
         self._guard = threading.Lock()  # guards the two collections below; never held across I/O
@@ -106,7 +127,18 @@ class Reconciler:
         self._dirty: set[tuple[str, str]] = set()
         self.fetch_config: Callable[[str, StorageSpec, str | None], Json] = preflight.remote_config
 
-    def __call__(self, namespace: str, name: str) -> None:
+    @property
+    def kube(self) -> Kube:
+        """The API; during a check on cached objects, a stand-in that refuses every call."""
+        return cast(Kube, _REFUSE) if getattr(self._checking, "active", False) else self._kube
+
+    @property
+    def children(self) -> Children:
+        return self.cache if self.cache is not None else self._kube
+
+    def __call__(self, namespace: str, name: str, *, fresh: bool = False) -> None:
+        """Reconcile a FineTuneJob. With watch caches and unless `fresh`, first check it on cached
+        objects only: a pass that would change nothing (most Job and Pod events) costs no request."""
         key = (namespace, name)
         with self._guard:
             if key in self._running:
@@ -115,7 +147,8 @@ class Reconciler:
             self._running[key] = time.monotonic()
         try:
             while True:
-                self._once(namespace, name)
+                self._once(namespace, name, fresh)
+                fresh = False
                 with self._guard:
                     if key not in self._dirty:
                         break
@@ -126,9 +159,28 @@ class Reconciler:
                 self._running.pop(key, None)
                 self._dirty.discard(key)
 
-    def _once(self, namespace: str, name: str) -> None:
+    def _settled(self, namespace: str, name: str) -> bool:
+        """True when the cached FineTuneJob, Job and Pods show nothing to do: the reconcile runs on
+        them with an API that refuses every call, so any write, create or read means "act"."""
+        cached = self.cache.get_finetunejob(namespace, name) if self.cache is not None else None
+        if cached is None or cached["metadata"].get("deletionTimestamp"):
+            return False
+        self._checking.active = True
+        try:
+            self._reconcile({**cached})  # a copy: _write replaces its status
+        except NeedsAction:
+            return False
+        finally:
+            self._checking.active = False
+        metrics.RECONCILES.labels(kind="cached").inc()
+        return True
+
+    def _once(self, namespace: str, name: str, fresh: bool = False) -> None:
         started = time.monotonic()
         try:
+            if not fresh and self._settled(namespace, name):
+                return
+            metrics.RECONCILES.labels(kind="full").inc()
             ftj = self.kube.get_finetunejob(namespace, name)
             if ftj is None or ftj["metadata"].get("deletionTimestamp"):
                 return
@@ -189,6 +241,8 @@ class Reconciler:
         job_name = render.job_name(name)
         raw = ftj.get("spec") or {}
         job = self.children.get_job(ns, job_name)
+        if job is None and getattr(self._checking, "active", False) and previous.get("phase") not in status.TERMINAL:
+            raise NeedsAction("create the children")
         if job is not None and owned_by(job, uid):
             # The Job exists: its effective spec was frozen with it (later preset edits do not count).
             applied, defaults = render.frozen_preset(job)

@@ -260,8 +260,8 @@ def test_deleted_jobs_are_forgotten(cluster: Any, namespace: str, operator: Any)
 
 def test_a_burst_of_jobs_gets_exactly_one_job_each_and_all_succeed(cluster: Any, namespace: str,
                                                                    operator: Any) -> None:
-    """50 FineTuneJobs applied at once: the fast path (first watch event) and kopf's on.create both
-    reconcile each one, and the watch caches may lag: still one Job and one Created event each."""
+    """50 FineTuneJobs applied at once, reconciled from several events each (their own, their Job's,
+    their Pod's, the timers) while the watch caches lag: still one Job and one Created event each."""
     count = 50
     names = sorted(f"burst-{i:02d}" for i in range(count))
     cluster.kubectl("apply", "-n", namespace, "-f", "-",
