@@ -1,0 +1,124 @@
+"""reconcile.Reconciler with watch caches: a pass that would change nothing makes no API request;
+one that would act reads the FineTuneJob afresh first."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+from kubetune.reconcile import Reconciler
+from kubetune.settings import Settings
+
+Json = dict[str, Any]
+UID = "11111111-2222-3333-4444-555555555555"
+
+
+def finetunejob(status: Json | None = None) -> Json:
+    return {"metadata": {"name": "job", "namespace": "ns", "uid": UID, "generation": 1},
+            "spec": {"model": {"source": "s3://m/tiny/"}, "dataset": {"train": "s3://d/train.jsonl"},
+                     "training": {"maxSteps": 10}, "output": {"location": "s3://runs/"},
+                     "resources": {"gpus": 0}},
+            "status": status or {}}
+
+
+def training_job() -> Json:
+    return {"metadata": {"name": "job-trainer", "namespace": "ns", "uid": "job-uid",
+                         "ownerReferences": [{"uid": UID}], "annotations": {}},
+            "spec": {}, "status": {"active": 1, "startTime": "2026-01-01T00:00:00Z"}}
+
+
+def pod(phase: str) -> Json:
+    return {"metadata": {"name": "job-trainer-abc", "namespace": "ns", "creationTimestamp": "2026-01-01T00:00:00Z"},
+            "status": {"phase": phase}}
+
+
+class Cache:
+    """The watch caches, as plain data (handlers.CachedChildren reads kopf indices the same way)."""
+
+    def __init__(self, ftj: Json, job: Json, pods: list[Json]) -> None:
+        self.ftj, self.job, self.pods = ftj, job, pods
+
+    def get_finetunejob(self, namespace: str, name: str) -> Json | None:
+        return self.ftj
+
+    def get_job(self, namespace: str, name: str) -> Json | None:
+        return self.job
+
+    def list_pods(self, namespace: str, job: Json) -> list[Json]:
+        return self.pods
+
+
+class RecordingKube:
+    """TEST DOUBLE for kube.Kube: answers from `stored` and records every call."""
+
+    def __init__(self, stored: Json) -> None:
+        self.stored = stored
+        self.calls: list[str] = []
+
+    def get_finetunejob(self, namespace: str, name: str) -> Json:
+        self.calls.append("get_finetunejob")
+        return copy.deepcopy(self.stored)
+
+    def patch_status(self, namespace: str, name: str, status: Json) -> None:
+        self.calls.append("patch_status")
+        self.stored["status"] = {**self.stored["status"], **status}
+
+    def event(self, owner: Json, kind: str, reason: str, message: str) -> None:
+        self.calls.append(f"event {reason}")
+
+
+def settle(cache: Cache, kube: RecordingKube, reconciler: Reconciler) -> None:
+    reconciler("ns", "job")
+    cache.ftj = copy.deepcopy(kube.stored)  # the watch brings the written status back
+    kube.calls.clear()
+
+
+def test_a_pass_with_nothing_to_change_makes_no_request_and_a_change_reads_afresh() -> None:
+    kube = RecordingKube(finetunejob())
+    cache = Cache(finetunejob(), training_job(), [pod("Pending")])
+    reconciler = Reconciler(kube, Settings())  # type: ignore[arg-type]
+    reconciler.cache = cache
+    settle(cache, kube, reconciler)
+    assert kube.stored["status"]["phase"] == "Pending"
+
+    reconciler("ns", "job")  # e.g. a Pod event that changed nothing the status shows
+    assert kube.calls == []
+
+    cache.pods = [pod("Running")]
+    reconciler("ns", "job")
+    assert kube.calls[:2] == ["get_finetunejob", "patch_status"]
+    assert kube.stored["status"]["phase"] == "Running"
+
+
+def test_a_stale_cached_status_leads_to_a_fresh_read_not_a_blind_write() -> None:
+    kube = RecordingKube(finetunejob())
+    cache = Cache(finetunejob(), training_job(), [pod("Running")])
+    reconciler = Reconciler(kube, Settings())  # type: ignore[arg-type]
+    reconciler.cache = cache
+    settle(cache, kube, reconciler)
+    cache.ftj = finetunejob({"phase": "Pending"})  # the cache lags a write the operator made
+    reconciler("ns", "job")
+    assert kube.calls == ["get_finetunejob"], "the fresh read shows the status is current: no write"
+
+
+def test_fresh_passes_always_read_the_finetunejob() -> None:
+    kube = RecordingKube(finetunejob())
+    cache = Cache(finetunejob(), training_job(), [pod("Pending")])
+    reconciler = Reconciler(kube, Settings())  # type: ignore[arg-type]
+    reconciler.cache = cache
+    settle(cache, kube, reconciler)
+    reconciler("ns", "job", fresh=True)  # the resync timer
+    assert kube.calls == ["get_finetunejob"]
+
+
+def test_a_job_without_its_training_job_is_never_settled_from_the_cache() -> None:
+    kube = RecordingKube(finetunejob({"phase": "Pending", "reason": "Starting"}))
+    cache = Cache(finetunejob({"phase": "Pending", "reason": "Starting"}), training_job(), [])
+    cache.job = None  # type: ignore[assignment]
+    reconciler = Reconciler(kube, Settings())  # type: ignore[arg-type]
+    reconciler.cache = cache
+    with pytest.raises(AttributeError):  # the test double stops the pass at its first create-path call
+        reconciler("ns", "job")
+    assert kube.calls == ["get_finetunejob"], "children are created only after a fresh read"
