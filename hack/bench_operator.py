@@ -192,11 +192,11 @@ class Api:
 class Operator:
     """`kubetune operator` for the bench namespaces, with the test double trainer."""
 
-    def __init__(self, env: dict[str, str], namespaces: str) -> None:
+    def __init__(self, env: dict[str, str]) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "kubetune", "operator", "--namespace", namespaces],
+            [sys.executable, "-m", "kubetune", "operator"],  # cluster-wide, as the chart installs it
             env={**env, "KUBETUNE_TRAINER_COMMAND": json.dumps(["python", str(FAKE_TRAINER)]),
                  "KUBETUNE_REPORT_LISTEN": f"127.0.0.1:{self.port}", "KUBETUNE_REPORT_URL": self.url,
                  "KUBETUNE_REPORT_KEY": secrets.token_hex(16), "KUBETUNE_LOG_LEVEL": "WARNING"},
@@ -318,16 +318,13 @@ class Bench:
         return any(sa["metadata"]["name"] == "default" for sa in items)
 
     def remove(self, namespace: str, timeout: float = 600) -> None:
-        """Delete a series' objects, then its namespace, and wait until all are gone: the next series
-        starts on a quiet cluster. (FineTuneJobs go first, while the operator still serves the
-        namespace and can release its finalizer.)"""
+        """Delete a series' FineTuneJobs (while the operator still serves the namespace and can
+        release its finalizer), then the namespace, and wait until it is gone: the next series starts
+        on a quiet cluster."""
         ftjs = f"/apis/kubetune.io/v1alpha1/namespaces/{namespace}/finetunejobs"
-        pods = f"/api/v1/namespaces/{namespace}/pods"
         self.api.request("DELETE", ftjs)
-        self.api.request("DELETE", f"/apis/batch/v1/namespaces/{namespace}/jobs",
-                         query=[("propagationPolicy", "Background")])
-        wait_until(lambda: not self.api.request("GET", ftjs)["items"] and not self.api.request("GET", pods)["items"],
-                   timeout, f"the FineTuneJobs and pods of {namespace} to be deleted")
+        wait_until(lambda: not self.api.request("GET", ftjs)["items"], timeout,
+                   f"the FineTuneJobs of {namespace} to be deleted")
         self.api.request("DELETE", f"/api/v1/namespaces/{namespace}")
 
         def gone() -> bool:
@@ -599,18 +596,21 @@ def main() -> None:
     parser.add_argument("--lifecycle-sizes", default="50,200", help="sizes of the test-double lifecycle series")
     parser.add_argument("--report-seconds", type=float, default=60)
     parser.add_argument("--idle-seconds", type=float, default=60, help="idle window at the largest size (0: skip)")
+    parser.add_argument("--series", default="floor,job-controller,peer",
+                        help="reference series to run next to the operator series (comma-separated)")
     parser.add_argument("--peer", choices=("auto", "off"), default="auto",
                         help="auto: measure Kubeflow training-operator when hack/build-peer.sh builds it")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s]
     lifecycle_sizes = [int(s) for s in args.lifecycle_sizes.split(",") if s]
+    series = set(args.series.split(","))
     results = Results()
     bench = Bench(args.dir, results)
     bench.run_kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
-    peer = peer_binary() if args.peer == "auto" else None
-    if peer is None and args.peer == "auto":
+    peer = peer_binary() if args.peer == "auto" and "peer" in series else None
+    if peer is None and args.peer == "auto" and "peer" in series:
         print("peer: Kubeflow training-operator not built (hack/build-peer.sh); the peer series is skipped")
-    bench.operator = Operator(bench.env, f"{bench.prefix}-*")  # a kopf glob: the series' namespaces come and go
+    bench.operator = Operator(bench.env)
     try:
         results.fact("operator RSS at start", f"{bench.operator.rss_mib():.0f} MiB")
         for size in lifecycle_sizes:
@@ -618,9 +618,11 @@ def main() -> None:
             bench.lifecycle(size)
         for size in sizes:
             print(f"series of {size}", flush=True)
-            bench.floor(size)
-            bench.job_controller(size)
-            if peer:
+            if "floor" in series:
+                bench.floor(size)
+            if "job-controller" in series:
+                bench.job_controller(size)
+            if peer and "peer" in series:
                 bench.peer(size, peer)
             largest = size == max(sizes)
             bench.operator_series(size, idle_seconds=args.idle_seconds if largest else 0, keep=largest)

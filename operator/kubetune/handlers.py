@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import aiohttp
 import kopf
 
 from kubetune import api, metrics
@@ -25,6 +26,7 @@ WAIT_RETRY_SECONDS = 5.0  # how often a job that waits for something (WAITING_RE
 WAITING_REASONS = ("MissingDependency", "NameConflict")
 CHILD_LABELS = {"app.kubernetes.io/managed-by": MANAGED_BY}
 Json = dict[str, Any]
+WATCHED: tuple[str, ...] = ()  # namespaces (or patterns) the operator watches; none: cluster-wide
 _reconciler: Reconciler | None = None
 _server: ReportServer | None = None
 
@@ -100,6 +102,33 @@ class CachedChildren:
 
     def list_pods(self, namespace: str, job: Json) -> list[Json]:
         return list(self.pods.get(job["metadata"]["uid"], ()))
+
+
+KOPF_REQUESTS = 32  # connections for kopf's own requests (finalizers), next to one per watch
+
+
+def kopf_connections(namespaces: tuple[str, ...]) -> int:
+    """A bound on kopf's connections to the API server: its watches (FineTuneJobs, Jobs, Pods and,
+    with glob patterns, namespaces: per namespace, or once cluster-wide) plus KOPF_REQUESTS. 0 (no
+    bound) with glob patterns, whose namespaces are not known in advance."""
+    if any(set(pattern) & set("*?[!") for pattern in namespaces):
+        return 0
+    return KOPF_REQUESTS + 4 * max(1, len(namespaces))
+
+
+@kopf.on.login()
+async def login(logger: Any, settings: kopf.OperatorSettings, **_: Any) -> kopf.AiohttpSession:
+    """kopf's own login (the service account in a pod, else the kubeconfig) on a bounded pool of
+    connections. kopf's default pool is unbounded: a burst of new FineTuneJobs opens one TLS
+    connection per finalizer write, each holding a 256 KiB buffer (hundreds of MiB at 1,000 jobs)."""
+    info = kopf.login_via_client(logger=logger, settings=settings)
+    if info is None:
+        raise kopf.LoginError("no Kubernetes credentials: neither in-cluster nor a kubeconfig")
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=kopf_connections(WATCHED), ssl=info.as_ssl_context()),
+        headers=info.as_http_headers(), auth=info.as_aiohttp_basic_auth(), trust_env=info.trust_env)
+    return kopf.AiohttpSession(server=info.server, default_namespace=info.default_namespace,
+                               aiohttp_session=session)
 
 
 @kopf.on.startup()
@@ -247,7 +276,9 @@ def run(namespaces: list[str]) -> int:
 
     logging.basicConfig(level=SETTINGS.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kubernetes").setLevel(logging.WARNING)
+    global WATCHED
     watched = namespaces or list(SETTINGS.namespaces)
+    WATCHED = tuple(watched)
     asyncio.run(kopf.operator(
         standalone=True,
         clusterwide=not watched,
