@@ -109,41 +109,33 @@ class Kube:
 
     # --- FineTuneJobs -------------------------------------------------------------------------
 
-    def get_finetunejob(self, namespace: str, name: str) -> Json | None:
+    @staticmethod
+    def _found(read: Callable[[], Any]) -> Json | None:
+        """The object `read` returns, or None when the API server answers 404."""
         try:
-            obj = self.custom.get_namespaced_custom_object(api.GROUP, api.VERSION, namespace, api.PLURAL, name,
-                                                           _request_timeout=self.timeout)
+            return cast(Json, read())
         except ApiException as exc:
             if exc.status == 404:
                 return None
             raise
-        return cast(Json, obj)
+
+    def get_finetunejob(self, namespace: str, name: str) -> Json | None:
+        return self._found(lambda: self.custom.get_namespaced_custom_object(
+            api.GROUP, api.VERSION, namespace, api.PLURAL, name, _request_timeout=self.timeout))
 
     # --- presets ------------------------------------------------------------------------------
 
     def get_namespace(self, name: str) -> Json | None:
-        try:
-            return self._json(self.core.read_namespace, name)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
+        return self._found(lambda: self._json(self.core.read_namespace, name))
 
     def get_preset(self, kind: str, namespace: str, name: str) -> Json | None:
         """A FineTunePreset in `namespace`, or a ClusterFineTunePreset; None when it does not exist."""
         plural = presets.PLURALS[kind]
-        try:
-            if kind == presets.CLUSTER_KIND:
-                obj = self.custom.get_cluster_custom_object(api.GROUP, api.VERSION, plural, name,
-                                                            _request_timeout=self.timeout)
-            else:
-                obj = self.custom.get_namespaced_custom_object(api.GROUP, api.VERSION, namespace, plural, name,
-                                                               _request_timeout=self.timeout)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-        return cast(Json, obj)
+        if kind == presets.CLUSTER_KIND:
+            return self._found(lambda: self.custom.get_cluster_custom_object(
+                api.GROUP, api.VERSION, plural, name, _request_timeout=self.timeout))
+        return self._found(lambda: self.custom.get_namespaced_custom_object(
+            api.GROUP, api.VERSION, namespace, plural, name, _request_timeout=self.timeout))
 
     def patch_status(self, namespace: str, name: str, status: Json) -> None:
         """Merge-patch the status subresource; keys set to None are removed."""
@@ -198,12 +190,7 @@ class Kube:
         return existing, False
 
     def get_job(self, namespace: str, name: str) -> Json | None:
-        try:
-            return self._json(self.batch.read_namespaced_job, name, namespace)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
+        return self._found(lambda: self._json(self.batch.read_namespaced_job, name, namespace))
 
     def set_job_suspend(self, namespace: str, name: str, suspend: bool) -> None:
         self.batch.patch_namespaced_job(name, namespace, {"spec": {"suspend": suspend}},

@@ -72,12 +72,17 @@ def http_get_json(url: str, timeout: float = FETCH_TIMEOUT_S) -> Json:
         raise ConfigUnavailable(f"{url}: unreachable: {getattr(err, 'reason', err)}") from err
     if len(body) > CONFIG_MAX_BYTES:
         raise ConfigUnavailable(f"{url}: larger than {CONFIG_MAX_BYTES} bytes, not a config.json")
+    return json_object(body, url)
+
+
+def json_object(text: str | bytes, where: object) -> Json:
+    """A JSON object parsed from `text`; ConfigUnavailable naming `where` otherwise."""
     try:
-        data = json.loads(body)
+        data = json.loads(text)
     except ValueError as err:
-        raise ConfigUnavailable(f"{url}: not JSON: {err}") from err
+        raise ConfigUnavailable(f"{where}: not JSON: {err}") from err
     if not isinstance(data, dict):
-        raise ConfigUnavailable(f"{url}: expected a JSON object")
+        raise ConfigUnavailable(f"{where}: expected a JSON object")
     return data
 
 
@@ -112,14 +117,10 @@ def local_config(source: str) -> Json | None:
     directory = Path(urllib.parse.urlparse(source).path if source.startswith("file://") else source).expanduser()
     path = directory if directory.name == "config.json" else directory / "config.json"
     try:
-        data = json.loads(path.read_text())
+        text = path.read_text()
     except FileNotFoundError as err:
         raise ConfigUnavailable(f"{path}: no such file") from err
-    except ValueError as err:
-        raise ConfigUnavailable(f"{path}: not JSON: {err}") from err
-    if not isinstance(data, dict):
-        raise ConfigUnavailable(f"{path}: expected a JSON object")
-    return data
+    return json_object(text, path)
 
 
 def credentialed_config(source: str, storage: StorageSpec, revision: str | None) -> Json:
