@@ -69,18 +69,20 @@ class RecordingKube:
         self.calls.append(f"event {reason}")
 
 
-def settle(cache: Cache, kube: RecordingKube, reconciler: Reconciler) -> None:
+def settled(pods: list[Json]) -> tuple[RecordingKube, Cache, Reconciler]:
+    """A reconciler with watch caches after one full pass, its status written and seen on the watch."""
+    kube = RecordingKube(finetunejob())
+    cache = Cache(finetunejob(), training_job(), pods)
+    reconciler = Reconciler(kube, Settings())  # type: ignore[arg-type]
+    reconciler.cache = cache
     reconciler("ns", "job")
     cache.ftj = copy.deepcopy(kube.stored)  # the watch brings the written status back
     kube.calls.clear()
+    return kube, cache, reconciler
 
 
 def test_a_pass_with_nothing_to_change_makes_no_request_and_a_change_reads_afresh() -> None:
-    kube = RecordingKube(finetunejob())
-    cache = Cache(finetunejob(), training_job(), [pod("Pending")])
-    reconciler = Reconciler(kube, Settings())  # type: ignore[arg-type]
-    reconciler.cache = cache
-    settle(cache, kube, reconciler)
+    kube, cache, reconciler = settled([pod("Pending")])
     assert kube.stored["status"]["phase"] == "Pending"
 
     reconciler("ns", "job")  # e.g. a Pod event that changed nothing the status shows
@@ -93,22 +95,14 @@ def test_a_pass_with_nothing_to_change_makes_no_request_and_a_change_reads_afres
 
 
 def test_a_stale_cached_status_leads_to_a_fresh_read_not_a_blind_write() -> None:
-    kube = RecordingKube(finetunejob())
-    cache = Cache(finetunejob(), training_job(), [pod("Running")])
-    reconciler = Reconciler(kube, Settings())  # type: ignore[arg-type]
-    reconciler.cache = cache
-    settle(cache, kube, reconciler)
+    kube, cache, reconciler = settled([pod("Running")])
     cache.ftj = finetunejob({"phase": "Pending"})  # the cache lags a write the operator made
     reconciler("ns", "job")
     assert kube.calls == ["get_finetunejob"], "the fresh read shows the status is current: no write"
 
 
 def test_fresh_passes_always_read_the_finetunejob() -> None:
-    kube = RecordingKube(finetunejob())
-    cache = Cache(finetunejob(), training_job(), [pod("Pending")])
-    reconciler = Reconciler(kube, Settings())  # type: ignore[arg-type]
-    reconciler.cache = cache
-    settle(cache, kube, reconciler)
+    kube, _cache, reconciler = settled([pod("Pending")])
     reconciler("ns", "job", fresh=True)  # the resync timer
     assert kube.calls == ["get_finetunejob"]
 
