@@ -9,12 +9,18 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
+
+# The wait at the end of a run lasts as long as rank 0 publishes (a merged model's upload can take
+# hours): it runs on its own gloo group, whose timeout is this, not the training group's.
+FINISH_TIMEOUT = timedelta(hours=24)
+_finish_group: Any = None
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,22 @@ class World:
 
         if self.distributed:
             torch.distributed.barrier()
+
+    def finish_together(self) -> None:
+        """Return once every rank is done: rank 0 once it has published.
+
+        Over several pods, a pod whose processes exit 0 completes its index of the Indexed Job for
+        good, so no rank may end before rank 0 has published. If rank 0 fails instead, its process
+        group goes away and this raises: the other ranks fail with it and the Job restarts the group.
+        """
+        if not self.distributed:
+            return
+        import torch
+
+        try:
+            torch.distributed.barrier(group=_finish_group)
+        except RuntimeError as err:
+            raise RuntimeError(f"rank 0 did not finish the run ({err}); this rank stops with it") from err
 
     def all_reduce_sum(self, values: list[float], dev: torch.device) -> list[float]:
         """Element-wise sum of ``values`` over every rank (the values themselves on one process)."""
@@ -96,6 +118,8 @@ def init(world: World) -> None:
     else:
         backend = "gloo"
     torch.distributed.init_process_group(backend=backend, rank=world.rank, world_size=world.world_size)
+    global _finish_group
+    _finish_group = torch.distributed.new_group(backend="gloo", timeout=FINISH_TIMEOUT)
     log.info("process group: rank %d of %d (local rank %d), backend %s",
              world.rank, world.world_size, world.local_rank, backend)
 

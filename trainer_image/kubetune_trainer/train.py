@@ -368,12 +368,15 @@ class Trainer:
         try:
             distributed.init(self.world)
             if threading.current_thread() is not threading.main_thread():
-                return self._run()
-            previous = signal.signal(signal.SIGTERM, self._on_sigterm)
-            try:
-                return self._run()
-            finally:
-                signal.signal(signal.SIGTERM, previous)
+                result = self._run()
+            else:
+                previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+                try:
+                    result = self._run()
+                finally:
+                    signal.signal(signal.SIGTERM, previous)
+            self.world.finish_together()
+            return result
         except OUT_OF_MEMORY_ERRORS as err:
             raise OutOfMemory(self.out_of_memory_message(err)) from err
         finally:
