@@ -32,8 +32,10 @@ kube_http (REST client).
 Not supported: images and their filesystems, user/PID/network namespaces (pods share the host's
 loopback network; the pod IP is 127.0.0.1), resource limits, probes, lifecycle hooks, sidecar
 init containers, ephemeral containers, ``kubectl exec/attach/port-forward``, ``logs --previous``
-(restarts append to one file), Services/DNS, volume updates
-after start, securityContext (processes run as root), GPU device isolation.
+(restarts append to one file), Services and cluster DNS (one exception: the /etc/hosts of a pod
+with ``spec.subdomain`` lists the other live pods of that headless Service, which is what a run
+over several nodes needs), volume updates after start, securityContext (processes run as root),
+GPU device isolation.
 """
 
 from __future__ import annotations
@@ -184,7 +186,24 @@ class Agent:
                 return
             worker = PodWorker(self, pod)
             self.workers[uid] = worker
+        self.refresh_hosts(worker)
         worker.start()
+
+    def service_peers(self, worker: PodWorker) -> list[PodWorker]:
+        """The live pods named by the same headless Service as ``worker`` (itself included)."""
+        if not worker.subdomain:
+            return []
+        with self.lock:
+            return [w for w in self.workers.values() if not w.deleted
+                    and (w.namespace, w.subdomain) == (worker.namespace, worker.subdomain)]
+
+    def refresh_hosts(self, worker: PodWorker) -> None:
+        """Stand-in for cluster DNS: a pod of a headless Service came or went; every started pod of
+        that Service gets the current names in its /etc/hosts."""
+        peers = self.service_peers(worker)
+        for peer in peers:
+            if (peer.dir / "etc-hosts").exists():
+                peer.write_hosts(peers)
 
     def container_running(self, namespace: str, pod: str, container: str) -> bool:
         with self.lock:
@@ -204,6 +223,7 @@ class Agent:
             self.workers.pop(worker.uid, None)
             if not worker.deleted:
                 self.finished.add(worker.uid)
+        self.refresh_hosts(worker)
 
     def watch_pods(self) -> None:
         path = "/api/v1/pods"

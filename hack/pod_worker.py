@@ -286,20 +286,44 @@ class PodWorker(threading.Thread):
         lines.append('exec "$@"')
         return "\n".join(lines)
 
+    @property
+    def hostname(self) -> str:
+        return str(self.pod["spec"].get("hostname") or self.pod_name)[:63]
+
+    @property
+    def subdomain(self) -> str | None:
+        """The headless Service that names this pod (``spec.subdomain``), if any."""
+        return self.pod["spec"].get("subdomain")
+
+    def dns_names(self) -> list[str]:
+        """The names cluster DNS would give this pod: <hostname>.<subdomain>[.<ns>.svc.cluster.local]."""
+        if not self.subdomain:
+            return []
+        short = f"{self.hostname}.{self.subdomain}"
+        return [f"{short}.{self.namespace}.svc.cluster.local", short]
+
     def host_identity(self) -> tuple[str, Path]:
         """The pod's hostname and its /etc/hosts file, as kubelet manages them."""
-        spec = self.pod["spec"]
-        hostname = (spec.get("hostname") or self.pod_name)[:63]
-        names = [hostname]
-        if spec.get("subdomain"):
-            names.insert(0, f"{hostname}.{spec['subdomain']}.{self.namespace}.svc.cluster.local")
         hosts = self.dir / "etc-hosts"
         if not hosts.exists():
             hosts.parent.mkdir(parents=True, exist_ok=True)
-            hosts.write_text("# Kubernetes-managed hosts file (kubetune local node agent).\n"
-                             "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
-                             f"{POD_IP}\t{' '.join(names)}\n")
-        return hostname, hosts
+            self.write_hosts(self.agent.service_peers(self))
+        return self.hostname, hosts
+
+    def write_hosts(self, peers: list[PodWorker]) -> None:
+        """kubelet's hosts file, plus, standing in for cluster DNS (the node runs none), the names of
+        the other pods of the same headless Service: every pod's IP is the host's loopback.
+        Rewritten in place when those pods come and go (the file is bind-mounted by inode)."""
+        lines = ["# Kubernetes-managed hosts file (kubetune local node agent).",
+                 "127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback",
+                 f"{POD_IP}\t{' '.join([*self.dns_names(), self.hostname])}"]
+        lines += [f"{POD_IP}\t{' '.join(peer.dns_names())}  # stand-in for cluster DNS"
+                  for peer in peers if peer is not self]
+        hosts = self.dir / "etc-hosts"
+        with open(hosts, "a+") as file:  # never replaced: a running pod has it bind-mounted
+            file.seek(0)
+            file.truncate()
+            file.write("\n".join(lines) + "\n")
 
     def start_container(self, run: ContainerRun) -> None:
         env = self.env_cache[run.name]
