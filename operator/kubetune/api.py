@@ -54,11 +54,19 @@ class JobStorageSpec(StorageSpec):
     """Secret with the credentials; they reach the pod only as secretKeyRef environment variables."""
 
 
-class DistributionSpec(Section):
-    """How many training processes run: one per GPU of the pod (data parallel, PyTorch DDP)."""
+MAX_NODES = 64
+# Pod hostnames of a run over several nodes are <name>-trainer-<index> (at most 63 characters).
+MAX_MULTI_NODE_NAME = 52
 
-    nodes: int = Field(default=1, ge=1, le=1)
-    """Number of nodes. Only 1 in v1alpha1: use resources.gpus for several GPUs on one node."""
+
+class DistributionSpec(Section):
+    """How many training processes run: one per GPU of each pod (data parallel, PyTorch DDP), on one
+    or several pods."""
+
+    nodes: int = Field(default=1, ge=1, le=MAX_NODES)
+    """Pods (nodes) of the run. Above 1: an Indexed Job of this many pods and a headless Service;
+    torchrun rendezvouses at pod 0, and a failed pod restarts the whole group from its newest
+    checkpoint. The FineTuneJob's name may then have at most 52 characters (pod hostnames)."""
     processes_per_node: int = Field(default=1, ge=1, le=64)
     """Training processes of a CPU-only job (resources.gpus 0; gloo backend). With GPUs there is one
     process per GPU and this stays 1."""
@@ -197,7 +205,8 @@ class FineTuneJobSpec(RunSections):
     suspend: bool = False
     """Suspend the job: running pods are stopped; false resumes (from the last checkpoint)."""
     backoff_limit: int = Field(default=3, ge=0, le=100)
-    """Retries of a failed pod (invalid input is never retried)."""
+    """Retries of a failed pod (invalid input is never retried). Over several nodes it counts
+    restarts of the whole group."""
     active_deadline_seconds: int | None = Field(default=None, ge=1)
     """Time limit of the whole run, in seconds."""
     ttl_seconds_after_finished: int | None = Field(default=None, ge=0)
@@ -284,6 +293,16 @@ class FineTuneJobStatus(Section):
     """Results."""
     preset: AppliedPreset | None = None
     """The preset whose defaults were applied."""
+
+
+def name_problem(name: str, spec: FineTuneJobSpec) -> str | None:
+    """What is wrong with a FineTuneJob's name for its spec (the CRD's metadata rule), or None."""
+    nodes = spec.resources.distribution.nodes
+    if nodes > 1 and len(name) > MAX_MULTI_NODE_NAME:
+        return (f"metadata.name: {len(name)} characters; a job over several nodes (resources.distribution.nodes "
+                f"{nodes}) may have at most {MAX_MULTI_NODE_NAME}, as its pods' hostnames are "
+                "<name>-trainer-<index> (at most 63)")
+    return None
 
 
 class FineTuneJob(Section):

@@ -64,6 +64,17 @@ SPEC_RULES: list[Schema] = [
         "reason": "FieldValueInvalid",
     },
 ]
+# Rules on the whole object (metadata.name is the only metadata CEL may read).
+ROOT_RULES: list[Schema] = [
+    {
+        "rule": f"self.spec.?resources.?distribution.?nodes.orValue(1) <= 1 || "
+                f"size(self.metadata.name) <= {api.MAX_MULTI_NODE_NAME}",
+        "message": f"metadata.name: a job over several nodes (resources.distribution.nodes > 1) may have at most "
+                   f"{api.MAX_MULTI_NODE_NAME} characters, as its pods' hostnames are <name>-trainer-<index> "
+                   "(at most 63)",
+        "reason": "FieldValueInvalid",
+    },
+]
 SECTION_RULES: dict[str, list[Schema]] = {
     "training": [
         {
@@ -248,6 +259,7 @@ def build_crd() -> Schema:
                                 "spec": spec_schema(),
                                 "status": status_schema(),
                             },
+                            "x-kubernetes-validations": copy.deepcopy(ROOT_RULES),
                         }
                     },
                 }

@@ -68,7 +68,7 @@ async def finetunejobs(namespace: str | None, name: str, body: kopf.Body, **_: A
 async def training_jobs(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Any, Json]:
     """Watch cache of training Jobs, by (namespace, name). kopf fills every index from its initial
     listing before any handler runs, so a reconcile never sees a half-filled cache."""
-    return {(namespace, name): essentials(body, ("suspend",))}
+    return {(namespace, name): essentials(body, ("suspend", "completions"))}
 
 
 @kopf.index("", "v1", "pods", labels=CHILD_LABELS)

@@ -174,6 +174,7 @@ class Kube:
             "NetworkPolicy": (self.networking.create_namespaced_network_policy,
                               self.networking.read_namespaced_network_policy),
             "Secret": (self.core.create_namespaced_secret, None),
+            "Service": (self.core.create_namespaced_service, self.core.read_namespaced_service),
         }
         create, read = calls[kind]
         try:
@@ -203,12 +204,14 @@ class Kube:
         return items
 
     def delete_children(self, namespace: str, name: str) -> None:
-        """Delete a FineTuneJob's Job (with its pods), ConfigMap and NetworkPolicy. Its report Secret
-        stays until the FineTuneJob is deleted (owner reference): the operator never deletes Secrets."""
+        """Delete a FineTuneJob's Job (with its pods), ConfigMap, NetworkPolicy and Service (several
+        nodes). Its report Secret stays until the FineTuneJob is deleted (owner reference): the
+        operator never deletes Secrets."""
         for delete, child in (
             (self.batch.delete_namespaced_job, job_name(name)),
             (self.core.delete_namespaced_config_map, config_map_name(name)),
             (self.networking.delete_namespaced_network_policy, job_name(name)),
+            (self.core.delete_namespaced_service, job_name(name)),
         ):
             try:
                 delete(child, namespace, propagation_policy="Background", _request_timeout=self.timeout)

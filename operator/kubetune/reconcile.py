@@ -19,7 +19,7 @@ from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from kubetune import metrics, preflight, presets, render, status
-from kubetune.api import FineTuneJobSpec
+from kubetune.api import FineTuneJobSpec, name_problem
 from kubetune.kube import Kube, NotOwned, api_message, now
 from kubetune.presets import PresetLimits
 from kubetune.settings import Settings
@@ -261,6 +261,10 @@ class Reconciler:
                 return  # a finished job keeps its outcome, even if validation rules changed since
             self._invalid(ftj, job_name, validation_message(error), previous, generation, applied)
             return
+        bad_name = name_problem(name, spec)
+        if bad_name and job is None and previous.get("phase") not in status.TERMINAL:
+            self._invalid(ftj, job_name, bad_name, previous, generation, applied)
+            return
         if job is None and previous.get("phase") not in status.TERMINAL:
             where = f"{applied['kind']}/{applied['name']}" if applied else None
             broken = presets.violations(spec, raw, limits, preset=where,
@@ -305,6 +309,8 @@ class Reconciler:
                 config_map = render.render_config_map(ftj, spec, self.settings)
                 self.kube.create_or_adopt(config_map, uid)
                 self.kube.create_or_adopt(render.render_network_policy(ftj), uid)
+                if spec.resources.distribution.nodes > 1:
+                    self.kube.create_or_adopt(render.render_service(ftj), uid)
                 desired = render.render_job(ftj, spec, self.settings, config_map,
                                             render.preset_annotations(applied, defaults))
                 job, created = self.kube.create_or_adopt(desired, uid)

@@ -46,6 +46,7 @@ LIVE_FIELDS = ("suspend", "ttlSecondsAfterFinished")
 OWNER_ANNOTATION = "kubetune.io/finetunejob"  # full FineTuneJob name (labels cap at 63 characters)
 MANAGED_BY = "kubetune-operator"
 MAX_NAME = 63  # Job names become pod label values: at most 63 characters.
+RENDEZVOUS_PORT = 29400  # torchrun's c10d rendezvous, on pod 0 of a run over several nodes
 
 
 def child_name(name: str, suffix: str) -> str:
@@ -289,12 +290,29 @@ def processes_per_pod(spec: api.FineTuneJobSpec) -> int:
     return spec.resources.gpus or spec.resources.distribution.processes_per_node
 
 
-def trainer_command(spec: api.FineTuneJobSpec, settings: Settings) -> list[str]:
-    """The trainer itself for one process; the launcher (torchrun) for several."""
-    processes = processes_per_pod(spec)
-    if processes == 1:
+def rendezvous_endpoint(name: str) -> str:
+    """Where the pods of a run over several nodes meet: pod index 0, by its name in the headless
+    Service (an Indexed Job's pod i has hostname <job>-i, and the Service is its subdomain)."""
+    job = job_name(name)
+    return f"{job}-0.{job}:{RENDEZVOUS_PORT}"
+
+
+def trainer_command(owner: Json, spec: api.FineTuneJobSpec, settings: Settings) -> list[str]:
+    """The trainer itself for one process; the launcher (torchrun) for several.
+
+    Over several pods, torchrun's c10d rendezvous (run id: the FineTuneJob's UID) at pod 0 forms
+    the group; --max-restarts 0 hands every failure to the Job, which restarts the whole group.
+    """
+    processes, nodes = processes_per_pod(spec), spec.resources.distribution.nodes
+    if processes == 1 and nodes == 1:
         return list(settings.trainer_command)
-    return [*settings.launcher_command, "--nproc-per-node", str(processes), "-m", "kubetune_trainer"]
+    if nodes == 1:
+        where = ["--standalone"]
+    else:
+        where = ["--nnodes", str(nodes), "--rdzv-backend", "c10d",
+                 "--rdzv-endpoint", rendezvous_endpoint(owner["metadata"]["name"]),
+                 "--rdzv-id", owner["metadata"]["uid"], "--max-restarts", "0"]
+    return [*settings.launcher_command, *where, "--nproc-per-node", str(processes), "-m", "kubetune_trainer"]
 
 
 def render_pod_spec(owner: Json, spec: api.FineTuneJobSpec, settings: Settings) -> Json:
@@ -303,7 +321,7 @@ def render_pod_spec(owner: Json, spec: api.FineTuneJobSpec, settings: Settings) 
     container: Json = {
         "name": CONTAINER,
         "image": spec.image or settings.trainer_image,
-        "command": trainer_command(spec, settings),
+        "command": trainer_command(owner, spec, settings),
         "args": ["--config", f"{CONFIG_DIR}/{CONFIG_FILE}"],
         "env": _env(owner, spec, settings),
         "resources": _resources(spec, settings),
@@ -347,7 +365,26 @@ def render_pod_spec(owner: Json, spec: api.FineTuneJobSpec, settings: Settings) 
         "imagePullSecrets": [{"name": s.name} for s in spec.image_pull_secrets or []] or None,
     }
     pod.update({k: v for k, v in optional.items() if v is not None})
+    if spec.resources.distribution.nodes > 1:
+        pod["subdomain"] = job_name(owner["metadata"]["name"])  # the headless Service: <job>-<i>.<job>
     return pod
+
+
+def render_service(owner: Json) -> Json:
+    """The headless Service of a run over several nodes: DNS names for its pods (<job>-<i>.<job>),
+    published before they are ready, since the rendezvous is what they are waiting for."""
+    name = owner["metadata"]["name"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": child_metadata(owner, job_name(name)),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {JOB_LABEL: label_value(name)},
+            "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT, "protocol": "TCP"}],
+        },
+    }
 
 
 def render_network_policy(owner: Json) -> Json:
@@ -412,9 +449,12 @@ def render_job(owner: Json, spec: api.FineTuneJobSpec, settings: Settings, confi
     meta["annotations"] = {**annotations, SPEC_HASH_ANNOTATION: spec_hash(owner),
                            GENERATION_ANNOTATION: str(owner["metadata"].get("generation") or 1), **scanner_notes(spec),
                            **(preset or {})}
+    nodes = spec.resources.distribution.nodes
     job_spec: Json = {
         "suspend": bool(spec.suspend or queue),
-        "backoffLimit": spec.backoff_limit,
+        # Over several nodes, one failure ends every pod of the group (their collectives fail) and
+        # the Job replaces them all: backoffLimit counts group restarts.
+        "backoffLimit": spec.backoff_limit * nodes,
         # One writer per run directory: a replacement pod starts only once the previous one has
         # fully terminated (it may still be uploading a checkpoint during its grace period).
         "podReplacementPolicy": "Failed",
@@ -440,6 +480,9 @@ def render_job(owner: Json, spec: api.FineTuneJobSpec, settings: Settings, confi
             "spec": render_pod_spec(owner, spec, settings),
         },
     }
+    if nodes > 1:
+        # Pod i has hostname <job>-i: pod 0 hosts the rendezvous; all pods must succeed.
+        job_spec.update(completionMode="Indexed", completions=nodes, parallelism=nodes)
     if spec.active_deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}

@@ -65,7 +65,7 @@ class Settings:
     trainer_command: tuple[str, ...] = ("python", "-m", "kubetune_trainer")
     # Several processes per pod: torchrun that keeps the failed worker's exit code (the Job's
     # podFailurePolicy reads it), running the trainer module in each process.
-    launcher_command: tuple[str, ...] = ("python", "-m", "kubetune_trainer.launch", "--standalone")
+    launcher_command: tuple[str, ...] = ("python", "-m", "kubetune_trainer.launch")
     liveness_endpoint: str | None = None
     log_level: str = "INFO"
     report_url: str | None = None

@@ -132,14 +132,18 @@ def observe(job: Json | None, pods: list[Json], *, suspend: bool, queued: bool) 
         return Observed("Pending", "Creating", "creating the training Job")
     status = job.get("status") or {}
     counts = sum(int(status.get(k) or 0) for k in ("active", "failed", "succeeded"))
-    attempts = max(counts, len(pods)) or None
+    # One attempt runs one pod per node (an Indexed Job of that many completions).
+    group = int((job.get("spec") or {}).get("completions") or 1)
+    attempts = -(-max(counts, len(pods)) // group) or None
     start = status.get("startTime")
     pods = newest(pods)
 
     done = condition(job, "Complete") or condition(job, "SuccessCriteriaMet")
     if done:
-        summary = next((parse_summary((terminated_state(p) or {}).get("message")) for p in pods
-                        if (terminated_state(p) or {}).get("exitCode") == 0), None)
+        # Over several pods, only the one of rank 0 carries the summary.
+        summaries = (parse_summary((terminated_state(p) or {}).get("message")) for p in pods
+                     if (terminated_state(p) or {}).get("exitCode") == 0)
+        summary = next((s for s in summaries if s), None)
         completion = status.get("completionTime") or done.get("lastTransitionTime")
         return Observed("Succeeded", "Succeeded", "training finished", start, completion, attempts, summary)
 

@@ -61,15 +61,22 @@ def owner(name: str = "llama", namespace: str = "team-a") -> dict[str, Any]:
             "metadata": {"name": name, "namespace": namespace, "uid": "0000-1111"}}
 
 
+MULTI_NODE: dict[str, Any] = {**MINIMAL, "resources": {"gpus": 4, "distribution": {"nodes": 3}}}
+CASES = {"minimal": MINIMAL, "maximal": MAXIMAL, "multinode": MULTI_NODE}
+
+
 def rendered(spec: dict[str, Any]) -> dict[str, Any]:
     parsed = FineTuneJobSpec.model_validate(spec)
     config_map = render.render_config_map(owner(), parsed, SETTINGS)
-    return {"configMap": config_map, "job": render.render_job(owner(), parsed, SETTINGS, config_map)}
+    children = {"configMap": config_map, "job": render.render_job(owner(), parsed, SETTINGS, config_map)}
+    if parsed.resources.distribution.nodes > 1:
+        children["service"] = render.render_service(owner())
+    return children
 
 
-@pytest.mark.parametrize("case", ["minimal", "maximal"])
+@pytest.mark.parametrize("case", sorted(CASES))
 def test_render_matches_golden(case: str) -> None:
-    actual = yaml.safe_dump(rendered(MINIMAL if case == "minimal" else MAXIMAL), sort_keys=True)
+    actual = yaml.safe_dump(rendered(CASES[case]), sort_keys=True)
     path = GOLDEN / f"{case}.yaml"
     if os.environ.get("KUBETUNE_UPDATE_GOLDEN"):
         path.parent.mkdir(exist_ok=True)
@@ -200,3 +207,31 @@ def test_one_training_process_per_gpu_under_the_launcher() -> None:
         "python", "-m", "kubetune_trainer.launch", "--standalone", "--nproc-per-node", "4", "-m", "kubetune_trainer"]
     cpu = pod({**MINIMAL, "resources": {"gpus": 0, "distribution": {"processesPerNode": 2}}})
     assert cpu["containers"][0]["command"][-4:] == ["--nproc-per-node", "2", "-m", "kubetune_trainer"]
+
+
+def test_a_run_over_several_nodes_is_an_indexed_job_that_meets_at_pod_zero() -> None:
+    children = rendered(MULTI_NODE)
+    job, service = children["job"], children["service"]
+    assert job["spec"] | {"completionMode": "Indexed", "completions": 3, "parallelism": 3} == job["spec"]
+    assert job["spec"]["backoffLimit"] == 3 * 3  # restarts of the whole group, three pods each
+    pod_spec = job["spec"]["template"]["spec"]
+    assert pod_spec["subdomain"] == service["metadata"]["name"] == job["metadata"]["name"] == "llama-trainer"
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
+    assert service["spec"]["selector"] == {render.JOB_LABEL: "llama"}
+    assert set(pod_spec["containers"][0]["command"]) >= {"--nnodes", "3", "--nproc-per-node", "4",
+                                                         "llama-trainer-0.llama-trainer:29400", "--max-restarts"}
+    assert "--standalone" not in pod_spec["containers"][0]["command"]
+    single = rendered({**MINIMAL, "resources": {"gpus": 2}})["job"]
+    assert "completionMode" not in single["spec"] and "subdomain" not in single["spec"]["template"]["spec"]
+    assert "--standalone" in single["spec"]["template"]["spec"]["containers"][0]["command"]
+
+
+@pytest.mark.parametrize(("name", "nodes", "bad"), [("n" * 52, 64, False), ("n" * 53, 2, True), ("n" * 63, 1, False)])
+def test_a_job_over_several_nodes_has_a_name_its_pod_hostnames_fit(name: str, nodes: int, bad: bool) -> None:
+    spec = FineTuneJobSpec.model_validate({**MINIMAL, "resources": {"gpus": 1, "distribution": {"nodes": nodes}}})
+    problem = api.name_problem(name, spec)
+    assert (problem is not None) == bad
+    if bad:
+        assert problem is not None and problem.startswith("metadata.name:") and "at most 52" in problem
+    if nodes > 1 and not bad:  # every pod's hostname is a DNS label
+        assert len(f"{render.job_name(name)}-{nodes - 1}") <= 63
