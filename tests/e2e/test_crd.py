@@ -66,3 +66,14 @@ def test_training_sections_are_immutable(cluster: Any, crd: None, namespace: str
     result = cluster.kubectl("patch", "ftj", "fixed", "-n", namespace, "--type=merge",
                              "-p", '{"spec":{"suspend":true}}', check=False)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_job_over_several_nodes_has_a_name_its_pod_hostnames_can_carry(cluster: Any, crd: None,
+                                                                         namespace: str) -> None:
+    two_nodes = {"resources": {"gpus": 1, "distribution": {"nodes": 2}}}
+    result = apply(cluster, namespace, finetunejob("n" * 53, **two_nodes))
+    assert result.returncode != 0 and "metadata.name" in result.stderr and "at most 52" in result.stderr, result.stderr
+    assert apply(cluster, namespace, finetunejob("n" * 52, **two_nodes)).returncode == 0
+    assert apply(cluster, namespace, finetunejob("o" * 60)).returncode == 0  # one node: any valid name
+    result = apply(cluster, namespace, finetunejob("many", resources={"gpus": 1, "distribution": {"nodes": 65}}))
+    assert result.returncode != 0 and "spec.resources.distribution.nodes" in result.stderr, result.stderr
