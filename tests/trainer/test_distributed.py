@@ -150,3 +150,26 @@ def test_launcher_keeps_the_exit_code_of_the_failed_worker(assets: Path, tmp_pat
     assert launched.returncode == 3, launched.stderr[-4000:]
     summary = json.loads((tmp_path / "termination-log").read_text())
     assert summary["exitCode"] == 3 and "'question' (dataset.promptColumn) not found" in summary["error"]
+
+
+def test_no_rank_ends_before_rank_zero_has_published(assets: Path, tmp_path: Path) -> None:
+    """Over several pods, a pod whose ranks exit 0 completes its Job index for good: when rank 0
+    fails while publishing, the other ranks must fail with it (so the Job restarts the group)."""
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '0':\n"
+        "    from kubetune_trainer import train\n"
+        "    def finish(self, *args, **kwargs):\n"
+        "        raise RuntimeError('the store refused the manifest (planted failure)')\n"
+        "    train.Trainer.finish = finish\n")
+    config = write_config(tmp_path / "cfg.yaml", tiny_config(assets, tmp_path / "out", training={"maxSteps": 4}))
+    env = run_env(tmp_path)
+    env["PYTHONPATH"] = os.pathsep.join([str(inject), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-m", "kubetune_trainer.launch", *torchrun(config)[3:]],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert done.returncode != 0, done.stderr[-4000:]
+    assert "planted failure" in done.stderr
+    assert "rank 0 did not finish the run" in done.stderr, done.stderr[-4000:]  # rank 1 failed with it
+    assert not (tmp_path / "out" / "tiny" / "manifest.json").exists()
