@@ -1,6 +1,6 @@
 """CPU benchmark of the trainer on the tiny local backbone against a transformers.Trainer baseline.
 
-    python hack/bench_trainer.py [--steps 30] [--warmup-steps 15] [--modes none,int8,int4]
+    python hack/bench_trainer.py [--steps 30] [--warmup-steps 15] [--repeat 1] [--modes none,int8,int4]
 
 Each mode runs the KubeTune trainer (``python -m kubetune_trainer``) and the practitioners'
 baseline (``hack/baseline_trainer.py``: transformers.Trainer + peft) on the same config, each in its
@@ -100,10 +100,30 @@ def run_baseline(config: dict[str, Any], work: Path, name: str) -> dict[str, Any
     return result
 
 
-def compare(config: dict[str, Any], work: Path, name: str) -> dict[str, dict[str, Any]]:
-    """Both sides on ``config``, one process each: {"kubetune": ..., "baseline": ...}."""
-    return {"kubetune": kubetune_result(run_trainer(config, work, name)),
-            "baseline": run_baseline(config, work, name)}
+def compare(config: dict[str, Any], work: Path, name: str, repeat: int = 1) -> dict[str, dict[str, Any]]:
+    """Both sides on ``config``, one process each, ``repeat`` times in turn: {"kubetune": ...,
+    "baseline": ...}, each the median run by tokens/s (every run under "runs")."""
+    runs: dict[str, list[dict[str, Any]]] = {"kubetune": [], "baseline": []}
+    for i in range(1, repeat + 1):
+        # A run of its own name each time: the same name would resume from the last run's checkpoint.
+        suffix = "" if repeat == 1 else f"-{i}"
+        run_config = {**config, "runName": config["runName"] + suffix}
+        runs["kubetune"].append(kubetune_result(run_trainer(run_config, work, name + suffix)))
+        runs["baseline"].append(run_baseline(run_config, work, name + suffix))
+    return {side: median_run(results) for side, results in runs.items()}
+
+
+def median_run(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median tokens/s (the first failure, if any run failed), with every run's
+    tokens/s and peak memory under "runs"."""
+    failed = [r for r in results if "error" in r]
+    if failed:
+        return failed[0]
+    ordered = sorted(results, key=lambda r: r["tokensPerSecond"])
+    median = dict(ordered[(len(ordered) - 1) // 2])
+    if len(results) > 1:
+        median["runs"] = [{k: r[k] for k in ("tokensPerSecond", "peakMemoryBytes")} for r in results]
+    return median
 
 
 def check_warmup(steps: int, warmup: int | None) -> int:
@@ -124,6 +144,14 @@ def print_comparison(rows: list[tuple[str, dict[str, dict[str, Any]]]], memory_l
     def verdict(ok: bool) -> str:
         return "met" if ok else "**missed**"
 
+    def speed_of(side: dict[str, Any]) -> str:
+        """tokens/s, and the range over the runs when there were several."""
+        text = f"{side['tokensPerSecond']:,.0f}"
+        if "runs" in side:
+            speeds = [run["tokensPerSecond"] for run in side["runs"]]
+            text += f" [{min(speeds):,.0f}-{max(speeds):,.0f}]"
+        return text
+
     print(f"| mode | steps timed | tokens/s KubeTune | tokens/s baseline | ratio (target >= {TOKENS_TARGET:.1f}x) "
           f"| {memory_label} KubeTune | {memory_label} baseline | ratio (target <= {MEMORY_TARGET:.1f}x) "
           f"| eval loss KubeTune / baseline |")
@@ -142,7 +170,7 @@ def print_comparison(rows: list[tuple[str, dict[str, dict[str, Any]]]], memory_l
         memory = kt["peakMemoryBytes"] / base["peakMemoryBytes"]
         peaks = [f"{side['peakMemoryBytes'] / scale:,.{digits}f} {unit}" for side in (kt, base)]
         print(
-            f"| {mode} | {steps} | {kt['tokensPerSecond']:,.0f} | {base['tokensPerSecond']:,.0f} "
+            f"| {mode} | {steps} | {speed_of(kt)} | {speed_of(base)} "
             f"| {speed:.2f}x {verdict(speed >= TOKENS_TARGET)} | {peaks[0]} | {peaks[1]} "
             f"| {memory:.2f}x {verdict(memory <= MEMORY_TARGET)} "
             f"| {kt['evalLoss']:.3f} / {base['evalLoss']:.3f} |"
@@ -154,6 +182,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup-steps", type=int, help="steps left out of tokens/s (default: half of --steps)")
     parser.add_argument("--modes", default="none,int8,int4")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs per side and mode, taken in turn; the table shows the median by tokens/s")
     args = parser.parse_args()
     warmup = check_warmup(args.steps, args.warmup_steps)
     sys.path.insert(0, str(HERE))
@@ -178,11 +208,12 @@ def main() -> None:
                 "quantization": mode,
                 "output": {"location": str(work / "out")},
             }
-            rows.append((mode, compare(config, work, mode)))
+            rows.append((mode, compare(config, work, mode, args.repeat)))
         import torch
 
         print(f"tiny Llama backbone on the CPU ({os.cpu_count()} cores, torch threads {torch.get_num_threads()}), "
-              f"{args.steps} steps of batch 8, tokens/s over the steps after a {warmup}-step warm-up; "
+              f"{args.steps} steps of batch 8, tokens/s over the steps after a {warmup}-step warm-up"
+              f"{f', median [range] of {args.repeat} runs' if args.repeat > 1 else ''}; "
               "baseline: transformers.Trainer + peft, same config")
         print_comparison(rows, "peak RSS", "MiB")
 
