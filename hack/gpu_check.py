@@ -1,14 +1,18 @@
-"""GPU check: bf16 LoRA, int8 LoRA and int4 QLoRA on a real CUDA card, through the real trainer.
+"""GPU check: bf16 LoRA, int8 LoRA and int4 QLoRA on a real CUDA card, through the real trainer,
+beside a transformers.Trainer + peft baseline.
 
-    python hack/gpu_check.py [--steps 40] [--layers 14] [--modes bf16,int8,int4] [--out DIR]
+    python hack/gpu_check.py [--steps 40] [--warmup-steps 20] [--layers 14] [--modes bf16,int8,int4] [--out DIR]
 
 Builds a ~0.85B-parameter Llama-architecture backbone from a config (random weights, saved in
-bf16; nothing is downloaded) and a tokenizer trained locally, then runs ``python -m
-kubetune_trainer`` once per mode (each in its own process, so peak GPU memory is that mode's own)
-with packed 512-token blocks. Prints peak GPU memory and tokens/s per mode as a table, the
-estimator's peak beside each measured one (kubetune_trainer.estimate), and writes
-the same figures to ``DIR/gpu_check.json`` when ``--out`` is given. Exits non-zero when a mode
-fails or when the quantized modes do not use less GPU memory than bf16.
+bf16; nothing is downloaded) and a tokenizer trained locally, then, per mode, runs ``python -m
+kubetune_trainer`` and the baseline (``hack/baseline_trainer.py``) on the same config with packed
+512-token blocks, each in its own process, so peak GPU memory is that side's own. Prints tokens/s
+over the steps after the warm-up and peak GPU memory of both sides, the ratios KubeTune /
+baseline and whether the targets are met (at least the baseline's tokens/s, at most its peak
+memory: reported, not asserted), the estimator's peak beside each measured KubeTune one
+(kubetune_trainer.estimate), and writes the same figures to ``DIR/gpu_check.json`` when ``--out``
+is given. Exits non-zero when a mode fails on either side or when the KubeTune trainer's quantized
+modes do not use less GPU memory than its bf16 mode.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_trainer import print_table, run_trainer  # noqa: E402
+from bench_trainer import check_warmup, compare, print_comparison  # noqa: E402
 
 
 def build_backbone(out: Path, layers: int, hidden: int, device: str) -> int:
@@ -72,12 +76,14 @@ def estimated_peak(config: dict[str, Any], backbone: Path) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--warmup-steps", type=int, help="steps left out of tokens/s (default: half of --steps)")
     parser.add_argument("--layers", type=int, default=14)
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--modes", default="bf16,int8,int4")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--allow-cpu", action="store_true", help="smoke-test this script without a GPU")
     args = parser.parse_args()
+    warmup = check_warmup(args.steps, args.warmup_steps)
 
     import torch
 
@@ -92,7 +98,7 @@ def main() -> int:
         params = build_backbone(work / "backbone", args.layers, args.hidden, device)
         tiny.write_dataset(work / "train.jsonl", 12000, seed=0)
         tiny.write_dataset(work / "validation.jsonl", 32, seed=1)
-        rows: list[tuple[str, dict[str, Any]]] = []
+        rows: list[tuple[str, dict[str, dict[str, Any]]]] = []
         estimates: dict[str, int] = {}
         for mode in args.modes.split(","):
             config = {
@@ -103,19 +109,21 @@ def main() -> int:
                 "training": {"maxSteps": args.steps, "batchSize": 8, "learningRate": 2e-4, "packing": True,
                              "precision": "bf16", "gradientCheckpointing": True,
                              "optimizer": "paged_adamw_8bit" if mode != "bf16" else "adamw",
-                             "evalEverySteps": args.steps, "checkpointEverySteps": args.steps},
+                             "evalEverySteps": args.steps, "checkpointEverySteps": args.steps,
+                             "logEverySteps": warmup},
                 "lora": {"r": 16, "alpha": 32},
                 "quantization": "none" if mode == "bf16" else mode,
                 "output": {"location": str(work / "out")},
             }
-            rows.append((mode, run_trainer(config, work, mode)))
+            rows.append((mode, compare(config, work, mode)))
             estimates[mode] = estimated_peak(config, work / "backbone")
         device = torch.cuda.get_device_name(0) if device == "cuda" else "CPU (smoke test)"
         print(f"{device}: Llama {params / 1e9:.2f}B params ({args.layers} layers, hidden {args.hidden}), "
-              f"{args.steps} steps, batch 8 x 512 tokens (packed), LoRA r=16, gradient checkpointing")
-        print_table(rows, "peak GPU mem")
-        for mode, summary in rows:
-            measured = (summary.get("metrics") or {}).get("peakMemoryBytes")
+              f"{args.steps} steps, batch 8 x 512 tokens (packed), LoRA r=16, gradient checkpointing; tokens/s over "
+              f"the steps after a {warmup}-step warm-up; baseline: transformers.Trainer + peft, same config")
+        print_comparison(rows, "peak GPU mem" if torch.cuda.is_available() else "peak RSS", "GiB")
+        for mode, sides in rows:
+            measured = sides["kubetune"].get("peakMemoryBytes")
             if measured:
                 print(f"{mode}: estimated peak {estimates[mode] / 2**30:.2f} GiB, measured {measured / 2**30:.2f} GiB "
                       f"({estimates[mode] / measured - 1:+.1%}; kubetune_trainer.estimate)")
@@ -123,12 +131,12 @@ def main() -> int:
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / "gpu_check.json").write_text(json.dumps(
                 {"device": device, "parameters": params, "steps": args.steps,
-                 "results": {mode: s for mode, s in rows}, "estimatedPeakBytes": estimates}, indent=2))
-    failed = [mode for mode, s in rows if "error" in s]
+                 "warmupSteps": warmup, "results": dict(rows), "estimatedPeakBytes": estimates}, indent=2))
+    failed = [f"{mode} ({side})" for mode, sides in rows for side, r in sides.items() if "error" in r]
     if failed:
-        print(f"failed modes: {failed}", file=sys.stderr)
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
         return 1
-    peak = {mode: s["metrics"]["peakMemoryBytes"] for mode, s in rows}
+    peak = {mode: sides["kubetune"]["peakMemoryBytes"] for mode, sides in rows}
     if "bf16" in peak and any(peak[m] >= peak["bf16"] for m in ("int8", "int4") if m in peak):
         print(f"quantized modes should need less GPU memory than bf16: {peak}", file=sys.stderr)
         return 1
