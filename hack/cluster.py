@@ -543,11 +543,11 @@ def cluster_up(paths: Paths, gpus: int, kueue: bool = True) -> State:
         wait_ready("etcd", state, lambda: http_ok(f"http://127.0.0.1:{ports['etcd']}/health"))
         _start_apiserver(binaries, paths, state)
         wait_ready("kube-apiserver", state, lambda: http_ok(apiserver + "/readyz", _https_context(paths.pki)))
-        if kueue_built is not None:
-            install_kueue(kueue_built, paths, state)
-            _start_kueue(kueue_built, paths, state)
         _start_controllers(binaries, paths, state)
         _start_node_agent(paths, state, gpus)
+        if kueue_built is not None:  # while the controllers and the node agent start
+            install_kueue(kueue_built, paths, state)
+            _start_kueue(kueue_built, paths, state)
         wait_ready("minio", state, lambda: http_ok(f"http://{state.minio_endpoint}/minio/health/ready"))
         paths.minio_env.write_text(
             f"MINIO_ENDPOINT={state.minio_endpoint}\nMINIO_ACCESS_KEY={minio_user}\n"
