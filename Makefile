@@ -42,7 +42,7 @@ lint: venv  ## ruff + mypy + generated-file drift
 crd: venv  ## regenerate crds/, the chart's CRD copy and docs/api.md from operator/kubetune/api.py
 	$(VENV)/bin/kubetune crd
 
-cluster-up: venv  ## start the local cluster (kube-apiserver, etcd, controllers, MinIO, GPU node agent)
+cluster-up: venv  ## start the local cluster (kube-apiserver, etcd, controllers, MinIO, Kueue, GPU node agent; KUBETUNE_KUEUE=0: no Kueue)
 	$(PY) hack/cluster.py up
 
 cluster-down:  ## stop everything cluster-up started

@@ -1,8 +1,8 @@
 """Local development cluster of real components, no Docker: ``python hack/cluster.py up|down|status``.
 
-``up`` starts etcd, kube-apiserver, kube-controller-manager, kube-scheduler, MinIO and the local
-node agent (hack/node_agent.py, a development-only stand-in for kubelet + container runtime) as
-detached processes on loopback with free ports, waits until the cluster is usable and writes:
+``up`` starts etcd, kube-apiserver, kube-controller-manager, kube-scheduler, MinIO, Kueue and the
+local node agent (hack/node_agent.py, a development-only stand-in for kubelet + container runtime)
+as detached processes on loopback with free ports, waits until the cluster is usable and writes:
 
     <dir>/kubeconfig      admin kubeconfig (client certificate in system:masters)
     <dir>/bin/kubectl     kubectl and helm (hack/tools.py)
@@ -17,6 +17,11 @@ started (process groups, found through the state file and an environment marker)
 the node agent mounted and deletes the cluster's data. Certificates stay for the next ``up``.
 ``stop NAME`` / ``start NAME`` stop one process of the cluster and start it again alike (fault
 injection, e.g. an object-store outage: ``stop minio``).
+
+Kueue (hack/build-kueue.sh, pinned in hack/kueue/go.mod) runs with its webhooks: no Service
+routing here, so its webhook configurations and its CRDs' conversion webhooks point at
+``https://127.0.0.1:<port>`` with a serving certificate from the cluster's CA. ``--no-kueue`` (or
+``KUBETUNE_KUEUE=0``) starts the cluster without it.
 
 Binaries come from hack/build-binaries.sh (built once into ~/.cache/kubetune/bin/<versions>);
 ``KUBEBUILDER_ASSETS`` supplies etcd, kube-apiserver and kubectl instead. With
@@ -49,6 +54,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -490,8 +496,8 @@ def wait_ready(name: str, state: State, probe: Callable[[], bool], timeout: floa
 # Commands
 
 
-def cluster_up(paths: Paths, gpus: int) -> State:
-    """Start the cluster (or return the state of the running one)."""
+def cluster_up(paths: Paths, gpus: int, kueue: bool = True) -> State:
+    """Start the cluster (or return the state of the running one); `kueue`: with Kueue."""
     existing = State.load(paths.state)
     if existing and existing.ready and all(p.alive() for p in existing.processes):
         log(f"already up: {existing.apiserver}")
@@ -508,10 +514,15 @@ def cluster_up(paths: Paths, gpus: int) -> State:
     for directory in (paths.root, paths.logs, paths.logs / "pods", paths.data, paths.pvs):
         directory.mkdir(parents=True, exist_ok=True)
     binaries = find_binaries()
+    kueue_built = find_kueue() if kueue else None
     linked = tools.install_tools(paths.bin, binaries.helm, binaries.kubectl_override)
     ensure_pki(paths.pki)
+    if kueue:
+        ensure_serving_cert(paths.pki, "kueue", ["127.0.0.1", "localhost"])
 
     names = ["etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler", "minio", "minio-console"]
+    if kueue:
+        names += ["kueue-webhook", "kueue-metrics", "kueue-health"]
     ports = dict(zip(names, free_ports(len(names)), strict=True))
     apiserver = f"https://127.0.0.1:{ports['apiserver']}"
     state = State(
@@ -534,6 +545,9 @@ def cluster_up(paths: Paths, gpus: int) -> State:
         wait_ready("kube-apiserver", state, lambda: http_ok(apiserver + "/readyz", _https_context(paths.pki)))
         _start_controllers(binaries, paths, state)
         _start_node_agent(paths, state, gpus)
+        if kueue_built is not None:  # while the controllers and the node agent start
+            install_kueue(kueue_built, paths, state)
+            _start_kueue(kueue_built, paths, state)
         wait_ready("minio", state, lambda: http_ok(f"http://{state.minio_endpoint}/minio/health/ready"))
         paths.minio_env.write_text(
             f"MINIO_ENDPOINT={state.minio_endpoint}\nMINIO_ACCESS_KEY={minio_user}\n"
@@ -546,6 +560,8 @@ def cluster_up(paths: Paths, gpus: int) -> State:
             wait_ready(f"kube-{name}", state, functools.partial(http_ok, url, unverified))
         wait_ready("node-agent", state, lambda: node_ready(state, paths.pki))
         wait_ready("kube-controller-manager", state, lambda: default_service_account_exists(state, paths.pki))
+        if kueue_built is not None:
+            wait_ready("kueue", state, lambda: kueue_ready(state))
     except BaseException:
         log("startup failed; stopping what was started (logs kept under logs/)")
         cluster_down(paths, keep_logs=True)
@@ -557,7 +573,7 @@ def cluster_up(paths: Paths, gpus: int) -> State:
 
 
 # Processes that can be restarted alone; the others hold the cluster's data.
-RESTARTABLE = {"kube-controller-manager", "kube-scheduler", "minio", "node-agent"}
+RESTARTABLE = {"kube-controller-manager", "kube-scheduler", "minio", "node-agent", "kueue"}
 
 
 def repair(paths: Paths, state: State) -> bool:
@@ -570,6 +586,8 @@ def repair(paths: Paths, state: State) -> bool:
         state.processes.remove(record)
         start_process(record.name, record.args, paths, state, record.env, append_log=True)
     wait_ready("node-agent", state, lambda: node_ready(state, paths.pki))
+    if any(p.name == "kueue" for p in state.processes):
+        wait_ready("kueue", state, lambda: kueue_ready(state))
     log(f"up: {state.apiserver}")
     return True
 
@@ -663,6 +681,145 @@ def _start_node_agent(paths: Paths, state: State, gpus: int) -> None:
         f"--pv-dir={paths.pvs}",
         f"--serving-cert={paths.pki / 'apiserver.crt'}", f"--serving-key={paths.pki / 'apiserver.key'}",
     ], paths, state, env={"PYTHONUNBUFFERED": "1"})
+
+
+# --------------------------------------------------------------------------------------------
+# Kueue
+
+KUEUE_MODULE = "sigs.k8s.io/kueue"
+KUEUE_NAMESPACE = "kueue-system"
+# Only what FineTuneJobs use: Kueue's own kinds and batch/v1 Jobs. The webhooks of integrations that
+# are not enabled (pods, Deployments, other job kinds) are left out, so creating those objects never
+# depends on Kueue being up.
+KUEUE_FRAMEWORKS = ["batch/job"]
+KUEUE_WEBHOOK_GROUPS = {"kueue.x-k8s.io", "batch"}
+KUEUE_METRICS_CERTS = Path("/etc/kueue/metrics/certs")  # fixed in Kueue's cmd/kueue/main.go
+
+
+def kueue_from_env() -> bool:
+    """Kueue is part of the cluster unless KUBETUNE_KUEUE says 0/false/no."""
+    return os.environ.get("KUBETUNE_KUEUE", "1").strip().lower() not in {"0", "false", "no", "off"}
+
+
+def kueue_version() -> str:
+    for line in (HACK / "kueue" / "go.mod").read_text().splitlines():
+        words = line.split()
+        if words[:2] == ["require", KUEUE_MODULE]:
+            return words[2]
+    raise RuntimeError(f"no 'require {KUEUE_MODULE}' in hack/kueue/go.mod")
+
+
+def find_kueue() -> Path:
+    """The directory hack/build-kueue.sh fills (binary, CRDs, webhook manifests), built if missing."""
+    built: Path = tools.cache_root() / "bin" / f"kueue-{kueue_version()}"
+    if not all((built / name).exists() for name in ("kueue", "crd", "webhooks.yaml")):
+        log(f"building Kueue into {built} (hack/build-kueue.sh)")
+        subprocess.run(["bash", str(HACK / "build-kueue.sh")], check=True, stdout=subprocess.DEVNULL)
+    return built
+
+
+def ensure_serving_cert(pki: Path, stem: str, names: list[str]) -> None:
+    """A serving certificate signed by the cluster's CA (kept across ups, like the others)."""
+    if (pki / f"{stem}.crt").is_file() and (pki / f"{stem}.key").is_file():
+        return
+    ca_cert = x509.load_pem_x509_certificate((pki / "ca.crt").read_bytes())
+    ca_key = serialization.load_pem_private_key((pki / "ca.key").read_bytes(), password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    _issue(pki, stem, _name(stem), ca=(ca_cert, ca_key), server_names=names)
+
+
+def kueue_manifests(built: Path, url: str, ca_bundle: str) -> list[dict[str, Any]]:
+    """Kueue's CRDs and webhook configurations, pointed at its webhook server on loopback.
+
+    The CRDs whose conversion Kueue's kustomization routes through its webhook (those with a
+    `patches/webhook_in_*` entry) get the same conversion, by URL; of the webhook configurations
+    only those for KUEUE_WEBHOOK_GROUPS are kept."""
+    crd_dir = built / "crd"
+    kustomization = yaml.load((crd_dir / "kustomization.yaml").read_text(), Loader=yaml.CSafeLoader)
+    converted = set()
+    for patch in kustomization.get("patches") or []:
+        doc = yaml.load((crd_dir / patch["path"]).read_text(), Loader=yaml.CSafeLoader)
+        if (doc.get("spec") or {}).get("conversion", {}).get("strategy") == "Webhook":
+            converted.add(doc["metadata"]["name"])
+    documents: list[dict[str, Any]] = []
+    for path in sorted((crd_dir / "bases").glob("*.yaml")):
+        crd = yaml.load(path.read_text(), Loader=yaml.CSafeLoader)
+        if crd["metadata"]["name"] in converted:
+            crd["spec"]["conversion"] = {"strategy": "Webhook", "webhook": {
+                "clientConfig": {"url": f"{url}/convert", "caBundle": ca_bundle},
+                "conversionReviewVersions": ["v1"]}}
+        documents.append(crd)
+    for config in yaml.load_all((built / "webhooks.yaml").read_text(), Loader=yaml.CSafeLoader):
+        if not config:
+            continue
+        hooks = []
+        for hook in config["webhooks"]:
+            if not {group for rule in hook["rules"] for group in rule["apiGroups"]} <= KUEUE_WEBHOOK_GROUPS:
+                continue
+            path = hook["clientConfig"]["service"]["path"]
+            hooks.append({**hook, "clientConfig": {"url": url + path, "caBundle": ca_bundle}})
+        config["metadata"]["name"] = f"kueue-{config['metadata']['name']}"
+        documents.append({**config, "webhooks": hooks})
+    return documents
+
+
+def kueue_config(state: State, cert_dir: Path) -> dict[str, Any]:
+    """Kueue's Configuration for the local cluster: loopback ports, its certificate from our CA (no
+    internal cert management), no leader election, the batch/v1 Job integration, only jobs that
+    name a queue managed, no visibility API server (an aggregated API on a fixed port)."""
+    ports = state.ports
+    return {
+        "apiVersion": "config.kueue.x-k8s.io/v1beta2",
+        "kind": "Configuration",
+        "namespace": KUEUE_NAMESPACE,
+        "health": {"healthProbeBindAddress": f"127.0.0.1:{ports['kueue-health']}"},
+        "metrics": {"bindAddress": f"127.0.0.1:{ports['kueue-metrics']}"},
+        "webhook": {"host": "127.0.0.1", "port": ports["kueue-webhook"], "certDir": str(cert_dir)},
+        "leaderElection": {"leaderElect": False},
+        "internalCertManagement": {"enable": False},
+        "manageJobsWithoutQueueName": False,
+        "integrations": {"frameworks": KUEUE_FRAMEWORKS},
+        "featureGates": {"VisibilityOnDemand": False},
+        "clientConnection": {"qps": 50, "burst": 100},
+    }
+
+
+def install_kueue(built: Path, paths: Paths, state: State) -> None:
+    """Kueue's CRDs (Established) and webhook configurations, server-side applied."""
+    url = f"https://127.0.0.1:{state.ports['kueue-webhook']}"
+    ca_bundle = base64.b64encode((paths.pki / "ca.crt").read_bytes()).decode()
+    manifests = kueue_manifests(built, url, ca_bundle)
+    env = {**os.environ, "KUBECONFIG": state.kubeconfig, "KUBECACHEDIR": state.kubectl_cache}
+    text = "\n".join(json.dumps(doc) for doc in manifests)  # a stream of JSON objects
+    subprocess.run([state.kubectl, "apply", "--server-side", "--force-conflicts", "--field-manager=kubetune-cluster",
+                    "-f", "-"], input=text, text=True, env=env, check=True, capture_output=True)
+    crds = [f"crd/{doc['metadata']['name']}" for doc in manifests if doc["kind"] == "CustomResourceDefinition"]
+    subprocess.run([state.kubectl, "wait", "--for=condition=Established", "--timeout=60s", *crds],
+                   env=env, check=True, capture_output=True)
+
+
+def _start_kueue(built: Path, paths: Paths, state: State) -> None:
+    home = paths.data / "kueue"
+    cert_dir = home / "certs"
+    cert_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(paths.pki / "kueue.crt", cert_dir / "tls.crt")
+    shutil.copyfile(paths.pki / "kueue.key", cert_dir / "tls.key")
+    config = home / "config.yaml"
+    config.write_text(json.dumps(kueue_config(state, cert_dir), indent=2) + "\n")
+    # Kueue (v0.17) reads its metrics serving certificate from a fixed path when it does not manage
+    # certificates itself: it gets ours there, bind-mounted in a private mount namespace (as the node
+    # agent's pods get their volumes), over an empty directory created once on this machine.
+    KUEUE_METRICS_CERTS.mkdir(parents=True, exist_ok=True)
+    mount_then_run = 'mount --bind "$0" "$1" && shift && exec "$@"'
+    # Admin credentials: Kueue's own RBAC (config/components/rbac) is not installed here.
+    start_process("kueue", [
+        "unshare", "--mount", "--propagation", "private", "--", "sh", "-c", mount_then_run,
+        str(cert_dir), str(KUEUE_METRICS_CERTS), str(built / "kueue"), f"--config={config}",
+    ], paths, state, env={"KUBECONFIG": str(paths.kubeconfig)})
+
+
+def kueue_ready(state: State) -> bool:
+    return http_ok(f"http://127.0.0.1:{state.ports['kueue-health']}/readyz")
 
 
 def _mounts_below(root: Path) -> list[str]:
@@ -762,6 +919,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="state directory of this cluster instance (default: .kubetune/)")
     parser.add_argument("--gpus", type=int, default=int(os.environ.get("KUBETUNE_NODE_GPUS", "2")),
                         help="nvidia.com/gpu capacity of the local node (default 2)")
+    parser.add_argument("--kueue", action=argparse.BooleanOptionalAction, default=kueue_from_env(),
+                        help="up: start Kueue with the cluster (default: yes unless KUBETUNE_KUEUE=0)")
     parser.add_argument("--json", action="store_true", help="status: print JSON")
     args = parser.parse_args(argv)
     paths = Paths(args.dir.resolve())
@@ -781,7 +940,7 @@ def main(argv: list[str] | None = None) -> int:
                 cluster_down(paths)
                 return 0
             try:
-                cluster_up(paths, args.gpus)
+                cluster_up(paths, args.gpus, kueue=args.kueue)
             except (TimeoutError, RuntimeError, subprocess.CalledProcessError) as error:
                 log(f"up failed: {error}")
                 return 1

@@ -12,7 +12,7 @@ from typing import Any, cast
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from kubetune import api, metrics, presets
+from kubetune import api, kueue, metrics, presets
 from kubetune.render import config_map_name, job_name
 
 Json = dict[str, Any]
@@ -196,6 +196,27 @@ class Kube:
     def set_job_suspend(self, namespace: str, name: str, suspend: bool) -> None:
         self.batch.patch_namespaced_job(name, namespace, {"spec": {"suspend": suspend}},
                                         _request_timeout=self.timeout)
+
+    def get_workload(self, namespace: str, job_uid: str) -> Json | None:
+        """The Kueue Workload of a Job (found by the Job-UID label Kueue gives it); None while Kueue
+        has not made it, and where Kueue (kueue.x-k8s.io/v1beta2) is not installed."""
+        try:
+            found = cast(Json, self.custom.list_namespaced_custom_object(
+                kueue.GROUP, kueue.VERSION, namespace, kueue.WORKLOADS,
+                label_selector=f"{kueue.JOB_UID_LABEL}={job_uid}", _request_timeout=self.timeout))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        items: list[Json] = [w for w in found.get("items") or [] if not w["metadata"].get("deletionTimestamp")]
+        items.sort(key=lambda w: w["metadata"].get("creationTimestamp") or "")
+        return items[-1] if items else None
+
+    def patch_workload(self, namespace: str, name: str, patch: Json) -> None:
+        """Merge-patch a Kueue Workload (its spec.active and our annotation)."""
+        self.custom.patch_namespaced_custom_object(
+            kueue.GROUP, kueue.VERSION, namespace, kueue.WORKLOADS, name, patch,
+            _content_type="application/merge-patch+json", _request_timeout=self.timeout)
 
     def list_pods(self, namespace: str, job: Json) -> list[Json]:
         """The pods of this very Job (by its UID: an older Job of the same name may still have pods)."""

@@ -18,7 +18,7 @@ from typing import Any, NoReturn, Protocol, cast
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from kubetune import metrics, preflight, presets, render, status
+from kubetune import kueue, metrics, preflight, presets, render, status
 from kubetune.api import FineTuneJobSpec, name_problem
 from kubetune.kube import Kube, NotOwned, api_message, now
 from kubetune.presets import PresetLimits
@@ -30,7 +30,7 @@ Resolved = tuple[Json | None, Json, PresetLimits | None]  # applied preset, its 
 log = logging.getLogger("kubetune.reconcile")
 
 PROBLEM_REASONS = ("Unschedulable", "ImagePullError", "Retrying", "MissingDependency", "NameConflict",
-                   "JobRejected", *status.CONTAINER_START_REASONS)
+                   "JobRejected", "Inadmissible", *status.CONTAINER_START_REASONS)
 REJECTED_RETRY_SECONDS = 30.0  # a rejected child is tried again this often (and at once on a spec change)
 EVENT_REASONS = {"Running": "Started", "Succeeded": "Succeeded", "Failed": "Failed",
                  "Suspended": "Suspended", "Queued": "Queued"}
@@ -326,14 +326,21 @@ class Reconciler:
                 raise Retry(message, delay=REJECTED_RETRY_SECONDS) from None
             if created:
                 self.kube.event(ftj, "Normal", "Created", f"created Job {job_name}")
+            workload = None
         else:
             job = self._sync_suspend(job, spec)
+            workload = self._sync_workload(job, spec)
 
         pods = self.children.list_pods(ns, job)
-        observed = status.observe(job, pods, suspend=spec.suspend, queued=bool(spec.scheduling.queue_name))
+        queued = kueue.queued(job)
+        observed = status.observe(job, pods, suspend=spec.suspend, queued=queued,
+                                  admission=kueue.admission(workload) if queued else None)
         new = status.build_status(observed, previous=previous, generation=applied_generation(ftj, job),
                                   job_name=job_name, now=now())
         self._write(ftj, {**new, "preset": applied} if applied else new)
+        if queued and spec.suspend and workload is None and not status.finished(job):
+            # Suspended before Kueue made the Workload: deactivate it as soon as it exists.
+            raise Retry("waiting for Kueue's Workload of the Job to deactivate it", delay=2)
 
     def _preset(self, ftj: Json, previous: Json, generation: int) -> Resolved | None:
         """The preset of a job not yet started: ({kind, name, generation}, its defaults, its limits),
@@ -438,17 +445,34 @@ class Reconciler:
         return True
 
     def _sync_suspend(self, job: Json, spec: FineTuneJobSpec) -> Json:
-        """spec.suspend → Job.spec.suspend. With a Kueue queue, Kueue alone un-suspends."""
-        current = bool((job.get("spec") or {}).get("suspend"))
-        if status.condition(job, "Complete") or status.condition(job, "Failed"):
+        """spec.suspend → Job.spec.suspend. A Job in a Kueue queue is left alone: Kueue alone
+        flips its suspend, and spec.suspend acts on its Workload (`_sync_workload`)."""
+        if status.finished(job) or kueue.queued(job):
             return job
-        wanted = current
-        if spec.suspend:
-            wanted = True
-        elif not spec.scheduling.queue_name:
-            wanted = False
+        current = bool((job.get("spec") or {}).get("suspend"))
+        wanted = bool(spec.suspend)
         if wanted != current:
             meta = job["metadata"]
             self.kube.set_job_suspend(meta["namespace"], meta["name"], wanted)
             job = {**job, "spec": {**job["spec"], "suspend": wanted}}
         return job
+
+    def _sync_workload(self, job: Json, spec: FineTuneJobSpec) -> Json | None:
+        """spec.suspend → the Kueue Workload's spec.active, for a Job in a Kueue queue. Returns the
+        Workload when the Job waits for Kueue or is being suspended (its conditions say why), else
+        None: an admitted, running Job needs no read."""
+        if not kueue.queued(job) or status.finished(job):
+            return None
+        if not spec.suspend and not (job.get("spec") or {}).get("suspend"):
+            return None
+        meta = job["metadata"]
+        workload = self.kube.get_workload(meta["namespace"], meta["uid"])
+        if workload is None:
+            return None
+        patch = kueue.active_patch(workload, suspend=spec.suspend)
+        if patch is not None:
+            self.kube.patch_workload(meta["namespace"], workload["metadata"]["name"], patch)
+            workload = kueue.merged(workload, patch)
+            log.info("%s/%s: Kueue Workload %s %s", meta["namespace"], meta["name"], workload["metadata"]["name"],
+                     "re-activated" if kueue.active(workload) else "deactivated")
+        return workload

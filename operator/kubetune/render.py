@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from kubetune import api
+from kubetune import api, kueue
 from kubetune.settings import Settings
 from kubetune_trainer.config import (
     EXIT_INVALID_INPUT,
@@ -33,7 +33,6 @@ CACHE_DIR = "/var/cache/kubetune"
 SCRATCH_DIR = "/var/tmp/kubetune"
 TERMINATION_LOG = "/dev/termination-log"
 JOB_LABEL = "kubetune.io/job"
-KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 CONFIG_HASH_ANNOTATION = "kubetune.io/config-hash"
 SPEC_HASH_ANNOTATION = "kubetune.io/spec-hash"  # the spec the Job was made from (see spec_hash)
 GENERATION_ANNOTATION = "kubetune.io/generation"
@@ -439,12 +438,13 @@ def render_job(owner: Json, spec: api.FineTuneJobSpec, settings: Settings, confi
 
     Invalid input (trainer exit code 3) and out-of-memory (6) fail the Job at once; disruptions
     (preemption, node drain) and an object store that went away mid-run (5) do not count against
-    backoffLimit; a Kueue queue creates it suspended for Kueue to admit.
+    backoffLimit; a Kueue queue creates it suspended for Kueue to admit (and un-suspend: see
+    kubetune.kueue).
     """
     meta = child_metadata(owner, job_name(owner["metadata"]["name"]))
     queue = spec.scheduling.queue_name
     if queue:
-        meta["labels"][KUEUE_QUEUE_LABEL] = queue
+        meta["labels"][kueue.QUEUE_LABEL] = queue
     annotations = {CONFIG_HASH_ANNOTATION: config_hash(config_map), OWNER_ANNOTATION: owner["metadata"]["name"]}
     meta["annotations"] = {**annotations, SPEC_HASH_ANNOTATION: spec_hash(owner),
                            GENERATION_ANNOTATION: str(owner["metadata"].get("generation") or 1), **scanner_notes(spec),

@@ -69,6 +69,11 @@ def condition(job: Json | None, kind: str) -> Json | None:
     return None
 
 
+def finished(job: Json) -> bool:
+    """The Job is Complete or Failed."""
+    return condition(job, "Complete") is not None or condition(job, "Failed") is not None
+
+
 def trainer_status(pod: Json) -> Json:
     """The trainer container's status in a pod ({} before the kubelet reports it)."""
     for status in (pod.get("status") or {}).get("containerStatuses") or []:
@@ -126,8 +131,10 @@ def newest(pods: list[Json]) -> list[Json]:
     return sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp") or "", reverse=True)
 
 
-def observe(job: Json | None, pods: list[Json], *, suspend: bool, queued: bool) -> Observed:
-    """The phase of a FineTuneJob from its Job and the Job's pods."""
+def observe(job: Json | None, pods: list[Json], *, suspend: bool, queued: bool,
+            admission: tuple[str, str] | None = None) -> Observed:
+    """The phase of a FineTuneJob from its Job and the Job's pods; `admission`: Kueue's (reason,
+    message) for a queued Job that is not running (kubetune.kueue.admission)."""
     if job is None:
         return Observed("Pending", "Creating", "creating the training Job")
     status = job.get("status") or {}
@@ -167,8 +174,8 @@ def observe(job: Json | None, pods: list[Json], *, suspend: bool, queued: bool) 
             return Observed("Suspended", "Suspended", "suspended: set spec.suspend=false to resume",
                             start, None, attempts)
         if queued:
-            return Observed("Queued", "WaitingForAdmission", "waiting for Kueue to admit the job",
-                            start, None, attempts)
+            reason, message = admission or ("WaitingForAdmission", "waiting for Kueue to admit the job")
+            return Observed("Queued", reason, message, start, None, attempts)
         return Observed("Pending", "Resuming", "resuming the training Job", start, None, attempts)
 
     for pod in pods:

@@ -2,9 +2,10 @@
 
 Documents whose kind the cluster serves (FineTuneJob with the CRD installed, Secret, ConfigMap,
 PersistentVolumeClaim, ...) go through ``kubectl apply --dry-run=server``: schema, defaults, CEL
-rules and admission all run. Kueue, Argo CD and Flux kinds are not served by the local cluster (their
-CRDs are not installed), so those documents are only checked to be well-formed objects with
-apiVersion, kind and metadata.name, and are reported as skipped in the test's output.
+rules and admission all run. The local cluster runs Kueue (unless started with ``--no-kueue``), so
+examples/kueue.yaml goes through Kueue's CRDs and webhooks too. Argo CD and Flux kinds are not
+served there (their CRDs are not installed), so those documents are only checked to be well-formed
+objects with apiVersion, kind and metadata.name, and are reported as skipped in the test's output.
 """
 
 from __future__ import annotations
