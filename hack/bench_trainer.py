@@ -43,22 +43,25 @@ def run_env(work: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+def run_json(command: list[str], result: Path, env: dict[str, str]) -> dict[str, Any]:
+    """Run ``command`` (stdout discarded); the JSON object it wrote to ``result``, with its wall time,
+    or {"error": ...} when it failed (its stderr's tail is printed)."""
+    started = time.perf_counter()
+    proc = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-4000:])
+        return {"error": f"exit {proc.returncode}", "wallSeconds": time.perf_counter() - started}
+    found: dict[str, Any] = json.loads(result.read_text())
+    found["wallSeconds"] = time.perf_counter() - started
+    return found
+
+
 def run_trainer(config: dict[str, Any], work: Path, name: str) -> dict[str, Any]:
     """Run the trainer CLI on ``config``; return its summary (from the termination message)."""
     cfg_path = write_config(config, work, name)
     summary_path = work / f"{name}.summary.json"
-    started = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-m", "kubetune_trainer", "--config", str(cfg_path)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO,
-        env=run_env(work, KUBETUNE_TERMINATION_LOG=str(summary_path)),
-    )
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stderr[-4000:])
-        return {"error": f"exit {proc.returncode}", "wallSeconds": time.perf_counter() - started}
-    summary: dict[str, Any] = json.loads(summary_path.read_text())
-    summary["wallSeconds"] = time.perf_counter() - started
-    return summary
+    return run_json([sys.executable, "-m", "kubetune_trainer", "--config", str(cfg_path)], summary_path,
+                    run_env(work, KUBETUNE_TERMINATION_LOG=str(summary_path)))
 
 
 def kubetune_result(summary: dict[str, Any]) -> dict[str, Any]:
@@ -87,17 +90,8 @@ def run_baseline(config: dict[str, Any], work: Path, name: str) -> dict[str, Any
     """Run hack/baseline_trainer.py (transformers.Trainer + peft) on ``config``; return its result."""
     cfg_path = write_config(config, work, f"{name}.baseline")
     out = work / f"{name}.baseline.json"
-    started = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, str(HERE / "baseline_trainer.py"), "--config", str(cfg_path), "--out", str(out)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO, env=run_env(work),
-    )
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stderr[-4000:])
-        return {"error": f"exit {proc.returncode}", "wallSeconds": time.perf_counter() - started}
-    result: dict[str, Any] = json.loads(out.read_text())
-    result["wallSeconds"] = time.perf_counter() - started
-    return result
+    return run_json([sys.executable, str(HERE / "baseline_trainer.py"), "--config", str(cfg_path), "--out", str(out)],
+                    out, run_env(work))
 
 
 def compare(config: dict[str, Any], work: Path, name: str, repeat: int = 1) -> dict[str, dict[str, Any]]:
