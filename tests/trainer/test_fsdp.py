@@ -66,12 +66,15 @@ def test_two_sharded_processes_train_and_publish_one_manifest(quantization: str,
     assert len(predictions) == 4 and all(p["generated"] for p in predictions)
 
 
-def test_sharded_training_equals_ddp(assets: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("quantization", ["none", "int4"])
+def test_sharded_training_equals_ddp(quantization: str, assets: Path, tmp_path: Path) -> None:
     # 90 samples in global batches of 16: each epoch's last step leaves rank 1 without samples in
     # its second micro-batch; 12 validation samples in batches of 4 give rank 1 one batch less.
+    # int4: the 4-bit weights, sharded and gathered, compute what the unsharded ones do.
     write_uneven_dataset(tmp_path / "data" / "train.jsonl", 90, seed=0)
     write_uneven_dataset(tmp_path / "data" / "validation.jsonl", 12, seed=1)
     sections = exact_training(assets, tmp_path / "data", batchSize=4, gradientAccumulation=2)
+    sections["quantization"] = quantization
     for name, strategy in (("ddp", "ddp"), ("fsdp", "fsdp")):
         run(write_config(tmp_path / f"{name}.yaml", tiny_config(
             assets, tmp_path / name, distribution={"strategy": strategy}, **sections)), tmp_path)
