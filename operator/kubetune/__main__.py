@@ -32,8 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     est.add_argument("--model-config", type=Path,
                      help="the backbone's config.json (or its directory) instead of reading model.source")
     est.add_argument("--world-size", type=int, help="training processes (default: the manifest's resources.gpus)")
-    est.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp",
-                     help="ddp replicates the model on every GPU, fsdp shards it (default ddp)")
+    est.add_argument("--strategy", choices=["ddp", "fsdp"],
+                     help="ddp replicates the model on every GPU, fsdp shards it (default: the manifest's "
+                          "resources.distribution.strategy, or the config's distribution.strategy)")
     est.add_argument("--json", action="store_true", help="print the estimate as JSON (total in peakBytes)")
 
     args = parser.parse_args(argv)
@@ -80,9 +81,10 @@ def estimate_command(args: argparse.Namespace) -> int:
             config = preflight.credentialed_config(source, run.storage, run.model.revision)
         shape = ModelShape.from_config(config)
         world = args.world_size or processes
+        strategy = args.strategy or preflight.run_strategy(run)
         if world < 1:
             raise ValueError("--world-size must be 1 or more")
-        got = estimate(shape, RunSettings.from_run(run, world_size=world, strategy=args.strategy), gpu_memory=memory)
+        got = estimate(shape, RunSettings.from_run(run, world_size=world, strategy=strategy), gpu_memory=memory)
     except ValidationError as err:
         print(f"{args.file}: invalid: {err}", file=sys.stderr)
         return 2

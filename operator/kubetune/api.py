@@ -13,7 +13,8 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from kubetune_trainer.config import NAME_MAX, RunSections, Section, StorageSpec
+from kubetune_trainer.config import NAME_MAX, RunSections, Section, StorageSpec, check_strategy
+from kubetune_trainer.config import DistributionSpec as TrainerDistributionSpec
 from kubetune_trainer.estimate import parse_quantity
 from kubetune_trainer.events import Artifacts, Metrics, Progress
 
@@ -59,9 +60,9 @@ MAX_NODES = 64
 MAX_MULTI_NODE_NAME = 52
 
 
-class DistributionSpec(Section):
-    """How many training processes run: one per GPU of each pod (data parallel, PyTorch DDP), on one
-    or several pods."""
+class DistributionSpec(TrainerDistributionSpec):
+    """How many training processes run (one per GPU of each pod, on one or several pods) and how
+    they share the work (strategy)."""
 
     nodes: int = Field(default=1, ge=1, le=MAX_NODES)
     """Pods (nodes) of the run. Above 1: an Indexed Job of this many pods and a headless Service;
@@ -89,7 +90,7 @@ class ResourcesSpec(Section):
     shared_memory: str = Field(default="8Gi", max_length=32, pattern=r"^[0-9]+(\.[0-9]+)?([EPTGMK]i?)?$")
     """Size of /dev/shm (a memory-backed emptyDir) for data loader workers."""
     distribution: DistributionSpec = Field(default_factory=DistributionSpec)
-    """Multi-node settings."""
+    """Processes and the data-parallel strategy (ddp or fsdp)."""
 
     @field_validator("gpu_memory")
     @classmethod
@@ -222,6 +223,21 @@ class FineTuneJobSpec(RunSections):
                 "resources.distribution.processesPerNode is for CPU-only jobs (resources.gpus: 0); "
                 "with GPUs the trainer runs one process per GPU")
         return self
+
+    @model_validator(mode="after")
+    def _strategy(self) -> FineTuneJobSpec:
+        check_strategy(self.resources.distribution.strategy, self, "resources.distribution.strategy")
+        if self.resources.distribution.strategy == "fsdp" and self.processes() == 1:
+            raise ValueError(
+                "resources.distribution.strategy fsdp shards the model across the training processes and "
+                "this job has one (resources.gpus 1, or gpus 0 with distribution.processesPerNode 1, on one "
+                "node); use strategy ddp, more GPUs or nodes or, on CPUs, processesPerNode 2 or more")
+        return self
+
+    def processes(self) -> int:
+        """Training processes of the whole run: one per GPU, or processesPerNode on CPUs, on every node."""
+        per_node = self.resources.gpus or self.resources.distribution.processes_per_node
+        return per_node * self.resources.distribution.nodes
 
     @model_validator(mode="after")
     def _output_in_s3(self) -> FineTuneJobSpec:

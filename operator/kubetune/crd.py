@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from kubetune import api, presets
+from kubetune_trainer.config import BITSANDBYTES_OPTIMIZERS
 
 Schema = dict[str, Any]
 
@@ -55,6 +56,34 @@ SPEC_RULES: list[Schema] = [
         "message": "resources.distribution.processesPerNode is for CPU-only jobs (resources.gpus: 0); "
                    "with GPUs the trainer runs one process per GPU",
         "fieldPath": ".resources.distribution.processesPerNode",
+        "reason": "FieldValueInvalid",
+    },
+    {
+        "rule": "!(self.?resources.?distribution.?strategy.orValue('ddp') == 'fsdp' && self.quantization == 'int8')",
+        "message": "resources.distribution.strategy fsdp is not supported with quantization int8: "
+                   "bitsandbytes cannot shard 8-bit weights",
+        "fieldPath": ".resources.distribution.strategy",
+        "reason": "FieldValueInvalid",
+    },
+    {
+        # training may be filled by a preset as well: an unset optimizer passes (the default is adamw).
+        "rule": "!(self.?resources.?distribution.?strategy.orValue('ddp') == 'fsdp' && "
+                f"self.?training.?optimizer.orValue('adamw') in {list(BITSANDBYTES_OPTIMIZERS)})",
+        "message": "resources.distribution.strategy fsdp is not supported with the bitsandbytes optimizers "
+                   "(training.optimizer adamw_8bit, paged_adamw_8bit, paged_adamw_32bit)",
+        "fieldPath": ".resources.distribution.strategy",
+        "reason": "FieldValueInvalid",
+    },
+    {
+        # One process in all: gpus 1, or gpus 0 with processesPerNode 1, on one node. Only values the
+        # job sets count; the operator checks the effective spec (a preset may add GPUs).
+        "rule": "!(self.?resources.?distribution.?strategy.orValue('ddp') == 'fsdp' && "
+                "self.?resources.?distribution.?nodes.orValue(1) == 1 && "
+                "(self.?resources.?gpus.orValue(-1) == 1 || (self.?resources.?gpus.orValue(-1) == 0 && "
+                "self.?resources.?distribution.?processesPerNode.orValue(0) == 1)))",
+        "message": "resources.distribution.strategy fsdp needs more than one training process "
+                   "(resources.gpus 2 or more, processesPerNode 2 or more on CPUs, or nodes 2 or more)",
+        "fieldPath": ".resources.distribution.strategy",
         "reason": "FieldValueInvalid",
     },
     {

@@ -25,7 +25,7 @@ from typing import Any, Literal
 import yaml
 
 from kubetune import api
-from kubetune_trainer.config import RunSections, StorageSpec, TrainerConfig
+from kubetune_trainer.config import RunSections, StorageSpec, Strategy, TrainerConfig
 from kubetune_trainer.estimate import Estimate, ModelConfigError, ModelShape, RunSettings, estimate, parse_quantity
 
 Json = dict[str, Any]
@@ -149,11 +149,22 @@ def verdict(run: RunSections, config: Json, memory: int | None, world_size: int,
         shape = ModelShape.from_config(config)
     except ModelConfigError as err:
         return Verdict("skipped", f"cannot estimate GPU memory: {err}")
-    got = estimate(shape, RunSettings.from_run(run, world_size=world_size), gpu_memory=memory)
+    got = estimate(shape, RunSettings.from_run(run, world_size=world_size, strategy=run_strategy(run)),
+                   gpu_memory=memory)
     summary = summarize(got, where)
     if got.fits is False:
         return Verdict("wontfit", summary + "; " + suggestions(run, world_size), got)
     return Verdict("fits", summary, got)
+
+
+def run_strategy(run: RunSections) -> Strategy:
+    """The run's distribution strategy: a FineTuneJob's resources.distribution, a trainer config's
+    distribution."""
+    if isinstance(run, api.FineTuneJobSpec):
+        return run.resources.distribution.strategy
+    if isinstance(run, TrainerConfig):
+        return run.distribution.strategy
+    return "ddp"
 
 
 def summarize(got: Estimate, where: str = "") -> str:
@@ -197,7 +208,7 @@ def check_job(spec: api.FineTuneJobSpec, storage: StorageSpec,
     except ConfigUnavailable as err:
         return Verdict("skipped", f"GPU memory not estimated: config.json unavailable: {err}; "
                                   "the trainer checks the device before loading the weights")
-    # One process per GPU, each with a whole replica (DDP).
+    # One process per GPU, each with a whole replica (ddp) or a shard (fsdp) of the model.
     return verdict(spec, config, memory[0], world_size=spec.resources.gpus, where=memory[1])
 
 

@@ -20,6 +20,7 @@ from kubetune_trainer.config import (
     EXIT_OUT_OF_MEMORY,
     EXIT_STORE_UNAVAILABLE,
     PVC_MOUNT_ROOT,
+    DistributionSpec,
     StorageSpec,
     TrainerConfig,
 )
@@ -152,7 +153,8 @@ def run_name(owner: Json) -> str:
 
 
 def trainer_config(owner: Json, spec: api.FineTuneJobSpec, settings: Settings) -> TrainerConfig:
-    """The trainer's config for this job: the spec's sections, storage defaults, the run name."""
+    """The trainer's config for this job: the spec's sections, storage defaults, the run name and
+    the distribution strategy."""
     return TrainerConfig(
         run_name=run_name(owner),
         model=spec.model,
@@ -162,6 +164,7 @@ def trainer_config(owner: Json, spec: api.FineTuneJobSpec, settings: Settings) -
         quantization=spec.quantization,
         output=spec.output,
         storage=effective_storage(spec, settings),
+        distribution=DistributionSpec(strategy=spec.resources.distribution.strategy),
     )
 
 

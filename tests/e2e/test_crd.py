@@ -48,8 +48,19 @@ def test_defaults_are_filled_in_by_the_api_server(cluster: Any, crd: None, names
      ["spec.env[0].name", "AWS_SECRET_ACCESS_KEY is reserved"]),
     ({"resources": {"gpus": 2, "sharedMemory": "64Mi", "distribution": {"processesPerNode": 2}}},
      ["spec.resources.distribution.processesPerNode", "for CPU-only jobs"]),
+    ({"quantization": "int8",
+      "resources": {"gpus": 0, "sharedMemory": "64Mi", "distribution": {"processesPerNode": 2, "strategy": "fsdp"}}},
+     ["spec.resources.distribution.strategy", "fsdp is not supported with quantization int8"]),
+    ({"training": {"maxSteps": 10, "optimizer": "adamw_8bit"},
+      "resources": {"gpus": 0, "sharedMemory": "64Mi", "distribution": {"processesPerNode": 2, "strategy": "fsdp"}}},
+     ["spec.resources.distribution.strategy", "fsdp is not supported with the bitsandbytes optimizers"]),
+    ({"resources": {"gpus": 0, "sharedMemory": "64Mi", "distribution": {"processesPerNode": 1, "strategy": "fsdp"}}},
+     ["spec.resources.distribution.strategy", "fsdp needs more than one training process"]),
+    ({"resources": {"gpus": 1, "sharedMemory": "64Mi", "distribution": {"strategy": "fsdp"}}},
+     ["spec.resources.distribution.strategy", "fsdp needs more than one training process"]),
 ], ids=["enum", "minimum", "negative-gpus", "cel-int4-without-lora", "cel-epochs-and-steps", "cel-s3-output",
-        "cel-targets", "cel-reserved-report-url", "cel-reserved-aws", "cel-processes-with-gpus"])
+        "cel-targets", "cel-reserved-report-url", "cel-reserved-aws", "cel-processes-with-gpus", "cel-fsdp-int8",
+        "cel-fsdp-8bit-optimizer", "cel-fsdp-one-cpu-process", "cel-fsdp-one-gpu"])
 def test_invalid_finetunejob_is_rejected_at_apply(cluster: Any, crd: None, namespace: str,
                                                   spec: dict[str, Any], words: list[str]) -> None:
     result = apply(cluster, namespace, finetunejob("invalid", **spec))

@@ -133,6 +133,65 @@ def test_processes_per_node_is_for_cpu_only_jobs() -> None:
     assert cpu.resources.distribution.processes_per_node == 2
 
 
+FSDP = {"distribution": {"strategy": "fsdp"}}
+
+
+@pytest.mark.parametrize(("resources", "processes"), [
+    ({"gpus": 2}, 2), ({"gpus": 8}, 8), ({"gpus": 0, "distribution": {"processesPerNode": 2}}, 2),
+    ({"gpus": 1, "distribution": {"nodes": 2}}, 2), ({"gpus": 4, "distribution": {"nodes": 3}}, 12),
+])
+def test_fsdp_is_accepted_with_several_processes(resources: dict[str, Any], processes: int) -> None:
+    resources = copy.deepcopy(resources)
+    resources.setdefault("distribution", {}).update(FSDP["distribution"])
+    spec = api.FineTuneJobSpec.model_validate({**VALID_SPEC, "resources": resources, "quantization": "int4"})
+    assert spec.resources.distribution.strategy == "fsdp" and spec.processes() == processes
+
+
+def test_the_strategy_defaults_to_ddp() -> None:
+    assert api.FineTuneJobSpec.model_validate(VALID_SPEC).resources.distribution.strategy == "ddp"
+
+
+@pytest.mark.parametrize("resources", [
+    {}, {"gpus": 1}, {"gpus": 0}, {"gpus": 0, "distribution": {"processesPerNode": 1}},
+], ids=["default-one-gpu", "one-gpu", "cpu-default-processes", "cpu-one-process"])
+def test_fsdp_with_one_process_is_rejected_naming_the_field(resources: dict[str, Any]) -> None:
+    resources = copy.deepcopy(resources)
+    resources.setdefault("distribution", {}).update(FSDP["distribution"])
+    with pytest.raises(ValidationError, match=r"resources\.distribution\.strategy fsdp shards the model across "
+                                              r"the training processes and this job has one"):
+        api.FineTuneJobSpec.model_validate({**VALID_SPEC, "resources": resources})
+
+
+def test_fsdp_with_int8_is_rejected_naming_the_field() -> None:
+    spec = {**VALID_SPEC, "quantization": "int8", "resources": {"gpus": 2, **FSDP}}
+    with pytest.raises(ValidationError, match=r"resources\.distribution\.strategy fsdp is not supported with "
+                                              r"quantization int8: bitsandbytes cannot shard 8-bit weights"):
+        api.FineTuneJobSpec.model_validate(spec)
+    config = {**VALID_SPEC, "quantization": "int8", **FSDP}
+    with pytest.raises(ValidationError,
+                       match=r"Value error, distribution\.strategy fsdp is not supported with quantization int8"):
+        TrainerConfig.model_validate(config)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"])
+def test_fsdp_with_a_bitsandbytes_optimizer_is_rejected_naming_the_field(optimizer: str) -> None:
+    spec = {**VALID_SPEC, "training": {"optimizer": optimizer}, "resources": {"gpus": 2, **FSDP}}
+    with pytest.raises(ValidationError, match=rf"resources\.distribution\.strategy fsdp is not supported with "
+                                              rf"training\.optimizer {optimizer}"):
+        api.FineTuneJobSpec.model_validate(spec)
+    with pytest.raises(ValidationError, match=rf"Value error, distribution\.strategy fsdp is not supported with "
+                                              rf"training\.optimizer {optimizer}"):
+        TrainerConfig.model_validate({**VALID_SPEC, "training": {"optimizer": optimizer}, **FSDP})
+
+
+def test_the_trainer_config_carries_the_strategy() -> None:
+    spec = api.FineTuneJobSpec.model_validate({**VALID_SPEC, "resources": {"gpus": 4, **FSDP}})
+    owner = {"metadata": {"name": "j", "namespace": "ns", "uid": "12345678-abcd"}}
+    rendered = yaml.safe_load(render.render_config_map(owner, spec, Settings())["data"]["config.yaml"])
+    assert rendered["distribution"] == {"strategy": "fsdp"}  # resources itself stays out of the config
+    assert TrainerConfig.model_validate(rendered).distribution.strategy == "fsdp"
+
+
 def test_int4_merge_is_rejected() -> None:
     spec = with_change("output.mergeAdapter", True) | {"quantization": "int4"}
     with pytest.raises(ValidationError, match=r"output\.mergeAdapter is not supported with quantization int4"):

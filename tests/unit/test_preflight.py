@@ -151,6 +151,22 @@ def test_check_job(tmp_path: Path) -> None:
     assert preflight.check_job(cpu, StorageSpec(), fetch=read_fixture) is None
 
 
+@pytest.mark.parametrize(("strategy", "fits"), [("ddp", False), ("fsdp", True)])
+def test_the_job_strategy_decides_the_estimate(tmp_path: Path, capsys: pytest.CaptureFixture[str], strategy: str,
+                                               fits: bool) -> None:
+    # 70B in bf16 on 8 GPUs of 80 GiB: ddp holds every weight on each GPU, fsdp an eighth of them.
+    path = manifest(tmp_path, "none", gpus=8, gpuMemory="80Gi", distribution={"strategy": strategy})
+    docs = list(yaml.safe_load_all(path.read_text()))
+    docs[1]["spec"]["training"]["optimizer"] = "adamw"
+    path.write_text(yaml.safe_dump_all(docs))
+    verdict = preflight.check_job(api.FineTuneJobSpec.model_validate(docs[1]["spec"]), StorageSpec(),
+                                  fetch=read_fixture)
+    assert verdict is not None and verdict.outcome == ("fits" if fits else "wontfit"), verdict
+    assert verdict.estimate is not None and verdict.estimate.settings.strategy == strategy
+    code, out = run_cli(capsys, "-f", str(path))  # no --strategy: the manifest's
+    assert code == (0 if fits else 1), out
+
+
 def test_check_job_skips_a_config_it_cannot_read(tmp_path: Path) -> None:
     skipped = preflight.check_job(spec(tmp_path, "none", gpuMemory="80Gi"), StorageSpec())
     assert skipped is not None and skipped.outcome == "skipped"

@@ -1,7 +1,8 @@
 """The trainer contract: what a fine-tuning run is, as pydantic models.
 
 The same section models (model, dataset, training, lora, quantization, output, storage) appear in
-the FineTuneJob spec and in the trainer's config file, so a section means the same thing in both.
+the FineTuneJob spec and in the trainer's config file, so a section means the same thing in both;
+the config's distribution section is the spec's resources.distribution (its strategy).
 This module imports only pydantic: the operator imports it, and it must stay light (no torch).
 Field names are camelCase in YAML/JSON; the Python attributes are snake_case.
 """
@@ -24,6 +25,8 @@ DataFormat = Literal["auto", "jsonl", "csv", "parquet"]
 Template = Literal["auto", "chat", "plain"]
 LrScheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
 Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd"]
+Strategy = Literal["ddp", "fsdp"]
+BITSANDBYTES_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 
 # Exit codes of `python -m kubetune_trainer`, a contract with the operator (docs/trainer.md).
 EXIT_OK = 0
@@ -242,6 +245,16 @@ class StorageSpec(Section):
     """Use plain HTTP (local MinIO) instead of HTTPS."""
 
 
+class DistributionSpec(Section):
+    """How the training processes share the work."""
+
+    strategy: Strategy = "ddp"
+    """ddp: every process holds the whole model and gradients are all-reduced (PyTorch DDP). fsdp:
+    parameters, gradients and optimizer states are sharded across the processes (PyTorch FSDP2),
+    for backbones that do not fit one device; needs two or more processes, quantization none or int4
+    and the optimizer adamw or sgd."""
+
+
 class RunSections(Section):
     """The sections that define a training run: shared by TrainerConfig and the FineTuneJob spec."""
 
@@ -275,6 +288,13 @@ class TrainerConfig(RunSections):
 
     run_name: str = Field(default="run", min_length=1, max_length=NAME_MAX, pattern=r"^[A-Za-z0-9._/-]+$")
     """Appended to output.location; a FineTuneJob uses <namespace>/<name>."""
+    distribution: DistributionSpec = Field(default_factory=DistributionSpec)
+    """How the processes of a run under torchrun share the work (a FineTuneJob's resources.distribution)."""
+
+    @model_validator(mode="after")
+    def _strategy_rules(self) -> TrainerConfig:
+        check_strategy(self.distribution.strategy, self, "distribution.strategy")
+        return self
 
 
 def check_quantization(quantization: str, lora: LoraSpec, output: OutputSpec) -> None:
@@ -288,6 +308,24 @@ def check_quantization(quantization: str, lora: LoraSpec, output: OutputSpec) ->
         raise ValueError(
             "output.mergeAdapter is not supported with quantization int4: merging into 4-bit weights "
             "loses precision; merge the adapter into the bf16 backbone offline instead"
+        )
+
+
+def check_strategy(strategy: str, run: RunSections, field: str) -> None:
+    """What the fsdp strategy cannot shard (the CRD's CEL rules say the same at apply time);
+    ``field`` names the strategy as the caller's document spells it."""
+    if strategy != "fsdp":
+        return
+    if run.quantization == "int8":
+        raise ValueError(
+            f"{field} fsdp is not supported with quantization int8: bitsandbytes cannot shard 8-bit weights; "
+            "use quantization int4 or none, or strategy ddp"
+        )
+    if run.training.optimizer in BITSANDBYTES_OPTIMIZERS:
+        raise ValueError(
+            f"{field} fsdp is not supported with training.optimizer {run.training.optimizer}: bitsandbytes "
+            "optimizers cannot update sharded parameters; use adamw or sgd (fsdp shards their states), "
+            "or strategy ddp"
         )
 
 

@@ -1,4 +1,6 @@
-"""The process group of a run under torchrun (DDP), or a single process without it.
+"""The process group of a run under torchrun, or a single process without it; the model's data
+parallelism across the group: replicated (DDP) or sharded (FSDP2), and the sharded model's state
+gathered whole for checkpoints and outputs, and scattered back on resume.
 
 torchrun sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` for
 each process it starts; without them the trainer is one process and nothing here communicates.
@@ -11,6 +13,8 @@ import os
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
+
+from .config import Strategy
 
 if TYPE_CHECKING:
     import torch
@@ -132,15 +136,21 @@ def shutdown() -> None:
         torch.distributed.destroy_process_group()
 
 
-def wrap(model: Any, world: World, dev: torch.device) -> Any:
-    """``model`` inside DistributedDataParallel over its trainable parameters (itself on one process).
+def wrap(model: Any, world: World, dev: torch.device, strategy: Strategy = "ddp") -> Any:
+    """The model to run forward and backward passes through (``model`` itself on one process).
 
-    The frozen weights (quantized ones included) and the buffers are loaded identically on every
-    rank, so DDP neither broadcasts them at start nor syncs buffers per forward; only the trained
-    parameters are broadcast from rank 0 and have their gradients averaged.
+    ddp: ``model`` inside DistributedDataParallel over its trainable parameters. The frozen weights
+    (quantized ones included) and the buffers are loaded identically on every rank, so DDP neither
+    broadcasts them at start nor syncs buffers per forward; only the trained parameters are
+    broadcast from rank 0 and have their gradients averaged.
+
+    fsdp: ``model`` itself, sharded in place (:func:`shard`); its parameters are new objects, so
+    an optimizer must be made after this.
     """
     if not world.distributed:
         return model
+    if strategy == "fsdp":
+        return shard(model, world, dev)
     from torch.nn.parallel import DistributedDataParallel
 
     frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
@@ -151,3 +161,106 @@ def wrap(model: Any, world: World, dev: torch.device) -> Any:
         device_ids=[dev.index] if dev.type == "cuda" else None,
         broadcast_buffers=False,
     )
+
+
+def shard(model: Any, world: World, dev: torch.device) -> Any:
+    """Shard ``model`` in place over the ranks with PyTorch's FSDP2 (``fully_shard``).
+
+    Each decoder layer (the classes the backbone names in ``_no_split_modules``) is one unit: its
+    weights, frozen and trained, are split in dim 0 across the ranks and all-gathered for its
+    forward and backward pass only. The backbone itself is the root unit (embeddings, final norm,
+    head). The root is the transformers model, not the peft wrapper around it, so that
+    ``generate()``, which calls the transformers model directly, runs through FSDP's hooks too.
+    Gradients are reduce-scattered (averaged over the ranks) after every backward pass, so they
+    stay sharded; the optimizer then updates each rank's shards only.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(dev.type, (world.world_size,))
+    backbone = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layer_classes = set(getattr(backbone, "_no_split_modules", None) or ())
+    layers = [m for m in backbone.modules() if type(m).__name__ in layer_classes]
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(backbone, mesh=mesh)
+    log.info("fsdp: %d decoder layers and the rest of the backbone sharded over %d ranks",
+             len(layers), world.world_size)
+    return model
+
+
+def _full_options() -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # Whole tensors, gathered into rank 0's CPU memory (the other ranks get an empty dict).
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+
+
+def gather_model_state(model: Any) -> dict[str, torch.Tensor]:
+    """The trained parameters (and persistent buffers) of a sharded model, whole, on rank 0's CPU;
+    ``{}`` on the other ranks. Collective: every rank must call it."""
+    import torch
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    state = get_model_state_dict(model, options=_full_options())
+    return {name: value for name, value in state.items() if isinstance(value, torch.Tensor)}
+
+
+def gather_trainable_state(model: Any) -> dict[str, torch.Tensor]:
+    """For a sharded model what ``model.trainable_state`` (kubetune_trainer.model) returns for an
+    unsharded one: the trained parameters by name, whole, on rank 0's CPU; ``{}`` on the other
+    ranks. Collective."""
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    return {name: t.contiguous() for name, t in gather_model_state(model).items() if name in trained}
+
+
+def _parameter_names(model: Any, optimizer: Any) -> list[str]:
+    """The names of the optimizer's parameters, in the optimizer's order (its state dict's numbering)."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def gather_optimizer_state(model: Any, optimizer: Any) -> dict[str, Any]:
+    """The optimizer state of a sharded model, whole, on rank 0's CPU (``{}`` on the other ranks),
+    in the layout of an unsharded optimizer's ``state_dict()``: parameters numbered in the
+    optimizer's order. So a checkpoint has one format whatever the strategy. Collective."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    state: dict[str, Any] = get_optimizer_state_dict(model, optimizer, options=_full_options())
+    if not state:
+        return {}
+    index = {name: i for i, name in enumerate(_parameter_names(model, optimizer))}
+    return {
+        "state": {index[name]: value for name, value in state["state"].items()},
+        "param_groups": [{**group, "params": [index[name] for name in group["params"]]}
+                         for group in state["param_groups"]],
+    }
+
+
+def load_sharded_state(model: Any, optimizer: Any, trainable: dict[str, torch.Tensor],
+                        optimizer_state: dict[str, Any]) -> None:
+    """Load whole trained weights and an optimizer state dict (as :func:`gather_trainable_state`
+    and :func:`gather_optimizer_state` return them) into a sharded model and its optimizer: each
+    rank, given the whole state, keeps its own shards. Collective."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    names = _parameter_names(model, optimizer)
+    groups = optimizer_state["param_groups"]
+    sizes = [len(group["params"]) for group in optimizer.param_groups]
+    numbered = sorted(i for group in groups for i in group["params"])
+    if ([len(group["params"]) for group in groups] != sizes or numbered != list(range(len(names)))
+            or not set(optimizer_state["state"]) <= set(numbered)):
+        raise ValueError(f"the optimizer state does not match the optimizer's parameter groups {sizes}")
+    by_name: dict[str, Any] = {
+        "state": {names[i]: value for i, value in optimizer_state["state"].items()},
+        "param_groups": [{**group, "params": [names[i] for i in group["params"]]} for group in groups],
+    }
+    # Only the trained weights are in ``trainable``: the frozen ones stay as loaded.
+    weights: dict[str, Any] = dict(trainable)
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(model, weights, options=options)
+    set_optimizer_state_dict(model, optimizer, by_name, options=options)

@@ -26,10 +26,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from .config import RunSections
+from .config import RunSections, Strategy
 
 GiB = 1024**3
-Strategy = Literal["ddp", "fsdp"]
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 """The per-layer linear layers of the Llama layout; LoRA target names map onto these."""

@@ -46,8 +46,15 @@ def resolve_precision(name: str, dev: torch.device) -> Precision:
     return Precision(dtype=dtype, autocast=dtype != torch.float32)
 
 
-def quantization_config(quantization: str, compute_dtype: torch.dtype) -> BitsAndBytesConfig | None:
-    """bitsandbytes settings: int8 (LLM.int8), int4 (nf4 with double quantization), or none."""
+def quantization_config(quantization: str, compute_dtype: torch.dtype,
+                        sharded: bool = False) -> BitsAndBytesConfig | None:
+    """bitsandbytes settings: int8 (LLM.int8), int4 (nf4 with double quantization), or none.
+
+    ``sharded`` (FSDP): the packed 4-bit data is stored in the compute dtype instead of uint8 (the
+    same bytes, viewed as fewer and wider elements), as FSDP QLoRA recipes do: the quantized
+    weights then have the dtype of the layer's other frozen weights, FSDP shards and all-gathers
+    them like those, and a cast of the parameters to the compute dtype leaves them unchanged.
+    """
     if quantization == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)  # type: ignore[no-untyped-call]
     if quantization == "int4":
@@ -56,6 +63,7 @@ def quantization_config(quantization: str, compute_dtype: torch.dtype) -> BitsAn
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_quant_storage=compute_dtype if sharded else torch.uint8,
         )
     return None
 
@@ -70,7 +78,8 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False) -> PreTrainedTok
 
 def load_base(path: Path, config: TrainerConfig, precision: Precision, dev: torch.device) -> Any:
     """The backbone, quantized when asked, on ``dev``; not yet prepared for training."""
-    quant = quantization_config(config.quantization, precision.dtype)
+    quant = quantization_config(config.quantization, precision.dtype,
+                                sharded=config.distribution.strategy == "fsdp")
     # A full fine-tune keeps fp32 master weights; a frozen LoRA base can live in the compute dtype.
     dtype = torch.float32 if not config.lora.enabled else precision.dtype
     kwargs: dict[str, Any] = {

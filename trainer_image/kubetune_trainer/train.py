@@ -76,6 +76,16 @@ class RunResult:
 
 
 @dataclass
+class FinalModel:
+    """What the outputs take from the trained model, gathered before rank 0 publishes them."""
+
+    predictions: list[dict[str, str]]
+    state: dict[str, torch.Tensor] | None
+    """A sharded model's trained weights (and persistent buffers), whole; None for an unsharded one,
+    which saves from its own parameters."""
+
+
+@dataclass
 class Datasets:
     train: list[data.Example]
     validation: list[data.Example]
@@ -121,11 +131,12 @@ def check_device_memory(config: TrainerConfig, world: distributed.World,
     except (TrainerError, OSError, ValueError, ModelConfigError) as err:
         log.warning("GPU memory not estimated: %s", err)
         return None, batch
-    settings = RunSettings.from_run(config, world_size=world.world_size)
+    strategy = config.distribution.strategy
+    settings = RunSettings.from_run(config, world_size=world.world_size, strategy=strategy)
     free, total = torch.cuda.mem_get_info(dev)
     if config.training.auto_fit:
         batch = fit_micro_batch(shape, settings, free)
-        settings = RunSettings.from_run(config, world_size=world.world_size, micro_batch=batch)
+        settings = RunSettings.from_run(config, world_size=world.world_size, strategy=strategy, micro_batch=batch)
     got = estimate(shape, settings)
     outcome, message = device_verdict(got, free, total)
     if outcome == "wontfit":
@@ -353,6 +364,9 @@ class Trainer:
         """The micro-batch in use: training.batchSize, or less after auto-fit halved it."""
         self.rejected: set[int] = set()
         """Steps of checkpoints in the store that resume() refused; pruned once a new one is written."""
+        self.sharded = False
+        """The model is sharded over the ranks (distribution.strategy fsdp): its forward passes, and
+        gathering its weights, are collective, so every rank takes part in them."""
 
     def close(self) -> None:
         """Remove the local working directory (staged outputs and checkpoints)."""
@@ -414,6 +428,11 @@ class Trainer:
 
     def _run(self) -> RunResult:
         cfg, world = self.config, self.world
+        if cfg.distribution.strategy == "fsdp" and not world.distributed:
+            raise InvalidInput(
+                "distribution.strategy fsdp shards the model across the training processes and this run has "
+                "one: start it under torchrun with 2 or more processes (--nproc-per-node), or use strategy ddp"
+            )
         torch.manual_seed(cfg.training.seed)
         random.seed(cfg.training.seed)
         self.store = artifacts.open_store(cfg.output.location, cfg.run_name, cfg.storage)
@@ -442,9 +461,10 @@ class Trainer:
         torch.manual_seed(cfg.training.seed)  # adapter initialisation, the same on every rank
         model = model_lib.load_model(model_path, cfg, precision, dev)
         self.loop(model, tokenizer, train_samples, val_samples, dev, precision)
+        final = self.final_model(model, tokenizer, datasets, dev)
         if not world.is_main:
             return RunResult({}, model, tokenizer)
-        summary = self.finish(model, tokenizer, model_path, datasets, val_samples, dev, precision)
+        summary = self.finish(model, tokenizer, model_path, datasets, final, dev, precision)
         return RunResult(summary, model, tokenizer)
 
     # -- the loop -----------------------------------------------------------------------------
@@ -467,6 +487,10 @@ class Trainer:
             order.batch_size = batch_size
         steps = total_steps(cfg, len(train_samples), world.world_size)
         self.progress.total_steps = steps
+        # DDP keeps the model's parameters; FSDP replaces them with their shards, so the optimizer
+        # is made for the parameters of the wrapped model.
+        engine = distributed.wrap(model, world, dev, cfg.distribution.strategy)
+        self.sharded = world.distributed and cfg.distribution.strategy == "fsdp"
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = make_optimizer(tc.optimizer, params, tc.learning_rate, tc.weight_decay)
         from transformers import get_scheduler
@@ -484,12 +508,8 @@ class Trainer:
         )
 
         start = self.resume(model, optimizer, scheduler, scaler)
-        agreed = world.broadcast_int(start, dev)
-        if agreed != start:
-            raise RuntimeError(f"rank {world.rank} resumed from step {start}, rank 0 from step {agreed}")
         if start == 0:
             self.report(0, dev, None, self.evaluate(model, val_samples, pad_id, dev, precision))
-        engine = distributed.wrap(model, world, dev)
 
         model.train()
         self.in_loop = True
@@ -508,7 +528,7 @@ class Trainer:
             # Every rank knows the whole global batch, so the step's target-token count needs no
             # communication; each token's loss weighs 1 / step_targets in the step's gradient.
             step_targets = sum(targets[i] for i in step_samples)
-            # DDP averages gradients over the ranks; scale so that their mean is the sum over ranks.
+            # DDP and FSDP average gradients over the ranks; scale so that their mean is the sum over ranks.
             scale = world.world_size / max(step_targets, 1)
             while True:
                 # Dropout masks depend on the step and the rank only: a resumed run, and every rank,
@@ -523,10 +543,14 @@ class Trainer:
                             if not world.distributed:
                                 continue
                             # This rank has no samples left in the epoch's last step: it still takes
-                            # part in DDP's gradient all-reduce, with a sample that contributes nothing.
+                            # part in the collectives (DDP's gradient all-reduce; FSDP's all-gathers
+                            # and reduce-scatters), with a sample that contributes nothing.
                             chosen, weight = step_samples[:1], 0.0
+                        # DDP all-reduces once per step, after the last micro-batch; FSDP
+                        # reduce-scatters after each, so that the gradients stay sharded.
+                        no_sync = world.distributed and not self.sharded and k != accum - 1
                         step_loss += self.micro_step(engine, train_samples, chosen, pad_id, dev, precision, scaler,
-                                                     scale, weight, no_sync=world.distributed and k != accum - 1)
+                                                     scale, weight, no_sync=no_sync)
                     break
                 except OUT_OF_MEMORY_ERRORS as err:
                     if not tc.auto_fit or world.distributed or batch_size == 1:
@@ -577,8 +601,7 @@ class Trainer:
                 window_loss.zero_()
                 window_targets, window_tokens, window_time = 0, 0, 0.0
             if do_checkpoint:
-                if world.is_main:
-                    self.checkpoint(model, optimizer, scheduler, scaler, step)
+                self.checkpoint(model, optimizer, scheduler, scaler, step)
                 # No rank starts the next step before the checkpoint of this one is in the store.
                 world.barrier()
             if stop:
@@ -620,14 +643,21 @@ class Trainer:
         count = 0
         batch_size = self.micro_batch_size
         starts = range(0, len(samples), batch_size)
+        mine: list[int | None] = list(starts[world.rank :: world.world_size])
+        if self.sharded:
+            # Each forward pass of a sharded model is collective: every rank runs as many as the
+            # rank with the most batches, the extra ones on a batch whose loss is not counted.
+            mine += [None] * (math.ceil(len(starts) / world.world_size) - len(mine))
         with torch.no_grad():
-            for i in starts[world.rank :: world.world_size]:
-                batch = data.collate(samples[i : i + batch_size], pad_id)
+            for i in mine:
+                batch = data.collate(samples[i or 0 : (i or 0) + batch_size], pad_id)
                 with torch.autocast(dev.type, dtype=precision.dtype, enabled=precision.autocast):
                     logits = model(
                         input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
                         **({"position_ids": batch["position_ids"].to(dev)} if "position_ids" in batch else {}),
                     ).logits
+                if i is None:
+                    continue
                 total += token_loss_sum(logits, batch["labels"].to(dev))
                 count += int((batch["labels"][:, 1:] != data.IGNORE_INDEX).sum())
         if was_training:
@@ -657,13 +687,26 @@ class Trainer:
     # -- checkpoints --------------------------------------------------------------------------
 
     def checkpoint(self, model: Any, optimizer: Any, scheduler: Any, scaler: Any, step: int) -> None:
-        """Write a checkpoint to the store; its marker goes last, then old checkpoints are pruned."""
+        """Rank 0 writes a checkpoint to the store; its marker goes last, then old checkpoints are
+        pruned. Every rank calls it: a sharded model's weights and optimizer state are gathered first.
+
+        The files are the same whatever the strategy: whole trained weights, and the optimizer state
+        dict of an unsharded optimizer."""
+        trained: dict[str, torch.Tensor] = {}
+        optimizer_state: dict[str, Any] = {}
+        if self.sharded:
+            trained = distributed.gather_trainable_state(model)
+            optimizer_state = distributed.gather_optimizer_state(model, optimizer)
+        elif self.world.is_main:
+            trained, optimizer_state = model_lib.trainable_state(model), optimizer.state_dict()
+        if not self.world.is_main:
+            return
         assert self.store is not None
         local = self.work / "checkpoint"
         shutil.rmtree(local, ignore_errors=True)
         local.mkdir()
-        save_file(model_lib.trainable_state(model), str(local / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), local / "optimizer.pt")
+        save_file(trained, str(local / "trainable.safetensors"))
+        torch.save(optimizer_state, local / "optimizer.pt")
         torch.save(scheduler.state_dict(), local / "scheduler.pt")
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -740,24 +783,34 @@ class Trainer:
 
         A checkpoint is only data: no file is unpickled beyond tensors and plain containers, and one
         that belongs to another run or config, or does not match its marker, is skipped with a
-        warning (the next older one is tried).
+        warning (the next older one is tried). Every rank must choose rank 0's checkpoint; they
+        agree before any is loaded (loading into a sharded model is collective).
         """
+        assert self.store is not None
+        loaded = self.newest_valid_checkpoint(model, scheduler)
+        step = loaded.step if loaded is not None else 0
+        agreed = self.world.broadcast_int(step, self.world.device())
+        if agreed != step:
+            raise RuntimeError(f"rank {self.world.rank} resumes from step {step}, rank 0 from step {agreed}")
+        if loaded is None:
+            if self.rejected:
+                log.warning("no usable checkpoint in %s/%s; starting from step 0", self.store.uri, CHECKPOINT_DIR)
+            return 0
+        self.apply_checkpoint(loaded, model, optimizer, scheduler, scaler)
+        log.info("resuming from step %d (%s/%s/step-%d)", step, self.store.uri, CHECKPOINT_DIR, step)
+        return step
+
+    def newest_valid_checkpoint(self, model: Any, scheduler: Any) -> LoadedCheckpoint | None:
+        """The newest checkpoint of this run that passes every check, read but not applied."""
         assert self.store is not None
         complete, _ = self.checkpoints()
         for step in reversed(complete):
-            prefix = f"{CHECKPOINT_DIR}/step-{step}"
             try:
-                loaded = self.read_checkpoint(step, model, scheduler)
+                return self.read_checkpoint(step, model, scheduler)
             except RejectedCheckpoint as err:
-                log.warning("checkpoint %s/%s rejected: %s", self.store.uri, prefix, err)
+                log.warning("checkpoint %s/%s/step-%d rejected: %s", self.store.uri, CHECKPOINT_DIR, step, err)
                 self.rejected.add(step)
-                continue
-            self.apply_checkpoint(loaded, model, optimizer, scheduler, scaler)
-            log.info("resuming from step %d (%s/%s)", step, self.store.uri, prefix)
-            return step
-        if self.rejected:
-            log.warning("no usable checkpoint in %s/%s; starting from step 0", self.store.uri, CHECKPOINT_DIR)
-        return 0
+        return None
 
     def read_checkpoint(self, step: int, model: Any, scheduler: Any) -> LoadedCheckpoint:
         """Download and check one checkpoint without touching the model; raise RejectedCheckpoint."""
@@ -811,8 +864,11 @@ class Trainer:
     def apply_checkpoint(
         self, loaded: LoadedCheckpoint, model: Any, optimizer: Any, scheduler: Any, scaler: Any
     ) -> None:
-        model_lib.load_trainable_state(model, loaded.trainable)
-        optimizer.load_state_dict(loaded.optimizer)
+        if self.sharded:
+            distributed.load_sharded_state(model, optimizer, loaded.trainable, loaded.optimizer)
+        else:
+            model_lib.load_trainable_state(model, loaded.trainable)
+            optimizer.load_state_dict(loaded.optimizer)
         scheduler.load_state_dict(loaded.scheduler)
         if loaded.grad_scaler and scaler.is_enabled():
             scaler.load_state_dict(loaded.grad_scaler)
@@ -834,13 +890,25 @@ class Trainer:
 
     # -- outputs ------------------------------------------------------------------------------
 
+    def final_model(self, model: Any, tokenizer: Any, datasets: Datasets, dev: torch.device) -> FinalModel:
+        """The greedy predictions and, for a sharded model, its trained weights gathered whole.
+
+        Rank 0's alone, except for a sharded model: then every rank generates (in step, HF's
+        ``synced_gpus``) and takes part in the gather, and rank 0 keeps the results."""
+        if not (self.world.is_main or self.sharded):
+            return FinalModel([], None)
+        model.eval()
+        examples = datasets.validation[:PREDICTION_SAMPLES]
+        predictions = generate_predictions(model, tokenizer, self.config, examples, dev, synced=self.sharded)
+        return FinalModel(predictions, distributed.gather_model_state(model) if self.sharded else None)
+
     def finish(
         self,
         model: Any,
         tokenizer: Any,
         model_path: Path,
         datasets: Datasets,
-        val_samples: list[data.Sample],
+        final: FinalModel,
         dev: torch.device,
         precision: model_lib.Precision,
     ) -> dict[str, Any]:
@@ -850,13 +918,12 @@ class Trainer:
         out = self.work / "outputs"
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir()
-        model.eval()
-        predictions = generate_predictions(model, tokenizer, cfg, datasets.validation[:PREDICTION_SAMPLES], dev)
-        (out / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in predictions))
+        (out / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in final.predictions))
         adapter_dir = merged_dir = None
         if cfg.lora.enabled:
             adapter_dir = out / "adapter"
-            model.save_pretrained(str(adapter_dir))
+            # A sharded model saves from its gathered state: the same files as an unsharded one.
+            model.save_pretrained(str(adapter_dir), state_dict=final.state)
             # Name the backbone by its source, not by the local cache path it was loaded from.
             adapter_config = adapter_dir / "adapter_config.json"
             settings = json.loads(adapter_config.read_text())
@@ -870,7 +937,7 @@ class Trainer:
                 tokenizer.save_pretrained(str(merged_dir))
         else:
             merged_dir = out / "model"
-            model.save_pretrained(str(merged_dir))
+            model.save_pretrained(str(merged_dir), state_dict=final.state)
             tokenizer.save_pretrained(str(merged_dir))
         config_json = cfg.model_dump(by_alias=True, mode="json")
         (out / "trainer_config.json").write_text(json.dumps(config_json, indent=2) + "\n")
@@ -921,9 +988,13 @@ def perplexity(loss: float | None) -> float | None:
 
 
 def generate_predictions(
-    model: Any, tokenizer: Any, config: TrainerConfig, examples: list[data.Example], dev: torch.device
+    model: Any, tokenizer: Any, config: TrainerConfig, examples: list[data.Example], dev: torch.device,
+    synced: bool = False,
 ) -> list[dict[str, str]]:
-    """Greedy answers to a few validation prompts, next to the expected answers."""
+    """Greedy answers to a few validation prompts, next to the expected answers.
+
+    ``synced``: every rank generates the same answers and runs forward passes until the longest
+    is done (a sharded model's forward passes are collective)."""
     if not examples:
         return []
     chat = data.use_chat_template(config.dataset, tokenizer)
@@ -940,6 +1011,7 @@ def generate_predictions(
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
                 use_cache=True,
+                synced_gpus=synced,
             )
             text = tokenizer.decode(output[0, len(ids) :], skip_special_tokens=True)
             results.append({"prompt": example.prompt, "expected": example.answer, "generated": text.strip()})
