@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from kubetune.kueue import PREEMPTED
 from kubetune.render import CONTAINER
 from kubetune_trainer.config import (
     EXIT_INVALID_INPUT,
@@ -127,6 +128,17 @@ def describe_failure(pod: Json) -> tuple[str, str] | None:
     return reason, f"trainer exited with code {code}: {text}" if text else f"trainer exited with code {code}"
 
 
+def checkpoint_note(pods: list[Json]) -> str:
+    """'; it resumes from the checkpoint of step N' once a trainer stopped by SIGTERM said which
+    step it checkpointed (its summary), else what is happening meanwhile."""
+    for pod in pods:
+        state = terminated_state(pod) or {}
+        summary = parse_summary(state.get("message")) or {}
+        if state.get("exitCode") == EXIT_TERMINATED and isinstance(summary.get("step"), int):
+            return f"; it resumes from the checkpoint of step {summary['step']} when Kueue admits it again"
+    return "; the trainer writes a checkpoint, then the job waits in its queue to resume from it"
+
+
 def newest(pods: list[Json]) -> list[Json]:
     return sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp") or "", reverse=True)
 
@@ -175,6 +187,8 @@ def observe(job: Json | None, pods: list[Json], *, suspend: bool, queued: bool,
                             start, None, attempts)
         if queued:
             reason, message = admission or ("WaitingForAdmission", "waiting for Kueue to admit the job")
+            if reason == PREEMPTED:
+                return Observed("Preempted", reason, message + checkpoint_note(pods), start, None, attempts)
             return Observed("Queued", reason, message, start, None, attempts)
         return Observed("Pending", "Resuming", "resuming the training Job", start, None, attempts)
 
@@ -223,7 +237,7 @@ def conditions(phase: str, reason: str, message: str, generation: int, previous:
     """Ready / Reconciling / Stalled for a phase; lastTransitionTime kept while a status holds."""
     ready = phase == "Succeeded"
     stalled = phase == "Failed"
-    reconciling = phase in ("Pending", "Queued", "Running")
+    reconciling = phase in ("Pending", "Queued", "Running", "Preempted")
     wanted = [
         ("Ready", ready, "Succeeded" if ready else reason, "training finished" if ready else message),
         ("Reconciling", reconciling, reason if reconciling else phase, message if reconciling else ""),
