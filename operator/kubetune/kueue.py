@@ -24,6 +24,7 @@ JOB_UID_LABEL = "kueue.x-k8s.io/job-uid"  # Kueue labels the Workload of a Job w
 DEACTIVATED_ANNOTATION = "kubetune.io/deactivated-for-suspend"
 WAITING = "WaitingForAdmission"
 PREEMPTED = "Preempted"  # Kueue's Evicted reason when it made room for a higher-priority Workload
+REQUEUED = "Requeued"  # preempted, its pods gone: back in the queue (Kueue's condition Requeued)
 
 
 def queued(job: Json) -> bool:
@@ -71,7 +72,7 @@ def admission(workload: Json | None) -> tuple[str, str]:
     conditions): why it has no quota yet, why it was evicted, or that it was deactivated.
 
     A Workload preempted by Kueue keeps its quota until its Job's pods are gone: meanwhile the
-    reason is Preempted (the trainer checkpoints on SIGTERM); then it waits in its queue again."""
+    reason is Preempted (the trainer checkpoints on SIGTERM); then Requeued, waiting in its queue."""
     if workload is None:
         return WAITING, "waiting for Kueue to admit the job (Kueue has not made its Workload yet)"
     conditions = _conditions(workload)
@@ -86,7 +87,7 @@ def admission(workload: Json | None) -> tuple[str, str]:
         return PREEMPTED, f"preempted by Kueue: {preempted}"
     if preempted:
         waiting = f": {quota['message']}" if quota.get("message") and quota["message"] != preempted else ""
-        return WAITING, f"preempted by Kueue, waiting to be admitted again{waiting}"
+        return REQUEUED, f"preempted by Kueue, waiting to be admitted again{waiting}"
     if admitted.get("status") == "True":
         return WAITING, "admitted by Kueue; the Job starts"
     if quota.get("status") == "True":

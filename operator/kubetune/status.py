@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from kubetune.kueue import PREEMPTED
+from kubetune.kueue import PREEMPTED, REQUEUED
 from kubetune.render import CONTAINER
 from kubetune_trainer.config import (
     EXIT_INVALID_INPUT,
@@ -129,14 +129,14 @@ def describe_failure(pod: Json) -> tuple[str, str] | None:
 
 
 def checkpoint_note(pods: list[Json]) -> str:
-    """'; it resumes from the checkpoint of step N' once a trainer stopped by SIGTERM said which
-    step it checkpointed (its summary), else what is happening meanwhile."""
+    """'; it resumes from the checkpoint of step N' while the pod of a trainer stopped by SIGTERM
+    still shows which step it checkpointed (its summary), else ''."""
     for pod in pods:
         state = terminated_state(pod) or {}
         summary = parse_summary(state.get("message")) or {}
         if state.get("exitCode") == EXIT_TERMINATED and isinstance(summary.get("step"), int):
             return f"; it resumes from the checkpoint of step {summary['step']} when Kueue admits it again"
-    return "; the trainer writes a checkpoint, then the job waits in its queue to resume from it"
+    return ""
 
 
 def newest(pods: list[Json]) -> list[Json]:
@@ -188,7 +188,10 @@ def observe(job: Json | None, pods: list[Json], *, suspend: bool, queued: bool,
         if queued:
             reason, message = admission or ("WaitingForAdmission", "waiting for Kueue to admit the job")
             if reason == PREEMPTED:
-                return Observed("Preempted", reason, message + checkpoint_note(pods), start, None, attempts)
+                note = checkpoint_note(pods) or "; the trainer writes a checkpoint, then the job waits in its queue"
+                return Observed("Preempted", reason, message + note, start, None, attempts)
+            if reason == REQUEUED:
+                message += checkpoint_note(pods)
             return Observed("Queued", reason, message, start, None, attempts)
         return Observed("Pending", "Resuming", "resuming the training Job", start, None, attempts)
 

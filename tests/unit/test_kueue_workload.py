@@ -91,7 +91,7 @@ def test_a_preempted_workload_back_in_its_queue_is_waiting() -> None:
     reason, message = kueue.admission(workload(("QuotaReserved", "False", "Pending", NO_QUOTA),
                                                ("Evicted", "True", "Preempted", PREEMPTED_BY),
                                                ("Requeued", "True", "Preempted", PREEMPTED_BY)))
-    assert reason == "WaitingForAdmission"
+    assert reason == "Requeued"
     assert message == f"preempted by Kueue, waiting to be admitted again: {NO_QUOTA}"
 
 
@@ -116,6 +116,15 @@ def test_a_preempted_job_is_preempted_not_failed_and_names_its_checkpoint() -> N
     observed = status.observe(job, pods, suspend=False, queued=True, admission=admission)
     assert observed.phase == "Preempted"
     assert observed.message.endswith("it resumes from the checkpoint of step 20 when Kueue admits it again")
+
+
+def test_a_requeued_job_is_queued_and_names_its_checkpoint_while_its_pod_shows_it() -> None:
+    admission = ("Requeued", "preempted by Kueue, waiting to be admitted again")
+    job, pods = preempted_job_and_pod(TERMINATED)
+    observed = status.observe(job, pods, suspend=False, queued=True, admission=admission)
+    assert (observed.phase, observed.reason) == ("Queued", "Requeued")
+    assert observed.message.endswith("it resumes from the checkpoint of step 20 when Kueue admits it again")
+    assert status.observe(job, [], suspend=False, queued=True, admission=admission).message == admission[1]
 
 
 def test_preempted_is_in_progress_not_stalled() -> None:
