@@ -26,8 +26,8 @@ SINGULAR = "finetunejob"
 SHORT_NAMES = ["ftj"]
 CATEGORIES = ["kubetune", "ml"]
 
-Phase = Literal["Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended"]
-PHASES: tuple[str, ...] = ("Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended")
+Phase = Literal["Pending", "Queued", "Running", "Preempted", "Succeeded", "Failed", "Suspended"]
+PHASES: tuple[str, ...] = ("Pending", "Queued", "Running", "Preempted", "Succeeded", "Failed", "Suspended")
 
 # Spec fields that define the training run. They cannot change after creation (CEL
 # `self == oldSelf`): a running job would otherwise no longer match its spec.
@@ -113,6 +113,11 @@ class SchedulingSpec(Section):
     """PriorityClass of the pod."""
     queue_name: str | None = Field(default=None, max_length=63)
     """Kueue LocalQueue: the Job is created suspended with the kueue.x-k8s.io/queue-name label."""
+    workload_priority_class_name: str | None = Field(default=None, max_length=NAME_MAX)
+    """Kueue WorkloadPriorityClass of the job (the Job's kueue.x-k8s.io/priority-class label); takes
+    effect with queueName. It orders the queue, and a ClusterQueue with preemption (e.g. withinClusterQueue:
+    LowerPriority) evicts a running lower-priority job for it: that job checkpoints, shows phase
+    Preempted, waits in its queue again and resumes from its checkpoint."""
     scheduler_name: str | None = Field(default=None, max_length=NAME_MAX)
     """Scheduler of the pod (default scheduler when unset)."""
 
@@ -282,7 +287,7 @@ class FineTuneJobStatus(Section):
     """Observed state of a FineTuneJob; written by the operator only."""
 
     phase: Phase | None = None
-    """Pending, Queued, Running, Succeeded, Failed or Suspended."""
+    """Pending, Queued, Running, Preempted, Succeeded, Failed or Suspended."""
     reason: str | None = None
     """Why the job is in this phase (CamelCase)."""
     message: str | None = None

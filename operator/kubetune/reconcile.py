@@ -33,7 +33,7 @@ PROBLEM_REASONS = ("Unschedulable", "ImagePullError", "Retrying", "MissingDepend
                    "JobRejected", "Inadmissible", *status.CONTAINER_START_REASONS)
 REJECTED_RETRY_SECONDS = 30.0  # a rejected child is tried again this often (and at once on a spec change)
 EVENT_REASONS = {"Running": "Started", "Succeeded": "Succeeded", "Failed": "Failed",
-                 "Suspended": "Suspended", "Queued": "Queued"}
+                 "Suspended": "Suspended", "Queued": "Queued", "Preempted": "Preempted"}
 
 
 class Retry(Exception):

@@ -448,6 +448,8 @@ def render_job(owner: Json, spec: api.FineTuneJobSpec, settings: Settings, confi
     queue = spec.scheduling.queue_name
     if queue:
         meta["labels"][kueue.QUEUE_LABEL] = queue
+    if spec.scheduling.workload_priority_class_name:
+        meta["labels"][kueue.PRIORITY_CLASS_LABEL] = spec.scheduling.workload_priority_class_name
     annotations = {CONFIG_HASH_ANNOTATION: config_hash(config_map), OWNER_ANNOTATION: owner["metadata"]["name"]}
     meta["annotations"] = {**annotations, SPEC_HASH_ANNOTATION: spec_hash(owner),
                            GENERATION_ANNOTATION: str(owner["metadata"].get("generation") or 1), **scanner_notes(spec),

@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from kubetune.kueue import PREEMPTED, REQUEUED
 from kubetune.render import CONTAINER
 from kubetune_trainer.config import (
     EXIT_INVALID_INPUT,
@@ -127,6 +128,17 @@ def describe_failure(pod: Json) -> tuple[str, str] | None:
     return reason, f"trainer exited with code {code}: {text}" if text else f"trainer exited with code {code}"
 
 
+def checkpoint_note(pods: list[Json]) -> str:
+    """'; it resumes from the checkpoint of step N' while the pod of a trainer stopped by SIGTERM
+    still shows which step it checkpointed (its summary), else ''."""
+    for pod in pods:
+        state = terminated_state(pod) or {}
+        summary = parse_summary(state.get("message")) or {}
+        if state.get("exitCode") == EXIT_TERMINATED and isinstance(summary.get("step"), int):
+            return f"; it resumes from the checkpoint of step {summary['step']} when Kueue admits it again"
+    return ""
+
+
 def newest(pods: list[Json]) -> list[Json]:
     return sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp") or "", reverse=True)
 
@@ -175,6 +187,11 @@ def observe(job: Json | None, pods: list[Json], *, suspend: bool, queued: bool,
                             start, None, attempts)
         if queued:
             reason, message = admission or ("WaitingForAdmission", "waiting for Kueue to admit the job")
+            if reason == PREEMPTED:
+                note = checkpoint_note(pods) or "; the trainer writes a checkpoint, then the job waits in its queue"
+                return Observed("Preempted", reason, message + note, start, None, attempts)
+            if reason == REQUEUED:
+                message += checkpoint_note(pods)
             return Observed("Queued", reason, message, start, None, attempts)
         return Observed("Pending", "Resuming", "resuming the training Job", start, None, attempts)
 
@@ -223,7 +240,7 @@ def conditions(phase: str, reason: str, message: str, generation: int, previous:
     """Ready / Reconciling / Stalled for a phase; lastTransitionTime kept while a status holds."""
     ready = phase == "Succeeded"
     stalled = phase == "Failed"
-    reconciling = phase in ("Pending", "Queued", "Running")
+    reconciling = phase in ("Pending", "Queued", "Running", "Preempted")
     wanted = [
         ("Ready", ready, "Succeeded" if ready else reason, "training finished" if ready else message),
         ("Reconciling", reconciling, reason if reconciling else phase, message if reconciling else ""),

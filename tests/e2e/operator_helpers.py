@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import base64
+import json
 from typing import Any
 
+import pytest
+from minio import Minio
+
 from helpers import wait_for
+from kubetune_trainer.artifacts import verify_manifest
+from kubetune_trainer.config import StorageSpec
 
 Cluster = Any  # tests/conftest.py's Cluster
 
@@ -59,3 +65,25 @@ def events(cluster: Cluster, namespace: str, name: str) -> list[dict[str, Any]]:
 
 def event_reasons(cluster: Cluster, namespace: str, name: str) -> list[str]:
     return [e["reason"] for e in events(cluster, namespace, name)]
+
+
+def published(status: dict[str, Any], minio_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Verify the run's manifest; return the published metrics.jsonl events."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", minio_env["MINIO_ACCESS_KEY"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", minio_env["MINIO_SECRET_KEY"])
+    location = status["artifacts"]["location"].rstrip("/")
+    manifest = verify_manifest(location, StorageSpec(endpoint=minio_env["MINIO_ENDPOINT"], insecure=True))
+    assert "adapter/adapter_model.safetensors" in {entry["path"] for entry in manifest["files"]}
+    bucket, _, prefix = location.removeprefix("s3://").partition("/")
+    client = Minio(minio_env["MINIO_ENDPOINT"], access_key=minio_env["MINIO_ACCESS_KEY"],
+                   secret_key=minio_env["MINIO_SECRET_KEY"], secure=False)
+    response = client.get_object(bucket, f"{prefix}/metrics.jsonl")
+    try:
+        return [json.loads(line) for line in response.read().decode().splitlines() if line]
+    finally:
+        response.close()
+        response.release_conn()
+
+
+def train_steps(events: list[Any]) -> list[int]:
+    return [e["step"] for e in events if e.get("type", "progress") == "progress" and "trainLoss" in e]

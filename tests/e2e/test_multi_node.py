@@ -4,18 +4,14 @@ restarts the whole group, which resumes from its newest checkpoint."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from minio import Minio
-from operator_helpers import ftj, wait_phase
+from operator_helpers import ftj, published, train_steps, wait_phase
 
 from helpers import wait_for
-from kubetune_trainer.artifacts import verify_manifest
-from kubetune_trainer.config import StorageSpec
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
@@ -43,28 +39,6 @@ def two_by_two(name: str, steps: int, checkpoint_every: int) -> dict[str, Any]:
     manifest["spec"]["resources"] = {"gpus": 0, "sharedMemory": "256Mi",
                                      "distribution": {"nodes": 2, "processesPerNode": 2}}
     return manifest
-
-
-def published(status: dict[str, Any], minio_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> list[Any]:
-    """Verify the run's manifest; return the published metrics.jsonl events."""
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", minio_env["MINIO_ACCESS_KEY"])
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", minio_env["MINIO_SECRET_KEY"])
-    location = status["artifacts"]["location"].rstrip("/")
-    manifest = verify_manifest(location, StorageSpec(endpoint=minio_env["MINIO_ENDPOINT"], insecure=True))
-    assert "adapter/adapter_model.safetensors" in {entry["path"] for entry in manifest["files"]}
-    bucket, _, prefix = location.removeprefix("s3://").partition("/")
-    client = Minio(minio_env["MINIO_ENDPOINT"], access_key=minio_env["MINIO_ACCESS_KEY"],
-                   secret_key=minio_env["MINIO_SECRET_KEY"], secure=False)
-    response = client.get_object(bucket, f"{prefix}/metrics.jsonl")
-    try:
-        return [json.loads(line) for line in response.read().decode().splitlines() if line]
-    finally:
-        response.close()
-        response.release_conn()
-
-
-def train_steps(events: list[Any]) -> list[int]:
-    return [e["step"] for e in events if e.get("type", "progress") == "progress" and "trainLoss" in e]
 
 
 def test_two_pods_of_two_processes_train_as_one_run(cluster: Any, namespace: str, s3_secret: None,

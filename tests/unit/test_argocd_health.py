@@ -71,7 +71,7 @@ def test_running_is_progressing_with_percent() -> None:
     assert health(job(status)) == ("Progressing", "training: step 420/1000 (42%)")
 
 
-@pytest.mark.parametrize("phase", ["Pending", "Queued", "Running"])
+@pytest.mark.parametrize("phase", ["Pending", "Queued", "Running", "Preempted"])
 def test_waiting_and_running_phases_are_progressing(phase: str) -> None:
     message = f"{phase.lower()} for a reason"
     assert health(job(observed(phase, message))) == ("Progressing", message)

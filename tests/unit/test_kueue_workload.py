@@ -62,3 +62,71 @@ def test_a_queued_suspended_job_is_queued_with_kueues_reason() -> None:
     observed = status.observe(job, [], suspend=False, queued=kueue.queued(job), admission=admission)
     assert (observed.phase, observed.reason) == ("Queued", "WaitingForAdmission") and NO_QUOTA in observed.message
     assert status.observe(job, [], suspend=True, queued=True, admission=admission).phase == "Suspended"
+
+
+PREEMPTED_BY = ("Preempted to accommodate a workload (UID: 1a2b, JobUID: 3c4d) due to prioritization in the "
+                "ClusterQueue")
+TERMINATED = {"exitCode": 143, "message": '{"exitCode": 143, "step": 20, "error": "stopped by SIGTERM"}'}
+
+
+def preempted_job_and_pod(terminated: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The Job Kueue suspended (its pod stopping, or stopped), as the operator sees it."""
+    job = {"metadata": {"labels": {kueue.QUEUE_LABEL: "team-a"}}, "spec": {"suspend": True},
+           "status": {"active": 0 if terminated else 1}}
+    state = {"terminated": terminated} if terminated else {"running": {}}
+    pod = {"metadata": {"name": "p", "creationTimestamp": "2026-01-01T00:00:00Z"},
+           "status": {"phase": "Failed" if terminated else "Running",
+                      "containerStatuses": [{"name": "trainer", "state": state}]}}
+    return job, [pod]
+
+
+def test_a_preempted_workload_that_still_holds_its_quota_is_preempted() -> None:
+    reason, message = kueue.admission(workload(("QuotaReserved", "True", "QuotaReserved", "Quota reserved"),
+                                               ("Evicted", "True", "Preempted", PREEMPTED_BY),
+                                               ("Preempted", "True", "InClusterQueue", PREEMPTED_BY)))
+    assert (reason, message) == ("Preempted", f"preempted by Kueue: {PREEMPTED_BY}")
+
+
+def test_a_preempted_workload_back_in_its_queue_is_waiting() -> None:
+    reason, message = kueue.admission(workload(("QuotaReserved", "False", "Pending", NO_QUOTA),
+                                               ("Evicted", "True", "Preempted", PREEMPTED_BY),
+                                               ("Requeued", "True", "Preempted", PREEMPTED_BY)))
+    assert reason == "Requeued"
+    assert message == f"preempted by Kueue, waiting to be admitted again: {NO_QUOTA}"
+
+
+def test_readmission_ends_the_preemption() -> None:
+    again = workload(("QuotaReserved", "True", "QuotaReserved", "Quota reserved"),
+                     ("Evicted", "False", "QuotaReserved", f"Previously: {PREEMPTED_BY}"))
+    assert kueue.preemption(again) is None
+
+
+def test_other_evictions_are_not_preemption() -> None:
+    assert kueue.preemption(workload(("Evicted", "True", "PodsReadyTimeout", "timed out"))) is None
+
+
+def test_a_preempted_job_is_preempted_not_failed_and_names_its_checkpoint() -> None:
+    admission = ("Preempted", f"preempted by Kueue: {PREEMPTED_BY}")
+    job, pods = preempted_job_and_pod()
+    observed = status.observe(job, pods, suspend=False, queued=True, admission=admission)
+    assert (observed.phase, observed.reason) == ("Preempted", "Preempted")
+    assert "the trainer writes a checkpoint" in observed.message
+    # The trainer exited 143 after checkpointing: the message says from which step it resumes.
+    job, pods = preempted_job_and_pod(TERMINATED)
+    observed = status.observe(job, pods, suspend=False, queued=True, admission=admission)
+    assert observed.phase == "Preempted"
+    assert observed.message.endswith("it resumes from the checkpoint of step 20 when Kueue admits it again")
+
+
+def test_a_requeued_job_is_queued_and_names_its_checkpoint_while_its_pod_shows_it() -> None:
+    admission = ("Requeued", "preempted by Kueue, waiting to be admitted again")
+    job, pods = preempted_job_and_pod(TERMINATED)
+    observed = status.observe(job, pods, suspend=False, queued=True, admission=admission)
+    assert (observed.phase, observed.reason) == ("Queued", "Requeued")
+    assert observed.message.endswith("it resumes from the checkpoint of step 20 when Kueue admits it again")
+    assert status.observe(job, [], suspend=False, queued=True, admission=admission).message == admission[1]
+
+
+def test_preempted_is_in_progress_not_stalled() -> None:
+    conds = {c["type"]: c["status"] for c in status.conditions("Preempted", "Preempted", "m", 1, [], "now")}
+    assert conds == {"Ready": "False", "Reconciling": "True", "Stalled": "False"}

@@ -174,6 +174,13 @@ def test_kueue_queue_creates_the_job_suspended_with_the_label() -> None:
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
 
 
+def test_workload_priority_class_is_the_kueue_priority_label() -> None:
+    scheduling = {"queueName": "team-a", "workloadPriorityClassName": "low"}
+    job = rendered({**MINIMAL, "scheduling": scheduling})["job"]
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == "low"
+    assert "kueue.x-k8s.io/priority-class" not in rendered(MINIMAL)["job"]["metadata"]["labels"]
+
+
 def test_pvc_sources_are_mounted_read_only() -> None:
     mounts = {m["mountPath"]: m for m in pod(MAXIMAL)["containers"][0]["volumeMounts"]}
     assert mounts["/mnt/pvc/models"]["readOnly"] and mounts["/mnt/pvc/data"]["readOnly"]
