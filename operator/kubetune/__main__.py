@@ -69,7 +69,7 @@ def estimate_command(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from kubetune import preflight
-    from kubetune_trainer.estimate import ModelConfigError, ModelShape, RunSettings, estimate, parse_quantity
+    from kubetune_trainer.estimate import ModelConfigError, ModelShape, estimate_run, parse_quantity
 
     try:
         run, processes, memory = preflight.load_run(args.file)
@@ -84,7 +84,7 @@ def estimate_command(args: argparse.Namespace) -> int:
         strategy = args.strategy or preflight.run_strategy(run)
         if world < 1:
             raise ValueError("--world-size must be 1 or more")
-        got = estimate(shape, RunSettings.from_run(run, world_size=world, strategy=strategy), gpu_memory=memory)
+        got = estimate_run(shape, run, world_size=world, strategy=strategy, gpu_memory=memory)
     except ValidationError as err:
         print(f"{args.file}: invalid: {err}", file=sys.stderr)
         return 2

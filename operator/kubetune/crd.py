@@ -109,7 +109,22 @@ SECTION_RULES: dict[str, list[Schema]] = {
         {
             "rule": "!(has(self.epochs) && has(self.maxSteps))",
             "message": "set either training.epochs or training.maxSteps, not both",
-        }
+        },
+        {
+            "rule": "!has(self.batchSize) || type(self.batchSize) == int || has(self.globalBatchSize)",
+            "message": "training.batchSize auto needs training.globalBatchSize (the samples per optimizer step "
+                       "over all processes)",
+            "fieldPath": ".globalBatchSize",
+            "reason": "FieldValueRequired",
+        },
+        {
+            # An unset batchSize passes: a preset may make it auto (the operator checks the effective spec).
+            "rule": "!has(self.globalBatchSize) || !has(self.batchSize) || type(self.batchSize) == string",
+            "message": "training.globalBatchSize is only for training.batchSize auto; with an integer batchSize "
+                       "the global batch is batchSize x gradientAccumulation x processes",
+            "fieldPath": ".globalBatchSize",
+            "reason": "FieldValueInvalid",
+        },
     ],
 }
 LORA_TARGETS_RULE: Schema = {
@@ -157,8 +172,15 @@ def structural(schema: Schema) -> Schema:
             node = {**walk(target), **{k: v for k, v in node.items() if k == "description"}}
             return node
         any_of = node.pop("anyOf", None)
-        if any_of is not None:
+        if any_of is not None and node.get("x-kubernetes-int-or-string"):
+            node["anyOf"] = any_of  # already structural (a schema shared by two models)
+        elif any_of is not None:
             options = [o for o in any_of if o.get("type") != "null"]
+            keyword = scalar_or_keyword(options)
+            if keyword is not None:
+                if "description" in node:
+                    keyword["description"] = " ".join(node["description"].split())
+                return {**keyword, **({"default": node["default"]} if node.get("default") is not None else {})}
             if len(options) != 1:
                 raise ValueError(f"cannot express a union of {options} in a structural schema")
             merged = walk(options[0])
@@ -206,6 +228,40 @@ def structural(schema: Schema) -> Schema:
         return node
 
     return walk(schema)
+
+
+def scalar_or_keyword(options: list[Schema]) -> Schema | None:
+    """A union of an integer or a boolean with one string keyword (``int | Literal["auto"]``), as a
+    structural schema; None for any other union.
+
+    An integer or keyword is ``x-kubernetes-int-or-string`` with the bare anyOf of an integer and a
+    string that a structural schema allows there; the integer's bounds and the keyword become a CEL
+    rule. A boolean or keyword has no structural type: it keeps any scalar
+    (``x-kubernetes-preserve-unknown-fields``) and an enum of the three values restricts it.
+    """
+    if len(options) != 2 or not all(o.get("type") for o in options):
+        return None
+    by_type = {o["type"]: o for o in options}
+    keyword = by_type.get("string", {}).get("const")
+    if not isinstance(keyword, str) or len(by_type) != 2:
+        return None
+    if "boolean" in by_type:
+        return {"x-kubernetes-preserve-unknown-fields": True, "enum": [True, False, keyword]}
+    number = by_type.get("integer")
+    if number is None:
+        return None
+    low, high = number.get("minimum"), number.get("maximum")
+    checks = [f"self >= {low}"] * (low is not None) + [f"self <= {high}"] * (high is not None)
+    bounds = f" from {low} to {high}" if low is not None and high is not None else ""
+    return {
+        "x-kubernetes-int-or-string": True,
+        "anyOf": [{"type": "integer"}, {"type": "string"}],
+        "x-kubernetes-validations": [{
+            "rule": f"type(self) == int ? ({' && '.join(checks) or 'true'}) : self == '{keyword}'",
+            "message": f"must be an integer{bounds} or \"{keyword}\"",
+            "reason": "FieldValueInvalid",
+        }],
+    }
 
 
 def without_defaults(node: Any) -> Any:
@@ -380,7 +436,9 @@ def _type_of(node: Schema) -> str:
     if kind == "array":
         return f"[]{_type_of(node.get('items', {}))}"
     if "enum" in node:
-        return " \\| ".join(f"`{v}`" for v in node["enum"])
+        return " \\| ".join(f"`{json.dumps(v) if isinstance(v, bool) else v}`" for v in node["enum"])
+    if node.get("x-kubernetes-int-or-string"):
+        return "integer \\| string"
     if node.get("x-kubernetes-preserve-unknown-fields"):
         return "object (free-form)"
     if kind == "object" and "additionalProperties" in node:

@@ -26,7 +26,7 @@ import yaml
 
 from kubetune import api
 from kubetune_trainer.config import RunSections, StorageSpec, Strategy, TrainerConfig
-from kubetune_trainer.estimate import Estimate, ModelConfigError, ModelShape, RunSettings, estimate, parse_quantity
+from kubetune_trainer.estimate import Estimate, ModelConfigError, ModelShape, estimate_run, parse_quantity
 
 Json = dict[str, Any]
 GPU_MEMORY_LABEL = "nvidia.com/gpu.memory"
@@ -149,8 +149,7 @@ def verdict(run: RunSections, config: Json, memory: int | None, world_size: int,
         shape = ModelShape.from_config(config)
     except ModelConfigError as err:
         return Verdict("skipped", f"cannot estimate GPU memory: {err}")
-    got = estimate(shape, RunSettings.from_run(run, world_size=world_size, strategy=run_strategy(run)),
-                   gpu_memory=memory)
+    got = estimate_run(shape, run, world_size=world_size, strategy=run_strategy(run), gpu_memory=memory)
     summary = summarize(got, where)
     if got.fits is False:
         return Verdict("wontfit", summary + "; " + suggestions(run, world_size), got)
@@ -187,8 +186,9 @@ def suggestions(run: RunSections, world_size: int) -> str:
         *([f"quantization int4 (now {run.quantization})"] if run.quantization != "int4" and run.lora.enabled else []),
         f"a smaller dataset.maxLength (now {run.dataset.max_length})",
         *([f"a smaller training.batchSize (now {tc.batch_size}; raise training.gradientAccumulation to keep "
-           "the global batch)"] if tc.batch_size > 1 else []),
-        *(["training.gradientCheckpointing: true"] if not tc.gradient_checkpointing else []),
+           "the global batch), or training.batchSize: auto with training.globalBatchSize"]
+          if isinstance(tc.batch_size, int) and tc.batch_size > 1 else []),
+        *(["training.gradientCheckpointing: true"] if tc.gradient_checkpointing is False else []),
         "or a GPU with more memory",
     ]
     return "to fit, try " + ", ".join(hints)

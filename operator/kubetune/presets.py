@@ -51,7 +51,8 @@ class PresetDefaults(Section):
 
     Sections merge field by field (the job wins), env merges by name, other lists are replaced.
     training.epochs and training.maxSteps are alternatives: a job that sets one drops the
-    preset's other.
+    preset's other; a job that sets an integer training.batchSize drops the preset's
+    globalBatchSize (which is only for batchSize auto).
     """
 
     image: str | None = Field(default=None, max_length=1024)
@@ -171,6 +172,8 @@ def effective_spec(job: Json, defaults: Json) -> Json:
     if ("epochs" in training or "maxSteps" in training) and "training" in base:
         for key in ("epochs", "maxSteps"):
             base["training"].pop(key, None)
+    if training.get("batchSize", "auto") != "auto" and "training" in base:
+        base["training"].pop("globalBatchSize", None)  # only for batchSize auto
     spec = merge(base, {k: v for k, v in job.items() if k != "env"})
     if "env" in base or "env" in job:
         own = {e["name"] for e in job.get("env") or []}

@@ -35,7 +35,14 @@ def test_defaults_are_filled_in_by_the_api_server(cluster: Any, crd: None, names
 
 @pytest.mark.parametrize(("spec", "words"), [
     ({"quantization": "int3"}, ["spec.quantization", "Unsupported value"]),
-    ({"training": {"batchSize": 0}}, ["spec.training.batchSize", "should be greater than or equal to 1"]),
+    ({"training": {"batchSize": 0}}, ["spec.training.batchSize", "must be an integer from 1 to 4096 or \"auto\""]),
+    ({"training": {"batchSize": "big"}}, ["spec.training.batchSize", "must be an integer from 1 to 4096"]),
+    ({"training": {"batchSize": "auto"}}, ["spec.training.globalBatchSize", "needs training.globalBatchSize"]),
+    ({"training": {"batchSize": 8, "globalBatchSize": 64}},
+     ["spec.training.globalBatchSize", "only for training.batchSize auto"]),
+    ({"training": {"gradientCheckpointing": "sometimes"}},
+     ["spec.training.gradientCheckpointing", "Unsupported value"]),
+    ({"training": {"memoryFraction": 0.99}}, ["spec.training.memoryFraction"]),
     ({"resources": {"gpus": -1}}, ["spec.resources.gpus"]),
     ({"quantization": "int4", "lora": {"enabled": False}},
      ["spec.lora.enabled", "quantization int8/int4 requires lora.enabled=true"]),

@@ -1,4 +1,5 @@
-"""Auto-fit on the CPU: an out-of-memory halves the micro-batch, keeps the global batch, loses no data."""
+"""batchSize / gradientCheckpointing auto on the CPU: an out-of-memory halves the micro-batch, keeps the
+global batch, loses no data; checkpointing follows the device's memory."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import pytest
 import torch
 from trainer_helpers import make_config
 
+from kubetune_trainer.config import TrainerConfig
 from kubetune_trainer.errors import OutOfMemory
+from kubetune_trainer.estimate import RunSettings, estimate, read_shape
 from kubetune_trainer.report import Reporter
 from kubetune_trainer.train import Trainer, halve_micro_batch
 
@@ -45,22 +48,25 @@ class RecordingTrainer(Trainer):
         return loss
 
 
-def run(assets: Path, out: Path, fits: int | None, auto_fit: bool = True) -> RecordingTrainer:
-    config = make_config(assets, out, training={"maxSteps": 12, "batchSize": 8, "gradientAccumulation": 2,
-                                                "autoFit": auto_fit, "evalEverySteps": 6,
-                                                "checkpointEverySteps": 6})
-    trainer = RecordingTrainer(config, Reporter(out / "metrics.jsonl"), fits=fits)
+def auto_config(assets: Path, out: Path, **training: Any) -> TrainerConfig:
+    return make_config(assets, out, training={"maxSteps": 12, "batchSize": "auto", "globalBatchSize": 16,
+                                              "evalEverySteps": 6, "checkpointEverySteps": 6, **training})
+
+
+def run(assets: Path, out: Path, fits: int | None, **training: Any) -> RecordingTrainer:
+    trainer = RecordingTrainer(auto_config(assets, out, **training), Reporter(out / "metrics.jsonl"), fits=fits)
     trainer.run()
     return trainer
 
 
 def test_out_of_memory_halves_the_micro_batch_and_trains_on_the_same_samples(
         assets: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    plain = run(assets, tmp_path / "plain", fits=None)
+    plain = run(assets, tmp_path / "plain", fits=None, batchSize=8, gradientAccumulation=2, globalBatchSize=None)
     with caplog.at_level(logging.WARNING, logger="kubetune_trainer.train"):
         fitted = run(assets, tmp_path / "fitted", fits=3)
 
-    assert fitted.failures == [8, 4], "8 and 4 do not fit; 2 does"
+    # On the CPU, auto starts with the whole global batch in one micro-batch.
+    assert fitted.failures == [16, 8, 4], "16, 8 and 4 do not fit; 2 does"
     assert fitted.micro_batch_size == 2
     assert fitted.progress.step == plain.progress.step == 12
     # Every step trained on exactly the samples of the uninterrupted run, each once.
@@ -69,13 +75,20 @@ def test_out_of_memory_halves_the_micro_batch_and_trains_on_the_same_samples(
     # The same global batch and loss weighting: the same adapter, up to the order of float sums.
     assert fitted.progress.train_loss == pytest.approx(plain.progress.train_loss, rel=1e-4)
     warnings = [r.getMessage() for r in caplog.records if "out of memory in step 1" in r.getMessage()]
-    assert len(warnings) == 2
-    assert "micro-batch 2, gradient accumulation 8" in warnings[1] and "global batch stays 16" in warnings[1]
+    assert len(warnings) == 3
+    assert "micro-batch 2, gradient accumulation 8" in warnings[2] and "global batch stays 16" in warnings[2]
 
 
-def test_without_auto_fit_an_out_of_memory_ends_the_run(assets: Path, tmp_path: Path) -> None:
-    with pytest.raises(OutOfMemory, match=r"training\.autoFit: true"):
-        run(assets, tmp_path / "out", fits=3, auto_fit=False)
+def test_batch_size_auto_on_the_cpu_is_one_micro_batch_per_step(assets: Path, tmp_path: Path) -> None:
+    trainer = run(assets, tmp_path / "out", fits=None, globalBatchSize=12)
+    assert trainer.micro_batch_size == 12 and not trainer.gradient_checkpointing
+    sizes = [sum(c.values()) for c in trainer.seen.values()]
+    assert max(sizes) == 12 and all(0 < size <= 12 for size in sizes)  # an epoch's last step may be smaller
+
+
+def test_with_an_integer_batch_size_an_out_of_memory_ends_the_run(assets: Path, tmp_path: Path) -> None:
+    with pytest.raises(OutOfMemory, match=r"training\.batchSize: auto with training\.globalBatchSize"):
+        run(assets, tmp_path / "out", fits=3, batchSize=8, gradientAccumulation=2, globalBatchSize=None)
 
 
 def test_an_out_of_memory_at_micro_batch_one_ends_the_run(assets: Path, tmp_path: Path) -> None:
@@ -89,3 +102,33 @@ def test_halving_keeps_the_global_batch(batch: int, accumulation: int, expected:
     smaller, more = halve_micro_batch(batch, accumulation)
     assert (smaller, more) == expected
     assert smaller * more >= batch * accumulation
+
+
+class DeviceMemoryTestDouble:
+    """TEST DOUBLE for torch.cuda.mem_get_info: a device with ``free`` bytes free, so that the check at
+    start runs on the CPU as on a GPU."""
+
+    def __init__(self, free: int) -> None:
+        self.free = free
+
+    def __call__(self) -> tuple[int, int]:
+        return self.free, 2 * self.free
+
+
+@pytest.mark.parametrize("needs_checkpointing", [True, False])
+def test_gradient_checkpointing_auto_follows_the_device_memory(assets: Path, tmp_path: Path,
+                                                               needs_checkpointing: bool) -> None:
+    config = auto_config(assets, tmp_path / "out", batchSize=4, gradientAccumulation=2, globalBatchSize=None,
+                         gradientCheckpointing="auto", maxSteps=2)
+    shape = read_shape(Path(config.model.source))
+    settings = RunSettings.from_run(config, micro_batch=4)
+    without = estimate(shape, RunSettings.from_run(config, micro_batch=4, gradient_checkpointing=False)).peak
+    assert estimate(shape, settings).peak < without
+    # The device's free memory puts 85% of it just below, or just above, the peak without checkpointing.
+    free = int(without / 0.85) + (-1 if needs_checkpointing else 1)
+    trainer = RecordingTrainer(config, Reporter(tmp_path / "out" / "metrics.jsonl"))
+    trainer.device_memory = DeviceMemoryTestDouble(free)
+    result = trainer.run()
+    assert trainer.gradient_checkpointing is needs_checkpointing
+    assert result.model.base_model.model.is_gradient_checkpointing is needs_checkpointing
+    assert trainer.micro_batch_size == 4 and trainer.progress.step == 2

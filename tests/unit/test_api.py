@@ -79,6 +79,13 @@ INVALID = [
     ("training.epochs", "three", "training.epochs", "valid number"),
     ("training.optimizer", "lion", "training.optimizer", "adamw"),
     ("training", {"epochs": 1, "maxSteps": 10}, "training", "not both"),
+    ("training.batchSize", "big", "training.batchSize", "'auto'"),
+    ("training", {"batchSize": "auto"}, "training", "training.globalBatchSize"),
+    ("training", {"batchSize": 8, "globalBatchSize": 64}, "training", "training.globalBatchSize is only for"),
+    ("training.globalBatchSize", 0, "training.globalBatchSize", "greater than or equal to 1"),
+    ("training.gradientCheckpointing", "sometimes", "training.gradientCheckpointing", "'auto'"),
+    ("training.memoryFraction", 0.99, "training.memoryFraction", "less than or equal to 0.95"),
+    ("training.autoFit", True, "training.autoFit", "Extra inputs are not permitted"),
     ("lora.r", 0, "lora.r", "greater than or equal to 1"),
     ("lora.targetModules", ["all-linear", "q_proj"], "lora.targetModules", "all-linear"),
     ("quantization", "int3", "quantization", "'none', 'int8' or 'int4'"),
@@ -97,8 +104,10 @@ def test_invalid_spec_names_the_field(path: str, value: Any, field: str, words: 
     with pytest.raises(ValidationError) as info:
         api.FineTuneJobSpec.model_validate(with_change(path, value))
     # The error sits at the field (or, for a rule across fields, names it in its message).
+    # A field that is an integer or "auto" reports the error of each alternative below it.
     errors = info.value.errors()
-    assert any(".".join(map(str, e["loc"])) == field or (not e["loc"] and field in e["msg"]) for e in errors), errors
+    assert any(".".join(map(str, e["loc"])) == field or ".".join(map(str, e["loc"][:-1])) == field
+               or (not e["loc"] and field in e["msg"]) for e in errors), errors
     assert words in str(info.value)
 
 
@@ -232,11 +241,25 @@ def openapi_schema() -> dict[str, Any]:
     return crd.build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
 
 
+INT_OR_STRING = {".spec.training.batchSize"}
+"""Fields that are an integer or "auto": x-kubernetes-int-or-string, the one anyOf a structural schema allows."""
+BOOL_OR_KEYWORD = {".spec.training.gradientCheckpointing"}
+"""Fields that are a boolean or "auto": no structural type, an enum of the three values."""
+
+
 def test_schema_is_structural() -> None:
     text = json.dumps(openapi_schema())
-    for forbidden in ('"$ref"', '"$defs"', '"anyOf"', '"allOf"', '"oneOf"', '"title"'):
+    for forbidden in ('"$ref"', '"$defs"', '"allOf"', '"oneOf"', '"title"'):
         assert forbidden not in text
     for path, node in schema_nodes(openapi_schema()):
+        if path in INT_OR_STRING:
+            assert node["x-kubernetes-int-or-string"] is True and "type" not in node
+            assert node["anyOf"] == [{"type": "integer"}, {"type": "string"}], path
+            continue
+        if path in BOOL_OR_KEYWORD:
+            assert node["enum"] == [True, False, "auto"] and "type" not in node, path
+            continue
+        assert "anyOf" not in node, path
         assert "type" in node, f"{path or '<root>'} has no type"
         assert node.get("default", "") is not None, f"{path} has default: null"
         if node["type"] == "object" and "properties" in node:
@@ -249,6 +272,7 @@ def test_schema_preserves_unknown_fields_only_for_free_form_objects() -> None:
         ".spec.scheduling.affinity",
         ".spec.scheduling.tolerations[items]",
         ".spec.env[items].valueFrom",
+        *BOOL_OR_KEYWORD,
     }
 
 

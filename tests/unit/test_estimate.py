@@ -7,12 +7,15 @@ from pathlib import Path
 
 import pytest
 
+from kubetune_trainer.config import TrainerConfig
 from kubetune_trainer.estimate import (
     GiB,
     ModelConfigError,
     ModelShape,
     RunSettings,
+    auto_fit,
     estimate,
+    estimate_run,
     parse_quantity,
     read_shape,
 )
@@ -155,14 +158,58 @@ def test_device_verdict() -> None:
     assert outcome == "wontfit" and "free of 80.00 GiB" in message
 
 
-def test_fit_micro_batch_halves_until_the_estimate_fills_85_percent() -> None:
-    from kubetune_trainer.estimate import fit_micro_batch
+def auto_run(batch: int | str = "auto", checkpointing: bool | str = True, global_batch: int | None = 16,
+             fraction: float = 0.85) -> TrainerConfig:
+    training: dict[str, object] = {"batchSize": batch, "gradientCheckpointing": checkpointing,
+                                   "memoryFraction": fraction}
+    if batch == "auto":
+        training["globalBatchSize"] = global_batch
+    return TrainerConfig.model_validate({
+        "model": {"source": str(MODELS / "llama-8b")}, "dataset": {"train": "t.jsonl", "maxLength": 2048},
+        "training": training, "quantization": "int4", "output": {"location": "/tmp/out"},
+    })
 
+
+def test_batch_size_auto_halves_until_the_estimate_fills_the_memory_fraction() -> None:
     shape = read_shape(MODELS / "llama-8b")
-    settings = replace(measured_settings("int4"), micro_batch=16, max_length=2048)
+    run = auto_run()
+    settings = RunSettings.from_run(run)
     peaks = {b: estimate(shape, replace(settings, micro_batch=b)).peak for b in (16, 8, 4, 2, 1)}
-    assert fit_micro_batch(shape, settings, free=int(peaks[16] / 0.85) + 1) == 16
-    assert fit_micro_batch(shape, settings, free=int(peaks[4] / 0.85) + 1) == 4
-    assert fit_micro_batch(shape, settings, free=int(peaks[4] / 0.85) - 1) == 2
-    assert fit_micro_batch(shape, settings, free=1) == 1  # never below 1: the device check decides then
-    assert fit_micro_batch(shape, settings, free=int(peaks[8] / 0.5) + 1, fraction=0.5) == 8
+    assert auto_fit(shape, run, settings, budget=peaks[16] + 1).micro_batch == 16  # one micro-batch per step
+    assert auto_fit(shape, run, settings, budget=peaks[4] + 1).micro_batch == 4
+    assert auto_fit(shape, run, settings, budget=peaks[4] - 1).micro_batch == 2
+    assert auto_fit(shape, run, settings, budget=1).micro_batch == 1  # never below 1: the device check decides
+    assert auto_fit(shape, run, replace(settings, world_size=2), budget=None).micro_batch == 8  # 16 over 2
+
+
+def test_gradient_checkpointing_auto_is_on_only_where_the_micro_batch_needs_it() -> None:
+    shape = read_shape(MODELS / "llama-8b")
+    run = auto_run(batch=4, checkpointing="auto")
+    on = RunSettings.from_run(run)
+    assert on.gradient_checkpointing and on.micro_batch == 4  # the estimate before a device: the lean choice
+    off = replace(on, gradient_checkpointing=False)
+    peak_on, peak_off = estimate(shape, on).peak, estimate(shape, off).peak
+    assert peak_on < peak_off
+    assert auto_fit(shape, run, on, budget=peak_off + 1) == off
+    assert auto_fit(shape, run, on, budget=peak_off - 1) == on
+    assert auto_fit(shape, run, on, budget=None) == off  # the CPU: no limit, no recompute
+    fixed = auto_run(batch=4, checkpointing=True)
+    assert auto_fit(shape, fixed, on, budget=peak_off + 1) == on  # a fixed setting is kept
+
+
+def test_the_estimate_before_a_device_uses_what_auto_would_choose() -> None:
+    shape = read_shape(MODELS / "llama-8b")
+    run = auto_run(global_batch=64)
+    unknown = estimate_run(shape, run)
+    assert unknown.settings.micro_batch == 1 and unknown.settings.gradient_checkpointing
+    assert any("micro-batch 1" in n for n in unknown.notes)
+    roomy = estimate_run(shape, run, gpu_memory=80 * GiB)
+    assert roomy.fits and 1 < roomy.settings.micro_batch <= 64
+    assert roomy.peak <= 0.85 * (80 * GiB - roomy.runtime_reserve)
+    assert estimate(shape, replace(roomy.settings, micro_batch=roomy.settings.micro_batch * 2)).peak > \
+        0.85 * (80 * GiB - roomy.runtime_reserve)
+    tight = estimate_run(shape, run, gpu_memory=int(unknown.required * 1.01))
+    assert tight.fits and tight.settings.micro_batch == 1  # fits only at the least auto can choose
+    assert estimate_run(shape, run, gpu_memory=unknown.required - 1).fits is False
+
+

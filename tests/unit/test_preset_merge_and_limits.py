@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
@@ -59,6 +60,15 @@ def test_a_job_that_sets_max_steps_drops_the_preset_epochs() -> None:
     spec = FineTuneJobSpec.model_validate(effective({**JOB, "training": {"maxSteps": 50}}))
     assert spec.training.max_steps == 50 and spec.training.epochs is None
     assert spec.training.learning_rate == 1e-4
+
+
+def test_a_job_with_an_integer_batch_size_drops_the_preset_global_batch() -> None:
+    preset = copy.deepcopy(PRESET)
+    preset["spec"]["defaults"]["training"] = {"batchSize": "auto", "globalBatchSize": 64}
+    spec = FineTuneJobSpec.model_validate(effective({**JOB, "training": {"batchSize": 8}}, preset))
+    assert spec.training.batch_size == 8 and spec.training.global_batch_size is None
+    auto = FineTuneJobSpec.model_validate(effective(JOB, preset))
+    assert auto.training.batch_size == "auto" and auto.training.global_batch(4) == 64
 
 
 def test_lists_other_than_env_are_replaced() -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
@@ -26,6 +26,7 @@ Template = Literal["auto", "chat", "plain"]
 LrScheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
 Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd"]
 Strategy = Literal["ddp", "fsdp"]
+Auto = Literal["auto"]
 BITSANDBYTES_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 
 # Exit codes of `python -m kubetune_trainer`, a contract with the operator (docs/trainer.md).
@@ -148,10 +149,21 @@ class TrainingSpec(Section):
     """Optimizer steps to run. Exclusive with epochs."""
     learning_rate: float = Field(default=2e-4, gt=0, le=1)
     """Peak learning rate."""
-    batch_size: int = Field(default=4, ge=1, le=4096)
-    """Samples per device per forward pass."""
+    batch_size: Annotated[int, Field(ge=1, le=4096)] | Auto = 4
+    """Samples per device per forward pass (the micro-batch), or auto: the trainer chooses the
+    micro-batch and the gradient accumulation that keep training.globalBatchSize samples per
+    optimizer step and fill at most training.memoryFraction of the free GPU memory, and halves the
+    micro-batch (doubling the accumulation, repeating the step with the same samples) on a CUDA
+    out-of-memory."""
     gradient_accumulation: int = Field(default=1, ge=1, le=4096)
-    """Forward passes per optimizer step."""
+    """Forward passes per optimizer step (with batchSize auto the trainer chooses it; this is ignored)."""
+    global_batch_size: int | None = Field(default=None, ge=1, le=1_048_576)
+    """Samples per optimizer step over all processes; required with batchSize auto, and only
+    allowed with it (an integer batchSize makes the global batch batchSize x gradientAccumulation x
+    processes)."""
+    memory_fraction: float = Field(default=0.85, ge=0.5, le=0.95)
+    """With batchSize or gradientCheckpointing auto: the fraction of the GPU's free memory that the
+    estimated peak may fill when the trainer chooses the micro-batch and checkpointing."""
     warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
     """Fraction of the steps spent warming the learning rate up."""
     weight_decay: float = Field(default=0.0, ge=0, le=1)
@@ -166,12 +178,10 @@ class TrainingSpec(Section):
     """Seed for data order, initialisation of adapters and dropout."""
     precision: Precision = "auto"
     """Compute precision: auto is bf16 where the device supports it, else fp32."""
-    gradient_checkpointing: bool = True
-    """Recompute activations in the backward pass: less memory, about 20-30% slower."""
-    auto_fit: bool = False
-    """Fit the micro-batch to the GPU, keeping the global batch (batchSize x gradientAccumulation):
-    at start, halve batchSize until the memory estimate fills at most 85% of the free GPU memory; on
-    an out-of-memory in a step (one process), halve it again, raise the accumulation, repeat the step."""
+    gradient_checkpointing: bool | Auto = True
+    """Recompute activations in the backward pass: less memory, about 20-30% slower. auto: on only
+    where the estimate at the chosen micro-batch does not fit training.memoryFraction of the free GPU
+    memory without it (off on the CPU)."""
     packing: bool = False
     """Concatenate samples into full maxLength blocks (faster; prompts stay masked)."""
     eval_every_steps: int = Field(default=100, ge=1)
@@ -185,7 +195,25 @@ class TrainingSpec(Section):
     def _one_length(self) -> TrainingSpec:
         if self.epochs is not None and self.max_steps is not None:
             raise ValueError("set either training.epochs or training.maxSteps, not both")
+        if self.batch_size == "auto" and self.global_batch_size is None:
+            raise ValueError("training.batchSize auto needs training.globalBatchSize (the samples per optimizer "
+                             "step over all processes)")
+        if self.batch_size != "auto" and self.global_batch_size is not None:
+            raise ValueError("training.globalBatchSize is only for training.batchSize auto; with an integer "
+                             "batchSize the global batch is batchSize x gradientAccumulation x processes")
         return self
+
+    @property
+    def auto_batch(self) -> bool:
+        """batchSize auto: the trainer chooses the micro-batch and the accumulation."""
+        return self.batch_size == "auto"
+
+    def global_batch(self, world_size: int) -> int:
+        """Samples per optimizer step over ``world_size`` processes."""
+        if isinstance(self.batch_size, int):
+            return self.batch_size * self.gradient_accumulation * world_size
+        assert self.global_batch_size is not None  # checked by the validator
+        return self.global_batch_size
 
 
 class LoraSpec(Section):

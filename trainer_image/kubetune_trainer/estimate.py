@@ -22,6 +22,7 @@ FSDP, full fine-tunes, other architectures) follow the same accounting but are n
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -179,8 +180,14 @@ class RunSettings:
 
     @classmethod
     def from_run(cls, run: RunSections, world_size: int = 1, strategy: Strategy = "ddp",
-                 micro_batch: int | None = None) -> RunSettings:
+                 micro_batch: int | None = None, gradient_checkpointing: bool | None = None) -> RunSettings:
+        """The run's settings; batchSize auto is taken as micro-batch 1 and gradientCheckpointing auto
+        as on (the leanest choices), unless ``micro_batch`` / ``gradient_checkpointing`` are given."""
         tc = run.training
+        if micro_batch is None:
+            micro_batch = tc.batch_size if isinstance(tc.batch_size, int) else 1
+        if gradient_checkpointing is None:
+            gradient_checkpointing = tc.gradient_checkpointing is not False
         return cls(
             quantization=run.quantization,
             lora=run.lora.enabled,
@@ -188,9 +195,9 @@ class RunSettings:
             lora_targets=tuple(run.lora.target_modules),
             optimizer=tc.optimizer,
             precision="fp32" if tc.precision == "fp32" else "bf16",
-            micro_batch=micro_batch if micro_batch is not None else tc.batch_size,
+            micro_batch=micro_batch,
             max_length=run.dataset.max_length,
-            gradient_checkpointing=tc.gradient_checkpointing,
+            gradient_checkpointing=gradient_checkpointing,
             world_size=world_size,
             strategy=strategy,
         )
@@ -406,16 +413,51 @@ def device_verdict(got: Estimate, free: int, total: int) -> tuple[Literal["fits"
     return "wontfit", needed
 
 
-AUTO_FIT_MEMORY_FRACTION = 0.85
-"""training.autoFit at start: the micro-batch is the largest whose estimated peak fills at most this
-fraction of the device's free memory."""
+def auto_fit(shape: ModelShape, run: RunSections, settings: RunSettings, budget: float | None) -> RunSettings:
+    """The micro-batch and gradient checkpointing that training.batchSize / gradientCheckpointing auto
+    choose, for an estimated peak of at most ``budget`` bytes (memoryFraction of the free memory);
+    ``settings`` holds the rest. ``budget`` None: no device limit (the CPU).
+
+    batchSize auto starts from one micro-batch per process for the whole global batch and halves it
+    (as an out-of-memory does) until the peak, with checkpointing on where it is auto, fits; then
+    checkpointing auto is off where that micro-batch fits without it. Never below micro-batch 1: the
+    device check decides then."""
+    tc = run.training
+    micro = math.ceil(tc.global_batch(settings.world_size) / settings.world_size) if tc.auto_batch \
+        else settings.micro_batch
+    fixed = tc.gradient_checkpointing if isinstance(tc.gradient_checkpointing, bool) else None
+    chosen = replace(settings, micro_batch=micro, gradient_checkpointing=True if fixed is None else fixed)
+    if budget is None:
+        return replace(chosen, gradient_checkpointing=bool(fixed))
+    while tc.auto_batch and chosen.micro_batch > 1 and estimate(shape, chosen).peak > budget:
+        chosen = replace(chosen, micro_batch=chosen.micro_batch // 2)
+    without = replace(chosen, gradient_checkpointing=False)
+    if fixed is None and estimate(shape, without).peak <= budget:
+        return without
+    return chosen
 
 
-def fit_micro_batch(shape: ModelShape, settings: RunSettings, free: int,
-                    fraction: float = AUTO_FIT_MEMORY_FRACTION) -> int:
-    """The micro-batch to start with: ``settings.micro_batch`` halved (as an out-of-memory halves it)
-    until the estimated peak is at most ``fraction`` of ``free`` bytes; at least 1."""
-    micro = settings.micro_batch
-    while micro > 1 and estimate(shape, replace(settings, micro_batch=micro)).peak > fraction * free:
-        micro //= 2
-    return micro
+def estimate_run(shape: ModelShape, run: RunSections, world_size: int = 1, strategy: Strategy = "ddp",
+                 gpu_memory: int | None = None) -> Estimate:
+    """The estimate of a run before it starts (the operator, `kubetune estimate`).
+
+    Integer settings are estimated as they are. With training.batchSize or gradientCheckpointing
+    auto, whether the run fits is decided at micro-batch 1 with checkpointing on (the least the
+    trainer can choose); where it fits a known ``gpu_memory``, the estimate shown is what the trainer
+    would choose on that GPU (memoryFraction of it, less the runtime reserve, as its free memory)."""
+    tc = run.training
+    settings = RunSettings.from_run(run, world_size=world_size, strategy=strategy)
+    got = estimate(shape, settings, gpu_memory=gpu_memory)
+    if not tc.auto_batch and tc.gradient_checkpointing != "auto":
+        return got
+    if gpu_memory is None or not got.fits:
+        got.notes.append("batchSize/gradientCheckpointing auto: estimated at the least the trainer can choose "
+                         "(micro-batch 1, gradient checkpointing on)" if tc.auto_batch else
+                         "gradientCheckpointing auto: estimated with gradient checkpointing on")
+        return got
+    budget = tc.memory_fraction * (gpu_memory - RUNTIME_RESERVE_BYTES)
+    chosen = auto_fit(shape, run, settings, budget)
+    got = estimate(shape, chosen, gpu_memory=gpu_memory)
+    got.notes.append(f"auto-fit: what the trainer would choose to fill at most {tc.memory_fraction:.0%} of the "
+                     "GPU's free memory")
+    return got

@@ -114,15 +114,19 @@ def keep_cpu_4bit_layout_trainable(model: Any) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def load_model(path: Path, config: TrainerConfig, precision: Precision, dev: torch.device) -> Any:
-    """Load the backbone and make it trainable: LoRA adapters, or every weight for a full fine-tune."""
+def load_model(path: Path, config: TrainerConfig, precision: Precision, dev: torch.device,
+               gradient_checkpointing: bool | None = None) -> Any:
+    """Load the backbone and make it trainable: LoRA adapters, or every weight for a full fine-tune.
+    ``gradient_checkpointing``: what the trainer chose (training.gradientCheckpointing may be auto);
+    None: on unless the config turns it off."""
     log.info(
         "loading model from %s (quantization %s, dtype %s, device %s)",
         path, config.quantization, str(precision.dtype).removeprefix("torch."), dev,
     )
     model = load_base(path, config, precision, dev)
     model.config.use_cache = False
-    checkpointing = config.training.gradient_checkpointing
+    checkpointing = (config.training.gradient_checkpointing is not False if gradient_checkpointing is None
+                     else gradient_checkpointing)
     ckpt_kwargs = {"use_reentrant": False}
     if config.quantization != "none":
         from peft import prepare_model_for_kbit_training

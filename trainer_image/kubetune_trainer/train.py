@@ -19,6 +19,7 @@ import signal
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,9 +45,9 @@ CHECKPOINT_FILES = (
 )
 """Every file of a checkpoint, sorted; the marker lists exactly these with their sizes and sha256."""
 CONFIG_HASH_SECTIONS = ("model", "dataset", "training", "lora", "quantization")
-CADENCE_FIELDS = ("evalEverySteps", "checkpointEverySteps", "logEverySteps", "autoFit")
-"""training fields that do not change what is trained (auto-fit keeps each step's samples and loss
-weighting): left out of the config hash."""
+CADENCE_FIELDS = ("evalEverySteps", "checkpointEverySteps", "logEverySteps", "memoryFraction")
+"""training fields that do not change what is trained (the micro-batch that batchSize auto chooses
+keeps each step's samples and loss weighting): left out of the config hash."""
 PREDICTION_SAMPLES = 4
 OUT_OF_MEMORY_ERRORS: tuple[type[BaseException], ...] = (
     torch.cuda.OutOfMemoryError, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
@@ -111,18 +112,38 @@ def peak_memory_bytes(dev: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def check_device_memory(config: TrainerConfig, world: distributed.World,
-                        dev: torch.device) -> tuple[Estimate | None, int]:
-    """Estimate the run's peak GPU memory from the backbone's config.json (read before the weights)
-    and compare it with the device's free memory: raise :class:`OutOfMemory` when it cannot fit.
+@dataclass
+class DeviceFit:
+    """What the check at start decided: the micro-batch and gradient checkpointing to train with."""
 
-    Returns the estimate (the out-of-memory message quotes it; None on the CPU or when config.json
-    cannot be read here, and loading the model then says why) and the micro-batch to start with:
-    training.batchSize, or with training.autoFit the largest that fills at most 85% of the free memory."""
-    batch = config.training.batch_size
-    if dev.type != "cuda":
-        return None, batch
-    from .estimate import ModelConfigError, ModelShape, RunSettings, device_verdict, estimate, fit_micro_batch
+    estimate: Estimate | None
+    """The estimate at those settings (the out-of-memory message quotes it); None on the CPU or when
+    config.json cannot be read here."""
+    micro_batch: int
+    gradient_checkpointing: bool
+
+
+DeviceMemory = Callable[[], tuple[int, int]]
+"""Free and total bytes of the training device, as torch.cuda.mem_get_info returns them."""
+
+
+def check_device_memory(config: TrainerConfig, world: distributed.World, dev: torch.device,
+                        device_memory: DeviceMemory | None = None) -> DeviceFit:
+    """Estimate the run's peak GPU memory from the backbone's config.json (read before the weights),
+    choose what training.batchSize / gradientCheckpointing auto leave open, and compare the estimate
+    with the device's free memory: raise :class:`OutOfMemory` when it cannot fit.
+
+    Without a device limit (the CPU, unless ``device_memory`` is given) batchSize auto is one
+    micro-batch per process for the whole global batch and gradientCheckpointing auto is off; where
+    config.json cannot be read on a GPU, the same micro-batch with checkpointing on."""
+    tc = config.training
+    micro = math.ceil(tc.global_batch(world.world_size) / world.world_size) if tc.auto_batch else tc.batch_size
+    assert isinstance(micro, int)
+    if device_memory is None:
+        if dev.type != "cuda":
+            return DeviceFit(None, micro, tc.gradient_checkpointing is True)
+        device_memory = lambda: torch.cuda.mem_get_info(dev)  # noqa: E731
+    from .estimate import ModelConfigError, ModelShape, RunSettings, auto_fit, device_verdict, estimate
 
     source = config.model.source.rstrip("/") + "/config.json"
     try:
@@ -130,19 +151,21 @@ def check_device_memory(config: TrainerConfig, world: distributed.World,
         shape = ModelShape.from_config(json.loads(Path(path).read_text()))
     except (TrainerError, OSError, ValueError, ModelConfigError) as err:
         log.warning("GPU memory not estimated: %s", err)
-        return None, batch
-    strategy = config.distribution.strategy
-    settings = RunSettings.from_run(config, world_size=world.world_size, strategy=strategy)
-    free, total = torch.cuda.mem_get_info(dev)
-    if config.training.auto_fit:
-        batch = fit_micro_batch(shape, settings, free)
-        settings = RunSettings.from_run(config, world_size=world.world_size, strategy=strategy, micro_batch=batch)
+        return DeviceFit(None, micro, tc.gradient_checkpointing is not False)
+    settings = RunSettings.from_run(config, world_size=world.world_size, strategy=config.distribution.strategy,
+                                    micro_batch=micro)
+    free, total = device_memory()
+    if tc.auto_batch or tc.gradient_checkpointing == "auto":
+        settings = auto_fit(shape, config, settings, tc.memory_fraction * free)
+        log.info("auto-fit (%.0f%% of %.2f GiB free): micro-batch %d, gradient checkpointing %s",
+                 100 * tc.memory_fraction, free / 2**30, settings.micro_batch,
+                 "on" if settings.gradient_checkpointing else "off")
     got = estimate(shape, settings)
     outcome, message = device_verdict(got, free, total)
     if outcome == "wontfit":
         raise OutOfMemory(f"the run cannot fit this GPU: {message}")
-    (log.warning if outcome == "tight" else log.info)("GPU memory (micro-batch %d): %s", batch, message)
-    return got, batch
+    (log.warning if outcome == "tight" else log.info)("GPU memory (micro-batch %d): %s", settings.micro_batch, message)
+    return DeviceFit(got, settings.micro_batch, settings.gradient_checkpointing)
 
 
 def halve_micro_batch(batch_size: int, accumulation: int) -> tuple[int, int]:
@@ -172,23 +195,24 @@ def total_steps(config: TrainerConfig, train_samples: int, world_size: int = 1) 
     if config.training.max_steps is not None:
         return config.training.max_steps
     tc = config.training
-    steps_per_epoch = math.ceil(train_samples / (tc.batch_size * tc.gradient_accumulation * world_size))
+    steps_per_epoch = math.ceil(train_samples / tc.global_batch(world_size))
     return max(1, math.ceil((tc.epochs or 1.0) * steps_per_epoch))
 
 
 class DataOrder:
     """Which samples each optimizer step trains on, and which of them each rank's micro-batches take.
 
-    An epoch is a seeded permutation of the samples, cut into global batches of
-    ``batch_size * gradient_accumulation * world_size`` samples (the epoch's last one may be
-    smaller). The global batch of a step depends only on the seed, the step and its size, so it is
+    An epoch is a seeded permutation of the samples, cut into global batches of ``global_batch``
+    samples, by default ``batch_size * gradient_accumulation * world_size`` (the epoch's last one may
+    be smaller). The global batch of a step depends only on the seed, the step and its size, so it is
     the same set whatever the split into micro-batches and ranks: micro-batch ``k`` of rank ``r``
     is the ``(k * world_size + r)``-th slice of ``batch_size`` samples of it.
     """
 
-    def __init__(self, samples: int, batch_size: int, accumulation: int, world_size: int, seed: int) -> None:
+    def __init__(self, samples: int, batch_size: int, accumulation: int, world_size: int, seed: int,
+                 global_batch: int | None = None) -> None:
         self.samples, self.batch_size, self.world_size, self.seed = samples, batch_size, world_size, seed
-        self.global_batch = batch_size * accumulation * world_size
+        self.global_batch = global_batch or batch_size * accumulation * world_size
         self.steps_per_epoch = math.ceil(samples / self.global_batch)
         self._epoch, self._order = -1, list[int]()
 
@@ -233,10 +257,14 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 
 def config_hash(config: TrainerConfig) -> str:
     """sha256 of what decides the trained weights: the model, dataset, training, lora and quantization
-    sections (camelCase JSON, sorted keys), without the evaluation/checkpoint/log cadence and autoFit."""
+    sections (camelCase JSON, sorted keys), without the evaluation/checkpoint/log cadence and
+    memoryFraction; an unset globalBatchSize is left out, so that configs written before it existed
+    keep their hash."""
     sections = config.model_dump(by_alias=True, mode="json", include=set(CONFIG_HASH_SECTIONS))
     for name in CADENCE_FIELDS:
         sections["training"].pop(name, None)
+    if sections["training"].get("globalBatchSize") is None:
+        sections["training"].pop("globalBatchSize", None)
     return hashlib.sha256(json.dumps(sections, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
@@ -360,8 +388,15 @@ class Trainer:
         self.in_loop = False
         self.stop_requested = False
         self.memory_estimate: Estimate | None = None
-        self.micro_batch_size = config.training.batch_size
-        """The micro-batch in use: training.batchSize, or less after auto-fit halved it."""
+        batch = config.training.batch_size
+        self.micro_batch_size = batch if isinstance(batch, int) else 1
+        """The micro-batch in use: training.batchSize, or what batchSize auto chose (and halved on an
+        out-of-memory)."""
+        self.gradient_checkpointing = config.training.gradient_checkpointing is not False
+        """Whether the model recomputes activations: training.gradientCheckpointing, or what auto chose."""
+        self.device_memory: DeviceMemory | None = None
+        """Free and total bytes of the device for the check at start; None: torch.cuda.mem_get_info on
+        a GPU, no limit on the CPU."""
         self.rejected: set[int] = set()
         """Steps of checkpoints in the store that resume() refused; pruned once a new one is written."""
         self.sharded = False
@@ -406,9 +441,10 @@ class Trainer:
               else []),
             f"a smaller dataset.maxLength (now {cfg.dataset.max_length})",
             *([f"a smaller training.batchSize (now {self.micro_batch_size}; raise training.gradientAccumulation "
-               "to keep the effective batch)"] if self.micro_batch_size > 1 else []),
-            *(["training.autoFit: true"] if not tc.auto_fit and self.micro_batch_size > 1 else []),
-            *(["training.gradientCheckpointing: true"] if not tc.gradient_checkpointing else []),
+               "to keep the effective batch)"] if self.micro_batch_size > 1 and not tc.auto_batch else []),
+            *(["training.batchSize: auto with training.globalBatchSize"]
+              if not tc.auto_batch and self.micro_batch_size > 1 else []),
+            *(["training.gradientCheckpointing: true or auto"] if not self.gradient_checkpointing else []),
             "or more GPUs",
         ]
         estimate = ""
@@ -440,7 +476,9 @@ class Trainer:
         if world.local_rank != 0:
             world.barrier()
         datasets = load_datasets(cfg)
-        self.memory_estimate, self.micro_batch_size = check_device_memory(cfg, world, world.device())
+        fit = check_device_memory(cfg, world, world.device(), self.device_memory)
+        self.memory_estimate, self.micro_batch_size = fit.estimate, fit.micro_batch
+        self.gradient_checkpointing = fit.gradient_checkpointing
         model_path = sources.resolve(cfg.model.source, cfg.storage, cfg.model.revision, directory=True)
         tokenizer_path = (
             sources.resolve(cfg.model.tokenizer, cfg.storage, cfg.model.revision, directory=True)
@@ -459,7 +497,7 @@ class Trainer:
         dev = world.device()
         precision = model_lib.resolve_precision(cfg.training.precision, dev)
         torch.manual_seed(cfg.training.seed)  # adapter initialisation, the same on every rank
-        model = model_lib.load_model(model_path, cfg, precision, dev)
+        model = model_lib.load_model(model_path, cfg, precision, dev, self.gradient_checkpointing)
         self.loop(model, tokenizer, train_samples, val_samples, dev, precision)
         final = self.final_model(model, tokenizer, datasets, dev)
         if not world.is_main:
@@ -479,12 +517,12 @@ class Trainer:
         precision: model_lib.Precision,
     ) -> None:
         cfg, tc, world = self.config, self.config.training, self.world
-        batch_size, accum = tc.batch_size, tc.gradient_accumulation
-        order = DataOrder(len(train_samples), batch_size, accum, world.world_size, tc.seed)
-        if self.micro_batch_size < batch_size:
-            # training.autoFit chose a smaller micro-batch at start; the global batch stays.
-            batch_size, accum = self.micro_batch_size, math.ceil(batch_size * accum / self.micro_batch_size)
-            order.batch_size = batch_size
+        # The global batch is the config's; the micro-batch is training.batchSize or what batchSize auto
+        # chose, and the accumulation makes up the rest.
+        global_batch = tc.global_batch(world.world_size)
+        batch_size = self.micro_batch_size
+        accum = math.ceil(global_batch / (batch_size * world.world_size))
+        order = DataOrder(len(train_samples), batch_size, accum, world.world_size, tc.seed, global_batch=global_batch)
         steps = total_steps(cfg, len(train_samples), world.world_size)
         self.progress.total_steps = steps
         # DDP keeps the model's parameters; FSDP replaces them with their shards, so the optimizer
@@ -553,7 +591,7 @@ class Trainer:
                                                      scale, weight, no_sync=no_sync)
                     break
                 except OUT_OF_MEMORY_ERRORS as err:
-                    if not tc.auto_fit or world.distributed or batch_size == 1:
+                    if not tc.auto_batch or world.distributed or batch_size == 1:
                         raise
                     detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
                 # Out of the except block, so that its traceback no longer holds the step's tensors.
