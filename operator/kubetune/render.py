@@ -46,7 +46,7 @@ LIVE_FIELDS = ("suspend", "ttlSecondsAfterFinished")
 OWNER_ANNOTATION = "kubetune.io/finetunejob"  # full FineTuneJob name (labels cap at 63 characters)
 MANAGED_BY = "kubetune-operator"
 MAX_NAME = 63  # Job names become pod label values: at most 63 characters.
-RENDEZVOUS_PORT = 29400  # torchrun's c10d rendezvous, on pod 0 of a run over several nodes
+RENDEZVOUS_PORT = 29400  # torchrun's rendezvous store, on pod 0 of a run over several nodes
 
 
 def child_name(name: str, suffix: str) -> str:
@@ -292,18 +292,19 @@ def processes_per_pod(spec: api.FineTuneJobSpec) -> int:
     return spec.resources.gpus or spec.resources.distribution.processes_per_node
 
 
-def rendezvous_endpoint(name: str) -> str:
+def rendezvous_host(name: str) -> str:
     """Where the pods of a run over several nodes meet: pod index 0, by its name in the headless
     Service (an Indexed Job's pod i has hostname <job>-i, and the Service is its subdomain)."""
     job = job_name(name)
-    return f"{job}-0.{job}:{RENDEZVOUS_PORT}"
+    return f"{job}-0.{job}"
 
 
 def trainer_command(owner: Json, spec: api.FineTuneJobSpec, settings: Settings) -> list[str]:
     """The trainer itself for one process; the launcher (torchrun) for several.
 
-    Over several pods, torchrun's c10d rendezvous (run id: the FineTuneJob's UID) at pod 0 forms
-    the group; --max-restarts 0 hands every failure to the Job, which restarts the whole group.
+    Over several pods, torchrun's static rendezvous: pod i is node rank i (its completion index)
+    and pod 0 hosts the store, so rank 0 lives in pod 0 and the ranks of every pod are fixed.
+    --max-restarts 0 hands every failure to the Job, which restarts the whole group.
     """
     processes, nodes = processes_per_pod(spec), spec.resources.distribution.nodes
     if processes == 1 and nodes == 1:
@@ -311,9 +312,9 @@ def trainer_command(owner: Json, spec: api.FineTuneJobSpec, settings: Settings) 
     if nodes == 1:
         where = ["--standalone"]
     else:
-        where = ["--nnodes", str(nodes), "--rdzv-backend", "c10d",
-                 "--rdzv-endpoint", rendezvous_endpoint(owner["metadata"]["name"]),
-                 "--rdzv-id", owner["metadata"]["uid"], "--max-restarts", "0"]
+        where = ["--nnodes", str(nodes), "--node-rank", "$(JOB_COMPLETION_INDEX)",
+                 "--master-addr", rendezvous_host(owner["metadata"]["name"]),
+                 "--master-port", str(RENDEZVOUS_PORT), "--max-restarts", "0"]
     return [*settings.launcher_command, *where, "--nproc-per-node", str(processes), "-m", "kubetune_trainer"]
 
 

@@ -1,5 +1,5 @@
 """A FineTuneJob over several pods, with the real trainer: an Indexed Job and a headless Service,
-torchrun's c10d rendezvous at pod 0, one progress in status, one published run; a deleted pod
+torchrun's rendezvous at pod 0, one progress in status, one published run; a deleted pod
 restarts the whole group, which resumes from its newest checkpoint."""
 
 from __future__ import annotations

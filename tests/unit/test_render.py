@@ -225,8 +225,10 @@ def test_a_run_over_several_nodes_is_an_indexed_job_that_meets_at_pod_zero() -> 
     assert pod_spec["subdomain"] == service["metadata"]["name"] == job["metadata"]["name"] == "llama-trainer"
     assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
     assert service["spec"]["selector"] == {render.JOB_LABEL: "llama"}
-    assert set(pod_spec["containers"][0]["command"]) >= {"--nnodes", "3", "--nproc-per-node", "4",
-                                                         "llama-trainer-0.llama-trainer:29400", "--max-restarts"}
+    command = pod_spec["containers"][0]["command"]
+    assert set(command) >= {"--nnodes", "3", "--nproc-per-node", "4", "--max-restarts"}
+    assert command[command.index("--node-rank") + 1] == "$(JOB_COMPLETION_INDEX)"  # pod i is node rank i
+    assert command[command.index("--master-addr") + 1] == "llama-trainer-0.llama-trainer"
     assert "--standalone" not in pod_spec["containers"][0]["command"]
     single = rendered({**MINIMAL, "resources": {"gpus": 2}})["job"]
     assert "completionMode" not in single["spec"] and "subdomain" not in single["spec"]["template"]["spec"]
