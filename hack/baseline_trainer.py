@@ -153,7 +153,7 @@ def load_model(path: Path, config: TrainerConfig, dtype: torch.dtype) -> Any:
     model.config.use_cache = False
     if quantization is not None:
         model = prepare_model_for_kbit_training(  # type: ignore[no-untyped-call]
-            model, use_gradient_checkpointing=config.training.gradient_checkpointing,
+            model, use_gradient_checkpointing=config.training.gradient_checkpointing is True,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     if config.lora.enabled:
@@ -169,6 +169,8 @@ def training_arguments(config: TrainerConfig, steps: int, dtype: torch.dtype, ou
     """The config's training section as TrainingArguments; no saving, no evaluation and no logging
     inside the measured window (the KubeTune trainer's reports are outside its timing too)."""
     tc = config.training
+    if not isinstance(tc.batch_size, int):
+        raise ValueError("training.batchSize auto: the baseline needs a fixed micro-batch")
     return TrainingArguments(
         output_dir=str(out),
         max_steps=steps,
@@ -184,7 +186,7 @@ def training_arguments(config: TrainerConfig, steps: int, dtype: torch.dtype, ou
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         use_cpu=not torch.cuda.is_available(),
-        activation_checkpointing=tc.gradient_checkpointing,
+        activation_checkpointing=tc.gradient_checkpointing is True,
         activation_checkpointing_kwargs={"use_reentrant": False},
         optim=OPTIMIZERS[tc.optimizer],
         optim_args="momentum=0.9" if tc.optimizer == "sgd" else None,  # the KubeTune trainer's SGD
@@ -269,7 +271,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, type=Path, help="a KubeTune trainer config (YAML or JSON)")
     parser.add_argument("--out", required=True, type=Path, help="where to write the result (JSON)")
     args = parser.parse_args(argv)
-    result = run_baseline(load_config(args.config))
+    config = load_config(args.config)
+    auto = [name for name, value in (("training.batchSize", config.training.batch_size),
+                                     ("training.gradientCheckpointing", config.training.gradient_checkpointing))
+            if value == "auto"]
+    if auto:  # transformers.Trainer has no such choice: the comparison needs fixed settings
+        print(f"{args.config}: {', '.join(auto)}: auto is not supported by the baseline; give a fixed value",
+              file=sys.stderr)
+        return 3
+    result = run_baseline(config)
     if not math.isfinite(result["tokensPerSecond"]) or result["tokensPerSecond"] <= 0:
         print(f"no throughput measured: {result['window']}", file=sys.stderr)
         return 1
