@@ -66,9 +66,9 @@ def test_defaults_are_filled_in_by_the_api_server(cluster: Any, crd: None, names
     ({"resources": {"gpus": 1, "sharedMemory": "64Mi", "distribution": {"strategy": "fsdp"}}},
      ["spec.resources.distribution.strategy", "fsdp needs more than one training process"]),
 ], ids=["enum", "minimum", "batch-size-word", "cel-auto-without-global-batch", "cel-global-batch-without-auto",
-        "checkpointing-word", "memory-fraction", "negative-gpus", "cel-int4-without-lora", "cel-epochs-and-steps", "cel-s3-output",
-        "cel-targets", "cel-reserved-report-url", "cel-reserved-aws", "cel-processes-with-gpus", "cel-fsdp-int8",
-        "cel-fsdp-8bit-optimizer", "cel-fsdp-one-cpu-process", "cel-fsdp-one-gpu"])
+        "checkpointing-word", "memory-fraction", "negative-gpus", "cel-int4-without-lora", "cel-epochs-and-steps",
+        "cel-s3-output", "cel-targets", "cel-reserved-report-url", "cel-reserved-aws", "cel-processes-with-gpus",
+        "cel-fsdp-int8", "cel-fsdp-8bit-optimizer", "cel-fsdp-one-cpu-process", "cel-fsdp-one-gpu"])
 def test_invalid_finetunejob_is_rejected_at_apply(cluster: Any, crd: None, namespace: str,
                                                   spec: dict[str, Any], words: list[str]) -> None:
     result = apply(cluster, namespace, finetunejob("invalid", **spec))
