@@ -88,23 +88,13 @@ def children(pid: int) -> list[int]:
     return [int(p) for p in text.split()]
 
 
-def test_killed_rank_fails_the_run_and_a_rerun_resumes_exactly(assets: Path, tmp_path: Path) -> None:
-    steps = 40
-
-    def config_for(name: str) -> Path:
-        # Dropout on: every rank must draw the masks the uninterrupted run drew.
-        return write_config(tmp_path / f"{name}.yaml", tiny_config(
-            assets, tmp_path / name,
-            training={"maxSteps": steps, "batchSize": 4, "checkpointEverySteps": 5, "evalEverySteps": 20},
-            lora={"r": 4, "alpha": 8, "dropout": 0.1},
-        ))
-
-    env = run_env(tmp_path)
-    run_dir = tmp_path / "resumed" / "tiny"
+def kill_rank_one_after_a_checkpoint(config: Path, run_dir: Path, tmp_path: Path, steps: int) -> list[int]:
+    """Run ``config`` on two processes and SIGKILL rank 1 once the checkpoint of step 5 is complete;
+    return the steps of the complete checkpoints the failed run left."""
     marker = run_dir / "checkpoints" / "step-5" / "checkpoint.json"
     with (tmp_path / "first.log").open("w") as log:
-        launcher = subprocess.Popen(torchrun(config_for("resumed")), stdout=subprocess.DEVNULL, stderr=log,
-                                    env=env, cwd=REPO)
+        launcher = subprocess.Popen(torchrun(config), stdout=subprocess.DEVNULL, stderr=log,
+                                    env=run_env(tmp_path), cwd=REPO)
         try:
             wait_for(lambda: marker.exists() or launcher.poll() is not None, 300, marker.name)
             workers = children(launcher.pid)
@@ -119,6 +109,23 @@ def test_killed_rank_fails_the_run_and_a_rerun_resumes_exactly(assets: Path, tmp
     assert not (run_dir / "manifest.json").exists(), "the run finished before it could be interrupted"
     complete = sorted(int(p.parent.name[5:]) for p in run_dir.glob("checkpoints/step-*/checkpoint.json"))
     assert complete and complete[-1] < steps
+    return complete
+
+
+def test_killed_rank_fails_the_run_and_a_rerun_resumes_exactly(assets: Path, tmp_path: Path) -> None:
+    steps = 40
+
+    def config_for(name: str) -> Path:
+        # Dropout on: every rank must draw the masks the uninterrupted run drew.
+        return write_config(tmp_path / f"{name}.yaml", tiny_config(
+            assets, tmp_path / name,
+            training={"maxSteps": steps, "batchSize": 4, "checkpointEverySteps": 5, "evalEverySteps": 20},
+            lora={"r": 4, "alpha": 8, "dropout": 0.1},
+        ))
+
+    env = run_env(tmp_path)
+    run_dir = tmp_path / "resumed" / "tiny"
+    complete = kill_rank_one_after_a_checkpoint(config_for("resumed"), run_dir, tmp_path, steps)
 
     resumed = subprocess.run(torchrun(config_for("resumed")), capture_output=True, text=True, timeout=600,
                              env=env, cwd=REPO)

@@ -4,15 +4,13 @@ model; the outputs and checkpoints are the ones DDP writes, and a killed run res
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_distributed import children, run_env, torchrun, wait_for, write_config
+from test_distributed import kill_rank_one_after_a_checkpoint, run_env, torchrun, write_config
 from test_loss_normalisation import TOLERANCE, adapter, exact_training, relative_difference, write_uneven_dataset
 from trainer_helpers import REPO, make_config, tiny_config
 
@@ -104,26 +102,8 @@ def test_killed_sharded_run_resumes_exactly(assets: Path, tmp_path: Path) -> Non
             lora={"r": 4, "alpha": 8, "dropout": 0.1},
         ))
 
-    env = run_env(tmp_path)
     run_dir = tmp_path / "resumed" / "tiny"
-    marker = run_dir / "checkpoints" / "step-5" / "checkpoint.json"
-    with (tmp_path / "first.log").open("w") as log:
-        launcher = subprocess.Popen(torchrun(config_for("resumed")), stdout=subprocess.DEVNULL, stderr=log,
-                                    env=env, cwd=REPO)
-        try:
-            wait_for(lambda: marker.exists() or launcher.poll() is not None, 300, marker.name)
-            workers = children(launcher.pid)
-            assert len(workers) == 2, workers
-            os.kill(workers[1], signal.SIGKILL)
-            launcher.wait(timeout=120)
-        finally:
-            if launcher.poll() is None:
-                launcher.kill()
-                launcher.wait(timeout=60)
-    assert launcher.returncode != 0, (tmp_path / "first.log").read_text()[-4000:]
-    assert not (run_dir / "manifest.json").exists(), "the run finished before it could be interrupted"
-    complete = sorted(int(p.parent.name[5:]) for p in run_dir.glob("checkpoints/step-*/checkpoint.json"))
-    assert complete and complete[-1] < steps
+    complete = kill_rank_one_after_a_checkpoint(config_for("resumed"), run_dir, tmp_path, steps)
 
     resumed = run(config_for("resumed"), tmp_path)
     for rank in (0, 1):
