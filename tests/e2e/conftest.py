@@ -122,6 +122,14 @@ def demo_bucket(minio_env: dict[str, str], tmp_path_factory: pytest.TempPathFact
 
 
 @pytest.fixture
+def s3_secret(cluster: Cluster, namespace: str, demo_bucket: str, minio_env: dict[str, str]) -> None:
+    """The Secret kubetune-s3 (MinIO's keys) that the quickstart-style jobs name, in the test namespace."""
+    cluster.kubectl("create", "secret", "generic", "kubetune-s3", "-n", namespace,
+                    f"--from-literal=AWS_ACCESS_KEY_ID={minio_env['MINIO_ACCESS_KEY']}",
+                    f"--from-literal=AWS_SECRET_ACCESS_KEY={minio_env['MINIO_SECRET_KEY']}")
+
+
+@pytest.fixture
 def real_trainer_env(minio_env: dict[str, str]) -> dict[str, str]:
     """Operator settings for the real trainer (no test double), with MinIO as the default store."""
     return {"KUBETUNE_S3_ENDPOINT": minio_env["MINIO_ENDPOINT"], "KUBETUNE_S3_INSECURE": "true"}

@@ -23,13 +23,6 @@ def operator_env(real_trainer_env: dict[str, str]) -> dict[str, str]:
     return real_trainer_env
 
 
-@pytest.fixture
-def s3_secret(cluster: Any, namespace: str, demo_bucket: str, minio_env: dict[str, str]) -> None:
-    cluster.kubectl("create", "secret", "generic", "kubetune-s3", "-n", namespace,
-                    f"--from-literal=AWS_ACCESS_KEY_ID={minio_env['MINIO_ACCESS_KEY']}",
-                    f"--from-literal=AWS_SECRET_ACCESS_KEY={minio_env['MINIO_SECRET_KEY']}")
-
-
 def two_by_two(name: str, steps: int, checkpoint_every: int) -> dict[str, Any]:
     """The quickstart over two pods of two CPU processes each (a world of four)."""
     manifest: dict[str, Any] = yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text())

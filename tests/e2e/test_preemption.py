@@ -27,13 +27,6 @@ def operator_env(real_trainer_env: dict[str, str]) -> dict[str, str]:
 
 
 @pytest.fixture
-def s3_secret(cluster: Any, namespace: str, demo_bucket: str, minio_env: dict[str, str]) -> None:
-    cluster.kubectl("create", "secret", "generic", "kubetune-s3", "-n", namespace,
-                    f"--from-literal=AWS_ACCESS_KEY_ID={minio_env['MINIO_ACCESS_KEY']}",
-                    f"--from-literal=AWS_SECRET_ACCESS_KEY={minio_env['MINIO_SECRET_KEY']}")
-
-
-@pytest.fixture
 def preempting_queue(cluster: Any, namespace: str) -> Iterator[str]:
     """A ClusterQueue of one CPU that preempts lower-priority workloads within it, its LocalQueue,
     and the WorkloadPriorityClasses <queue>-low (100) and <queue>-high (1000); all named after the
