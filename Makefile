@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= operator,trainer,dev
 
-.PHONY: help venv scan-venv test unit lint crd cluster-up cluster-down cluster-status bench chaos gpu-check chart-docs demo demo-down
+.PHONY: help venv scan-venv images test unit lint crd cluster-up cluster-down cluster-status bench chaos gpu-check chart-docs demo demo-down
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -26,6 +26,9 @@ $(SCAN_VENV)/.installed: hack/scan-requirements.txt
 	touch $@
 
 scan-venv: $(SCAN_VENV)/.installed  ## create .venv-scan/ with checkov (tests/helm/test_scan.py runs it)
+
+images: venv  ## build the operator and trainer images (buildah, Debian base, constraints.txt) into .kubetune/images/
+	$(PY) hack/images.py build
 
 test: lint scan-venv  ## everything this machine can run: lint, unit, trainer (CPU), e2e (local cluster), helm
 	$(PY) -m pytest tests

@@ -1,4 +1,5 @@
-"""Generate the chart's values.schema.json and README.md from values.yaml and its `# --` comments.
+"""Generate the chart's values.schema.json and README.md from values.yaml and its `# --` comments, and
+stamp Chart.yaml's version and appVersion with kubetune.__version__.
 
     python hack/chart_docs.py           write helm/kubetune/values.schema.json and README.md
     python hack/chart_docs.py --check   exit 1 (naming the file) when a committed file differs
@@ -41,7 +42,6 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "healthPort": PORT,
     "reports.statusIntervalSeconds": {"type": "number", "exclusiveMinimum": 0},
     "reports.ratePerSecond": {"type": "number", "exclusiveMinimum": 0},
-    "trainer.image": {"minLength": 1},
     "image.repository": {"minLength": 1},
 }
 
@@ -131,10 +131,26 @@ def build_readme(schema: dict[str, Any], template: str) -> str:
     return template.replace("{{ values_table }}", table)
 
 
+def project_version() -> str:
+    """kubetune.__version__, the one source of the version."""
+    text = (CHART.parents[1] / "operator" / "kubetune" / "__init__.py").read_text()
+    found = re.search(r'^__version__ = "([^"]+)"$', text, re.MULTILINE)
+    if not found:
+        raise SystemExit("operator/kubetune/__init__.py: no __version__ line")
+    return found.group(1)
+
+
+def stamp_version(chart_yaml: str, version: str) -> str:
+    """Chart.yaml with version and appVersion set to the project's version (chart and app ship together)."""
+    chart_yaml = re.sub(r"^version: .*$", f"version: {version}", chart_yaml, count=1, flags=re.MULTILINE)
+    return re.sub(r"^appVersion: .*$", f'appVersion: "{version}"', chart_yaml, count=1, flags=re.MULTILINE)
+
+
 def generated() -> dict[Path, str]:
     values_text = (CHART / "values.yaml").read_text()
     schema = build_schema(values_text)
     return {
+        CHART / "Chart.yaml": stamp_version((CHART / "Chart.yaml").read_text(), project_version()),
         CHART / "values.schema.json": json.dumps(schema, indent=2) + "\n",
         CHART / "README.md": build_readme(schema, (CHART / "README.md.tmpl").read_text()),
     }

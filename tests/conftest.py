@@ -9,6 +9,7 @@ keeps it). ``USE_EXISTING_CLUSTER=true`` runs against the current kubeconfig's c
     minio_env    {"MINIO_ENDPOINT": "host:port", "MINIO_ACCESS_KEY": ..., "MINIO_SECRET_KEY": ...}
     k8s_api      kubernetes.client.ApiClient for the cluster
     namespace    name of a fresh namespace (with its default ServiceAccount), deleted afterwards
+    images       {"operator": tag, "trainer": tag}: the images `make images` builds (cached layers)
 """
 
 from __future__ import annotations
@@ -131,3 +132,12 @@ def crd(cluster: Cluster) -> None:
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
     cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/finetunejobs.kubetune.io",
                     "crd/finetunepresets.kubetune.io", "crd/clusterfinetunepresets.kubetune.io")
+
+
+@pytest.fixture(scope="session")
+def images() -> dict[str, str]:
+    """The operator and trainer images, built as `make images` builds them (hack/images.py; cached
+    layers: seconds when nothing changed), in this machine's container storage."""
+    proc = subprocess.run([sys.executable, str(REPO / "hack" / "images.py"), "build"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return {line.split("\t")[0]: line.split("\t")[1] for line in proc.stdout.splitlines() if "\t" in line}

@@ -9,7 +9,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DEFAULT_TRAINER_IMAGE = "ghcr.io/kubetune/trainer:0.1.0"
+from kubetune import __version__
+
+DEFAULT_TRAINER_IMAGE = f"ghcr.io/kubetune/trainer:{__version__}"
 
 
 @dataclass(frozen=True)

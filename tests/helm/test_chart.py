@@ -37,6 +37,24 @@ def test_chart_docs_and_schema_are_generated_from_values() -> None:
     assert stale == [], "run `make chart-docs`"
 
 
+def test_chart_version_and_trainer_image_follow_the_one_project_version(cluster: Any) -> None:
+    """kubetune.__version__ is the only place the version is written; a different Chart.yaml is stale."""
+    from kubetune import __version__
+    from kubetune.settings import DEFAULT_TRAINER_IMAGE
+
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["version"] == chart["appVersion"] == __version__ == chart_docs.project_version()
+    bumped = chart_docs.stamp_version((CHART / "Chart.yaml").read_text(), "9.8.7")
+    assert yaml.safe_load(bumped)["appVersion"] == "9.8.7" and yaml.safe_load(bumped)["version"] == "9.8.7"
+    assert f"ghcr.io/kubetune/trainer:{__version__}" == DEFAULT_TRAINER_IMAGE
+    docs = [d for d in yaml.safe_load_all(cluster.helm("template", "kt", str(CHART)).stdout) if d]
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["KUBETUNE_TRAINER_IMAGE"] == DEFAULT_TRAINER_IMAGE
+    assert container["image"] == f"ghcr.io/kubetune/operator:{__version__}"
+
+
 def test_schema_rejects_unknown_values(cluster: Any) -> None:
     result = cluster.helm("template", "kt", str(CHART), "--set", "replicas=3", check=False)
     assert result.returncode != 0 and "replicas" in result.stderr

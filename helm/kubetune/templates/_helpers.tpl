@@ -47,6 +47,10 @@ app.kubernetes.io/part-of: kubetune
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 
+{{- define "kubetune.trainerImage" -}}
+{{- default (printf "ghcr.io/kubetune/trainer:%s" .Chart.AppVersion) .Values.trainer.image }}
+{{- end }}
+
 {{- define "kubetune.reportUrl" -}}
 {{- default (printf "http://%s.%s.svc:%d" (include "kubetune.fullname" .) .Release.Namespace (int .Values.reports.port)) .Values.reports.url }}
 {{- end }}

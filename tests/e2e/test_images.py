@@ -1,0 +1,88 @@
+"""The operator image (`make images`) runs the operator against the local cluster: a podman container
+with a read-only root filesystem, no capabilities, as uid 65532, under the chart's ServiceAccount."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from operator_helpers import finetunejob, wait_phase
+
+from helpers import REPO, free_port, wait_for
+
+pytestmark = [pytest.mark.e2e, pytest.mark.images]
+CONTAINERS_CONF = REPO / "hack" / "containers.conf"
+FAKE_TRAINER = Path(__file__).resolve().parent / "fake_trainer.py"
+
+
+def podman(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "CONTAINERS_CONF": str(CONTAINERS_CONF)}
+    proc = subprocess.run(["podman", *args], capture_output=True, text=True, timeout=120, env=env)
+    if check:
+        assert proc.returncode == 0, f"podman {' '.join(args)}: {proc.stderr[-3000:]}"
+    return proc
+
+
+@pytest.fixture
+def operator_container(cluster: Any, crd: None, namespace: str, operator_kubeconfig: Path,
+                       images: dict[str, str], tmp_path: Path) -> Iterator[str]:
+    """`kubetune operator --namespace NS` from the operator image; settings in an env file, never in args."""
+    health_port, report_port = free_port(), free_port()
+    kubeconfig = tmp_path / "kubeconfig"
+    shutil.copy(operator_kubeconfig, kubeconfig)
+    kubeconfig.chmod(0o644)  # readable by the image's user; a bind-mounted file needs no path above it
+    report_key = "k" * 43
+    env_file = tmp_path / "operator.env"
+    env_file.write_text("\n".join([
+        "KUBECONFIG=/etc/kubetune/kubeconfig",
+        f"KUBETUNE_LIVENESS_ENDPOINT=http://127.0.0.1:{health_port}/healthz",
+        f"KUBETUNE_REPORT_LISTEN=127.0.0.1:{report_port}",
+        f"KUBETUNE_REPORT_URL=http://127.0.0.1:{report_port}",
+        f"KUBETUNE_REPORT_KEY={report_key}",
+        "KUBETUNE_STATUS_INTERVAL=1",
+        "KUBETUNE_RESYNC_SECONDS=5",
+        # The pods run on the local node's host processes: the TEST DOUBLE trainer from this checkout.
+        "KUBETUNE_TRAINER_COMMAND=" + json.dumps(["python", str(FAKE_TRAINER)]),
+    ]) + "\n")
+    env_file.chmod(0o600)
+    name = f"kubetune-operator-{namespace}"
+    podman("run", "--detach", "--name", name, "--network", "host", "--read-only", "--cap-drop", "ALL",
+           "--security-opt", "no-new-privileges", "--env-file", str(env_file),
+           "--volume", f"{kubeconfig}:/etc/kubetune/kubeconfig:ro",
+           images["operator"], "--namespace", namespace)
+    try:
+        def healthy() -> bool:
+            state = json.loads(podman("inspect", name).stdout)[0]["State"]
+            assert state["Running"], f"operator container exited: {podman('logs', name).stderr[-3000:]}"
+            with urllib.request.urlopen(f"http://127.0.0.1:{health_port}/healthz", timeout=2) as response:
+                return bool(response.status == 200)
+
+        wait_for(healthy, timeout=90, message="the operator container's liveness endpoint")
+        yield name
+    finally:
+        logs = podman("logs", name, check=False)
+        podman("rm", "--force", "--time", "10", name, check=False)
+        assert report_key not in logs.stdout + logs.stderr
+
+
+def test_operator_image_runs_a_job_to_success_locked_down(cluster: Any, namespace: str,
+                                                          operator_container: str) -> None:
+    cluster.apply(finetunejob("from-image"), namespace)
+    status = wait_phase(cluster, namespace, "from-image", "Succeeded")
+    assert status["jobName"] == "from-image-trainer" and status["progress"]["percent"] == 100
+
+    container = json.loads(podman("inspect", operator_container).stdout)[0]
+    assert container["HostConfig"]["ReadonlyRootfs"] is True
+    assert container["EffectiveCaps"] in (None, [])
+    assert podman("exec", operator_container, "id", "-u").stdout.strip() == "65532"
+    denied = podman("exec", operator_container, "touch", "/usr/local/x", check=False)
+    assert denied.returncode != 0 and "Read-only file system" in denied.stderr
+    logs = podman("logs", operator_container)
+    assert "from-image" in logs.stdout + logs.stderr
