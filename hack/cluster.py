@@ -950,7 +950,7 @@ def cluster_down(paths: Paths, keep_logs: bool = True, grace_s: float = 10.0) ->
                     poll_until(functools.partial(_exited, record), grace_s, "kubelet to stop")
                 if record.alive():
                     _signal_group(record.pid, signal.SIGKILL)
-        real_node.stop_pods()
+        real_node.stop_pods(node)
     # The node agent first (it stops its pods), the storage last.
     for record in reversed(records):
         _signal_group(record.pid, signal.SIGTERM)

@@ -36,6 +36,7 @@ POD_CIDR = "10.244.0.0/24"  # host-local range of the CNI bridge; checked agains
 CNI_BIN_DIR = Path("/usr/lib/cni")  # Debian's containernetworking-plugins
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 CONTAINER_LOG_LINKS = Path("/var/log/containers")  # fixed in the kubelet
+SHIM_SOCKETS = Path("/run/containerd/s")  # fixed in containerd 1.6: its shims' sockets
 # Chains the kubelet creates in the host's iptables (filter, nat, mangle) and leaves behind.
 KUBELET_CHAINS = ("KUBE-FIREWALL", "KUBE-KUBELET-CANARY", "KUBE-IPTABLES-HINT")
 # Kernel settings the kubelet changes (protectKernelDefaults: false); saved before the node starts,
@@ -232,6 +233,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 
 [{cri}.containerd.runtimes.runc.options]
   SystemdCgroup = false
+  Root = {json.dumps(str(node.root / "runc"))}
 
 [{cri}.cni]
   bin_dir = {json.dumps(str(CNI_BIN_DIR))}
@@ -336,7 +338,8 @@ def save_machine_state(node: NodePaths) -> None:
     for name in SYSCTLS:
         with contextlib.suppress(OSError):
             sysctls[name] = (Path("/proc/sys") / name).read_text().strip()
-    saved = {"sysctls": sysctls, "container_log_links_existed": CONTAINER_LOG_LINKS.exists()}
+    saved = {"sysctls": sysctls, "container_log_links_existed": CONTAINER_LOG_LINKS.exists(),
+             "shim_sockets_existed": SHIM_SOCKETS.exists()}
     node.machine_state.write_text(json.dumps(saved, indent=2) + "\n")
 
 
@@ -344,7 +347,7 @@ def save_machine_state(node: NodePaths) -> None:
 # Stopping and cleaning up
 
 
-def _pod_cgroups() -> list[Path]:
+def pod_cgroups() -> list[Path]:
     """The kubelet's pod cgroups in every hierarchy, deepest first."""
     found: list[Path] = []
     with contextlib.suppress(OSError):
@@ -358,25 +361,32 @@ def _pod_cgroups() -> list[Path]:
 
 def pod_pids() -> set[int]:
     pids: set[int] = set()
-    for cgroup in _pod_cgroups():
+    for cgroup in pod_cgroups():
         with contextlib.suppress(OSError):
             pids.update(int(pid) for pid in (cgroup / "cgroup.procs").read_text().split())
     return pids
 
 
-def stop_pods(grace_s: float = 5.0) -> None:
-    """Every container process of the node: SIGTERM, SIGKILL after ``grace_s`` (the kubelet is
-    stopped first, so nothing restarts them)."""
-    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
-        pids = pod_pids()
-        if not pids:
-            return
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + wait
-        while pod_pids() and time.monotonic() < deadline:
-            time.sleep(0.1)
+def _signal_pods(sig: signal.Signals, wait_s: float) -> None:
+    pids = pod_pids()
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+    deadline = time.monotonic() + wait_s
+    while pids and pod_pids() and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def stop_pods(node: NodePaths, grace_s: float = 5.0) -> None:
+    """Every container of the node, once the kubelet is stopped (so nothing restarts them):
+    SIGTERM, then containerd deletes the tasks (killing what is left, so their shims exit and
+    clean up), SIGKILL for anything still in a pod cgroup."""
+    _signal_pods(signal.SIGTERM, grace_s)
+    if containerd_ready(node):
+        for task in ctr(node, "tasks", "list", "--quiet").stdout.split():
+            with contextlib.suppress(subprocess.CalledProcessError, subprocess.TimeoutExpired):
+                ctr(node, "tasks", "delete", "--force", task, timeout=30)
+    _signal_pods(signal.SIGKILL, 10.0)
 
 
 def _iptables_cleanup() -> None:
@@ -403,7 +413,7 @@ def _iptables_cleanup() -> None:
 def cleanup(node: NodePaths) -> None:
     """After the node's processes are gone and the mounts below the cluster directory are undone:
     pod cgroups, the bridge, the kubelet's iptables chains, log links, kernel settings."""
-    for cgroup in _pod_cgroups():
+    for cgroup in pod_cgroups():
         with contextlib.suppress(OSError):
             cgroup.rmdir()
     subprocess.run(["ip", "link", "delete", node.bridge], capture_output=True)
@@ -416,9 +426,14 @@ def cleanup(node: NodePaths) -> None:
         saved = json.loads(node.machine_state.read_text())
     except (OSError, json.JSONDecodeError):
         return
+    # Directories the kubelet or containerd created; rmdir keeps them if someone else uses them.
     if not saved.get("container_log_links_existed", True):
-        with contextlib.suppress(OSError):  # the kubelet created it; rmdir keeps it if others wrote there
+        with contextlib.suppress(OSError):
             CONTAINER_LOG_LINKS.rmdir()
+    if not saved.get("shim_sockets_existed", True):
+        for directory in (SHIM_SOCKETS, SHIM_SOCKETS.parent):
+            with contextlib.suppress(OSError):
+                directory.rmdir()
     for name, value in saved.get("sysctls", {}).items():
         with contextlib.suppress(OSError):
             path = Path("/proc/sys") / name
