@@ -45,8 +45,9 @@ def busybox_image(workdir: Path) -> Path:
     shutil.copy2("/bin/busybox", bin_dir / "busybox")
     for applet in APPLETS:
         (bin_dir / applet).symlink_to("busybox")
-    return real_node.buildah_image(workdir / "busybox.tar", IMAGE, [(bin_dir, "/bin")],
-                                   ["--cmd", '["/bin/sh"]', "--user", "0"])
+    archive: Path = real_node.buildah_image(workdir / "busybox.tar", IMAGE, [(bin_dir, "/bin")],
+                                            ["--cmd", '["/bin/sh"]', "--user", "0"])
+    return archive
 
 
 @pytest.fixture(scope="module")
