@@ -279,6 +279,11 @@ def kubelet_config(node: NodePaths, pki: Path, address: str, port: int, healthz_
         "volumePluginDir": str(node.root / "volume-plugins"),
         # Images are imported, never pulled; nothing here should delete them.
         "imageGCHighThresholdPercent": 100,
+        # Absolute disk thresholds instead of the default percentages: the disk is shared with
+        # other work and its file system reports far more size than the space it can hand out,
+        # so "less than 10% available" holds on a healthy machine and would evict every pod.
+        "evictionHard": {"memory.available": "100Mi", "nodefs.available": "1Gi", "imagefs.available": "1Gi",
+                         "nodefs.inodesFree": "5%", "imagefs.inodesFree": "5%"},
     }
 
 

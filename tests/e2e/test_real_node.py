@@ -112,6 +112,9 @@ def test_node_is_a_kubelet_with_containerd_and_the_stand_in_gpus(node_cluster: C
     assert any(word.startswith("containerd://") for word in row.split()), wide
     node = node_cluster.get("node", "kubetune-local")
     assert node["status"]["nodeInfo"]["kubeletVersion"] == "v1.35.4"
+    conditions = {c["type"]: c["status"] for c in node["status"]["conditions"]}
+    assert conditions == {"Ready": "True", "MemoryPressure": "False", "DiskPressure": "False",
+                          "PIDPressure": "False"}, conditions
     assert node["status"]["capacity"]["nvidia.com/gpu"] == "2"
     assert node["status"]["allocatable"]["nvidia.com/gpu"] == "2"
     [internal_ip] = [a["address"] for a in node["status"]["addresses"] if a["type"] == "InternalIP"]
