@@ -3,6 +3,7 @@
 # the directory. A second run finds them there and builds nothing.
 #
 #   kube-apiserver, kube-controller-manager, kube-scheduler  <- hack/k8s/go.mod (k8s.io/kubernetes)
+#   kubelet, kube-proxy (the real node, KUBETUNE_NODE=kubelet) <- the same module
 #   etcd                                                     <- hack/etcd/go.mod (go.etcd.io/etcd/server/v3)
 #   minio                                                    <- go install github.com/minio/minio@<pinned>
 #   helm (into its own bin/helm-<version>/)                  <- go install helm.sh/helm/v3/cmd/helm@<pinned>
@@ -28,7 +29,7 @@ ldflags="-s -w \
  -X k8s.io/component-base/version.gitMajor=1 \
  -X k8s.io/component-base/version.gitMinor=$minor \
  -X k8s.io/component-base/version.gitTreeState=clean"
-for name in kube-apiserver kube-controller-manager kube-scheduler; do
+for name in kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy; do
   if [ ! -x "$bin/$name" ]; then
     log "building $name v$KUBERNETES_VERSION (slow the first time; cached afterwards)"
     (cd "$here/k8s" && go build -trimpath -ldflags "$ldflags" -o "$bin/$name.tmp" "k8s.io/kubernetes/cmd/$name")

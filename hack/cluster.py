@@ -23,6 +23,10 @@ routing here, so its webhook configurations and its CRDs' conversion webhooks po
 ``https://127.0.0.1:<port>`` with a serving certificate from the cluster's CA. ``--no-kueue`` (or
 ``KUBETUNE_KUEUE=0``) starts the cluster without it.
 
+``KUBETUNE_NODE=kubelet`` replaces the node agent with a real node (hack/real_node.py): kubelet
+v1.35 and containerd with a CNI bridge, the Debian packages installed by
+hack/install-node-tools.sh. ``down`` also undoes what they leave on the machine.
+
 Binaries come from hack/build-binaries.sh (built once into ~/.cache/kubetune/bin/<versions>);
 ``KUBEBUILDER_ASSETS`` supplies etcd, kube-apiserver and kubectl instead. With
 ``USE_EXISTING_CLUSTER=true`` nothing is started: the current kubeconfig's cluster is used.
@@ -62,6 +66,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 HACK = Path(__file__).resolve().parent
 sys.path.insert(0, str(HACK))
+import real_node  # noqa: E402  (hack/real_node.py: kubelet + containerd, KUBETUNE_NODE=kubelet)
 import tools  # noqa: E402  (hack/tools.py: kubectl, helm, the cache root)
 
 REPO = HACK.parent
@@ -137,6 +142,7 @@ class Binaries:
     minio: Path
     helm: Path
     kubectl_override: Path | None
+    kubelet: Path
 
 
 def read_versions() -> dict[str, str]:
@@ -162,8 +168,9 @@ def helm_path() -> Path:
     return tools.cache_root() / "bin" / f"helm-{read_versions()['HELM_VERSION']}" / "helm"
 
 
-def find_binaries() -> Binaries:
-    """Locate the binaries, building the missing ones (slow once, cached afterwards)."""
+def find_binaries(kubelet: bool = False) -> Binaries:
+    """Locate the binaries, building the missing ones (slow once, cached afterwards); `kubelet`:
+    the real node's too."""
     built = build_dir()
     assets_env = os.environ.get("KUBEBUILDER_ASSETS")
     assets = Path(assets_env) if assets_env else None
@@ -174,6 +181,8 @@ def find_binaries() -> Binaries:
         return built / name
 
     names = ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "minio"]
+    if kubelet:
+        names.append("kubelet")
     if not all(pick(name).is_file() for name in names) or not helm_path().is_file():
         log(f"building binaries into {built} (hack/build-binaries.sh)")
         subprocess.run(["bash", str(HACK / "build-binaries.sh")], check=True, stdout=subprocess.DEVNULL)
@@ -186,6 +195,7 @@ def find_binaries() -> Binaries:
         minio=pick("minio"),
         helm=helm_path(),
         kubectl_override=kubectl,
+        kubelet=pick("kubelet"),
     )
 
 
@@ -352,6 +362,8 @@ class State:
     node: str = NODE_NAME
     minio_endpoint: str = ""
     kubectl_cache: str = ""  # KUBECACHEDIR for this cluster: no stale discovery from an earlier one
+    node_kind: str = "agent"  # "agent": hack/node_agent.py; "kubelet": hack/real_node.py
+    gpus: int = 0  # nvidia.com/gpu capacity of the node
 
     def save(self, path: Path) -> None:
         tmp = path.with_suffix(".tmp")
@@ -509,26 +521,36 @@ def cluster_up(paths: Paths, gpus: int, kueue: bool = True) -> State:
         cluster_down(paths)
 
     started = time.monotonic()
+    kind = real_node.node_kind()
+    if kind == "kubelet":
+        real_node.install_tools()
+        if (pid := real_node.other_kubelet_running()) is not None:
+            raise RuntimeError(f"a kubelet already runs on this machine (pid {pid}): one real node at a time")
+        real_node.check_pod_cidr()
     # Logs of the previous cluster stay readable after `down`; a fresh cluster starts fresh logs.
     shutil.rmtree(paths.logs / "pods", ignore_errors=True)
     for directory in (paths.root, paths.logs, paths.logs / "pods", paths.data, paths.pvs):
         directory.mkdir(parents=True, exist_ok=True)
-    binaries = find_binaries()
+    binaries = find_binaries(kubelet=kind == "kubelet")
     kueue_built = find_kueue() if kueue else None
     linked = tools.install_tools(paths.bin, binaries.helm, binaries.kubectl_override)
     ensure_pki(paths.pki)
+    ensure_cert(paths.pki, "kubelet-client", _name("kube-apiserver-kubelet-client"), client=True)
     if kueue:
         ensure_serving_cert(paths.pki, "kueue", ["127.0.0.1", "localhost"])
 
     names = ["etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler", "minio", "minio-console"]
     if kueue:
         names += ["kueue-webhook", "kueue-metrics", "kueue-health"]
+    if kind == "kubelet":  # the kubelet serves on the node address; a free loopback port is free there too
+        names += ["kubelet", "kubelet-healthz"]
     ports = dict(zip(names, free_ports(len(names)), strict=True))
     apiserver = f"https://127.0.0.1:{ports['apiserver']}"
     state = State(
         dir=str(paths.root), ports=ports, apiserver=apiserver, kubeconfig=str(paths.kubeconfig),
         kubectl=str(linked["kubectl"]), helm=str(linked["helm"]),
         minio_endpoint=f"127.0.0.1:{ports['minio']}", kubectl_cache=str(paths.data / "kubectl-cache"),
+        node_kind=kind, gpus=gpus,
     )
     state.save(paths.state)
     paths.kubeconfig.write_text(kubeconfig_text(apiserver, paths.pki, "admin"))
@@ -544,7 +566,10 @@ def cluster_up(paths: Paths, gpus: int, kueue: bool = True) -> State:
         _start_apiserver(binaries, paths, state)
         wait_ready("kube-apiserver", state, lambda: http_ok(apiserver + "/readyz", _https_context(paths.pki)))
         _start_controllers(binaries, paths, state)
-        _start_node_agent(paths, state, gpus)
+        if kind == "kubelet":
+            _start_real_node(binaries, paths, state)
+        else:
+            _start_node_agent(paths, state, gpus)
         if kueue_built is not None:  # while the controllers and the node agent start
             install_kueue(kueue_built, paths, state)
             _start_kueue(kueue_built, paths, state)
@@ -558,7 +583,9 @@ def cluster_up(paths: Paths, gpus: int, kueue: bool = True) -> State:
         for name in ("controller-manager", "scheduler"):
             url = f"https://127.0.0.1:{ports[name]}/healthz"
             wait_ready(f"kube-{name}", state, functools.partial(http_ok, url, unverified))
-        wait_ready("node-agent", state, lambda: node_ready(state, paths.pki))
+        if kind == "kubelet":
+            _advertise_gpus(paths, state)
+        wait_ready(node_process(state), state, lambda: node_ready(state, paths.pki))
         wait_ready("kube-controller-manager", state, lambda: default_service_account_exists(state, paths.pki))
         if kueue_built is not None:
             wait_ready("kueue", state, lambda: kueue_ready(state))
@@ -573,7 +600,12 @@ def cluster_up(paths: Paths, gpus: int, kueue: bool = True) -> State:
 
 
 # Processes that can be restarted alone; the others hold the cluster's data.
-RESTARTABLE = {"kube-controller-manager", "kube-scheduler", "minio", "node-agent", "kueue"}
+RESTARTABLE = {"kube-controller-manager", "kube-scheduler", "minio", "node-agent", "kueue", "containerd", "kubelet"}
+
+
+def node_process(state: State) -> str:
+    """The process that keeps the node Ready."""
+    return "kubelet" if state.node_kind == "kubelet" else "node-agent"
 
 
 def repair(paths: Paths, state: State) -> bool:
@@ -585,7 +617,9 @@ def repair(paths: Paths, state: State) -> bool:
         log(f"restarting {record.name}")
         state.processes.remove(record)
         start_process(record.name, record.args, paths, state, record.env, append_log=True)
-    wait_ready("node-agent", state, lambda: node_ready(state, paths.pki))
+    if state.node_kind == "kubelet" and any(p.name == "kubelet" for p in dead):
+        _advertise_gpus(paths, state)
+    wait_ready(node_process(state), state, lambda: node_ready(state, paths.pki))
     if any(p.name == "kueue" for p in state.processes):
         wait_ready("kueue", state, lambda: kueue_ready(state))
     log(f"up: {state.apiserver}")
@@ -640,6 +674,11 @@ def _start_apiserver(binaries: Binaries, paths: Paths, state: State) -> None:
         "--endpoint-reconciler-type=none",
         # `kubectl logs` reaches the node agent's logs endpoint on the node's InternalIP.
         "--kubelet-preferred-address-types=InternalIP",
+        # logs/exec/port-forward: the apiserver authenticates to the kubelet with its own client
+        # certificate (allowed by RBAC: ClusterRole system:kubelet-api-admin).
+        f"--kubelet-client-certificate={pki / 'kubelet-client.crt'}",
+        f"--kubelet-client-key={pki / 'kubelet-client.key'}",
+        *([f"--kubelet-certificate-authority={pki / 'ca.crt'}"] if state.node_kind == "kubelet" else []),
         "--profiling=false", "--event-ttl=1h",
     ], paths, state)
 
@@ -668,6 +707,51 @@ def _start_controllers(binaries: Binaries, paths: Paths, state: State) -> None:
         "--leader-elect=false", "--bind-address=127.0.0.1",
         f"--secure-port={state.ports['scheduler']}", *serving, "--profiling=false",
     ], paths, state)
+
+
+def _kubectl(state: State, *args: str, input: str | None = None) -> str:
+    env = {**os.environ, "KUBECONFIG": state.kubeconfig, "KUBECACHEDIR": state.kubectl_cache}
+    return subprocess.run([state.kubectl, *args], input=input, text=True, env=env, check=True,
+                          capture_output=True, timeout=60).stdout
+
+
+def _start_real_node(binaries: Binaries, paths: Paths, state: State) -> None:
+    """containerd (with the pause image imported), then the kubelet registering `state.node`."""
+    node = real_node.NodePaths(paths.data / "node")
+    address = real_node.node_ip()
+    pki = paths.pki
+    ensure_cert(pki, "kubelet-serving", _name(f"system:node:{state.node}", "system:nodes"),
+                server_names=[address, state.node])
+    ensure_cert(pki, f"node-{state.node}", _name(f"system:node:{state.node}", "system:nodes"), client=True)
+    real_node.write_config(node, pki, address, state.ports["kubelet"], state.ports["kubelet-healthz"])
+    node.kubelet_kubeconfig.write_text(kubeconfig_text(state.apiserver, pki, f"node-{state.node}"))
+    node.kubelet_kubeconfig.chmod(0o600)
+    real_node.save_machine_state(node)
+    pause = real_node.pause_archive(tools.cache_root())
+    env = real_node.process_env()
+    start_process("containerd", real_node.containerd_args(node), paths, state, env=env)
+    wait_ready("containerd", state, functools.partial(real_node.containerd_ready, node), timeout=60)
+    real_node.import_image(node, pause)
+    # What `kubectl logs/exec` needs: the apiserver's kubelet client may use the kubelet API.
+    _kubectl(state, "apply", "--server-side", "--field-manager=kubetune-cluster", "-f", "-", input=json.dumps({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+        "metadata": {"name": "kubetune:kube-apiserver-kubelet-client"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                    "name": "system:kubelet-api-admin"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User",
+                      "name": "kube-apiserver-kubelet-client"}],
+    }))
+    start_process("kubelet", real_node.kubelet_args(binaries.kubelet, node, state.node, address), paths, state,
+                  env=env)
+
+
+def _advertise_gpus(paths: Paths, state: State) -> None:
+    """The real node's `nvidia.com/gpu` capacity is a stand-in: advertised as an extended resource
+    (PATCH of the node's status, as Kubernetes documents it), not counted by a device plugin."""
+    wait_ready("kubelet", state, lambda: api_get(state, paths.pki, f"/api/v1/nodes/{state.node}") is not None)
+    patch = [{"op": "add", "path": f"/status/{field}/nvidia.com~1gpu", "value": str(state.gpus)}
+             for field in ("capacity", "allocatable")]
+    _kubectl(state, "patch", "node", state.node, "--subresource=status", "--type=json", "-p", json.dumps(patch))
 
 
 def _start_node_agent(paths: Paths, state: State, gpus: int) -> None:
@@ -720,12 +804,28 @@ def find_kueue() -> Path:
 
 def ensure_serving_cert(pki: Path, stem: str, names: list[str]) -> None:
     """A serving certificate signed by the cluster's CA (kept across ups, like the others)."""
-    if (pki / f"{stem}.crt").is_file() and (pki / f"{stem}.key").is_file():
+    ensure_cert(pki, stem, _name(stem), server_names=names)
+
+
+def _cert_names(path: Path) -> set[str]:
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+        alt = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (OSError, ValueError, x509.ExtensionNotFound):
+        return set()
+    return {str(name.value) for name in alt}
+
+
+def ensure_cert(pki: Path, stem: str, subject: x509.Name, *, server_names: list[str] | None = None,
+                client: bool = False) -> None:
+    """A certificate signed by the cluster's CA, kept across ups unless its server names changed."""
+    crt, key = pki / f"{stem}.crt", pki / f"{stem}.key"
+    if crt.is_file() and key.is_file() and (not server_names or _cert_names(crt) == set(server_names)):
         return
     ca_cert = x509.load_pem_x509_certificate((pki / "ca.crt").read_bytes())
     ca_key = serialization.load_pem_private_key((pki / "ca.key").read_bytes(), password=None)
     assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
-    _issue(pki, stem, _name(stem), ca=(ca_cert, ca_key), server_names=names)
+    _issue(pki, stem, subject, ca=(ca_cert, ca_key), server_names=server_names, client=client)
 
 
 def kueue_manifests(built: Path, url: str, ca_bundle: str) -> list[dict[str, Any]]:
@@ -839,6 +939,18 @@ def cluster_down(paths: Paths, keep_logs: bool = True, grace_s: float = 10.0) ->
     """Stop every process of the cluster, unmount its volumes and delete its data."""
     state = State.load(paths.state)
     records = [p for p in (state.processes if state else []) if p.alive()]
+    node = real_node.NodePaths(paths.data / "node")
+    if node.root.exists():
+        # A real node: the kubelet first (so it restarts nothing), then its containers, which run
+        # outside the process groups (containerd's shims), then the rest as below.
+        for record in records:
+            if record.name == "kubelet":
+                _signal_group(record.pid, signal.SIGTERM)
+                with contextlib.suppress(TimeoutError):
+                    poll_until(functools.partial(_exited, record), grace_s, "kubelet to stop")
+                if record.alive():
+                    _signal_group(record.pid, signal.SIGKILL)
+        real_node.stop_pods(node)
     # The node agent first (it stops its pods), the storage last.
     for record in reversed(records):
         _signal_group(record.pid, signal.SIGTERM)
@@ -857,6 +969,8 @@ def cluster_down(paths: Paths, keep_logs: bool = True, grace_s: float = 10.0) ->
         poll_until(lambda: not marked_processes(paths.root), grace_s, "marked processes to exit")
     for mountpoint in _mounts_below(paths.root):
         subprocess.run(["umount", "-l", mountpoint], check=False, stderr=subprocess.DEVNULL)
+    if node.root.exists():
+        real_node.cleanup(node)
     shutil.rmtree(paths.data, ignore_errors=True)
     shutil.rmtree(paths.pvs, ignore_errors=True)
     paths.state.unlink(missing_ok=True)

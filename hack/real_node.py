@@ -1,0 +1,446 @@
+"""The local cluster's real node: kubelet + containerd + a CNI bridge (``KUBETUNE_NODE=kubelet``).
+
+hack/cluster.py starts the processes (through its ``start_process``, so ``down`` stops them) and
+calls this module for the rest: the Debian packages (hack/install-node-tools.sh), the pause image
+(hack/pause, built once into the tool cache), containerd's and the kubelet's configuration, the
+stand-in GPU capacity, and what the kubelet and containerd leave on the machine when they stop
+(mounts, pod cgroups, iptables chains, the bridge, kernel settings, log links).
+
+Everything of one node lives below ``<cluster dir>/data/node``; the kubelet and containerd listen
+on the machine's own interface address (the kubelet rejects a loopback node IP) or on sockets and
+loopback. Only one real node runs on a machine at a time: pod cgroups (``/kubepods``) and the
+kubelet's iptables chains are machine-wide.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import ipaddress
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+HACK = Path(__file__).resolve().parent
+
+NODE_ENV = "KUBETUNE_NODE"  # "agent" (default: hack/node_agent.py) or "kubelet"
+PAUSE_IMAGE = "kubetune.local/pause:1"
+POD_CIDR = "10.244.0.0/24"  # host-local range of the CNI bridge; checked against this machine's routes
+CNI_BIN_DIR = Path("/usr/lib/cni")  # Debian's containernetworking-plugins
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+CONTAINER_LOG_LINKS = Path("/var/log/containers")  # fixed in the kubelet
+SHIM_SOCKETS = Path("/run/containerd/s")  # fixed in containerd 1.6: its shims' sockets
+# Chains the kubelet creates in the host's iptables (filter, nat, mangle) and leaves behind.
+KUBELET_CHAINS = ("KUBE-FIREWALL", "KUBE-KUBELET-CANARY", "KUBE-IPTABLES-HINT")
+# Kernel settings the kubelet changes (protectKernelDefaults: false); saved before the node starts,
+# restored by `down`. Not net.ipv4.ip_forward, which the bridge plugin turns on for its gateway:
+# other users of the machine (podman, buildah) rely on it too, so it stays on.
+SYSCTLS = (
+    "vm/overcommit_memory", "vm/panic_on_oom", "kernel/panic", "kernel/panic_on_oops",
+    "kernel/keys/root_maxkeys", "kernel/keys/root_maxbytes",
+)
+NVIDIA_GPU = "nvidia.com/gpu"
+
+
+def node_kind() -> str:
+    kind = os.environ.get(NODE_ENV, "agent").strip().lower() or "agent"
+    if kind not in ("agent", "kubelet"):
+        raise RuntimeError(f"{NODE_ENV}={kind!r}: expected 'agent' (default) or 'kubelet'")
+    return kind
+
+
+def install_tools() -> None:
+    """containerd, runc, CNI plugins, buildah, busybox-static from Debian, where missing."""
+    subprocess.run(["bash", str(HACK / "install-node-tools.sh")], check=True, stdout=subprocess.DEVNULL)
+
+
+def node_ip() -> str:
+    """The machine's own address on its first non-loopback interface (never leaves the machine)."""
+    out = subprocess.run(["ip", "-4", "-o", "addr", "show", "scope", "global"], check=True,
+                         capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        words = line.split()
+        if "inet" in words:
+            address = words[words.index("inet") + 1].split("/")[0]
+            if not ipaddress.ip_address(address).is_loopback:
+                return address
+    raise RuntimeError("no non-loopback IPv4 address on this machine: the kubelet needs one as node IP")
+
+
+def check_pod_cidr() -> None:
+    """Refuse a pod range that overlaps a route of this machine (the bridge would shadow it)."""
+    pods = ipaddress.ip_network(POD_CIDR)
+    out = subprocess.run(["ip", "-4", "route", "show"], check=True, capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        destination = line.split()[0]
+        if destination == "default":
+            continue
+        with contextlib.suppress(ValueError):
+            if ipaddress.ip_network(destination, strict=False).overlaps(pods):
+                raise RuntimeError(f"pod range {POD_CIDR} overlaps the route '{line.strip()}' of this machine")
+
+
+def other_kubelet_running() -> int | None:
+    """Pid of a kubelet already running on this machine (one real node at a time)."""
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError):
+                if (proc / "comm").read_text().strip() == "kubelet":
+                    return int(proc.name)
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Images
+
+
+def buildah_image(archive: Path, name: str, files: list[tuple[Path, str]], config: list[str]) -> Path:
+    """An image built ``FROM scratch`` with buildah: ``files`` (host path → path in the image),
+    ``config`` (``buildah config`` flags), written as an OCI archive whose reference is ``name``.
+
+    buildah gets its own throwaway storage (vfs driver), so it never touches the machine's."""
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="kubetune-buildah-") as tmp:
+        buildah = ["buildah", "--root", f"{tmp}/root", "--runroot", f"{tmp}/run", "--storage-driver", "vfs"]
+
+        def run(*args: str) -> str:
+            return subprocess.run([*buildah, *args], check=True, capture_output=True, text=True).stdout.strip()
+
+        container = run("from", "--quiet", "scratch")
+        for source, destination in files:
+            run("copy", container, str(source), destination)
+        if config:
+            run("config", *config, container)
+        run("commit", "--quiet", container, name)
+        partial = archive.with_name(archive.name + ".tmp")
+        partial.unlink(missing_ok=True)
+        run("push", "--quiet", name, f"oci-archive:{partial}:{name}")
+        partial.replace(archive)
+    return archive
+
+
+def pause_archive(cache: Path) -> Path:
+    """The sandbox image: hack/pause (waits for SIGTERM) built static, once per source version."""
+    source = HACK / "pause"
+    digest = hashlib.sha256(b"".join((source / n).read_bytes() for n in ("go.mod", "main.go"))).hexdigest()[:12]
+    archive = cache / "images" / f"pause-{digest}.tar"
+    if archive.is_file():
+        return archive
+    with tempfile.TemporaryDirectory(prefix="kubetune-pause-") as tmp:
+        binary = Path(tmp) / "pause"
+        env = {**os.environ, "GOWORK": "off", "CGO_ENABLED": "0"}
+        subprocess.run(["go", "build", "-trimpath", "-ldflags=-s -w", "-o", str(binary), "."], cwd=source,
+                       env=env, check=True, capture_output=True)
+        return buildah_image(archive, PAUSE_IMAGE, [(binary, "/pause")],
+                             ["--entrypoint", '["/pause"]', "--user", "65535:65535"])
+
+
+# --------------------------------------------------------------------------------------------
+# The node's files
+
+
+@dataclass(frozen=True)
+class NodePaths:
+    root: Path  # <cluster dir>/data/node
+
+    @property
+    def containerd_root(self) -> Path:
+        return self.root / "containerd"
+
+    @property
+    def containerd_state(self) -> Path:
+        return self.root / "containerd-state"
+
+    @property
+    def containerd_config(self) -> Path:
+        return self.root / "containerd.toml"
+
+    @property
+    def socket(self) -> Path:
+        return self.root / "containerd.sock"
+
+    @property
+    def cni_conf_dir(self) -> Path:
+        return self.root / "cni" / "net.d"
+
+    @property
+    def kubelet_root(self) -> Path:
+        return self.root / "kubelet"
+
+    @property
+    def kubelet_config(self) -> Path:
+        return self.root / "kubelet.yaml"
+
+    @property
+    def kubelet_kubeconfig(self) -> Path:
+        return self.root / "kubelet.kubeconfig"
+
+    @property
+    def pod_logs(self) -> Path:
+        return self.root / "pod-logs"
+
+    @property
+    def machine_state(self) -> Path:
+        """What the machine was like before the node started (kernel settings, log directory)."""
+        return self.root / "machine.json"
+
+    @property
+    def bridge(self) -> str:
+        """The CNI bridge's interface name: fixed per cluster directory, at most 15 characters."""
+        return "kt" + hashlib.sha256(str(self.root).encode()).hexdigest()[:10]
+
+
+def containerd_config(node: NodePaths) -> str:
+    """containerd 1.6 (config version 2): everything under the node directory, cgroupfs like the
+    kubelet, OOM score adjustments within the caller's, network namespaces under its state dir."""
+    cri = 'plugins."io.containerd.grpc.v1.cri"'
+    return f"""version = 2
+root = {json.dumps(str(node.containerd_root))}
+state = {json.dumps(str(node.containerd_state))}
+disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.zfs"]
+
+[grpc]
+  address = {json.dumps(str(node.socket))}
+
+[ttrpc]
+  address = {json.dumps(str(node.socket) + ".ttrpc")}
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = {json.dumps(str(node.root / "opt"))}
+
+[{cri}]
+  sandbox_image = {json.dumps(PAUSE_IMAGE)}
+  restrict_oom_score_adj = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  netns_mounts_under_state_dir = true
+  enable_selinux = false
+
+[{cri}.containerd]
+  snapshotter = "overlayfs"
+  default_runtime_name = "runc"
+
+[{cri}.containerd.runtimes.runc]
+  runtime_type = "io.containerd.runc.v2"
+
+[{cri}.containerd.runtimes.runc.options]
+  SystemdCgroup = false
+  Root = {json.dumps(str(node.root / "runc"))}
+
+[{cri}.cni]
+  bin_dir = {json.dumps(str(CNI_BIN_DIR))}
+  conf_dir = {json.dumps(str(node.cni_conf_dir))}
+  max_conf_num = 1
+"""
+
+
+def cni_conflist(node: NodePaths) -> dict[str, object]:
+    """A bridge with host-local addresses: no default route and no masquerading out of the machine."""
+    return {
+        "cniVersion": "1.0.0",
+        "name": "kubetune",
+        "plugins": [
+            {"type": "bridge", "bridge": node.bridge, "isGateway": True, "isDefaultGateway": False,
+             "ipMasq": False, "hairpinMode": True,
+             "ipam": {"type": "host-local", "ranges": [[{"subnet": POD_CIDR}]], "routes": [],
+                      "dataDir": str(node.root / "cni" / "ipam")}},
+            {"type": "portmap", "capabilities": {"portMappings": True}},
+        ],
+    }
+
+
+def kubelet_config(node: NodePaths, pki: Path, address: str, port: int, healthz_port: int) -> dict[str, object]:
+    endpoint = f"unix://{node.socket}"
+    return {
+        "apiVersion": "kubelet.config.k8s.io/v1beta1",
+        "kind": "KubeletConfiguration",
+        # Serving: on the node address only; clients need a certificate from the cluster CA (the
+        # apiserver's kubelet client) or a token the apiserver confirms; no anonymous access.
+        "address": address, "port": port, "readOnlyPort": 0,
+        "healthzBindAddress": "127.0.0.1", "healthzPort": healthz_port,
+        "tlsCertFile": str(pki / "kubelet-serving.crt"), "tlsPrivateKeyFile": str(pki / "kubelet-serving.key"),
+        "authentication": {"anonymous": {"enabled": False}, "webhook": {"enabled": True},
+                           "x509": {"clientCAFile": str(pki / "ca.crt")}},
+        "authorization": {"mode": "Webhook"},
+        # containerd 1.6 does not report its cgroup driver: both use cgroupfs.
+        "cgroupDriver": "cgroupfs",
+        # This machine mounts cgroup v1 controllers (with a v2 hierarchy beside them) and may swap.
+        "failCgroupV1": False, "failSwapOn": False,
+        "containerRuntimeEndpoint": endpoint, "imageServiceEndpoint": endpoint,
+        "podLogsDir": str(node.pod_logs),
+        "volumePluginDir": str(node.root / "volume-plugins"),
+        # Images are imported, never pulled; nothing here should delete them.
+        "imageGCHighThresholdPercent": 100,
+        # Absolute disk thresholds instead of the default percentages: the disk is shared with
+        # other work and its file system reports far more size than the space it can hand out,
+        # so "less than 10% available" holds on a healthy machine and would evict every pod.
+        "evictionHard": {"memory.available": "100Mi", "nodefs.available": "1Gi", "imagefs.available": "1Gi",
+                         "nodefs.inodesFree": "5%", "imagefs.inodesFree": "5%"},
+    }
+
+
+def write_config(node: NodePaths, pki: Path, address: str, port: int, healthz_port: int) -> None:
+    for directory in (node.root, node.cni_conf_dir, node.kubelet_root, node.pod_logs):
+        directory.mkdir(parents=True, exist_ok=True)
+    node.containerd_config.write_text(containerd_config(node))
+    (node.cni_conf_dir / "10-kubetune.conflist").write_text(json.dumps(cni_conflist(node), indent=2) + "\n")
+    node.kubelet_config.write_text(json.dumps(kubelet_config(node, pki, address, port, healthz_port), indent=2)
+                                   + "\n")
+
+
+def containerd_args(node: NodePaths) -> list[str]:
+    return ["containerd", f"--config={node.containerd_config}", "--log-level=warn"]
+
+
+def kubelet_args(kubelet: Path, node: NodePaths, name: str, address: str) -> list[str]:
+    return [
+        str(kubelet), f"--config={node.kubelet_config}", f"--kubeconfig={node.kubelet_kubeconfig}",
+        f"--root-dir={node.kubelet_root}", f"--cert-dir={node.root / 'kubelet-pki'}",
+        f"--hostname-override={name}", f"--node-ip={address}",
+        "--node-labels=nvidia.com/gpu.present=true",
+    ]
+
+
+def process_env() -> dict[str, str]:
+    """containerd starts runc and the CNI plugins through PATH."""
+    path = os.environ.get("PATH", "/usr/bin:/bin")
+    extra = [d for d in ("/usr/local/sbin", "/usr/sbin", "/sbin") if d not in path.split(":")]
+    return {"PATH": ":".join([path, *extra])}
+
+
+def ctr(node: NodePaths, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ctr", f"--address={node.socket}", "--namespace=k8s.io", *args], check=True,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def containerd_ready(node: NodePaths) -> bool:
+    if not node.socket.exists():
+        return False
+    try:
+        ctr(node, "version", timeout=5)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
+        return False
+    return True
+
+
+def import_image(node: NodePaths, archive: Path) -> None:
+    """Make an OCI archive's image known to the kubelet (``imagePullPolicy: Never`` / IfNotPresent)."""
+    ctr(node, "images", "import", str(archive))
+
+
+def save_machine_state(node: NodePaths) -> None:
+    if node.machine_state.exists():  # saved by an earlier start of this node: those are the originals
+        return
+    sysctls = {}
+    for name in SYSCTLS:
+        with contextlib.suppress(OSError):
+            sysctls[name] = (Path("/proc/sys") / name).read_text().strip()
+    saved = {"sysctls": sysctls, "container_log_links_existed": CONTAINER_LOG_LINKS.exists(),
+             "shim_sockets_existed": SHIM_SOCKETS.exists()}
+    node.machine_state.write_text(json.dumps(saved, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------------------------
+# Stopping and cleaning up
+
+
+def pod_cgroups() -> list[Path]:
+    """The kubelet's pod cgroups in every hierarchy, deepest first."""
+    found: list[Path] = []
+    with contextlib.suppress(OSError):
+        for hierarchy in CGROUP_ROOT.iterdir():
+            top = hierarchy / "kubepods"
+            if top.is_dir():
+                found.extend(path for path in top.rglob("*") if path.is_dir())
+                found.append(top)
+    return sorted(found, key=lambda p: len(p.parts), reverse=True)
+
+
+def pod_pids() -> set[int]:
+    pids: set[int] = set()
+    for cgroup in pod_cgroups():
+        with contextlib.suppress(OSError):
+            pids.update(int(pid) for pid in (cgroup / "cgroup.procs").read_text().split())
+    return pids
+
+
+def _signal_pods(sig: signal.Signals, wait_s: float) -> None:
+    pids = pod_pids()
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+    deadline = time.monotonic() + wait_s
+    while pids and pod_pids() and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def stop_pods(node: NodePaths, grace_s: float = 5.0) -> None:
+    """Every container of the node, once the kubelet is stopped (so nothing restarts them):
+    SIGTERM, then containerd deletes the tasks (killing what is left, so their shims exit and
+    clean up), SIGKILL for anything still in a pod cgroup."""
+    _signal_pods(signal.SIGTERM, grace_s)
+    if containerd_ready(node):
+        for task in ctr(node, "tasks", "list", "--quiet").stdout.split():
+            with contextlib.suppress(subprocess.CalledProcessError, subprocess.TimeoutExpired):
+                ctr(node, "tasks", "delete", "--force", task, timeout=30)
+    _signal_pods(signal.SIGKILL, 10.0)
+
+
+def _iptables_cleanup() -> None:
+    """Remove the kubelet's chains and the rules that jump to them (both iptables back ends)."""
+    for binary in ("iptables", "ip6tables", "iptables-legacy", "ip6tables-legacy"):
+        if shutil.which(binary) is None:
+            continue
+        for table in ("filter", "nat", "mangle"):
+            listing = subprocess.run([binary, "-w", "-t", table, "-S"], capture_output=True, text=True)
+            if listing.returncode != 0:
+                continue
+            rules = [shlex.split(line) for line in listing.stdout.splitlines()]
+            ours = {r[1] for r in rules if len(r) == 2 and r[0] == "-N" and r[1] in KUBELET_CHAINS}
+            for rule in rules:
+                if rule[:1] == ["-A"] and rule[1] not in ours and any(
+                        rule[i + 1] in KUBELET_CHAINS for i, w in enumerate(rule[:-1]) if w in ("-j", "-g")):
+                    subprocess.run([binary, "-w", "-t", table, "-D", *rule[1:]], capture_output=True)
+            for chain in ours:
+                subprocess.run([binary, "-w", "-t", table, "-F", chain], capture_output=True)
+            for chain in ours:
+                subprocess.run([binary, "-w", "-t", table, "-X", chain], capture_output=True)
+
+
+def cleanup(node: NodePaths) -> None:
+    """After the node's processes are gone and the mounts below the cluster directory are undone:
+    pod cgroups, the bridge, the kubelet's iptables chains, log links, kernel settings."""
+    for cgroup in pod_cgroups():
+        with contextlib.suppress(OSError):
+            cgroup.rmdir()
+    subprocess.run(["ip", "link", "delete", node.bridge], capture_output=True)
+    _iptables_cleanup()
+    with contextlib.suppress(OSError):
+        for link in CONTAINER_LOG_LINKS.iterdir():
+            if link.is_symlink() and os.readlink(link).startswith(f"{node.pod_logs}/"):
+                link.unlink()
+    try:
+        saved = json.loads(node.machine_state.read_text())
+    except (OSError, json.JSONDecodeError):
+        return
+    # Directories the kubelet or containerd created; rmdir keeps them if someone else uses them.
+    if not saved.get("container_log_links_existed", True):
+        with contextlib.suppress(OSError):
+            CONTAINER_LOG_LINKS.rmdir()
+    if not saved.get("shim_sockets_existed", True):
+        for directory in (SHIM_SOCKETS, SHIM_SOCKETS.parent):
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+    for name, value in saved.get("sysctls", {}).items():
+        with contextlib.suppress(OSError):
+            path = Path("/proc/sys") / name
+            if path.read_text().strip() != value:
+                path.write_text(value + "\n")

@@ -1,0 +1,197 @@
+"""The local cluster with a real node (``KUBETUNE_NODE=kubelet``): kubelet + containerd + CNI.
+
+One cluster of its own for the module (its own directory, no Kueue). Pods run from a tiny image
+built here: Debian's static busybox in an image ``FROM scratch`` (hack/real_node.py builds it with
+buildah and imports it into the node's containerd; ``imagePullPolicy: Never``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from helpers import REPO, Cluster, wait_for
+
+pytestmark = pytest.mark.e2e
+
+sys.path.insert(0, str(REPO / "hack"))
+import real_node  # noqa: E402
+
+IMAGE = "kubetune.local/busybox:test"
+APPLETS = ("sh", "id", "touch", "echo", "sleep", "cat", "head", "tr")
+RESTRICTED = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+LOCKED_DOWN = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
+
+
+def cli(state_dir: Path, command: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "KUBETUNE_NODE": "kubelet", "KUBETUNE_KUEUE": "0", "KUBETUNE_CLUSTER_DIR": str(state_dir)}
+    return subprocess.run([sys.executable, str(REPO / "hack" / "cluster.py"), command], env=env, text=True,
+                          capture_output=True, timeout=600)
+
+
+def busybox_image(workdir: Path) -> Path:
+    """An image holding /bin/busybox (static) and links to a few applets; its user is root."""
+    bin_dir = workdir / "bin"
+    bin_dir.mkdir(parents=True)
+    shutil.copy2("/bin/busybox", bin_dir / "busybox")
+    for applet in APPLETS:
+        (bin_dir / applet).symlink_to("busybox")
+    archive: Path = real_node.buildah_image(workdir / "busybox.tar", IMAGE, [(bin_dir, "/bin")],
+                                            ["--cmd", '["/bin/sh"]', "--user", "0"])
+    return archive
+
+
+@pytest.fixture(scope="module")
+def node_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    if os.environ.get("USE_EXISTING_CLUSTER", "").lower() == "true":
+        pytest.skip("starts its own cluster with a real node")
+    # The cluster installs what it needs (hack/install-node-tools.sh); without it there is no node.
+    subprocess.run(["bash", str(REPO / "hack" / "install-node-tools.sh")], capture_output=True)
+    missing = [tool for tool in ("containerd", "runc", "ctr", "buildah") if shutil.which(tool) is None]
+    if missing or not Path("/bin/busybox").is_file():
+        pytest.skip(f"no real node here: {', '.join(missing) or '/bin/busybox'} missing and "
+                    "hack/install-node-tools.sh could not install it")
+    base = tmp_path_factory.mktemp("real-node")
+    state_dir = base / "cluster"
+    started = time.monotonic()
+    up = cli(state_dir, "up")
+    if up.returncode != 0:
+        cli(state_dir, "down")
+        pytest.fail(f"cluster.py up with KUBETUNE_NODE=kubelet failed:\n{up.stderr[-4000:]}", pytrace=False)
+    print(f"real-node cluster up in {time.monotonic() - started:.1f}s")
+    try:
+        state = json.loads((state_dir / "cluster.json").read_text())
+        env = {**os.environ, "KUBECONFIG": state["kubeconfig"], "KUBECACHEDIR": state["kubectl_cache"]}
+        cluster = Cluster(kubeconfig=Path(state["kubeconfig"]), kubectl_path=Path(state["kubectl"]),
+                          helm_path=None, apiserver=state["apiserver"], dir=state_dir, env=env)
+        real_node.import_image(real_node.NodePaths(state_dir / "data" / "node"), busybox_image(base / "image"))
+        yield cluster
+    finally:
+        cli(state_dir, "down")
+
+
+@pytest.fixture(scope="module")
+def restricted_namespace(node_cluster: Cluster) -> str:
+    """A namespace where Pod Security admission enforces the `restricted` profile."""
+    node_cluster.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {
+        "name": "restricted", "labels": {"pod-security.kubernetes.io/enforce": "restricted"}}})
+    wait_for(lambda: node_cluster.get("serviceaccount", "default", "-n", "restricted"), 60,
+             "the default ServiceAccount of namespace restricted")
+    return "restricted"
+
+
+def pod(name: str, script: str, pod_security: dict[str, Any], container_security: dict[str, Any],
+        **container: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+        "spec": {"restartPolicy": "Never", "securityContext": pod_security, "containers": [{
+            "name": "main", "image": IMAGE, "imagePullPolicy": "Never", "command": ["sh", "-c", script],
+            "securityContext": container_security, **container}]},
+    }
+
+
+def container_state(cluster: Cluster, namespace: str, name: str) -> dict[str, Any]:
+    statuses = cluster.get("pod", name, "-n", namespace)["status"].get("containerStatuses") or [{}]
+    state: dict[str, Any] = statuses[0].get("state", {})
+    return state
+
+
+def test_node_is_a_kubelet_with_containerd_and_the_stand_in_gpus(node_cluster: Cluster) -> None:
+    wide = node_cluster.kubectl("get", "nodes", "-o", "wide").stdout
+    [_header, row] = wide.strip().splitlines()
+    assert "v1.35.4" in row.split()
+    assert any(word.startswith("containerd://") for word in row.split()), wide
+    node = node_cluster.get("node", "kubetune-local")
+    assert node["status"]["nodeInfo"]["kubeletVersion"] == "v1.35.4"
+    conditions = {c["type"]: c["status"] for c in node["status"]["conditions"]}
+    assert conditions == {"Ready": "True", "MemoryPressure": "False", "DiskPressure": "False",
+                          "PIDPressure": "False"}, conditions
+    assert node["status"]["capacity"]["nvidia.com/gpu"] == "2"
+    assert node["status"]["allocatable"]["nvidia.com/gpu"] == "2"
+    [internal_ip] = [a["address"] for a in node["status"]["addresses"] if a["type"] == "InternalIP"]
+    assert internal_ip == real_node.node_ip()
+
+
+def test_restricted_pod_runs_as_its_user_with_a_read_only_root_and_logs(
+        node_cluster: Cluster, restricted_namespace: str) -> None:
+    ns = restricted_namespace
+    node_cluster.apply(pod("secure", "echo hello from $(id -u); exec sleep 3600",
+                           {**RESTRICTED, "runAsUser": 10001}, LOCKED_DOWN), ns)
+    wait_for(lambda: "running" in container_state(node_cluster, ns, "secure"), 90, "pod secure to run")
+
+    assert node_cluster.kubectl("exec", "-n", ns, "secure", "--", "id", "-u").stdout.strip() == "10001"
+    write = node_cluster.kubectl("exec", "-n", ns, "secure", "--", "touch", "/x", check=False)
+    assert write.returncode != 0
+    assert "Read-only file system" in write.stderr
+    status = node_cluster.kubectl("exec", "-n", ns, "secure", "--", "cat", "/proc/self/status").stdout
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    assert fields["CapEff"].strip() == "0000000000000000"
+    assert fields["NoNewPrivs"].strip() == "1"
+    assert fields["Seccomp"].strip() == "2"  # filter mode: the runtime's default profile
+    logs = wait_for(lambda: node_cluster.kubectl("logs", "-n", ns, "secure").stdout, 30, "logs of pod secure")
+    assert logs == "hello from 10001\n"
+
+
+def test_run_as_non_root_pod_of_a_root_image_is_refused_by_the_kubelet(
+        node_cluster: Cluster, restricted_namespace: str) -> None:
+    ns = restricted_namespace
+    node_cluster.apply(pod("rootimage", "exec sleep 3600", RESTRICTED, LOCKED_DOWN), ns)
+
+    waiting = wait_for(lambda: container_state(node_cluster, ns, "rootimage").get("waiting", {}).get("message")
+                       and container_state(node_cluster, ns, "rootimage")["waiting"], 90,
+                       "the kubelet to refuse pod rootimage")
+    assert waiting["reason"] == "CreateContainerConfigError"
+    assert "container has runAsNonRoot and image will run as root" in waiting["message"]
+
+
+def test_memory_limit_is_enforced(node_cluster: Cluster, restricted_namespace: str) -> None:
+    ns = restricted_namespace
+    # 200 MiB in a shell variable, under a 32 MiB limit.
+    node_cluster.apply(pod("hog", "x=$(head -c 209715200 /dev/zero | tr '\\0' a); echo survived",
+                           {**RESTRICTED, "runAsUser": 10001}, LOCKED_DOWN,
+                           resources={"limits": {"memory": "32Mi", "cpu": "500m"}}), ns)
+
+    terminated = wait_for(lambda: container_state(node_cluster, ns, "hog").get("terminated"), 120,
+                          "pod hog to end")
+    assert terminated["reason"] == "OOMKilled", terminated
+
+
+def test_down_leaves_nothing_of_the_node_behind(node_cluster: Cluster) -> None:
+    assert node_cluster.dir is not None
+    node = real_node.NodePaths(node_cluster.dir / "data" / "node")
+    assert real_node.pod_pids(), "the pods of the earlier tests should be running"
+    started = (node_cluster.dir / "kubeconfig").stat().st_mtime
+
+    down = cli(node_cluster.dir, "down")
+    assert down.returncode == 0, down.stderr
+
+    assert not real_node.pod_pids()
+    assert not real_node.pod_cgroups()
+    mounts = Path("/proc/self/mounts").read_text()
+    assert f" {node_cluster.dir}/" not in mounts and f" {node_cluster.dir} " not in mounts
+    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, check=True).stdout
+    assert f" {node.bridge}:" not in links and f" {node.bridge}@" not in links
+    for table in ("filter", "nat", "mangle"):
+        rules = subprocess.run(["iptables", "-w", "-t", table, "-S"], capture_output=True, text=True).stdout
+        assert not [chain for chain in real_node.KUBELET_CHAINS if chain in rules], (table, rules)
+    # The shims exited cleanly (containerd deleted their tasks): no socket of theirs is left.
+    sockets = real_node.SHIM_SOCKETS.iterdir() if real_node.SHIM_SOCKETS.is_dir() else iter(())
+    assert not [s for s in sockets if s.stat().st_mtime >= started]
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                comm = (proc / "comm").read_text().strip()
+                cmdline = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            assert not (comm in ("kubelet", "containerd") or comm.startswith("containerd-shim")) \
+                or str(node_cluster.dir).encode() not in cmdline, f"{comm} (pid {proc.name}) still runs"
