@@ -2,7 +2,7 @@
 dependency set, labelled, non-root, cached, and able to run with a read-only root filesystem.
 
 The containers run with podman and runc on this machine; the operator image against the local
-cluster is tested in tests/e2e/test_images.py.
+cluster is tested in tests/e2e/test_operator_image.py.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ def _load_hack(name: str) -> Any:
     spec = importlib.util.spec_from_file_location(f"kubetune_hack_{name}", REPO / "hack" / f"{name}.py")
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
     sys.path.insert(0, str(REPO / "hack"))
     spec.loader.exec_module(module)
     return module
