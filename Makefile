@@ -27,8 +27,8 @@ $(SCAN_VENV)/.installed: hack/scan-requirements.txt
 
 scan-venv: $(SCAN_VENV)/.installed  ## create .venv-scan/ with checkov (tests/helm/test_scan.py runs it)
 
-images: venv  ## build the operator and trainer images (buildah, Debian base, constraints.txt) into .kubetune/images/
-	$(PY) hack/images.py build
+images: venv  ## build the operator and trainer images (buildah, Debian base, constraints.txt); push to the local registry if up
+	$(PY) hack/images.py build --push-local
 
 test: lint scan-venv  ## everything this machine can run: lint, unit, trainer (CPU), e2e (local cluster), helm
 	$(PY) -m pytest tests

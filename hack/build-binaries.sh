@@ -6,6 +6,7 @@
 #   kubelet, kube-proxy (the real node, KUBETUNE_NODE=kubelet) <- the same module
 #   etcd                                                     <- hack/etcd/go.mod (go.etcd.io/etcd/server/v3)
 #   minio                                                    <- go install github.com/minio/minio@<pinned>
+#   crane (into its own bin/crane-<version>/)                <- go install github.com/google/go-containerregistry/cmd/crane@<pinned>
 #   helm (into its own bin/helm-<version>/)                  <- go install helm.sh/helm/v3/cmd/helm@<pinned>
 #
 # kubectl comes from a pinned PyPI package (see hack/tools.py), not from here.
@@ -65,6 +66,17 @@ if [ ! -x "$helm_bin/helm" ]; then
     -X $helm_pkg/pkg/lint/rules.k8sVersionMajor=1 -X $helm_pkg/pkg/lint/rules.k8sVersionMinor=$HELM_K8S_MINOR" \
     "$helm_pkg/cmd/helm@v$HELM_VERSION"
   mv "$gobin/helm" "$helm_bin/helm"
+  rmdir "$gobin"
+fi
+
+crane_bin=$cache/bin/crane-$CRANE_VERSION
+if [ ! -x "$crane_bin/crane" ]; then
+  log "building crane $CRANE_VERSION (the loopback image registry)"
+  mkdir -p "$crane_bin"
+  gobin=$(mktemp -d "$crane_bin/.gobin.XXXXXX")
+  GOBIN="$gobin" go install -trimpath -ldflags "-s -w" \
+    "github.com/google/go-containerregistry/cmd/crane@$CRANE_VERSION"
+  mv "$gobin/crane" "$crane_bin/crane"
   rmdir "$gobin"
 fi
 

@@ -143,6 +143,7 @@ class Binaries:
     helm: Path
     kubectl_override: Path | None
     kubelet: Path
+    crane: Path
 
 
 def read_versions() -> dict[str, str]:
@@ -168,6 +169,16 @@ def helm_path() -> Path:
     return tools.cache_root() / "bin" / f"helm-{read_versions()['HELM_VERSION']}" / "helm"
 
 
+def crane_path() -> Path:
+    """Where hack/build-binaries.sh puts crane (the loopback registry) for the pinned version."""
+    return tools.cache_root() / "bin" / f"crane-{read_versions()['CRANE_VERSION']}" / "crane"
+
+
+def registry_storage() -> Path:
+    """The loopback registry's blobs and manifests: kept across clusters, so a push sends only new layers."""
+    return tools.cache_root() / "registry"
+
+
 def find_binaries(kubelet: bool = False) -> Binaries:
     """Locate the binaries, building the missing ones (slow once, cached afterwards); `kubelet`:
     the real node's too."""
@@ -183,7 +194,7 @@ def find_binaries(kubelet: bool = False) -> Binaries:
     names = ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "minio"]
     if kubelet:
         names.append("kubelet")
-    if not all(pick(name).is_file() for name in names) or not helm_path().is_file():
+    if not all(pick(name).is_file() for name in names) or not helm_path().is_file() or not crane_path().is_file():
         log(f"building binaries into {built} (hack/build-binaries.sh)")
         subprocess.run(["bash", str(HACK / "build-binaries.sh")], check=True, stdout=subprocess.DEVNULL)
     kubectl = assets / "kubectl" if assets is not None and (assets / "kubectl").is_file() else None
@@ -196,6 +207,7 @@ def find_binaries(kubelet: bool = False) -> Binaries:
         helm=helm_path(),
         kubectl_override=kubectl,
         kubelet=pick("kubelet"),
+        crane=crane_path(),
     )
 
 
@@ -364,6 +376,8 @@ class State:
     kubectl_cache: str = ""  # KUBECACHEDIR for this cluster: no stale discovery from an earlier one
     node_kind: str = "agent"  # "agent": hack/node_agent.py; "kubelet": hack/real_node.py
     gpus: int = 0  # nvidia.com/gpu capacity of the node
+    registry: str = ""  # host:port of the loopback image registry (plain HTTP)
+    node_ip: str = ""  # the real node's address (KUBETUNE_NODE=kubelet): pods reach MinIO there
 
     def save(self, path: Path) -> None:
         tmp = path.with_suffix(".tmp")
@@ -539,7 +553,8 @@ def cluster_up(paths: Paths, gpus: int, kueue: bool = True) -> State:
     if kueue:
         ensure_serving_cert(paths.pki, "kueue", ["127.0.0.1", "localhost"])
 
-    names = ["etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler", "minio", "minio-console"]
+    names = ["etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler", "minio", "minio-console",
+             "registry"]
     if kueue:
         names += ["kueue-webhook", "kueue-metrics", "kueue-health"]
     if kind == "kubelet":  # the kubelet serves on the node address; a free loopback port is free there too
@@ -550,7 +565,8 @@ def cluster_up(paths: Paths, gpus: int, kueue: bool = True) -> State:
         dir=str(paths.root), ports=ports, apiserver=apiserver, kubeconfig=str(paths.kubeconfig),
         kubectl=str(linked["kubectl"]), helm=str(linked["helm"]),
         minio_endpoint=f"127.0.0.1:{ports['minio']}", kubectl_cache=str(paths.data / "kubectl-cache"),
-        node_kind=kind, gpus=gpus,
+        node_kind=kind, gpus=gpus, registry=f"127.0.0.1:{ports['registry']}",
+        node_ip=real_node.node_ip() if kind == "kubelet" else "",
     )
     state.save(paths.state)
     paths.kubeconfig.write_text(kubeconfig_text(apiserver, paths.pki, "admin"))
@@ -562,6 +578,7 @@ def cluster_up(paths: Paths, gpus: int, kueue: bool = True) -> State:
     try:
         _start_etcd(binaries, paths, state)
         _start_minio(binaries, paths, state, minio_user, minio_password)
+        _start_registry(binaries, paths, state)
         wait_ready("etcd", state, lambda: http_ok(f"http://127.0.0.1:{ports['etcd']}/health"))
         _start_apiserver(binaries, paths, state)
         wait_ready("kube-apiserver", state, lambda: http_ok(apiserver + "/readyz", _https_context(paths.pki)))
@@ -574,6 +591,7 @@ def cluster_up(paths: Paths, gpus: int, kueue: bool = True) -> State:
             install_kueue(kueue_built, paths, state)
             _start_kueue(kueue_built, paths, state)
         wait_ready("minio", state, lambda: http_ok(f"http://{state.minio_endpoint}/minio/health/ready"))
+        wait_ready("registry", state, lambda: http_ok(f"http://{state.registry}/v2/"))
         paths.minio_env.write_text(
             f"MINIO_ENDPOINT={state.minio_endpoint}\nMINIO_ACCESS_KEY={minio_user}\n"
             f"MINIO_SECRET_KEY={minio_password}\n"
@@ -600,7 +618,8 @@ def cluster_up(paths: Paths, gpus: int, kueue: bool = True) -> State:
 
 
 # Processes that can be restarted alone; the others hold the cluster's data.
-RESTARTABLE = {"kube-controller-manager", "kube-scheduler", "minio", "node-agent", "kueue", "containerd", "kubelet"}
+RESTARTABLE = {"kube-controller-manager", "kube-scheduler", "minio", "registry", "node-agent", "kueue", "containerd",
+               "kubelet"}
 
 
 def node_process(state: State) -> str:
@@ -639,14 +658,24 @@ def _start_etcd(binaries: Binaries, paths: Paths, state: State) -> None:
 
 
 def _start_minio(binaries: Binaries, paths: Paths, state: State, user: str, password: str) -> None:
+    # Pods on a real node's pod network reach MinIO at the node's own address: listen there too.
+    host = "" if state.node_ip else "127.0.0.1"
     start_process("minio", [
         str(binaries.minio), "server", str(paths.data / "minio"), "--quiet",
-        f"--address=127.0.0.1:{state.ports['minio']}",
+        f"--address={host}:{state.ports['minio']}",
         f"--console-address=127.0.0.1:{state.ports['minio-console']}",
     ], paths, state, env={
         "MINIO_ROOT_USER": user, "MINIO_ROOT_PASSWORD": password, "MINIO_BROWSER": "off",
         "MINIO_UPDATE": "off", "HOME": str(paths.data / "minio-home"),
     })
+
+
+def _start_registry(binaries: Binaries, paths: Paths, state: State) -> None:
+    """crane's registry on loopback (plain HTTP): `make images` pushes there, the real node pulls."""
+    storage = registry_storage()
+    storage.mkdir(parents=True, exist_ok=True)
+    start_process("registry", [str(binaries.crane), "registry", "serve", "--address", state.registry,
+                               "--disk", str(storage)], paths, state)
 
 
 def _start_apiserver(binaries: Binaries, paths: Paths, state: State) -> None:
@@ -723,7 +752,7 @@ def _start_real_node(binaries: Binaries, paths: Paths, state: State) -> None:
     ensure_cert(pki, "kubelet-serving", _name(f"system:node:{state.node}", "system:nodes"),
                 server_names=[address, state.node])
     ensure_cert(pki, f"node-{state.node}", _name(f"system:node:{state.node}", "system:nodes"), client=True)
-    real_node.write_config(node, pki, address, state.ports["kubelet"], state.ports["kubelet-healthz"])
+    real_node.write_config(node, pki, address, state.ports["kubelet"], state.ports["kubelet-healthz"], state.registry)
     node.kubelet_kubeconfig.write_text(kubeconfig_text(state.apiserver, pki, f"node-{state.node}"))
     node.kubelet_kubeconfig.chmod(0o600)
     real_node.save_machine_state(node)

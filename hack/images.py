@@ -1,6 +1,6 @@
 """Build the operator and trainer images from the repository's Dockerfiles (`make images`).
 
-    python hack/images.py build [--only operator|trainer] [--push REGISTRY]
+    python hack/images.py build [--only operator|trainer] [--push REGISTRY | --push-local]
     python hack/images.py base        bootstrap (or re-import) the Debian base image only
     python hack/images.py list        the images, their tags and OCI archives
 
@@ -14,7 +14,8 @@ takes seconds; the dependency layers are reused until pyproject.toml or constrai
 Each image is tagged `kubetune/<name>:<version>` (the version is kubetune.__version__), labelled
 with the OCI annotations source, version and revision, and saved as an OCI archive under
 `.kubetune/images/<name>.oci.tar` (rewritten only when the image changed). `--push` copies them
-to a registry (the local cluster's loopback registry, plain HTTP).
+to a plain-HTTP registry; `--push-local` to the running local cluster's loopback registry
+(`make cluster-up` starts it), when one runs.
 
 Build containers get the host's CA bundle mounted read-only for pip; it is never baked into an
 image. Debian's buildah, podman, skopeo, runc and debootstrap are installed with apt-get when
@@ -214,12 +215,24 @@ def save(image: Image, ver: str, built: str) -> None:
 
 
 def push(image: Image, ver: str, registry: str) -> str:
-    """Copy the image to a plain-HTTP registry on this machine; returns its reference there."""
+    """Copy the image's OCI archive (compressed once, when saved) to a plain-HTTP registry on this
+    machine; layers the registry has are skipped. Returns the image's reference there."""
     reference = f"{registry}/kubetune/{image.name}:{ver}"
     log(f"pushing {reference}")
-    run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false",
-         f"containers-storage:{image.tag(ver)}", f"docker://{reference}"])
+    run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"oci-archive:{image.archive}",
+         f"docker://{reference}"])
     return reference
+
+
+def local_registry() -> str | None:
+    """host:port of the running local cluster's loopback registry (hack/cluster.py), if one is up."""
+    state_path = Path(os.environ.get("KUBETUNE_CLUSTER_DIR", REPO / ".kubetune")) / "cluster.json"
+    try:
+        state = json.loads(state_path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    registry = state.get("registry")
+    return str(registry) if state.get("ready") and registry else None
 
 
 def build_all(names: list[str], registry: str | None = None) -> dict[str, str]:
@@ -244,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     build_cmd = commands.add_parser("build", help="build, tag, label and save the images")
     build_cmd.add_argument("--only", choices=sorted(IMAGES), action="append", help="build only this image")
     build_cmd.add_argument("--push", metavar="REGISTRY", help="also push to this plain-HTTP registry (host:port)")
+    build_cmd.add_argument("--push-local", action="store_true",
+                           help="also push to the running local cluster's loopback registry, if one is up")
     commands.add_parser("base", help="make the Debian base image only")
     commands.add_parser("list", help="print the images, tags and archives as JSON")
     args = parser.parse_args(argv)
@@ -252,7 +267,12 @@ def main(argv: list[str] | None = None) -> int:
         ensure_tools()
         print(ensure_base())
     elif args.command == "build":
-        tags = build_all(args.only or list(IMAGES), args.push)
+        registry = args.push
+        if args.push_local:
+            registry = local_registry()
+            if registry is None:
+                log("no local cluster is up: nothing pushed (`make cluster-up` starts its registry)")
+        tags = build_all(args.only or list(IMAGES), registry)
         for name, tag in tags.items():
             print(f"{name}\t{tag}\t{IMAGES[name].archive}")
     else:

@@ -197,7 +197,7 @@ class NodePaths:
         return "kt" + hashlib.sha256(str(self.root).encode()).hexdigest()[:10]
 
 
-def containerd_config(node: NodePaths) -> str:
+def containerd_config(node: NodePaths, registry: str) -> str:
     """containerd 1.6 (config version 2): everything under the node directory, cgroupfs like the
     kubelet, OOM score adjustments within the caller's, network namespaces under its state dir."""
     cri = 'plugins."io.containerd.grpc.v1.cri"'
@@ -234,6 +234,10 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 [{cri}.containerd.runtimes.runc.options]
   SystemdCgroup = false
   Root = {json.dumps(str(node.root / "runc"))}
+
+# The loopback registry (`make cluster-up` starts it) speaks plain HTTP.
+[{cri}.registry.mirrors.{json.dumps(registry)}]
+  endpoint = [{json.dumps("http://" + registry)}]
 
 [{cri}.cni]
   bin_dir = {json.dumps(str(CNI_BIN_DIR))}
@@ -287,10 +291,10 @@ def kubelet_config(node: NodePaths, pki: Path, address: str, port: int, healthz_
     }
 
 
-def write_config(node: NodePaths, pki: Path, address: str, port: int, healthz_port: int) -> None:
+def write_config(node: NodePaths, pki: Path, address: str, port: int, healthz_port: int, registry: str) -> None:
     for directory in (node.root, node.cni_conf_dir, node.kubelet_root, node.pod_logs):
         directory.mkdir(parents=True, exist_ok=True)
-    node.containerd_config.write_text(containerd_config(node))
+    node.containerd_config.write_text(containerd_config(node, registry))
     (node.cni_conf_dir / "10-kubetune.conflist").write_text(json.dumps(cni_conflist(node), indent=2) + "\n")
     node.kubelet_config.write_text(json.dumps(kubelet_config(node, pki, address, port, healthz_port), indent=2)
                                    + "\n")

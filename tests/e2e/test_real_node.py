@@ -7,23 +7,27 @@ buildah and imports it into the node's containerd; ``imagePullPolicy: Never``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from operator_helpers import published
 
-from helpers import REPO, Cluster, wait_for
+from helpers import REPO, Cluster, free_port, wait_for
 
 pytestmark = pytest.mark.e2e
 
 sys.path.insert(0, str(REPO / "hack"))
+import images as images_lib  # noqa: E402
 import real_node  # noqa: E402
 
 IMAGE = "kubetune.local/busybox:test"
@@ -163,6 +167,100 @@ def test_memory_limit_is_enforced(node_cluster: Cluster, restricted_namespace: s
     terminated = wait_for(lambda: container_state(node_cluster, ns, "hog").get("terminated"), 120,
                           "pod hog to end")
     assert terminated["reason"] == "OOMKilled", terminated
+
+
+@pytest.fixture(scope="module")
+def trainer_image(node_cluster: Cluster, images: dict[str, str]) -> str:
+    """The trainer image (`make images`) pushed to the cluster's loopback registry; its reference there."""
+    state = json.loads((node_cluster.dir / "cluster.json").read_text())
+    reference: str = images_lib.push(images_lib.IMAGES["trainer"], images_lib.version(), state["registry"])
+    return reference
+
+
+@contextlib.contextmanager
+def host_operator(cluster: Cluster, namespace: str, env: dict[str, str], log: Path) -> Iterator[None]:
+    """The operator as a process on this machine (as in the other e2e tests), watching one namespace."""
+    health = f"127.0.0.1:{free_port()}"
+    with log.open("wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "kubetune", "operator", "--namespace", namespace],
+                                   env={**cluster.env, "KUBETUNE_LIVENESS_ENDPOINT": f"http://{health}/healthz",
+                                        "KUBETUNE_STATUS_INTERVAL": "1", **env},
+                                   stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+    try:
+        def healthy() -> bool:
+            assert process.poll() is None, f"operator exited: {log.read_text()[-3000:]}"
+            with urllib.request.urlopen(f"http://{health}/healthz", timeout=2) as response:
+                return bool(response.status == 200)
+
+        wait_for(healthy, timeout=60, message="operator liveness endpoint")
+        yield
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_quickstart_trains_in_the_trainer_image_pulled_from_the_loopback_registry(
+    node_cluster: Cluster, trainer_image: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """examples/quickstart.yaml with the REAL trainer in its image, in a `restricted` namespace: the
+    pod pulls the image from the loopback registry, runs as 10001 with a read-only root, reports to
+    the operator and reads and writes MinIO at the node's address, and publishes a verified adapter."""
+    import seed_demo
+
+    state = json.loads((node_cluster.dir / "cluster.json").read_text())
+    minio = dict(line.split("=", 1) for line in (node_cluster.dir / "minio.env").read_text().split())
+    seed_demo.seed(minio["MINIO_ENDPOINT"], minio["MINIO_ACCESS_KEY"], minio["MINIO_SECRET_KEY"],
+                   seed_demo.build_assets(tmp_path / "assets"))
+    namespace = "quickstart"
+    node_cluster.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
+    node_cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/finetunejobs.kubetune.io")
+    node_cluster.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {
+        "name": namespace, "labels": {"pod-security.kubernetes.io/enforce": "restricted"}}})
+    wait_for(lambda: node_cluster.get("serviceaccount", "default", "-n", namespace), 60, "the default ServiceAccount")
+    node_cluster.kubectl("create", "secret", "generic", "kubetune-s3", "-n", namespace,
+                         f"--from-literal=AWS_ACCESS_KEY_ID={minio['MINIO_ACCESS_KEY']}",
+                         f"--from-literal=AWS_SECRET_ACCESS_KEY={minio['MINIO_SECRET_KEY']}")
+    node_address, report_port = state["node_ip"], free_port()
+    operator_env = {
+        "KUBETUNE_TRAINER_IMAGE": trainer_image,
+        # Pods live on the pod network: they reach MinIO and the report endpoint at the node's address.
+        "KUBETUNE_S3_ENDPOINT": f"{node_address}:{minio['MINIO_ENDPOINT'].rsplit(':', 1)[1]}",
+        "KUBETUNE_S3_INSECURE": "true",
+        "KUBETUNE_REPORT_LISTEN": f"{node_address}:{report_port}",
+        "KUBETUNE_REPORT_URL": f"http://{node_address}:{report_port}",
+        "KUBETUNE_REPORT_KEY": "r" * 43,
+    }
+    with host_operator(node_cluster, namespace, operator_env, tmp_path / "operator.log"):
+        node_cluster.kubectl("apply", "-n", namespace, "-f", str(REPO / "examples" / "quickstart.yaml"))
+
+        def running_pod() -> dict[str, Any] | None:
+            ftj_status = node_cluster.get("ftj", "quickstart", "-n", namespace).get("status") or {}
+            assert ftj_status.get("phase") not in ("Failed", "Succeeded"), ftj_status
+            pods = node_cluster.get("pods", "-n", namespace, "-l",
+                                    "batch.kubernetes.io/job-name=quickstart-trainer")["items"]
+            if pods and pods[0]["status"].get("phase") == "Running" and (ftj_status.get("progress") or {}).get("step"):
+                found: dict[str, Any] = pods[0]
+                return found
+            return None
+
+        # Pulling and unpacking the trainer image (several GB) dominates the wait.
+        pod_object = wait_for(running_pod, timeout=900, interval=0.5, message="the trainer pod running and reporting")
+        name = pod_object["metadata"]["name"]
+        assert pod_object["spec"]["containers"][0]["image"] == trainer_image
+        assert pod_object["status"]["containerStatuses"][0]["imageID"].startswith(trainer_image.rsplit(":", 1)[0])
+        exec_id = node_cluster.kubectl("exec", "-n", namespace, name, "--", "id", "-u").stdout.strip()
+        assert exec_id == "10001"
+        denied = node_cluster.kubectl("exec", "-n", namespace, name, "--", "touch", "/x", check=False)
+        assert denied.returncode != 0 and "Read-only file system" in denied.stderr
+        status = wait_for(lambda: (s := node_cluster.get("ftj", "quickstart", "-n", namespace).get("status") or {})
+                          .get("phase") in ("Succeeded", "Failed") and s, timeout=900, interval=1,
+                          message="the quickstart to end")
+        assert status["phase"] == "Succeeded", status
+        logs = node_cluster.kubectl("logs", "-n", namespace, "job/quickstart-trainer").stdout
+        assert "published" in logs, logs[-2000:]
+
+    assert status["progress"]["percent"] == 100 and status["attempts"] == 1
+    published(status, minio, monkeypatch)
 
 
 def test_down_leaves_nothing_of_the_node_behind(node_cluster: Cluster) -> None:
