@@ -6,7 +6,7 @@
 #   kubelet, kube-proxy (the real node, KUBETUNE_NODE=kubelet) <- the same module
 #   etcd                                                     <- hack/etcd/go.mod (go.etcd.io/etcd/server/v3)
 #   minio                                                    <- go install github.com/minio/minio@<pinned>
-#   crane (into its own bin/crane-<version>/)                <- go install github.com/google/go-containerregistry/cmd/crane@<pinned>
+#   registry (into its own bin/registry-<version>/)          <- go install github.com/distribution/distribution/v3/cmd/registry@<pinned>
 #   helm (into its own bin/helm-<version>/)                  <- go install helm.sh/helm/v3/cmd/helm@<pinned>
 #
 # kubectl comes from a pinned PyPI package (see hack/tools.py), not from here.
@@ -69,14 +69,14 @@ if [ ! -x "$helm_bin/helm" ]; then
   rmdir "$gobin"
 fi
 
-crane_bin=$cache/bin/crane-$CRANE_VERSION
-if [ ! -x "$crane_bin/crane" ]; then
-  log "building crane $CRANE_VERSION (the loopback image registry)"
-  mkdir -p "$crane_bin"
-  gobin=$(mktemp -d "$crane_bin/.gobin.XXXXXX")
+registry_bin=$cache/bin/registry-$REGISTRY_VERSION
+if [ ! -x "$registry_bin/registry" ]; then
+  log "building the distribution registry $REGISTRY_VERSION (the loopback image registry)"
+  mkdir -p "$registry_bin"
+  gobin=$(mktemp -d "$registry_bin/.gobin.XXXXXX")
   GOBIN="$gobin" go install -trimpath -ldflags "-s -w" \
-    "github.com/google/go-containerregistry/cmd/crane@$CRANE_VERSION"
-  mv "$gobin/crane" "$crane_bin/crane"
+    "github.com/distribution/distribution/v3/cmd/registry@$REGISTRY_VERSION"
+  mv "$gobin/registry" "$registry_bin/registry"
   rmdir "$gobin"
 fi
 

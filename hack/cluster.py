@@ -143,7 +143,7 @@ class Binaries:
     helm: Path
     kubectl_override: Path | None
     kubelet: Path
-    crane: Path
+    registry: Path
 
 
 def read_versions() -> dict[str, str]:
@@ -169,9 +169,9 @@ def helm_path() -> Path:
     return tools.cache_root() / "bin" / f"helm-{read_versions()['HELM_VERSION']}" / "helm"
 
 
-def crane_path() -> Path:
-    """Where hack/build-binaries.sh puts crane (the loopback registry) for the pinned version."""
-    return tools.cache_root() / "bin" / f"crane-{read_versions()['CRANE_VERSION']}" / "crane"
+def registry_path() -> Path:
+    """Where hack/build-binaries.sh puts the distribution registry for the pinned version."""
+    return tools.cache_root() / "bin" / f"registry-{read_versions()['REGISTRY_VERSION']}" / "registry"
 
 
 def registry_storage() -> Path:
@@ -194,7 +194,7 @@ def find_binaries(kubelet: bool = False) -> Binaries:
     names = ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "minio"]
     if kubelet:
         names.append("kubelet")
-    if not all(pick(name).is_file() for name in names) or not helm_path().is_file() or not crane_path().is_file():
+    if not all(pick(name).is_file() for name in names) or not helm_path().is_file() or not registry_path().is_file():
         log(f"building binaries into {built} (hack/build-binaries.sh)")
         subprocess.run(["bash", str(HACK / "build-binaries.sh")], check=True, stdout=subprocess.DEVNULL)
     kubectl = assets / "kubectl" if assets is not None and (assets / "kubectl").is_file() else None
@@ -207,7 +207,7 @@ def find_binaries(kubelet: bool = False) -> Binaries:
         helm=helm_path(),
         kubectl_override=kubectl,
         kubelet=pick("kubelet"),
-        crane=crane_path(),
+        registry=registry_path(),
     )
 
 
@@ -670,12 +670,24 @@ def _start_minio(binaries: Binaries, paths: Paths, state: State, user: str, pass
     })
 
 
+def registry_config(state: State, storage: Path) -> dict[str, Any]:
+    """The distribution registry's configuration: plain HTTP on loopback, blobs on disk."""
+    return {
+        "version": 0.1,
+        "log": {"level": "warn", "accesslog": {"disabled": True}},
+        "storage": {"filesystem": {"rootdirectory": str(storage)}, "delete": {"enabled": True}},
+        "http": {"addr": state.registry},
+    }
+
+
 def _start_registry(binaries: Binaries, paths: Paths, state: State) -> None:
-    """crane's registry on loopback (plain HTTP): `make images` pushes there, the real node pulls."""
+    """The image registry on loopback (plain HTTP): `make images` pushes there, the real node pulls."""
     storage = registry_storage()
     storage.mkdir(parents=True, exist_ok=True)
-    start_process("registry", [str(binaries.crane), "registry", "serve", "--address", state.registry,
-                               "--disk", str(storage)], paths, state)
+    config = paths.data / "registry.yaml"
+    config.write_text(json.dumps(registry_config(state, storage), indent=2) + "\n")  # JSON is YAML
+    start_process("registry", [str(binaries.registry), "serve", str(config)], paths, state,
+                  env={"OTEL_TRACES_EXPORTER": "none"})
 
 
 def _start_apiserver(binaries: Binaries, paths: Paths, state: State) -> None:

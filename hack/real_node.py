@@ -246,15 +246,17 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 """
 
 
-def cni_conflist(node: NodePaths) -> dict[str, object]:
-    """A bridge with host-local addresses: no default route and no masquerading out of the machine."""
+def cni_conflist(node: NodePaths, address: str) -> dict[str, object]:
+    """A bridge with host-local addresses: no default route and no masquerading out of the machine;
+    one route, to the node's own ``address`` (MinIO, the registry, a host-run operator listen there)."""
     return {
         "cniVersion": "1.0.0",
         "name": "kubetune",
         "plugins": [
             {"type": "bridge", "bridge": node.bridge, "isGateway": True, "isDefaultGateway": False,
              "ipMasq": False, "hairpinMode": True,
-             "ipam": {"type": "host-local", "ranges": [[{"subnet": POD_CIDR}]], "routes": [],
+             "ipam": {"type": "host-local", "ranges": [[{"subnet": POD_CIDR}]],
+                      "routes": [{"dst": f"{address}/32"}],
                       "dataDir": str(node.root / "cni" / "ipam")}},
             {"type": "portmap", "capabilities": {"portMappings": True}},
         ],
@@ -295,7 +297,7 @@ def write_config(node: NodePaths, pki: Path, address: str, port: int, healthz_po
     for directory in (node.root, node.cni_conf_dir, node.kubelet_root, node.pod_logs):
         directory.mkdir(parents=True, exist_ok=True)
     node.containerd_config.write_text(containerd_config(node, registry))
-    (node.cni_conf_dir / "10-kubetune.conflist").write_text(json.dumps(cni_conflist(node), indent=2) + "\n")
+    (node.cni_conf_dir / "10-kubetune.conflist").write_text(json.dumps(cni_conflist(node, address), indent=2) + "\n")
     node.kubelet_config.write_text(json.dumps(kubelet_config(node, pki, address, port, healthz_port), indent=2)
                                    + "\n")
 

@@ -137,6 +137,8 @@ def test_trainer_image_trains_with_a_read_only_root_as_uid_10001(images: dict[st
     tiny.build_tiny_backbone(assets / "backbone")
     tiny.write_dataset(assets / "data" / "train.jsonl", 64, seed=0)
     tiny.write_dataset(assets / "data" / "validation.jsonl", 8, seed=1)
+    for path in assets.rglob("*"):  # readable by the image's user (safetensors writes 0600)
+        path.chmod(0o755 if path.is_dir() else 0o644)
     out = tmp_path / "out"
     out.mkdir()
     os.chown(out, 10001, 10001)
