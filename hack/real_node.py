@@ -2,9 +2,10 @@
 
 hack/cluster.py starts the processes (through its ``start_process``, so ``down`` stops them) and
 calls this module for the rest: the Debian packages (hack/install-node-tools.sh), the pause image
-(hack/pause, built once into the tool cache), containerd's and the kubelet's configuration, the
-stand-in GPU capacity, and what the kubelet and containerd leave on the machine when they stop
-(mounts, pod cgroups, iptables chains, the bridge, kernel settings, log links).
+(hack/pause, built once into the tool cache), containerd's, the kubelet's, kube-proxy's and
+CoreDNS's configuration, the stand-in GPU capacity, and what the kubelet, containerd and
+kube-proxy leave on the machine when they stop (mounts, pod cgroups, iptables chains, the bridge,
+kernel settings, log links).
 
 Everything of one node lives below ``<cluster dir>/data/node``; the kubelet and containerd listen
 on the machine's own interface address (the kubelet rejects a loopback node IP) or on sockets and
@@ -22,6 +23,7 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -392,8 +394,6 @@ def coredns_args(coredns: Path, node: NodePaths) -> list[str]:
 
 def check_dns_port(address: str) -> None:
     """CoreDNS needs port 53 (UDP and TCP) on the node address: refuse if something holds it."""
-    import socket
-
     for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
         with socket.socket(socket.AF_INET, kind) as probe:
             try:
