@@ -8,6 +8,7 @@
 #   minio                                                    <- go install github.com/minio/minio@<pinned>
 #   registry (into its own bin/registry-<version>/)          <- go install github.com/distribution/distribution/v3/cmd/registry@<pinned>
 #   helm (into its own bin/helm-<version>/)                  <- go install helm.sh/helm/v3/cmd/helm@<pinned>
+#   coredns (into its own bin/coredns-<version>/)            <- go install github.com/coredns/coredns@<pinned>
 #
 # kubectl comes from a pinned PyPI package (see hack/tools.py), not from here.
 set -euo pipefail
@@ -77,6 +78,16 @@ if [ ! -x "$registry_bin/registry" ]; then
   GOBIN="$gobin" go install -trimpath -ldflags "-s -w" \
     "github.com/distribution/distribution/v3/cmd/registry@$REGISTRY_VERSION"
   mv "$gobin/registry" "$registry_bin/registry"
+  rmdir "$gobin"
+fi
+
+coredns_bin=$cache/bin/coredns-$COREDNS_VERSION
+if [ ! -x "$coredns_bin/coredns" ]; then
+  log "building coredns $COREDNS_VERSION (the real node's cluster DNS)"
+  mkdir -p "$coredns_bin"
+  gobin=$(mktemp -d "$coredns_bin/.gobin.XXXXXX")
+  GOBIN="$gobin" go install -trimpath -ldflags "-s -w" "github.com/coredns/coredns@$COREDNS_VERSION"
+  mv "$gobin/coredns" "$coredns_bin/coredns"
   rmdir "$gobin"
 fi
 

@@ -25,7 +25,9 @@ routing here, so its webhook configurations and its CRDs' conversion webhooks po
 
 ``KUBETUNE_NODE=kubelet`` replaces the node agent with a real node (hack/real_node.py): kubelet
 v1.35 and containerd with a CNI bridge, the Debian packages installed by
-hack/install-node-tools.sh. ``down`` also undoes what they leave on the machine.
+hack/install-node-tools.sh, kube-proxy (iptables mode) and CoreDNS (a process on the node address
+behind the ``kube-dns`` Service); the apiserver then also serves on the node address with a real
+``kubernetes`` Service endpoint. ``down`` also undoes what they leave on the machine.
 
 Binaries come from hack/build-binaries.sh (built once into ~/.cache/kubetune/bin/<versions>);
 ``KUBEBUILDER_ASSETS`` supplies etcd, kube-apiserver and kubectl instead. With
@@ -73,6 +75,7 @@ REPO = HACK.parent
 DEFAULT_DIR = REPO / ".kubetune"
 SERVICE_CIDR = "10.0.0.0/24"
 SERVICE_IP = "10.0.0.1"  # first address of SERVICE_CIDR: the `kubernetes` Service
+DNS_SERVICE_IP = "10.0.0.10"  # the real node's `kube-dns` Service (CoreDNS)
 NODE_NAME = "kubetune-local"
 CLUSTER_NAME = "kubetune-local"
 # Every process `up` starts (and every pod process of the node agent) carries this variable set to
@@ -144,6 +147,8 @@ class Binaries:
     kubectl_override: Path | None
     kubelet: Path
     registry: Path
+    kube_proxy: Path
+    coredns: Path
 
 
 def read_versions() -> dict[str, str]:
@@ -174,6 +179,12 @@ def registry_path() -> Path:
     return tools.cache_root() / "bin" / f"registry-{read_versions()['REGISTRY_VERSION']}" / "registry"
 
 
+def coredns_path() -> Path:
+    """Where hack/build-binaries.sh puts CoreDNS (the real node's cluster DNS) for the pinned version."""
+    path: Path = tools.cache_root() / "bin" / f"coredns-{read_versions()['COREDNS_VERSION']}" / "coredns"
+    return path
+
+
 def registry_storage() -> Path:
     """The loopback registry's blobs and manifests: kept across clusters, so a push sends only new layers."""
     return tools.cache_root() / "registry"
@@ -192,9 +203,11 @@ def find_binaries(kubelet: bool = False) -> Binaries:
         return built / name
 
     names = ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "minio"]
+    extra = [helm_path(), registry_path()]
     if kubelet:
-        names.append("kubelet")
-    if not all(pick(name).is_file() for name in names) or not helm_path().is_file() or not registry_path().is_file():
+        names += ["kubelet", "kube-proxy"]
+        extra.append(coredns_path())
+    if not all(pick(name).is_file() for name in names) or not all(path.is_file() for path in extra):
         log(f"building binaries into {built} (hack/build-binaries.sh)")
         subprocess.run(["bash", str(HACK / "build-binaries.sh")], check=True, stdout=subprocess.DEVNULL)
     kubectl = assets / "kubectl" if assets is not None and (assets / "kubectl").is_file() else None
@@ -208,6 +221,8 @@ def find_binaries(kubelet: bool = False) -> Binaries:
         kubectl_override=kubectl,
         kubelet=pick("kubelet"),
         registry=registry_path(),
+        kube_proxy=pick("kube-proxy"),
+        coredns=coredns_path(),
     )
 
 
@@ -298,6 +313,10 @@ CLIENTS = {
     "controller-manager": ("system:kube-controller-manager", None),
     "scheduler": ("system:kube-scheduler", None),
 }
+APISERVER_NAMES = [
+    "127.0.0.1", "localhost", SERVICE_IP, "kubernetes", "kubernetes.default",
+    "kubernetes.default.svc", "kubernetes.default.svc.cluster.local",
+]
 
 
 def ensure_pki(pki: Path) -> None:
@@ -309,11 +328,7 @@ def ensure_pki(pki: Path) -> None:
     shutil.rmtree(pki, ignore_errors=True)
     pki.mkdir(parents=True)
     ca = _issue(pki, "ca", _name("kubetune-local-ca"), ca=None)
-    server_names = [
-        "127.0.0.1", "localhost", SERVICE_IP, "kubernetes", "kubernetes.default",
-        "kubernetes.default.svc", "kubernetes.default.svc.cluster.local",
-    ]
-    _issue(pki, "apiserver", _name("kube-apiserver"), ca=ca, server_names=server_names)
+    _issue(pki, "apiserver", _name("kube-apiserver"), ca=ca, server_names=APISERVER_NAMES)
     for stem, (cn, org) in CLIENTS.items():
         _issue(pki, stem, _name(cn, org), ca=ca, client=True)
     sa_key = ec.generate_private_key(ec.SECP256R1())
@@ -549,6 +564,10 @@ def cluster_up(paths: Paths, gpus: int, kueue: bool = True) -> State:
     kueue_built = find_kueue() if kueue else None
     linked = tools.install_tools(paths.bin, binaries.helm, binaries.kubectl_override)
     ensure_pki(paths.pki)
+    # The real node's pods reach the apiserver at the node address (through the `kubernetes` Service).
+    node_address = real_node.node_ip() if kind == "kubelet" else ""
+    ensure_cert(paths.pki, "apiserver", _name("kube-apiserver"),
+                server_names=APISERVER_NAMES + ([node_address] if node_address else []))
     ensure_cert(paths.pki, "kubelet-client", _name("kube-apiserver-kubelet-client"), client=True)
     if kueue:
         ensure_serving_cert(paths.pki, "kueue", ["127.0.0.1", "localhost"])
@@ -558,7 +577,8 @@ def cluster_up(paths: Paths, gpus: int, kueue: bool = True) -> State:
     if kueue:
         names += ["kueue-webhook", "kueue-metrics", "kueue-health"]
     if kind == "kubelet":  # the kubelet serves on the node address; a free loopback port is free there too
-        names += ["kubelet", "kubelet-healthz"]
+        names += ["kubelet", "kubelet-healthz", "kube-proxy-healthz", "kube-proxy-metrics", "coredns-health",
+                  "coredns-ready"]
     ports = dict(zip(names, free_ports(len(names)), strict=True))
     apiserver = f"https://127.0.0.1:{ports['apiserver']}"
     state = State(
@@ -566,7 +586,7 @@ def cluster_up(paths: Paths, gpus: int, kueue: bool = True) -> State:
         kubectl=str(linked["kubectl"]), helm=str(linked["helm"]),
         minio_endpoint=f"127.0.0.1:{ports['minio']}", kubectl_cache=str(paths.data / "kubectl-cache"),
         node_kind=kind, gpus=gpus, registry=f"127.0.0.1:{ports['registry']}",
-        node_ip=real_node.node_ip() if kind == "kubelet" else "",
+        node_ip=node_address,
     )
     state.save(paths.state)
     paths.kubeconfig.write_text(kubeconfig_text(apiserver, paths.pki, "admin"))
@@ -604,6 +624,9 @@ def cluster_up(paths: Paths, gpus: int, kueue: bool = True) -> State:
         if kind == "kubelet":
             _advertise_gpus(paths, state)
         wait_ready(node_process(state), state, lambda: node_ready(state, paths.pki))
+        if kind == "kubelet":
+            wait_ready("kube-proxy", state, lambda: http_ok(f"http://127.0.0.1:{ports['kube-proxy-healthz']}/healthz"))
+            wait_ready("coredns", state, lambda: http_ok(f"http://127.0.0.1:{ports['coredns-ready']}/ready"))
         wait_ready("kube-controller-manager", state, lambda: default_service_account_exists(state, paths.pki))
         if kueue_built is not None:
             wait_ready("kueue", state, lambda: kueue_ready(state))
@@ -619,7 +642,7 @@ def cluster_up(paths: Paths, gpus: int, kueue: bool = True) -> State:
 
 # Processes that can be restarted alone; the others hold the cluster's data.
 RESTARTABLE = {"kube-controller-manager", "kube-scheduler", "minio", "registry", "node-agent", "kueue", "containerd",
-               "kubelet"}
+               "kubelet", "kube-proxy", "coredns"}
 
 
 def node_process(state: State) -> str:
@@ -692,10 +715,19 @@ def _start_registry(binaries: Binaries, paths: Paths, state: State) -> None:
 
 def _start_apiserver(binaries: Binaries, paths: Paths, state: State) -> None:
     pki = paths.pki
+    if state.node_ip:
+        # The real node: pods reach the apiserver through the `kubernetes` Service (kube-proxy), whose
+        # endpoint the lease reconciler (the default) keeps at the node address. It serves there and
+        # on loopback (all addresses: the kubeconfigs keep 127.0.0.1).
+        serving = ["--bind-address=0.0.0.0", f"--advertise-address={state.node_ip}"]
+    else:
+        # Endpoints may not hold a loopback address, so the `kubernetes` Service has none; pods
+        # reach the apiserver through KUBERNETES_SERVICE_HOST=127.0.0.1 set by the node agent.
+        serving = ["--advertise-address=127.0.0.1", "--bind-address=127.0.0.1", "--endpoint-reconciler-type=none"]
     start_process("kube-apiserver", [
         str(binaries.kube_apiserver),
         f"--etcd-servers=http://127.0.0.1:{state.ports['etcd']}",
-        "--advertise-address=127.0.0.1", "--bind-address=127.0.0.1",
+        *serving,
         f"--secure-port={state.ports['apiserver']}",
         f"--tls-cert-file={pki / 'apiserver.crt'}", f"--tls-private-key-file={pki / 'apiserver.key'}",
         f"--client-ca-file={pki / 'ca.crt'}",
@@ -710,9 +742,6 @@ def _start_apiserver(binaries: Binaries, paths: Paths, state: State) -> None:
         # need update on finetunejobs/finalizers, which the chart's RBAC must grant.
         "--enable-admission-plugins=NodeRestriction,OwnerReferencesPermissionEnforcement",
         "--allow-privileged=true",
-        # Endpoints may not hold a loopback address, so the `kubernetes` Service has none; pods
-        # reach the apiserver through KUBERNETES_SERVICE_HOST=127.0.0.1 set by the node agent.
-        "--endpoint-reconciler-type=none",
         # `kubectl logs` reaches the node agent's logs endpoint on the node's InternalIP.
         "--kubelet-preferred-address-types=InternalIP",
         # logs/exec/port-forward: the apiserver authenticates to the kubelet with its own client
@@ -756,34 +785,77 @@ def _kubectl(state: State, *args: str, input: str | None = None) -> str:
                           capture_output=True, timeout=60).stdout
 
 
+def _node_objects(state: State) -> list[dict[str, Any]]:
+    """What the real node needs in the API: RBAC for the apiserver's kubelet client and CoreDNS,
+    and the `kube-dns` Service (fixed IP, no selector) with an EndpointSlice at CoreDNS on the
+    node address."""
+    rbac = "rbac.authorization.k8s.io"
+    ports = [{"name": "dns", "protocol": "UDP", "port": 53}, {"name": "dns-tcp", "protocol": "TCP", "port": 53}]
+    return [
+        # What `kubectl logs/exec` needs: the apiserver's kubelet client may use the kubelet API.
+        {"apiVersion": f"{rbac}/v1", "kind": "ClusterRoleBinding",
+         "metadata": {"name": "kubetune:kube-apiserver-kubelet-client"},
+         "roleRef": {"apiGroup": rbac, "kind": "ClusterRole", "name": "system:kubelet-api-admin"},
+         "subjects": [{"apiGroup": rbac, "kind": "User", "name": "kube-apiserver-kubelet-client"}]},
+        # CoreDNS's kubernetes plugin (its upstream ClusterRole). kube-proxy (user system:kube-proxy)
+        # is bound to system:node-proxier by the apiserver's bootstrap policy already.
+        {"apiVersion": f"{rbac}/v1", "kind": "ClusterRole", "metadata": {"name": "system:coredns"},
+         "rules": [{"apiGroups": [""], "resources": ["endpoints", "services", "pods", "namespaces"],
+                    "verbs": ["list", "watch"]},
+                   {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]}]},
+        {"apiVersion": f"{rbac}/v1", "kind": "ClusterRoleBinding", "metadata": {"name": "system:coredns"},
+         "roleRef": {"apiGroup": rbac, "kind": "ClusterRole", "name": "system:coredns"},
+         "subjects": [{"apiGroup": rbac, "kind": "User", "name": "system:coredns"}]},
+        {"apiVersion": "v1", "kind": "Service",
+         "metadata": {"name": "kube-dns", "namespace": "kube-system", "labels": {"k8s-app": "kube-dns"}},
+         "spec": {"clusterIP": DNS_SERVICE_IP, "ports": [{**p, "targetPort": 53} for p in ports]}},
+        {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+         "metadata": {"name": "kube-dns-node", "namespace": "kube-system", "labels": {
+             "kubernetes.io/service-name": "kube-dns",
+             "endpointslice.kubernetes.io/managed-by": "kubetune-cluster"}},
+         "addressType": "IPv4",
+         "endpoints": [{"addresses": [state.node_ip], "conditions": {"ready": True}, "nodeName": state.node}],
+         "ports": ports},
+    ]
+
+
 def _start_real_node(binaries: Binaries, paths: Paths, state: State) -> None:
-    """containerd (with the pause image imported), then the kubelet registering `state.node`."""
+    """containerd (with the pause image imported), the kubelet registering `state.node`, kube-proxy
+    and CoreDNS."""
     node = real_node.NodePaths(paths.data / "node")
-    address = real_node.node_ip()
+    address = state.node_ip
     pki = paths.pki
+    real_node.check_dns_port(address)
     ensure_cert(pki, "kubelet-serving", _name(f"system:node:{state.node}", "system:nodes"),
                 server_names=[address, state.node])
     ensure_cert(pki, f"node-{state.node}", _name(f"system:node:{state.node}", "system:nodes"), client=True)
-    real_node.write_config(node, pki, address, state.ports["kubelet"], state.ports["kubelet-healthz"], state.registry)
-    node.kubelet_kubeconfig.write_text(kubeconfig_text(state.apiserver, pki, f"node-{state.node}"))
-    node.kubelet_kubeconfig.chmod(0o600)
+    ensure_cert(pki, "kube-proxy", _name("system:kube-proxy"), client=True)
+    ensure_cert(pki, "coredns", _name("system:coredns"), client=True)
+    real_node.write_config(node, pki, address, state.ports["kubelet"], state.ports["kubelet-healthz"], state.registry,
+                           SERVICE_CIDR, DNS_SERVICE_IP)
+    node.kube_proxy_config.write_text(json.dumps(real_node.kube_proxy_config(
+        node, state.node, address, state.ports["kube-proxy-healthz"], state.ports["kube-proxy-metrics"]), indent=2)
+        + "\n")
+    node.corefile.write_text(real_node.corefile(node, address, state.ports["coredns-health"],
+                                                state.ports["coredns-ready"]))
+    for path, client in ((node.kubelet_kubeconfig, f"node-{state.node}"), (node.kube_proxy_kubeconfig, "kube-proxy"),
+                         (node.coredns_kubeconfig, "coredns")):
+        path.write_text(kubeconfig_text(state.apiserver, pki, client))
+        path.chmod(0o600)
     real_node.save_machine_state(node)
+    real_node.enable_bridge_netfilter()
     pause = real_node.pause_archive(tools.cache_root())
     env = real_node.process_env()
     start_process("containerd", real_node.containerd_args(node), paths, state, env=env)
     wait_ready("containerd", state, functools.partial(real_node.containerd_ready, node), timeout=60)
     real_node.import_image(node, pause)
-    # What `kubectl logs/exec` needs: the apiserver's kubelet client may use the kubelet API.
-    _kubectl(state, "apply", "--server-side", "--field-manager=kubetune-cluster", "-f", "-", input=json.dumps({
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-        "metadata": {"name": "kubetune:kube-apiserver-kubelet-client"},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
-                    "name": "system:kubelet-api-admin"},
-        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User",
-                      "name": "kube-apiserver-kubelet-client"}],
-    }))
+    _kubectl(state, "apply", "--server-side", "--field-manager=kubetune-cluster", "-f", "-",
+             input="\n".join(json.dumps(o) for o in _node_objects(state)))
     start_process("kubelet", real_node.kubelet_args(binaries.kubelet, node, state.node, address), paths, state,
                   env=env)
+    start_process("kube-proxy", real_node.kube_proxy_args(binaries.kube_proxy, node, state.node), paths, state,
+                  env=env)
+    start_process("coredns", real_node.coredns_args(binaries.coredns, node), paths, state)
 
 
 def _advertise_gpus(paths: Paths, state: State) -> None:
@@ -1011,7 +1083,7 @@ def cluster_down(paths: Paths, keep_logs: bool = True, grace_s: float = 10.0) ->
     for mountpoint in _mounts_below(paths.root):
         subprocess.run(["umount", "-l", mountpoint], check=False, stderr=subprocess.DEVNULL)
     if node.root.exists():
-        real_node.cleanup(node)
+        real_node.cleanup(node, kube_proxy=build_dir() / "kube-proxy")
     shutil.rmtree(paths.data, ignore_errors=True)
     shutil.rmtree(paths.pvs, ignore_errors=True)
     paths.state.unlink(missing_ok=True)

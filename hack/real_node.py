@@ -2,9 +2,10 @@
 
 hack/cluster.py starts the processes (through its ``start_process``, so ``down`` stops them) and
 calls this module for the rest: the Debian packages (hack/install-node-tools.sh), the pause image
-(hack/pause, built once into the tool cache), containerd's and the kubelet's configuration, the
-stand-in GPU capacity, and what the kubelet and containerd leave on the machine when they stop
-(mounts, pod cgroups, iptables chains, the bridge, kernel settings, log links).
+(hack/pause, built once into the tool cache), containerd's, the kubelet's, kube-proxy's and
+CoreDNS's configuration, the stand-in GPU capacity, and what the kubelet, containerd and
+kube-proxy leave on the machine when they stop (mounts, pod cgroups, iptables chains, the bridge,
+kernel settings, log links).
 
 Everything of one node lives below ``<cluster dir>/data/node``; the kubelet and containerd listen
 on the machine's own interface address (the kubelet rejects a loopback node IP) or on sockets and
@@ -22,6 +23,7 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -39,13 +41,25 @@ CONTAINER_LOG_LINKS = Path("/var/log/containers")  # fixed in the kubelet
 SHIM_SOCKETS = Path("/run/containerd/s")  # fixed in containerd 1.6: its shims' sockets
 # Chains the kubelet creates in the host's iptables (filter, nat, mangle) and leaves behind.
 KUBELET_CHAINS = ("KUBE-FIREWALL", "KUBE-KUBELET-CANARY", "KUBE-IPTABLES-HINT")
-# Kernel settings the kubelet changes (protectKernelDefaults: false); saved before the node starts,
+# Chains kube-proxy (iptables mode) creates; `kube-proxy --cleanup` removes them, `down` sweeps what
+# is left, with the per-Service and per-endpoint chains (KUBE-SVC-…, KUBE-SEP-…, …).
+KUBE_PROXY_CHAINS = (
+    "KUBE-SERVICES", "KUBE-EXTERNAL-SERVICES", "KUBE-NODEPORTS", "KUBE-POSTROUTING", "KUBE-MARK-MASQ",
+    "KUBE-MARK-DROP", "KUBE-FORWARD", "KUBE-PROXY-CANARY", "KUBE-PROXY-FIREWALL", "KUBE-FIREWALL-ROUTING",
+)
+KUBE_PROXY_CHAIN_PREFIXES = ("KUBE-SVC-", "KUBE-SVL-", "KUBE-SEP-", "KUBE-EXT-", "KUBE-FW-")
+# Kernel settings the kubelet changes (protectKernelDefaults: false), and those `up` sets for
+# Service traffic between pods on the bridge (bridge-nf-call-iptables: bridged frames pass the
+# host's iptables, so kube-proxy's DNAT is undone on the reply); saved before the node starts,
 # restored by `down`. Not net.ipv4.ip_forward, which the bridge plugin turns on for its gateway:
 # other users of the machine (podman, buildah) rely on it too, so it stays on.
 SYSCTLS = (
     "vm/overcommit_memory", "vm/panic_on_oom", "kernel/panic", "kernel/panic_on_oops",
     "kernel/keys/root_maxkeys", "kernel/keys/root_maxbytes",
+    "net/bridge/bridge-nf-call-iptables", "net/ipv4/conf/all/route_localnet",
 )
+BRIDGE_NF_CALL_IPTABLES = Path("/proc/sys/net/bridge/bridge-nf-call-iptables")
+CLUSTER_DOMAIN = "cluster.local"
 NVIDIA_GPU = "nvidia.com/gpu"
 
 
@@ -183,6 +197,27 @@ class NodePaths:
         return self.root / "kubelet.kubeconfig"
 
     @property
+    def kube_proxy_config(self) -> Path:
+        return self.root / "kube-proxy.yaml"
+
+    @property
+    def kube_proxy_kubeconfig(self) -> Path:
+        return self.root / "kube-proxy.kubeconfig"
+
+    @property
+    def corefile(self) -> Path:
+        return self.root / "Corefile"
+
+    @property
+    def coredns_kubeconfig(self) -> Path:
+        return self.root / "coredns.kubeconfig"
+
+    @property
+    def resolv_conf(self) -> Path:
+        """The kubelet's `resolvConf`: no name servers or search domains of the machine reach pods."""
+        return self.root / "resolv.conf"
+
+    @property
     def pod_logs(self) -> Path:
         return self.root / "pod-logs"
 
@@ -246,9 +281,10 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 """
 
 
-def cni_conflist(node: NodePaths, address: str) -> dict[str, object]:
-    """A bridge with host-local addresses: no default route and no masquerading out of the machine;
-    one route, to the node's own ``address`` (MinIO, the registry, a host-run operator listen there)."""
+def cni_conflist(node: NodePaths, address: str, service_cidr: str) -> dict[str, object]:
+    """A bridge with host-local addresses: no default route and no masquerading out of the machine.
+    Routes through the bridge's gateway (this machine) to the Service range (kube-proxy's DNAT
+    happens there) and to the node address (MinIO, the apiserver, CoreDNS listen there)."""
     return {
         "cniVersion": "1.0.0",
         "name": "kubetune",
@@ -256,14 +292,15 @@ def cni_conflist(node: NodePaths, address: str) -> dict[str, object]:
             {"type": "bridge", "bridge": node.bridge, "isGateway": True, "isDefaultGateway": False,
              "ipMasq": False, "hairpinMode": True,
              "ipam": {"type": "host-local", "ranges": [[{"subnet": POD_CIDR}]],
-                      "routes": [{"dst": f"{address}/32"}],
+                      "routes": [{"dst": service_cidr}, {"dst": f"{address}/32"}],
                       "dataDir": str(node.root / "cni" / "ipam")}},
             {"type": "portmap", "capabilities": {"portMappings": True}},
         ],
     }
 
 
-def kubelet_config(node: NodePaths, pki: Path, address: str, port: int, healthz_port: int) -> dict[str, object]:
+def kubelet_config(node: NodePaths, pki: Path, address: str, port: int, healthz_port: int,
+                   dns_ip: str) -> dict[str, object]:
     endpoint = f"unix://{node.socket}"
     return {
         "apiVersion": "kubelet.config.k8s.io/v1beta1",
@@ -282,6 +319,8 @@ def kubelet_config(node: NodePaths, pki: Path, address: str, port: int, healthz_
         "failCgroupV1": False, "failSwapOn": False,
         "containerRuntimeEndpoint": endpoint, "imageServiceEndpoint": endpoint,
         "podLogsDir": str(node.pod_logs),
+        # Cluster DNS: CoreDNS behind the kube-dns Service; the pods' search list is the cluster's only.
+        "clusterDNS": [dns_ip], "clusterDomain": CLUSTER_DOMAIN, "resolvConf": str(node.resolv_conf),
         "volumePluginDir": str(node.root / "volume-plugins"),
         # Images are imported, never pulled; nothing here should delete them.
         "imageGCHighThresholdPercent": 100,
@@ -293,13 +332,100 @@ def kubelet_config(node: NodePaths, pki: Path, address: str, port: int, healthz_
     }
 
 
-def write_config(node: NodePaths, pki: Path, address: str, port: int, healthz_port: int, registry: str) -> None:
+def kube_proxy_config(node: NodePaths, name: str, address: str, healthz_port: int,
+                      metrics_port: int) -> dict[str, object]:
+    """kube-proxy in iptables mode. It changes no conntrack settings (the zeros: leave the kernel's)
+    and no route_localnet (no NodePorts on 127.0.0.1); its health and metrics on free loopback ports."""
+    return {
+        "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
+        "kind": "KubeProxyConfiguration",
+        "clientConnection": {"kubeconfig": str(node.kube_proxy_kubeconfig)},
+        "mode": "iptables",
+        "hostnameOverride": name,
+        "bindAddress": address,
+        "clusterCIDR": POD_CIDR,
+        "detectLocalMode": "ClusterCIDR",
+        "healthzBindAddress": f"127.0.0.1:{healthz_port}",
+        "metricsBindAddress": f"127.0.0.1:{metrics_port}",
+        "nodePortAddresses": [f"{address}/32"],
+        "conntrack": {"maxPerCore": 0, "min": 0, "tcpEstablishedTimeout": "0s", "tcpCloseWaitTimeout": "0s",
+                      "udpTimeout": "0s", "udpStreamTimeout": "0s"},
+        "iptables": {"localhostNodePorts": False, "masqueradeAll": False, "syncPeriod": "30s",
+                     "minSyncPeriod": "0s"},
+    }
+
+
+def kube_proxy_args(kube_proxy: Path, node: NodePaths, name: str) -> list[str]:
+    return [str(kube_proxy), f"--config={node.kube_proxy_config}", f"--hostname-override={name}",
+            f"--cluster-cidr={POD_CIDR}"]
+
+
+def corefile(node: NodePaths, address: str, health_port: int, ready_port: int) -> str:
+    """CoreDNS on the node address, port 53: the cluster's zone from the apiserver (kubernetes
+    plugin), reverse lookups of Service and pod addresses; NXDOMAIN for every other name (nothing
+    is forwarded: no traffic leaves the machine)."""
+    return f"""{CLUSTER_DOMAIN}:53 in-addr.arpa:53 ip6.arpa:53 {{
+    bind {address}
+    errors
+    health 127.0.0.1:{health_port}
+    ready 127.0.0.1:{ready_port}
+    kubernetes {CLUSTER_DOMAIN} in-addr.arpa ip6.arpa {{
+        kubeconfig {node.coredns_kubeconfig}
+        pods insecure
+        ttl 5
+    }}
+    cache 5
+    loadbalance
+}}
+
+.:53 {{
+    bind {address}
+    errors
+    template ANY ANY {{
+        rcode NXDOMAIN
+    }}
+}}
+"""
+
+
+def coredns_args(coredns: Path, node: NodePaths) -> list[str]:
+    return [str(coredns), "-conf", str(node.corefile)]
+
+
+def check_dns_port(address: str) -> None:
+    """CoreDNS needs port 53 (UDP and TCP) on the node address: refuse if something holds it."""
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        with socket.socket(socket.AF_INET, kind) as probe:
+            try:
+                probe.bind((address, 53))
+            except OSError as error:
+                protocol = "UDP" if kind == socket.SOCK_DGRAM else "TCP"
+                raise RuntimeError(f"port 53/{protocol} on {address} is taken ({error}): CoreDNS needs it") from None
+
+
+def enable_bridge_netfilter() -> None:
+    """Bridged frames (pod to pod on the bridge) through the host's iptables, so the reply of a pod
+    reached through a Service IP is un-DNATed (kube-proxy warns without it). Saved and restored
+    with the other kernel settings."""
+    if not BRIDGE_NF_CALL_IPTABLES.exists():
+        subprocess.run(["modprobe", "br_netfilter"], capture_output=True)
+    if not BRIDGE_NF_CALL_IPTABLES.exists():
+        raise RuntimeError("no net.bridge.bridge-nf-call-iptables here (module br_netfilter): Services between "
+                           "pods on the bridge would not work")
+    if BRIDGE_NF_CALL_IPTABLES.read_text().strip() != "1":
+        BRIDGE_NF_CALL_IPTABLES.write_text("1\n")
+
+
+def write_config(node: NodePaths, pki: Path, address: str, port: int, healthz_port: int, registry: str,
+                 service_cidr: str, dns_ip: str) -> None:
     for directory in (node.root, node.cni_conf_dir, node.kubelet_root, node.pod_logs):
         directory.mkdir(parents=True, exist_ok=True)
     node.containerd_config.write_text(containerd_config(node, registry))
-    (node.cni_conf_dir / "10-kubetune.conflist").write_text(json.dumps(cni_conflist(node, address), indent=2) + "\n")
-    node.kubelet_config.write_text(json.dumps(kubelet_config(node, pki, address, port, healthz_port), indent=2)
-                                   + "\n")
+    conflist = cni_conflist(node, address, service_cidr)
+    (node.cni_conf_dir / "10-kubetune.conflist").write_text(json.dumps(conflist, indent=2) + "\n")
+    node.resolv_conf.write_text("# the kubelet's resolvConf: pods get the cluster DNS only\n")
+    node.kubelet_config.write_text(
+        json.dumps(kubelet_config(node, pki, address, port, healthz_port, dns_ip), indent=2) + "\n")
 
 
 def containerd_args(node: NodePaths) -> list[str]:
@@ -400,8 +526,25 @@ def stop_pods(node: NodePaths, grace_s: float = 5.0) -> None:
     _signal_pods(signal.SIGKILL, 10.0)
 
 
+def _ours(chain: str) -> bool:
+    return chain in KUBELET_CHAINS or chain in KUBE_PROXY_CHAINS or chain.startswith(KUBE_PROXY_CHAIN_PREFIXES)
+
+
+def leftover_chains(binary: str = "iptables") -> dict[str, list[str]]:
+    """The kubelet's and kube-proxy's chains still in the host's tables, per table."""
+    found: dict[str, list[str]] = {}
+    for table in ("filter", "nat", "mangle"):
+        listing = subprocess.run([binary, "-w", "-t", table, "-S"], capture_output=True, text=True)
+        chains = [line.split()[1] for line in listing.stdout.splitlines()
+                  if line.startswith("-N ") and _ours(line.split()[1])]
+        if chains:
+            found[table] = chains
+    return found
+
+
 def _iptables_cleanup() -> None:
-    """Remove the kubelet's chains and the rules that jump to them (both iptables back ends)."""
+    """Remove the kubelet's and kube-proxy's chains and the rules that jump to them (both iptables
+    back ends)."""
     for binary in ("iptables", "ip6tables", "iptables-legacy", "ip6tables-legacy"):
         if shutil.which(binary) is None:
             continue
@@ -410,10 +553,10 @@ def _iptables_cleanup() -> None:
             if listing.returncode != 0:
                 continue
             rules = [shlex.split(line) for line in listing.stdout.splitlines()]
-            ours = {r[1] for r in rules if len(r) == 2 and r[0] == "-N" and r[1] in KUBELET_CHAINS}
+            ours = {r[1] for r in rules if len(r) == 2 and r[0] == "-N" and _ours(r[1])}
             for rule in rules:
                 if rule[:1] == ["-A"] and rule[1] not in ours and any(
-                        rule[i + 1] in KUBELET_CHAINS for i, w in enumerate(rule[:-1]) if w in ("-j", "-g")):
+                        _ours(rule[i + 1]) for i, w in enumerate(rule[:-1]) if w in ("-j", "-g")):
                     subprocess.run([binary, "-w", "-t", table, "-D", *rule[1:]], capture_output=True)
             for chain in ours:
                 subprocess.run([binary, "-w", "-t", table, "-F", chain], capture_output=True)
@@ -421,13 +564,18 @@ def _iptables_cleanup() -> None:
                 subprocess.run([binary, "-w", "-t", table, "-X", chain], capture_output=True)
 
 
-def cleanup(node: NodePaths) -> None:
+def cleanup(node: NodePaths, kube_proxy: Path | None = None) -> None:
     """After the node's processes are gone and the mounts below the cluster directory are undone:
-    pod cgroups, the bridge, the kubelet's iptables chains, log links, kernel settings."""
+    pod cgroups, the bridge, kube-proxy's rules (``kube-proxy --cleanup``), the kubelet's and
+    kube-proxy's iptables chains, log links, kernel settings."""
     for cgroup in pod_cgroups():
         with contextlib.suppress(OSError):
             cgroup.rmdir()
     subprocess.run(["ip", "link", "delete", node.bridge], capture_output=True)
+    if kube_proxy is not None and kube_proxy.is_file():
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            subprocess.run([str(kube_proxy), "--cleanup", "--v=0"], capture_output=True, timeout=60,
+                           env={**os.environ, **process_env()})
     _iptables_cleanup()
     with contextlib.suppress(OSError):
         for link in CONTAINER_LOG_LINKS.iterdir():

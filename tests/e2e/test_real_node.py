@@ -1,8 +1,9 @@
 """The local cluster with a real node (``KUBETUNE_NODE=kubelet``): kubelet + containerd + CNI.
 
 One cluster of its own for the module (its own directory, no Kueue). Pods run from a tiny image
-built here: Debian's static busybox in an image ``FROM scratch`` (hack/real_node.py builds it with
-buildah and imports it into the node's containerd; ``imagePullPolicy: Never``).
+built here: Debian's static busybox and the cluster's (static) kubectl in an image ``FROM scratch``
+(hack/real_node.py builds it with buildah and imports it into the node's containerd;
+``imagePullPolicy: Never``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,10 @@ import images as images_lib  # noqa: E402
 import real_node  # noqa: E402
 
 IMAGE = "kubetune.local/busybox:test"
-APPLETS = ("sh", "id", "touch", "echo", "sleep", "cat", "head", "tr")
+# nslookup, wget, httpd, mkdir: cluster DNS and Services between pods. (This busybox's wget cannot
+# talk TLS to the apiserver, whose certificate has an ECDSA key, and crashes with -T: kubectl does
+# the in-cluster API calls.)
+APPLETS = ("sh", "id", "touch", "echo", "sleep", "cat", "head", "tr", "nslookup", "wget", "httpd", "mkdir")
 RESTRICTED = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
 LOCKED_DOWN = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
 
@@ -42,11 +46,13 @@ def cli(state_dir: Path, command: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, timeout=600)
 
 
-def busybox_image(workdir: Path) -> Path:
-    """An image holding /bin/busybox (static) and links to a few applets; its user is root."""
+def busybox_image(workdir: Path, kubectl: Path) -> Path:
+    """An image holding /bin/busybox (static), links to a few applets and /bin/kubectl (static: the
+    in-cluster API client); its user is root."""
     bin_dir = workdir / "bin"
     bin_dir.mkdir(parents=True)
     shutil.copy2("/bin/busybox", bin_dir / "busybox")
+    shutil.copy2(kubectl.resolve(), bin_dir / "kubectl")
     for applet in APPLETS:
         (bin_dir / applet).symlink_to("busybox")
     archive: Path = real_node.buildah_image(workdir / "busybox.tar", IMAGE, [(bin_dir, "/bin")],
@@ -77,7 +83,8 @@ def node_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         env = {**os.environ, "KUBECONFIG": state["kubeconfig"], "KUBECACHEDIR": state["kubectl_cache"]}
         cluster = Cluster(kubeconfig=Path(state["kubeconfig"]), kubectl_path=Path(state["kubectl"]),
                           helm_path=None, apiserver=state["apiserver"], dir=state_dir, env=env)
-        real_node.import_image(real_node.NodePaths(state_dir / "data" / "node"), busybox_image(base / "image"))
+        image = busybox_image(base / "image", cluster.kubectl_path)
+        real_node.import_image(real_node.NodePaths(state_dir / "data" / "node"), image)
         yield cluster
     finally:
         cli(state_dir, "down")
@@ -167,6 +174,89 @@ def test_memory_limit_is_enforced(node_cluster: Cluster, restricted_namespace: s
     terminated = wait_for(lambda: container_state(node_cluster, ns, "hog").get("terminated"), 120,
                           "pod hog to end")
     assert terminated["reason"] == "OOMKilled", terminated
+
+
+@pytest.fixture(scope="module")
+def network_namespace(node_cluster: Cluster) -> str:
+    """A namespace with a long-running client pod (busybox, root) for the Service and DNS tests."""
+    ns = "net"
+    node_cluster.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+    wait_for(lambda: node_cluster.get("serviceaccount", "default", "-n", ns), 60, f"the default ServiceAccount of {ns}")
+    node_cluster.apply(pod("client", "exec sleep 3600", {}, {}), ns)
+    wait_for(lambda: "running" in container_state(node_cluster, ns, "client"), 90, "pod client to run")
+    return ns
+
+
+def in_client(cluster: Cluster, namespace: str, script: str) -> subprocess.CompletedProcess[str]:
+    return cluster.kubectl("exec", "-n", namespace, "client", "--", "sh", "-c", script, check=False, timeout=60)
+
+
+def addresses(nslookup: str) -> list[str]:
+    """The answers in busybox nslookup's output (the lines after `Name:`, not the server's)."""
+    answers = nslookup.split("Name:", 1)[1] if "Name:" in nslookup else ""
+    return [line.split(":", 1)[1].strip() for line in answers.splitlines() if line.startswith("Address:")]
+
+
+def test_pod_resolves_the_kubernetes_service_and_reaches_the_apiserver_through_it(
+        node_cluster: Cluster, network_namespace: str) -> None:
+    ns = network_namespace
+    # The apiserver's lease endpoint reconciler keeps the Service's endpoint at the node address.
+    [slice_] = node_cluster.get("endpointslices", "-n", "default", "-l",
+                                "kubernetes.io/service-name=kubernetes")["items"]
+    assert [e["addresses"] for e in slice_["endpoints"]] == [[real_node.node_ip()]]
+    resolv = in_client(node_cluster, ns, "cat /etc/resolv.conf").stdout
+    assert "nameserver 10.0.0.10" in resolv.splitlines(), resolv
+    assert f"search {ns}.svc.cluster.local svc.cluster.local cluster.local" in resolv.splitlines(), resolv
+
+    def resolved() -> list[str]:
+        return addresses(in_client(node_cluster, ns, "nslookup kubernetes.default.svc.cluster.local").stdout)
+
+    assert wait_for(resolved, 60, "kubernetes.default.svc.cluster.local to resolve in pod client") == ["10.0.0.1"]
+    env = in_client(node_cluster, ns, "echo $KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT").stdout.strip()
+    assert env == "10.0.0.1:443"
+
+    # kubectl's in-cluster configuration: KUBERNETES_SERVICE_HOST, the service-account token and CA
+    # (the serving certificate names 10.0.0.1).
+    def version() -> dict[str, Any] | None:
+        out = in_client(node_cluster, ns, "kubectl get --raw /version")
+        return json.loads(out.stdout) if out.returncode == 0 else None
+
+    assert wait_for(version, 60, "the apiserver through the kubernetes Service")["gitVersion"] == "v1.35.4"
+    # By its DNS name, the certificate verified against the cluster CA, as the pod's service account.
+    sa = "/var/run/secrets/kubernetes.io/serviceaccount"
+    whoami = in_client(node_cluster, ns, f"kubectl --server=https://kubernetes.default.svc.cluster.local "
+                       f"--certificate-authority={sa}/ca.crt --token=$(cat {sa}/token) auth whoami -o json")
+    assert whoami.returncode == 0, whoami.stderr
+    assert json.loads(whoami.stdout)["status"]["userInfo"]["username"] == f"system:serviceaccount:{ns}:default"
+    # Nothing is forwarded out of the machine: other names do not resolve.
+    outside = in_client(node_cluster, ns, "nslookup example.com")
+    assert not addresses(outside.stdout), outside.stdout
+
+
+def test_pod_reaches_another_pod_through_a_cluster_ip_service_by_its_dns_name(
+        node_cluster: Cluster, network_namespace: str) -> None:
+    ns = network_namespace
+    web = pod("web", "mkdir -p /www && echo hello from web > /www/index.html && exec httpd -f -p 8080 -h /www",
+              {}, {})
+    web["metadata"]["labels"] = {"app": "web"}
+    node_cluster.apply([web, {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
+                              "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080}]}}], ns)
+    wait_for(lambda: "running" in container_state(node_cluster, ns, "web"), 90, "pod web to run")
+    cluster_ip = node_cluster.get("service", "web", "-n", ns)["spec"]["clusterIP"]
+
+    def fetched() -> str | None:
+        out = in_client(node_cluster, ns, f"wget -q -O - http://web.{ns}.svc.cluster.local/")
+        return out.stdout if out.returncode == 0 else None
+
+    assert wait_for(fetched, 90, "pod web through its Service, by name") == "hello from web\n"
+    lookup = in_client(node_cluster, ns, f"nslookup web.{ns}.svc.cluster.local").stdout
+    assert addresses(lookup) == [cluster_ip], lookup
+    # The short name through the search list; and a pod reaching itself through its own Service
+    # (hairpin; not by the short name, which its /etc/hosts maps to its own address).
+    assert in_client(node_cluster, ns, "wget -q -O - http://web/").stdout == "hello from web\n"
+    hairpin = node_cluster.kubectl("exec", "-n", ns, "web", "--", "wget", "-q", "-O", "-",
+                                   f"http://web.{ns}.svc.cluster.local/", check=False, timeout=60)
+    assert hairpin.stdout == "hello from web\n", hairpin.stderr
 
 
 @pytest.fixture(scope="module")
@@ -281,6 +371,11 @@ def test_down_leaves_nothing_of_the_node_behind(node_cluster: Cluster) -> None:
     for table in ("filter", "nat", "mangle"):
         rules = subprocess.run(["iptables", "-w", "-t", table, "-S"], capture_output=True, text=True).stdout
         assert not [chain for chain in real_node.KUBELET_CHAINS if chain in rules], (table, rules)
+    # kube-proxy's chains (KUBE-SERVICES, KUBE-POSTROUTING, KUBE-SVC-…, …), IPv4 and IPv6.
+    for binary in ("iptables", "ip6tables"):
+        if shutil.which(binary):
+            assert not real_node.leftover_chains(binary), (binary, real_node.leftover_chains(binary))
+    real_node.check_dns_port(real_node.node_ip())  # CoreDNS let go of port 53
     # The shims exited cleanly (containerd deleted their tasks): no socket of theirs is left.
     sockets = real_node.SHIM_SOCKETS.iterdir() if real_node.SHIM_SOCKETS.is_dir() else iter(())
     assert not [s for s in sockets if s.stat().st_mtime >= started]
@@ -291,5 +386,5 @@ def test_down_leaves_nothing_of_the_node_behind(node_cluster: Cluster) -> None:
                 cmdline = (proc / "cmdline").read_bytes()
             except OSError:
                 continue
-            assert not (comm in ("kubelet", "containerd") or comm.startswith("containerd-shim")) \
-                or str(node_cluster.dir).encode() not in cmdline, f"{comm} (pid {proc.name}) still runs"
+            ours = comm in ("kubelet", "containerd", "kube-proxy", "coredns") or comm.startswith("containerd-shim")
+            assert not ours or str(node_cluster.dir).encode() not in cmdline, f"{comm} (pid {proc.name}) still runs"
