@@ -45,50 +45,31 @@ if [ ! -x "$bin/etcd" ]; then
   mv "$bin/etcd.tmp" "$bin/etcd"
 fi
 
-if [ ! -x "$bin/minio" ]; then
-  log "building minio $MINIO_VERSION"
-  gobin=$(mktemp -d "$bin/.gobin.XXXXXX")
-  GOBIN="$gobin" go install -trimpath -ldflags "-s -w" "github.com/minio/minio@$MINIO_VERSION"
-  mv "$gobin/minio" "$bin/minio"
+# go_install DIR NAME PACKAGE@VERSION [LDFLAGS]: `go install` one command into DIR unless it is there.
+go_install() {
+  local dir=$1 name=$2 package=$3 ldflags=${4:-"-s -w"} gobin
+  [ -x "$dir/$name" ] && return
+  log "building $name ($package)"
+  mkdir -p "$dir"
+  gobin=$(mktemp -d "$dir/.gobin.XXXXXX")
+  GOBIN="$gobin" go install -trimpath -ldflags "$ldflags" "$package"
+  mv "$gobin/$name" "$dir/$name"
   rmdir "$gobin"
-fi
+}
 
-helm_bin=$cache/bin/helm-$HELM_VERSION
-if [ ! -x "$helm_bin/helm" ]; then
-  log "building helm v$HELM_VERSION"
-  mkdir -p "$helm_bin"
-  gobin=$(mktemp -d "$helm_bin/.gobin.XXXXXX")
-  # As helm's own Makefile does: stamp the version and the Kubernetes version of its client
-  # libraries (the default for `helm template` and `helm lint`; 1.20 otherwise).
-  helm_pkg=helm.sh/helm/v3
-  GOBIN="$gobin" go install -trimpath -ldflags "-s -w \
-    -X $helm_pkg/internal/version.version=v$HELM_VERSION -X $helm_pkg/internal/version.gitTreeState=clean \
-    -X $helm_pkg/pkg/chartutil.k8sVersionMajor=1 -X $helm_pkg/pkg/chartutil.k8sVersionMinor=$HELM_K8S_MINOR \
-    -X $helm_pkg/pkg/lint/rules.k8sVersionMajor=1 -X $helm_pkg/pkg/lint/rules.k8sVersionMinor=$HELM_K8S_MINOR" \
-    "$helm_pkg/cmd/helm@v$HELM_VERSION"
-  mv "$gobin/helm" "$helm_bin/helm"
-  rmdir "$gobin"
-fi
+go_install "$bin" minio "github.com/minio/minio@$MINIO_VERSION"
 
-registry_bin=$cache/bin/registry-$REGISTRY_VERSION
-if [ ! -x "$registry_bin/registry" ]; then
-  log "building the distribution registry $REGISTRY_VERSION (the loopback image registry)"
-  mkdir -p "$registry_bin"
-  gobin=$(mktemp -d "$registry_bin/.gobin.XXXXXX")
-  GOBIN="$gobin" go install -trimpath -ldflags "-s -w" \
-    "github.com/distribution/distribution/v3/cmd/registry@$REGISTRY_VERSION"
-  mv "$gobin/registry" "$registry_bin/registry"
-  rmdir "$gobin"
-fi
+# As helm's own Makefile does: stamp the version and the Kubernetes version of its client
+# libraries (the default for `helm template` and `helm lint`; 1.20 otherwise).
+helm_pkg=helm.sh/helm/v3
+go_install "$cache/bin/helm-$HELM_VERSION" helm "$helm_pkg/cmd/helm@v$HELM_VERSION" "-s -w \
+  -X $helm_pkg/internal/version.version=v$HELM_VERSION -X $helm_pkg/internal/version.gitTreeState=clean \
+  -X $helm_pkg/pkg/chartutil.k8sVersionMajor=1 -X $helm_pkg/pkg/chartutil.k8sVersionMinor=$HELM_K8S_MINOR \
+  -X $helm_pkg/pkg/lint/rules.k8sVersionMajor=1 -X $helm_pkg/pkg/lint/rules.k8sVersionMinor=$HELM_K8S_MINOR"
 
-coredns_bin=$cache/bin/coredns-$COREDNS_VERSION
-if [ ! -x "$coredns_bin/coredns" ]; then
-  log "building coredns $COREDNS_VERSION (the real node's cluster DNS)"
-  mkdir -p "$coredns_bin"
-  gobin=$(mktemp -d "$coredns_bin/.gobin.XXXXXX")
-  GOBIN="$gobin" go install -trimpath -ldflags "-s -w" "github.com/coredns/coredns@$COREDNS_VERSION"
-  mv "$gobin/coredns" "$coredns_bin/coredns"
-  rmdir "$gobin"
-fi
+# The loopback image registry, and the real node's cluster DNS.
+go_install "$cache/bin/registry-$REGISTRY_VERSION" registry \
+  "github.com/distribution/distribution/v3/cmd/registry@$REGISTRY_VERSION"
+go_install "$cache/bin/coredns-$COREDNS_VERSION" coredns "github.com/coredns/coredns@$COREDNS_VERSION"
 
 echo "$bin"

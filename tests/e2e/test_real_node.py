@@ -8,14 +8,12 @@ built here: Debian's static busybox and the cluster's (static) kubectl in an ima
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,7 @@ from typing import Any
 import pytest
 from operator_helpers import published
 
-from helpers import REPO, Cluster, free_port, wait_for
+from helpers import REPO, Cluster, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -82,7 +80,7 @@ def node_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         state = json.loads((state_dir / "cluster.json").read_text())
         env = {**os.environ, "KUBECONFIG": state["kubeconfig"], "KUBECACHEDIR": state["kubectl_cache"]}
         cluster = Cluster(kubeconfig=Path(state["kubeconfig"]), kubectl_path=Path(state["kubectl"]),
-                          helm_path=None, apiserver=state["apiserver"], dir=state_dir, env=env)
+                          helm_path=Path(state["helm"]), apiserver=state["apiserver"], dir=state_dir, env=env)
         image = busybox_image(base / "image", cluster.kubectl_path)
         real_node.import_image(real_node.NodePaths(state_dir / "data" / "node"), image)
         yield cluster
@@ -260,67 +258,51 @@ def test_pod_reaches_another_pod_through_a_cluster_ip_service_by_its_dns_name(
 
 
 @pytest.fixture(scope="module")
-def trainer_image(node_cluster: Cluster, images: dict[str, str]) -> str:
-    """The trainer image (`make images`) pushed to the cluster's loopback registry; its reference there."""
+def pushed_images(node_cluster: Cluster, images: dict[str, str]) -> dict[str, str]:
+    """The operator and trainer images (`make images`) pushed to the cluster's loopback registry:
+    name -> reference there."""
     state = json.loads((node_cluster.dir / "cluster.json").read_text())
-    reference: str = images_lib.push(images_lib.IMAGES["trainer"], images_lib.version(), state["registry"])
-    return reference
+    return {name: images_lib.push(images_lib.IMAGES[name], images_lib.version(), state["registry"])
+            for name in images}
 
 
-@contextlib.contextmanager
-def host_operator(cluster: Cluster, namespace: str, env: dict[str, str], log: Path) -> Iterator[None]:
-    """The operator as a process on this machine (as in the other e2e tests), watching one namespace."""
-    health = f"127.0.0.1:{free_port()}"
-    with log.open("wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "kubetune", "operator", "--namespace", namespace],
-                                   env={**cluster.env, "KUBETUNE_LIVENESS_ENDPOINT": f"http://{health}/healthz",
-                                        "KUBETUNE_STATUS_INTERVAL": "1", **env},
-                                   stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
-    try:
-        def healthy() -> bool:
-            assert process.poll() is None, f"operator exited: {log.read_text()[-3000:]}"
-            with urllib.request.urlopen(f"http://{health}/healthz", timeout=2) as response:
-                return bool(response.status == 200)
-
-        wait_for(healthy, timeout=60, message="operator liveness endpoint")
-        yield
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-
-
-def test_quickstart_trains_in_the_trainer_image_pulled_from_the_loopback_registry(
-    node_cluster: Cluster, trainer_image: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_chart_and_quickstart_run_from_the_images_on_the_real_node(
+    node_cluster: Cluster, pushed_images: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """examples/quickstart.yaml with the REAL trainer in its image, in a `restricted` namespace: the
-    pod pulls the image from the loopback registry, runs as 10001 with a read-only root, reports to
-    the operator and reads and writes MinIO at the node's address, and publishes a verified adapter."""
+    """The chart installed with both images from the loopback registry, its operator a pod in a
+    `restricted` namespace; examples/quickstart.yaml trained by the REAL trainer in its image, in a
+    `restricted` namespace, reporting to the operator through the chart's Service DNS name and
+    reading and writing MinIO at the node's address; a verified adapter at the end."""
     import seed_demo
 
     state = json.loads((node_cluster.dir / "cluster.json").read_text())
     minio = dict(line.split("=", 1) for line in (node_cluster.dir / "minio.env").read_text().split())
     seed_demo.seed(minio["MINIO_ENDPOINT"], minio["MINIO_ACCESS_KEY"], minio["MINIO_SECRET_KEY"],
                    seed_demo.build_assets(tmp_path / "assets"))
-    namespace = "quickstart"
-    node_cluster.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
-    node_cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/finetunejobs.kubetune.io")
-    node_cluster.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {
-        "name": namespace, "labels": {"pod-security.kubernetes.io/enforce": "restricted"}}})
-    wait_for(lambda: node_cluster.get("serviceaccount", "default", "-n", namespace), 60, "the default ServiceAccount")
+    namespace, system = "quickstart", "kubetune-system"
+    for name in (namespace, system):
+        node_cluster.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {
+            "name": name, "labels": {"pod-security.kubernetes.io/enforce": "restricted"}}})
+        wait_for(lambda name=name: node_cluster.get("serviceaccount", "default", "-n", name), 60,
+                 f"the default ServiceAccount of {name}")
     node_cluster.kubectl("create", "secret", "generic", "kubetune-s3", "-n", namespace,
                          f"--from-literal=AWS_ACCESS_KEY_ID={minio['MINIO_ACCESS_KEY']}",
                          f"--from-literal=AWS_SECRET_ACCESS_KEY={minio['MINIO_SECRET_KEY']}")
-    node_address, report_port = state["node_ip"], free_port()
-    operator_env = {
-        "KUBETUNE_TRAINER_IMAGE": trainer_image,
-        # Pods live on the pod network: they reach MinIO and the report endpoint at the node's address.
-        "KUBETUNE_S3_ENDPOINT": f"{node_address}:{minio['MINIO_ENDPOINT'].rsplit(':', 1)[1]}",
-        "KUBETUNE_S3_INSECURE": "true",
-        "KUBETUNE_REPORT_LISTEN": f"{node_address}:{report_port}",
-        "KUBETUNE_REPORT_URL": f"http://{node_address}:{report_port}",
-        "KUBETUNE_REPORT_KEY": "r" * 43,
-    }
-    with host_operator(node_cluster, namespace, operator_env, tmp_path / "operator.log"):
+    operator_repository, operator_tag = pushed_images["operator"].rsplit(":", 1)
+    node_cluster.helm(
+        "install", "kubetune", str(REPO / "helm" / "kubetune"), "-n", system, "--wait", "--timeout", "300s",
+        "--set", f"image.repository={operator_repository}", "--set", f"image.tag={operator_tag}",
+        "--set", f"trainer.image={pushed_images['trainer']}",
+        # Pods live on the pod network: MinIO listens on the node's address.
+        "--set", f"storage.endpoint={state['node_ip']}:{minio['MINIO_ENDPOINT'].rsplit(':', 1)[1]}",
+        "--set", "storage.insecure=true", "--set", "reports.statusIntervalSeconds=1", timeout=420,
+    )
+    try:
+        [operator_pod] = node_cluster.get("pods", "-n", system, "-l", "app.kubernetes.io/name=kubetune")["items"]
+        assert operator_pod["spec"]["containers"][0]["image"] == pushed_images["operator"]
+        operator_uid = node_cluster.kubectl("exec", "-n", system, operator_pod["metadata"]["name"], "--",
+                                            "id", "-u").stdout.strip()
+        assert operator_uid == "65532"
         node_cluster.kubectl("apply", "-n", namespace, "-f", str(REPO / "examples" / "quickstart.yaml"))
 
         def running_pod() -> dict[str, Any] | None:
@@ -333,11 +315,14 @@ def test_quickstart_trains_in_the_trainer_image_pulled_from_the_loopback_registr
                 return found
             return None
 
-        # Pulling and unpacking the trainer image (several GB) dominates the wait.
+        # Pulling and unpacking the trainer image (several GB) dominates the wait. Progress in the
+        # status means a report reached the operator pod through its Service's DNS name.
         pod_object = wait_for(running_pod, timeout=900, interval=0.5, message="the trainer pod running and reporting")
         name = pod_object["metadata"]["name"]
-        assert pod_object["spec"]["containers"][0]["image"] == trainer_image
-        assert pod_object["status"]["containerStatuses"][0]["imageID"].startswith(trainer_image.rsplit(":", 1)[0])
+        container = pod_object["spec"]["containers"][0]
+        assert container["image"] == pushed_images["trainer"]
+        report_url = {e["name"]: e.get("value") for e in container["env"]}["KUBETUNE_REPORT_URL"]
+        assert report_url == f"http://kubetune.{system}.svc:8081", report_url
         exec_id = node_cluster.kubectl("exec", "-n", namespace, name, "--", "id", "-u").stdout.strip()
         assert exec_id == "10001"
         denied = node_cluster.kubectl("exec", "-n", namespace, name, "--", "touch", "/x", check=False)
@@ -348,9 +333,10 @@ def test_quickstart_trains_in_the_trainer_image_pulled_from_the_loopback_registr
         assert status["phase"] == "Succeeded", status
         logs = node_cluster.kubectl("logs", "-n", namespace, "job/quickstart-trainer").stdout
         assert "published" in logs, logs[-2000:]
-
-    assert status["progress"]["percent"] == 100 and status["attempts"] == 1
-    published(status, minio, monkeypatch)
+        assert status["progress"]["percent"] == 100 and status["attempts"] == 1
+        published(status, minio, monkeypatch)
+    finally:
+        node_cluster.helm("uninstall", "kubetune", "-n", system, "--wait", check=False)
 
 
 def test_down_leaves_nothing_of_the_node_behind(node_cluster: Cluster) -> None:
