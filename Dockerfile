@@ -22,6 +22,8 @@ COPY trainer_image/kubetune_trainer/ /tmp/kubetune/trainer_image/kubetune_traine
 RUN pip install --no-cache-dir --no-deps /tmp/kubetune && rm -rf /tmp/kubetune
 
 # Non-root (matches the chart's runAsUser), read-only root filesystem friendly: no writes at runtime.
+# The user has a name (/etc/passwd), as libraries that ask for it expect.
+RUN useradd --uid 65532 --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin kubetune
 USER 65532:65532
 ENV KUBETUNE_LIVENESS_ENDPOINT=http://0.0.0.0:8080/healthz \
     KUBETUNE_REPORT_LISTEN=0.0.0.0:8081

@@ -7,7 +7,8 @@ synchronous. They return nothing: a return value would land in status.<handler>.
 from __future__ import annotations
 
 import logging
-from typing import Any
+import socket
+from typing import Any, cast
 
 import aiohttp
 import kopf
@@ -281,6 +282,9 @@ def run(namespaces: list[str]) -> int:
     WATCHED = tuple(watched)
     asyncio.run(kopf.operator(
         standalone=True,
+        # kopf would otherwise derive it from the user name, which an arbitrary non-root uid
+        # (no /etc/passwd entry, as Kubernetes runs images) does not have: getpwuid() fails.
+        identity=cast(Any, f"kubetune@{socket.gethostname()}"),  # kopf's Identity: a NewType of str
         clusterwide=not watched,
         namespaces=watched,
         liveness_endpoint=SETTINGS.liveness_endpoint,

@@ -1,5 +1,6 @@
 """The operator image (`make images`) runs the operator against the local cluster: a podman container
-with a read-only root filesystem, no capabilities, as uid 65532, under the chart's ServiceAccount."""
+with a read-only root filesystem, no capabilities, as an arbitrary uid without a passwd entry (the
+image's own user, 65532, is checked in tests/images), under the chart's ServiceAccount."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from helpers import REPO, free_port, wait_for
 pytestmark = [pytest.mark.e2e, pytest.mark.images]
 CONTAINERS_CONF = REPO / "hack" / "containers.conf"
 FAKE_TRAINER = Path(__file__).resolve().parent / "fake_trainer.py"
+ARBITRARY_UID = 1000650000
 
 
 def podman(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -53,7 +55,10 @@ def operator_container(cluster: Any, crd: None, namespace: str, operator_kubecon
     ]) + "\n")
     env_file.chmod(0o600)
     name = f"kubetune-operator-{namespace}"
+    # An arbitrary uid without a passwd entry (--passwd=false: podman adds none), as a cluster whose
+    # policy picks the uid runs the image.
     podman("run", "--detach", "--name", name, "--network", "host", "--read-only", "--cap-drop", "ALL",
+           "--user", f"{ARBITRARY_UID}:{ARBITRARY_UID}", "--passwd=false",
            "--security-opt", "no-new-privileges", "--env-file", str(env_file),
            "--volume", f"{kubeconfig}:/etc/kubetune/kubeconfig:ro",
            images["operator"], "--namespace", namespace)
@@ -81,7 +86,7 @@ def test_operator_image_runs_a_job_to_success_locked_down(cluster: Any, namespac
     container = json.loads(podman("inspect", operator_container).stdout)[0]
     assert container["HostConfig"]["ReadonlyRootfs"] is True
     assert container["EffectiveCaps"] in (None, [])
-    assert podman("exec", operator_container, "id", "-u").stdout.strip() == "65532"
+    assert podman("exec", operator_container, "id", "-u").stdout.strip() == str(ARBITRARY_UID)
     denied = podman("exec", operator_container, "touch", "/usr/local/x", check=False)
     assert denied.returncode != 0 and "Read-only file system" in denied.stderr
     logs = podman("logs", operator_container)
