@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,6 +17,19 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+def load_hack(name: str) -> Any:
+    """hack/<name>.py as a module (hack/ is scripts, not a package); hack/ goes on sys.path for its
+    own imports."""
+    spec = importlib.util.spec_from_file_location(f"kubetune_hack_{name}", REPO / "hack" / f"{name}.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    if str(REPO / "hack") not in sys.path:
+        sys.path.insert(0, str(REPO / "hack"))
+    spec.loader.exec_module(module)
+    return module
+
+
 STALE_DISCOVERY = "the server doesn't have a resource type"
 
 T = TypeVar("T")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -87,3 +89,46 @@ def published(status: dict[str, Any], minio_env: dict[str, str], monkeypatch: py
 
 def train_steps(events: list[Any]) -> list[int]:
     return [e["step"] for e in events if e.get("type", "progress") == "progress" and "trainLoss" in e]
+
+
+class WatchHistory:
+    """Every distinct value each object of a watch took, in order, per object name: the whole
+    history, not samples of it. ``list_call(*args)`` is the namespaced list to watch; ``value(obj)``
+    what to record (None: nothing); ``name(obj)`` the object's name."""
+
+    def __init__(self, list_call: Callable[..., Any], *args: Any, value: Callable[[Any], Any],
+                 name: Callable[[Any], str], timeout_s: int = 900) -> None:
+        from kubernetes import watch
+
+        self.values: dict[str, list[Any]] = {}
+        self.error: Exception | None = None
+        self._stopped = False
+        self._watch = watch.Watch()  # type: ignore[no-untyped-call]
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, args=(list_call, args, value, name, timeout_s),
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self, list_call: Callable[..., Any], args: tuple[Any, ...], value: Callable[[Any], Any],
+             name: Callable[[Any], str], timeout_s: int) -> None:
+        try:
+            for event in self._watch.stream(list_call, *args, timeout_seconds=timeout_s):
+                seen = value(event["object"])
+                if seen is None:
+                    continue
+                with self._lock:
+                    history = self.values.setdefault(name(event["object"]), [])
+                    if not history or history[-1] != seen:
+                        history.append(seen)
+        except Exception as error:  # the stream ends when the test stops it or its namespace goes
+            if not self._stopped:
+                self.error = error
+
+    def history(self, name: str) -> list[Any]:
+        assert self.error is None, f"the watch broke: {self.error!r}"
+        with self._lock:
+            return list(self.values.get(name, []))
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._watch.stop()  # type: ignore[no-untyped-call]

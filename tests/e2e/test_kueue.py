@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from operator_helpers import event_reasons, finetunejob, ftj, wait_phase
+from operator_helpers import WatchHistory, event_reasons, finetunejob, ftj, wait_phase
 
 from helpers import wait_for
 
@@ -59,45 +58,6 @@ def queues(cluster: Any, namespace: str) -> Iterator[Callable[[int], str]]:
                         check=False)
         cluster.kubectl("delete", "clusterqueue,resourceflavor", name, "--ignore-not-found", "--wait=false",
                         check=False)
-
-
-class JobSuspendLog:
-    """Every value of spec.suspend each training Job of a namespace took, in order, from a watch:
-    the Job's whole history, not samples of it."""
-
-    def __init__(self, k8s_api: Any, namespace: str) -> None:
-        from kubernetes import client, watch
-
-        self.values: dict[str, list[bool]] = {}
-        self.error: Exception | None = None
-        self._stopped = False
-        self._watch = watch.Watch()  # type: ignore[no-untyped-call]
-        self._batch = client.BatchV1Api(k8s_api)
-        self._namespace = namespace
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            for event in self._watch.stream(self._batch.list_namespaced_job, self._namespace, timeout_seconds=600):
-                job = event["object"]
-                with self._lock:
-                    seen = self.values.setdefault(job.metadata.name, [])
-                    if not seen or seen[-1] != bool(job.spec.suspend):
-                        seen.append(bool(job.spec.suspend))
-        except Exception as error:  # the stream ends when the test stops it or its namespace goes
-            if not self._stopped:
-                self.error = error
-
-    def suspend_history(self, name: str) -> list[bool]:
-        assert self.error is None, f"the watch of Jobs broke: {self.error!r}"
-        with self._lock:
-            return list(self.values.get(name, []))
-
-    def stop(self) -> None:
-        self._stopped = True
-        self._watch.stop()  # type: ignore[no-untyped-call]
 
 
 def workload_of(cluster: Any, namespace: str, job_name: str) -> dict[str, Any]:
@@ -179,7 +139,11 @@ def test_suspend_of_a_queued_job_goes_through_its_workload(cluster: Any, namespa
                                                            queues: Callable[[int], str], k8s_api: Any,
                                                            tmp_path: Path) -> None:
     queue = queues(1)
-    jobs = JobSuspendLog(k8s_api, namespace)
+    from kubernetes import client
+
+    # Every value of spec.suspend each training Job took, in order: the whole history, not samples.
+    jobs = WatchHistory(client.BatchV1Api(k8s_api).list_namespaced_job, namespace,
+                        value=lambda job: bool(job.spec.suspend), name=lambda job: job.metadata.name, timeout_s=600)
     try:
         for name in ("holder", "waiter"):
             cluster.apply(finetunejob(name, resources={"gpus": 1, "sharedMemory": "64Mi"},
@@ -230,7 +194,7 @@ def test_suspend_of_a_queued_job_goes_through_its_workload(cluster: Any, namespa
             assert {"Suspended", "Resumed"} <= set(event_reasons(cluster, namespace, name))
         # Job.spec.suspend, every value it took: created suspended, admitted, evicted, admitted again
         # (the holder); created suspended, admitted (the waiter). No flip-flop between two writers.
-        assert jobs.suspend_history("holder-trainer") == [True, False, True, False]
-        assert jobs.suspend_history("waiter-trainer") == [True, False]
+        assert jobs.history("holder-trainer") == [True, False, True, False]
+        assert jobs.history("waiter-trainer") == [True, False]
     finally:
         jobs.stop()

@@ -5,14 +5,13 @@ of one CPU: only one job runs at a time."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from operator_helpers import event_reasons, ftj, published, train_steps, wait_phase
+from operator_helpers import WatchHistory, event_reasons, ftj, published, train_steps, wait_phase
 
 from helpers import wait_for
 
@@ -55,56 +54,26 @@ def preempting_queue(cluster: Any, namespace: str) -> Iterator[str]:
                     check=False)
 
 
-class PhaseLog:
-    """Every (phase, reason, message) each FineTuneJob of a namespace took, in order, from a watch:
-    the whole history of its status, not samples of it."""
+def phase_log(k8s_api: Any, namespace: str) -> WatchHistory:
+    """Every (phase, reason, message) each FineTuneJob of a namespace took, in order."""
+    from kubernetes import client
 
-    def __init__(self, k8s_api: Any, namespace: str) -> None:
-        from kubernetes import client, watch
+    def seen(obj: dict[str, Any]) -> tuple[str, str, str] | None:
+        status = obj.get("status") or {}
+        return (status["phase"], status.get("reason") or "", status.get("message") or "") \
+            if status.get("phase") else None
 
-        self.values: dict[str, list[tuple[str, str, str]]] = {}
-        self.error: Exception | None = None
-        self._stopped = False
-        self._watch = watch.Watch()  # type: ignore[no-untyped-call]
-        self._custom = client.CustomObjectsApi(k8s_api)
-        self._namespace = namespace
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+    return WatchHistory(client.CustomObjectsApi(k8s_api).list_namespaced_custom_object, "kubetune.io", "v1alpha1",
+                        namespace, "finetunejobs", value=seen, name=lambda obj: obj["metadata"]["name"])
 
-    def _run(self) -> None:
-        try:
-            for event in self._watch.stream(self._custom.list_namespaced_custom_object, "kubetune.io", "v1alpha1",
-                                            self._namespace, "finetunejobs", timeout_seconds=900):
-                obj = event["object"]
-                status = obj.get("status") or {}
-                if not status.get("phase"):
-                    continue
-                seen = (status["phase"], status.get("reason") or "", status.get("message") or "")
-                with self._lock:
-                    history = self.values.setdefault(obj["metadata"]["name"], [])
-                    if not history or history[-1] != seen:
-                        history.append(seen)
-        except Exception as error:  # the stream ends when the test stops it or its namespace goes
-            if not self._stopped:
-                self.error = error
 
-    def history(self, name: str) -> list[tuple[str, str, str]]:
-        assert self.error is None, f"the watch of FineTuneJobs broke: {self.error!r}"
-        with self._lock:
-            return list(self.values.get(name, []))
-
-    def phases(self, name: str) -> list[str]:
-        """The phases in order, repeats collapsed."""
-        out: list[str] = []
-        for phase, _, _ in self.history(name):
-            if not out or out[-1] != phase:
-                out.append(phase)
-        return out
-
-    def stop(self) -> None:
-        self._stopped = True
-        self._watch.stop()  # type: ignore[no-untyped-call]
+def phase_sequence(log: WatchHistory, name: str) -> list[str]:
+    """The phases in order, repeats collapsed."""
+    out: list[str] = []
+    for phase, _, _ in log.history(name):
+        if not out or out[-1] != phase:
+            out.append(phase)
+    return out
 
 
 def queued_job(name: str, queue: str, priority: str, steps: int) -> dict[str, Any]:
@@ -122,7 +91,7 @@ def test_a_preempted_job_checkpoints_waits_and_resumes_without_retraining(
         cluster: Any, namespace: str, s3_secret: None, minio_env: dict[str, str], operator: Any, k8s_api: Any,
         preempting_queue: str, monkeypatch: pytest.MonkeyPatch) -> None:
     queue = preempting_queue
-    log = PhaseLog(k8s_api, namespace)
+    log = phase_log(k8s_api, namespace)
     try:
         cluster.apply(queued_job("low", queue, f"{queue}-low", steps=80), namespace)
         job = wait_for(lambda: cluster.get("jobs", "-n", namespace, "-l", "kubetune.io/job=low")["items"],
@@ -130,7 +99,7 @@ def test_a_preempted_job_checkpoints_waits_and_resumes_without_retraining(
         assert job["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == f"{queue}-low"
 
         def past_a_checkpoint() -> bool:
-            assert "Failed" not in log.phases("low"), log.history("low")
+            assert "Failed" not in phase_sequence(log, "low"), log.history("low")
             status = ftj(cluster, namespace, "low").get("status") or {}
             assert status.get("phase") != "Succeeded", f"ended before it was preempted: {status}"
             return int((status.get("progress") or {}).get("step") or 0) >= 12
@@ -140,31 +109,31 @@ def test_a_preempted_job_checkpoints_waits_and_resumes_without_retraining(
         cluster.apply(queued_job("high", queue, f"{queue}-high", steps=20), namespace)
 
         def preempted() -> bool:
-            assert "Failed" not in log.phases("low"), log.history("low")
-            return "Preempted" in log.phases("low")
+            assert "Failed" not in phase_sequence(log, "low"), log.history("low")
+            return "Preempted" in phase_sequence(log, "low")
 
         wait_for(preempted, timeout=120, interval=0.2, message="the low job Preempted")
         preemption = next(h for h in log.history("low") if h[0] == "Preempted")
         assert preemption[1] == "Preempted" and preemption[2].startswith("preempted by Kueue: "), preemption
 
         def high_succeeded() -> bool:
-            assert "Failed" not in log.phases("low"), log.history("low")
-            assert "Running" not in log.phases("low")[log.phases("low").index("Preempted"):], log.history("low")
+            low = phase_sequence(log, "low")
+            assert "Failed" not in low and "Running" not in low[low.index("Preempted"):], log.history("low")
             return (ftj(cluster, namespace, "high").get("status") or {}).get("phase") == "Succeeded"
 
         wait_for(high_succeeded, timeout=300, interval=0.5, message="the high job Succeeded while the low one waits")
 
         def low_succeeded() -> bool:
-            assert "Failed" not in log.phases("low"), log.history("low")
+            assert "Failed" not in phase_sequence(log, "low"), log.history("low")
             return (ftj(cluster, namespace, "low").get("status") or {}).get("phase") == "Succeeded"
 
         wait_for(low_succeeded, timeout=300, interval=0.5, message="the low job resumed and Succeeded")
         status = wait_phase(cluster, namespace, "low", "Succeeded")
-        phases = log.phases("low")
+        phases = phase_sequence(log, "low")
         # Pending in between: the new pod starting.
         after = [p for p in phases[phases.index("Preempted"):] if p != "Pending"]
         assert after == ["Preempted", "Queued", "Running", "Succeeded"], log.history("low")
-        assert not {"Preempted", "Failed"} & set(log.phases("high")), log.history("high")
+        assert not {"Preempted", "Failed"} & set(phase_sequence(log, "high")), log.history("high")
         assert "Preempted" in event_reasons(cluster, namespace, "low")
 
         # Kueue's suspend of the Job is not a failed attempt: backoffLimit is untouched.

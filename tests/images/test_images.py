@@ -7,7 +7,6 @@ cluster is tested in tests/e2e/test_operator_image.py.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -20,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from helpers import REPO
+from helpers import REPO, load_hack
 
 pytestmark = pytest.mark.images
 
@@ -29,17 +28,7 @@ NON_ROOT = {"operator": "65532:65532", "trainer": "10001"}
 SCRATCH = "/var/tmp/kubetune"
 
 
-def _load_hack(name: str) -> Any:
-    spec = importlib.util.spec_from_file_location(f"kubetune_hack_{name}", REPO / "hack" / f"{name}.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    sys.path.insert(0, str(REPO / "hack"))
-    spec.loader.exec_module(module)
-    return module
-
-
-images_lib = _load_hack("images")
+images_lib = load_hack("images")
 
 
 def podman(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -132,7 +121,7 @@ def test_a_second_build_with_nothing_changed_reuses_every_layer(images: dict[str
 def test_trainer_image_trains_with_a_read_only_root_as_uid_10001(images: dict[str, str], tmp_path: Path) -> None:
     """A tiny CPU run inside the image, locked down as the operator's pod spec locks it down: read-only
     root, no network, no capabilities, writes only to its scratch space and the output volume."""
-    tiny = _load_hack("tiny")
+    tiny = load_hack("tiny")
     assets = tmp_path / "assets"
     tiny.build_tiny_backbone(assets / "backbone")
     tiny.write_dataset(assets / "data" / "train.jsonl", 64, seed=0)

@@ -2,36 +2,25 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import secrets
 import socket
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
-from helpers import wait_for
+from helpers import load_hack, wait_for
 from kubetune_trainer.config import TrainerConfig
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _load_hack(name: str) -> Any:
-    spec = importlib.util.spec_from_file_location(f"kubetune_hack_{name}", REPO / "hack" / f"{name}.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-tiny = _load_hack("tiny")
+tiny = load_hack("tiny")
 
 
 def minio_binary() -> Path:
     """The MinIO server the local cluster runs (hack/build-binaries.sh builds it once, if missing)."""
-    return Path(_load_hack("cluster").find_binaries().minio)
+    return Path(load_hack("cluster").find_binaries().minio)
 
 
 def tiny_config(assets: Path, location: Path | str, **sections: dict[str, Any]) -> dict[str, Any]:
