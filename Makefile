@@ -28,7 +28,7 @@ $(SCAN_VENV)/.installed: hack/scan-requirements.txt
 scan-venv: $(SCAN_VENV)/.installed  ## create .venv-scan/ with checkov (tests/helm/test_scan.py runs it)
 
 images: venv  ## build the operator and trainer images (buildah, Debian base, constraints.txt); push to the local registry if up
-	$(PY) hack/images.py build --push-local
+	$(PY) -m devcluster.images build --push-local
 
 test: lint scan-venv  ## everything this machine can run: lint, unit, trainer (CPU), e2e (local cluster), helm
 	$(PY) -m pytest tests
@@ -37,8 +37,8 @@ unit: venv  ## unit tests only (no cluster, no training)
 	$(PY) -m pytest tests/unit
 
 lint: venv  ## ruff + mypy + generated-file drift
-	$(VENV)/bin/ruff check operator trainer_image hack tests
-	$(VENV)/bin/mypy operator/kubetune trainer_image/kubetune_trainer
+	$(VENV)/bin/ruff check operator trainer_image devcluster hack tests
+	$(VENV)/bin/mypy operator/kubetune trainer_image/kubetune_trainer devcluster
 	$(VENV)/bin/kubetune crd --check
 	$(PY) hack/chart_docs.py --check
 
@@ -46,13 +46,13 @@ crd: venv  ## regenerate crds/, the chart's CRD copy and docs/api.md from operat
 	$(VENV)/bin/kubetune crd
 
 cluster-up: venv  ## start the local cluster (kube-apiserver, etcd, controllers, MinIO, Kueue, GPU node agent; KUBETUNE_KUEUE=0: no Kueue)
-	$(PY) hack/cluster.py up
+	$(PY) -m devcluster up
 
 cluster-down:  ## stop everything cluster-up started
-	$(PY) hack/cluster.py down
+	$(PY) -m devcluster down
 
 cluster-status:  ## show what runs and where
-	$(PY) hack/cluster.py status
+	$(PY) -m devcluster status
 
 bench: cluster-up  ## trainer on CPU, operator on the local cluster (figures go to docs/benchmarks.md)
 	$(PY) hack/bench_trainer.py
@@ -68,7 +68,7 @@ chart-docs: venv  ## regenerate the chart's values.schema.json and README.md fro
 	$(PY) hack/chart_docs.py
 
 demo: venv  ## local cluster + Helm install + MinIO + quickstart FineTuneJob, followed live to its adapter
-	$(PY) hack/demo.py up
+	$(PY) -m devcluster.demo up
 
 demo-down:  ## uninstall the demo and stop the local cluster
-	$(PY) hack/demo.py down
+	$(PY) -m devcluster.demo down

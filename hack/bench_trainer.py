@@ -180,8 +180,8 @@ def main() -> None:
                         help="runs per side and mode, taken in turn; the table shows the median by tokens/s")
     args = parser.parse_args()
     warmup = check_warmup(args.steps, args.warmup_steps)
-    sys.path.insert(0, str(HERE))
-    import tiny
+    sys.path.insert(0, str(REPO))  # devcluster: the tiny model and data
+    from devcluster import tiny
 
     with tempfile.TemporaryDirectory(prefix="kubetune-bench-") as tmp:
         work = Path(tmp)

@@ -10,7 +10,7 @@
 #   helm (into its own bin/helm-<version>/)                  <- go install helm.sh/helm/v3/cmd/helm@<pinned>
 #   coredns (into its own bin/coredns-<version>/)            <- go install github.com/coredns/coredns@<pinned>
 #
-# kubectl comes from a pinned PyPI package (see hack/tools.py), not from here.
+# kubectl comes from a pinned PyPI package (see devcluster/tools.py), not from here.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=versions.env

@@ -8,10 +8,10 @@
 #   crd/                   config/components/crd: the kueue.x-k8s.io CRDs (bases/) and the
 #                          kustomization whose patches say which CRDs convert through the webhook
 #   webhooks.yaml          config/components/webhook/manifests.yaml: the (Mutating|Validating)
-#                          WebhookConfigurations, pointing at a Service that hack/cluster.py
+#                          WebhookConfigurations, pointing at a Service that devcluster/cluster.py
 #                          replaces with a loopback URL
 #
-# hack/cluster.py starts it (see `start_kueue` there); the CRDs are large, apply them server-side.
+# devcluster/cluster.py starts it (see `start_kueue` there); the CRDs are large, apply them server-side.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 module=sigs.k8s.io/kueue

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # bench_trainer; devcluster (the tiny model and data)
 
 from bench_trainer import check_warmup, compare, print_comparison  # noqa: E402
 
@@ -35,7 +35,7 @@ def build_backbone(out: Path, layers: int, hidden: int, device: str) -> int:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    import tiny
+    from devcluster import tiny
 
     tiny.build_tokenizer(out)
 
@@ -90,7 +90,7 @@ def main() -> int:
     if not torch.cuda.is_available() and not args.allow_cpu:
         print("no CUDA device: this check needs a GPU", file=sys.stderr)
         return 2
-    import tiny
+    from devcluster import tiny
 
     with tempfile.TemporaryDirectory(prefix="kubetune-gpu-check-") as tmp:
         work = Path(tmp)

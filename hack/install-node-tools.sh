@@ -2,7 +2,7 @@
 # Installs what the real node of the local cluster (KUBETUNE_NODE=kubelet) needs from Debian:
 # containerd (+ ctr), runc, the CNI plugins, buildah (builds the pause and test images) and
 # busybox-static (the test image's only binary). Installs only what is missing; a second run
-# does nothing. hack/cluster.py runs it before starting a real node.
+# does nothing. devcluster/cluster.py runs it before starting a real node.
 set -euo pipefail
 
 declare -A wanted=(

@@ -1,6 +1,6 @@
 """Shared fixtures: one local cluster per test session, a fresh namespace per test.
 
-Session fixtures start the cluster (hack/cluster.py) only when a test asks for them, reuse a
+Session fixtures start the cluster (devcluster/cluster.py) only when a test asks for them, reuse a
 running one, and stop it at the end only if this session started it (``KUBETUNE_KEEP_CLUSTER=1``
 keeps it). ``USE_EXISTING_CLUSTER=true`` runs against the current kubeconfig's cluster instead
 (``KUBECONFIG`` or ``~/.kube/config``); MinIO then comes from the ``MINIO_*`` environment.
@@ -29,9 +29,8 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import REPO, Cluster, wait_for
+from helpers import REPO, Cluster, devcluster, wait_for
 
-CLUSTER_SCRIPT = REPO / "hack" / "cluster.py"
 MINIO_KEYS = ("MINIO_ENDPOINT", "MINIO_ACCESS_KEY", "MINIO_SECRET_KEY")
 
 def _flag(name: str) -> bool:
@@ -46,8 +45,7 @@ def _existing_cluster() -> Cluster:
     assets = os.environ.get("KUBEBUILDER_ASSETS")
     kubectl = shutil.which("kubectl") or (f"{assets}/kubectl" if assets else None)
     if kubectl is None:
-        sys.path.insert(0, str(REPO / "hack"))
-        import tools
+        from devcluster import tools
 
         kubectl = str(tools.cached_tools()["kubectl"])
     helm = shutil.which("helm")
@@ -56,7 +54,7 @@ def _existing_cluster() -> Cluster:
 
 
 def _cluster_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(CLUSTER_SCRIPT), *args], capture_output=True, text=True)
+    return devcluster(*args, timeout=None)
 
 
 def _local_cluster(state_dir: Path) -> Cluster:
@@ -80,7 +78,7 @@ def cluster() -> Iterator[Cluster]:
     if started:
         up = _cluster_cli("up", "--dir", str(state_dir))
         if up.returncode != 0:
-            pytest.fail(f"hack/cluster.py up failed:\n{up.stderr[-4000:]}", pytrace=False)
+            pytest.fail(f"devcluster/cluster.py up failed:\n{up.stderr[-4000:]}", pytrace=False)
     try:
         yield _local_cluster(state_dir)
     finally:
@@ -136,8 +134,9 @@ def crd(cluster: Cluster) -> None:
 
 @pytest.fixture(scope="session")
 def images() -> dict[str, str]:
-    """The operator and trainer images, built as `make images` builds them (hack/images.py; cached
+    """The operator and trainer images, built as `make images` builds them (devcluster/images.py; cached
     layers: seconds when nothing changed), in this machine's container storage."""
-    proc = subprocess.run([sys.executable, str(REPO / "hack" / "images.py"), "build"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "devcluster.images", "build"], cwd=REPO, capture_output=True,
+                          text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return {line.split("\t")[0]: line.split("\t")[1] for line in proc.stdout.splitlines() if "\t" in line}

@@ -17,15 +17,23 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+# `python -m devcluster …`: the local cluster's command line (the repository root is the package's parent).
+DEVCLUSTER = [sys.executable, "-m", "devcluster"]
+
+
+def devcluster(*args: str, env: dict[str, str] | None = None, check: bool = False,
+               timeout: float | None = 600) -> subprocess.CompletedProcess[str]:
+    """``python -m devcluster ARGS`` (up, down, status, stop, start), its output captured."""
+    return subprocess.run([*DEVCLUSTER, *args], cwd=REPO, env=env, check=check, capture_output=True, text=True,
+                          timeout=timeout)
+
+
 def load_hack(name: str) -> Any:
-    """hack/<name>.py as a module (hack/ is scripts, not a package); hack/ goes on sys.path for its
-    own imports."""
+    """hack/<name>.py (a script, not a package) as a module."""
     spec = importlib.util.spec_from_file_location(f"kubetune_hack_{name}", REPO / "hack" / f"{name}.py")
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
-    if str(REPO / "hack") not in sys.path:
-        sys.path.insert(0, str(REPO / "hack"))
     spec.loader.exec_module(module)
     return module
 

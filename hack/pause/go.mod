@@ -1,4 +1,4 @@
-// The pause program of the real node's sandbox image (hack/real_node.py builds it).
+// The pause program of the real node's sandbox image (devcluster/real_node.py builds it).
 module kubetune.io/hack/pause
 
 go 1.25.0

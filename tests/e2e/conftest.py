@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
+from devcluster import seed_demo
 from faults import BlackholeProxy
 from helpers import free_port, wait_for
 
@@ -112,10 +113,7 @@ def operator_env() -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def demo_bucket(minio_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> str:
-    """MinIO seeded with the demo's tiny backbone and data (hack/seed_demo.py)."""
-    sys.path.insert(0, str(REPO / "hack"))
-    import seed_demo
-
+    """MinIO seeded with the demo's tiny backbone and data (devcluster/seed_demo.py)."""
     assets = seed_demo.build_assets(tmp_path_factory.mktemp("demo-assets"))
     seed_demo.seed(minio_env["MINIO_ENDPOINT"], minio_env["MINIO_ACCESS_KEY"], minio_env["MINIO_SECRET_KEY"], assets)
     return str(seed_demo.BUCKET)

@@ -10,7 +10,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from helpers import REPO, Cluster, wait_for
+from helpers import Cluster, devcluster, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -355,14 +354,13 @@ def marked_pids(state_dir: Path) -> list[int]:
 
 
 class Throwaway:
-    """A second local cluster with its own state directory, driven through hack/cluster.py."""
+    """A second local cluster with its own state directory, driven through devcluster/cluster.py."""
 
     def __init__(self, state_dir: Path) -> None:
         self.dir = state_dir
 
     def cli(self, command: str) -> None:
-        subprocess.run([sys.executable, str(REPO / "hack" / "cluster.py"), command, "--dir", str(self.dir)],
-                       check=True, capture_output=True, timeout=300)
+        devcluster(command, "--dir", str(self.dir), check=True, timeout=300)
 
     @property
     def state(self) -> dict[str, Any]:

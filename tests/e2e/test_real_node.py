@@ -2,7 +2,7 @@
 
 One cluster of its own for the module (its own directory, no Kueue). Pods run from a tiny image
 built here: Debian's static busybox and the cluster's (static) kubectl in an image ``FROM scratch``
-(hack/real_node.py builds it with buildah and imports it into the node's containerd;
+(devcluster/real_node.py builds it with buildah and imports it into the node's containerd;
 ``imagePullPolicy: Never``).
 """
 
@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,13 +20,12 @@ from typing import Any
 import pytest
 from operator_helpers import published
 
-from helpers import REPO, Cluster, wait_for
+from devcluster import images as images_lib
+from devcluster import real_node, seed_demo
+from helpers import REPO, Cluster, devcluster, wait_for
 
 pytestmark = pytest.mark.e2e
 
-sys.path.insert(0, str(REPO / "hack"))
-import images as images_lib  # noqa: E402
-import real_node  # noqa: E402
 
 IMAGE = "kubetune.local/busybox:test"
 # nslookup, wget, httpd, mkdir: cluster DNS and Services between pods. (This busybox's wget cannot
@@ -40,8 +38,7 @@ LOCKED_DOWN = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True
 
 def cli(state_dir: Path, command: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "KUBETUNE_NODE": "kubelet", "KUBETUNE_KUEUE": "0", "KUBETUNE_CLUSTER_DIR": str(state_dir)}
-    return subprocess.run([sys.executable, str(REPO / "hack" / "cluster.py"), command], env=env, text=True,
-                          capture_output=True, timeout=600)
+    return devcluster(command, env=env)
 
 
 def busybox_image(workdir: Path, kubectl: Path) -> Path:
@@ -273,8 +270,6 @@ def test_chart_and_quickstart_run_from_the_images_on_the_real_node(
     `restricted` namespace; examples/quickstart.yaml trained by the REAL trainer in its image, in a
     `restricted` namespace, reporting to the operator through the chart's Service DNS name and
     reading and writing MinIO at the node's address; a verified adapter at the end."""
-    import seed_demo
-
     state = json.loads((node_cluster.dir / "cluster.json").read_text())
     minio = dict(line.split("=", 1) for line in (node_cluster.dir / "minio.env").read_text().split())
     seed_demo.seed(minio["MINIO_ENDPOINT"], minio["MINIO_ACCESS_KEY"], minio["MINIO_SECRET_KEY"],

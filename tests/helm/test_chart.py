@@ -10,21 +10,18 @@ import json
 import re
 import secrets
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from helpers import free_port, wait_for
+from devcluster import seed_demo
+from helpers import free_port, load_hack, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "kubetune"
-sys.path.insert(0, str(REPO / "hack"))
-
-import chart_docs  # noqa: E402
-import seed_demo  # noqa: E402
+chart_docs = load_hack("chart_docs")
 
 NON_DEFAULT = ["--set", "storage.endpoint=minio.storage:9000", "--set", "storage.insecure=true",
                "--set", "storage.secretName=s3", "--set", "trainer.nodeSelector.gpu=h100",

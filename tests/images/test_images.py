@@ -11,7 +11,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,9 @@ from typing import Any
 import pytest
 import yaml
 
-from helpers import REPO, load_hack
+from devcluster import images as images_lib
+from devcluster import tiny
+from helpers import DEVCLUSTER, REPO
 
 pytestmark = pytest.mark.images
 
@@ -28,7 +29,6 @@ NON_ROOT = {"operator": "65532:65532", "trainer": "10001"}
 SCRATCH = "/var/tmp/kubetune"
 
 
-images_lib = load_hack("images")
 
 
 def podman(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -110,7 +110,7 @@ def test_image_holds_the_tested_dependency_set(images: dict[str, str], name: str
 def test_a_second_build_with_nothing_changed_reuses_every_layer(images: dict[str, str]) -> None:
     before = {name: images_lib.image_id(tag) for name, tag in images.items()}
     archives = {name: images_lib.IMAGES[name].archive.stat().st_mtime_ns for name in images}
-    proc = subprocess.run([sys.executable, str(REPO / "hack" / "images.py"), "build"], capture_output=True,
+    proc = subprocess.run([*DEVCLUSTER[:-1], "devcluster.images", "build"], cwd=REPO, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert {name: images_lib.image_id(tag) for name, tag in images.items()} == before
@@ -121,7 +121,6 @@ def test_a_second_build_with_nothing_changed_reuses_every_layer(images: dict[str
 def test_trainer_image_trains_with_a_read_only_root_as_uid_10001(images: dict[str, str], tmp_path: Path) -> None:
     """A tiny CPU run inside the image, locked down as the operator's pod spec locks it down: read-only
     root, no network, no capabilities, writes only to its scratch space and the output volume."""
-    tiny = load_hack("tiny")
     assets = tmp_path / "assets"
     tiny.build_tiny_backbone(assets / "backbone")
     tiny.write_dataset(assets / "data" / "train.jsonl", 64, seed=0)

@@ -7,7 +7,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from trainer_helpers import MinioServer, minio_binary, tiny
+from trainer_helpers import MinioServer, minio_binary
+
+from devcluster import tiny
 
 
 @pytest.fixture(scope="session")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainer_helpers import tiny
 
+from devcluster import tiny
 from kubetune_trainer import data
 from kubetune_trainer.config import DatasetSpec
 from kubetune_trainer.errors import InvalidInput

@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
-from trainer_helpers import make_config, tiny
+from trainer_helpers import make_config
 
+from devcluster import tiny
 from kubetune_trainer.report import Reporter
 from kubetune_trainer.train import DataOrder, Trainer
 

@@ -9,18 +9,17 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from helpers import load_hack, wait_for
+from devcluster import cluster
+from helpers import wait_for
 from kubetune_trainer.config import TrainerConfig
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-tiny = load_hack("tiny")
-
 
 def minio_binary() -> Path:
     """The MinIO server the local cluster runs (hack/build-binaries.sh builds it once, if missing)."""
-    return Path(load_hack("cluster").find_binaries().minio)
+    return Path(cluster.find_binaries().minio)
 
 
 def tiny_config(assets: Path, location: Path | str, **sections: dict[str, Any]) -> dict[str, Any]:

@@ -15,7 +15,6 @@ import json
 import random
 import re
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -25,13 +24,13 @@ from typing import Any
 import pytest
 from operator_helpers import ftj, wait_phase
 
-from helpers import wait_for
+from helpers import devcluster, wait_for
 from kubetune_trainer.artifacts import verify_manifest
 from kubetune_trainer.config import StorageSpec
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[3]
-BUCKET = "kubetune-demo"  # hack/seed_demo.py's (the demo_bucket fixture seeds it)
+BUCKET = "kubetune-demo"  # devcluster/seed_demo.py's (the demo_bucket fixture seeds it)
 
 ROWS: list[tuple[str, str, str]] = []  # (scenario, figure, value)
 CHECKPOINT_EVERY = 10
@@ -198,13 +197,12 @@ def test_minio_stopped_for_three_minutes_mid_run(cluster: Any, namespace: str, d
     cluster.apply(tiny_job(name, steps=200), namespace)
     wait_for(lambda: ((ftj(cluster, namespace, name).get("status") or {}).get("progress") or {}).get("step", 0)
              >= CHECKPOINT_EVERY + 2, timeout=600, message="training past its first checkpoint")
-    cli = [sys.executable, str(REPO / "hack" / "cluster.py"), "--dir", str(cluster.dir)]
-    subprocess.run([*cli, "stop", "minio"], check=True, capture_output=True)
+    devcluster("--dir", str(cluster.dir), "stop", "minio", check=True)
     stopped = time.monotonic()
     try:
         threading.Event().wait(outage)  # the fault's length
     finally:
-        subprocess.run([*cli, "start", "minio"], check=True, capture_output=True)
+        devcluster("--dir", str(cluster.dir), "start", "minio", check=True)
     back = time.monotonic()
     status = wait_phase(cluster, namespace, name, "Succeeded", timeout=900)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", minio_env["MINIO_ACCESS_KEY"])

@@ -10,8 +10,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from kube_http import ApiError, Kube
-from pod_spec import (
+from devcluster.kube_http import ApiError, Kube
+from devcluster.pod_spec import (
     JSON,
     ConfigError,
     PodError,

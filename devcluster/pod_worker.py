@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kube_http import JSON_PATCH, ApiError
-from pod_inputs import PodInputs
-from pod_spec import JSON, POD_IP, ConfigError, PodError, expand, now_iso, resource_version, signal_group
+from devcluster.kube_http import JSON_PATCH, ApiError
+from devcluster.pod_inputs import PodInputs
+from devcluster.pod_spec import JSON, POD_IP, ConfigError, PodError, expand, now_iso, resource_version, signal_group
 
 if TYPE_CHECKING:
     from node_agent import Agent
@@ -293,7 +293,8 @@ class PodWorker(threading.Thread):
     @property
     def subdomain(self) -> str | None:
         """The headless Service that names this pod (``spec.subdomain``), if any."""
-        return self.pod["spec"].get("subdomain")
+        subdomain = self.pod["spec"].get("subdomain")
+        return str(subdomain) if subdomain else None
 
     def dns_names(self) -> list[str]:
         """The names cluster DNS would give this pod: <hostname>.<subdomain>[.<ns>.svc.cluster.local]."""

@@ -1,6 +1,6 @@
 """The local cluster's real node: kubelet + containerd + a CNI bridge (``KUBETUNE_NODE=kubelet``).
 
-hack/cluster.py starts the processes (through its ``start_process``, so ``down`` stops them) and
+devcluster/cluster.py starts the processes (through its ``start_process``, so ``down`` stops them) and
 calls this module for the rest: the Debian packages (hack/install-node-tools.sh), the pause image
 (hack/pause, built once into the tool cache), containerd's, the kubelet's, kube-proxy's and
 CoreDNS's configuration, the stand-in GPU capacity, and what the kubelet, containerd and
@@ -30,9 +30,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-HACK = Path(__file__).resolve().parent
+from devcluster import HACK
 
-NODE_ENV = "KUBETUNE_NODE"  # "agent" (default: hack/node_agent.py) or "kubelet"
+NODE_ENV = "KUBETUNE_NODE"  # "agent" (default: devcluster/node_agent.py) or "kubelet"
 PAUSE_IMAGE = "kubetune.local/pause:1"
 POD_CIDR = "10.244.0.0/24"  # host-local range of the CNI bridge; checked against this machine's routes
 CNI_BIN_DIR = Path("/usr/lib/cni")  # Debian's containernetworking-plugins

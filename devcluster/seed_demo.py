@@ -1,8 +1,8 @@
 """Seed an S3 store (the local cluster's MinIO by default) with the quickstart's tiny backbone and data.
 
-    python hack/seed_demo.py [--dir .kubetune] [--bucket kubetune-demo]
+    python -m devcluster.seed_demo [--dir .kubetune] [--bucket kubetune-demo]
 
-Builds the assets locally (hack/tiny.py: random-weight Llama-architecture model, locally trained
+Builds the assets locally (devcluster/tiny.py: random-weight Llama-architecture model, locally trained
 tokenizer, synthetic instruction data; no downloads) once into <dir>/demo-assets/, then uploads
 them to the layout examples/quickstart.yaml expects:
 
@@ -12,13 +12,9 @@ them to the layout examples/quickstart.yaml expects:
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-HACK = Path(__file__).resolve().parent
-sys.path.insert(0, str(HACK))
-
-import tiny  # noqa: E402
+from devcluster import REPO, tiny
 
 BUCKET = "kubetune-demo"
 
@@ -54,7 +50,7 @@ def seed(endpoint: str, access_key: str, secret_key: str, assets: Path, bucket: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dir", type=Path, default=HACK.parent / ".kubetune", help="local cluster directory")
+    parser.add_argument("--dir", type=Path, default=REPO / ".kubetune", help="local cluster directory")
     parser.add_argument("--bucket", default=BUCKET)
     args = parser.parse_args()
     env = read_env(args.dir / "minio.env")

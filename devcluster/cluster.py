@@ -1,11 +1,11 @@
-"""Local development cluster of real components, no Docker: ``python hack/cluster.py up|down|status``.
+"""Local development cluster of real components, no Docker: ``python -m devcluster up|down|status``.
 
 ``up`` starts etcd, kube-apiserver, kube-controller-manager, kube-scheduler, MinIO, Kueue and the
-local node agent (hack/node_agent.py, a development-only stand-in for kubelet + container runtime)
+local node agent (devcluster/node_agent.py, a development-only stand-in for kubelet + container runtime)
 as detached processes on loopback with free ports, waits until the cluster is usable and writes:
 
     <dir>/kubeconfig      admin kubeconfig (client certificate in system:masters)
-    <dir>/bin/kubectl     kubectl and helm (hack/tools.py)
+    <dir>/bin/kubectl     kubectl and helm (devcluster/tools.py)
     <dir>/bin/helm
     <dir>/minio.env       MINIO_ENDPOINT, MINIO_ACCESS_KEY, MINIO_SECRET_KEY (random per cluster)
     <dir>/cluster.json    state: processes (pid, process group, start time), ports, paths
@@ -23,7 +23,7 @@ routing here, so its webhook configurations and its CRDs' conversion webhooks po
 ``https://127.0.0.1:<port>`` with a serving certificate from the cluster's CA. ``--no-kueue`` (or
 ``KUBETUNE_KUEUE=0``) starts the cluster without it.
 
-``KUBETUNE_NODE=kubelet`` replaces the node agent with a real node (hack/real_node.py): kubelet
+``KUBETUNE_NODE=kubelet`` replaces the node agent with a real node (devcluster/real_node.py): kubelet
 v1.35 and containerd with a CNI bridge, the Debian packages installed by
 hack/install-node-tools.sh, kube-proxy (iptables mode) and CoreDNS (a process on the node address
 behind the ``kube-dns`` Service); the apiserver then also serves on the node address with a real
@@ -66,12 +66,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-HACK = Path(__file__).resolve().parent
-sys.path.insert(0, str(HACK))
-import real_node  # noqa: E402  (hack/real_node.py: kubelet + containerd, KUBETUNE_NODE=kubelet)
-import tools  # noqa: E402  (hack/tools.py: kubectl, helm, the cache root)
+from devcluster import HACK, REPO, real_node, tools
 
-REPO = HACK.parent
 DEFAULT_DIR = REPO / ".kubetune"
 SERVICE_CIDR = "10.0.0.0/24"
 SERVICE_IP = "10.0.0.1"  # first address of SERVICE_CIDR: the `kubernetes` Service
@@ -389,7 +385,7 @@ class State:
     node: str = NODE_NAME
     minio_endpoint: str = ""
     kubectl_cache: str = ""  # KUBECACHEDIR for this cluster: no stale discovery from an earlier one
-    node_kind: str = "agent"  # "agent": hack/node_agent.py; "kubelet": hack/real_node.py
+    node_kind: str = "agent"  # "agent": devcluster/node_agent.py; "kubelet": devcluster/real_node.py
     gpus: int = 0  # nvidia.com/gpu capacity of the node
     registry: str = ""  # host:port of the loopback image registry (plain HTTP)
     node_ip: str = ""  # the real node's address (KUBETUNE_NODE=kubelet): pods reach MinIO there
@@ -869,7 +865,7 @@ def _advertise_gpus(paths: Paths, state: State) -> None:
 
 def _start_node_agent(paths: Paths, state: State, gpus: int) -> None:
     start_process("node-agent", [
-        sys.executable, str(HACK / "node_agent.py"),
+        sys.executable, "-m", "devcluster.node_agent",
         f"--kubeconfig={paths.kubeconfig}", f"--node-name={state.node}", f"--gpus={gpus}",
         # Capacity the scheduler sees; defaults to this machine's.
         *([f"--cpu={os.environ['KUBETUNE_NODE_CPU']}"] if os.environ.get("KUBETUNE_NODE_CPU") else []),
@@ -877,7 +873,7 @@ def _start_node_agent(paths: Paths, state: State, gpus: int) -> None:
         f"--state-dir={paths.data / 'node-agent'}", f"--pod-log-dir={paths.logs / 'pods'}",
         f"--pv-dir={paths.pvs}",
         f"--serving-cert={paths.pki / 'apiserver.crt'}", f"--serving-key={paths.pki / 'apiserver.key'}",
-    ], paths, state, env={"PYTHONUNBUFFERED": "1"})
+    ], paths, state, env={"PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)})
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """Build the operator and trainer images from the repository's Dockerfiles (`make images`).
 
-    python hack/images.py build [--only operator|trainer] [--push REGISTRY | --push-local]
-    python hack/images.py base        bootstrap (or re-import) the Debian base image only
-    python hack/images.py list        the images, their tags and OCI archives
+    python -m devcluster.images build [--only operator|trainer] [--push REGISTRY | --push-local]
+    python -m devcluster.images base        bootstrap (or re-import) the Debian base image only
+    python -m devcluster.images list        the images, their tags and OCI archives
 
 No registry is reachable from this machine, so the base image is made from Debian packages:
 `debootstrap --variant=minbase` with python3 and a venv at /usr/local, which makes Debian's CPython
@@ -35,10 +35,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from tools import cache_root
+from devcluster import HACK, REPO
+from devcluster.tools import cache_root
 
-REPO = Path(__file__).resolve().parents[1]
-HACK = REPO / "hack"
 ARCHIVE_DIR = REPO / ".kubetune" / "images"
 CONTAINERS_CONF = HACK / "containers.conf"
 CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
@@ -97,7 +96,9 @@ def container_env() -> dict[str, str]:
 
 
 def run(args: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, check=True, text=True, env=container_env(), **kwargs)  # type: ignore[call-overload]
+    done: subprocess.CompletedProcess[str] = subprocess.run(  # type: ignore[call-overload]
+        args, check=True, text=True, env=container_env(), **kwargs)
+    return done
 
 
 def ensure_tools() -> None:
@@ -225,7 +226,7 @@ def push(image: Image, ver: str, registry: str) -> str:
 
 
 def local_registry() -> str | None:
-    """host:port of the running local cluster's loopback registry (hack/cluster.py), if one is up."""
+    """host:port of the running local cluster's loopback registry (devcluster/cluster.py), if one is up."""
     state_path = Path(os.environ.get("KUBETUNE_CLUSTER_DIR", REPO / ".kubetune")) / "cluster.json"
     try:
         state = json.loads(state_path.read_text())

@@ -6,7 +6,7 @@ task over the vocabulary ("a b c : a b c"), so that, like a real base model, it 
 embeddings and attention for LoRA to adapt: a LoRA fine-tune on the instruction data then brings
 the eval loss from ~6 to ~1.5 in 200 steps. (On purely random weights LoRA barely learns.)
 
-    python hack/tiny.py --out DIR     # DIR/backbone/, DIR/data/train.jsonl, DIR/data/validation.jsonl
+    python -m devcluster.tiny --out DIR     # DIR/backbone/, DIR/data/train.jsonl, DIR/data/validation.jsonl
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pod_worker import POLL_S
+from devcluster.pod_worker import POLL_S
 
 if TYPE_CHECKING:
     from node_agent import Agent
