@@ -4,8 +4,12 @@
                                 follow it live, print the final status, metrics and artifacts
     python -m devcluster.demo down    helm uninstall, then stop the local cluster
 
-The operator runs as a pod on the local node (installed by the chart, under its own
-ServiceAccount and RBAC); the trainer pod trains a tiny backbone on the CPU.
+The cluster's node is a real kubelet with containerd (``KUBETUNE_NODE=kubelet``, the demo's
+default). The operator and trainer images are built (`make images`, cached layers) and pushed to
+the cluster's loopback registry; the chart installs the operator from there, under its own
+ServiceAccount and RBAC, and the trainer pod pulls the trainer image, trains a tiny backbone on
+the CPU and reports to the operator through the chart's Service DNS name. ``KUBETUNE_NODE=agent``
+runs the demo on the process node agent instead (no images: pods are host processes).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from devcluster import REPO, seed_demo
+from devcluster import REPO, images, seed_demo
 
 STATE = REPO / ".kubetune"  # --dir replaces it
 RELEASE, RELEASE_NS, JOB_NS = "kubetune", "kubetune-system", "default"
@@ -76,20 +80,41 @@ def follow(name: str, timeout: float = 900) -> dict[str, Any]:
     sys.exit(f"demo: {name} did not finish within {timeout:.0f}s")
 
 
-def up() -> None:
-    step("Starting the local cluster (kube-apiserver, etcd, controllers, scheduler, MinIO, GPU node agent)")
-    subprocess.run([sys.executable, "-m", "devcluster", "up", "--dir", str(STATE)], cwd=REPO, check=True)
-    minio = seed_demo.read_env(STATE / "minio.env")
+def chart_settings(state: dict[str, Any], minio: dict[str, str]) -> list[str]:
+    """`helm --set` flags for this cluster's node: the images from the loopback registry and MinIO
+    at the node address (real node), or loopback addresses shared with the host (node agent)."""
+    common = ["storage.insecure=true", "storage.secretName=kubetune-s3", "reports.statusIntervalSeconds=1"]
+    if state.get("node_kind") == "kubelet":
+        step("Building the operator and trainer images and pushing them to the cluster's registry (make images)")
+        images.build_all(list(images.IMAGES), registry=state["registry"])
+        pushed = {name: f"{state['registry']}/kubetune/{name}:{images.version()}" for name in images.IMAGES}
+        print("\n".join(f"  {reference}" for reference in pushed.values()))
+        repository, tag = pushed["operator"].rsplit(":", 1)
+        trainer_image = pushed["trainer"]
+        minio_port = minio["MINIO_ENDPOINT"].rsplit(":", 1)[1]
+        # Reports go to the chart's Service by its DNS name (the chart's default report URL).
+        settings = [f"image.repository={repository}", f"image.tag={tag}", f"trainer.image={trainer_image}",
+                    f"storage.endpoint={state['node_ip']}:{minio_port}"]
+    else:
+        # The node agent's pods are host processes: they share the host's loopback network.
+        report_port = port_or_free(8081)
+        settings = [f"storage.endpoint={minio['MINIO_ENDPOINT']}", f"reports.port={report_port}",
+                    f"reports.url=http://127.0.0.1:{report_port}", f"healthPort={port_or_free(8080)}"]
+    return [flag for setting in common + settings for flag in ("--set", setting)]
 
+
+def up() -> None:
+    node = os.environ.setdefault("KUBETUNE_NODE", "kubelet")
+    step(f"Starting the local cluster (kube-apiserver, etcd, controllers, scheduler, MinIO, registry; node: {node})")
+    subprocess.run([sys.executable, "-m", "devcluster", "up", "--dir", str(STATE)], cwd=REPO, check=True)
+    state = json.loads((STATE / "cluster.json").read_text())
+    minio = seed_demo.read_env(STATE / "minio.env")
+    print(kubectl("get", "nodes", "-o", "wide"))
+
+    settings = chart_settings(state, minio)
     step("Installing the KubeTune chart with helm (the operator runs as a pod on the local node)")
-    report_port = port_or_free(8081)
     helm("upgrade", "--install", RELEASE, str(REPO / "helm" / "kubetune"), "-n", RELEASE_NS, "--create-namespace",
-         "--wait", "--timeout", "180s",
-         "--set", f"storage.endpoint={minio['MINIO_ENDPOINT']}", "--set", "storage.insecure=true",
-         "--set", "storage.secretName=kubetune-s3",
-         # Pods on the local node share the host's loopback network (devcluster/node_agent.py).
-         "--set", f"reports.port={report_port}", "--set", f"reports.url=http://127.0.0.1:{report_port}",
-         "--set", f"healthPort={port_or_free(8080)}", "--set", "reports.statusIntervalSeconds=1")
+         "--wait", "--timeout", "300s", *settings)
     print(kubectl("get", "pods", "-n", RELEASE_NS, "-o", "wide"))
 
     step("Seeding MinIO with a tiny Llama-architecture backbone and an instruction dataset (built locally)")
@@ -106,8 +131,10 @@ def up() -> None:
     kubectl("delete", "ftj", "quickstart", "-n", JOB_NS, "--ignore-not-found", "--wait=true")
     print(kubectl("apply", "-n", JOB_NS, "-f", str(REPO / "examples" / "quickstart.yaml")).strip())
 
-    step("Training (live status from the FineTuneJob)")
+    step("Training (live status from the FineTuneJob; the first run pulls the trainer image, several GB)")
     status = follow("quickstart")
+    print(kubectl("get", "pods", "-n", JOB_NS, "-l", "batch.kubernetes.io/job-name=quickstart-trainer",
+                  "-o", "custom-columns=POD:.metadata.name,IMAGE:.spec.containers[0].image,PHASE:.status.phase"))
 
     step("Final status")
     print(kubectl("get", "ftj", "-n", JOB_NS, "-o", "wide"))

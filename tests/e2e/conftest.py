@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import secrets
-import signal
-import subprocess
-import sys
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -17,10 +12,10 @@ from typing import Any
 
 import pytest
 import yaml
+from operator_helpers import Operator, running_operator
 
 from devcluster import seed_demo
 from faults import BlackholeProxy
-from helpers import free_port, wait_for
 
 Cluster = Any  # tests/conftest.py's Cluster (conftest modules are not importable by name)
 # The chaos suite runs with `make chaos` (KUBETUNE_CHAOS=1) only: long, and not a gate for `make test`.
@@ -53,58 +48,6 @@ def operator_kubeconfig(cluster: Cluster, tmp_path_factory: pytest.TempPathFacto
     return path
 
 
-class Operator:
-    """`kubetune operator --namespace NS` as a child process, with the settings a test chooses,
-    under the chart's ServiceAccount and RBAC."""
-
-    def __init__(self, cluster: Cluster, namespace: str, log_dir: Path, env: dict[str, str]) -> None:
-        self.cluster, self.namespace, self.log_dir, self.extra_env = cluster, namespace, log_dir, env
-        self.report_key = secrets.token_urlsafe(32)  # kept across restarts, as the chart's Secret is
-        self.process: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-        # Fixed for this operator's lifetime: pods keep the report URL across operator restarts.
-        self.report_port = free_port()
-        self.report_url = f"http://127.0.0.1:{self.report_port}"
-
-    def start(self) -> Operator:
-        port = free_port()
-        env = {
-            **self.cluster.env,
-            "KUBETUNE_RESYNC_SECONDS": "5",
-            "KUBETUNE_LIVENESS_ENDPOINT": f"http://127.0.0.1:{port}/healthz",
-            "KUBETUNE_REPORT_LISTEN": f"127.0.0.1:{self.report_port}",
-            "KUBETUNE_REPORT_URL": self.report_url,
-            "KUBETUNE_STATUS_INTERVAL": "1",
-            "KUBETUNE_REPORT_KEY": self.report_key,
-            **self.extra_env,
-        }
-        self.health_url = f"http://127.0.0.1:{port}/healthz"
-        self.starts += 1
-        log = (self.log_dir / f"operator-{self.starts}.log").open("wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "kubetune", "operator", "--namespace", self.namespace],
-            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-        )
-
-        def healthy() -> bool:
-            assert self.process is not None and self.process.poll() is None, "operator exited"
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:
-                return bool(response.status == 200)
-
-        wait_for(healthy, timeout=60, message="operator liveness endpoint")
-        return self
-
-    def stop(self, kill: bool = False) -> None:
-        """Stop the operator: SIGKILL (a crash) or SIGTERM (a clean shutdown)."""
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
-            self.process.wait(timeout=30)
-        self.process = None
-
-    def logs(self) -> str:
-        return "\n".join(p.read_text(errors="replace") for p in sorted(self.log_dir.glob("operator-*.log")))
-
-
 @pytest.fixture
 def operator_env() -> dict[str, str]:
     """Operator settings for a test; by default the TEST DOUBLE trainer (tests/e2e/fake_trainer.py)."""
@@ -131,17 +74,6 @@ def s3_secret(cluster: Cluster, namespace: str, demo_bucket: str, minio_env: dic
 def real_trainer_env(minio_env: dict[str, str]) -> dict[str, str]:
     """Operator settings for the real trainer (no test double), with MinIO as the default store."""
     return {"KUBETUNE_S3_ENDPOINT": minio_env["MINIO_ENDPOINT"], "KUBETUNE_S3_INSECURE": "true"}
-
-
-@contextlib.contextmanager
-def running_operator(cluster: Cluster, namespace: str, log_dir: Path, env: dict[str, str]) -> Iterator[Operator]:
-    running = Operator(cluster, namespace, log_dir, env).start()
-    try:
-        yield running
-    finally:
-        running.stop()
-        if os.environ.get("KUBETUNE_SHOW_OPERATOR_LOGS"):
-            print(running.logs())
 
 
 @pytest.fixture

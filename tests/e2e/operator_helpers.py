@@ -1,21 +1,98 @@
-"""Helpers for operator e2e tests: FineTuneJob manifests and waits on their status."""
+"""Helpers for operator e2e tests: the operator as a child process, FineTuneJob manifests and
+waits on their status."""
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
 import threading
-from collections.abc import Callable
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from minio import Minio
 
-from helpers import wait_for
+from helpers import REPO, free_port, wait_for
 from kubetune_trainer.artifacts import verify_manifest
 from kubetune_trainer.config import StorageSpec
 
 Cluster = Any  # tests/conftest.py's Cluster
+
+
+class Operator:
+    """`kubetune operator --namespace NS` as a child process, with the settings a test chooses,
+    under the chart's ServiceAccount and RBAC. Its report endpoint listens on ``report_host``: the
+    host's loopback (the node agent's pods share it) or the node address (pods on a real node's pod
+    network reach it there)."""
+
+    def __init__(self, cluster: Cluster, namespace: str, log_dir: Path, env: dict[str, str],
+                 report_host: str = "127.0.0.1") -> None:
+        self.cluster, self.namespace, self.log_dir, self.extra_env = cluster, namespace, log_dir, env
+        self.report_key = secrets.token_urlsafe(32)  # kept across restarts, as the chart's Secret is
+        self.process: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+        # Fixed for this operator's lifetime: pods keep the report URL across operator restarts.
+        self.report_port = free_port()
+        self.report_host = report_host
+        self.report_url = f"http://{report_host}:{self.report_port}"
+
+    def start(self) -> Operator:
+        port = free_port()
+        env = {
+            **self.cluster.env,
+            "KUBETUNE_RESYNC_SECONDS": "5",
+            "KUBETUNE_LIVENESS_ENDPOINT": f"http://127.0.0.1:{port}/healthz",
+            "KUBETUNE_REPORT_LISTEN": f"{self.report_host}:{self.report_port}",
+            "KUBETUNE_REPORT_URL": self.report_url,
+            "KUBETUNE_STATUS_INTERVAL": "1",
+            "KUBETUNE_REPORT_KEY": self.report_key,
+            **self.extra_env,
+        }
+        self.health_url = f"http://127.0.0.1:{port}/healthz"
+        self.starts += 1
+        log = (self.log_dir / f"operator-{self.starts}.log").open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "kubetune", "operator", "--namespace", self.namespace],
+            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+        )
+
+        def healthy() -> bool:
+            assert self.process is not None and self.process.poll() is None, "operator exited"
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:
+                return bool(response.status == 200)
+
+        wait_for(healthy, timeout=60, message="operator liveness endpoint")
+        return self
+
+    def stop(self, kill: bool = False) -> None:
+        """Stop the operator: SIGKILL (a crash) or SIGTERM (a clean shutdown)."""
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+            self.process.wait(timeout=30)
+        self.process = None
+
+    def logs(self) -> str:
+        return "\n".join(p.read_text(errors="replace") for p in sorted(self.log_dir.glob("operator-*.log")))
+
+
+@contextlib.contextmanager
+def running_operator(cluster: Cluster, namespace: str, log_dir: Path, env: dict[str, str],
+                     report_host: str = "127.0.0.1") -> Iterator[Operator]:
+    running = Operator(cluster, namespace, log_dir, env, report_host).start()
+    try:
+        yield running
+    finally:
+        running.stop()
+        if os.environ.get("KUBETUNE_SHOW_OPERATOR_LOGS"):
+            print(running.logs())
 
 
 def finetunejob(name: str, **spec: Any) -> dict[str, Any]:

@@ -3,22 +3,26 @@
 One cluster of its own for the module (its own directory, no Kueue). Pods run from a tiny image
 built here: Debian's static busybox and the cluster's (static) kubectl in an image ``FROM scratch``
 (devcluster/real_node.py builds it with buildah and imports it into the node's containerd;
-``imagePullPolicy: Never``).
+``imagePullPolicy: Never``). The KubeTune images come from `make images` through the cluster's
+loopback registry: the chart, the quickstart and `make demo` run from them, and the operator's
+lifecycle runs with the TEST DOUBLE trainer in an image of its own (tests/e2e/fake_trainer.Dockerfile).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from operator_helpers import published
+from operator_helpers import Operator, finetunejob, published, running_operator, wait_phase
 
 from devcluster import images as images_lib
 from devcluster import real_node, seed_demo
@@ -28,6 +32,7 @@ pytestmark = pytest.mark.e2e
 
 
 IMAGE = "kubetune.local/busybox:test"
+FAKE_TRAINER_DOCKERFILE = Path(__file__).parent / "fake_trainer.Dockerfile"
 # nslookup, wget, httpd, mkdir: cluster DNS and Services between pods. (This busybox's wget cannot
 # talk TLS to the apiserver, whose certificate has an ECDSA key, and crashes with -T: kubectl does
 # the in-cluster API calls.)
@@ -332,6 +337,124 @@ def test_chart_and_quickstart_run_from_the_images_on_the_real_node(
         published(status, minio, monkeypatch)
     finally:
         node_cluster.helm("uninstall", "kubetune", "-n", system, "--wait", check=False)
+
+
+@pytest.fixture(scope="module")
+def test_double_image(node_cluster: Cluster, images: dict[str, str]) -> str:
+    """The TEST DOUBLE trainer (tests/e2e/fake_trainer.py) in an image FROM the operator image
+    (tests/e2e/fake_trainer.Dockerfile), pushed to the cluster's registry: its reference there."""
+    assert node_cluster.dir is not None
+    state = json.loads((node_cluster.dir / "cluster.json").read_text())
+    local = f"localhost/kubetune/trainer-test-double:{images_lib.version()}"
+    images_lib.run(["buildah", "build", "--layers", "--pull-never", "--format", "oci", "--quiet",
+                    "--build-arg", f"BASE_IMAGE={images['operator']}", "--tag", local,
+                    "--file", str(FAKE_TRAINER_DOCKERFILE), str(FAKE_TRAINER_DOCKERFILE.parent)],
+                   capture_output=True)
+    reference = f"{state['registry']}/kubetune/trainer-test-double:{images_lib.version()}"
+    images_lib.run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"containers-storage:{local}",
+                    f"docker://{reference}"], capture_output=True)
+    return reference
+
+
+@pytest.fixture(scope="module")
+def node_operator(node_cluster: Cluster, test_double_image: str,
+                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
+    """The operator (a host process) watching namespace `lifecycle` (Pod Security: restricted), its
+    trainer the TEST DOUBLE image, its report endpoint on the node address (the pods' way to the host)."""
+    ns = "lifecycle"
+    node_cluster.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {
+        "name": ns, "labels": {"pod-security.kubernetes.io/enforce": "restricted"}}})
+    wait_for(lambda: node_cluster.get("serviceaccount", "default", "-n", ns), 60, f"the default ServiceAccount of {ns}")
+    node_cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
+    node_cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/finetunejobs.kubetune.io")
+    env = {"KUBETUNE_TRAINER_IMAGE": test_double_image,
+           "KUBETUNE_TRAINER_COMMAND": json.dumps(["python", "/opt/kubetune-test/fake_trainer.py"])}
+    with running_operator(node_cluster, ns, tmp_path_factory.mktemp("node-operator"), env,
+                          report_host=real_node.node_ip()) as running:
+        yield running
+
+
+def trainer_pods(cluster: Cluster, namespace: str, name: str) -> list[dict[str, Any]]:
+    pods: list[dict[str, Any]] = cluster.get("pods", "-n", namespace, "-l",
+                                             f"batch.kubernetes.io/job-name={name}-trainer")["items"]
+    return pods
+
+
+def test_operator_runs_the_test_double_image_on_the_gpu_node_to_success(
+        node_cluster: Cluster, node_operator: Operator, test_double_image: str) -> None:
+    ns = node_operator.namespace
+    node_cluster.apply(finetunejob("ok", resources={"gpus": 1, "sharedMemory": "64Mi"}), ns)
+    status = wait_phase(node_cluster, ns, "ok", "Succeeded", timeout=180)
+
+    # The summary came from the container's termination message, which the real kubelet read.
+    assert status["metrics"]["evalLoss"] == 0.5 and status["progress"]["percent"] == 100
+    assert status["attempts"] == 1
+    [pod_object] = trainer_pods(node_cluster, ns, "ok")
+    assert pod_object["spec"]["nodeName"] == "kubetune-local"
+    container = pod_object["spec"]["containers"][0]
+    assert container["image"] == test_double_image
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    [container_status] = pod_object["status"]["containerStatuses"]
+    assert container_status["state"]["terminated"]["reason"] == "Completed"
+    assert json.loads(container_status["state"]["terminated"]["message"])["metrics"]["evalLoss"] == 0.5
+
+
+def test_invalid_input_on_the_real_node_fails_at_once_with_the_trainer_message(
+        node_cluster: Cluster, node_operator: Operator) -> None:
+    ns = node_operator.namespace
+    message = "s3://data/train.jsonl: missing column 'answer' (columns: prompt, output)"
+    node_cluster.apply(finetunejob("bad-data", backoffLimit=3, env=[
+        {"name": "FAKE_EXIT_CODE", "value": "3"}, {"name": "FAKE_MESSAGE", "value": message}]), ns)
+    status = wait_phase(node_cluster, ns, "bad-data", "Failed", timeout=180)
+    assert status["reason"] == "InvalidInput"
+    assert message in status["message"]
+    assert status["attempts"] == 1 and len(trainer_pods(node_cluster, ns, "bad-data")) == 1
+
+
+def test_generic_failure_on_the_real_node_is_retried_up_to_backoff_limit(
+        node_cluster: Cluster, node_operator: Operator) -> None:
+    ns = node_operator.namespace
+    node_cluster.apply(finetunejob("flaky", backoffLimit=1, env=[
+        {"name": "FAKE_EXIT_CODE", "value": "1"}, {"name": "FAKE_MESSAGE", "value": "CUDA error"}]), ns)
+    status = wait_phase(node_cluster, ns, "flaky", "Failed", timeout=300)
+    assert status["reason"] == "BackoffLimitExceeded"
+    assert status["attempts"] == 2 and "CUDA error" in status["message"]
+    pods = trainer_pods(node_cluster, ns, "flaky")
+    assert [p["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] for p in pods] == [1, 1]
+
+
+def test_a_secret_without_the_named_key_shows_the_real_kubelet_reason(
+        node_cluster: Cluster, node_operator: Operator) -> None:
+    ns = node_operator.namespace
+    node_cluster.kubectl("create", "secret", "generic", "hf", "-n", ns, "--from-literal=other=x")
+    node_cluster.apply(finetunejob("no-key", env=[{"name": "HF_TOKEN", "valueFrom": {
+        "secretKeyRef": {"name": "hf", "key": "token"}}}]), ns)
+    status = wait_phase(node_cluster, ns, "no-key", "Pending", reason="CreateContainerConfigError", timeout=180)
+    assert "the training pod cannot start" in status["message"]
+    assert "couldn't find key token in Secret lifecycle/hf" in status["message"], status["message"]
+
+
+def test_make_demo_trains_the_quickstart_from_the_images_on_the_real_node(
+        node_cluster: Cluster, pushed_images: dict[str, str]) -> None:
+    """`make demo` (python -m devcluster.demo up) on this module's cluster: the images built and
+    pushed, the chart installed from them, the quickstart followed live to a published adapter."""
+    assert node_cluster.dir is not None
+    env = {**os.environ, "KUBETUNE_NODE": "kubelet", "KUBETUNE_KUEUE": "0"}
+    demo = subprocess.run([sys.executable, "-m", "devcluster.demo", "up", "--dir", str(node_cluster.dir)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=1800)
+    try:
+        assert demo.returncode == 0, (demo.stdout[-3000:], demo.stderr[-3000:])
+        # The trainer pod's image, from the loopback registry.
+        assert re.search(rf"{re.escape(pushed_images['trainer'])}\s+Succeeded", demo.stdout), demo.stdout[-3000:]
+        assert "containerd://" in demo.stdout  # the node, shown wide
+        assert '"phase": "Succeeded"' in demo.stdout
+        [operator_pod] = node_cluster.get("pods", "-n", "kubetune-system", "-l",
+                                          "app.kubernetes.io/name=kubetune")["items"]
+        assert operator_pod["spec"]["containers"][0]["image"] == pushed_images["operator"]
+        status = node_cluster.get("ftj", "quickstart", "-n", "default")["status"]
+        assert status["phase"] == "Succeeded" and status["artifacts"]["adapter"], status
+    finally:
+        node_cluster.helm("uninstall", "kubetune", "-n", "kubetune-system", "--wait", check=False)
 
 
 def test_down_leaves_nothing_of_the_node_behind(node_cluster: Cluster) -> None:
