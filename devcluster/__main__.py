@@ -1,5 +1,7 @@
 """``python -m devcluster up|down|status``: the local cluster (devcluster.cluster)."""
 
+import sys
+
 from devcluster.cluster import main
 
-main()
+sys.exit(main())
