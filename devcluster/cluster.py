@@ -638,7 +638,7 @@ def cluster_up(paths: Paths, gpus: int, kueue: bool = True) -> State:
 
 # Processes that can be restarted alone; the others hold the cluster's data.
 RESTARTABLE = {"kube-controller-manager", "kube-scheduler", "minio", "registry", "node-agent", "kueue", "containerd",
-               "kubelet", "kube-proxy", "coredns"}
+               "kubelet", "kube-proxy", "coredns", "provisioner"}
 
 
 def node_process(state: State) -> str:
@@ -852,6 +852,10 @@ def _start_real_node(binaries: Binaries, paths: Paths, state: State) -> None:
     start_process("kube-proxy", real_node.kube_proxy_args(binaries.kube_proxy, node, state.node), paths, state,
                   env=env)
     start_process("coredns", real_node.coredns_args(binaries.coredns, node), paths, state)
+    # PersistentVolumes for claims of the default StorageClass (hostPath on this node's disk).
+    start_process("provisioner", [sys.executable, "-m", "devcluster.provisioner", f"--kubeconfig={paths.kubeconfig}",
+                                  f"--pv-dir={paths.pvs}"], paths, state,
+                  env={"PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)})
 
 
 def _advertise_gpus(paths: Paths, state: State) -> None:

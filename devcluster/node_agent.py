@@ -23,7 +23,8 @@ What it does:
   OnFailure, Always), honours graceful deletion (SIGTERM to the process group, grace period,
   SIGKILL, final delete) and writes container logs to ``<pod-log-dir>/<ns>_<pod>_<container>.log``,
   served to ``kubectl logs`` (with ``-f``) through the apiserver;
-* provisions PersistentVolumes for claims of its StorageClass ``kubetune-local`` (the default).
+* provisions PersistentVolumes for claims of its StorageClass ``kubetune-local`` (the default;
+  devcluster/provisioner.py, in a thread).
 
 Modules: node_agent (node, heartbeats, pod watch, storage), pod_worker (one pod's lifecycle and
 status), pod_inputs (volumes and env), pod_spec (pure helpers), node_logs (``kubectl logs``),
@@ -41,7 +42,6 @@ GPU device isolation.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -56,11 +56,10 @@ from devcluster.kube_http import ApiError, Kube
 from devcluster.node_logs import LogServer
 from devcluster.pod_spec import JSON, POD_IP, now_iso, now_micro, process_start_ticks, signal_group
 from devcluster.pod_worker import PodWorker
+from devcluster.provisioner import Provisioner
 
 REPO = Path(__file__).resolve().parents[1]
 MARKER_ENV = "KUBETUNE_LOCAL_CLUSTER"
-STORAGE_CLASS = "kubetune-local"
-PROVISIONER = "kubetune.io/local-path"
 HEARTBEAT_S = 10.0
 CONFIG_RETRY_S = 2.0
 
@@ -80,6 +79,7 @@ class Agent:
         self.state_dir: Path = args.state_dir
         self.pod_log_dir: Path = args.pod_log_dir
         self.pv_dir: Path = args.pv_dir
+        self.provisioner = Provisioner(kube, args.pv_dir)
         self.venv_bin: Path = args.venv_bin
         self.capacity = {"cpu": str(args.cpu), "memory": args.memory, "nvidia.com/gpu": str(args.gpus),
                          "pods": "110", "ephemeral-storage": "100Gi"}
@@ -289,64 +289,14 @@ class Agent:
                 subprocess.run(["umount", "-l", mountpoint], check=False)
         shutil.rmtree(pods_dir, ignore_errors=True)
 
-    # ---- storage
-    def ensure_storage_class(self) -> None:
-        body = {"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
-                "metadata": {"name": STORAGE_CLASS,
-                             "annotations": {"storageclass.kubernetes.io/is-default-class": "true"}},
-                "provisioner": PROVISIONER, "reclaimPolicy": "Delete", "volumeBindingMode": "Immediate"}
-        try:
-            self.kube.create("/apis/storage.k8s.io/v1/storageclasses", body)
-        except ApiError as error:
-            if error.status != 409:
-                raise
-
     def provision_loop(self) -> None:
-        """Bind pending claims of our class to hostPath PVs; delete released ones (polling, 2s)."""
-        while not self.stopping.wait(CONFIG_RETRY_S):
-            try:
-                self.provision_once()
-            except Exception as error:
-                log.warning("provisioner: %s", error)
-
-    def provision_once(self) -> None:
-        for claim in self.kube.get("/api/v1/persistentvolumeclaims")["items"]:
-            meta, spec = claim["metadata"], claim["spec"]
-            if spec.get("storageClassName") != STORAGE_CLASS or spec.get("volumeName"):
-                continue
-            if claim.get("status", {}).get("phase") != "Pending" or meta.get("deletionTimestamp"):
-                continue
-            directory = self.pv_dir / meta["namespace"] / meta["name"]
-            directory.mkdir(parents=True, exist_ok=True)
-            volume = {
-                "apiVersion": "v1", "kind": "PersistentVolume",
-                "metadata": {"name": f"pvc-{meta['uid']}",
-                             "annotations": {"pv.kubernetes.io/provisioned-by": PROVISIONER}},
-                "spec": {
-                    "capacity": {"storage": spec.get("resources", {}).get("requests", {}).get("storage", "1Gi")},
-                    "accessModes": spec.get("accessModes", ["ReadWriteOnce"]),
-                    "persistentVolumeReclaimPolicy": "Delete", "storageClassName": STORAGE_CLASS,
-                    "hostPath": {"path": str(directory), "type": "DirectoryOrCreate"},
-                    "claimRef": {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "namespace": meta["namespace"],
-                                 "name": meta["name"], "uid": meta["uid"]},
-                },
-            }
-            with contextlib.suppress(ApiError):
-                self.kube.create("/api/v1/persistentvolumes", volume)
-        for volume in self.kube.get("/api/v1/persistentvolumes")["items"]:
-            annotations = volume["metadata"].get("annotations", {})
-            if annotations.get("pv.kubernetes.io/provisioned-by") != PROVISIONER:
-                continue
-            if volume.get("status", {}).get("phase") in ("Released", "Failed"):
-                shutil.rmtree(volume["spec"]["hostPath"]["path"], ignore_errors=True)
-                with contextlib.suppress(ApiError):
-                    self.kube.delete(f"/api/v1/persistentvolumes/{volume['metadata']['name']}")
+        self.provisioner.loop(self.stopping)
 
     # ---- main
     def run(self) -> None:
         self.kill_leftovers()
         self.register_node()
-        self.ensure_storage_class()
+        self.provisioner.ensure_storage_class()
         loops = [self.heartbeat_loop, self.watch_pods, self.provision_loop]
         if self.log_server is not None:
             loops.append(self.log_server.serve_forever)

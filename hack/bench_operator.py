@@ -52,6 +52,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE_TRAINER = REPO / "tests" / "e2e" / "fake_trainer.py"
+TEST_DOUBLE_PATH = "/opt/kubetune-test/fake_trainer.py"  # in the TEST DOUBLE image
 NOWHERE = {"kubetune.io/bench": "no-such-node"}  # a nodeSelector no node has: pods stay Pending
 CREATORS = 8  # client threads that create a series' objects
 Json = dict[str, Any]
@@ -190,15 +191,21 @@ class Api:
 
 
 class Operator:
-    """`kubetune operator` for the bench namespaces, with the test double trainer."""
+    """`kubetune operator` for the bench namespaces, with the test double trainer: from this checkout
+    (the process node agent's pods run here) or, given ``trainer_image``, the TEST DOUBLE image
+    (tests/e2e/fake_trainer.Dockerfile) on a real node, reporting to ``report_host``."""
 
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], trainer_image: str | None = None, report_host: str = "127.0.0.1") -> None:
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://{report_host}:{self.port}"
+        trainer = {"KUBETUNE_TRAINER_COMMAND": json.dumps(["python", str(FAKE_TRAINER)])}
+        if trainer_image:
+            trainer = {"KUBETUNE_TRAINER_IMAGE": trainer_image,
+                       "KUBETUNE_TRAINER_COMMAND": json.dumps(["python", TEST_DOUBLE_PATH])}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "kubetune", "operator"],  # cluster-wide, as the chart installs it
-            env={**env, "KUBETUNE_TRAINER_COMMAND": json.dumps(["python", str(FAKE_TRAINER)]),
-                 "KUBETUNE_REPORT_LISTEN": f"127.0.0.1:{self.port}", "KUBETUNE_REPORT_URL": self.url,
+            env={**env, **trainer,
+                 "KUBETUNE_REPORT_LISTEN": f"{report_host}:{self.port}", "KUBETUNE_REPORT_URL": self.url,
                  "KUBETUNE_REPORT_KEY": secrets.token_hex(16), "KUBETUNE_LOG_LEVEL": "WARNING"},
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -600,6 +607,9 @@ def main() -> None:
                         help="reference series to run next to the operator series (comma-separated)")
     parser.add_argument("--peer", choices=("auto", "off"), default="auto",
                         help="auto: measure Kubeflow training-operator when hack/build-peer.sh builds it")
+    parser.add_argument("--trainer-image", help="the TEST DOUBLE trainer image (real node: the pods run images)")
+    parser.add_argument("--report-host", default="127.0.0.1",
+                        help="the operator's report address, as the pods reach it (real node: the node address)")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s]
     lifecycle_sizes = [int(s) for s in args.lifecycle_sizes.split(",") if s]
@@ -610,7 +620,7 @@ def main() -> None:
     peer = peer_binary() if args.peer == "auto" and "peer" in series else None
     if peer is None and args.peer == "auto" and "peer" in series:
         print("peer: Kubeflow training-operator not built (hack/build-peer.sh); the peer series is skipped")
-    bench.operator = Operator(bench.env)
+    bench.operator = Operator(bench.env, args.trainer_image, args.report_host)
     try:
         results.fact("operator RSS at start", f"{bench.operator.rss_mib():.0f} MiB")
         for size in lifecycle_sizes:

@@ -29,7 +29,8 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import REPO, Cluster, devcluster, wait_for
+from devcluster import images as images_lib
+from helpers import REPO, Cluster, Node, build_test_double_image, devcluster, wait_for
 
 MINIO_KEYS = ("MINIO_ENDPOINT", "MINIO_ACCESS_KEY", "MINIO_SECRET_KEY")
 
@@ -140,3 +141,20 @@ def images() -> dict[str, str]:
                           text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return {line.split("\t")[0]: line.split("\t")[1] for line in proc.stdout.splitlines() if "\t" in line}
+
+
+@pytest.fixture(scope="session")
+def node(cluster: Cluster) -> Node:
+    state = json.loads((cluster.dir / "cluster.json").read_text()) if cluster.dir else {}
+    kind = state.get("node_kind", "agent")
+    return Node(kind=kind, host=state["node_ip"] if kind == "kubelet" else "127.0.0.1",
+                registry=state.get("registry", ""))
+
+
+@pytest.fixture(scope="session")
+def cluster_images(node: Node, images: dict[str, str]) -> dict[str, str]:
+    """The operator and trainer images (`make images`) and the TEST DOUBLE trainer image, pushed to
+    the cluster's registry: name -> reference there (for a real node only)."""
+    pushed = {name: images_lib.push(images_lib.IMAGES[name], images_lib.version(), node.registry) for name in images}
+    pushed["test-double"] = build_test_double_image(images["operator"], node.registry)
+    return pushed

@@ -12,16 +12,18 @@ from typing import Any
 
 import pytest
 import yaml
-from operator_helpers import Operator, running_operator
+from operator_helpers import Operator, Signals, running_operator
 
 from devcluster import seed_demo
 from faults import BlackholeProxy
+from helpers import TEST_DOUBLE_PATH, Node
 
 Cluster = Any  # tests/conftest.py's Cluster (conftest modules are not importable by name)
 # The chaos suite runs with `make chaos` (KUBETUNE_CHAOS=1) only: long, and not a gate for `make test`.
 collect_ignore = [] if os.environ.get("KUBETUNE_CHAOS") else ["chaos"]
 REPO = Path(__file__).resolve().parents[2]
 FAKE_TRAINER = Path(__file__).parent / "fake_trainer.py"
+REAL_TRAINER_COMMAND = ["python", "-m", "kubetune_trainer"]  # the operator's default
 
 
 OPERATOR_NAMESPACE = "kubetune-e2e"
@@ -48,10 +50,31 @@ def operator_kubeconfig(cluster: Cluster, tmp_path_factory: pytest.TempPathFacto
     return path
 
 
+@pytest.fixture(scope="session")
+def fake_trainer_env(node: Node, request: pytest.FixtureRequest) -> dict[str, str]:
+    """Operator settings for the TEST DOUBLE trainer: tests/e2e/fake_trainer.py from this checkout
+    (node agent) or in its image from the cluster's registry (real node)."""
+    if node.real:
+        return {"KUBETUNE_TRAINER_IMAGE": request.getfixturevalue("cluster_images")["test-double"],
+                "KUBETUNE_TRAINER_COMMAND": json.dumps(["python", TEST_DOUBLE_PATH])}
+    return {"KUBETUNE_TRAINER_COMMAND": json.dumps(["python", str(FAKE_TRAINER)])}
+
+
+@pytest.fixture
+def signals(node: Node) -> Iterator[Signals]:
+    """Gates and start counts for the TEST DOUBLE trainer (FAKE_WAIT_FOR, FAKE_STARTED as URLs)."""
+    served = Signals(node.host)
+    try:
+        yield served
+    finally:
+        served.close()
+
+
 @pytest.fixture
 def operator_env() -> dict[str, str]:
-    """Operator settings for a test; by default the TEST DOUBLE trainer (tests/e2e/fake_trainer.py)."""
-    return {"KUBETUNE_TRAINER_COMMAND": json.dumps(["python", str(FAKE_TRAINER)])}
+    """A test's operator settings, over the TEST DOUBLE trainer's (`fake_trainer_env`); tests of the
+    real trainer return `real_trainer_env`."""
+    return {}
 
 
 @pytest.fixture(scope="session")
@@ -71,17 +94,23 @@ def s3_secret(cluster: Cluster, namespace: str, demo_bucket: str, minio_env: dic
 
 
 @pytest.fixture
-def real_trainer_env(minio_env: dict[str, str]) -> dict[str, str]:
-    """Operator settings for the real trainer (no test double), with MinIO as the default store."""
-    return {"KUBETUNE_S3_ENDPOINT": minio_env["MINIO_ENDPOINT"], "KUBETUNE_S3_INSECURE": "true"}
+def real_trainer_env(minio_env: dict[str, str], node: Node, request: pytest.FixtureRequest) -> dict[str, str]:
+    """Operator settings for the real trainer (no test double), with MinIO as the default store, at
+    an address the trainer pods reach; on a real node, the trainer image from the cluster's registry."""
+    port = minio_env["MINIO_ENDPOINT"].rsplit(":", 1)[1]
+    settings = {"KUBETUNE_S3_ENDPOINT": f"{node.host}:{port}" if node.real else minio_env["MINIO_ENDPOINT"],
+                "KUBETUNE_S3_INSECURE": "true", "KUBETUNE_TRAINER_COMMAND": json.dumps(REAL_TRAINER_COMMAND)}
+    if node.real:
+        settings["KUBETUNE_TRAINER_IMAGE"] = request.getfixturevalue("cluster_images")["trainer"]
+    return settings
 
 
 @pytest.fixture
-def operator(cluster: Cluster, crd: None, namespace: str, operator_env: dict[str, str], operator_kubeconfig: Path,
-             tmp_path: Path) -> Iterator[Operator]:
+def operator(cluster: Cluster, crd: None, namespace: str, node: Node, fake_trainer_env: dict[str, str],
+             operator_env: dict[str, str], operator_kubeconfig: Path, tmp_path: Path) -> Iterator[Operator]:
     """A running operator that watches only this test's namespace."""
-    with running_operator(cluster, namespace, tmp_path, {"KUBECONFIG": str(operator_kubeconfig), **operator_env}) \
-            as running:
+    env = {"KUBECONFIG": str(operator_kubeconfig), **fake_trainer_env, **operator_env}
+    with running_operator(cluster, namespace, tmp_path, env, report_host=node.host) as running:
         yield running
 
 
@@ -94,8 +123,8 @@ def apiserver_proxy(cluster: Cluster) -> Iterator[BlackholeProxy]:
 
 
 @pytest.fixture
-def proxied_operator(cluster: Cluster, crd: None, namespace: str, operator_env: dict[str, str],
-                     operator_kubeconfig: Path, apiserver_proxy: BlackholeProxy,
+def proxied_operator(cluster: Cluster, crd: None, namespace: str, node: Node, fake_trainer_env: dict[str, str],
+                     operator_env: dict[str, str], operator_kubeconfig: Path, apiserver_proxy: BlackholeProxy,
                      tmp_path: Path) -> Iterator[Operator]:
     """An operator that reaches the API server only through `apiserver_proxy` (API timeout 5 s
     unless `operator_env` says otherwise)."""
@@ -104,6 +133,6 @@ def proxied_operator(cluster: Cluster, crd: None, namespace: str, operator_env: 
         entry["cluster"]["server"] = f"https://127.0.0.1:{apiserver_proxy.port}"
     path = tmp_path / "kubeconfig-via-proxy"
     path.write_text(yaml.safe_dump(kubeconfig))
-    env = {"KUBETUNE_API_TIMEOUT": "5", **operator_env, "KUBECONFIG": str(path)}
-    with running_operator(cluster, namespace, tmp_path, env) as running:
+    env = {"KUBETUNE_API_TIMEOUT": "5", **fake_trainer_env, **operator_env, "KUBECONFIG": str(path)}
+    with running_operator(cluster, namespace, tmp_path, env, report_host=node.host) as running:
         yield running

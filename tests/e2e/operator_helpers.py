@@ -4,7 +4,9 @@ waits on their status."""
 from __future__ import annotations
 
 import base64
+import collections
 import contextlib
+import http.server
 import json
 import os
 import secrets
@@ -93,6 +95,58 @@ def running_operator(cluster: Cluster, namespace: str, log_dir: Path, env: dict[
         running.stop()
         if os.environ.get("KUBETUNE_SHOW_OPERATOR_LOGS"):
             print(running.logs())
+
+
+class Signals:
+    """An HTTP endpoint for the TEST DOUBLE trainer's FAKE_WAIT_FOR and FAKE_STARTED (URLs work from
+    any node, host files only from the process node): ``gate(name)`` answers 200 once the test
+    ``open``s it (404 before); ``started(name)`` counts the POSTs of trainer starts."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.opened: set[str] = set()
+        self.counts: collections.Counter[str] = collections.Counter()
+        signals = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                kind, _, name = self.path.strip("/").partition("/")
+                self.send_response(200 if kind == "gate" and name in signals.opened else 404)
+                self.end_headers()
+
+            def do_POST(self) -> None:
+                kind, _, name = self.path.strip("/").partition("/")
+                if kind == "started":
+                    signals.counts[name] += 1
+                self.send_response(204 if kind == "started" else 404)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer((host, 0), Handler)
+        self.url = f"http://{host}:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def gate(self, name: str) -> str:
+        return f"{self.url}/gate/{name}"
+
+    def open(self, name: str) -> None:
+        self.opened.add(name)
+
+    def started(self, name: str) -> str:
+        return f"{self.url}/started/{name}"
+
+    def starts(self, name: str) -> int:
+        return self.counts[name]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def env(**values: str) -> list[dict[str, str]]:
+    """A container env list (spec.env), e.g. the TEST DOUBLE trainer's FAKE_* settings."""
+    return [{"name": k, "value": v} for k, v in values.items()]
 
 
 def finetunejob(name: str, **spec: Any) -> dict[str, Any]:

@@ -1,6 +1,8 @@
 """The local development cluster behaves like a real one for what KubeTune needs.
 
-Real kube-apiserver, controller-manager and scheduler; pods run by the local node agent.
+Real kube-apiserver, controller-manager and scheduler; pods run by the session cluster's node
+(the process node agent, or a real kubelet with `KUBETUNE_NODE=kubelet`). The throwaway cluster's
+tests are the node agent's own.
 """
 
 from __future__ import annotations
@@ -22,12 +24,20 @@ from helpers import Cluster, devcluster, wait_for
 
 pytestmark = pytest.mark.e2e
 
-PYTHON_IMAGE = "kubetune/trainer:dev"  # any image runs in the repository's Python environment
+AGENT_IMAGE = "kubetune/trainer:dev"  # the node agent runs any image in the repository's Python environment
 
 
-def job(name: str, script: str, *, backoff_limit: int = 0, **pod_spec: Any) -> dict[str, Any]:
+@pytest.fixture
+def python_image(node: Any, request: pytest.FixtureRequest) -> str:
+    """An image with Python and the kubernetes client: on a real node, the operator image from the
+    cluster's registry; the node agent runs every image in this checkout's Python environment."""
+    image: str = request.getfixturevalue("cluster_images")["operator"] if node.real else AGENT_IMAGE
+    return image
+
+
+def job(image: str, name: str, script: str, *, backoff_limit: int = 0, **pod_spec: Any) -> dict[str, Any]:
     """A batch/v1 Job running ``python -c script`` once."""
-    container = {"name": "main", "image": PYTHON_IMAGE, "command": ["python", "-c", script]}
+    container = {"name": "main", "image": image, "command": ["python", "-c", script]}
     container.update(pod_spec.pop("container", {}))
     return {
         "apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name},
@@ -54,7 +64,8 @@ def terminated_state(pod: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
-def test_gpu_job_with_configmap_secret_and_termination_message_completes(cluster: Cluster, namespace: str) -> None:
+def test_gpu_job_with_configmap_secret_and_termination_message_completes(
+        cluster: Cluster, namespace: str, python_image: str) -> None:
     cluster.apply([
         {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "greeting"},
          "data": {"message.txt": "hello"}},
@@ -69,7 +80,7 @@ def test_gpu_job_with_configmap_secret_and_termination_message_completes(cluster
         "open('/dev/termination-log', 'w').write(f'{greeting} {token}')\n"
     )
     cluster.apply(job(
-        "gpu", script,
+        python_image, "gpu", script,
         container={
             "env": [{"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "credentials", "key": "token"}}}],
             "resources": {"limits": {"nvidia.com/gpu": 1}},
@@ -89,7 +100,8 @@ def test_gpu_job_with_configmap_secret_and_termination_message_completes(cluster
     assert pod["status"]["phase"] == "Succeeded"
 
 
-def test_pod_authenticates_with_its_projected_service_account_token(cluster: Cluster, namespace: str) -> None:
+def test_pod_authenticates_with_its_projected_service_account_token(
+        cluster: Cluster, namespace: str, python_image: str) -> None:
     script = (
         "from kubernetes import client, config\n"
         "config.load_incluster_config()\n"
@@ -97,15 +109,15 @@ def test_pod_authenticates_with_its_projected_service_account_token(cluster: Clu
         "{'apiVersion': 'authentication.k8s.io/v1', 'kind': 'SelfSubjectReview'})\n"
         "open('/dev/termination-log', 'w').write(review.status.user_info.username)\n"
     )
-    cluster.apply(job("whoami", script), namespace)
+    cluster.apply(job(python_image, "whoami", script), namespace)
 
     assert wait_for(lambda: job_condition(cluster, namespace, "whoami"), 90, "job whoami") == "Complete"
     [pod] = job_pods(cluster, namespace, "whoami")
     assert terminated_state(pod)["message"] == f"system:serviceaccount:{namespace}:default"
 
 
-def test_failing_job_fails_after_backoff_limit_retries(cluster: Cluster, namespace: str) -> None:
-    cluster.apply(job("exit3", "raise SystemExit(3)", backoff_limit=1), namespace)
+def test_failing_job_fails_after_backoff_limit_retries(cluster: Cluster, namespace: str, python_image: str) -> None:
+    cluster.apply(job(python_image, "exit3", "raise SystemExit(3)", backoff_limit=1), namespace)
 
     assert wait_for(lambda: job_condition(cluster, namespace, "exit3"), 120, "job exit3 to fail") == "Failed"
     pods = job_pods(cluster, namespace, "exit3")
@@ -116,8 +128,8 @@ def test_failing_job_fails_after_backoff_limit_retries(cluster: Cluster, namespa
         assert terminated_state(pod)["reason"] == "Error"
 
 
-def test_kubectl_logs_shows_what_the_container_printed(cluster: Cluster, namespace: str) -> None:
-    cluster.apply(job("chatty", "print('epoch 1 loss 2.5'); print('epoch 2 loss 1.9')"), namespace)
+def test_kubectl_logs_shows_what_the_container_printed(cluster: Cluster, namespace: str, python_image: str) -> None:
+    cluster.apply(job(python_image, "chatty", "print('epoch 1 loss 2.5'); print('epoch 2 loss 1.9')"), namespace)
     assert wait_for(lambda: job_condition(cluster, namespace, "chatty"), 60, "job chatty") == "Complete"
 
     logs = cluster.kubectl("logs", "job/chatty", "-n", namespace).stdout
@@ -125,11 +137,12 @@ def test_kubectl_logs_shows_what_the_container_printed(cluster: Cluster, namespa
     assert cluster.kubectl("logs", "job/chatty", "-n", namespace, "--tail=1").stdout == "epoch 2 loss 1.9\n"
 
 
-def test_pod_requesting_more_gpus_than_the_node_has_is_unschedulable(cluster: Cluster, namespace: str) -> None:
+def test_pod_requesting_more_gpus_than_the_node_has_is_unschedulable(
+        cluster: Cluster, namespace: str, python_image: str) -> None:
     gpus = int(cluster.get("node", "kubetune-local")["status"]["allocatable"]["nvidia.com/gpu"])
     cluster.apply({
         "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "greedy"},
-        "spec": {"containers": [{"name": "main", "image": PYTHON_IMAGE, "command": ["true"],
+        "spec": {"containers": [{"name": "main", "image": python_image, "command": ["true"],
                                  "resources": {"limits": {"nvidia.com/gpu": gpus + 1}}}]},
     }, namespace)
 
@@ -146,7 +159,7 @@ def test_pod_requesting_more_gpus_than_the_node_has_is_unschedulable(cluster: Cl
 
 @pytest.mark.parametrize("propagation", ["background", "foreground"])
 def test_deleting_a_running_job_stops_its_process_with_sigterm(
-    cluster: Cluster, namespace: str, tmp_path: Path, propagation: str
+    cluster: Cluster, namespace: str, python_image: str, tmp_path: Path, propagation: str
 ) -> None:
     script = (
         "import os, signal, sys, time\n"
@@ -154,27 +167,27 @@ def test_deleting_a_running_job_stops_its_process_with_sigterm(
         "    open('/out/sigterm', 'w').write('received')\n"
         "    sys.exit(0)\n"
         "signal.signal(signal.SIGTERM, stop)\n"
-        "open('/out/pid.tmp', 'w').write(str(os.getpid()))\n"
-        "os.rename('/out/pid.tmp', '/out/pid')\n"
+        "open('/out/started', 'w').close()\n"
         "while True:\n"
         "    time.sleep(0.1)\n"
     )
     grace_s = 20
     cluster.apply(job(
-        "sleeper", script, terminationGracePeriodSeconds=grace_s,
+        python_image, "sleeper", script, terminationGracePeriodSeconds=grace_s,
         container={"volumeMounts": [{"name": "out", "mountPath": "/out"}]},
         volumes=[{"name": "out", "hostPath": {"path": str(tmp_path), "type": "Directory"}}],
     ), namespace)
-    pid = int(wait_for(lambda: (tmp_path / "pid").exists() and (tmp_path / "pid").read_text(), 90,
-                       "the job's process to start"))
+    tmp_path.chmod(0o777)  # writable by the image's user on a real node
+    wait_for(lambda: (tmp_path / "started").exists(), 90, "the job's process to start")
 
     deleted_at = time.monotonic()
     cluster.kubectl("delete", "job", "sleeper", "-n", namespace, f"--cascade={propagation}", "--wait=false")
 
     wait_for(lambda: (tmp_path / "sigterm").exists(), grace_s, "SIGTERM to reach the process")
-    wait_for(lambda: not running(pid), grace_s, "the process to exit")
+    # The pod object goes once the node reports its container stopped: the process exited on
+    # SIGTERM, before the grace period ran out (and a SIGKILL).
+    wait_for(lambda: not job_pods(cluster, namespace, "sleeper"), grace_s, "the pod to be deleted")
     assert time.monotonic() - deleted_at < grace_s
-    wait_for(lambda: not job_pods(cluster, namespace, "sleeper"), 60, "the pod to be deleted")
 
 
 def test_minio_stores_and_returns_an_object(minio_env: dict[str, str]) -> None:
@@ -197,18 +210,19 @@ def test_minio_stores_and_returns_an_object(minio_env: dict[str, str]) -> None:
         response.release_conn()
 
 
-def test_pvc_of_the_default_storage_class_keeps_data_between_pods(cluster: Cluster, namespace: str) -> None:
+def test_pvc_of_the_default_storage_class_keeps_data_between_pods(
+        cluster: Cluster, namespace: str, python_image: str) -> None:
     cluster.apply({
         "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "data"},
         "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
     }, namespace)
     mount: dict[str, Any] = {"container": {"volumeMounts": [{"name": "data", "mountPath": "/data"}]},
              "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "data"}}]}
-    cluster.apply(job("writer", "open('/data/out.txt', 'w').write('persisted')", **mount), namespace)
+    cluster.apply(job(python_image, "writer", "open('/data/out.txt', 'w').write('persisted')", **mount), namespace)
     assert wait_for(lambda: job_condition(cluster, namespace, "writer"), 90, "job writer") == "Complete"
 
     reader = "open('/dev/termination-log', 'w').write(open('/data/out.txt').read())"
-    cluster.apply(job("reader", reader, **mount), namespace)
+    cluster.apply(job(python_image, "reader", reader, **mount), namespace)
 
     assert wait_for(lambda: job_condition(cluster, namespace, "reader"), 90, "job reader") == "Complete"
     [pod] = job_pods(cluster, namespace, "reader")
@@ -217,7 +231,7 @@ def test_pvc_of_the_default_storage_class_keeps_data_between_pods(cluster: Clust
 
 
 def test_pod_sees_its_hostname_downward_api_projected_and_memory_backed_volumes(
-    cluster: Cluster, namespace: str
+    cluster: Cluster, namespace: str, python_image: str, node: Any
 ) -> None:
     cluster.apply({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "settings"},
                    "data": {"MODE": "lora", "nested.txt": "inner"}}, namespace)
@@ -244,7 +258,7 @@ def test_pod_sees_its_hostname_downward_api_projected_and_memory_backed_volumes(
         "spec": {
             "restartPolicy": "Never",
             "containers": [{
-                "name": "main", "image": PYTHON_IMAGE, "command": ["python", "-c", script],
+                "name": "main", "image": python_image, "command": ["python", "-c", script],
                 "workingDir": "/scratch",
                 "envFrom": [{"configMapRef": {"name": "settings"}}],
                 "env": [{"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
@@ -273,15 +287,17 @@ def test_pod_sees_its_hostname_downward_api_projected_and_memory_backed_volumes(
     pod = wait_for(lambda: (p := cluster.get("pod", "inspect", "-n", namespace))["status"].get("phase")
                    in ("Succeeded", "Failed") and p, 60, "pod inspect to finish")
     report = json.loads(terminated_state(pod)["message"])
+    # Its own name resolves to its address (the node agent's pods share the host's loopback).
     assert report == {
-        "hostname": "inspect", "resolves": "127.0.0.1",
+        "hostname": "inspect", "resolves": pod["status"]["podIP"] if node.real else "127.0.0.1",
         "cwd": "/scratch", "mode": "lora", "expanded": "mode=lora", "namespace": namespace,
         "labels": 'app="inspect"', "projected_ns": namespace, "projected_cm": "inner",
         "sub_path": "inner", "scratch": ["tmpfs"],
     }
 
 
-def test_on_failure_pod_restarts_its_container_until_it_succeeds(cluster: Cluster, namespace: str) -> None:
+def test_on_failure_pod_restarts_its_container_until_it_succeeds(
+        cluster: Cluster, namespace: str, python_image: str) -> None:
     script = (
         "import os\n"
         "if not os.path.exists('/state/failed-once'):\n"
@@ -291,7 +307,7 @@ def test_on_failure_pod_restarts_its_container_until_it_succeeds(cluster: Cluste
     cluster.apply({
         "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "flaky"},
         "spec": {"restartPolicy": "OnFailure",
-                 "containers": [{"name": "main", "image": PYTHON_IMAGE, "command": ["python", "-c", script],
+                 "containers": [{"name": "main", "image": python_image, "command": ["python", "-c", script],
                                  "volumeMounts": [{"name": "state", "mountPath": "/state"}]}],
                  "volumes": [{"name": "state", "emptyDir": {}}]},
     }, namespace)
@@ -303,11 +319,13 @@ def test_on_failure_pod_restarts_its_container_until_it_succeeds(cluster: Cluste
     assert status["lastState"]["terminated"]["exitCode"] == 1
 
 
-def test_pod_past_its_active_deadline_is_stopped_and_fails(cluster: Cluster, namespace: str) -> None:
+def test_pod_past_its_active_deadline_is_stopped_and_fails(cluster: Cluster, namespace: str, python_image: str) -> None:
     cluster.apply({
         "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "slow"},
         "spec": {"restartPolicy": "Never", "activeDeadlineSeconds": 2, "terminationGracePeriodSeconds": 1,
-                 "containers": [{"name": "main", "image": PYTHON_IMAGE, "command": ["sleep", "3600"]}]},
+                 "containers": [{"name": "main", "image": python_image, "command": [
+                     "python", "-c", "import signal, sys, time\n"
+                     "signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))\ntime.sleep(3600)"]}]},
     }, namespace)
 
     pod = wait_for(lambda: (p := cluster.get("pod", "slow", "-n", namespace))["status"].get("phase")
@@ -316,11 +334,14 @@ def test_pod_past_its_active_deadline_is_stopped_and_fails(cluster: Cluster, nam
     assert terminated_state(pod)["exitCode"] == 143  # SIGTERM
 
 
-def test_pod_the_agent_cannot_run_fails_with_a_message(cluster: Cluster, namespace: str) -> None:
+def test_pod_the_agent_cannot_run_fails_with_a_message(
+        cluster: Cluster, namespace: str, python_image: str, node: Any) -> None:
+    if node.real:
+        pytest.skip("the process node agent's refusal of a volume type it cannot mount")
     cluster.apply({
         "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "nfs"},
         "spec": {"restartPolicy": "Never",
-                 "containers": [{"name": "main", "image": PYTHON_IMAGE, "command": ["true"]}],
+                 "containers": [{"name": "main", "image": python_image, "command": ["true"]}],
                  "volumes": [{"name": "share", "nfs": {"server": "nfs.example", "path": "/export"}}]},
     }, namespace)
 
@@ -328,7 +349,7 @@ def test_pod_the_agent_cannot_run_fails_with_a_message(cluster: Cluster, namespa
                    == "Failed" and p, 60, "pod nfs to fail")
     assert "unsupported volume type ['nfs']" in pod["status"]["message"]
     # The node keeps running other pods.
-    cluster.apply(job("after", "pass"), namespace)
+    cluster.apply(job(python_image, "after", "pass"), namespace)
     assert wait_for(lambda: job_condition(cluster, namespace, "after"), 60, "job after") == "Complete"
 
 
@@ -360,7 +381,8 @@ class Throwaway:
         self.dir = state_dir
 
     def cli(self, command: str) -> None:
-        devcluster(command, "--dir", str(self.dir), check=True, timeout=300)
+        env = {**os.environ, "KUBETUNE_NODE": "agent"}
+        devcluster(command, "--dir", str(self.dir), env=env, check=True, timeout=300)
 
     @property
     def state(self) -> dict[str, Any]:
@@ -375,7 +397,7 @@ class Throwaway:
     def run_pod(self, name: str, *command: str) -> None:
         pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "default"},
                "spec": {"restartPolicy": "Never",
-                        "containers": [{"name": "main", "image": PYTHON_IMAGE, "command": list(command)}]}}
+                        "containers": [{"name": "main", "image": AGENT_IMAGE, "command": list(command)}]}}
         self.kubectl("apply", "-f", "-", input=json.dumps(pod))
 
     def pod(self, name: str) -> dict[str, Any]:

@@ -21,7 +21,6 @@ from helpers import wait_for
 
 pytestmark = pytest.mark.e2e
 MODELS = Path(__file__).resolve().parents[1] / "unit" / "models"
-FAKE_TRAINER = Path(__file__).resolve().parent / "fake_trainer.py"
 TINY = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 4, "vocab_size": 54}
 
@@ -49,9 +48,8 @@ def public_models(minio_env: dict[str, str]) -> Iterator[str]:
 
 @pytest.fixture
 def operator_env(minio_env: dict[str, str]) -> dict[str, str]:
-    """The TEST DOUBLE trainer, with MinIO as the default store (where the operator reads config.json)."""
-    return {"KUBETUNE_TRAINER_COMMAND": json.dumps(["python", str(FAKE_TRAINER)]),
-            "KUBETUNE_S3_ENDPOINT": minio_env["MINIO_ENDPOINT"], "KUBETUNE_S3_INSECURE": "true"}
+    """MinIO as the default store (where the operator reads config.json); the TEST DOUBLE trainer."""
+    return {"KUBETUNE_S3_ENDPOINT": minio_env["MINIO_ENDPOINT"], "KUBETUNE_S3_INSECURE": "true"}
 
 
 def test_a_job_that_cannot_fit_fails_won_fit_before_any_job_exists(

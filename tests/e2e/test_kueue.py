@@ -8,11 +8,10 @@ import json
 import re
 import urllib.request
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-from operator_helpers import WatchHistory, event_reasons, finetunejob, ftj, wait_phase
+from operator_helpers import Signals, WatchHistory, env, event_reasons, finetunejob, ftj, wait_phase
 
 from helpers import wait_for
 
@@ -20,9 +19,6 @@ pytestmark = pytest.mark.e2e
 KUEUE = "kueue.x-k8s.io/v1beta2"
 NO_QUOTA = re.compile(r"insufficient unused quota for nvidia\.com/gpu")
 
-
-def env(**values: str) -> list[dict[str, str]]:
-    return [{"name": k, "value": v} for k, v in values.items()]
 
 
 @pytest.fixture
@@ -81,11 +77,11 @@ def test_kueue_is_served(cluster: Any) -> None:
 
 def test_five_one_gpu_jobs_run_two_at_a_time_in_a_two_gpu_queue(cluster: Any, namespace: str, operator: Any,
                                                                 queues: Callable[[int], str],
-                                                                tmp_path: Path) -> None:
+                                                                signals: Signals) -> None:
     queue = queues(2)
     names = [f"gpu-{i}" for i in range(5)]
     cluster.apply([finetunejob(name, resources={"gpus": 1, "sharedMemory": "64Mi"}, scheduling={"queueName": queue},
-                               env=env(FAKE_WAIT_FOR=str(tmp_path / name))) for name in names], namespace)
+                               env=env(FAKE_WAIT_FOR=signals.gate(name))) for name in names], namespace)
     ever_running: list[str] = []  # in the order they started
     queued_messages: dict[str, str] = {}
 
@@ -120,7 +116,7 @@ def test_five_one_gpu_jobs_run_two_at_a_time_in_a_two_gpu_queue(cluster: Any, na
     released: list[str] = []
     while len(released) < len(names):
         name = next(n for n in ever_running if n not in released)
-        (tmp_path / name).touch()
+        signals.open(name)
         released.append(name)
         started = len(ever_running)
         if started < len(names):
@@ -137,7 +133,7 @@ def test_five_one_gpu_jobs_run_two_at_a_time_in_a_two_gpu_queue(cluster: Any, na
 
 def test_suspend_of_a_queued_job_goes_through_its_workload(cluster: Any, namespace: str, operator: Any,
                                                            queues: Callable[[int], str], k8s_api: Any,
-                                                           tmp_path: Path) -> None:
+                                                           signals: Signals) -> None:
     queue = queues(1)
     from kubernetes import client
 
@@ -148,7 +144,7 @@ def test_suspend_of_a_queued_job_goes_through_its_workload(cluster: Any, namespa
         for name in ("holder", "waiter"):
             cluster.apply(finetunejob(name, resources={"gpus": 1, "sharedMemory": "64Mi"},
                                       scheduling={"queueName": queue},
-                                      env=env(FAKE_WAIT_FOR=str(tmp_path / name))), namespace)
+                                      env=env(FAKE_WAIT_FOR=signals.gate(name))), namespace)
             if name == "holder":
                 wait_phase(cluster, namespace, "holder", "Running")
         status = wait_for(lambda: (s := ftj(cluster, namespace, "waiter").get("status") or {}).get("phase") == "Queued"
@@ -184,7 +180,7 @@ def test_suspend_of_a_queued_job_goes_through_its_workload(cluster: Any, namespa
 
         # Resume: both Workloads are active again and the jobs run, one at a time, to the end.
         for name in ("holder", "waiter"):
-            (tmp_path / name).touch()
+            signals.open(name)
         resume = json.dumps({"spec": {"suspend": False}})
         for name in ("waiter", "holder"):
             cluster.kubectl("patch", "ftj", name, "-n", namespace, "--type=merge", "-p", resume)

@@ -14,16 +14,13 @@ from typing import Any
 
 import pytest
 import yaml
-from operator_helpers import event_reasons, events, finetunejob, ftj, wait_phase
+from operator_helpers import Signals, env, event_reasons, events, finetunejob, ftj, wait_phase
 
 from helpers import wait_for
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
 
-
-def env(**values: str) -> list[dict[str, str]]:
-    return [{"name": k, "value": v} for k, v in values.items()]
 
 
 def test_job_runs_on_the_gpu_node_and_succeeds(cluster: Any, namespace: str, operator: Any) -> None:
@@ -62,16 +59,14 @@ def test_invalid_input_fails_at_once_with_the_trainer_message(cluster: Any, name
 
 
 def test_generic_failure_is_retried_up_to_backoff_limit(cluster: Any, namespace: str, operator: Any,
-                                                        tmp_path: Path) -> None:
-    started = tmp_path / "started"
-    cluster.apply(finetunejob("flaky", backoffLimit=1,
-                              env=env(FAKE_EXIT_CODE="1", FAKE_MESSAGE="CUDA error", FAKE_STARTED=str(started))),
-                  namespace)
+                                                        signals: Signals) -> None:
+    cluster.apply(finetunejob("flaky", backoffLimit=1, env=env(FAKE_EXIT_CODE="1", FAKE_MESSAGE="CUDA error",
+                                                               FAKE_STARTED=signals.started("flaky"))), namespace)
     status = wait_phase(cluster, namespace, "flaky", "Failed", timeout=180)
     assert status["reason"] == "BackoffLimitExceeded"
     assert status["attempts"] == 2
     assert "CUDA error" in status["message"]
-    assert len(started.read_text().splitlines()) == 2
+    assert signals.starts("flaky") == 2
 
 
 def test_too_many_gpus_waits_with_the_scheduler_message(cluster: Any, namespace: str, operator: Any) -> None:
@@ -82,11 +77,9 @@ def test_too_many_gpus_waits_with_the_scheduler_message(cluster: Any, namespace:
     assert conditions["Reconciling"]["status"] == "True" and conditions["Ready"]["status"] == "False"
 
 
-def test_suspend_and_resume(cluster: Any, namespace: str, operator: Any, tmp_path: Path) -> None:
-    release = tmp_path / "release"
-    started = tmp_path / "started"
-    cluster.apply(finetunejob("pausable", env=env(FAKE_WAIT_FOR=str(release), FAKE_STARTED=str(started))),
-                  namespace)
+def test_suspend_and_resume(cluster: Any, namespace: str, operator: Any, signals: Signals) -> None:
+    cluster.apply(finetunejob("pausable", env=env(FAKE_WAIT_FOR=signals.gate("pausable"),
+                                                  FAKE_STARTED=signals.started("pausable"))), namespace)
     wait_phase(cluster, namespace, "pausable", "Running")
 
     cluster.kubectl("patch", "ftj", "pausable", "-n", namespace, "--type=merge", "-p", '{"spec":{"suspend":true}}')
@@ -96,22 +89,21 @@ def test_suspend_and_resume(cluster: Any, namespace: str, operator: Any, tmp_pat
                                      "batch.kubernetes.io/job-name=pausable-trainer")["items"],
              timeout=60, message="pods of the suspended job to go away")
 
-    release.touch()
+    signals.open("pausable")
     cluster.kubectl("patch", "ftj", "pausable", "-n", namespace, "--type=merge", "-p", '{"spec":{"suspend":false}}')
     wait_phase(cluster, namespace, "pausable", "Succeeded")
-    assert len(started.read_text().splitlines()) == 2
+    assert signals.starts("pausable") == 2
     wait_for(lambda: {"Suspended", "Resumed"} <= set(event_reasons(cluster, namespace, "pausable")),
              timeout=30, message="Suspended and Resumed events")
 
 
 def test_operator_killed_mid_run_adopts_the_job(cluster: Any, namespace: str, operator: Any,
-                                                tmp_path: Path) -> None:
-    release = tmp_path / "release"
-    cluster.apply(finetunejob("survivor", env=env(FAKE_WAIT_FOR=str(release))), namespace)
+                                                signals: Signals) -> None:
+    cluster.apply(finetunejob("survivor", env=env(FAKE_WAIT_FOR=signals.gate("survivor"))), namespace)
     wait_phase(cluster, namespace, "survivor", "Running")
 
     operator.stop(kill=True)
-    release.touch()
+    signals.open("survivor")
     wait_for(lambda: cluster.get("job", "survivor-trainer", "-n", namespace)["status"].get("succeeded"),
              timeout=120, message="the Job to complete while the operator is down")
     assert ftj(cluster, namespace, "survivor")["status"]["phase"] == "Running"
@@ -124,10 +116,10 @@ def test_operator_killed_mid_run_adopts_the_job(cluster: Any, namespace: str, op
 
 
 def test_operator_restarted_before_the_job_exists_starts_the_trainer_once(cluster: Any, namespace: str,
-                                                                         operator: Any, tmp_path: Path) -> None:
-    started, release = tmp_path / "started", tmp_path / "release"
+                                                                         operator: Any, signals: Signals) -> None:
     operator.stop(kill=True)
-    cluster.apply(finetunejob("late", env=env(FAKE_STARTED=str(started), FAKE_WAIT_FOR=str(release))), namespace)
+    cluster.apply(finetunejob("late", env=env(FAKE_STARTED=signals.started("late"),
+                                              FAKE_WAIT_FOR=signals.gate("late"))), namespace)
     operator.start()
     job_uid = wait_for(lambda: cluster.get("job", "late-trainer", "-n", namespace)["metadata"]["uid"],
                        timeout=60, message="the Job")
@@ -136,11 +128,11 @@ def test_operator_restarted_before_the_job_exists_starts_the_trainer_once(cluste
     wait_phase(cluster, namespace, "late", "Running")
     operator.stop(kill=True)
     operator.start()
-    release.touch()
+    signals.open("late")
     status = wait_phase(cluster, namespace, "late", "Succeeded")
     # Neither deleted and re-created nor run twice by a restarted operator.
     assert cluster.get("job", "late-trainer", "-n", namespace)["metadata"]["uid"] == job_uid
-    assert len(started.read_text().splitlines()) == 1 and status["attempts"] == 1
+    assert signals.starts("late") == 1 and status["attempts"] == 1
 
 
 def test_schema_valid_but_invalid_spec_fails_with_invalid_spec(cluster: Any, namespace: str,
@@ -169,8 +161,8 @@ def test_missing_secret_waits_then_proceeds(cluster: Any, namespace: str, operat
     assert all(secret_value not in text for text in seen), "a credential leaked into logs or objects"
 
 
-def test_delete_removes_job_pods_and_config(cluster: Any, namespace: str, operator: Any, tmp_path: Path) -> None:
-    cluster.apply(finetunejob("doomed", env=env(FAKE_WAIT_FOR=str(tmp_path / "never"))), namespace)
+def test_delete_removes_job_pods_and_config(cluster: Any, namespace: str, operator: Any, signals: Signals) -> None:
+    cluster.apply(finetunejob("doomed", env=env(FAKE_WAIT_FOR=signals.gate("never"))), namespace)
     wait_phase(cluster, namespace, "doomed", "Running")
     cluster.kubectl("delete", "ftj", "doomed", "-n", namespace, "--wait=true", "--timeout=60s")
 
@@ -191,8 +183,8 @@ def test_restricted_pod_security_accepts_the_training_pod(cluster: Any, namespac
 
 
 def test_recreated_job_with_the_same_name_runs_on_its_own(cluster: Any, namespace: str, operator: Any,
-                                                           tmp_path: Path) -> None:
-    cluster.apply(finetunejob("again", env=env(FAKE_WAIT_FOR=str(tmp_path / "never"))), namespace)
+                                                           signals: Signals) -> None:
+    cluster.apply(finetunejob("again", env=env(FAKE_WAIT_FOR=signals.gate("never"))), namespace)
     wait_phase(cluster, namespace, "again", "Running")
     first_uid = ftj(cluster, namespace, "again")["metadata"]["uid"]
     cluster.kubectl("delete", "ftj", "again", "-n", namespace, "--wait=false")
@@ -289,22 +281,22 @@ ENV_RULE = "/spec/versions/0/schema/openAPIV3Schema/properties/spec/properties/e
 
 
 def test_a_running_job_whose_spec_stops_validating_is_followed_to_its_end(
-        cluster: Any, namespace: str, operator: Any, tmp_path: Path) -> None:
-    release = tmp_path / "release"
-    cluster.apply(finetunejob("grandfathered", env=env(FAKE_WAIT_FOR=str(release))), namespace)
+        cluster: Any, namespace: str, operator: Any, signals: Signals) -> None:
+    release = signals.gate("grandfathered")
+    cluster.apply(finetunejob("grandfathered", env=env(FAKE_WAIT_FOR=release)), namespace)
     wait_phase(cluster, namespace, "grandfathered", "Running")
     # An older CRD without the reserved-name rule lets a spec in that this operator rejects: what
     # an upgrade that tightens validation leaves behind.
     cluster.kubectl("patch", "crd", "finetunejobs.kubetune.io", "--type=json",
                     "-p", json.dumps([{"op": "remove", "path": ENV_RULE}]))
     try:
-        patch = json.dumps({"spec": {"env": [*env(FAKE_WAIT_FOR=str(release)), {"name": "KUBETUNE_X", "value": "1"}]}})
+        patch = json.dumps({"spec": {"env": [*env(FAKE_WAIT_FOR=release), {"name": "KUBETUNE_X", "value": "1"}]}})
         wait_for(lambda: cluster.kubectl("patch", "ftj", "grandfathered", "-n", namespace, "--type=merge", "-p", patch,
                                          check=False).returncode == 0, timeout=60, message="the looser CRD in force")
     finally:
         cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
     wait_for(lambda: "no longer validates" in operator.logs(), timeout=60, message="the operator to notice")
     assert ftj(cluster, namespace, "grandfathered")["status"]["phase"] == "Running"
-    release.touch()
+    signals.open("grandfathered")
     status = wait_phase(cluster, namespace, "grandfathered", "Succeeded")
     assert status["reason"] == "Succeeded" and status["metrics"]["evalLoss"] == 0.5

@@ -20,7 +20,6 @@ from helpers import REPO, free_port, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.images]
 CONTAINERS_CONF = REPO / "hack" / "containers.conf"
-FAKE_TRAINER = Path(__file__).resolve().parent / "fake_trainer.py"
 ARBITRARY_UID = 1000650000
 
 
@@ -33,8 +32,8 @@ def podman(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture
-def operator_container(cluster: Any, crd: None, namespace: str, operator_kubeconfig: Path,
-                       images: dict[str, str], tmp_path: Path) -> Iterator[str]:
+def operator_container(cluster: Any, crd: None, namespace: str, operator_kubeconfig: Path, node: Any,
+                       fake_trainer_env: dict[str, str], images: dict[str, str], tmp_path: Path) -> Iterator[str]:
     """`kubetune operator --namespace NS` from the operator image; settings in an env file, never in args."""
     health_port, report_port = free_port(), free_port()
     kubeconfig = tmp_path / "kubeconfig"
@@ -45,13 +44,13 @@ def operator_container(cluster: Any, crd: None, namespace: str, operator_kubecon
     env_file.write_text("\n".join([
         "KUBECONFIG=/etc/kubetune/kubeconfig",
         f"KUBETUNE_LIVENESS_ENDPOINT=http://127.0.0.1:{health_port}/healthz",
-        f"KUBETUNE_REPORT_LISTEN=127.0.0.1:{report_port}",
-        f"KUBETUNE_REPORT_URL=http://127.0.0.1:{report_port}",
+        f"KUBETUNE_REPORT_LISTEN={node.host}:{report_port}",
+        f"KUBETUNE_REPORT_URL=http://{node.host}:{report_port}",
         f"KUBETUNE_REPORT_KEY={report_key}",
         "KUBETUNE_STATUS_INTERVAL=1",
         "KUBETUNE_RESYNC_SECONDS=5",
-        # The pods run on the local node's host processes: the TEST DOUBLE trainer from this checkout.
-        "KUBETUNE_TRAINER_COMMAND=" + json.dumps(["python", str(FAKE_TRAINER)]),
+        # The TEST DOUBLE trainer: from this checkout (node agent) or in its image (real node).
+        *(f"{key}={value}" for key, value in fake_trainer_env.items()),
     ]) + "\n")
     env_file.chmod(0o600)
     name = f"kubetune-operator-{namespace}"

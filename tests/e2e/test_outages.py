@@ -8,17 +8,15 @@ silently drops every byte, as a dead route or middlebox does; connections that s
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import threading
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 from typing import Any
 
 import pytest
-from operator_helpers import event_reasons, finetunejob, ftj, wait_phase
+from operator_helpers import Signals, env, event_reasons, finetunejob, ftj, wait_phase
 
 from helpers import wait_for
 
@@ -27,9 +25,6 @@ pytestmark = pytest.mark.e2e
 OUTAGE = float(os.environ.get("KUBETUNE_TEST_OUTAGE_SECONDS", "60"))
 RECOVERY = 60.0  # every job must end Succeeded within this long after the network heals
 
-
-def env(**values: str) -> list[dict[str, str]]:
-    return [{"name": k, "value": v} for k, v in values.items()]
 
 
 def hold_until(deadline: float) -> None:
@@ -42,18 +37,17 @@ def job_succeeded(cluster: Any, namespace: str, name: str) -> bool:
 
 
 def test_jobs_that_finish_during_an_api_outage_succeed_soon_after_it(
-        cluster: Any, namespace: str, proxied_operator: Any, apiserver_proxy: Any, tmp_path: Path) -> None:
-    release = tmp_path / "release"
+        cluster: Any, namespace: str, proxied_operator: Any, apiserver_proxy: Any, signals: Signals) -> None:
     names = [f"blind-{i}" for i in range(3)]
     for name in names:
         cluster.apply(finetunejob(name, resources={"gpus": 0, "sharedMemory": "64Mi"},
-                                  env=env(FAKE_WAIT_FOR=str(release))), namespace)
+                                  env=env(FAKE_WAIT_FOR=signals.gate("release"))), namespace)
     for name in names:
         wait_phase(cluster, namespace, name, "Running")
 
     apiserver_proxy.blackhole()
     end_of_outage = time.monotonic() + OUTAGE
-    release.touch()
+    signals.open("release")
     wait_for(lambda: all(job_succeeded(cluster, namespace, n) for n in names), timeout=OUTAGE,
              message="the training Jobs to complete while the operator is cut off")
     assert {ftj(cluster, namespace, n)["status"]["phase"] for n in names} == {"Running"}, \
@@ -108,18 +102,17 @@ def liveness(operator: Any) -> int:
         return int(error.code)
 
 
-WEDGED = {"KUBETUNE_TRAINER_COMMAND": json.dumps(["python", str(Path(__file__).parent / "fake_trainer.py")]),
-          "KUBETUNE_API_TIMEOUT": "120", "KUBETUNE_STALL_SECONDS": "3"}
+WEDGED = {"KUBETUNE_API_TIMEOUT": "120", "KUBETUNE_STALL_SECONDS": "3"}
 
 
 @pytest.mark.parametrize("operator_env", [WEDGED], ids=["api-timeout-120s-stall-3s"])
 def test_liveness_fails_while_a_reconcile_is_stuck(cluster: Any, namespace: str, proxied_operator: Any,
-                                                   apiserver_proxy: Any, tmp_path: Path) -> None:
-    cluster.apply(finetunejob("stuck", env=env(FAKE_WAIT_FOR=str(tmp_path / "never"))), namespace)
+                                                   apiserver_proxy: Any, signals: Signals) -> None:
+    cluster.apply(finetunejob("stuck", env=env(FAKE_WAIT_FOR=signals.gate("never"))), namespace)
     wait_phase(cluster, namespace, "stuck", "Running")
     assert liveness(proxied_operator) == 200
     apiserver_proxy.blackhole()  # the next resync waits on the API server for up to 120 s
     wait_for(lambda: liveness(proxied_operator) == 500, timeout=60,
              message="the liveness endpoint to report the stuck reconcile")
     proxied_operator.stop(kill=True)
-    (tmp_path / "never").touch()  # let the training pod end instead of outliving the test
+    signals.open("never")  # let the training pod end instead of outliving the test

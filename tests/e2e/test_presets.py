@@ -7,15 +7,13 @@ of its config as the final step, so the effective spec shows in status.progress.
 
 from __future__ import annotations
 
-import json
 import secrets
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from operator_helpers import finetunejob, ftj, wait_phase
+from operator_helpers import Signals, env, finetunejob, ftj, wait_phase
 
 from helpers import REPO, wait_for
 
@@ -201,10 +199,9 @@ def test_a_namespace_default_preset_applies_to_jobs_that_name_none(cluster: Any,
 
 
 def test_editing_a_preset_does_not_change_a_running_job(cluster: Any, namespace: str, operator: Any,
-                                                        tmp_path: Path) -> None:
-    release = tmp_path / "release"
+                                                        signals: Signals) -> None:
     cluster.apply(preset("team", namespace, defaults={"training": {"maxSteps": 7}}), namespace)
-    body = job("held", env=[{"name": "FAKE_WAIT_FOR", "value": str(release)}])
+    body = job("held", env=env(FAKE_WAIT_FOR=signals.gate("held")))
     del body["spec"]["training"]
     cluster.apply(body, namespace)
     wait_phase(cluster, namespace, "held", "Running")
@@ -220,7 +217,7 @@ def test_editing_a_preset_does_not_change_a_running_job(cluster: Any, namespace:
     job_annotations = cluster.get("job", "held-trainer", "-n", namespace)["metadata"]["annotations"]
     assert '"maxSteps": 7' in job_annotations["kubetune.io/preset-defaults"]
 
-    release.touch()
+    signals.open("held")
     status = wait_phase(cluster, namespace, "held", "Succeeded")
     assert status["progress"]["step"] == 7 and status["preset"]["generation"] == 1
     # A job created now gets the edited preset.
@@ -243,15 +240,17 @@ def test_the_operator_fails_a_job_that_got_past_admission(cluster: Any, namespac
     assert cluster.kubectl("get", "job", "bypass-trainer", "-n", namespace, check=False).returncode != 0
 
 
-RESTRICTED = {"KUBETUNE_TRAINER_COMMAND": json.dumps(["python", str(Path(__file__).parent / "fake_trainer.py")]),
-              "KUBETUNE_RESTRICT_IMAGES_AND_SERVICE_ACCOUNTS": "true"}
+RESTRICTED = {"KUBETUNE_RESTRICT_IMAGES_AND_SERVICE_ACCOUNTS": "true"}
 
 
 @pytest.mark.parametrize("operator_env", [RESTRICTED], ids=["restricted"])
-def test_the_operator_refuses_a_chosen_image_no_preset_allows(cluster: Any, namespace: str, operator: Any) -> None:
-    cluster.apply(finetunejob("own-image", image="example.com/trainer:1"), namespace)
+def test_the_operator_refuses_a_chosen_image_no_preset_allows(cluster: Any, namespace: str, operator: Any,
+                                                              fake_trainer_env: dict[str, str]) -> None:
+    # An image the node can run: the TEST DOUBLE's (real node), any name (node agent).
+    image = fake_trainer_env.get("KUBETUNE_TRAINER_IMAGE", "example.com/trainer:1")
+    cluster.apply(finetunejob("own-image", image=image), namespace)
     status = wait_phase(cluster, namespace, "own-image", "Failed", reason="PolicyViolation")
     assert status["message"] == "spec.image: a FineTuneJob without a preset cannot choose its image"
-    cluster.apply(preset("team", namespace, limits={"allowedImages": ["example.com/trainer:"]}), namespace)
-    cluster.apply(job("allowed", image="example.com/trainer:1"), namespace)
+    cluster.apply(preset("team", namespace, limits={"allowedImages": [image.rsplit(":", 1)[0] + ":"]}), namespace)
+    cluster.apply(job("allowed", image=image), namespace)
     wait_phase(cluster, namespace, "allowed", "Succeeded")

@@ -22,22 +22,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from operator_helpers import Operator, finetunejob, published, running_operator, wait_phase
+from operator_helpers import Operator, Signals, env, finetunejob, published, running_operator, wait_phase
 
 from devcluster import images as images_lib
 from devcluster import real_node, seed_demo
-from helpers import REPO, Cluster, devcluster, wait_for
+from helpers import REPO, TEST_DOUBLE_PATH, Cluster, build_test_double_image, devcluster, wait_for
 
 pytestmark = pytest.mark.e2e
 
 
 IMAGE = "kubetune.local/busybox:test"
-FAKE_TRAINER_DOCKERFILE = Path(__file__).parent / "fake_trainer.Dockerfile"
 # nslookup, wget, httpd, mkdir: cluster DNS and Services between pods. (This busybox's wget cannot
 # talk TLS to the apiserver, whose certificate has an ECDSA key, and crashes with -T: kubectl does
 # the in-cluster API calls.)
 APPLETS = ("sh", "id", "touch", "echo", "sleep", "cat", "head", "tr", "nslookup", "wget", "httpd", "mkdir")
 RESTRICTED = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+# The session cluster's node is a kubelet (tests/conftest.py starts it with the environment's KUBETUNE_NODE).
+SESSION_NODE_IS_REAL = os.environ.get("KUBETUNE_NODE", "") == "kubelet"
 LOCKED_DOWN = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
 
 
@@ -61,9 +62,18 @@ def busybox_image(workdir: Path, kubectl: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def node_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def node_cluster(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    """A cluster with a real node: the session's own when it has one (`KUBETUNE_NODE=kubelet`: one
+    real node per machine), else one of this module's, stopped at its end."""
     if os.environ.get("USE_EXISTING_CLUSTER", "").lower() == "true":
         pytest.skip("starts its own cluster with a real node")
+    if SESSION_NODE_IS_REAL:
+        session: Cluster = request.getfixturevalue("cluster")
+        assert session.dir is not None
+        busybox = busybox_image(tmp_path_factory.mktemp("real-node") / "image", session.kubectl_path)
+        real_node.import_image(real_node.NodePaths(session.dir / "data" / "node"), busybox)
+        yield session
+        return
     # The cluster installs what it needs (hack/install-node-tools.sh); without it there is no node.
     subprocess.run(["bash", str(REPO / "hack" / "install-node-tools.sh")], capture_output=True)
     missing = [tool for tool in ("containerd", "runc", "ctr", "buildah") if shutil.which(tool) is None]
@@ -340,24 +350,15 @@ def test_chart_and_quickstart_run_from_the_images_on_the_real_node(
 
 
 @pytest.fixture(scope="module")
-def test_double_image(node_cluster: Cluster, images: dict[str, str]) -> str:
-    """The TEST DOUBLE trainer (tests/e2e/fake_trainer.py) in an image FROM the operator image
-    (tests/e2e/fake_trainer.Dockerfile), pushed to the cluster's registry: its reference there."""
+def node_test_double(node_cluster: Cluster, images: dict[str, str]) -> str:
+    """The TEST DOUBLE trainer image (tests/e2e/fake_trainer.Dockerfile), in the cluster's registry."""
     assert node_cluster.dir is not None
     state = json.loads((node_cluster.dir / "cluster.json").read_text())
-    local = f"localhost/kubetune/trainer-test-double:{images_lib.version()}"
-    images_lib.run(["buildah", "build", "--layers", "--pull-never", "--format", "oci", "--quiet",
-                    "--build-arg", f"BASE_IMAGE={images['operator']}", "--tag", local,
-                    "--file", str(FAKE_TRAINER_DOCKERFILE), str(FAKE_TRAINER_DOCKERFILE.parent)],
-                   capture_output=True)
-    reference = f"{state['registry']}/kubetune/trainer-test-double:{images_lib.version()}"
-    images_lib.run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"containers-storage:{local}",
-                    f"docker://{reference}"], capture_output=True)
-    return reference
+    return build_test_double_image(images["operator"], state["registry"])
 
 
 @pytest.fixture(scope="module")
-def node_operator(node_cluster: Cluster, test_double_image: str,
+def node_operator(node_cluster: Cluster, node_test_double: str,
                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
     """The operator (a host process) watching namespace `lifecycle` (Pod Security: restricted), its
     trainer the TEST DOUBLE image, its report endpoint on the node address (the pods' way to the host)."""
@@ -367,8 +368,8 @@ def node_operator(node_cluster: Cluster, test_double_image: str,
     wait_for(lambda: node_cluster.get("serviceaccount", "default", "-n", ns), 60, f"the default ServiceAccount of {ns}")
     node_cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
     node_cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/finetunejobs.kubetune.io")
-    env = {"KUBETUNE_TRAINER_IMAGE": test_double_image,
-           "KUBETUNE_TRAINER_COMMAND": json.dumps(["python", "/opt/kubetune-test/fake_trainer.py"])}
+    env = {"KUBETUNE_TRAINER_IMAGE": node_test_double,
+           "KUBETUNE_TRAINER_COMMAND": json.dumps(["python", TEST_DOUBLE_PATH])}
     with running_operator(node_cluster, ns, tmp_path_factory.mktemp("node-operator"), env,
                           report_host=real_node.node_ip()) as running:
         yield running
@@ -381,7 +382,7 @@ def trainer_pods(cluster: Cluster, namespace: str, name: str) -> list[dict[str, 
 
 
 def test_operator_runs_the_test_double_image_on_the_gpu_node_to_success(
-        node_cluster: Cluster, node_operator: Operator, test_double_image: str) -> None:
+        node_cluster: Cluster, node_operator: Operator, node_test_double: str) -> None:
     ns = node_operator.namespace
     node_cluster.apply(finetunejob("ok", resources={"gpus": 1, "sharedMemory": "64Mi"}), ns)
     status = wait_phase(node_cluster, ns, "ok", "Succeeded", timeout=180)
@@ -392,7 +393,7 @@ def test_operator_runs_the_test_double_image_on_the_gpu_node_to_success(
     [pod_object] = trainer_pods(node_cluster, ns, "ok")
     assert pod_object["spec"]["nodeName"] == "kubetune-local"
     container = pod_object["spec"]["containers"][0]
-    assert container["image"] == test_double_image
+    assert container["image"] == node_test_double
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     [container_status] = pod_object["status"]["containerStatuses"]
     assert container_status["state"]["terminated"]["reason"] == "Completed"
@@ -403,8 +404,7 @@ def test_invalid_input_on_the_real_node_fails_at_once_with_the_trainer_message(
         node_cluster: Cluster, node_operator: Operator) -> None:
     ns = node_operator.namespace
     message = "s3://data/train.jsonl: missing column 'answer' (columns: prompt, output)"
-    node_cluster.apply(finetunejob("bad-data", backoffLimit=3, env=[
-        {"name": "FAKE_EXIT_CODE", "value": "3"}, {"name": "FAKE_MESSAGE", "value": message}]), ns)
+    node_cluster.apply(finetunejob("bad-data", backoffLimit=3, env=env(FAKE_EXIT_CODE="3", FAKE_MESSAGE=message)), ns)
     status = wait_phase(node_cluster, ns, "bad-data", "Failed", timeout=180)
     assert status["reason"] == "InvalidInput"
     assert message in status["message"]
@@ -414,8 +414,7 @@ def test_invalid_input_on_the_real_node_fails_at_once_with_the_trainer_message(
 def test_generic_failure_on_the_real_node_is_retried_up_to_backoff_limit(
         node_cluster: Cluster, node_operator: Operator) -> None:
     ns = node_operator.namespace
-    node_cluster.apply(finetunejob("flaky", backoffLimit=1, env=[
-        {"name": "FAKE_EXIT_CODE", "value": "1"}, {"name": "FAKE_MESSAGE", "value": "CUDA error"}]), ns)
+    node_cluster.apply(finetunejob("flaky", backoffLimit=1, env=env(FAKE_EXIT_CODE="1", FAKE_MESSAGE="CUDA error")), ns)
     status = wait_phase(node_cluster, ns, "flaky", "Failed", timeout=300)
     assert status["reason"] == "BackoffLimitExceeded"
     assert status["attempts"] == 2 and "CUDA error" in status["message"]
@@ -432,6 +431,49 @@ def test_a_secret_without_the_named_key_shows_the_real_kubelet_reason(
     status = wait_phase(node_cluster, ns, "no-key", "Pending", reason="CreateContainerConfigError", timeout=180)
     assert "the training pod cannot start" in status["message"]
     assert "couldn't find key token in Secret lifecycle/hf" in status["message"], status["message"]
+
+
+@pytest.fixture(scope="module")
+def node_signals() -> Iterator[Signals]:
+    """Gates and start counts for the TEST DOUBLE trainer, served on the node address."""
+    served = Signals(real_node.node_ip())
+    try:
+        yield served
+    finally:
+        served.close()
+
+
+def test_suspend_stops_the_pod_on_the_real_node_and_resume_runs_it_again(
+        node_cluster: Cluster, node_operator: Operator, node_signals: Signals) -> None:
+    ns = node_operator.namespace
+    node_cluster.apply(finetunejob("pausable", env=env(FAKE_WAIT_FOR=node_signals.gate("pausable"),
+                                                       FAKE_STARTED=node_signals.started("pausable"))), ns)
+    wait_for(lambda: node_signals.starts("pausable") == 1, 180, "the trainer container to start")
+
+    node_cluster.kubectl("patch", "ftj", "pausable", "-n", ns, "--type=merge", "-p", '{"spec":{"suspend":true}}')
+    wait_phase(node_cluster, ns, "pausable", "Suspended")
+    # The kubelet stops the container (SIGTERM) and the pod goes away.
+    wait_for(lambda: not trainer_pods(node_cluster, ns, "pausable"), 120, "the suspended job's pod to go away")
+
+    node_signals.open("pausable")
+    node_cluster.kubectl("patch", "ftj", "pausable", "-n", ns, "--type=merge", "-p", '{"spec":{"suspend":false}}')
+    status = wait_phase(node_cluster, ns, "pausable", "Succeeded", timeout=180)
+    assert node_signals.starts("pausable") == 2 and status["metrics"]["evalLoss"] == 0.5
+
+
+def test_deleting_a_job_on_the_real_node_removes_its_job_pod_and_config(
+        node_cluster: Cluster, node_operator: Operator, node_signals: Signals) -> None:
+    ns = node_operator.namespace
+    node_cluster.apply(finetunejob("doomed", env=env(FAKE_WAIT_FOR=node_signals.gate("never"),
+                                                     FAKE_STARTED=node_signals.started("doomed"))), ns)
+    wait_for(lambda: node_signals.starts("doomed") == 1, 180, "the trainer container to start")
+    node_cluster.kubectl("delete", "ftj", "doomed", "-n", ns, "--wait=true", "--timeout=60s")
+
+    def children() -> list[str]:
+        return [f"{kind}/{item['metadata']['name']}" for kind in ("jobs", "pods", "configmaps")
+                for item in node_cluster.get(kind, "-n", ns, "-l", "kubetune.io/job=doomed")["items"]]
+
+    wait_for(lambda: children() == [], timeout=120, message="the job's children to be garbage-collected")
 
 
 def test_make_demo_trains_the_quickstart_from_the_images_on_the_real_node(
@@ -457,6 +499,7 @@ def test_make_demo_trains_the_quickstart_from_the_images_on_the_real_node(
         node_cluster.helm("uninstall", "kubetune", "-n", "kubetune-system", "--wait", check=False)
 
 
+@pytest.mark.skipif(SESSION_NODE_IS_REAL, reason="the session's cluster: stopped by its own teardown")
 def test_down_leaves_nothing_of_the_node_behind(node_cluster: Cluster) -> None:
     assert node_cluster.dir is not None
     node = real_node.NodePaths(node_cluster.dir / "data" / "node")

@@ -11,11 +11,10 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 from typing import Any
 
 import pytest
-from operator_helpers import finetunejob, ftj, report_token, wait_phase
+from operator_helpers import Signals, env, finetunejob, ftj, report_token, wait_phase
 
 from helpers import wait_for
 
@@ -38,16 +37,16 @@ def send(url: str, body: dict[str, Any], token: str | None) -> tuple[int, dict[s
         return int(error.code), json.loads(error.read() or b"{}")
 
 
-def running_job(cluster: Any, namespace: str, operator: Any, name: str, release: Path) -> tuple[str, str]:
-    """A FineTuneJob held Running (TEST DOUBLE trainer) until `release` exists: (report URL, token)."""
-    cluster.apply(finetunejob(name, env=[{"name": "FAKE_WAIT_FOR", "value": str(release)}]), namespace)
+def running_job(cluster: Any, namespace: str, operator: Any, name: str, signals: Signals) -> tuple[str, str]:
+    """A FineTuneJob held Running (TEST DOUBLE trainer) until its gate opens: (report URL, token)."""
+    cluster.apply(finetunejob(name, env=env(FAKE_WAIT_FOR=signals.gate(name))), namespace)
     wait_phase(cluster, namespace, name, "Running")
     return f"{operator.report_url}/v1/reports/{namespace}/{name}", report_token(cluster, namespace, name)
 
 
 def test_only_the_jobs_own_token_reports_for_it(cluster: Any, namespace: str, operator: Any,
-                                                tmp_path: Path) -> None:
-    hold = [{"name": "FAKE_WAIT_FOR", "value": str(tmp_path / "release")}]
+                                                signals: Signals) -> None:
+    hold = env(FAKE_WAIT_FOR=signals.gate("release"))
     for name in ("job-a", "job-b"):
         cluster.apply(finetunejob(name, env=hold), namespace)
     for name in ("job-a", "job-b"):
@@ -57,8 +56,8 @@ def test_only_the_jobs_own_token_reports_for_it(cluster: Any, namespace: str, op
     token_a = report_token(cluster, namespace, "job-a")
     assert secret["metadata"]["ownerReferences"][0]["name"] == "job-a"
     pod = cluster.get("pods", "-n", namespace, "-l", "batch.kubernetes.io/job-name=job-a-trainer")["items"][0]
-    env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
-    assert env["KUBETUNE_REPORT_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == secret["metadata"]["name"]
+    pod_env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
+    assert pod_env["KUBETUNE_REPORT_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == secret["metadata"]["name"]
     assert token_a not in json.dumps(pod)
 
     url_a = f"{operator.report_url}/v1/reports/{namespace}/job-a"
@@ -77,18 +76,18 @@ def test_only_the_jobs_own_token_reports_for_it(cluster: Any, namespace: str, op
     assert "progress" not in status_b and not status_b.get("metrics")
     assert ftj(cluster, namespace, "job-a")["status"]["phase"] == "Running"
 
-    (tmp_path / "release").touch()
+    signals.open("release")
     wait_phase(cluster, namespace, "job-a", "Succeeded")
     wait_phase(cluster, namespace, "job-b", "Succeeded")
     assert send(url_a, {"type": "progress", "step": 1, "totalSteps": 10}, token_a) == (202, {"accepted": False})
     assert ftj(cluster, namespace, "job-a")["status"]["progress"]["percent"] == 100
 
 
-def test_reports_are_rate_limited_per_job(cluster: Any, namespace: str, operator: Any, tmp_path: Path) -> None:
-    url, token = running_job(cluster, namespace, operator, "chatty", tmp_path / "release")
+def test_reports_are_rate_limited_per_job(cluster: Any, namespace: str, operator: Any, signals: Signals) -> None:
+    url, token = running_job(cluster, namespace, operator, "chatty", signals)
     codes = [post(url, {"type": "progress", "step": i}, token) for i in range(40)]
     assert codes.count(202) >= 20 and 429 in codes
-    (tmp_path / "release").touch()
+    signals.open("chatty")
     wait_phase(cluster, namespace, "chatty", "Succeeded")
 
 
@@ -96,9 +95,10 @@ FLOOD_SECONDS = float(os.environ.get("KUBETUNE_TEST_FLOOD_SECONDS", "120"))
 FLOOD_RATE = 200  # bogus requests per second, all threads together
 
 
-def flood(port: int, namespace: str, real_job: str, stop: threading.Event, sent: list[int], rate: float) -> None:
+def flood(host: str, port: int, namespace: str, real_job: str, stop: threading.Event, sent: list[int],
+          rate: float) -> None:
     """Bogus reports at `rate` per second: unknown jobs, the real job with wrong tokens, no tokens."""
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    connection = http.client.HTTPConnection(host, port, timeout=5)
     body = json.dumps({"type": "progress", "step": 999}).encode()
     period, due, i = 1.0 / rate, time.monotonic(), 0
     while not stop.is_set():
@@ -113,19 +113,19 @@ def flood(port: int, namespace: str, real_job: str, stop: threading.Event, sent:
             sent[0] += 1
         except (OSError, http.client.HTTPException):
             connection.close()
-            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            connection = http.client.HTTPConnection(host, port, timeout=5)
         due += period
         stop.wait(max(0.0, due - time.monotonic()))
     connection.close()
 
 
 def test_a_flood_of_bogus_reports_does_not_stop_a_real_jobs_progress(cluster: Any, namespace: str, operator: Any,
-                                                                      tmp_path: Path) -> None:
-    url, token = running_job(cluster, namespace, operator, "steady", tmp_path / "release")
+                                                                      signals: Signals) -> None:
+    url, token = running_job(cluster, namespace, operator, "steady", signals)
 
     stop, sent = threading.Event(), [0]
-    threads = [threading.Thread(target=flood, args=(operator.report_port, namespace, "steady", stop, sent,
-                                                    FLOOD_RATE / 4), daemon=True) for _ in range(4)]
+    threads = [threading.Thread(target=flood, args=(operator.report_host, operator.report_port, namespace, "steady",
+                                                    stop, sent, FLOOD_RATE / 4), daemon=True) for _ in range(4)]
     for thread in threads:
         thread.start()
     codes: list[int] = []
@@ -151,13 +151,13 @@ def test_a_flood_of_bogus_reports_does_not_stop_a_real_jobs_progress(cluster: An
     wait_for(lambda: ftj(cluster, namespace, "steady")["status"]["progress"]["step"] == step, timeout=30,
              message="the last real report in status")
     assert sent[0] > 0
-    (tmp_path / "release").touch()
+    signals.open("steady")
     wait_phase(cluster, namespace, "steady", "Succeeded")
 
 
 def test_progress_never_goes_backwards_after_a_resume(cluster: Any, namespace: str, operator: Any,
-                                                     tmp_path: Path) -> None:
-    url, token = running_job(cluster, namespace, operator, "resumed", tmp_path / "release")
+                                                     signals: Signals) -> None:
+    url, token = running_job(cluster, namespace, operator, "resumed", signals)
 
     def status() -> dict[str, Any]:
         return ftj(cluster, namespace, "resumed")["status"]
@@ -170,5 +170,5 @@ def test_progress_never_goes_backwards_after_a_resume(cluster: Any, namespace: s
     assert status()["progress"]["step"] == 30 and status()["progress"]["percent"] == 30
     assert post(url, {"type": "progress", "step": 31, "totalSteps": 100, "loss": 0.6}, token) == 202
     wait_for(lambda: status()["progress"]["step"] == 31, timeout=30, message="step 31")
-    (tmp_path / "release").touch()
+    signals.open("resumed")
     wait_phase(cluster, namespace, "resumed", "Succeeded")

@@ -111,16 +111,28 @@ def test_admission_policies_follow_the_values(cluster: Any) -> None:
     assert policies("--set", "admissionPolicy.enabled=false") == {}
 
 
+def chart_values(node: Any, minio_env: dict[str, str], request: pytest.FixtureRequest) -> list[str]:
+    """`helm --set` flags for the session cluster's node: the images from the cluster's registry,
+    MinIO at the node address and reports through the chart's Service (real node); or loopback
+    addresses shared with the host (the node agent's pods are host processes)."""
+    values = ["storage.insecure=true", "storage.secretName=kubetune-s3"]
+    if node.real:
+        pushed = request.getfixturevalue("cluster_images")
+        repository, tag = pushed["operator"].rsplit(":", 1)
+        values += [f"image.repository={repository}", f"image.tag={tag}", f"trainer.image={pushed['trainer']}",
+                   f"storage.endpoint={node.host}:{minio_env['MINIO_ENDPOINT'].rsplit(':', 1)[1]}"]
+    else:
+        report_port = free_port()
+        values += [f"storage.endpoint={minio_env['MINIO_ENDPOINT']}", f"reports.port={report_port}",
+                   f"reports.url=http://127.0.0.1:{report_port}", f"healthPort={free_port()}"]
+    return [flag for value in values for flag in ("--set", value)]
+
+
 @pytest.mark.e2e
 def test_install_train_test_uninstall(cluster: Any, crd: None, namespace: str, minio_env: dict[str, str],
-                                      tmp_path: Path) -> None:
+                                      node: Any, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     release_ns = f"kubetune-system-{secrets.token_hex(3)}"
-    report_port = free_port()
-    values = ["--set", f"storage.endpoint={minio_env['MINIO_ENDPOINT']}", "--set", "storage.insecure=true",
-              "--set", "storage.secretName=kubetune-s3",
-              # Pods of the local node share the host's loopback: the trainer reaches the operator there.
-              "--set", f"reports.port={report_port}", "--set", f"reports.url=http://127.0.0.1:{report_port}",
-              "--set", f"healthPort={free_port()}"]
+    values = chart_values(node, minio_env, request)
     install = cluster.helm("install", "kubetune", str(CHART), "-n", release_ns, "--create-namespace",
                            "--wait", "--timeout", "180s", *values)
     assert "helm test kubetune" in install.stdout  # NOTES.txt tells what to do next
