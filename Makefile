@@ -45,7 +45,7 @@ lint: venv  ## ruff + mypy + generated-file drift
 crd: venv  ## regenerate crds/, the chart's CRD copy and docs/api.md from operator/kubetune/api.py
 	$(VENV)/bin/kubetune crd
 
-cluster-up: venv  ## start the local cluster (kube-apiserver, etcd, controllers, MinIO, Kueue, GPU node agent; KUBETUNE_KUEUE=0: no Kueue)
+cluster-up: venv  ## start the local cluster (kube-apiserver, etcd, controllers, MinIO, registry, Kueue, a kubelet + containerd node; KUBETUNE_KUEUE=0: no Kueue)
 	$(PY) -m devcluster up
 
 cluster-down:  ## stop everything cluster-up started
@@ -67,7 +67,7 @@ gpu-check: venv  ## bf16 / int8 / int4 LoRA on a real GPU: peak memory and token
 chart-docs: venv  ## regenerate the chart's values.schema.json and README.md from values.yaml
 	$(PY) hack/chart_docs.py
 
-demo: venv  ## local cluster + Helm install + MinIO + quickstart FineTuneJob, followed live to its adapter
+demo: venv  ## local cluster + the images + Helm install + MinIO + quickstart FineTuneJob, followed live to its adapter
 	$(PY) -m devcluster.demo up
 
 demo-down:  ## uninstall the demo and stop the local cluster

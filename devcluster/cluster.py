@@ -1,8 +1,8 @@
 """Local development cluster of real components, no Docker: ``python -m devcluster up|down|status``.
 
-``up`` starts etcd, kube-apiserver, kube-controller-manager, kube-scheduler, MinIO, Kueue and the
-local node agent (devcluster/node_agent.py, a development-only stand-in for kubelet + container runtime)
-as detached processes on loopback with free ports, waits until the cluster is usable and writes:
+``up`` starts etcd, kube-apiserver, kube-controller-manager, kube-scheduler, MinIO, an image
+registry, Kueue and a real node (below) as detached processes with free ports, waits until the
+cluster is usable and writes:
 
     <dir>/kubeconfig      admin kubeconfig (client certificate in system:masters)
     <dir>/bin/kubectl     kubectl and helm (devcluster/tools.py)
@@ -12,22 +12,25 @@ as detached processes on loopback with free ports, waits until the cluster is us
     <dir>/logs/           one log per component; pod logs under logs/pods/
 
 ``<dir>`` is ``.kubetune/`` in the repository unless ``--dir`` says otherwise, so several clusters
-can run side by side. ``up`` on a running cluster does nothing; ``down`` stops every process ``up``
-started (process groups, found through the state file and an environment marker), unmounts what
-the node agent mounted and deletes the cluster's data. Certificates stay for the next ``up``.
-``stop NAME`` / ``start NAME`` stop one process of the cluster and start it again alike (fault
-injection, e.g. an object-store outage: ``stop minio``).
+can run side by side (one with a real node). ``up`` on a running cluster does nothing; ``down``
+stops every process ``up`` started (process groups, found through the state file and an
+environment marker), unmounts what the node mounted and deletes the cluster's data.
+Certificates stay for the next ``up``. ``stop NAME`` / ``start NAME`` stop one process of the
+cluster and start it again alike (fault injection, e.g. an object-store outage: ``stop minio``).
 
 Kueue (hack/build-kueue.sh, pinned in hack/kueue/go.mod) runs with its webhooks: no Service
 routing here, so its webhook configurations and its CRDs' conversion webhooks point at
 ``https://127.0.0.1:<port>`` with a serving certificate from the cluster's CA. ``--no-kueue`` (or
 ``KUBETUNE_KUEUE=0``) starts the cluster without it.
 
-``KUBETUNE_NODE=kubelet`` replaces the node agent with a real node (devcluster/real_node.py): kubelet
-v1.35 and containerd with a CNI bridge, the Debian packages installed by
-hack/install-node-tools.sh, kube-proxy (iptables mode) and CoreDNS (a process on the node address
-behind the ``kube-dns`` Service); the apiserver then also serves on the node address with a real
-``kubernetes`` Service endpoint. ``down`` also undoes what they leave on the machine.
+The node is real (devcluster/real_node.py): kubelet v1.35 and containerd with a CNI bridge, the
+Debian packages installed by hack/install-node-tools.sh, kube-proxy (iptables mode), CoreDNS (a
+process on the node address behind the ``kube-dns`` Service) and a hostPath volume provisioner
+(devcluster/provisioner.py); the apiserver also serves on the node address with a real
+``kubernetes`` Service endpoint. ``down`` also undoes what they leave on the machine. One real
+node runs per machine. ``KUBETUNE_NODE=agent`` starts the process node agent instead
+(devcluster/node_agent.py: pods as host processes from this checkout's Python environment,
+images ignored; several such clusters can run side by side).
 
 Binaries come from hack/build-binaries.sh (built once into ~/.cache/kubetune/bin/<versions>);
 ``KUBEBUILDER_ASSETS`` supplies etcd, kube-apiserver and kubectl instead. With
@@ -790,7 +793,7 @@ def _node_objects(state: State) -> list[dict[str, Any]]:
     return [
         # What `kubectl logs/exec` needs: the apiserver's kubelet client may use the kubelet API.
         {"apiVersion": f"{rbac}/v1", "kind": "ClusterRoleBinding",
-         "metadata": {"name": "kubetune:kube-apiserver-kubelet-client"},
+         "metadata": {"name": "local-cluster:kube-apiserver-kubelet-client"},
          "roleRef": {"apiGroup": rbac, "kind": "ClusterRole", "name": "system:kubelet-api-admin"},
          "subjects": [{"apiGroup": rbac, "kind": "User", "name": "kube-apiserver-kubelet-client"}]},
         # CoreDNS's kubernetes plugin (its upstream ClusterRole). kube-proxy (user system:kube-proxy)

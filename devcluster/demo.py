@@ -1,15 +1,16 @@
 """`make demo`: from a fresh clone to a fine-tuned adapter on the local cluster, in one command.
 
-    python -m devcluster.demo up      cluster, Helm install, seed MinIO, apply examples/quickstart.yaml,
-                                follow it live, print the final status, metrics and artifacts
+    python -m devcluster.demo up      cluster, images, Helm install, seed MinIO, apply
+                                      examples/quickstart.yaml, follow it live, print the final
+                                      status, metrics and artifacts
     python -m devcluster.demo down    helm uninstall, then stop the local cluster
 
-The cluster's node is a real kubelet with containerd (``KUBETUNE_NODE=kubelet``, the demo's
-default). The operator and trainer images are built (`make images`, cached layers) and pushed to
-the cluster's loopback registry; the chart installs the operator from there, under its own
-ServiceAccount and RBAC, and the trainer pod pulls the trainer image, trains a tiny backbone on
-the CPU and reports to the operator through the chart's Service DNS name. ``KUBETUNE_NODE=agent``
-runs the demo on the process node agent instead (no images: pods are host processes).
+The cluster's node is a real kubelet with containerd. The operator and trainer images are built
+(`make images`, cached layers) and pushed to the cluster's loopback registry; the chart installs
+the operator from there, under its own ServiceAccount and RBAC, and the trainer pod pulls the
+trainer image, trains a tiny backbone on the CPU and reports to the operator through the chart's
+Service DNS name. ``KUBETUNE_NODE=agent`` runs the demo on the process node agent instead (no
+images: pods are host processes).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from devcluster import REPO, images, seed_demo
+from devcluster import REPO, images, real_node, seed_demo
 
 STATE = REPO / ".kubetune"  # --dir replaces it
 RELEASE, RELEASE_NS, JOB_NS = "kubetune", "kubetune-system", "default"
@@ -104,7 +105,7 @@ def chart_settings(state: dict[str, Any], minio: dict[str, str]) -> list[str]:
 
 
 def up() -> None:
-    node = os.environ.setdefault("KUBETUNE_NODE", "kubelet")
+    node = real_node.node_kind()
     step(f"Starting the local cluster (kube-apiserver, etcd, controllers, scheduler, MinIO, registry; node: {node})")
     subprocess.run([sys.executable, "-m", "devcluster", "up", "--dir", str(STATE)], cwd=REPO, check=True)
     state = json.loads((STATE / "cluster.json").read_text())

@@ -225,6 +225,25 @@ def push(image: Image, ver: str, registry: str) -> str:
     return reference
 
 
+TEST_DOUBLE_DOCKERFILE = REPO / "tests" / "e2e" / "fake_trainer.Dockerfile"
+TEST_DOUBLE_PATH = "/opt/kubetune-test/fake_trainer.py"  # in the TEST DOUBLE image
+
+
+def build_test_double(registry: str) -> str:
+    """The e2e tests' TEST DOUBLE trainer (tests/e2e/fake_trainer.py) in an image FROM the operator
+    image (Python and PyYAML, non-root), built with cached layers and pushed to ``registry``: its
+    reference there. Never shipped: the e2e tests and the operator benchmark run it on a real node."""
+    ensure_tools()
+    ver = version()
+    local = f"localhost/kubetune/trainer-test-double:{ver}"
+    run(["buildah", "build", "--layers", "--pull-never", "--format", "oci", "--quiet",
+         "--build-arg", f"BASE_IMAGE={IMAGES['operator'].tag(ver)}", "--tag", local,
+         "--file", str(TEST_DOUBLE_DOCKERFILE), str(TEST_DOUBLE_DOCKERFILE.parent)], capture_output=True)
+    reference = f"{registry}/kubetune/trainer-test-double:{ver}"
+    run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"containers-storage:{local}",
+         f"docker://{reference}"], capture_output=True)
+    return reference
+
 def local_registry() -> str | None:
     """host:port of the running local cluster's loopback registry (devcluster/cluster.py), if one is up."""
     state_path = Path(os.environ.get("KUBETUNE_CLUSTER_DIR", REPO / ".kubetune")) / "cluster.json"

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from devcluster import HACK
 
-NODE_ENV = "KUBETUNE_NODE"  # "agent" (default: devcluster/node_agent.py) or "kubelet"
+NODE_ENV = "KUBETUNE_NODE"  # "kubelet" (default) or "agent" (devcluster/node_agent.py)
 PAUSE_IMAGE = "kubetune.local/pause:1"
 POD_CIDR = "10.244.0.0/24"  # host-local range of the CNI bridge; checked against this machine's routes
 CNI_BIN_DIR = Path("/usr/lib/cni")  # Debian's containernetworking-plugins
@@ -64,9 +64,9 @@ NVIDIA_GPU = "nvidia.com/gpu"
 
 
 def node_kind() -> str:
-    kind = os.environ.get(NODE_ENV, "agent").strip().lower() or "agent"
+    kind = os.environ.get(NODE_ENV, "kubelet").strip().lower() or "kubelet"
     if kind not in ("agent", "kubelet"):
-        raise RuntimeError(f"{NODE_ENV}={kind!r}: expected 'agent' (default) or 'kubelet'")
+        raise RuntimeError(f"{NODE_ENV}={kind!r}: expected 'kubelet' (default) or 'agent'")
     return kind
 
 
@@ -539,6 +539,45 @@ def leftover_chains(binary: str = "iptables") -> dict[str, list[str]]:
                   if line.startswith("-N ") and _ours(line.split()[1])]
         if chains:
             found[table] = chains
+    return found
+
+
+def leftovers(state_dir: Path, since: float) -> list[str]:
+    """What a stopped real node of the cluster in ``state_dir`` left behind (nothing, after `down`):
+    pod processes and cgroups, mounts below ``state_dir``, the bridge, the kubelet's and
+    kube-proxy's iptables chains, port 53 held, shim sockets newer than ``since`` (a time.time()),
+    and processes of the node that name ``state_dir``."""
+    found: list[str] = []
+    node = NodePaths(state_dir / "data" / "node")
+    found += [f"pod process {pid}" for pid in sorted(pod_pids())]
+    found += [f"pod cgroup {path}" for path in pod_cgroups()]
+    mounts = Path("/proc/self/mounts").read_text()
+    found += [f"mount {line.split()[1]}" for line in mounts.splitlines()
+              if line.split()[1] == str(state_dir) or line.split()[1].startswith(f"{state_dir}/")]
+    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+    if f" {node.bridge}:" in links or f" {node.bridge}@" in links:
+        found.append(f"link {node.bridge}")
+    for binary in ("iptables", "ip6tables"):
+        if shutil.which(binary):
+            found += [f"{binary} {table} chain {chain}" for table, chains in leftover_chains(binary).items()
+                      for chain in chains]
+    try:
+        check_dns_port(node_ip())
+    except RuntimeError as error:
+        found.append(str(error))
+    sockets = SHIM_SOCKETS.iterdir() if SHIM_SOCKETS.is_dir() else iter(())
+    found += [f"shim socket {s}" for s in sockets if s.stat().st_mtime >= since]
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            comm = (proc / "comm").read_text().strip()
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        ours = comm in ("kubelet", "containerd", "kube-proxy", "coredns") or comm.startswith("containerd-shim")
+        if ours and str(state_dir).encode() in cmdline:
+            found.append(f"process {comm} ({proc.name})")
     return found
 
 

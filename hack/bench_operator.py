@@ -52,7 +52,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE_TRAINER = REPO / "tests" / "e2e" / "fake_trainer.py"
-TEST_DOUBLE_PATH = "/opt/kubetune-test/fake_trainer.py"  # in the TEST DOUBLE image
+TEST_DOUBLE_PATH = "/opt/kubetune-test/fake_trainer.py"  # in the TEST DOUBLE image (devcluster.images)
 NOWHERE = {"kubetune.io/bench": "no-such-node"}  # a nodeSelector no node has: pods stay Pending
 CREATORS = 8  # client threads that create a series' objects
 Json = dict[str, Any]
@@ -596,6 +596,22 @@ def self_signed_pair(directory: Path) -> None:
                                                           serialization.NoEncryption()))
 
 
+def real_node_trainer(state_dir: Path, image: str | None) -> tuple[str | None, str]:
+    """On a real node (the default local cluster) the pods run images and reach this machine at the
+    node address: the TEST DOUBLE image (devcluster.images) and that address. The process node
+    agent runs the test double from this checkout on loopback: (None, 127.0.0.1)."""
+    state = json.loads((state_dir / "cluster.json").read_text())
+    if state.get("node_kind") != "kubelet":
+        return None, "127.0.0.1"
+    if image is None:
+        sys.path.insert(0, str(REPO))
+        from devcluster import images
+
+        images.build_all(["operator"])  # the TEST DOUBLE image's base (cached layers: seconds)
+        image = images.build_test_double(state["registry"])
+    return image, str(state["node_ip"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", type=Path, default=REPO / ".kubetune")
@@ -607,10 +623,10 @@ def main() -> None:
                         help="reference series to run next to the operator series (comma-separated)")
     parser.add_argument("--peer", choices=("auto", "off"), default="auto",
                         help="auto: measure Kubeflow training-operator when hack/build-peer.sh builds it")
-    parser.add_argument("--trainer-image", help="the TEST DOUBLE trainer image (real node: the pods run images)")
-    parser.add_argument("--report-host", default="127.0.0.1",
-                        help="the operator's report address, as the pods reach it (real node: the node address)")
+    parser.add_argument("--trainer-image", help="the TEST DOUBLE trainer image for a real node (default: built "
+                        "FROM the operator image and pushed to the cluster's registry)")
     args = parser.parse_args()
+    trainer_image, report_host = real_node_trainer(args.dir, args.trainer_image)
     sizes = [int(s) for s in args.sizes.split(",") if s]
     lifecycle_sizes = [int(s) for s in args.lifecycle_sizes.split(",") if s]
     series = set(args.series.split(","))
@@ -620,7 +636,7 @@ def main() -> None:
     peer = peer_binary() if args.peer == "auto" and "peer" in series else None
     if peer is None and args.peer == "auto" and "peer" in series:
         print("peer: Kubeflow training-operator not built (hack/build-peer.sh); the peer series is skipped")
-    bench.operator = Operator(bench.env, args.trainer_image, args.report_host)
+    bench.operator = Operator(bench.env, trainer_image, report_host)
     try:
         results.fact("operator RSS at start", f"{bench.operator.rss_mib():.0f} MiB")
         for size in lifecycle_sizes:

@@ -30,7 +30,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from devcluster import images as images_lib
-from helpers import REPO, Cluster, Node, build_test_double_image, devcluster, wait_for
+from devcluster import real_node
+from helpers import REPO, Cluster, Node, devcluster, wait_for
 
 MINIO_KEYS = ("MINIO_ENDPOINT", "MINIO_ACCESS_KEY", "MINIO_SECRET_KEY")
 
@@ -80,11 +81,16 @@ def cluster() -> Iterator[Cluster]:
         up = _cluster_cli("up", "--dir", str(state_dir))
         if up.returncode != 0:
             pytest.fail(f"devcluster/cluster.py up failed:\n{up.stderr[-4000:]}", pytrace=False)
+    real_node_started = (state_dir / "kubeconfig").stat().st_mtime
     try:
         yield _local_cluster(state_dir)
     finally:
         if started and not _flag("KUBETUNE_KEEP_CLUSTER"):
-            _cluster_cli("down", "--dir", str(state_dir))
+            real = json.loads((state_dir / "cluster.json").read_text()).get("node_kind") == "kubelet"
+            down = _cluster_cli("down", "--dir", str(state_dir))
+            assert down.returncode == 0, down.stderr[-3000:]
+            if real:  # `down` leaves nothing of a real node behind (tests/e2e/test_real_node.py's check)
+                assert real_node.leftovers(state_dir, real_node_started) == []
 
 
 @pytest.fixture(scope="session")
@@ -156,5 +162,5 @@ def cluster_images(node: Node, images: dict[str, str]) -> dict[str, str]:
     """The operator and trainer images (`make images`) and the TEST DOUBLE trainer image, pushed to
     the cluster's registry: name -> reference there (for a real node only)."""
     pushed = {name: images_lib.push(images_lib.IMAGES[name], images_lib.version(), node.registry) for name in images}
-    pushed["test-double"] = build_test_double_image(images["operator"], node.registry)
+    pushed["test-double"] = images_lib.build_test_double(node.registry)
     return pushed

@@ -117,26 +117,6 @@ def free_port() -> int:
         return port
 
 
-TEST_DOUBLE_DOCKERFILE = REPO / "tests" / "e2e" / "fake_trainer.Dockerfile"
-TEST_DOUBLE_PATH = "/opt/kubetune-test/fake_trainer.py"  # in the TEST DOUBLE image
-
-
-def build_test_double_image(base: str, registry: str) -> str:
-    """The TEST DOUBLE trainer (fake_trainer.py) in an image FROM ``base`` (the operator image:
-    Python and PyYAML, non-root), built with buildah (cached layers) and pushed to ``registry``:
-    its reference there."""
-    from devcluster import images
-
-    local = f"localhost/kubetune/trainer-test-double:{images.version()}"
-    images.run(["buildah", "build", "--layers", "--pull-never", "--format", "oci", "--quiet",
-                "--build-arg", f"BASE_IMAGE={base}", "--tag", local,
-                "--file", str(TEST_DOUBLE_DOCKERFILE), str(TEST_DOUBLE_DOCKERFILE.parent)], capture_output=True)
-    reference = f"{registry}/kubetune/trainer-test-double:{images.version()}"
-    images.run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"containers-storage:{local}",
-                f"docker://{reference}"], capture_output=True)
-    return reference
-
-
 @dataclass(frozen=True)
 class Node:
     """The session cluster's node: the process node agent (pods are host processes on its loopback)

@@ -15,8 +15,9 @@ import yaml
 from operator_helpers import Operator, Signals, running_operator
 
 from devcluster import seed_demo
+from devcluster.images import TEST_DOUBLE_PATH
 from faults import BlackholeProxy
-from helpers import TEST_DOUBLE_PATH, Node
+from helpers import Node
 
 Cluster = Any  # tests/conftest.py's Cluster (conftest modules are not importable by name)
 # The chaos suite runs with `make chaos` (KUBETUNE_CHAOS=1) only: long, and not a gate for `make test`.

@@ -315,8 +315,11 @@ def test_on_failure_pod_restarts_its_container_until_it_succeeds(
     pod = wait_for(lambda: (p := cluster.get("pod", "flaky", "-n", namespace))["status"].get("phase")
                    == "Succeeded" and p, 60, "pod flaky to succeed")
     status = pod["status"]["containerStatuses"][0]
-    assert status["restartCount"] == 1
-    assert status["lastState"]["terminated"]["exitCode"] == 1
+    assert status["restartCount"] == 1 and status["state"]["terminated"]["exitCode"] == 0
+    # The failed first run, while the kubelet still holds its container (its garbage collection may
+    # already have removed it; the node agent always reports it).
+    previous = status["lastState"].get("terminated")
+    assert previous is None or previous["exitCode"] == 1, previous
 
 
 def test_pod_past_its_active_deadline_is_stopped_and_fails(cluster: Cluster, namespace: str, python_image: str) -> None:

@@ -1,11 +1,12 @@
-"""The local cluster with a real node (``KUBETUNE_NODE=kubelet``): kubelet + containerd + CNI.
+"""The local cluster's real node: kubelet + containerd + CNI, kube-proxy, CoreDNS.
 
-One cluster of its own for the module (its own directory, no Kueue). Pods run from a tiny image
+The session's cluster (or, with `KUBETUNE_NODE=agent`, one of the module's own, without Kueue:
+one real node per machine). Pods run from a tiny image
 built here: Debian's static busybox and the cluster's (static) kubectl in an image ``FROM scratch``
 (devcluster/real_node.py builds it with buildah and imports it into the node's containerd;
 ``imagePullPolicy: Never``). The KubeTune images come from `make images` through the cluster's
-loopback registry: the chart, the quickstart and `make demo` run from them, and the operator's
-lifecycle runs with the TEST DOUBLE trainer in an image of its own (tests/e2e/fake_trainer.Dockerfile).
+loopback registry: the chart, the quickstart and `make demo` run from them. (The rest of the e2e
+suite runs on the session cluster's node, which is this real node unless `KUBETUNE_NODE=agent`.)
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from operator_helpers import Operator, Signals, env, finetunejob, published, running_operator, wait_phase
+from operator_helpers import published
 
 from devcluster import images as images_lib
 from devcluster import real_node, seed_demo
-from helpers import REPO, TEST_DOUBLE_PATH, Cluster, build_test_double_image, devcluster, wait_for
+from helpers import REPO, Cluster, devcluster, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -37,8 +38,8 @@ IMAGE = "kubetune.local/busybox:test"
 # the in-cluster API calls.)
 APPLETS = ("sh", "id", "touch", "echo", "sleep", "cat", "head", "tr", "nslookup", "wget", "httpd", "mkdir")
 RESTRICTED = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
-# The session cluster's node is a kubelet (tests/conftest.py starts it with the environment's KUBETUNE_NODE).
-SESSION_NODE_IS_REAL = os.environ.get("KUBETUNE_NODE", "") == "kubelet"
+# The session cluster's node is a kubelet unless KUBETUNE_NODE says agent (devcluster's default).
+SESSION_NODE_IS_REAL = real_node.node_kind() == "kubelet"
 LOCKED_DOWN = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
 
 
@@ -63,8 +64,8 @@ def busybox_image(workdir: Path, kubectl: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def node_cluster(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Cluster]:
-    """A cluster with a real node: the session's own when it has one (`KUBETUNE_NODE=kubelet`: one
-    real node per machine), else one of this module's, stopped at its end."""
+    """A cluster with a real node: the session's (the default: one real node per machine), or with
+    `KUBETUNE_NODE=agent`, one of this module's, stopped at its end."""
     if os.environ.get("USE_EXISTING_CLUSTER", "").lower() == "true":
         pytest.skip("starts its own cluster with a real node")
     if SESSION_NODE_IS_REAL:
@@ -349,133 +350,6 @@ def test_chart_and_quickstart_run_from_the_images_on_the_real_node(
         node_cluster.helm("uninstall", "kubetune", "-n", system, "--wait", check=False)
 
 
-@pytest.fixture(scope="module")
-def node_test_double(node_cluster: Cluster, images: dict[str, str]) -> str:
-    """The TEST DOUBLE trainer image (tests/e2e/fake_trainer.Dockerfile), in the cluster's registry."""
-    assert node_cluster.dir is not None
-    state = json.loads((node_cluster.dir / "cluster.json").read_text())
-    return build_test_double_image(images["operator"], state["registry"])
-
-
-@pytest.fixture(scope="module")
-def node_operator(node_cluster: Cluster, node_test_double: str,
-                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
-    """The operator (a host process) watching namespace `lifecycle` (Pod Security: restricted), its
-    trainer the TEST DOUBLE image, its report endpoint on the node address (the pods' way to the host)."""
-    ns = "lifecycle"
-    node_cluster.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {
-        "name": ns, "labels": {"pod-security.kubernetes.io/enforce": "restricted"}}})
-    wait_for(lambda: node_cluster.get("serviceaccount", "default", "-n", ns), 60, f"the default ServiceAccount of {ns}")
-    node_cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
-    node_cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/finetunejobs.kubetune.io")
-    env = {"KUBETUNE_TRAINER_IMAGE": node_test_double,
-           "KUBETUNE_TRAINER_COMMAND": json.dumps(["python", TEST_DOUBLE_PATH])}
-    with running_operator(node_cluster, ns, tmp_path_factory.mktemp("node-operator"), env,
-                          report_host=real_node.node_ip()) as running:
-        yield running
-
-
-def trainer_pods(cluster: Cluster, namespace: str, name: str) -> list[dict[str, Any]]:
-    pods: list[dict[str, Any]] = cluster.get("pods", "-n", namespace, "-l",
-                                             f"batch.kubernetes.io/job-name={name}-trainer")["items"]
-    return pods
-
-
-def test_operator_runs_the_test_double_image_on_the_gpu_node_to_success(
-        node_cluster: Cluster, node_operator: Operator, node_test_double: str) -> None:
-    ns = node_operator.namespace
-    node_cluster.apply(finetunejob("ok", resources={"gpus": 1, "sharedMemory": "64Mi"}), ns)
-    status = wait_phase(node_cluster, ns, "ok", "Succeeded", timeout=180)
-
-    # The summary came from the container's termination message, which the real kubelet read.
-    assert status["metrics"]["evalLoss"] == 0.5 and status["progress"]["percent"] == 100
-    assert status["attempts"] == 1
-    [pod_object] = trainer_pods(node_cluster, ns, "ok")
-    assert pod_object["spec"]["nodeName"] == "kubetune-local"
-    container = pod_object["spec"]["containers"][0]
-    assert container["image"] == node_test_double
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    [container_status] = pod_object["status"]["containerStatuses"]
-    assert container_status["state"]["terminated"]["reason"] == "Completed"
-    assert json.loads(container_status["state"]["terminated"]["message"])["metrics"]["evalLoss"] == 0.5
-
-
-def test_invalid_input_on_the_real_node_fails_at_once_with_the_trainer_message(
-        node_cluster: Cluster, node_operator: Operator) -> None:
-    ns = node_operator.namespace
-    message = "s3://data/train.jsonl: missing column 'answer' (columns: prompt, output)"
-    node_cluster.apply(finetunejob("bad-data", backoffLimit=3, env=env(FAKE_EXIT_CODE="3", FAKE_MESSAGE=message)), ns)
-    status = wait_phase(node_cluster, ns, "bad-data", "Failed", timeout=180)
-    assert status["reason"] == "InvalidInput"
-    assert message in status["message"]
-    assert status["attempts"] == 1 and len(trainer_pods(node_cluster, ns, "bad-data")) == 1
-
-
-def test_generic_failure_on_the_real_node_is_retried_up_to_backoff_limit(
-        node_cluster: Cluster, node_operator: Operator) -> None:
-    ns = node_operator.namespace
-    node_cluster.apply(finetunejob("flaky", backoffLimit=1, env=env(FAKE_EXIT_CODE="1", FAKE_MESSAGE="CUDA error")), ns)
-    status = wait_phase(node_cluster, ns, "flaky", "Failed", timeout=300)
-    assert status["reason"] == "BackoffLimitExceeded"
-    assert status["attempts"] == 2 and "CUDA error" in status["message"]
-    pods = trainer_pods(node_cluster, ns, "flaky")
-    assert [p["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] for p in pods] == [1, 1]
-
-
-def test_a_secret_without_the_named_key_shows_the_real_kubelet_reason(
-        node_cluster: Cluster, node_operator: Operator) -> None:
-    ns = node_operator.namespace
-    node_cluster.kubectl("create", "secret", "generic", "hf", "-n", ns, "--from-literal=other=x")
-    node_cluster.apply(finetunejob("no-key", env=[{"name": "HF_TOKEN", "valueFrom": {
-        "secretKeyRef": {"name": "hf", "key": "token"}}}]), ns)
-    status = wait_phase(node_cluster, ns, "no-key", "Pending", reason="CreateContainerConfigError", timeout=180)
-    assert "the training pod cannot start" in status["message"]
-    assert "couldn't find key token in Secret lifecycle/hf" in status["message"], status["message"]
-
-
-@pytest.fixture(scope="module")
-def node_signals() -> Iterator[Signals]:
-    """Gates and start counts for the TEST DOUBLE trainer, served on the node address."""
-    served = Signals(real_node.node_ip())
-    try:
-        yield served
-    finally:
-        served.close()
-
-
-def test_suspend_stops_the_pod_on_the_real_node_and_resume_runs_it_again(
-        node_cluster: Cluster, node_operator: Operator, node_signals: Signals) -> None:
-    ns = node_operator.namespace
-    node_cluster.apply(finetunejob("pausable", env=env(FAKE_WAIT_FOR=node_signals.gate("pausable"),
-                                                       FAKE_STARTED=node_signals.started("pausable"))), ns)
-    wait_for(lambda: node_signals.starts("pausable") == 1, 180, "the trainer container to start")
-
-    node_cluster.kubectl("patch", "ftj", "pausable", "-n", ns, "--type=merge", "-p", '{"spec":{"suspend":true}}')
-    wait_phase(node_cluster, ns, "pausable", "Suspended")
-    # The kubelet stops the container (SIGTERM) and the pod goes away.
-    wait_for(lambda: not trainer_pods(node_cluster, ns, "pausable"), 120, "the suspended job's pod to go away")
-
-    node_signals.open("pausable")
-    node_cluster.kubectl("patch", "ftj", "pausable", "-n", ns, "--type=merge", "-p", '{"spec":{"suspend":false}}')
-    status = wait_phase(node_cluster, ns, "pausable", "Succeeded", timeout=180)
-    assert node_signals.starts("pausable") == 2 and status["metrics"]["evalLoss"] == 0.5
-
-
-def test_deleting_a_job_on_the_real_node_removes_its_job_pod_and_config(
-        node_cluster: Cluster, node_operator: Operator, node_signals: Signals) -> None:
-    ns = node_operator.namespace
-    node_cluster.apply(finetunejob("doomed", env=env(FAKE_WAIT_FOR=node_signals.gate("never"),
-                                                     FAKE_STARTED=node_signals.started("doomed"))), ns)
-    wait_for(lambda: node_signals.starts("doomed") == 1, 180, "the trainer container to start")
-    node_cluster.kubectl("delete", "ftj", "doomed", "-n", ns, "--wait=true", "--timeout=60s")
-
-    def children() -> list[str]:
-        return [f"{kind}/{item['metadata']['name']}" for kind in ("jobs", "pods", "configmaps")
-                for item in node_cluster.get(kind, "-n", ns, "-l", "kubetune.io/job=doomed")["items"]]
-
-    wait_for(lambda: children() == [], timeout=120, message="the job's children to be garbage-collected")
-
-
 def test_make_demo_trains_the_quickstart_from_the_images_on_the_real_node(
         node_cluster: Cluster, pushed_images: dict[str, str]) -> None:
     """`make demo` (python -m devcluster.demo up) on this module's cluster: the images built and
@@ -502,36 +376,12 @@ def test_make_demo_trains_the_quickstart_from_the_images_on_the_real_node(
 @pytest.mark.skipif(SESSION_NODE_IS_REAL, reason="the session's cluster: stopped by its own teardown")
 def test_down_leaves_nothing_of_the_node_behind(node_cluster: Cluster) -> None:
     assert node_cluster.dir is not None
-    node = real_node.NodePaths(node_cluster.dir / "data" / "node")
     assert real_node.pod_pids(), "the pods of the earlier tests should be running"
     started = (node_cluster.dir / "kubeconfig").stat().st_mtime
 
     down = cli(node_cluster.dir, "down")
     assert down.returncode == 0, down.stderr
 
-    assert not real_node.pod_pids()
-    assert not real_node.pod_cgroups()
-    mounts = Path("/proc/self/mounts").read_text()
-    assert f" {node_cluster.dir}/" not in mounts and f" {node_cluster.dir} " not in mounts
-    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, check=True).stdout
-    assert f" {node.bridge}:" not in links and f" {node.bridge}@" not in links
-    for table in ("filter", "nat", "mangle"):
-        rules = subprocess.run(["iptables", "-w", "-t", table, "-S"], capture_output=True, text=True).stdout
-        assert not [chain for chain in real_node.KUBELET_CHAINS if chain in rules], (table, rules)
-    # kube-proxy's chains (KUBE-SERVICES, KUBE-POSTROUTING, KUBE-SVC-…, …), IPv4 and IPv6.
-    for binary in ("iptables", "ip6tables"):
-        if shutil.which(binary):
-            assert not real_node.leftover_chains(binary), (binary, real_node.leftover_chains(binary))
-    real_node.check_dns_port(real_node.node_ip())  # CoreDNS let go of port 53
-    # The shims exited cleanly (containerd deleted their tasks): no socket of theirs is left.
-    sockets = real_node.SHIM_SOCKETS.iterdir() if real_node.SHIM_SOCKETS.is_dir() else iter(())
-    assert not [s for s in sockets if s.stat().st_mtime >= started]
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                comm = (proc / "comm").read_text().strip()
-                cmdline = (proc / "cmdline").read_bytes()
-            except OSError:
-                continue
-            ours = comm in ("kubelet", "containerd", "kube-proxy", "coredns") or comm.startswith("containerd-shim")
-            assert not ours or str(node_cluster.dir).encode() not in cmdline, f"{comm} (pid {proc.name}) still runs"
+    # Pods, cgroups, mounts, the bridge, iptables chains (IPv4 and IPv6), CoreDNS's port 53, the
+    # shims' sockets (containerd deleted their tasks) and the node's processes: all gone.
+    assert real_node.leftovers(node_cluster.dir, started) == []
