@@ -51,8 +51,10 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # devcluster: the TEST DOUBLE image for a real node
+from devcluster import images  # noqa: E402
+
 FAKE_TRAINER = REPO / "tests" / "e2e" / "fake_trainer.py"
-TEST_DOUBLE_PATH = "/opt/kubetune-test/fake_trainer.py"  # in the TEST DOUBLE image (devcluster.images)
 NOWHERE = {"kubetune.io/bench": "no-such-node"}  # a nodeSelector no node has: pods stay Pending
 CREATORS = 8  # client threads that create a series' objects
 Json = dict[str, Any]
@@ -201,7 +203,7 @@ class Operator:
         trainer = {"KUBETUNE_TRAINER_COMMAND": json.dumps(["python", str(FAKE_TRAINER)])}
         if trainer_image:
             trainer = {"KUBETUNE_TRAINER_IMAGE": trainer_image,
-                       "KUBETUNE_TRAINER_COMMAND": json.dumps(["python", TEST_DOUBLE_PATH])}
+                       "KUBETUNE_TRAINER_COMMAND": json.dumps(["python", images.TEST_DOUBLE_PATH])}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "kubetune", "operator"],  # cluster-wide, as the chart installs it
             env={**env, **trainer,
@@ -604,9 +606,6 @@ def real_node_trainer(state_dir: Path, image: str | None) -> tuple[str | None, s
     if state.get("node_kind") != "kubelet":
         return None, "127.0.0.1"
     if image is None:
-        sys.path.insert(0, str(REPO))
-        from devcluster import images
-
         images.build_all(["operator"])  # the TEST DOUBLE image's base (cached layers: seconds)
         image = images.build_test_double(state["registry"])
     return image, str(state["node_ip"])
