@@ -157,6 +157,10 @@ def test_launcher_keeps_the_exit_code_of_the_failed_worker(assets: Path, tmp_pat
     assert launched.returncode == 3, launched.stderr[-4000:]
     summary = json.loads((tmp_path / "termination-log").read_text())
     assert summary["exitCode"] == 3 and "'question' (dataset.promptColumn) not found" in summary["error"]
+    # Rank 1 waited for rank 0 to check the data: it fails with rank 0's reason and exit code, not
+    # with a closed connection (exit 1) that the launcher could see first.
+    assert "[rank 1] kubetune_trainer: rank 0 failed: " in launched.stderr, launched.stderr[-4000:]
+    assert "Connection closed by peer" not in launched.stderr
 
 
 def test_no_rank_ends_before_rank_zero_has_published(assets: Path, tmp_path: Path) -> None:

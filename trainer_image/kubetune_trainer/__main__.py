@@ -27,13 +27,14 @@ progress and writes the termination message.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 from typing import Any
 
 from .distributed import World, world_from_env
-from .errors import EXIT_FAILED, EXIT_INVALID, EXIT_OK, TrainerError
+from .errors import EXIT_FAILED, EXIT_INVALID, EXIT_OK, RunFailed, TrainerError
 from .report import Reporter, write_termination_message
 
 
@@ -95,6 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainer = Trainer(config, reporter, world)
         result = trainer.run()
+    except RunFailed as err:
+        code = fail(log, str(err), err.exit_code, trainer, reporter, world=world)
+        # Every rank fails with it: none exits before rank 0 has written its termination message.
+        with contextlib.suppress(RuntimeError):
+            world.finish_together()
+        return code
     except TrainerError as err:
         return fail(log, str(err), err.exit_code, trainer, reporter, world=world)
     except KeyboardInterrupt:

@@ -15,6 +15,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from .config import Strategy
+from .errors import EXIT_FAILED, RunFailed, TrainerError
 
 if TYPE_CHECKING:
     import torch
@@ -57,6 +58,34 @@ class World:
 
         if self.distributed:
             torch.distributed.barrier()
+
+    def agree(self, error: BaseException | None) -> None:
+        """Go on together or fail together: every rank says whether it failed (``error``), and when
+        one did, every rank raises :class:`RunFailed` with the first failed rank's message and exit
+        code. Without it, a rank waiting for a failed one sees only a closed connection, exits 1,
+        and may be the process the launcher sees fail first. One process: returns, and the caller
+        raises ``error`` itself.
+
+        It runs on the gloo group whose timeout is a day: the rank that prepares for the others may
+        be downloading a large model.
+        """
+        if not self.distributed:
+            return
+        import torch
+
+        mine: tuple[str, int] | None = None
+        if error is not None:
+            if not isinstance(error, TrainerError):
+                log.error("%s: %s", type(error).__name__, error, exc_info=error)
+            mine = (str(error) if isinstance(error, TrainerError) else f"{type(error).__name__}: {error}",
+                    getattr(error, "exit_code", EXIT_FAILED))
+        said: list[tuple[str, int] | None] = [None] * self.world_size
+        torch.distributed.all_gather_object(said, mine, group=_finish_group)
+        failed = [(rank, outcome) for rank, outcome in enumerate(said) if outcome is not None]
+        if not failed:
+            return
+        rank, (message, code) = failed[0]
+        raise RunFailed(message if rank == self.rank else f"rank {rank} failed: {message}", code) from error
 
     def finish_together(self) -> None:
         """Return once every rank is done: rank 0 once it has published.

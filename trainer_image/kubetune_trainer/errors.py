@@ -17,8 +17,8 @@ EXIT_FAILED = EXIT_ERROR
 EXIT_INVALID = EXIT_INVALID_INPUT
 
 __all__ = ["EXIT_FAILED", "EXIT_INVALID", "EXIT_OK", "EXIT_OUT_OF_MEMORY", "EXIT_SOURCE_UNAVAILABLE",
-           "EXIT_STORE_UNAVAILABLE", "EXIT_TERMINATED", "InvalidInput", "OutOfMemory", "SourceUnavailable",
-           "StoreUnavailable", "Terminated", "TrainerError"]
+           "EXIT_STORE_UNAVAILABLE", "EXIT_TERMINATED", "InvalidInput", "OutOfMemory", "RunFailed",
+           "SourceUnavailable", "StoreUnavailable", "Terminated", "TrainerError"]
 
 
 class TrainerError(Exception):
@@ -56,3 +56,12 @@ class Terminated(TrainerError):
     """SIGTERM (pod deletion, preemption, node drain): the run stopped and can be resumed."""
 
     exit_code = EXIT_TERMINATED
+
+
+class RunFailed(TrainerError):
+    """A rank of a distributed run failed before training and every rank stops with its exit code
+    (see ``World.agree``): whichever process the launcher sees exit first, the code is the same."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -404,7 +404,9 @@ class Trainer:
         gathering its weights, are collective, so every rank takes part in them."""
 
     def close(self) -> None:
-        """Remove the local working directory (staged outputs and checkpoints)."""
+        """Leave the process group and remove the local working directory (staged outputs and
+        checkpoints). The caller closes once it has reported how the run ended."""
+        distributed.shutdown()
         shutil.rmtree(self.work, ignore_errors=True)
 
     # -- setup --------------------------------------------------------------------------------
@@ -428,8 +430,6 @@ class Trainer:
             return result
         except OUT_OF_MEMORY_ERRORS as err:
             raise OutOfMemory(self.out_of_memory_message(err)) from err
-        finally:
-            distributed.shutdown()
 
     def out_of_memory_message(self, err: BaseException) -> str:
         cfg, tc = self.config, self.config.training
@@ -472,21 +472,18 @@ class Trainer:
         torch.manual_seed(cfg.training.seed)
         random.seed(cfg.training.seed)
         self.store = artifacts.open_store(cfg.output.location, cfg.run_name, cfg.storage)
-        # The first process of each machine fills the download cache; the others then find it there.
+        # The first process of each machine checks the data and fills the download cache; the others
+        # then find it there. When it fails, every rank fails with its reason (World.agree).
         if world.local_rank != 0:
-            world.barrier()
-        datasets = load_datasets(cfg)
-        fit = check_device_memory(cfg, world, world.device(), self.device_memory)
-        self.memory_estimate, self.micro_batch_size = fit.estimate, fit.micro_batch
-        self.gradient_checkpointing = fit.gradient_checkpointing
-        model_path = sources.resolve(cfg.model.source, cfg.storage, cfg.model.revision, directory=True)
-        tokenizer_path = (
-            sources.resolve(cfg.model.tokenizer, cfg.storage, cfg.model.revision, directory=True)
-            if cfg.model.tokenizer
-            else model_path
-        )
-        if world.local_rank == 0:
-            world.barrier()
+            world.agree(None)
+            datasets, model_path, tokenizer_path = self._prepare()
+        else:
+            try:
+                datasets, model_path, tokenizer_path = self._prepare()
+            except Exception as err:
+                world.agree(err)
+                raise
+            world.agree(None)
         tokenizer = model_lib.load_tokenizer(tokenizer_path, cfg.model.trust_remote_code)
         train_samples = data.tokenize(datasets.train, cfg.dataset, tokenizer)
         val_samples = data.tokenize(datasets.validation, cfg.dataset, tokenizer)
@@ -504,6 +501,22 @@ class Trainer:
             return RunResult({}, model, tokenizer)
         summary = self.finish(model, tokenizer, model_path, datasets, final, dev, precision)
         return RunResult(summary, model, tokenizer)
+
+    def _prepare(self) -> tuple[Datasets, Path, Path]:
+        """Read and check the data, fit the batch to the device, and resolve the model and tokenizer
+        to local directories (downloading them into the cache)."""
+        cfg = self.config
+        datasets = load_datasets(cfg)
+        fit = check_device_memory(cfg, self.world, self.world.device(), self.device_memory)
+        self.memory_estimate, self.micro_batch_size = fit.estimate, fit.micro_batch
+        self.gradient_checkpointing = fit.gradient_checkpointing
+        model_path = sources.resolve(cfg.model.source, cfg.storage, cfg.model.revision, directory=True)
+        tokenizer_path = (
+            sources.resolve(cfg.model.tokenizer, cfg.storage, cfg.model.revision, directory=True)
+            if cfg.model.tokenizer
+            else model_path
+        )
+        return datasets, model_path, tokenizer_path
 
     # -- the loop -----------------------------------------------------------------------------
 
