@@ -182,5 +182,32 @@ def test_no_rank_ends_before_rank_zero_has_published(assets: Path, tmp_path: Pat
                           capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert done.returncode != 0, done.stderr[-4000:]
     assert "planted failure" in done.stderr
-    assert "rank 0 did not finish the run" in done.stderr, done.stderr[-4000:]  # rank 1 failed with it
+    # rank 1 failed with it, and with its reason
+    assert "[rank 1] kubetune_trainer: rank 0 failed: RuntimeError: the store refused" in done.stderr, \
+        done.stderr[-4000:]
     assert not (tmp_path / "out" / "tiny" / "manifest.json").exists()
+
+
+def test_every_rank_stops_with_the_store_outage_of_rank_zero(assets: Path, tmp_path: Path) -> None:
+    """Rank 0 cannot write a checkpoint (the store is away): exit 5, which the Job ignores and
+    retries. Rank 1 waits for that checkpoint; it must stop with code 5 too, or the launcher could
+    see it end first, with 1, and the outage would use up backoffLimit."""
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '0':\n"
+        "    from kubetune_trainer import errors, train\n"
+        "    def checkpoint(self, *args, **kwargs):\n"
+        "        raise errors.StoreUnavailable('the store stopped answering (planted outage)')\n"
+        "    train.Trainer.checkpoint = checkpoint\n")
+    config = write_config(tmp_path / "cfg.yaml", tiny_config(assets, tmp_path / "out",
+                                                             training={"maxSteps": 4, "checkpointEverySteps": 2}))
+    env = run_env(tmp_path)
+    env["PYTHONPATH"] = os.pathsep.join([str(inject), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-m", "kubetune_trainer.launch", *torchrun(config)[3:]],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert done.returncode == 5, done.stderr[-4000:]
+    assert "[rank 1] kubetune_trainer: rank 0 failed: the store stopped answering (planted outage)" in done.stderr
+    summary = json.loads((tmp_path / "termination-log").read_text())
+    assert summary["exitCode"] == 5 and summary["step"] == 2

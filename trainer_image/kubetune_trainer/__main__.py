@@ -27,7 +27,6 @@ progress and writes the termination message.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import sys
@@ -98,9 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         result = trainer.run()
     except RunFailed as err:
         code = fail(log, str(err), err.exit_code, trainer, reporter, world=world)
-        # Every rank fails with it: none exits before rank 0 has written its termination message.
-        with contextlib.suppress(RuntimeError):
-            world.finish_together()
+        world.leave_together()
         return code
     except TrainerError as err:
         return fail(log, str(err), err.exit_code, trainer, reporter, world=world)

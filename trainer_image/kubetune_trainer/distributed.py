@@ -8,8 +8,10 @@ each process it starts; without them the trainer is one process and nothing here
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -22,8 +24,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# The wait at the end of a run lasts as long as rank 0 publishes (a merged model's upload can take
-# hours): it runs on its own gloo group, whose timeout is this, not the training group's.
+# The ranks wait for each other while one prepares (downloads), checkpoints or publishes (a merged
+# model's upload can take hours): they do so on their own gloo group, whose timeout is this, not
+# the training group's.
 FINISH_TIMEOUT = timedelta(hours=24)
 _finish_group: Any = None
 
@@ -53,21 +56,29 @@ class World:
             return torch.device("cuda", self.local_rank % torch.cuda.device_count())
         return torch.device("cpu")
 
-    def barrier(self) -> None:
-        import torch
+    @contextlib.contextmanager
+    def fail_together(self) -> Iterator[None]:
+        """Run the block (on the ranks that do the work), then go on together or fail together.
 
-        if self.distributed:
-            torch.distributed.barrier()
+        The ranks that skip the block call :meth:`agree` with ``None`` at the same point. When the
+        block raises on one process the error goes on as it is.
+        """
+        try:
+            yield
+        except Exception as err:
+            self.agree(err)
+            raise
+        self.agree(None)
 
     def agree(self, error: BaseException | None) -> None:
-        """Go on together or fail together: every rank says whether it failed (``error``), and when
-        one did, every rank raises :class:`RunFailed` with the first failed rank's message and exit
-        code. Without it, a rank waiting for a failed one sees only a closed connection, exits 1,
-        and may be the process the launcher sees fail first. One process: returns, and the caller
-        raises ``error`` itself.
+        """Every rank says whether it failed (``error``); when one did, every rank raises
+        :class:`RunFailed` with the first failed rank's message and exit code. Without it, a rank
+        waiting for a failed one sees only a closed connection, exits 1, and may be the process the
+        launcher sees end first, so the run's exit code would be 1 whatever the trainer meant.
 
-        It runs on the gloo group whose timeout is a day: the rank that prepares for the others may
-        be downloading a large model.
+        It is a barrier too, on the gloo group whose timeout is a day: the rank the others wait
+        for may be downloading a large model or publishing a merged one. A rank that dies without
+        saying why (killed) makes it raise on the others: they stop with it.
         """
         if not self.distributed:
             return
@@ -80,28 +91,26 @@ class World:
             mine = (str(error) if isinstance(error, TrainerError) else f"{type(error).__name__}: {error}",
                     getattr(error, "exit_code", EXIT_FAILED))
         said: list[tuple[str, int] | None] = [None] * self.world_size
-        torch.distributed.all_gather_object(said, mine, group=_finish_group)
+        try:
+            torch.distributed.all_gather_object(said, mine, group=_finish_group)
+        except RuntimeError as err:
+            raise RuntimeError(f"another rank stopped ({err}); this rank stops with it") from err
         failed = [(rank, outcome) for rank, outcome in enumerate(said) if outcome is not None]
         if not failed:
             return
         rank, (message, code) = failed[0]
         raise RunFailed(message if rank == self.rank else f"rank {rank} failed: {message}", code) from error
 
-    def finish_together(self) -> None:
-        """Return once every rank is done: rank 0 once it has published.
-
-        Over several pods, a pod whose processes exit 0 completes its index of the Indexed Job for
-        good, so no rank may end before rank 0 has published. If rank 0 fails instead, its process
-        group goes away and this raises: the other ranks fail with it and the Job restarts the group.
-        """
+    def leave_together(self) -> None:
+        """After a failure every rank agreed on: return once every rank has reported it, so that no
+        process exits (and has torchrun stop the others) before rank 0 has written its termination
+        message. Errors are ignored: the run has failed already."""
         if not self.distributed:
             return
         import torch
 
-        try:
+        with contextlib.suppress(RuntimeError):
             torch.distributed.barrier(group=_finish_group)
-        except RuntimeError as err:
-            raise RuntimeError(f"rank 0 did not finish the run ({err}); this rank stops with it") from err
 
     def all_reduce_sum(self, values: list[float], dev: torch.device) -> list[float]:
         """Element-wise sum of ``values`` over every rank (the values themselves on one process)."""

@@ -426,7 +426,6 @@ class Trainer:
                     result = self._run()
                 finally:
                     signal.signal(signal.SIGTERM, previous)
-            self.world.finish_together()
             return result
         except OUT_OF_MEMORY_ERRORS as err:
             raise OutOfMemory(self.out_of_memory_message(err)) from err
@@ -474,16 +473,12 @@ class Trainer:
         self.store = artifacts.open_store(cfg.output.location, cfg.run_name, cfg.storage)
         # The first process of each machine checks the data and fills the download cache; the others
         # then find it there. When it fails, every rank fails with its reason (World.agree).
-        if world.local_rank != 0:
+        if world.local_rank == 0:
+            with world.fail_together():
+                datasets, model_path, tokenizer_path = self._prepare()
+        else:
             world.agree(None)
             datasets, model_path, tokenizer_path = self._prepare()
-        else:
-            try:
-                datasets, model_path, tokenizer_path = self._prepare()
-            except Exception as err:
-                world.agree(err)
-                raise
-            world.agree(None)
         tokenizer = model_lib.load_tokenizer(tokenizer_path, cfg.model.trust_remote_code)
         train_samples = data.tokenize(datasets.train, cfg.dataset, tokenizer)
         val_samples = data.tokenize(datasets.validation, cfg.dataset, tokenizer)
@@ -497,9 +492,13 @@ class Trainer:
         model = model_lib.load_model(model_path, cfg, precision, dev, self.gradient_checkpointing)
         self.loop(model, tokenizer, train_samples, val_samples, dev, precision)
         final = self.final_model(model, tokenizer, datasets, dev)
+        # Over several pods, a pod whose processes exit 0 completes its index of the Indexed Job for
+        # good, so no rank ends before rank 0 has published; when rank 0 fails, every rank fails.
         if not world.is_main:
+            world.agree(None)
             return RunResult({}, model, tokenizer)
-        summary = self.finish(model, tokenizer, model_path, datasets, final, dev, precision)
+        with world.fail_together():
+            summary = self.finish(model, tokenizer, model_path, datasets, final, dev, precision)
         return RunResult(summary, model, tokenizer)
 
     def _prepare(self) -> tuple[Datasets, Path, Path]:
@@ -652,9 +651,10 @@ class Trainer:
                 window_loss.zero_()
                 window_targets, window_tokens, window_time = 0, 0, 0.0
             if do_checkpoint:
-                self.checkpoint(model, optimizer, scheduler, scaler, step)
-                # No rank starts the next step before the checkpoint of this one is in the store.
-                world.barrier()
+                # No rank starts the next step before the checkpoint of this one is in the store;
+                # when rank 0 cannot write it (the store is away: exit 5), every rank stops so.
+                with world.fail_together():
+                    self.checkpoint(model, optimizer, scheduler, scaler, step)
             if stop:
                 raise Terminated(f"stopped by SIGTERM at step {step}; a checkpoint of step {step} was written")
             if do_log or do_checkpoint:
