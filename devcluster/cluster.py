@@ -28,9 +28,7 @@ Debian packages installed by hack/install-node-tools.sh, kube-proxy (iptables mo
 process on the node address behind the ``kube-dns`` Service) and a hostPath volume provisioner
 (devcluster/provisioner.py); the apiserver also serves on the node address with a real
 ``kubernetes`` Service endpoint. ``down`` also undoes what they leave on the machine. One real
-node runs per machine. ``KUBETUNE_NODE=agent`` starts the process node agent instead
-(devcluster/node_agent.py: pods as host processes from this checkout's Python environment,
-images ignored; several such clusters can run side by side).
+node runs per machine.
 
 Binaries come from hack/build-binaries.sh (built once into ~/.cache/kubetune/bin/<versions>);
 ``KUBEBUILDER_ASSETS`` supplies etcd, kube-apiserver and kubectl instead. With
@@ -77,8 +75,8 @@ SERVICE_IP = "10.0.0.1"  # first address of SERVICE_CIDR: the `kubernetes` Servi
 DNS_SERVICE_IP = "10.0.0.10"  # the real node's `kube-dns` Service (CoreDNS)
 NODE_NAME = "kubetune-local"
 CLUSTER_NAME = "kubetune-local"
-# Every process `up` starts (and every pod process of the node agent) carries this variable set to
-# the cluster directory, so `down` finds stragglers even when the state file is incomplete.
+# Every process `up` starts carries this variable set to the cluster directory, so `down` finds
+# stragglers even when the state file is incomplete.
 MARKER_ENV = "KUBETUNE_LOCAL_CLUSTER"
 READY_TIMEOUT_S = 120.0
 
@@ -189,9 +187,8 @@ def registry_storage() -> Path:
     return tools.cache_root() / "registry"
 
 
-def find_binaries(kubelet: bool = False) -> Binaries:
-    """Locate the binaries, building the missing ones (slow once, cached afterwards); `kubelet`:
-    the real node's too."""
+def find_binaries() -> Binaries:
+    """Locate the binaries, building the missing ones (slow once, cached afterwards)."""
     built = build_dir()
     assets_env = os.environ.get("KUBEBUILDER_ASSETS")
     assets = Path(assets_env) if assets_env else None
@@ -201,11 +198,8 @@ def find_binaries(kubelet: bool = False) -> Binaries:
             return assets / name
         return built / name
 
-    names = ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "minio"]
-    extra = [helm_path(), registry_path()]
-    if kubelet:
-        names += ["kubelet", "kube-proxy"]
-        extra.append(coredns_path())
+    names = ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "minio", "kubelet", "kube-proxy"]
+    extra = [helm_path(), registry_path(), coredns_path()]
     if not all(pick(name).is_file() for name in names) or not all(path.is_file() for path in extra):
         log(f"building binaries into {built} (hack/build-binaries.sh)")
         subprocess.run(["bash", str(HACK / "build-binaries.sh")], check=True, stdout=subprocess.DEVNULL)
@@ -388,10 +382,9 @@ class State:
     node: str = NODE_NAME
     minio_endpoint: str = ""
     kubectl_cache: str = ""  # KUBECACHEDIR for this cluster: no stale discovery from an earlier one
-    node_kind: str = "agent"  # "agent": devcluster/node_agent.py; "kubelet": devcluster/real_node.py
     gpus: int = 0  # nvidia.com/gpu capacity of the node
     registry: str = ""  # host:port of the loopback image registry (plain HTTP)
-    node_ip: str = ""  # the real node's address (KUBETUNE_NODE=kubelet): pods reach MinIO there
+    node_ip: str = ""  # the node's address: pods reach the apiserver and MinIO there
 
     def save(self, path: Path) -> None:
         tmp = path.with_suffix(".tmp")
@@ -549,24 +542,21 @@ def cluster_up(paths: Paths, gpus: int, kueue: bool = True) -> State:
         cluster_down(paths)
 
     started = time.monotonic()
-    kind = real_node.node_kind()
-    if kind == "kubelet":
-        real_node.install_tools()
-        if (pid := real_node.other_kubelet_running()) is not None:
-            raise RuntimeError(f"a kubelet already runs on this machine (pid {pid}): one real node at a time")
-        real_node.check_pod_cidr()
+    real_node.install_tools()
+    if (pid := real_node.other_kubelet_running()) is not None:
+        raise RuntimeError(f"a kubelet already runs on this machine (pid {pid}): one real node at a time")
+    real_node.check_pod_cidr()
     # Logs of the previous cluster stay readable after `down`; a fresh cluster starts fresh logs.
     shutil.rmtree(paths.logs / "pods", ignore_errors=True)
     for directory in (paths.root, paths.logs, paths.logs / "pods", paths.data, paths.pvs):
         directory.mkdir(parents=True, exist_ok=True)
-    binaries = find_binaries(kubelet=kind == "kubelet")
+    binaries = find_binaries()
     kueue_built = find_kueue() if kueue else None
     linked = tools.install_tools(paths.bin, binaries.helm, binaries.kubectl_override)
     ensure_pki(paths.pki)
     # The real node's pods reach the apiserver at the node address (through the `kubernetes` Service).
-    node_address = real_node.node_ip() if kind == "kubelet" else ""
-    ensure_cert(paths.pki, "apiserver", _name("kube-apiserver"),
-                server_names=APISERVER_NAMES + ([node_address] if node_address else []))
+    node_address = real_node.node_ip()
+    ensure_cert(paths.pki, "apiserver", _name("kube-apiserver"), server_names=[*APISERVER_NAMES, node_address])
     ensure_cert(paths.pki, "kubelet-client", _name("kube-apiserver-kubelet-client"), client=True)
     if kueue:
         ensure_serving_cert(paths.pki, "kueue", ["127.0.0.1", "localhost"])
@@ -575,16 +565,16 @@ def cluster_up(paths: Paths, gpus: int, kueue: bool = True) -> State:
              "registry"]
     if kueue:
         names += ["kueue-webhook", "kueue-metrics", "kueue-health"]
-    if kind == "kubelet":  # the kubelet serves on the node address; a free loopback port is free there too
-        names += ["kubelet", "kubelet-healthz", "kube-proxy-healthz", "kube-proxy-metrics", "coredns-health",
-                  "coredns-ready"]
+    # The kubelet serves on the node address; a free loopback port is free there too.
+    names += ["kubelet", "kubelet-healthz", "kube-proxy-healthz", "kube-proxy-metrics", "coredns-health",
+              "coredns-ready"]
     ports = dict(zip(names, free_ports(len(names)), strict=True))
     apiserver = f"https://127.0.0.1:{ports['apiserver']}"
     state = State(
         dir=str(paths.root), ports=ports, apiserver=apiserver, kubeconfig=str(paths.kubeconfig),
         kubectl=str(linked["kubectl"]), helm=str(linked["helm"]),
         minio_endpoint=f"127.0.0.1:{ports['minio']}", kubectl_cache=str(paths.data / "kubectl-cache"),
-        node_kind=kind, gpus=gpus, registry=f"127.0.0.1:{ports['registry']}",
+        gpus=gpus, registry=f"127.0.0.1:{ports['registry']}",
         node_ip=node_address,
     )
     state.save(paths.state)
@@ -602,11 +592,8 @@ def cluster_up(paths: Paths, gpus: int, kueue: bool = True) -> State:
         _start_apiserver(binaries, paths, state)
         wait_ready("kube-apiserver", state, lambda: http_ok(apiserver + "/readyz", _https_context(paths.pki)))
         _start_controllers(binaries, paths, state)
-        if kind == "kubelet":
-            _start_real_node(binaries, paths, state)
-        else:
-            _start_node_agent(paths, state, gpus)
-        if kueue_built is not None:  # while the controllers and the node agent start
+        _start_real_node(binaries, paths, state)
+        if kueue_built is not None:  # while the controllers and the node start
             install_kueue(kueue_built, paths, state)
             _start_kueue(kueue_built, paths, state)
         wait_ready("minio", state, lambda: http_ok(f"http://{state.minio_endpoint}/minio/health/ready"))
@@ -620,12 +607,10 @@ def cluster_up(paths: Paths, gpus: int, kueue: bool = True) -> State:
         for name in ("controller-manager", "scheduler"):
             url = f"https://127.0.0.1:{ports[name]}/healthz"
             wait_ready(f"kube-{name}", state, functools.partial(http_ok, url, unverified))
-        if kind == "kubelet":
-            _advertise_gpus(paths, state)
-        wait_ready(node_process(state), state, lambda: node_ready(state, paths.pki))
-        if kind == "kubelet":
-            wait_ready("kube-proxy", state, lambda: http_ok(f"http://127.0.0.1:{ports['kube-proxy-healthz']}/healthz"))
-            wait_ready("coredns", state, lambda: http_ok(f"http://127.0.0.1:{ports['coredns-ready']}/ready"))
+        _advertise_gpus(paths, state)
+        wait_ready("kubelet", state, lambda: node_ready(state, paths.pki))
+        wait_ready("kube-proxy", state, lambda: http_ok(f"http://127.0.0.1:{ports['kube-proxy-healthz']}/healthz"))
+        wait_ready("coredns", state, lambda: http_ok(f"http://127.0.0.1:{ports['coredns-ready']}/ready"))
         wait_ready("kube-controller-manager", state, lambda: default_service_account_exists(state, paths.pki))
         if kueue_built is not None:
             wait_ready("kueue", state, lambda: kueue_ready(state))
@@ -640,13 +625,8 @@ def cluster_up(paths: Paths, gpus: int, kueue: bool = True) -> State:
 
 
 # Processes that can be restarted alone; the others hold the cluster's data.
-RESTARTABLE = {"kube-controller-manager", "kube-scheduler", "minio", "registry", "node-agent", "kueue", "containerd",
-               "kubelet", "kube-proxy", "coredns", "provisioner"}
-
-
-def node_process(state: State) -> str:
-    """The process that keeps the node Ready."""
-    return "kubelet" if state.node_kind == "kubelet" else "node-agent"
+RESTARTABLE = {"kube-controller-manager", "kube-scheduler", "minio", "registry", "kueue", "containerd", "kubelet",
+               "kube-proxy", "coredns", "provisioner"}
 
 
 def repair(paths: Paths, state: State) -> bool:
@@ -658,9 +638,9 @@ def repair(paths: Paths, state: State) -> bool:
         log(f"restarting {record.name}")
         state.processes.remove(record)
         start_process(record.name, record.args, paths, state, record.env, append_log=True)
-    if state.node_kind == "kubelet" and any(p.name == "kubelet" for p in dead):
+    if any(p.name == "kubelet" for p in dead):
         _advertise_gpus(paths, state)
-    wait_ready(node_process(state), state, lambda: node_ready(state, paths.pki))
+    wait_ready("kubelet", state, lambda: node_ready(state, paths.pki))
     if any(p.name == "kueue" for p in state.processes):
         wait_ready("kueue", state, lambda: kueue_ready(state))
     log(f"up: {state.apiserver}")
@@ -680,11 +660,10 @@ def _start_etcd(binaries: Binaries, paths: Paths, state: State) -> None:
 
 
 def _start_minio(binaries: Binaries, paths: Paths, state: State, user: str, password: str) -> None:
-    # Pods on a real node's pod network reach MinIO at the node's own address: listen there too.
-    host = "" if state.node_ip else "127.0.0.1"
+    # Pods on the node's pod network reach MinIO at the node's own address: listen there too.
     start_process("minio", [
         str(binaries.minio), "server", str(paths.data / "minio"), "--quiet",
-        f"--address={host}:{state.ports['minio']}",
+        f"--address=:{state.ports['minio']}",
         f"--console-address=127.0.0.1:{state.ports['minio-console']}",
     ], paths, state, env={
         "MINIO_ROOT_USER": user, "MINIO_ROOT_PASSWORD": password, "MINIO_BROWSER": "off",
@@ -714,15 +693,10 @@ def _start_registry(binaries: Binaries, paths: Paths, state: State) -> None:
 
 def _start_apiserver(binaries: Binaries, paths: Paths, state: State) -> None:
     pki = paths.pki
-    if state.node_ip:
-        # The real node: pods reach the apiserver through the `kubernetes` Service (kube-proxy), whose
-        # endpoint the lease reconciler (the default) keeps at the node address. It serves there and
-        # on loopback (all addresses: the kubeconfigs keep 127.0.0.1).
-        serving = ["--bind-address=0.0.0.0", f"--advertise-address={state.node_ip}"]
-    else:
-        # Endpoints may not hold a loopback address, so the `kubernetes` Service has none; pods
-        # reach the apiserver through KUBERNETES_SERVICE_HOST=127.0.0.1 set by the node agent.
-        serving = ["--advertise-address=127.0.0.1", "--bind-address=127.0.0.1", "--endpoint-reconciler-type=none"]
+    # Pods reach the apiserver through the `kubernetes` Service (kube-proxy), whose endpoint the lease
+    # reconciler (the default) keeps at the node address. It serves there and on loopback (all
+    # addresses: the kubeconfigs keep 127.0.0.1).
+    serving = ["--bind-address=0.0.0.0", f"--advertise-address={state.node_ip}"]
     start_process("kube-apiserver", [
         str(binaries.kube_apiserver),
         f"--etcd-servers=http://127.0.0.1:{state.ports['etcd']}",
@@ -741,13 +715,13 @@ def _start_apiserver(binaries: Binaries, paths: Paths, state: State) -> None:
         # need update on finetunejobs/finalizers, which the chart's RBAC must grant.
         "--enable-admission-plugins=NodeRestriction,OwnerReferencesPermissionEnforcement",
         "--allow-privileged=true",
-        # `kubectl logs` reaches the node agent's logs endpoint on the node's InternalIP.
+        # `kubectl logs` and `exec` reach the kubelet on the node's InternalIP.
         "--kubelet-preferred-address-types=InternalIP",
         # logs/exec/port-forward: the apiserver authenticates to the kubelet with its own client
         # certificate (allowed by RBAC: ClusterRole system:kubelet-api-admin).
         f"--kubelet-client-certificate={pki / 'kubelet-client.crt'}",
         f"--kubelet-client-key={pki / 'kubelet-client.key'}",
-        *([f"--kubelet-certificate-authority={pki / 'ca.crt'}"] if state.node_kind == "kubelet" else []),
+        f"--kubelet-certificate-authority={pki / 'ca.crt'}",
         "--profiling=false", "--event-ttl=1h",
     ], paths, state)
 
@@ -868,19 +842,6 @@ def _advertise_gpus(paths: Paths, state: State) -> None:
     patch = [{"op": "add", "path": f"/status/{field}/nvidia.com~1gpu", "value": str(state.gpus)}
              for field in ("capacity", "allocatable")]
     _kubectl(state, "patch", "node", state.node, "--subresource=status", "--type=json", "-p", json.dumps(patch))
-
-
-def _start_node_agent(paths: Paths, state: State, gpus: int) -> None:
-    start_process("node-agent", [
-        sys.executable, "-m", "devcluster.node_agent",
-        f"--kubeconfig={paths.kubeconfig}", f"--node-name={state.node}", f"--gpus={gpus}",
-        # Capacity the scheduler sees; defaults to this machine's.
-        *([f"--cpu={os.environ['KUBETUNE_NODE_CPU']}"] if os.environ.get("KUBETUNE_NODE_CPU") else []),
-        *([f"--memory={os.environ['KUBETUNE_NODE_MEMORY']}"] if os.environ.get("KUBETUNE_NODE_MEMORY") else []),
-        f"--state-dir={paths.data / 'node-agent'}", f"--pod-log-dir={paths.logs / 'pods'}",
-        f"--pv-dir={paths.pvs}",
-        f"--serving-cert={paths.pki / 'apiserver.crt'}", f"--serving-key={paths.pki / 'apiserver.key'}",
-    ], paths, state, env={"PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)})
 
 
 # --------------------------------------------------------------------------------------------
@@ -1023,8 +984,8 @@ def _start_kueue(built: Path, paths: Paths, state: State) -> None:
     config = home / "config.yaml"
     config.write_text(json.dumps(kueue_config(state, cert_dir), indent=2) + "\n")
     # Kueue (v0.17) reads its metrics serving certificate from a fixed path when it does not manage
-    # certificates itself: it gets ours there, bind-mounted in a private mount namespace (as the node
-    # agent's pods get their volumes), over an empty directory created once on this machine.
+    # certificates itself: it gets ours there, bind-mounted in a private mount namespace, over an
+    # empty directory created once on this machine.
     KUEUE_METRICS_CERTS.mkdir(parents=True, exist_ok=True)
     mount_then_run = 'mount --bind "$0" "$1" && shift && exec "$@"'
     # Admin credentials: Kueue's own RBAC (config/components/rbac) is not installed here.
@@ -1067,18 +1028,15 @@ def cluster_down(paths: Paths, keep_logs: bool = True, grace_s: float = 10.0) ->
                 if record.alive():
                     _signal_group(record.pid, signal.SIGKILL)
         real_node.stop_pods(node)
-    # The node agent first (it stops its pods), the storage last.
+    # The storage last.
     for record in reversed(records):
         _signal_group(record.pid, signal.SIGTERM)
-        if record.name == "node-agent":
-            with contextlib.suppress(TimeoutError):
-                poll_until(functools.partial(_exited, record), grace_s, "node agent to stop its pods")
     with contextlib.suppress(TimeoutError):
         poll_until(lambda: not any(r.alive() for r in records), grace_s, "cluster processes to stop")
     for record in records:
         if record.alive():
             _signal_group(record.pid, signal.SIGKILL)
-    # Anything still carrying the marker: pod processes of a killed agent, stray children.
+    # Anything still carrying the marker: stray children.
     for pid in marked_processes(paths.root):
         _signal_group(pid, signal.SIGKILL)
     with contextlib.suppress(TimeoutError):

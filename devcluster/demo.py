@@ -9,8 +9,7 @@ The cluster's node is a real kubelet with containerd. The operator and trainer i
 (`make images`, cached layers) and pushed to the cluster's loopback registry; the chart installs
 the operator from there, under its own ServiceAccount and RBAC, and the trainer pod pulls the
 trainer image, trains a tiny backbone on the CPU and reports to the operator through the chart's
-Service DNS name. ``KUBETUNE_NODE=agent`` runs the demo on the process node agent instead (no
-images: pods are host processes).
+Service DNS name.
 """
 
 from __future__ import annotations
@@ -18,14 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from devcluster import REPO, images, real_node, seed_demo
+from devcluster import REPO, images, seed_demo
 
 STATE = REPO / ".kubetune"  # --dir replaces it
 RELEASE, RELEASE_NS, JOB_NS = "kubetune", "kubetune-system", "default"
@@ -45,16 +43,6 @@ def kubectl(*args: str, check: bool = True, stdin: str | None = None) -> str:
 
 def helm(*args: str) -> None:
     run(str(STATE / "bin" / "helm"), *args)
-
-
-def port_or_free(preferred: int) -> int:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", preferred))
-        except OSError:
-            s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def step(message: str) -> None:
@@ -81,38 +69,32 @@ def follow(name: str, timeout: float = 900) -> dict[str, Any]:
     sys.exit(f"demo: {name} did not finish within {timeout:.0f}s")
 
 
-def chart_settings(state: dict[str, Any], minio: dict[str, str]) -> list[str]:
-    """`helm --set` flags for this cluster's node: the images from the loopback registry and MinIO
-    at the node address (real node), or loopback addresses shared with the host (node agent)."""
-    common = ["storage.insecure=true", "storage.secretName=kubetune-s3", "reports.statusIntervalSeconds=1"]
-    if state.get("node_kind") == "kubelet":
-        step("Building the operator and trainer images and pushing them to the cluster's registry (make images)")
-        images.build_all(list(images.IMAGES), registry=state["registry"])
-        pushed = {name: f"{state['registry']}/kubetune/{name}:{images.version()}" for name in images.IMAGES}
-        print("\n".join(f"  {reference}" for reference in pushed.values()))
-        repository, tag = pushed["operator"].rsplit(":", 1)
-        trainer_image = pushed["trainer"]
-        minio_port = minio["MINIO_ENDPOINT"].rsplit(":", 1)[1]
-        # Reports go to the chart's Service by its DNS name (the chart's default report URL).
-        settings = [f"image.repository={repository}", f"image.tag={tag}", f"trainer.image={trainer_image}",
-                    f"storage.endpoint={state['node_ip']}:{minio_port}"]
-    else:
-        # The node agent's pods are host processes: they share the host's loopback network.
-        report_port = port_or_free(8081)
-        settings = [f"storage.endpoint={minio['MINIO_ENDPOINT']}", f"reports.port={report_port}",
-                    f"reports.url=http://127.0.0.1:{report_port}", f"healthPort={port_or_free(8080)}"]
-    return [flag for setting in common + settings for flag in ("--set", setting)]
+def chart_values(images: dict[str, str], node_ip: str, minio_endpoint: str) -> list[str]:
+    """`helm --set` flags for the local cluster: the operator and trainer images (references in the
+    cluster's registry), MinIO at the node address (where pods reach this machine) over plain HTTP
+    with the keys of the Secret ``kubetune-s3``, and reports through the chart's Service by its DNS
+    name (the chart's default report URL)."""
+    repository, tag = images["operator"].rsplit(":", 1)
+    values = [f"image.repository={repository}", f"image.tag={tag}", f"trainer.image={images['trainer']}",
+              f"storage.endpoint={node_ip}:{minio_endpoint.rsplit(':', 1)[1]}", "storage.insecure=true",
+              "storage.secretName=kubetune-s3"]
+    return [flag for value in values for flag in ("--set", value)]
 
 
 def up() -> None:
-    node = real_node.node_kind()
-    step(f"Starting the local cluster (kube-apiserver, etcd, controllers, scheduler, MinIO, registry; node: {node})")
+    step("Starting the local cluster (kube-apiserver, etcd, controllers, scheduler, MinIO, registry, "
+         "a kubelet + containerd node)")
     subprocess.run([sys.executable, "-m", "devcluster", "up", "--dir", str(STATE)], cwd=REPO, check=True)
     state = json.loads((STATE / "cluster.json").read_text())
     minio = seed_demo.read_env(STATE / "minio.env")
     print(kubectl("get", "nodes", "-o", "wide"))
 
-    settings = chart_settings(state, minio)
+    step("Building the operator and trainer images and pushing them to the cluster's registry (make images)")
+    images.build_all(list(images.IMAGES), registry=state["registry"])
+    pushed = {name: f"{state['registry']}/kubetune/{name}:{images.version()}" for name in images.IMAGES}
+    print("\n".join(f"  {reference}" for reference in pushed.values()))
+    settings = [*chart_values(pushed, state["node_ip"], minio["MINIO_ENDPOINT"]),
+                "--set", "reports.statusIntervalSeconds=1"]
     step("Installing the KubeTune chart with helm (the operator runs as a pod on the local node)")
     helm("upgrade", "--install", RELEASE, str(REPO / "helm" / "kubetune"), "-n", RELEASE_NS, "--create-namespace",
          "--wait", "--timeout", "300s", *settings)

@@ -1,7 +1,7 @@
-"""A small, dependency-free Kubernetes REST client for the local cluster's node agent.
+"""A small, dependency-free Kubernetes REST client for the local cluster's volume provisioner.
 
-Enough for what a kubelet stand-in does: JSON requests (get, list, create, patch, delete) and
-streaming watches, authenticated with the client certificate or token of a kubeconfig.
+JSON requests (get, list, create, delete), authenticated with the client certificate or token of a
+kubeconfig: the provisioner runs from the interpreter `up` runs in, which needs no client library.
 """
 
 from __future__ import annotations
@@ -13,16 +13,12 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 JSON = dict[str, Any]
-STRATEGIC_MERGE = "application/strategic-merge-patch+json"
-MERGE_PATCH = "application/merge-patch+json"
-JSON_PATCH = "application/json-patch+json"
 
 
 class ApiError(Exception):
@@ -96,27 +92,8 @@ class Kube:
     def get(self, path: str, **query: Any) -> JSON:
         return self.request("GET", path, query=query or None)
 
-    def get_or_none(self, path: str) -> JSON | None:
-        try:
-            return self.get(path)
-        except ApiError as error:
-            if error.status == 404:
-                return None
-            raise
-
     def create(self, path: str, body: JSON) -> JSON:
         return self.request("POST", path, body)
 
-    def patch(self, path: str, body: Any, content_type: str = STRATEGIC_MERGE) -> JSON:
-        return self.request("PATCH", path, body, content_type=content_type)
-
     def delete(self, path: str, body: JSON | None = None) -> JSON:
         return self.request("DELETE", path, body)
-
-    def watch(self, path: str, timeout_s: int = 60, **query: Any) -> Iterator[JSON]:
-        """Yield watch events ({type, object}) until the server closes the stream."""
-        params = {"watch": "true", "timeoutSeconds": timeout_s, "allowWatchBookmarks": "true", **query}
-        with self._open("GET", path, None, "", params, timeout_s + 30) as response:
-            for line in response:
-                if line.strip():
-                    yield json.loads(line)

@@ -4,7 +4,7 @@ hostPath is the node's disk) and deletes released volumes with their data.
 
     python -m devcluster.provisioner --kubeconfig KUBECONFIG --pv-dir DIR
 
-The process node agent runs it in a thread; with a real node, `up` starts it as a process.
+`python -m devcluster up` starts it as one of the cluster's processes.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The local cluster's real node: kubelet + containerd + a CNI bridge (``KUBETUNE_NODE=kubelet``).
+"""The local cluster's node: kubelet + containerd + a CNI bridge.
 
 devcluster/cluster.py starts the processes (through its ``start_process``, so ``down`` stops them) and
 calls this module for the rest: the Debian packages (hack/install-node-tools.sh), the pause image
@@ -32,7 +32,6 @@ from pathlib import Path
 
 from devcluster import HACK
 
-NODE_ENV = "KUBETUNE_NODE"  # "kubelet" (default) or "agent" (devcluster/node_agent.py)
 PAUSE_IMAGE = "kubetune.local/pause:1"
 POD_CIDR = "10.244.0.0/24"  # host-local range of the CNI bridge; checked against this machine's routes
 CNI_BIN_DIR = Path("/usr/lib/cni")  # Debian's containernetworking-plugins
@@ -61,13 +60,6 @@ SYSCTLS = (
 BRIDGE_NF_CALL_IPTABLES = Path("/proc/sys/net/bridge/bridge-nf-call-iptables")
 CLUSTER_DOMAIN = "cluster.local"
 NVIDIA_GPU = "nvidia.com/gpu"
-
-
-def node_kind() -> str:
-    kind = os.environ.get(NODE_ENV, "kubelet").strip().lower() or "kubelet"
-    if kind not in ("agent", "kubelet"):
-        raise RuntimeError(f"{NODE_ENV}={kind!r}: expected 'kubelet' (default) or 'agent'")
-    return kind
 
 
 def install_tools() -> None:

@@ -51,10 +51,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # devcluster: the TEST DOUBLE image for a real node
+sys.path.insert(0, str(REPO))  # devcluster: the TEST DOUBLE image
 from devcluster import images  # noqa: E402
 
-FAKE_TRAINER = REPO / "tests" / "e2e" / "fake_trainer.py"
 NOWHERE = {"kubetune.io/bench": "no-such-node"}  # a nodeSelector no node has: pods stay Pending
 CREATORS = 8  # client threads that create a series' objects
 Json = dict[str, Any]
@@ -193,17 +192,14 @@ class Api:
 
 
 class Operator:
-    """`kubetune operator` for the bench namespaces, with the test double trainer: from this checkout
-    (the process node agent's pods run here) or, given ``trainer_image``, the TEST DOUBLE image
-    (tests/e2e/fake_trainer.Dockerfile) on a real node, reporting to ``report_host``."""
+    """`kubetune operator` for the bench namespaces, with the TEST DOUBLE trainer image
+    (tests/e2e/fake_trainer.Dockerfile), whose pods report to ``report_host`` (the node address)."""
 
-    def __init__(self, env: dict[str, str], trainer_image: str | None = None, report_host: str = "127.0.0.1") -> None:
+    def __init__(self, env: dict[str, str], trainer_image: str, report_host: str) -> None:
         self.port = free_port()
         self.url = f"http://{report_host}:{self.port}"
-        trainer = {"KUBETUNE_TRAINER_COMMAND": json.dumps(["python", str(FAKE_TRAINER)])}
-        if trainer_image:
-            trainer = {"KUBETUNE_TRAINER_IMAGE": trainer_image,
-                       "KUBETUNE_TRAINER_COMMAND": json.dumps(["python", images.TEST_DOUBLE_PATH])}
+        trainer = {"KUBETUNE_TRAINER_IMAGE": trainer_image,
+                   "KUBETUNE_TRAINER_COMMAND": json.dumps(["python", images.TEST_DOUBLE_PATH])}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "kubetune", "operator"],  # cluster-wide, as the chart installs it
             env={**env, **trainer,
@@ -598,13 +594,10 @@ def self_signed_pair(directory: Path) -> None:
                                                           serialization.NoEncryption()))
 
 
-def real_node_trainer(state_dir: Path, image: str | None) -> tuple[str | None, str]:
-    """On a real node (the default local cluster) the pods run images and reach this machine at the
-    node address: the TEST DOUBLE image (devcluster.images) and that address. The process node
-    agent runs the test double from this checkout on loopback: (None, 127.0.0.1)."""
+def test_double_trainer(state_dir: Path, image: str | None) -> tuple[str, str]:
+    """The TEST DOUBLE image (devcluster.images, pushed to the cluster's registry) and the node
+    address, where the cluster's pods reach this machine."""
     state = json.loads((state_dir / "cluster.json").read_text())
-    if state.get("node_kind") != "kubelet":
-        return None, "127.0.0.1"
     if image is None:
         images.build_all(["operator"])  # the TEST DOUBLE image's base (cached layers: seconds)
         image = images.build_test_double(state["registry"])
@@ -622,10 +615,10 @@ def main() -> None:
                         help="reference series to run next to the operator series (comma-separated)")
     parser.add_argument("--peer", choices=("auto", "off"), default="auto",
                         help="auto: measure Kubeflow training-operator when hack/build-peer.sh builds it")
-    parser.add_argument("--trainer-image", help="the TEST DOUBLE trainer image for a real node (default: built "
+    parser.add_argument("--trainer-image", help="the TEST DOUBLE trainer image (default: built "
                         "FROM the operator image and pushed to the cluster's registry)")
     args = parser.parse_args()
-    trainer_image, report_host = real_node_trainer(args.dir, args.trainer_image)
+    trainer_image, report_host = test_double_trainer(args.dir, args.trainer_image)
     sizes = [int(s) for s in args.sizes.split(",") if s]
     lifecycle_sizes = [int(s) for s in args.lifecycle_sizes.split(",") if s]
     series = set(args.series.split(","))

@@ -3,7 +3,7 @@
 # the directory. A second run finds them there and builds nothing.
 #
 #   kube-apiserver, kube-controller-manager, kube-scheduler  <- hack/k8s/go.mod (k8s.io/kubernetes)
-#   kubelet, kube-proxy (the real node, KUBETUNE_NODE=kubelet) <- the same module
+#   kubelet, kube-proxy (the node)                           <- the same module
 #   etcd                                                     <- hack/etcd/go.mod (go.etcd.io/etcd/server/v3)
 #   minio                                                    <- go install github.com/minio/minio@<pinned>
 #   registry (into its own bin/registry-<version>/)          <- go install github.com/distribution/distribution/v3/cmd/registry@<pinned>

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Installs what the real node of the local cluster (KUBETUNE_NODE=kubelet) needs from Debian:
+# Installs what the node of the local cluster (kubelet + containerd) needs from Debian:
 # containerd (+ ctr), runc, the CNI plugins, buildah (builds the pause and test images) and
 # busybox-static (the test image's only binary). Installs only what is missing; a second run
-# does nothing. devcluster/cluster.py runs it before starting a real node.
+# does nothing. devcluster/cluster.py runs it before starting the node.
 set -euo pipefail
 
 declare -A wanted=(

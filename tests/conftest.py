@@ -86,11 +86,11 @@ def cluster() -> Iterator[Cluster]:
         yield _local_cluster(state_dir)
     finally:
         if started and not _flag("KUBETUNE_KEEP_CLUSTER"):
-            real = json.loads((state_dir / "cluster.json").read_text()).get("node_kind") == "kubelet"
             down = _cluster_cli("down", "--dir", str(state_dir))
             assert down.returncode == 0, down.stderr[-3000:]
-            if real:  # `down` leaves nothing of a real node behind (tests/e2e/test_real_node.py's check)
-                assert real_node.leftovers(state_dir, real_node_started) == []
+            # `down` leaves nothing of the node behind: pods, cgroups, mounts, the bridge, iptables
+            # chains (IPv4 and IPv6), CoreDNS's port 53, the shims' sockets, the node's processes.
+            assert real_node.leftovers(state_dir, real_node_started) == []
 
 
 @pytest.fixture(scope="session")
@@ -151,16 +151,23 @@ def images() -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def node(cluster: Cluster) -> Node:
-    state = json.loads((cluster.dir / "cluster.json").read_text()) if cluster.dir else {}
-    kind = state.get("node_kind", "agent")
-    return Node(kind=kind, host=state["node_ip"] if kind == "kubelet" else "127.0.0.1",
-                registry=state.get("registry", ""))
+    """Where the cluster's pods reach this machine, and the registry they pull the tests' images
+    from: the local cluster's, or (USE_EXISTING_CLUSTER) KUBETUNE_TEST_NODE_HOST's and
+    KUBETUNE_TEST_REGISTRY's."""
+    if cluster.dir is None:
+        host, registry = os.environ.get("KUBETUNE_TEST_NODE_HOST"), os.environ.get("KUBETUNE_TEST_REGISTRY")
+        if not host or not registry:
+            pytest.skip("USE_EXISTING_CLUSTER: set KUBETUNE_TEST_NODE_HOST and KUBETUNE_TEST_REGISTRY for tests "
+                        "that run pods")
+        return Node(host=host, registry=registry)
+    state = json.loads((cluster.dir / "cluster.json").read_text())
+    return Node(host=state["node_ip"], registry=state["registry"])
 
 
 @pytest.fixture(scope="session")
 def cluster_images(node: Node, images: dict[str, str]) -> dict[str, str]:
     """The operator and trainer images (`make images`) and the TEST DOUBLE trainer image, pushed to
-    the cluster's registry: name -> reference there (for a real node only)."""
+    the cluster's registry: name -> reference there."""
     pushed = {name: images_lib.push(images_lib.IMAGES[name], images_lib.version(), node.registry) for name in images}
     pushed["test-double"] = images_lib.build_test_double(node.registry)
     return pushed

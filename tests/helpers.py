@@ -119,13 +119,8 @@ def free_port() -> int:
 
 @dataclass(frozen=True)
 class Node:
-    """The session cluster's node: the process node agent (pods are host processes on its loopback)
-    or a real kubelet (pods on the pod network run images, and reach this machine at its address)."""
+    """The session cluster's node: its pods, on the pod network, run images from the cluster's
+    registry and reach this machine at its address."""
 
-    kind: str  # "agent" or "kubelet"
     host: str  # where pods reach this machine's servers (the operator's reports, MinIO, Signals)
-    registry: str  # the cluster's loopback image registry (host:port)
-
-    @property
-    def real(self) -> bool:
-        return self.kind == "kubelet"
+    registry: str  # the cluster's image registry (host:port), where the tests push their images

@@ -23,7 +23,6 @@ Cluster = Any  # tests/conftest.py's Cluster (conftest modules are not importabl
 # The chaos suite runs with `make chaos` (KUBETUNE_CHAOS=1) only: long, and not a gate for `make test`.
 collect_ignore = [] if os.environ.get("KUBETUNE_CHAOS") else ["chaos"]
 REPO = Path(__file__).resolve().parents[2]
-FAKE_TRAINER = Path(__file__).parent / "fake_trainer.py"
 REAL_TRAINER_COMMAND = ["python", "-m", "kubetune_trainer"]  # the operator's default
 
 
@@ -52,13 +51,11 @@ def operator_kubeconfig(cluster: Cluster, tmp_path_factory: pytest.TempPathFacto
 
 
 @pytest.fixture(scope="session")
-def fake_trainer_env(node: Node, request: pytest.FixtureRequest) -> dict[str, str]:
-    """Operator settings for the TEST DOUBLE trainer: tests/e2e/fake_trainer.py from this checkout
-    (node agent) or in its image from the cluster's registry (real node)."""
-    if node.real:
-        return {"KUBETUNE_TRAINER_IMAGE": request.getfixturevalue("cluster_images")["test-double"],
-                "KUBETUNE_TRAINER_COMMAND": json.dumps(["python", TEST_DOUBLE_PATH])}
-    return {"KUBETUNE_TRAINER_COMMAND": json.dumps(["python", str(FAKE_TRAINER)])}
+def fake_trainer_env(cluster_images: dict[str, str]) -> dict[str, str]:
+    """Operator settings for the TEST DOUBLE trainer: tests/e2e/fake_trainer.py in its image
+    (tests/e2e/fake_trainer.Dockerfile) from the cluster's registry."""
+    return {"KUBETUNE_TRAINER_IMAGE": cluster_images["test-double"],
+            "KUBETUNE_TRAINER_COMMAND": json.dumps(["python", TEST_DOUBLE_PATH])}
 
 
 @pytest.fixture
@@ -95,15 +92,13 @@ def s3_secret(cluster: Cluster, namespace: str, demo_bucket: str, minio_env: dic
 
 
 @pytest.fixture
-def real_trainer_env(minio_env: dict[str, str], node: Node, request: pytest.FixtureRequest) -> dict[str, str]:
-    """Operator settings for the real trainer (no test double), with MinIO as the default store, at
-    an address the trainer pods reach; on a real node, the trainer image from the cluster's registry."""
+def real_trainer_env(minio_env: dict[str, str], node: Node, cluster_images: dict[str, str]) -> dict[str, str]:
+    """Operator settings for the real trainer (no test double) in the trainer image from the
+    cluster's registry, with MinIO as the default store at the node address (where pods reach it)."""
     port = minio_env["MINIO_ENDPOINT"].rsplit(":", 1)[1]
-    settings = {"KUBETUNE_S3_ENDPOINT": f"{node.host}:{port}" if node.real else minio_env["MINIO_ENDPOINT"],
-                "KUBETUNE_S3_INSECURE": "true", "KUBETUNE_TRAINER_COMMAND": json.dumps(REAL_TRAINER_COMMAND)}
-    if node.real:
-        settings["KUBETUNE_TRAINER_IMAGE"] = request.getfixturevalue("cluster_images")["trainer"]
-    return settings
+    return {"KUBETUNE_S3_ENDPOINT": f"{node.host}:{port}", "KUBETUNE_S3_INSECURE": "true",
+            "KUBETUNE_TRAINER_COMMAND": json.dumps(REAL_TRAINER_COMMAND),
+            "KUBETUNE_TRAINER_IMAGE": cluster_images["trainer"]}
 
 
 @pytest.fixture

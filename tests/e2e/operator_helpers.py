@@ -31,12 +31,11 @@ Cluster = Any  # tests/conftest.py's Cluster
 
 class Operator:
     """`kubetune operator --namespace NS` as a child process, with the settings a test chooses,
-    under the chart's ServiceAccount and RBAC. Its report endpoint listens on ``report_host``: the
-    host's loopback (the node agent's pods share it) or the node address (pods on a real node's pod
-    network reach it there)."""
+    under the chart's ServiceAccount and RBAC. Its report endpoint listens on ``report_host``, the
+    node address: pods on the pod network reach this machine there."""
 
     def __init__(self, cluster: Cluster, namespace: str, log_dir: Path, env: dict[str, str],
-                 report_host: str = "127.0.0.1") -> None:
+                 report_host: str) -> None:
         self.cluster, self.namespace, self.log_dir, self.extra_env = cluster, namespace, log_dir, env
         self.report_key = secrets.token_urlsafe(32)  # kept across restarts, as the chart's Secret is
         self.process: subprocess.Popen[bytes] | None = None
@@ -87,7 +86,7 @@ class Operator:
 
 @contextlib.contextmanager
 def running_operator(cluster: Cluster, namespace: str, log_dir: Path, env: dict[str, str],
-                     report_host: str = "127.0.0.1") -> Iterator[Operator]:
+                     report_host: str) -> Iterator[Operator]:
     running = Operator(cluster, namespace, log_dir, env, report_host).start()
     try:
         yield running

@@ -1,38 +1,29 @@
 """The local development cluster behaves like a real one for what KubeTune needs.
 
-Real kube-apiserver, controller-manager and scheduler; pods run by the session cluster's node
-(the process node agent, or a real kubelet with `KUBETUNE_NODE=kubelet`). The throwaway cluster's
-tests are the node agent's own.
+Real kube-apiserver, controller-manager and scheduler; pods run by the session cluster's node, a
+kubelet with containerd, from the operator image (Python and the kubernetes client) in the
+cluster's registry. The node's own tests (securityContext, networking, limits, `down`) are in
+test_real_node.py.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from helpers import Cluster, devcluster, wait_for
+from helpers import Cluster, wait_for
 
 pytestmark = pytest.mark.e2e
 
-AGENT_IMAGE = "kubetune/trainer:dev"  # the node agent runs any image in the repository's Python environment
-
-
 @pytest.fixture
-def python_image(node: Any, request: pytest.FixtureRequest) -> str:
-    """An image with Python and the kubernetes client: on a real node, the operator image from the
-    cluster's registry; the node agent runs every image in this checkout's Python environment."""
-    image: str = request.getfixturevalue("cluster_images")["operator"] if node.real else AGENT_IMAGE
-    return image
+def python_image(cluster_images: dict[str, str]) -> str:
+    """An image with Python and the kubernetes client: the operator image from the cluster's registry."""
+    return cluster_images["operator"]
 
 
 def job(image: str, name: str, script: str, *, backoff_limit: int = 0, **pod_spec: Any) -> dict[str, Any]:
@@ -177,7 +168,7 @@ def test_deleting_a_running_job_stops_its_process_with_sigterm(
         container={"volumeMounts": [{"name": "out", "mountPath": "/out"}]},
         volumes=[{"name": "out", "hostPath": {"path": str(tmp_path), "type": "Directory"}}],
     ), namespace)
-    tmp_path.chmod(0o777)  # writable by the image's user on a real node
+    tmp_path.chmod(0o777)  # writable by the image's user
     wait_for(lambda: (tmp_path / "started").exists(), 90, "the job's process to start")
 
     deleted_at = time.monotonic()
@@ -231,7 +222,7 @@ def test_pvc_of_the_default_storage_class_keeps_data_between_pods(
 
 
 def test_pod_sees_its_hostname_downward_api_projected_and_memory_backed_volumes(
-    cluster: Cluster, namespace: str, python_image: str, node: Any
+    cluster: Cluster, namespace: str, python_image: str
 ) -> None:
     cluster.apply({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "settings"},
                    "data": {"MODE": "lora", "nested.txt": "inner"}}, namespace)
@@ -287,9 +278,9 @@ def test_pod_sees_its_hostname_downward_api_projected_and_memory_backed_volumes(
     pod = wait_for(lambda: (p := cluster.get("pod", "inspect", "-n", namespace))["status"].get("phase")
                    in ("Succeeded", "Failed") and p, 60, "pod inspect to finish")
     report = json.loads(terminated_state(pod)["message"])
-    # Its own name resolves to its address (the node agent's pods share the host's loopback).
+    # Its own name resolves to its address on the pod network.
     assert report == {
-        "hostname": "inspect", "resolves": pod["status"]["podIP"] if node.real else "127.0.0.1",
+        "hostname": "inspect", "resolves": pod["status"]["podIP"],
         "cwd": "/scratch", "mode": "lora", "expanded": "mode=lora", "namespace": namespace,
         "labels": 'app="inspect"', "projected_ns": namespace, "projected_cm": "inner",
         "sub_path": "inner", "scratch": ["tmpfs"],
@@ -317,7 +308,7 @@ def test_on_failure_pod_restarts_its_container_until_it_succeeds(
     status = pod["status"]["containerStatuses"][0]
     assert status["restartCount"] == 1 and status["state"]["terminated"]["exitCode"] == 0
     # The failed first run, while the kubelet still holds its container (its garbage collection may
-    # already have removed it; the node agent always reports it).
+    # already have removed it).
     previous = status["lastState"].get("terminated")
     assert previous is None or previous["exitCode"] == 1, previous
 
@@ -335,128 +326,3 @@ def test_pod_past_its_active_deadline_is_stopped_and_fails(cluster: Cluster, nam
                    == "Failed" and p, 60, "pod slow to fail")
     assert pod["status"]["reason"] == "DeadlineExceeded"
     assert terminated_state(pod)["exitCode"] == 143  # SIGTERM
-
-
-def test_pod_the_agent_cannot_run_fails_with_a_message(
-        cluster: Cluster, namespace: str, python_image: str, node: Any) -> None:
-    if node.real:
-        pytest.skip("the process node agent's refusal of a volume type it cannot mount")
-    cluster.apply({
-        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "nfs"},
-        "spec": {"restartPolicy": "Never",
-                 "containers": [{"name": "main", "image": python_image, "command": ["true"]}],
-                 "volumes": [{"name": "share", "nfs": {"server": "nfs.example", "path": "/export"}}]},
-    }, namespace)
-
-    pod = wait_for(lambda: (p := cluster.get("pod", "nfs", "-n", namespace))["status"].get("phase")
-                   == "Failed" and p, 60, "pod nfs to fail")
-    assert "unsupported volume type ['nfs']" in pod["status"]["message"]
-    # The node keeps running other pods.
-    cluster.apply(job(python_image, "after", "pass"), namespace)
-    assert wait_for(lambda: job_condition(cluster, namespace, "after"), 60, "job after") == "Complete"
-
-
-def running(pid: int) -> bool:
-    """Whether a process exists and is not a zombie waiting to be reaped."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def marked_pids(state_dir: Path) -> list[int]:
-    """Running processes carrying the cluster's environment marker (everything `up` started)."""
-    marker = f"KUBETUNE_LOCAL_CLUSTER={state_dir}".encode()
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and marker in (proc / "environ").read_bytes().split(b"\0"):
-                pids.append(int(proc.name))
-        except OSError:
-            continue
-    return [pid for pid in pids if running(pid)]
-
-
-class Throwaway:
-    """A second local cluster with its own state directory, driven through devcluster/cluster.py."""
-
-    def __init__(self, state_dir: Path) -> None:
-        self.dir = state_dir
-
-    def cli(self, command: str) -> None:
-        env = {**os.environ, "KUBETUNE_NODE": "agent"}
-        devcluster(command, "--dir", str(self.dir), env=env, check=True, timeout=300)
-
-    @property
-    def state(self) -> dict[str, Any]:
-        state: dict[str, Any] = json.loads((self.dir / "cluster.json").read_text())
-        return state
-
-    def kubectl(self, *args: str, input: str | None = None) -> str:
-        state = self.state
-        return subprocess.run([state["kubectl"], "--kubeconfig", state["kubeconfig"], *args], input=input,
-                              text=True, check=True, capture_output=True, timeout=120).stdout
-
-    def run_pod(self, name: str, *command: str) -> None:
-        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "default"},
-               "spec": {"restartPolicy": "Never",
-                        "containers": [{"name": "main", "image": AGENT_IMAGE, "command": list(command)}]}}
-        self.kubectl("apply", "-f", "-", input=json.dumps(pod))
-
-    def pod(self, name: str) -> dict[str, Any]:
-        pod: dict[str, Any] = json.loads(self.kubectl("get", "pod", name, "-o", "json"))
-        return pod
-
-    def pid_of(self, name: str) -> int:
-        return int(next(p["pid"] for p in self.state["processes"] if p["name"] == name))
-
-
-@pytest.fixture(scope="module")
-def throwaway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Throwaway]:
-    """A separate cluster for tests that break or stop it; the session cluster stays up."""
-    if os.environ.get("USE_EXISTING_CLUSTER", "").lower() == "true":
-        pytest.skip("starts its own throwaway cluster")
-    cluster = Throwaway(tmp_path_factory.mktemp("throwaway") / "cluster")
-    cluster.cli("up")
-    try:
-        yield cluster
-    finally:
-        cluster.cli("down")
-
-
-def test_restarted_node_agent_fails_the_pods_it_was_running_and_reruns_nothing(throwaway: Throwaway) -> None:
-    throwaway.run_pod("finished", "echo", "ran")
-    throwaway.run_pod("interrupted", "sleep", "3600")
-    wait_for(lambda: throwaway.pod("finished")["status"].get("phase") == "Succeeded", 60, "pod finished")
-    wait_for(lambda: throwaway.pod("interrupted")["status"].get("phase") == "Running", 60, "pod interrupted")
-    sleepers = [pid for pid in marked_pids(throwaway.dir) if b"3600" in Path(f"/proc/{pid}/cmdline").read_bytes()]
-
-    os.kill(throwaway.pid_of("node-agent"), signal.SIGKILL)
-    throwaway.cli("up")  # restarts what died
-
-    interrupted = wait_for(lambda: (pod := throwaway.pod("interrupted"))["status"]["phase"] == "Failed" and pod,
-                           60, "the interrupted pod to be marked Failed")
-    assert interrupted["status"]["reason"] == "NodeAgentRestarted"
-    assert interrupted["status"]["containerStatuses"][0]["state"]["terminated"]["reason"] == "ContainerStatusUnknown"
-    assert sleepers and not any(running(pid) for pid in sleepers)
-    assert throwaway.pod("finished")["status"]["phase"] == "Succeeded"
-    log = throwaway.dir / "logs" / "pods" / "default_finished_main.log"
-    assert log.read_text() == "ran\n"
-
-
-def test_down_leaves_no_process_of_the_cluster_running(throwaway: Throwaway) -> None:
-    throwaway.run_pod("sleeper", "sleep", "3600")
-    wait_for(lambda: throwaway.pod("sleeper")["status"].get("phase") == "Running", 60, "pod sleeper")
-    state = throwaway.state
-    started = [p["pid"] for p in state["processes"]]
-    # The pod's process is one of the marked ones (what `down` finds and stops besides its own).
-    assert any(b"3600" in Path(f"/proc/{pid}/cmdline").read_bytes() for pid in marked_pids(throwaway.dir))
-
-    throwaway.cli("down")
-
-    assert marked_pids(throwaway.dir) == []
-    assert not any(running(pid) for pid in started)
-    assert not (throwaway.dir / "cluster.json").exists()
-    for port in state["ports"].values():
-        with socket.socket() as probe:
-            assert probe.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still accepts connections"

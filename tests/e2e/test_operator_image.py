@@ -49,7 +49,7 @@ def operator_container(cluster: Any, crd: None, namespace: str, operator_kubecon
         f"KUBETUNE_REPORT_KEY={report_key}",
         "KUBETUNE_STATUS_INTERVAL=1",
         "KUBETUNE_RESYNC_SECONDS=5",
-        # The TEST DOUBLE trainer: from this checkout (node agent) or in its image (real node).
+        # The TEST DOUBLE trainer, in its image.
         *(f"{key}={value}" for key, value in fake_trainer_env.items()),
     ]) + "\n")
     env_file.chmod(0o600)

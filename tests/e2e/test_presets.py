@@ -246,8 +246,7 @@ RESTRICTED = {"KUBETUNE_RESTRICT_IMAGES_AND_SERVICE_ACCOUNTS": "true"}
 @pytest.mark.parametrize("operator_env", [RESTRICTED], ids=["restricted"])
 def test_the_operator_refuses_a_chosen_image_no_preset_allows(cluster: Any, namespace: str, operator: Any,
                                                               fake_trainer_env: dict[str, str]) -> None:
-    # An image the node can run: the TEST DOUBLE's (real node), any name (node agent).
-    image = fake_trainer_env.get("KUBETUNE_TRAINER_IMAGE", "example.com/trainer:1")
+    image = fake_trainer_env["KUBETUNE_TRAINER_IMAGE"]  # an image the node can run
     cluster.apply(finetunejob("own-image", image=image), namespace)
     status = wait_phase(cluster, namespace, "own-image", "Failed", reason="PolicyViolation")
     assert status["message"] == "spec.image: a FineTuneJob without a preset cannot choose its image"

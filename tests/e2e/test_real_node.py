@@ -1,12 +1,11 @@
-"""The local cluster's real node: kubelet + containerd + CNI, kube-proxy, CoreDNS.
+"""The local cluster's node: kubelet + containerd + CNI, kube-proxy, CoreDNS.
 
-The session's cluster (or, with `KUBETUNE_NODE=agent`, one of the module's own, without Kueue:
-one real node per machine). Pods run from a tiny image
-built here: Debian's static busybox and the cluster's (static) kubectl in an image ``FROM scratch``
+On the session's cluster (one real node per machine). Pods run from a tiny image built here:
+Debian's static busybox and the cluster's (static) kubectl in an image ``FROM scratch``
 (devcluster/real_node.py builds it with buildah and imports it into the node's containerd;
 ``imagePullPolicy: Never``). The KubeTune images come from `make images` through the cluster's
-loopback registry: the chart, the quickstart and `make demo` run from them. (The rest of the e2e
-suite runs on the session cluster's node, which is this real node unless `KUBETUNE_NODE=agent`.)
+loopback registry: the chart, the quickstart and `make demo` run from them. That `down` leaves
+nothing of the node behind is checked by the session's teardown (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -15,18 +14,17 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from operator_helpers import published
 
-from devcluster import images as images_lib
 from devcluster import real_node, seed_demo
+from devcluster.demo import chart_values
 from helpers import REPO, Cluster, devcluster, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -38,14 +36,7 @@ IMAGE = "kubetune.local/busybox:test"
 # the in-cluster API calls.)
 APPLETS = ("sh", "id", "touch", "echo", "sleep", "cat", "head", "tr", "nslookup", "wget", "httpd", "mkdir")
 RESTRICTED = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
-# The session cluster's node is a kubelet unless KUBETUNE_NODE says agent (devcluster's default).
-SESSION_NODE_IS_REAL = real_node.node_kind() == "kubelet"
 LOCKED_DOWN = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
-
-
-def cli(state_dir: Path, command: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "KUBETUNE_NODE": "kubelet", "KUBETUNE_KUEUE": "0", "KUBETUNE_CLUSTER_DIR": str(state_dir)}
-    return devcluster(command, env=env)
 
 
 def busybox_image(workdir: Path, kubectl: Path) -> Path:
@@ -63,42 +54,13 @@ def busybox_image(workdir: Path, kubectl: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def node_cluster(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Cluster]:
-    """A cluster with a real node: the session's (the default: one real node per machine), or with
-    `KUBETUNE_NODE=agent`, one of this module's, stopped at its end."""
-    if os.environ.get("USE_EXISTING_CLUSTER", "").lower() == "true":
-        pytest.skip("starts its own cluster with a real node")
-    if SESSION_NODE_IS_REAL:
-        session: Cluster = request.getfixturevalue("cluster")
-        assert session.dir is not None
-        busybox = busybox_image(tmp_path_factory.mktemp("real-node") / "image", session.kubectl_path)
-        real_node.import_image(real_node.NodePaths(session.dir / "data" / "node"), busybox)
-        yield session
-        return
-    # The cluster installs what it needs (hack/install-node-tools.sh); without it there is no node.
-    subprocess.run(["bash", str(REPO / "hack" / "install-node-tools.sh")], capture_output=True)
-    missing = [tool for tool in ("containerd", "runc", "ctr", "buildah") if shutil.which(tool) is None]
-    if missing or not Path("/bin/busybox").is_file():
-        pytest.skip(f"no real node here: {', '.join(missing) or '/bin/busybox'} missing and "
-                    "hack/install-node-tools.sh could not install it")
-    base = tmp_path_factory.mktemp("real-node")
-    state_dir = base / "cluster"
-    started = time.monotonic()
-    up = cli(state_dir, "up")
-    if up.returncode != 0:
-        cli(state_dir, "down")
-        pytest.fail(f"cluster.py up with KUBETUNE_NODE=kubelet failed:\n{up.stderr[-4000:]}", pytrace=False)
-    print(f"real-node cluster up in {time.monotonic() - started:.1f}s")
-    try:
-        state = json.loads((state_dir / "cluster.json").read_text())
-        env = {**os.environ, "KUBECONFIG": state["kubeconfig"], "KUBECACHEDIR": state["kubectl_cache"]}
-        cluster = Cluster(kubeconfig=Path(state["kubeconfig"]), kubectl_path=Path(state["kubectl"]),
-                          helm_path=Path(state["helm"]), apiserver=state["apiserver"], dir=state_dir, env=env)
-        image = busybox_image(base / "image", cluster.kubectl_path)
-        real_node.import_image(real_node.NodePaths(state_dir / "data" / "node"), image)
-        yield cluster
-    finally:
-        cli(state_dir, "down")
+def node_cluster(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Cluster:
+    """The session's cluster, its node holding the busybox image."""
+    if cluster.dir is None:
+        pytest.skip("the local cluster's node (USE_EXISTING_CLUSTER)")
+    busybox = busybox_image(tmp_path_factory.mktemp("real-node") / "image", cluster.kubectl_path)
+    real_node.import_image(real_node.NodePaths(cluster.dir / "data" / "node"), busybox)
+    return cluster
 
 
 @pytest.fixture(scope="module")
@@ -208,6 +170,34 @@ def addresses(nslookup: str) -> list[str]:
     return [line.split(":", 1)[1].strip() for line in answers.splitlines() if line.startswith("Address:")]
 
 
+def test_killed_kubelet_is_restarted_by_up_and_its_running_pod_lives_on(
+        node_cluster: Cluster, restricted_namespace: str) -> None:
+    """The kubelet dies (SIGKILL): `up` restarts it alone. The pod's container lives on in its shim
+    and the new kubelet adopts it (same container, not restarted); the node runs new pods."""
+    assert node_cluster.dir is not None
+    ns = restricted_namespace
+    node_cluster.apply(pod("survivor", "exec sleep 3600", {**RESTRICTED, "runAsUser": 10001}, LOCKED_DOWN), ns)
+    wait_for(lambda: "running" in container_state(node_cluster, ns, "survivor"), 90, "pod survivor to run")
+    [before] = node_cluster.get("pod", "survivor", "-n", ns)["status"]["containerStatuses"]
+    processes = json.loads((node_cluster.dir / "cluster.json").read_text())["processes"]
+    [kubelet] = [p["pid"] for p in processes if p["name"] == "kubelet"]
+    sleepers = real_node.pod_pids()
+
+    os.kill(kubelet, signal.SIGKILL)
+    up = devcluster("up", "--dir", str(node_cluster.dir), timeout=300)
+    assert up.returncode == 0 and "restarting kubelet" in up.stderr, up.stderr[-3000:]
+
+    processes = json.loads((node_cluster.dir / "cluster.json").read_text())["processes"]
+    assert [p["pid"] for p in processes if p["name"] == "kubelet"] != [kubelet]
+    assert sleepers <= real_node.pod_pids()  # no pod process was stopped
+    [after] = node_cluster.get("pod", "survivor", "-n", ns)["status"]["containerStatuses"]
+    assert after["containerID"] == before["containerID"] and after["restartCount"] == 0 and "running" in after["state"]
+    assert node_cluster.get("node", "kubetune-local")["status"]["allocatable"]["nvidia.com/gpu"] == "2"
+    node_cluster.apply(pod("newcomer", "echo ran", {**RESTRICTED, "runAsUser": 10001}, LOCKED_DOWN), ns)
+    wait_for(lambda: "terminated" in container_state(node_cluster, ns, "newcomer"), 90, "pod newcomer to run")
+    assert container_state(node_cluster, ns, "newcomer")["terminated"]["exitCode"] == 0
+
+
 def test_pod_resolves_the_kubernetes_service_and_reaches_the_apiserver_through_it(
         node_cluster: Cluster, network_namespace: str) -> None:
     ns = network_namespace
@@ -270,22 +260,14 @@ def test_pod_reaches_another_pod_through_a_cluster_ip_service_by_its_dns_name(
     assert hairpin.stdout == "hello from web\n", hairpin.stderr
 
 
-@pytest.fixture(scope="module")
-def pushed_images(node_cluster: Cluster, images: dict[str, str]) -> dict[str, str]:
-    """The operator and trainer images (`make images`) pushed to the cluster's loopback registry:
-    name -> reference there."""
-    state = json.loads((node_cluster.dir / "cluster.json").read_text())
-    return {name: images_lib.push(images_lib.IMAGES[name], images_lib.version(), state["registry"])
-            for name in images}
-
-
 def test_chart_and_quickstart_run_from_the_images_on_the_real_node(
-    node_cluster: Cluster, pushed_images: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    node_cluster: Cluster, cluster_images: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The chart installed with both images from the loopback registry, its operator a pod in a
     `restricted` namespace; examples/quickstart.yaml trained by the REAL trainer in its image, in a
     `restricted` namespace, reporting to the operator through the chart's Service DNS name and
     reading and writing MinIO at the node's address; a verified adapter at the end."""
+    assert node_cluster.dir is not None
     state = json.loads((node_cluster.dir / "cluster.json").read_text())
     minio = dict(line.split("=", 1) for line in (node_cluster.dir / "minio.env").read_text().split())
     seed_demo.seed(minio["MINIO_ENDPOINT"], minio["MINIO_ACCESS_KEY"], minio["MINIO_SECRET_KEY"],
@@ -299,18 +281,14 @@ def test_chart_and_quickstart_run_from_the_images_on_the_real_node(
     node_cluster.kubectl("create", "secret", "generic", "kubetune-s3", "-n", namespace,
                          f"--from-literal=AWS_ACCESS_KEY_ID={minio['MINIO_ACCESS_KEY']}",
                          f"--from-literal=AWS_SECRET_ACCESS_KEY={minio['MINIO_SECRET_KEY']}")
-    operator_repository, operator_tag = pushed_images["operator"].rsplit(":", 1)
     node_cluster.helm(
         "install", "kubetune", str(REPO / "helm" / "kubetune"), "-n", system, "--wait", "--timeout", "300s",
-        "--set", f"image.repository={operator_repository}", "--set", f"image.tag={operator_tag}",
-        "--set", f"trainer.image={pushed_images['trainer']}",
-        # Pods live on the pod network: MinIO listens on the node's address.
-        "--set", f"storage.endpoint={state['node_ip']}:{minio['MINIO_ENDPOINT'].rsplit(':', 1)[1]}",
-        "--set", "storage.insecure=true", "--set", "reports.statusIntervalSeconds=1", timeout=420,
+        *chart_values(cluster_images, state["node_ip"], minio["MINIO_ENDPOINT"]),
+        "--set", "reports.statusIntervalSeconds=1", timeout=420,
     )
     try:
         [operator_pod] = node_cluster.get("pods", "-n", system, "-l", "app.kubernetes.io/name=kubetune")["items"]
-        assert operator_pod["spec"]["containers"][0]["image"] == pushed_images["operator"]
+        assert operator_pod["spec"]["containers"][0]["image"] == cluster_images["operator"]
         operator_uid = node_cluster.kubectl("exec", "-n", system, operator_pod["metadata"]["name"], "--",
                                             "id", "-u").stdout.strip()
         assert operator_uid == "65532"
@@ -331,7 +309,7 @@ def test_chart_and_quickstart_run_from_the_images_on_the_real_node(
         pod_object = wait_for(running_pod, timeout=900, interval=0.5, message="the trainer pod running and reporting")
         name = pod_object["metadata"]["name"]
         container = pod_object["spec"]["containers"][0]
-        assert container["image"] == pushed_images["trainer"]
+        assert container["image"] == cluster_images["trainer"]
         report_url = {e["name"]: e.get("value") for e in container["env"]}["KUBETUNE_REPORT_URL"]
         assert report_url.startswith(f"http://kubetune.{system}.svc:8081/"), report_url
         exec_id = node_cluster.kubectl("exec", "-n", namespace, name, "--", "id", "-u").stdout.strip()
@@ -351,37 +329,22 @@ def test_chart_and_quickstart_run_from_the_images_on_the_real_node(
 
 
 def test_make_demo_trains_the_quickstart_from_the_images_on_the_real_node(
-        node_cluster: Cluster, pushed_images: dict[str, str]) -> None:
-    """`make demo` (python -m devcluster.demo up) on this module's cluster: the images built and
+        node_cluster: Cluster, cluster_images: dict[str, str]) -> None:
+    """`make demo` (python -m devcluster.demo up) on the session's cluster: the images built and
     pushed, the chart installed from them, the quickstart followed live to a published adapter."""
     assert node_cluster.dir is not None
-    env = {**os.environ, "KUBETUNE_NODE": "kubelet", "KUBETUNE_KUEUE": "0"}
     demo = subprocess.run([sys.executable, "-m", "devcluster.demo", "up", "--dir", str(node_cluster.dir)], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=1800)
+                          capture_output=True, text=True, timeout=1800)
     try:
         assert demo.returncode == 0, (demo.stdout[-3000:], demo.stderr[-3000:])
         # The trainer pod's image, from the loopback registry.
-        assert re.search(rf"{re.escape(pushed_images['trainer'])}\s+Succeeded", demo.stdout), demo.stdout[-3000:]
+        assert re.search(rf"{re.escape(cluster_images['trainer'])}\s+Succeeded", demo.stdout), demo.stdout[-3000:]
         assert "containerd://" in demo.stdout  # the node, shown wide
         assert '"phase": "Succeeded"' in demo.stdout
         [operator_pod] = node_cluster.get("pods", "-n", "kubetune-system", "-l",
                                           "app.kubernetes.io/name=kubetune")["items"]
-        assert operator_pod["spec"]["containers"][0]["image"] == pushed_images["operator"]
+        assert operator_pod["spec"]["containers"][0]["image"] == cluster_images["operator"]
         status = node_cluster.get("ftj", "quickstart", "-n", "default")["status"]
         assert status["phase"] == "Succeeded" and status["artifacts"]["adapter"], status
     finally:
         node_cluster.helm("uninstall", "kubetune", "-n", "kubetune-system", "--wait", check=False)
-
-
-@pytest.mark.skipif(SESSION_NODE_IS_REAL, reason="the session's cluster: stopped by its own teardown")
-def test_down_leaves_nothing_of_the_node_behind(node_cluster: Cluster) -> None:
-    assert node_cluster.dir is not None
-    assert real_node.pod_pids(), "the pods of the earlier tests should be running"
-    started = (node_cluster.dir / "kubeconfig").stat().st_mtime
-
-    down = cli(node_cluster.dir, "down")
-    assert down.returncode == 0, down.stderr
-
-    # Pods, cgroups, mounts, the bridge, iptables chains (IPv4 and IPv6), CoreDNS's port 53, the
-    # shims' sockets (containerd deleted their tasks) and the node's processes: all gone.
-    assert real_node.leftovers(node_cluster.dir, started) == []

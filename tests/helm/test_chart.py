@@ -17,7 +17,8 @@ import pytest
 import yaml
 
 from devcluster import seed_demo
-from helpers import free_port, load_hack, wait_for
+from devcluster.demo import chart_values
+from helpers import Node, load_hack, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "kubetune"
@@ -111,28 +112,11 @@ def test_admission_policies_follow_the_values(cluster: Any) -> None:
     assert policies("--set", "admissionPolicy.enabled=false") == {}
 
 
-def chart_values(node: Any, minio_env: dict[str, str], request: pytest.FixtureRequest) -> list[str]:
-    """`helm --set` flags for the session cluster's node: the images from the cluster's registry,
-    MinIO at the node address and reports through the chart's Service (real node); or loopback
-    addresses shared with the host (the node agent's pods are host processes)."""
-    values = ["storage.insecure=true", "storage.secretName=kubetune-s3"]
-    if node.real:
-        pushed = request.getfixturevalue("cluster_images")
-        repository, tag = pushed["operator"].rsplit(":", 1)
-        values += [f"image.repository={repository}", f"image.tag={tag}", f"trainer.image={pushed['trainer']}",
-                   f"storage.endpoint={node.host}:{minio_env['MINIO_ENDPOINT'].rsplit(':', 1)[1]}"]
-    else:
-        report_port = free_port()
-        values += [f"storage.endpoint={minio_env['MINIO_ENDPOINT']}", f"reports.port={report_port}",
-                   f"reports.url=http://127.0.0.1:{report_port}", f"healthPort={free_port()}"]
-    return [flag for value in values for flag in ("--set", value)]
-
-
 @pytest.mark.e2e
 def test_install_train_test_uninstall(cluster: Any, crd: None, namespace: str, minio_env: dict[str, str],
-                                      node: Any, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+                                      node: Node, cluster_images: dict[str, str], tmp_path: Path) -> None:
     release_ns = f"kubetune-system-{secrets.token_hex(3)}"
-    values = chart_values(node, minio_env, request)
+    values = chart_values(cluster_images, node.host, minio_env["MINIO_ENDPOINT"])
     install = cluster.helm("install", "kubetune", str(CHART), "-n", release_ns, "--create-namespace",
                            "--wait", "--timeout", "180s", *values)
     assert "helm test kubetune" in install.stdout  # NOTES.txt tells what to do next

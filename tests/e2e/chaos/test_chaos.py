@@ -157,31 +157,59 @@ def logged_steps(text: str) -> list[int]:
     return [int(m) for m in re.findall(r'"type":"progress","step":(\d+)', text)]
 
 
+class PodLog:
+    """`kubectl logs -f` of a running pod, copied into a file: it outlives the pod (the kubelet
+    removes a deleted pod's logs); the stream ends when the container does."""
+
+    def __init__(self, cluster: Any, namespace: str, pod: str, path: Path) -> None:
+        self.path, self.file = path, path.open("wb")
+        self.process = subprocess.Popen([str(cluster.kubectl_path), "logs", "-f", pod, "-n", namespace],
+                                        stdout=self.file, stderr=subprocess.DEVNULL, env=cluster.env)
+
+    def text(self) -> str:
+        return self.path.read_text(errors="replace")
+
+    def ended(self) -> bool:
+        return self.process.poll() is not None
+
+    def close(self) -> None:
+        if not self.ended():
+            self.process.terminate()
+            self.process.wait(10)
+        self.file.close()
+
+
 def test_training_pod_killed_three_times(cluster: Any, namespace: str, demo_bucket: str, credentials: None,
-                                        operator: Any) -> None:
+                                        operator: Any, tmp_path: Path) -> None:
     name, steps = "thrice", 120
     cluster.apply(tiny_job(name, steps=steps), namespace)
-    logs = Path(cluster.dir) / "logs" / "pods"
     wasted: list[int] = []
-    for kill in range(3):
-        target = CHECKPOINT_EVERY * (3 * kill + 2) + 5  # past a checkpoint, mid-interval
-        pod = wait_for(lambda: next((p for p in cluster.get("pods", "-n", namespace, "-l",
-                                                           f"kubetune.io/job={name}")["items"]
-                                     if p["status"].get("phase") == "Running"
-                                     and not p["metadata"].get("deletionTimestamp")), None),
-                       timeout=300, message="a running training pod")
-        pod_name = pod["metadata"]["name"]
-        log = next(iter(logs.glob(f"{namespace}_{pod_name}_*.log")))
-        wait_for(lambda: max(logged_steps(log.read_text()), default=0) >= target, timeout=600,  # noqa: B023
-                 message=f"step {target}")
-        subprocess.run([str(cluster.kubectl_path), "delete", "pod", pod_name, "-n", namespace, "--grace-period=0",
-                        "--force"], env=cluster.env, check=False, capture_output=True)
-        reached = max(logged_steps(log.read_text()))
-        resumed_at = reached - reached % CHECKPOINT_EVERY
-        wasted.append(reached - resumed_at)
-    status = wait_phase(cluster, namespace, name, "Succeeded", timeout=900)
-    resumes = [int(m) for p in logs.glob(f"{namespace}_{name}-trainer-*.log")
-               for m in re.findall(r"resuming from step (\d+)", p.read_text())]
+    logs: list[PodLog] = []
+    try:
+        for kill in range(3):
+            target = CHECKPOINT_EVERY * (3 * kill + 2) + 5  # past a checkpoint, mid-interval
+            pod = wait_for(lambda: next((p for p in cluster.get("pods", "-n", namespace, "-l",
+                                                               f"kubetune.io/job={name}")["items"]
+                                         if p["status"].get("phase") == "Running"
+                                         and not p["metadata"].get("deletionTimestamp")), None),
+                           timeout=300, message="a running training pod")
+            pod_name = pod["metadata"]["name"]
+            log = PodLog(cluster, namespace, pod_name, tmp_path / f"{pod_name}.log")
+            logs.append(log)
+            wait_for(lambda: max(logged_steps(log.text()), default=0) >= target, timeout=600,  # noqa: B023
+                     message=f"step {target}")
+            cluster.kubectl("delete", "pod", pod_name, "-n", namespace, "--grace-period=0", "--force", check=False)
+            wait_for(log.ended, timeout=120, message=f"the log stream of {pod_name} to end with its container")
+            reached = max(logged_steps(log.text()))
+            resumed_at = reached - reached % CHECKPOINT_EVERY
+            wasted.append(reached - resumed_at)
+        status = wait_phase(cluster, namespace, name, "Succeeded", timeout=900)
+    finally:
+        for log in logs:
+            log.close()
+    last = cluster.kubectl("logs", "-n", namespace, f"job/{name}-trainer").stdout
+    resumes = [int(m) for text in [*(log.text() for log in logs), last]
+               for m in re.findall(r"resuming from step (\d+)", text)]
     scenario = "training pod SIGKILLed 3 times"
     ROWS.extend([(scenario, "attempts", str(status.get("attempts"))),
                  (scenario, "resumed from steps", ", ".join(map(str, sorted(resumes)))),
