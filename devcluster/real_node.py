@@ -496,6 +496,18 @@ def pod_pids() -> set[int]:
     return pids
 
 
+def container_pids(container_id: str) -> set[int]:
+    """The processes of one container (its status's ``containerID``, ``containerd://<id>``): what an
+    OOM kill or a crash takes down, as opposed to a pod deletion, which the kubelet stops gracefully."""
+    wanted = container_id.removeprefix("containerd://")
+    pids: set[int] = set()
+    for cgroup in pod_cgroups():
+        if cgroup.name == wanted:
+            with contextlib.suppress(OSError):
+                pids.update(int(pid) for pid in (cgroup / "cgroup.procs").read_text().split())
+    return pids
+
+
 def _signal_pods(sig: signal.Signals, wait_s: float) -> None:
     pids = pod_pids()
     for pid in pids:
