@@ -11,8 +11,8 @@ cluster is usable and writes:
     <dir>/cluster.json    state: processes (pid, process group, start time), ports, paths
     <dir>/logs/           one log per component; pod logs under logs/pods/
 
-``<dir>`` is ``.kubetune/`` in the repository unless ``--dir`` says otherwise, so several clusters
-can run side by side (one with a real node). ``up`` on a running cluster does nothing; ``down``
+``<dir>`` is ``.kubetune/`` in the repository unless ``--dir`` says otherwise; one cluster runs on
+a machine at a time (its node is machine-wide). ``up`` on a running cluster does nothing; ``down``
 stops every process ``up`` started (process groups, found through the state file and an
 environment marker), unmounts what the node mounted and deletes the cluster's data.
 Certificates stay for the next ``up``. ``stop NAME`` / ``start NAME`` stop one process of the
