@@ -138,10 +138,68 @@ def reserved_env_message(name: str) -> str:
             f"{'*, '.join(RESERVED_ENV_PREFIXES)}* variable of the training pod")
 
 
-class EnvVar(Section):
-    """An extra environment variable of the trainer (core/v1 EnvVar).
+# Variables no FineTuneJob may set, even where a preset's limits.allowedEnv lists them (a preset's
+# own defaults may: the platform team chooses those). Each would step around a guarantee:
+DENIED_ENV_NAMES: tuple[str, ...] = (
+    # devices: the pod would see GPUs outside its limit, Kueue's quota and other tenants' allocations
+    "CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "GPU_DEVICE_ORDINAL",
+    # the dynamic loader, shells and native plugins: code of the job's choice in the trainer image
+    "PATH", "BASH_ENV", "ENV", "GCONV_PATH", "GLIBC_TUNABLES", "BNB_CUDA_VERSION",
+    "NCCL_NET_PLUGIN", "NCCL_TUNER_PLUGIN", "NCCL_PROFILER_PLUGIN",
+    # endpoints, proxies and certificates: downloads from elsewhere than the preset allows, a
+    # poisoned shared cache
+    "HF_ENDPOINT", "HF_HUB_CACHE", "HF_DATASETS_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE",
+    "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy",
+    "no_proxy", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR",
+    # the launcher's rendezvous: the processes of the job would join another group
+    "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+    "NODE_RANK",
+)
+DENIED_ENV_PREFIXES: tuple[str, ...] = ("LD_", "PYTHON", "NVIDIA_", "TORCHELASTIC_", "PET_")
 
-    Names the operator sets (KUBETUNE_*, AWS_*, HF_HOME, HOME, TMPDIR, PYTHONUNBUFFERED) are rejected.
+
+def denied_env_name(name: str) -> bool:
+    """Whether a FineTuneJob may not set this variable (device, loader, interpreter, endpoint)."""
+    return name in DENIED_ENV_NAMES or name.startswith(DENIED_ENV_PREFIXES)
+
+
+def denied_env_message(name: str) -> str:
+    return (f"{name} cannot be set by a FineTuneJob: device, loader, interpreter, endpoint and launcher "
+            f"variables ({'*, '.join(DENIED_ENV_PREFIXES)}*, CUDA_VISIBLE_DEVICES, HF_ENDPOINT, proxies...) "
+            "would step around the pod's GPU limit, the image or the preset's limits; see docs/operations.md")
+
+
+class KeySelector(Section):
+    """A key of a Secret or ConfigMap in the FineTuneJob's namespace."""
+
+    name: str = Field(min_length=1, max_length=NAME_MAX)
+    """Secret or ConfigMap name."""
+    key: str = Field(min_length=1, max_length=NAME_MAX)
+    """Key in it."""
+    optional: bool | None = None
+    """Start the pod even if the object or key is missing."""
+
+
+class EnvVarSource(Section):
+    """Where the value of a variable comes from: one key of a Secret or of a ConfigMap."""
+
+    secret_key_ref: KeySelector | None = None
+    """A key of a Secret (e.g. an HF token); a preset's limits.allowedSecrets can bound which."""
+    config_map_key_ref: KeySelector | None = None
+    """A key of a ConfigMap."""
+
+    @model_validator(mode="after")
+    def _one(self) -> EnvVarSource:
+        if (self.secret_key_ref is None) == (self.config_map_key_ref is None):
+            raise ValueError("valueFrom: set exactly one of secretKeyRef and configMapKeyRef")
+        return self
+
+
+class EnvVar(Section):
+    """An extra environment variable of the trainer (core/v1 EnvVar, valueFrom a Secret or ConfigMap key).
+
+    Names the operator sets (KUBETUNE_*, AWS_*, HF_HOME, HOME, TMPDIR, PYTHONUNBUFFERED) are rejected;
+    a FineTuneJob also may not set device, loader, interpreter or endpoint variables (docs/operations.md).
     """
 
     name: str = Field(min_length=1, max_length=NAME_MAX)
@@ -155,8 +213,8 @@ class EnvVar(Section):
         return name
     value: str | None = None
     """Literal value."""
-    value_from: Json | None = None
-    """Source of the value, e.g. {secretKeyRef: {name, key}} for an HF token."""
+    value_from: EnvVarSource | None = None
+    """Source of the value: {secretKeyRef: {name, key}} (e.g. an HF token) or {configMapKeyRef: {name, key}}."""
 
 
 class LocalObjectReference(Section):

@@ -146,6 +146,27 @@ def reserved_env_rule() -> Schema:
     }
 
 
+def denied_env_rule() -> Schema:
+    """CEL twin of api.denied_env_name: device, loader, interpreter and endpoint variables, refused
+    in a FineTuneJob (a preset's defaults may set them)."""
+    prefixes = " || ".join(f"self.name.startsWith('{p}')" for p in api.DENIED_ENV_PREFIXES)
+    names = ", ".join(f"'{n}'" for n in api.DENIED_ENV_NAMES)
+    return {
+        "rule": f"!({prefixes} || self.name in [{names}])",
+        "message": "cannot be set by a FineTuneJob",
+        "messageExpression": f"self.name + {json.dumps(api.denied_env_message(''))}",
+        "fieldPath": ".name",
+        "reason": "FieldValueForbidden",
+    }
+
+
+ENV_SOURCE_RULE: Schema = {
+    "rule": "!has(self.valueFrom) || has(self.valueFrom.secretKeyRef) != has(self.valueFrom.configMapKeyRef)",
+    "message": "valueFrom: set exactly one of secretKeyRef and configMapKeyRef",
+    "fieldPath": ".valueFrom",
+}
+
+
 PRINTER_COLUMNS: list[Schema] = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
     {
@@ -294,7 +315,8 @@ def spec_schema(defaults: bool = False) -> Schema:
     for name, rules in SECTION_RULES.items():
         props[name].setdefault("x-kubernetes-validations", []).extend(copy.deepcopy(rules))
     props["lora"]["properties"]["targetModules"]["x-kubernetes-validations"] = [dict(LORA_TARGETS_RULE)]
-    props["env"]["items"]["x-kubernetes-validations"] = [reserved_env_rule()]
+    props["env"]["items"]["x-kubernetes-validations"] = [reserved_env_rule(), denied_env_rule(),
+                                                         dict(ENV_SOURCE_RULE)]
     return spec
 
 
@@ -371,14 +393,17 @@ PRESET_PRINTER_COLUMNS: list[Schema] = [
 ]
 
 
-def preset_spec_schema() -> Schema:
-    """The structural schema of a preset's spec; no defaults (a preset holds only what it sets)."""
+def preset_spec_schema(kind: str = presets.CLUSTER_KIND) -> Schema:
+    """The structural schema of a preset's spec; no defaults (a preset holds only what it sets). Only
+    a ClusterFineTunePreset has a namespaceSelector."""
     spec: Schema = without_defaults(structural(presets.FineTunePresetSpec.model_json_schema(by_alias=True)))
+    if kind != presets.CLUSTER_KIND:
+        del spec["properties"]["namespaceSelector"]
     spec["description"] = (presets.FineTunePresetSpec.__doc__ or "").strip()
     defaults = spec["properties"]["defaults"]
     training = defaults["properties"]["training"]
     training.setdefault("x-kubernetes-validations", []).extend(copy.deepcopy(SECTION_RULES["training"]))
-    defaults["properties"]["env"]["items"]["x-kubernetes-validations"] = [reserved_env_rule()]
+    defaults["properties"]["env"]["items"]["x-kubernetes-validations"] = [reserved_env_rule(), dict(ENV_SOURCE_RULE)]
     return spec
 
 
@@ -417,7 +442,7 @@ def build_preset_crd(kind: str) -> Schema:
                                 "apiVersion": {"type": "string"},
                                 "kind": {"type": "string"},
                                 "metadata": {"type": "object"},
-                                "spec": preset_spec_schema(),
+                                "spec": preset_spec_schema(kind),
                             },
                         }
                     },
@@ -484,13 +509,15 @@ def render_api_md() -> str:
         "",
     ]
     lines += _field_tables([("spec", schema["properties"]["spec"]), ("status", schema["properties"]["status"])])
-    preset = build_preset_crd(presets.KIND)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    preset = build_preset_crd(presets.CLUSTER_KIND)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     lines += [
         "# FineTunePreset and ClusterFineTunePreset",
         "",
         f"`{presets.KIND}` (short name `{presets.SHORT_NAMES[presets.KIND][0]}`) is namespaced and applies to "
         f"FineTuneJobs of its namespace; `{presets.CLUSTER_KIND}` (short name "
-        f"`{presets.SHORT_NAMES[presets.CLUSTER_KIND][0]}`) is cluster-scoped. Both have the same spec. A "
+        f"`{presets.SHORT_NAMES[presets.CLUSTER_KIND][0]}`) is cluster-scoped. Both have the same spec, except "
+        f"`namespaceSelector` (the namespaces a {presets.CLUSTER_KIND} is for; a namespace labelled "
+        f"`{presets.PRESET_REQUIRED_LABEL}: \"true\"` refuses jobs that use no preset). A "
         "FineTuneJob names one in `spec.preset`; a namespace names a default for jobs that name none "
         f"with the annotation `{presets.DEFAULT_PRESET_ANNOTATION}` (`<name>` for a {presets.CLUSTER_KIND}, "
         f"`{presets.KIND}/<name>` for a {presets.KIND}). See [platform.md](platform.md).",

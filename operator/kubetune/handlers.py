@@ -24,7 +24,7 @@ from kubetune.status import TERMINAL
 SETTINGS = Settings.from_env()
 ERROR_BACKOFF = 5.0  # seconds before kopf runs a handler again after an unexpected error
 WAIT_RETRY_SECONDS = 5.0  # how often a job that waits for something (WAITING_REASONS) is looked at
-WAITING_REASONS = ("MissingDependency", "NameConflict")
+WAITING_REASONS = ("MissingDependency", "NameConflict", "Estimating")
 CHILD_LABELS = {"app.kubernetes.io/managed-by": MANAGED_BY}
 Json = dict[str, Any]
 WATCHED: tuple[str, ...] = ()  # namespaces (or patterns) the operator watches; none: cluster-wide
@@ -250,6 +250,8 @@ def finetunejob_event(type: str | None, namespace: str | None, name: str, uid: s
     (owner references remove its children)."""
     if type == "DELETED":
         _generations.pop(uid, None)
+        if _reconciler is not None:
+            _reconciler.estimates.forget(uid)
         if namespace:
             metrics.forget(namespace, name)
             if _server is not None:

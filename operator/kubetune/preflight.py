@@ -12,12 +12,16 @@ a ``nvidia.com/gpu.memory`` node label (MiB, as GPU feature discovery writes it)
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
 import os
-import urllib.error
+import socket
+import threading
+import time
 import urllib.parse
-import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -30,9 +34,12 @@ from kubetune_trainer.estimate import Estimate, ModelConfigError, ModelShape, es
 
 Json = dict[str, Any]
 GPU_MEMORY_LABEL = "nvidia.com/gpu.memory"
-FETCH_TIMEOUT_S = 5.0
+FETCH_DEADLINE_S = 5.0  # the whole fetch of a config.json: connect, headers and body
 CONFIG_MAX_BYTES = 1024 * 1024
 HF_DEFAULT_ENDPOINT = "https://huggingface.co"
+
+
+ESTIMATE_WORKERS = 4  # threads that read config.json for the operator's checks
 
 
 class ConfigUnavailable(Exception):
@@ -41,9 +48,12 @@ class ConfigUnavailable(Exception):
 
 @dataclass
 class Verdict:
-    outcome: Literal["fits", "wontfit", "skipped"]
+    outcome: Literal["fits", "wontfit", "skipped", "pending"]
     message: str
     estimate: Estimate | None = None
+
+
+PENDING = Verdict("pending", "estimating the GPU memory of the run (reading the backbone's config.json)")
 
 
 def gpu_memory(spec: api.FineTuneJobSpec) -> tuple[int, str] | None:
@@ -60,25 +70,93 @@ def join(uri: str, name: str) -> str:
     return uri.rstrip("/") + "/" + name
 
 
-def http_get_json(url: str, timeout: float = FETCH_TIMEOUT_S) -> Json:
-    """GET a small JSON document without credentials."""
-    request = urllib.request.Request(url, headers={"User-Agent": "kubetune-operator"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            body = response.read(CONFIG_MAX_BYTES + 1)
-    except urllib.error.HTTPError as err:
-        raise ConfigUnavailable(f"{url}: HTTP {err.code} (private or missing; no credentials are used)") from err
-    except (urllib.error.URLError, OSError, TimeoutError) as err:
-        raise ConfigUnavailable(f"{url}: unreachable: {getattr(err, 'reason', err)}") from err
+class _Deadline:
+    """Closes a connection's socket once `seconds` have passed, whatever the peer does: a server
+    that drips a byte every few seconds cannot hold the caller past the deadline."""
+
+    def __init__(self, connection: http.client.HTTPConnection, seconds: float) -> None:
+        self._connection = connection
+        self._end = time.monotonic() + seconds
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self.expired = False
+        self.sock: socket.socket | None = None  # kept: http.client drops its own once a response is read
+
+    def _expire(self) -> None:
+        self.expired = True
+        sock = self.sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # wakes a recv() blocked in another thread
+
+    def left(self) -> float:
+        """Seconds left (at least a little, so a socket timeout is never 0: non-blocking)."""
+        return max(self._end - time.monotonic(), 0.001)
+
+    def __enter__(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+        self._connection.close()
+        if self.sock is not None:
+            self.sock.close()
+
+
+def http_get_json(url: str, deadline: float = FETCH_DEADLINE_S) -> Json:
+    """GET a small JSON document without credentials: within `deadline` seconds in all (connect,
+    headers and body), no redirect followed, at most CONFIG_MAX_BYTES read."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigUnavailable(f"{url}: not an http(s) URL")
+    kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    connection = kind(parts.hostname, parts.port, timeout=deadline)
+    target = parts.path or "/"
+    if parts.query:
+        target += "?" + parts.query
+    with _Deadline(connection, deadline) as clock:
+        try:
+            connection.connect()
+            clock.sock = connection.sock
+            connection.request("GET", target, headers={"User-Agent": "kubetune-operator", "Accept": "application/json"})
+            response = connection.getresponse()
+            if 300 <= response.status < 400:
+                raise ConfigUnavailable(f"{url}: HTTP {response.status} redirect, not followed")
+            if response.status != 200:
+                raise ConfigUnavailable(f"{url}: HTTP {response.status} (private or missing; no credentials are used)")
+            length = response.getheader("Content-Length")
+            if length and length.strip().isdigit() and int(length) > CONFIG_MAX_BYTES:
+                raise ConfigUnavailable(f"{url}: {int(length)} bytes, larger than {CONFIG_MAX_BYTES}: "
+                                        "not a config.json")
+            body = b""
+            while len(body) <= CONFIG_MAX_BYTES:
+                if clock.sock is not None:
+                    clock.sock.settimeout(clock.left())
+                chunk = response.read1(CONFIG_MAX_BYTES + 1 - len(body))
+                if not chunk:
+                    break
+                body += chunk
+        except ConfigUnavailable:
+            raise
+        except (OSError, http.client.HTTPException, ValueError) as err:
+            if clock.expired or isinstance(err, TimeoutError):
+                raise ConfigUnavailable(f"{url}: no complete answer within {deadline:g}s") from err
+            raise ConfigUnavailable(f"{url}: unreachable: {err}") from err
+        if clock.expired:
+            raise ConfigUnavailable(f"{url}: no complete answer within {deadline:g}s")
     if len(body) > CONFIG_MAX_BYTES:
         raise ConfigUnavailable(f"{url}: larger than {CONFIG_MAX_BYTES} bytes, not a config.json")
     return json_object(body, url)
 
 
 def json_object(text: str | bytes, where: object) -> Json:
-    """A JSON object parsed from `text`; ConfigUnavailable naming `where` otherwise."""
+    """A JSON object parsed from `text`; ConfigUnavailable naming `where` otherwise (deep nesting
+    and numbers too long to convert included)."""
     try:
         data = json.loads(text)
+    except RecursionError as err:
+        raise ConfigUnavailable(f"{where}: not a config.json: nested too deeply") from err
     except ValueError as err:
         raise ConfigUnavailable(f"{where}: not JSON: {err}") from err
     if not isinstance(data, dict):
@@ -147,9 +225,9 @@ def verdict(run: RunSections, config: Json, memory: int | None, world_size: int,
     """The estimate of ``run`` against ``memory`` bytes per GPU."""
     try:
         shape = ModelShape.from_config(config)
-    except ModelConfigError as err:
+        got = estimate_run(shape, run, world_size=world_size, strategy=run_strategy(run), gpu_memory=memory)
+    except (ModelConfigError, ArithmeticError) as err:
         return Verdict("skipped", f"cannot estimate GPU memory: {err}")
-    got = estimate_run(shape, run, world_size=world_size, strategy=run_strategy(run), gpu_memory=memory)
     summary = summarize(got, where)
     if got.fits is False:
         return Verdict("wontfit", summary + "; " + suggestions(run, world_size), got)
@@ -194,14 +272,57 @@ def suggestions(run: RunSections, world_size: int) -> str:
     return "to fit, try " + ", ".join(hints)
 
 
+class Estimates:
+    """The operator's GPU memory checks, run on a few threads of their own so that no reconcile
+    waits on a network read: a job's backbone server is the job author's choice, and each read is
+    bounded by FETCH_DEADLINE_S. `check` answers at once: the verdict once it is ready, else a
+    "pending" verdict while the read runs; `on_done(key)` is called when it finishes, so the job is
+    reconciled again without waiting for a timer. A verdict is handed out once, then forgotten."""
+
+    def __init__(self, workers: int = ESTIMATE_WORKERS) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kubetune-estimate")
+        self._lock = threading.Lock()
+        self._work: dict[Hashable, Future[Verdict | None]] = {}
+
+    def check(self, key: Hashable, work: Callable[[], Verdict | None],
+              on_done: Callable[[], None] | None = None) -> Verdict | None:
+        with self._lock:
+            future = self._work.get(key)
+            if future is None:
+                future = self._pool.submit(work)
+                self._work[key] = future
+                if on_done is not None:
+                    future.add_done_callback(lambda _f: on_done())
+                return PENDING
+            if not future.done():
+                return PENDING
+            del self._work[key]
+        try:
+            return future.result()
+        except Exception as err:
+            return Verdict("skipped", f"GPU memory not estimated: {type(err).__name__}: {err}")
+
+    def forget(self, key: Hashable) -> None:
+        """Drop what is kept for a job that is gone (a running read finishes and is dropped)."""
+        with self._lock:
+            self._work.pop(key, None)
+
+    def pending(self) -> int:
+        with self._lock:
+            return sum(not f.done() for f in self._work.values())
+
+
+def needs_estimate(spec: api.FineTuneJobSpec) -> bool:
+    """Whether the operator checks this job's GPU memory: it uses GPUs of a known size."""
+    return spec.resources.gpus >= 1 and gpu_memory(spec) is not None
+
+
 def check_job(spec: api.FineTuneJobSpec, storage: StorageSpec,
               fetch: Callable[[str, StorageSpec, str | None], Json] = remote_config) -> Verdict | None:
     """The operator's check before creating the Job; None when there is nothing to check
     (no GPUs, or the GPU memory is unknown)."""
-    if spec.resources.gpus < 1:
-        return None
     memory = gpu_memory(spec)
-    if memory is None:
+    if spec.resources.gpus < 1 or memory is None:
         return None
     try:
         config = fetch(spec.model.source, storage, spec.model.revision)

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from kubetune import api
 from kubetune.api import (
     GROUP,
     CacheVolumeSpec,
@@ -37,6 +38,9 @@ KIND = "FineTunePreset"
 CLUSTER_KIND = "ClusterFineTunePreset"
 PLURALS = {KIND: "finetunepresets", CLUSTER_KIND: "clusterfinetunepresets"}
 SHORT_NAMES = {KIND: ["ftp"], CLUSTER_KIND: ["cftp"]}
+PRESET_REQUIRED_LABEL = f"{GROUP}/preset-required"
+"""Namespace label: "true" refuses FineTuneJobs that use no preset (neither spec.preset nor the
+namespace's default-preset annotation)."""
 DEFAULT_PRESET_ANNOTATION = f"{GROUP}/default-preset"
 """Namespace annotation naming the preset of FineTuneJobs that name none: `<name>` for a
 ClusterFineTunePreset, `FineTunePreset/<name>` for a FineTunePreset in the job's namespace."""
@@ -77,6 +81,36 @@ class PresetDefaults(Section):
     """Time limit of the whole run, in seconds."""
 
 
+class LabelSelectorRequirement(Section):
+    """A label selector requirement (metav1.LabelSelectorRequirement)."""
+
+    key: str = Field(min_length=1, max_length=317)
+    """Label key."""
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
+    """In, NotIn, Exists or DoesNotExist."""
+    values: list[str] | None = Field(default=None, max_length=64)
+    """Values for In and NotIn."""
+
+
+class LabelSelector(Section):
+    """A label selector (metav1.LabelSelector): every matchLabels pair and every requirement hold."""
+
+    match_labels: dict[str, str] | None = None
+    """Labels that must be present with these values."""
+    match_expressions: list[LabelSelectorRequirement] | None = Field(default=None, max_length=32)
+    """Requirements on labels."""
+
+    def matches(self, labels: dict[str, str]) -> bool:
+        if any(labels.get(k) != v for k, v in (self.match_labels or {}).items()):
+            return False
+        for req in self.match_expressions or []:
+            present, value, values = req.key in labels, labels.get(req.key), req.values or []
+            if not {"In": present and value in values, "NotIn": not present or value not in values,
+                    "Exists": present, "DoesNotExist": not present}[req.operator]:
+                return False
+        return True
+
+
 class PresetLimits(Section):
     """What a FineTuneJob using this preset may ask for; an unset limit allows anything.
 
@@ -103,9 +137,31 @@ class PresetLimits(Section):
     allowed_quantizations: list[Quantization] | None = Field(default=None, max_length=3)
     """quantization must be one of these."""
     max_steps: int | None = Field(default=None, ge=1)
-    """training.maxSteps at most this (a job may not leave it unset and train by epochs beyond maxEpochs)."""
+    """training.maxSteps at most this. The job must then train by steps: one that trains by epochs
+    (training.epochs, or neither field: one epoch) has no bound on its steps and is refused."""
     max_epochs: float | None = Field(default=None, gt=0)
     """training.epochs at most this."""
+    allowed_storage_endpoints: list[str] | None = Field(default=None, max_length=64)
+    """storage.endpoint (host[:port]) a job sets must be one of these. Unset while allowedModelPrefixes or
+    allowedOutputPrefixes is set: a job may not choose its own endpoint (other than the preset's
+    default), since s3:// prefixes only mean something on a known store."""
+    allow_trust_remote_code: bool | None = None
+    """false: model.trustRemoteCode must stay false (no Python code from the backbone's repository)."""
+    allowed_priority_classes: list[str] | None = Field(default=None, max_length=64)
+    """scheduling.priorityClassName a job sets must be one of these."""
+    allowed_workload_priority_classes: list[str] | None = Field(default=None, max_length=64)
+    """scheduling.workloadPriorityClassName (Kueue) a job sets must be one of these."""
+    allowed_toleration_keys: list[str] | None = Field(default=None, max_length=64)
+    """Each toleration a job sets must name one of these keys (a toleration without a key tolerates
+    every taint and is refused)."""
+    allowed_node_labels: list[str] | None = Field(default=None, max_length=64)
+    """Each scheduling.nodeSelector entry a job sets must be listed as `key` (any value) or `key=value`;
+    a job may then not set scheduling.affinity."""
+    allowed_env: list[str] | None = Field(default=None, max_length=128)
+    """Environment variables a job may set (spec.env names; an entry ending in `*` is a prefix, e.g.
+    `WANDB_*`). The variables no job may set (docs/operations.md) stay refused even if listed."""
+    allowed_secrets: list[str] | None = Field(default=None, max_length=64)
+    """Secrets a job may reference: spec.env secretKeyRef, storage.secretRef and imagePullSecrets."""
 
 
 class FineTunePresetSpec(Section):
@@ -113,6 +169,10 @@ class FineTunePresetSpec(Section):
 
     description: str | None = Field(default=None, max_length=1024)
     """What the preset is for, shown to users."""
+    namespace_selector: LabelSelector | None = None
+    """ClusterFineTunePreset only: the namespaces whose FineTuneJobs may use this preset (a
+    metav1.LabelSelector on the namespace's labels); unset: every namespace. An empty selector
+    ({}) also selects every namespace."""
     defaults: PresetDefaults | None = None
     """Values of fields a FineTuneJob leaves unset."""
     limits: PresetLimits | None = None
@@ -190,14 +250,16 @@ def _listed(values: list[str]) -> str:
 
 
 def violations(spec: FineTuneJobSpec, job: Json, limits: PresetLimits | None, *, preset: str | None,
-               restrict_images_and_accounts: bool) -> list[str]:
+               restrict_images_and_accounts: bool, defaults: Json | None = None) -> list[str]:
     """Each way the effective spec breaks the preset's limits, naming the field and the limit.
 
     `job` is the FineTuneJob's own spec (for spec.image and spec.serviceAccountName: a preset's
     own default is not a user's choice). `preset` is "Kind/name", or None for a job without one.
     """
-    found: list[str] = []
+    found: list[str] = [f"spec.env: {api.denied_env_message(str(var.get('name')))}"
+                        for var in job.get("env") or [] if api.denied_env_name(str(var.get("name")))]
     where = preset or "no preset"
+    defaults = defaults or {}
     for field, allowed, what, limit in (
             ("image", limits and limits.allowed_images, "image", "allowedImages"),
             ("serviceAccountName", limits and limits.allowed_service_accounts, "service account",
@@ -243,11 +305,90 @@ def violations(spec: FineTuneJobSpec, job: Json, limits: PresetLimits | None, *,
     steps = spec.training.max_steps
     if limits.max_steps is not None and steps is not None and steps > limits.max_steps:
         found.append(f"spec.training.maxSteps: {steps} is more than limits.maxSteps {limits.max_steps} of {where}")
+    if limits.max_steps is not None and steps is None:
+        found.append(f"spec.training.maxSteps: required by limits.maxSteps {limits.max_steps} of {where} "
+                     "(a job that trains by epochs has no bound on its steps)")
     epochs = spec.training.epochs
     if limits.max_epochs is not None and epochs is not None and epochs > limits.max_epochs:
         found.append(f"spec.training.epochs: {epochs:g} is more than limits.maxEpochs {limits.max_epochs:g} "
                      f"of {where}")
+    found += _choice_violations(job, limits, where, defaults)
+    if limits.allow_trust_remote_code is False and spec.model.trust_remote_code:
+        found.append(f"spec.model.trustRemoteCode: {where} allows no remote code (limits.allowTrustRemoteCode false)")
     return found
+
+
+def _choice_violations(job: Json, limits: PresetLimits, where: str, defaults: Json) -> list[str]:
+    """Limits on what the job's own spec chooses (the preset's defaults are the platform's choice)."""
+    found: list[str] = []
+    endpoint = (job.get("storage") or {}).get("endpoint")
+    default_endpoint = (defaults.get("storage") or {}).get("endpoint")
+    if endpoint and limits.allowed_storage_endpoints is not None:
+        if endpoint not in limits.allowed_storage_endpoints:
+            found.append(f"spec.storage.endpoint: {endpoint} is not in limits.allowedStorageEndpoints of {where} "
+                         f"({_listed(limits.allowed_storage_endpoints)})")
+    elif endpoint and endpoint != default_endpoint and (limits.allowed_model_prefixes is not None
+                                                        or limits.allowed_output_prefixes is not None):
+        found.append(f"spec.storage.endpoint: {where} limits model or output prefixes, so a job may not choose "
+                     "its own store (limits.allowedStorageEndpoints is unset)")
+    scheduling = job.get("scheduling") or {}
+    for field, allowed, limit in (
+            ("priorityClassName", limits.allowed_priority_classes, "allowedPriorityClasses"),
+            ("workloadPriorityClassName", limits.allowed_workload_priority_classes, "allowedWorkloadPriorityClasses")):
+        value = scheduling.get(field)
+        if value is not None and allowed is not None and value not in allowed:
+            found.append(f"spec.scheduling.{field}: {value} is not in limits.{limit} of {where} ({_listed(allowed)})")
+    if limits.allowed_toleration_keys is not None:
+        for i, toleration in enumerate(scheduling.get("tolerations") or []):
+            key = toleration.get("key") if isinstance(toleration, dict) else None
+            if key not in limits.allowed_toleration_keys:
+                found.append(f"spec.scheduling.tolerations[{i}]: key {key or '(none: every taint)'} is not in "
+                             f"limits.allowedTolerationKeys of {where} ({_listed(limits.allowed_toleration_keys)})")
+    if limits.allowed_node_labels is not None:
+        for key, value in (scheduling.get("nodeSelector") or {}).items():
+            if key not in limits.allowed_node_labels and f"{key}={value}" not in limits.allowed_node_labels:
+                found.append(f"spec.scheduling.nodeSelector: {key}={value} is not in limits.allowedNodeLabels of "
+                             f"{where} ({_listed(limits.allowed_node_labels)})")
+        if scheduling.get("affinity"):
+            found.append(f"spec.scheduling.affinity: {where} limits node labels (limits.allowedNodeLabels), so a job "
+                         "may not set its own affinity")
+    if limits.allowed_env is not None:
+        for var in job.get("env") or []:
+            name = str(var.get("name"))
+            if not any(name == a or (a.endswith("*") and name.startswith(a[:-1])) for a in limits.allowed_env):
+                found.append(f"spec.env: {name} is not in limits.allowedEnv of {where} ({_listed(limits.allowed_env)})")
+    if limits.allowed_secrets is not None:
+        for field, secret in secret_references(job):
+            if secret not in limits.allowed_secrets:
+                found.append(f"spec.{field}: Secret {secret} is not in limits.allowedSecrets of {where} "
+                             f"({_listed(limits.allowed_secrets)})")
+    return found
+
+
+def secret_references(job: Json) -> list[tuple[str, str]]:
+    """(field, Secret name) of every Secret a FineTuneJob's own spec refers to."""
+    found = [(f"env[{var.get('name')}].valueFrom.secretKeyRef", str(ref["name"]))
+             for var in job.get("env") or []
+             if isinstance(ref := ((var.get("valueFrom") or {}).get("secretKeyRef")), dict) and ref.get("name")]
+    storage_secret = ((job.get("storage") or {}).get("secretRef") or {}).get("name")
+    if storage_secret:
+        found.append(("storage.secretRef", str(storage_secret)))
+    found += [("imagePullSecrets", str(ref["name"])) for ref in job.get("imagePullSecrets") or [] if ref.get("name")]
+    return found
+
+
+def selects(preset: Json, namespace: Json | None) -> bool:
+    """Whether a ClusterFineTunePreset's spec.namespaceSelector admits a namespace."""
+    spec = FineTunePresetSpec.model_validate(preset.get("spec") or {})
+    if preset.get("kind") != CLUSTER_KIND or spec.namespace_selector is None:
+        return True
+    labels = (((namespace or {}).get("metadata") or {}).get("labels") or {})
+    return spec.namespace_selector.matches(labels)
+
+
+def preset_required(namespace: Json | None) -> bool:
+    """The namespace's kubetune.io/preset-required label is "true"."""
+    return ((((namespace or {}).get("metadata") or {}).get("labels") or {}).get(PRESET_REQUIRED_LABEL) == "true")
 
 
 

@@ -126,6 +126,7 @@ class Reconciler:
         self._running: dict[tuple[str, str], float] = {}  # key → start of the pass (monotonic)
         self._dirty: set[tuple[str, str]] = set()
         self.fetch_config: Callable[[str, StorageSpec, str | None], Json] = preflight.remote_config
+        self.estimates = preflight.Estimates()  # GPU memory checks: network reads off the reconcile path
 
     @property
     def kube(self) -> Kube:
@@ -158,6 +159,16 @@ class Reconciler:
             with self._guard:
                 self._running.pop(key, None)
                 self._dirty.discard(key)
+
+    def reconcile_soon(self, namespace: str, name: str) -> None:
+        """Reconcile from a thread of the operator's own (an estimate that finished): what cannot
+        be done now is left to the timers, as for an event."""
+        try:
+            self(namespace, name, fresh=True)
+        except Retry:
+            pass
+        except Exception:
+            log.exception("%s/%s: reconcile after the estimate failed; the resync retries it", namespace, name)
 
     def _settled(self, namespace: str, name: str) -> bool:
         """True when the cached FineTuneJob, Job and Pods show nothing to do: the reconcile runs on
@@ -267,15 +278,10 @@ class Reconciler:
             return
         if job is None and previous.get("phase") not in status.TERMINAL:
             where = f"{applied['kind']}/{applied['name']}" if applied else None
-            broken = presets.violations(spec, raw, limits, preset=where,
+            broken = presets.violations(spec, raw, limits, preset=where, defaults=defaults,
                                         restrict_images_and_accounts=self.settings.restrict_images_and_service_accounts)
             if broken:
-                # Admission (the chart's ValidatingAdmissionPolicy) should have refused it: it was
-                # bypassed, absent, or the preset changed since the job was applied.
-                self._write(ftj, {**status.invalid_spec_status("; ".join(broken), previous=previous,
-                                                               generation=generation, now=now(),
-                                                               reason="PolicyViolation"),
-                                  **({"preset": applied} if applied else {})})
+                self._policy_violation(ftj, "; ".join(broken), previous, generation, applied)
                 return
 
         if job is not None and not owned_by(job, uid):
@@ -348,12 +354,17 @@ class Reconciler:
         preset that does not exist yet is waited for, like a missing PVC."""
         meta = ftj["metadata"]
         raw = ftj.get("spec") or {}
-        namespace = None if raw.get("preset") else self.kube.get_namespace(meta["namespace"])
+        namespace = self.kube.get_namespace(meta["namespace"])
         try:
             ref = presets.preset_ref(raw, namespace)
         except (ValueError, ValidationError) as error:
             self._write(ftj, status.invalid_spec_status(str(error), previous=previous, generation=generation,
                                                         now=now()))
+            return None
+        if ref is None and presets.preset_required(namespace):
+            self._policy_violation(ftj, f"spec.preset: namespace {meta['namespace']} requires a preset (label "
+                                        f"{presets.PRESET_REQUIRED_LABEL}=true); name one in spec.preset",
+                                   previous, generation)
             return None
         if ref is None:
             return None, {}, None
@@ -374,14 +385,38 @@ class Reconciler:
             self._write(ftj, status.invalid_spec_status(message, previous=previous, generation=generation, now=now()))
             return None
         applied = {"kind": ref.kind, "name": ref.name, "generation": int(preset["metadata"].get("generation") or 1)}
+        if not presets.selects({**preset, "kind": ref.kind}, namespace):
+            self._policy_violation(ftj, f"spec.preset: {ref.kind}/{ref.name} is not for namespace {meta['namespace']} "
+                                        "(its spec.namespaceSelector does not select it)", previous, generation,
+                                   applied)
+            return None
         return applied, defaults, limits
+
+    def _policy_violation(self, ftj: Json, message: str, previous: Json, generation: int,
+                          applied: Json | None = None) -> None:
+        """Failed (PolicyViolation), before any Job exists: admission (the chart's
+        ValidatingAdmissionPolicies) should have refused the job; it was bypassed or absent, or the
+        preset or namespace changed since the job was applied."""
+        self._write(ftj, {**status.invalid_spec_status(message, previous=previous, generation=generation, now=now(),
+                                                       reason="PolicyViolation"),
+                          **({"preset": applied} if applied else {})})
 
     def _wont_fit(self, ftj: Json, spec: FineTuneJobSpec, previous: Json, generation: int) -> bool:
         """The GPU memory check before the Job is created (kubetune.preflight): a run whose estimate
         exceeds the GPU's memory fails with WontFit and holds no GPU. Returns True when it did."""
-        verdict = preflight.check_job(spec, render.effective_storage(spec, self.settings), fetch=self.fetch_config)
+        if not preflight.needs_estimate(spec):
+            return False
+        meta = ftj["metadata"]
+        storage, fetch = render.effective_storage(spec, self.settings), self.fetch_config
+        verdict = self.estimates.check(
+            meta["uid"], lambda: preflight.check_job(spec, storage, fetch=fetch),
+            on_done=lambda: self.reconcile_soon(meta["namespace"], meta["name"]))
         if verdict is None:
             return False
+        if verdict.outcome == "pending":
+            self._write(ftj, status.waiting_status("Estimating", verdict.message, previous=previous,
+                                                   generation=generation, now=now()))
+            raise Retry(verdict.message, delay=preflight.FETCH_DEADLINE_S + 1)
         if verdict.outcome == "wontfit":
             self._write(ftj, status.refused_status("WontFit", verdict.message, previous=previous,
                                                    generation=generation, now=now()))

@@ -230,6 +230,10 @@ def _env(owner: Json, spec: api.FineTuneJobSpec, settings: Settings) -> list[Jso
         {"name": "TMPDIR", "value": SCRATCH_DIR},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
+    if spec.resources.gpus == 0:
+        # With the NVIDIA container runtime, a pod without GPU limits would otherwise see every GPU
+        # of the node when its image sets NVIDIA_VISIBLE_DEVICES=all (CUDA base images do).
+        env.append({"name": "NVIDIA_VISIBLE_DEVICES", "value": "void"})
     secret = storage_secret(spec, settings)
     if secret:
         for var, key in (("AWS_ACCESS_KEY_ID", secret.access_key_key),

@@ -210,3 +210,180 @@ def test_remote_config_over_http(http_root: tuple[str, Path]) -> None:
     assert preflight.remote_config("s3://models/big", storage, None)["hidden_size"] == 8192
     with pytest.raises(preflight.ConfigUnavailable, match="HTTP 404"):
         preflight.remote_config("s3://models/missing", storage, None)
+
+
+class Hostile:
+    """A real HTTP server on loopback that a job author controls: each path misbehaves in its own
+    way. `drip` sends its answer one byte every `drip_every` seconds for as long as it is read."""
+
+    def __init__(self, drip_every: float = 0.5) -> None:
+        hostile = self
+        self.requests: list[str] = []
+        self.stop = threading.Event()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def send(self, body: bytes, status: int = 200, **headers: str) -> None:
+                self.send_response(status)
+                for key, value in headers.items():
+                    self.send_header(key.replace("_", "-"), value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:
+                hostile.requests.append(self.path)
+                name = self.path.split("/")[2]  # /<bucket>/<name>/config.json
+                if name == "drip":
+                    self.send_response(200)
+                    self.send_header("Content-Length", "1000000")
+                    self.end_headers()
+                    while not hostile.stop.wait(drip_every):
+                        try:
+                            self.wfile.write(b" ")
+                            self.wfile.flush()
+                        except OSError:
+                            return
+                elif name == "drip-headers":
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+                    while not hostile.stop.wait(drip_every):
+                        try:
+                            self.wfile.write(b"X: y\r\n")
+                            self.wfile.flush()
+                        except OSError:
+                            return
+                elif name == "redirect":
+                    self.send(b"", 302, Location=f"http://127.0.0.1:{self.server.server_address[1]}/m/tiny/config.json")
+                elif name == "nested":
+                    self.send(b"[" * 200_000 + b"]" * 200_000)
+                elif name == "huge-int":
+                    # 5001 digits: past Python's limit on converting a decimal string to an int
+                    self.send(b'{"hidden_size": 1' + b"0" * 5000 + b', "num_attention_heads": 4}')
+                elif name == "huge-dims":
+                    self.send(json.dumps({"hidden_size": 10**300, "num_attention_heads": 4,
+                                          "num_hidden_layers": 2, "vocab_size": 10}).encode())
+                elif name == "big":
+                    self.send(b" " * (preflight.CONFIG_MAX_BYTES + 10))
+                elif name == "endless":
+                    self.send_response(200)
+                    self.end_headers()  # no Content-Length: read until the cap
+                    try:
+                        while not hostile.stop.is_set():
+                            self.wfile.write(b" " * 65536)
+                    except OSError:
+                        return
+                else:
+                    self.send(json.dumps({"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+                                          "num_hidden_layers": 2, "num_attention_heads": 4,
+                                          "vocab_size": 54}).encode())
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.endpoint = f"127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def hostile() -> Iterator[Hostile]:
+    server = Hostile()
+    yield server
+    server.close()
+
+
+def fetch_from(hostile: Hostile, name: str, deadline: float = 1.0) -> dict[str, Any]:
+    url = preflight.anonymous_url(f"s3://m/{name}", StorageSpec(endpoint=hostile.endpoint, insecure=True), None)
+    return preflight.http_get_json(url, deadline=deadline)
+
+
+@pytest.mark.parametrize("name", ["drip", "drip-headers"])
+def test_a_dripping_server_cannot_hold_the_fetch_past_its_deadline(hostile: Hostile, name: str) -> None:
+    # Each byte arrives within any per-read timeout; only a deadline on the whole fetch ends it. The
+    # server drips until the test ends, so a fetch without one would still be reading after 30 s.
+    errors: list[Exception] = []
+
+    def fetch() -> None:
+        try:
+            fetch_from(hostile, name, deadline=1.0)
+        except Exception as err:
+            errors.append(err)
+
+    reader = threading.Thread(target=fetch, daemon=True)
+    reader.start()
+    reader.join(30)
+    assert not reader.is_alive(), "the fetch is still reading from the dripping server"
+    assert len(errors) == 1 and isinstance(errors[0], preflight.ConfigUnavailable)
+    assert "no complete answer within 1s" in str(errors[0])
+
+
+@pytest.mark.parametrize(("name", "reason"), [
+    ("redirect", "HTTP 302 redirect, not followed"),
+    ("nested", "nested too deeply"),
+    ("huge-int", "not JSON"),
+    ("big", "larger than 1048576"),
+    ("endless", "larger than 1048576"),
+])
+def test_hostile_answers_are_refused_with_a_reason(hostile: Hostile, name: str, reason: str) -> None:
+    with pytest.raises(preflight.ConfigUnavailable, match=reason):
+        fetch_from(hostile, name, deadline=5.0)
+    if name == "redirect":
+        assert hostile.requests == ["/m/redirect/config.json"]  # the target was never asked
+
+
+def hostile_spec(tmp_path: Path, name: str, endpoint: str) -> tuple[api.FineTuneJobSpec, StorageSpec]:
+    job = spec(tmp_path, "int4", gpuMemory="80Gi")
+    job.model.source = f"s3://m/{name}"
+    return job, StorageSpec(endpoint=endpoint, insecure=True)
+
+
+@pytest.mark.parametrize(("name", "reason"), [
+    ("huge-dims", "hidden_size is larger than 2147483648"),
+    ("huge-int", "not JSON"),
+    ("nested", "nested too deeply"),
+    ("redirect", "redirect, not followed"),
+])
+def test_check_job_skips_hostile_configs_with_a_reason(tmp_path: Path, hostile: Hostile, name: str,
+                                                       reason: str) -> None:
+    job, storage = hostile_spec(tmp_path, name, hostile.endpoint)
+    verdict = preflight.check_job(job, storage)
+    assert verdict is not None and verdict.outcome == "skipped" and reason in verdict.message
+
+
+def test_estimates_run_off_the_caller_and_hand_out_each_verdict_once(tmp_path: Path, hostile: Hostile) -> None:
+    estimates = preflight.Estimates(workers=2)
+
+    def work(name: str) -> preflight.Verdict | None:
+        job, storage = hostile_spec(tmp_path, name, hostile.endpoint)
+        return preflight.check_job(job, storage, fetch=lambda s, st, r: preflight.http_get_json(
+            preflight.anonymous_url(s, st, r), deadline=2.0))
+
+    finished = {name: threading.Event() for name in ("drip", "drip-headers", "tiny")}
+    for name in finished:
+        got = estimates.check(name, lambda n=name: work(n), on_done=finished[name].set)  # type: ignore[misc]
+        assert got is preflight.PENDING  # at once: the caller never waits on the network
+    assert finished["tiny"].wait(10), "the third check runs once a worker is free"
+    tiny = estimates.check("tiny", lambda: None)
+    assert tiny is not None and tiny.outcome == "fits"
+    assert estimates.check("tiny", lambda: None) is preflight.PENDING  # handed out once: a new check starts
+    assert finished["drip"].wait(10)
+    drip = estimates.check("drip", lambda: None)
+    assert drip is not None and drip.outcome == "skipped" and "no complete answer within 2s" in drip.message
+
+
+def test_a_failing_check_is_a_skipped_estimate() -> None:
+    estimates = preflight.Estimates(workers=1)
+    finished = threading.Event()
+
+    def boom() -> preflight.Verdict | None:
+        raise RecursionError("deep")
+
+    assert estimates.check("x", boom, on_done=finished.set) is preflight.PENDING
+    assert finished.wait(5)
+    got = estimates.check("x", boom)
+    assert got is not None and got.outcome == "skipped" and "RecursionError: deep" in got.message

@@ -132,7 +132,7 @@ LIMITS = PresetLimits.model_validate({
     "maxSteps": 1000,
     "maxEpochs": 3,
 })
-BASE = {**JOB, "quantization": "int4", "resources": {"gpus": 1}}
+BASE = {**JOB, "quantization": "int4", "resources": {"gpus": 1}, "training": {"maxSteps": 100}}
 
 
 def check(job: dict[str, Any], limits: PresetLimits | None = LIMITS, restrict: bool = True) -> list[str]:
@@ -161,15 +161,35 @@ def test_a_job_within_the_limits_passes() -> None:
     ({"quantization": "none", "resources": {"gpus": 1}}, ["spec.quantization", "none is not in",
                                                            "allowedQuantizations"]),
     ({"training": {"maxSteps": 5000}}, ["spec.training.maxSteps", "5000 is more than limits.maxSteps 1000"]),
-    ({"training": {"epochs": 10}}, ["spec.training.epochs", "10 is more than limits.maxEpochs 3"]),
 ], ids=["model", "tokenizer", "output", "gpus", "image", "service-account", "pvc", "pvc-source", "quantization",
-        "max-steps", "max-epochs"])
+        "max-steps"])
 def test_each_limit_names_the_field_and_the_limit(change: dict[str, Any], words: list[str]) -> None:
     found = check({**BASE, **change})
     assert len(found) == 1, found
     for word in words:
         assert word in found[0], found[0]
     assert "ClusterFineTunePreset/gpu-small" in found[0]
+
+
+def test_max_epochs() -> None:
+    found = check({**BASE, "training": {"epochs": 10}}, LIMITS.model_copy(update={"max_steps": None}))
+    assert found == ["spec.training.epochs: 10 is more than limits.maxEpochs 3 of ClusterFineTunePreset/gpu-small"]
+
+
+@pytest.mark.parametrize("training", [{"epochs": 1}, {}], ids=["epochs", "neither: one epoch"])
+def test_a_step_limit_refuses_a_job_that_trains_by_epochs(training: dict[str, Any]) -> None:
+    # An epoch of a large data set can be any number of steps: maxSteps alone would bound nothing.
+    found = check({**BASE, "training": training}, LIMITS.model_copy(update={"max_epochs": None}))
+    assert found == ["spec.training.maxSteps: required by limits.maxSteps 1000 of ClusterFineTunePreset/gpu-small "
+                     "(a job that trains by epochs has no bound on its steps)"]
+
+
+def test_a_preset_default_max_steps_bounds_a_job_that_sets_neither() -> None:
+    preset = {"spec": {"defaults": {"training": {"maxSteps": 500}}, "limits": {"maxSteps": 1000}}}
+    job = {**BASE, "training": {}}
+    spec = FineTuneJobSpec.model_validate(presets.effective_spec(job, presets.preset_defaults(preset)))
+    assert presets.violations(spec, job, PresetLimits(max_steps=1000), preset="p",
+                              restrict_images_and_accounts=False) == []
 
 
 def test_max_nodes() -> None:
@@ -215,3 +235,124 @@ def keys(node: Any) -> set[str]:
     if isinstance(node, list):
         return {k for v in node for k in keys(v)}
     return set()
+
+
+def violations_of(job: dict[str, Any], limits: dict[str, Any], defaults: dict[str, Any] | None = None) -> list[str]:
+    spec = FineTuneJobSpec.model_validate(presets.effective_spec(job, defaults or {}))
+    return presets.violations(spec, job, PresetLimits.model_validate(limits), preset="ClusterFineTunePreset/p",
+                              restrict_images_and_accounts=False, defaults=defaults)
+
+
+@pytest.mark.parametrize(("job", "limits", "defaults", "words"), [
+    # a prefix limit means nothing on a store of the job's choice
+    ({"storage": {"endpoint": "evil.example:9000"}}, {"allowedModelPrefixes": ["s3://models/"]}, None,
+     "spec.storage.endpoint: ClusterFineTunePreset/p limits model or output prefixes"),
+    ({"storage": {"endpoint": "evil.example:9000"}}, {"allowedStorageEndpoints": ["minio.storage:9000"]}, None,
+     "spec.storage.endpoint: evil.example:9000 is not in limits.allowedStorageEndpoints"),
+    ({"model": {"source": "s3://models/tiny/", "trustRemoteCode": True}}, {"allowTrustRemoteCode": False}, None,
+     "spec.model.trustRemoteCode: ClusterFineTunePreset/p allows no remote code"),
+    ({"scheduling": {"priorityClassName": "system-cluster-critical"}}, {"allowedPriorityClasses": ["batch-low"]},
+     None, "spec.scheduling.priorityClassName: system-cluster-critical is not in limits.allowedPriorityClasses"),
+    ({"scheduling": {"workloadPriorityClassName": "urgent"}}, {"allowedWorkloadPriorityClasses": ["normal"]},
+     None, "spec.scheduling.workloadPriorityClassName: urgent is not in"),
+    ({"scheduling": {"tolerations": [{"operator": "Exists"}]}}, {"allowedTolerationKeys": ["gpu"]}, None,
+     "spec.scheduling.tolerations[0]: key (none: every taint) is not in limits.allowedTolerationKeys"),
+    ({"scheduling": {"tolerations": [{"key": "team-b", "operator": "Exists"}]}}, {"allowedTolerationKeys": ["gpu"]},
+     None, "key team-b is not in"),
+    ({"scheduling": {"nodeSelector": {"pool": "team-b"}}}, {"allowedNodeLabels": ["pool=team-a", "zone"]}, None,
+     "spec.scheduling.nodeSelector: pool=team-b is not in limits.allowedNodeLabels"),
+    ({"scheduling": {"affinity": {"nodeAffinity": {}}}}, {"allowedNodeLabels": ["zone"]}, None,
+     "spec.scheduling.affinity: ClusterFineTunePreset/p limits node labels"),
+    ({"env": [{"name": "DEBUG", "value": "1"}]}, {"allowedEnv": ["WANDB_*", "HF_TOKEN"]}, None,
+     "spec.env: DEBUG is not in limits.allowedEnv"),
+    ({"env": [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "team-b-token", "key": "t"}}}]},
+     {"allowedSecrets": ["hf-token"]}, None,
+     "spec.env[HF_TOKEN].valueFrom.secretKeyRef: Secret team-b-token is not in limits.allowedSecrets"),
+    ({"storage": {"secretRef": {"name": "team-b-s3"}}}, {"allowedSecrets": ["s3"]}, None,
+     "spec.storage.secretRef: Secret team-b-s3 is not in"),
+    ({"imagePullSecrets": [{"name": "other"}]}, {"allowedSecrets": ["s3"]}, None, "spec.imagePullSecrets: Secret other"),
+], ids=["endpoint-pinned", "endpoint-allowlist", "trust-remote-code", "priority-class", "workload-priority",
+        "toleration-without-key", "toleration-key", "node-label", "affinity", "env", "env-secret", "storage-secret",
+        "pull-secret"])
+def test_each_choice_limit_names_the_field(job: dict[str, Any], limits: dict[str, Any],
+                                          defaults: dict[str, Any] | None, words: str) -> None:
+    found = violations_of({**BASE, **job}, limits, defaults)
+    assert len(found) == 1 and words in found[0], found
+
+
+@pytest.mark.parametrize(("job", "limits", "defaults"), [
+    ({"storage": {"endpoint": "minio.storage:9000"}}, {"allowedModelPrefixes": ["s3://models/"]},
+     {"storage": {"endpoint": "minio.storage:9000"}}),  # the preset's own endpoint
+    ({}, {"allowedModelPrefixes": ["s3://models/"]}, {"storage": {"endpoint": "minio.storage:9000"}}),
+    ({"storage": {"endpoint": "minio.storage:9000"}}, {"allowedStorageEndpoints": ["minio.storage:9000"]}, None),
+    ({"scheduling": {"tolerations": [{"key": "gpu", "operator": "Exists"}], "nodeSelector": {"pool": "team-a",
+                                                                                            "zone": "b"}}},
+     {"allowedTolerationKeys": ["gpu"], "allowedNodeLabels": ["pool=team-a", "zone"]}, None),
+    ({"env": [{"name": "WANDB_PROJECT", "value": "x"}, {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {
+        "name": "hf-token", "key": "t"}}}]}, {"allowedEnv": ["WANDB_*", "HF_TOKEN"], "allowedSecrets": ["hf-token"]},
+     None),
+    ({}, {"allowedTolerationKeys": [], "allowedNodeLabels": [], "allowedEnv": [], "allowedSecrets": []},
+     {"scheduling": {"tolerations": [{"operator": "Exists"}], "nodeSelector": {"pool": "x"}},
+      "env": [{"name": "HF_ENDPOINT", "value": "http://mirror"}], "storage": {"secretRef": {"name": "s3"}}}),
+], ids=["preset-endpoint", "default-endpoint", "listed-endpoint", "listed-scheduling", "listed-env",
+        "the-presets-own-defaults"])
+def test_what_the_limits_allow_passes(job: dict[str, Any], limits: dict[str, Any],
+                                      defaults: dict[str, Any] | None) -> None:
+    assert violations_of({**BASE, **job}, limits, defaults) == []
+
+
+@pytest.mark.parametrize("name", ["NVIDIA_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES", "HF_ENDPOINT", "PYTHONPATH",
+                                  "PYTHONSTARTUP", "LD_PRELOAD", "LD_LIBRARY_PATH", "HTTPS_PROXY", "https_proxy",
+                                  "PATH", "BASH_ENV", "MASTER_ADDR", "PET_RDZV_ENDPOINT", "NCCL_NET_PLUGIN"])
+def test_device_loader_interpreter_and_endpoint_variables_are_refused_without_any_preset(name: str) -> None:
+    job = {**BASE, "env": [{"name": name, "value": "x"}]}
+    spec = FineTuneJobSpec.model_validate(job)  # valid as a model: a preset's defaults may set them
+    found = presets.violations(spec, job, None, preset=None, restrict_images_and_accounts=False)
+    assert len(found) == 1 and found[0].startswith(f"spec.env: {name} cannot be set by a FineTuneJob"), found
+    # a preset cannot allow them either
+    listed = presets.violations(spec, job, PresetLimits(allowed_env=[name]), preset="p",
+                                restrict_images_and_accounts=False)
+    assert len(listed) == 1 and "cannot be set by a FineTuneJob" in listed[0]
+
+
+@pytest.mark.parametrize("value_from", [{"fieldRef": {"fieldPath": "metadata.name"}}, {},
+                                        {"secretKeyRef": {"name": "a", "key": "b"},
+                                         "configMapKeyRef": {"name": "c", "key": "d"}}])
+def test_value_from_is_one_secret_or_config_map_key(value_from: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError, match="valueFrom|fieldRef|extra"):
+        FineTuneJobSpec.model_validate({**BASE, "env": [{"name": "X", "valueFrom": value_from}]})
+
+
+@pytest.mark.parametrize(("selector", "labels", "selected"), [
+    (None, {}, True),
+    ({}, {}, True),
+    ({"matchLabels": {"team": "a"}}, {"team": "a", "x": "y"}, True),
+    ({"matchLabels": {"team": "a"}}, {"team": "b"}, False),
+    ({"matchLabels": {"team": "a"}}, {}, False),
+    ({"matchExpressions": [{"key": "team", "operator": "In", "values": ["a", "b"]}]}, {"team": "b"}, True),
+    ({"matchExpressions": [{"key": "team", "operator": "In", "values": ["a"]}]}, {}, False),
+    ({"matchExpressions": [{"key": "team", "operator": "NotIn", "values": ["a"]}]}, {}, True),
+    ({"matchExpressions": [{"key": "team", "operator": "NotIn", "values": ["a"]}]}, {"team": "a"}, False),
+    ({"matchExpressions": [{"key": "gpu", "operator": "Exists"}]}, {"gpu": ""}, True),
+    ({"matchExpressions": [{"key": "gpu", "operator": "DoesNotExist"}]}, {"gpu": ""}, False),
+])
+def test_a_cluster_preset_namespace_selector(selector: dict[str, Any] | None, labels: dict[str, str],
+                                             selected: bool) -> None:
+    preset = {"kind": presets.CLUSTER_KIND, "spec": {} if selector is None else {"namespaceSelector": selector}}
+    assert presets.selects(preset, {"metadata": {"labels": labels}}) is selected
+    # a namespaced FineTunePreset applies in its own namespace only: it has no selector
+    assert presets.selects({**preset, "kind": presets.KIND}, {"metadata": {"labels": labels}}) is True
+
+
+def test_preset_required_label() -> None:
+    assert presets.preset_required({"metadata": {"labels": {presets.PRESET_REQUIRED_LABEL: "true"}}})
+    assert not presets.preset_required({"metadata": {"labels": {presets.PRESET_REQUIRED_LABEL: "false"}}})
+    assert not presets.preset_required(None)
+
+
+def test_only_the_cluster_preset_crd_has_a_namespace_selector() -> None:
+    def spec_of(kind: str) -> dict[str, Any]:
+        schema = crd.build_preset_crd(kind)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+        return dict(schema["properties"]["spec"]["properties"])
+    assert "namespaceSelector" in spec_of(presets.CLUSTER_KIND)
+    assert "namespaceSelector" not in spec_of(presets.KIND)

@@ -64,6 +64,11 @@ RUNTIME_RESERVE_BYTES = 1 * GiB
 """CUDA context, kernels and library handles: memory the process holds outside PyTorch's allocations."""
 
 
+MAX_DIMENSION = 2**31
+"""The largest size (hidden, layers, vocabulary...) a config.json may give; beyond it the file is not
+a real model's, and the arithmetic would overflow."""
+
+
 class ModelConfigError(ValueError):
     """config.json lacks a field the estimate needs, or is not a decoder-only transformer config."""
 
@@ -94,6 +99,8 @@ class ModelShape:
             for name in names:
                 value = config.get(name)
                 if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                    if value > MAX_DIMENSION:
+                        raise ModelConfigError(f"config.json: {name} is larger than {MAX_DIMENSION}: not a real model")
                     return value
             if default is not None:
                 return default
