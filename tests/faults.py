@@ -1,4 +1,4 @@
-"""Fault injection for tests: a TCP proxy that can black-hole traffic.
+"""Fault injection for tests: a TCP proxy that can black-hole traffic, and a hostile config.json server.
 
 ``BlackholeProxy`` forwards 127.0.0.1:<port> to a target. ``blackhole()`` makes the network
 silently eat every byte, as a dropped route or a dead middlebox does: connections stay open,
@@ -10,9 +10,14 @@ survives only if it times out and reconnects.
 from __future__ import annotations
 
 import contextlib
+import http.server
+import json
 import socket
 import threading
 from dataclasses import dataclass, field
+from typing import Any
+
+CONFIG_MAX_BYTES = 1024 * 1024  # kubetune.preflight.CONFIG_MAX_BYTES: `big` and `endless` send more
 
 
 @dataclass(eq=False)
@@ -111,3 +116,84 @@ class BlackholeProxy:
         with self._lock:
             self._links.discard(link)
         link.close()
+
+
+class HostileConfigServer:
+    """A real HTTP server on loopback serving a backbone's config.json as a job author who wants to
+    stall the operator would: /<bucket>/<name>/config.json misbehaves according to <name>. `drip`
+    sends a body one byte every `drip_every` seconds until `close()`, `drip-headers` the same with
+    header lines; `redirect`, `nested`, `huge-int`, `huge-dims`, `big`, `endless` as named; any
+    other name gets a tiny valid config.json."""
+
+    def __init__(self, drip_every: float = 0.5) -> None:
+        hostile = self
+        self.requests: list[str] = []
+        self.stop = threading.Event()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def send(self, body: bytes, status: int = 200, **headers: str) -> None:
+                self.send_response(status)
+                for key, value in headers.items():
+                    self.send_header(key.replace("_", "-"), value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:
+                hostile.requests.append(self.path)
+                name = self.path.split("/")[2]  # /<bucket>/<name>/config.json
+                if name == "drip":
+                    self.send_response(200)
+                    self.send_header("Content-Length", "1000000")
+                    self.end_headers()
+                    while not hostile.stop.wait(drip_every):
+                        try:
+                            self.wfile.write(b" ")
+                            self.wfile.flush()
+                        except OSError:
+                            return
+                elif name == "drip-headers":
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+                    while not hostile.stop.wait(drip_every):
+                        try:
+                            self.wfile.write(b"X: y\r\n")
+                            self.wfile.flush()
+                        except OSError:
+                            return
+                elif name == "redirect":
+                    self.send(b"", 302, Location=f"http://127.0.0.1:{self.server.server_address[1]}/m/tiny/config.json")
+                elif name == "nested":
+                    self.send(b"[" * 200_000 + b"]" * 200_000)
+                elif name == "huge-int":
+                    # 5001 digits: past Python's limit on converting a decimal string to an int
+                    self.send(b'{"hidden_size": 1' + b"0" * 5000 + b', "num_attention_heads": 4}')
+                elif name == "huge-dims":
+                    self.send(json.dumps({"hidden_size": 10**300, "num_attention_heads": 4,
+                                          "num_hidden_layers": 2, "vocab_size": 10}).encode())
+                elif name == "big":
+                    self.send(b" " * (CONFIG_MAX_BYTES + 10))
+                elif name == "endless":
+                    self.send_response(200)
+                    self.end_headers()  # no Content-Length: read until the cap
+                    try:
+                        while not hostile.stop.is_set():
+                            self.wfile.write(b" " * 65536)
+                    except OSError:
+                        return
+                else:
+                    self.send(json.dumps({"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+                                          "num_hidden_layers": 2, "num_attention_heads": 4,
+                                          "vocab_size": 54}).encode())
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.endpoint = f"127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.server.shutdown()
+        self.server.server_close()

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from operator_helpers import events, finetunejob, wait_phase
+from operator_helpers import events, finetunejob, ftj, wait_phase
 
+from faults import HostileConfigServer
 from helpers import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -93,3 +94,48 @@ def test_an_out_of_memory_fails_at_once_without_retries(cluster: Any, namespace:
     assert status["reason"] == "OutOfMemory"
     assert "estimated peak 21.3 GiB" in status["message"] and "quantization int4" in status["message"]
     assert status["attempts"] == 1, "an out-of-memory must not be retried"
+
+
+HOSTILE_REASONS = {
+    "drip": "no complete answer within 5s",
+    "drip-headers": "no complete answer within 5s",
+    "redirect": "HTTP 302 redirect, not followed",
+    "nested": "nested too deeply",
+    "huge-int": "not JSON",
+    "huge-dims": "hidden_size is larger than 2147483648",
+}
+
+
+@pytest.fixture
+def hostile() -> Iterator[HostileConfigServer]:
+    server = HostileConfigServer(drip_every=0.5)
+    yield server
+    server.close()
+
+
+def test_no_tenant_can_stall_the_operator_through_the_estimate(cluster: Any, namespace: str, operator: Any,
+                                                               hostile: HostileConfigServer) -> None:
+    # 16 dripping servers once took every reconcile worker (kopf's 16): now each read is bounded and
+    # runs off the reconcile path, so a job applied after them gets its Job as usual.
+    names = [*(["drip", "drip-headers"] * 8), "redirect", "nested", "huge-int", "huge-dims"]
+    for i, name in enumerate(names):
+        cluster.apply(finetunejob(f"hostile-{i}", suspend=True, model={"source": f"s3://m/{name}/"},
+                                  storage={"endpoint": hostile.endpoint, "insecure": True},
+                                  resources={"gpus": 1, "gpuMemory": "80Gi", "sharedMemory": "64Mi"}), namespace)
+    wait_for(lambda: len(hostile.requests) >= 4, timeout=60, message="the estimates reading from the hostile server")
+    cluster.apply(finetunejob("ordinary"), namespace)
+    wait_for(lambda: cluster.kubectl("get", "job", "ordinary-trainer", "-n", namespace, check=False).returncode == 0,
+             timeout=30, message="the ordinary job's Job while the hostile estimates are pending")
+    assert any(n.startswith("/m/drip") for n in hostile.requests)
+
+    def skipped(i: int) -> str | None:
+        found = [e["message"] for e in events(cluster, namespace, f"hostile-{i}") if e["reason"] == "EstimateSkipped"]
+        return found[0] if found else None
+
+    for i, name in enumerate(names):
+        message = wait_for(lambda i=i: skipped(i), timeout=120, message=f"EstimateSkipped of hostile-{i} ({name})")
+        assert HOSTILE_REASONS[name] in message, message
+        # the job goes on: its (suspended) Job exists, and the trainer checks the device itself
+        wait_for(lambda i=i: ftj(cluster, namespace, f"hostile-{i}")["status"]["phase"] == "Suspended",
+                 timeout=30, message=f"hostile-{i} created its Job")
+    assert not [r for r in hostile.requests if r.startswith("/m/tiny")], "a redirect was followed"

@@ -253,3 +253,142 @@ def test_the_operator_refuses_a_chosen_image_no_preset_allows(cluster: Any, name
     cluster.apply(preset("team", namespace, limits={"allowedImages": [image.rsplit(":", 1)[0] + ":"]}), namespace)
     cluster.apply(job("allowed", image=image), namespace)
     wait_phase(cluster, namespace, "allowed", "Succeeded")
+
+
+STRICT: dict[str, Any] = {
+    "allowedModelPrefixes": ["s3://models/"],
+    "allowTrustRemoteCode": False,
+    "allowedPriorityClasses": ["batch-low"],
+    "allowedWorkloadPriorityClasses": ["normal"],
+    "allowedTolerationKeys": ["gpu"],
+    "allowedNodeLabels": ["pool=team-a", "zone"],
+    "allowedEnv": ["WANDB_*", "HF_TOKEN"],
+    "allowedSecrets": ["hf-token"],
+}
+
+
+@pytest.fixture
+def strict(cluster: Any, policed: str) -> str:
+    """The FineTunePreset "strict" (STRICT limits, default store minio.storage:9000) in the policed
+    namespace, once the API server enforces it."""
+    cluster.apply(preset("strict", policed, limits=STRICT, defaults={"storage": {"endpoint": "minio.storage:9000"}}),
+                  policed)
+    probe = job("probe", preset={"kind": "FineTunePreset", "name": "strict"},
+                scheduling={"priorityClassName": "system-cluster-critical"})
+
+    def enforced() -> bool:
+        result = cluster.kubectl("apply", "--dry-run=server", "-n", policed, "-f", "-",
+                                 input=yaml.safe_dump(probe), check=False)
+        return result.returncode != 0 and "allowedPriorityClasses" in result.stderr
+
+    wait_for(enforced, timeout=60, message="the strict preset enforced")
+    return policed
+
+
+def strict_job(name: str, **spec: Any) -> dict[str, Any]:
+    return job(name, preset={"kind": "FineTunePreset", "name": "strict"}, **spec)
+
+
+@pytest.mark.parametrize(("spec", "words"), [
+    ({"storage": {"endpoint": "evil.example:9000"}},
+     ["spec.storage.endpoint: FineTunePreset/strict limits model or output prefixes"]),
+    ({"model": {"source": "s3://models/tiny/", "trustRemoteCode": True}},
+     ["spec.model.trustRemoteCode: FineTunePreset/strict allows no remote code"]),
+    ({"scheduling": {"priorityClassName": "system-cluster-critical"}},
+     ["spec.scheduling.priorityClassName: system-cluster-critical is not in limits.allowedPriorityClasses"]),
+    ({"scheduling": {"workloadPriorityClassName": "urgent"}},
+     ["spec.scheduling.workloadPriorityClassName: urgent is not in"]),
+    ({"scheduling": {"tolerations": [{"operator": "Exists"}]}},
+     ["spec.scheduling.tolerations: key (none: every taint) is not in limits.allowedTolerationKeys"]),
+    ({"scheduling": {"nodeSelector": {"pool": "team-b"}}},
+     ["spec.scheduling.nodeSelector: pool=team-b is not in limits.allowedNodeLabels"]),
+    ({"scheduling": {"affinity": {"nodeAffinity": {}}}}, ["spec.scheduling.affinity: FineTunePreset/strict limits"]),
+    ({"env": [{"name": "DEBUG", "value": "1"}]}, ["spec.env: DEBUG is not in limits.allowedEnv"]),
+    ({"env": [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "other-team", "key": "t"}}}]},
+     ["spec: Secret other-team is not in limits.allowedSecrets"]),
+    ({"storage": {"secretRef": {"name": "other-team"}}}, ["Secret other-team is not in limits.allowedSecrets"]),
+], ids=["endpoint", "remote-code", "priority-class", "workload-priority", "toleration", "node-label", "affinity",
+        "env", "env-secret", "storage-secret"])
+def test_choices_a_preset_limits_are_rejected_at_apply(cluster: Any, strict: str, spec: dict[str, Any],
+                                                      words: list[str]) -> None:
+    result = apply(cluster, strict, strict_job("over", **spec))
+    assert result.returncode != 0, result.stdout
+    for word in words:
+        assert word in result.stderr, result.stderr
+
+
+def test_choices_within_a_presets_limits_are_accepted(cluster: Any, strict: str) -> None:
+    within = strict_job("within", storage={"endpoint": "minio.storage:9000"},
+                        scheduling={"priorityClassName": "batch-low", "workloadPriorityClassName": "normal",
+                                    "tolerations": [{"key": "gpu", "operator": "Exists"}],
+                                    "nodeSelector": {"pool": "team-a", "zone": "z1"}},
+                        env=[{"name": "WANDB_PROJECT", "value": "p"},
+                             {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "t"}}}])
+    result = apply(cluster, strict, within)
+    assert result.returncode == 0, result.stderr
+    # an edit of a limited field that may change (env, scheduling) is checked too
+    edit = cluster.kubectl("patch", "ftj", "within", "-n", strict, "--type=merge",
+                           "-p", '{"spec":{"env":[{"name":"DEBUG","value":"1"}]}}', check=False)
+    assert edit.returncode != 0 and "spec.env: DEBUG is not in limits.allowedEnv" in edit.stderr
+
+
+def test_a_step_limit_refuses_a_job_that_trains_by_epochs_at_apply(cluster: Any, policed: str) -> None:
+    result = apply(cluster, policed, job("by-epochs", training={"epochs": 1}))
+    assert result.returncode != 0
+    assert "spec.training.maxSteps: required by limits.maxSteps 100 of FineTunePreset/team" in result.stderr
+
+
+def cluster_preset(cluster: Any, selector: dict[str, Any]) -> str:
+    name = f"e2e-bound-{secrets.token_hex(3)}"
+    body = preset(name)
+    body["spec"]["namespaceSelector"] = selector
+    cluster.apply(body)
+    return name
+
+
+def test_a_cluster_preset_is_usable_only_from_the_namespaces_it_selects(cluster: Any, policed: str) -> None:
+    # team-a's user names team-b's looser preset: refused, since it does not select team-a's namespace.
+    name = cluster_preset(cluster, {"matchLabels": {"kubetune.io/e2e-team": "b"}})
+    try:
+        body = job("borrowed", preset={"name": name})
+
+        def refused() -> str:
+            result = apply(cluster, policed, body)
+            assert result.returncode != 0
+            return str(result.stderr)
+
+        message = wait_for(refused, timeout=60, message="the cluster preset's namespaceSelector enforced")
+        assert f"spec.preset: ClusterFineTunePreset/{name} is not for namespace {policed}" in message
+        cluster.kubectl("label", "namespace", policed, "kubetune.io/e2e-team=b")
+        assert apply(cluster, policed, body).returncode == 0
+    finally:
+        cluster.kubectl("delete", "clusterfinetunepreset", name, "--ignore-not-found", check=False)
+
+
+def test_a_namespace_can_require_a_preset(cluster: Any, policed: str) -> None:
+    cluster.kubectl("label", "namespace", policed, "kubetune.io/preset-required=true")
+    result = apply(cluster, policed, finetunejob("no-preset"))
+    assert result.returncode != 0
+    assert f"spec.preset: namespace {policed} requires a preset (label kubetune.io/preset-required=true)" \
+        in result.stderr
+    assert apply(cluster, policed, job("with-preset")).returncode == 0
+
+
+def test_the_operator_refuses_a_borrowed_preset_and_a_missing_one(cluster: Any, namespace: str,
+                                                                  operator: Any) -> None:
+    # No policy binding selects this namespace: the operator is the second line.
+    name = cluster_preset(cluster, {"matchExpressions": [{"key": "kubetune.io/e2e-team", "operator": "In",
+                                                          "values": ["b"]}]})
+    try:
+        cluster.apply(finetunejob("borrowed", preset={"name": name}), namespace)
+        status = wait_phase(cluster, namespace, "borrowed", "Failed", reason="PolicyViolation")
+        assert status["message"] == (f"spec.preset: ClusterFineTunePreset/{name} is not for namespace {namespace} "
+                                     "(its spec.namespaceSelector does not select it)")
+        cluster.kubectl("label", "namespace", namespace, "kubetune.io/preset-required=true")
+        cluster.apply(finetunejob("bare"), namespace)
+        status = wait_phase(cluster, namespace, "bare", "Failed", reason="PolicyViolation")
+        assert "requires a preset (label kubetune.io/preset-required=true)" in status["message"]
+        for job_name in ("borrowed-trainer", "bare-trainer"):
+            assert cluster.kubectl("get", "job", job_name, "-n", namespace, check=False).returncode != 0
+    finally:
+        cluster.kubectl("delete", "clusterfinetunepreset", name, "--ignore-not-found", check=False)

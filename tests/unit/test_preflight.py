@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
+from faults import HostileConfigServer as Hostile
 from kubetune import api, preflight
 from kubetune.__main__ import main
 from kubetune_trainer.config import StorageSpec
@@ -210,84 +211,6 @@ def test_remote_config_over_http(http_root: tuple[str, Path]) -> None:
     assert preflight.remote_config("s3://models/big", storage, None)["hidden_size"] == 8192
     with pytest.raises(preflight.ConfigUnavailable, match="HTTP 404"):
         preflight.remote_config("s3://models/missing", storage, None)
-
-
-class Hostile:
-    """A real HTTP server on loopback that a job author controls: each path misbehaves in its own
-    way. `drip` sends its answer one byte every `drip_every` seconds for as long as it is read."""
-
-    def __init__(self, drip_every: float = 0.5) -> None:
-        hostile = self
-        self.requests: list[str] = []
-        self.stop = threading.Event()
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def send(self, body: bytes, status: int = 200, **headers: str) -> None:
-                self.send_response(status)
-                for key, value in headers.items():
-                    self.send_header(key.replace("_", "-"), value)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def do_GET(self) -> None:
-                hostile.requests.append(self.path)
-                name = self.path.split("/")[2]  # /<bucket>/<name>/config.json
-                if name == "drip":
-                    self.send_response(200)
-                    self.send_header("Content-Length", "1000000")
-                    self.end_headers()
-                    while not hostile.stop.wait(drip_every):
-                        try:
-                            self.wfile.write(b" ")
-                            self.wfile.flush()
-                        except OSError:
-                            return
-                elif name == "drip-headers":
-                    self.wfile.write(b"HTTP/1.1 200 OK\r\n")
-                    while not hostile.stop.wait(drip_every):
-                        try:
-                            self.wfile.write(b"X: y\r\n")
-                            self.wfile.flush()
-                        except OSError:
-                            return
-                elif name == "redirect":
-                    self.send(b"", 302, Location=f"http://127.0.0.1:{self.server.server_address[1]}/m/tiny/config.json")
-                elif name == "nested":
-                    self.send(b"[" * 200_000 + b"]" * 200_000)
-                elif name == "huge-int":
-                    # 5001 digits: past Python's limit on converting a decimal string to an int
-                    self.send(b'{"hidden_size": 1' + b"0" * 5000 + b', "num_attention_heads": 4}')
-                elif name == "huge-dims":
-                    self.send(json.dumps({"hidden_size": 10**300, "num_attention_heads": 4,
-                                          "num_hidden_layers": 2, "vocab_size": 10}).encode())
-                elif name == "big":
-                    self.send(b" " * (preflight.CONFIG_MAX_BYTES + 10))
-                elif name == "endless":
-                    self.send_response(200)
-                    self.end_headers()  # no Content-Length: read until the cap
-                    try:
-                        while not hostile.stop.is_set():
-                            self.wfile.write(b" " * 65536)
-                    except OSError:
-                        return
-                else:
-                    self.send(json.dumps({"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
-                                          "num_hidden_layers": 2, "num_attention_heads": 4,
-                                          "vocab_size": 54}).encode())
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.endpoint = f"127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.stop.set()
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture

@@ -270,7 +270,8 @@ def violations_of(job: dict[str, Any], limits: dict[str, Any], defaults: dict[st
      "spec.env[HF_TOKEN].valueFrom.secretKeyRef: Secret team-b-token is not in limits.allowedSecrets"),
     ({"storage": {"secretRef": {"name": "team-b-s3"}}}, {"allowedSecrets": ["s3"]}, None,
      "spec.storage.secretRef: Secret team-b-s3 is not in"),
-    ({"imagePullSecrets": [{"name": "other"}]}, {"allowedSecrets": ["s3"]}, None, "spec.imagePullSecrets: Secret other"),
+    ({"imagePullSecrets": [{"name": "other"}]}, {"allowedSecrets": ["s3"]}, None,
+     "spec.imagePullSecrets: Secret other"),
 ], ids=["endpoint-pinned", "endpoint-allowlist", "trust-remote-code", "priority-class", "workload-priority",
         "toleration-without-key", "toleration-key", "node-label", "affinity", "env", "env-secret", "storage-secret",
         "pull-secret"])
@@ -319,7 +320,7 @@ def test_device_loader_interpreter_and_endpoint_variables_are_refused_without_an
                                         {"secretKeyRef": {"name": "a", "key": "b"},
                                          "configMapKeyRef": {"name": "c", "key": "d"}}])
 def test_value_from_is_one_secret_or_config_map_key(value_from: dict[str, Any]) -> None:
-    with pytest.raises(ValidationError, match="valueFrom|fieldRef|extra"):
+    with pytest.raises(ValidationError, match=r"valueFrom|fieldRef|extra"):
         FineTuneJobSpec.model_validate({**BASE, "env": [{"name": "X", "valueFrom": value_from}]})
 
 

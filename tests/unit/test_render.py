@@ -168,6 +168,15 @@ def test_cpu_only_job_requests_no_gpu() -> None:
     assert "limits" not in spec["containers"][0]["resources"]
 
 
+def test_a_cpu_only_pod_sees_no_gpu_of_the_node() -> None:
+    # With the NVIDIA container runtime, NVIDIA_VISIBLE_DEVICES=all in an image would hand a pod
+    # without GPU limits every GPU of the node: the operator sets it to void, last, so it wins.
+    env = pod({**MINIMAL, "resources": {"gpus": 0}})["containers"][0]["env"]
+    assert [e for e in env if e["name"] == "NVIDIA_VISIBLE_DEVICES"] == [{"name": "NVIDIA_VISIBLE_DEVICES",
+                                                                         "value": "void"}]
+    assert "NVIDIA_VISIBLE_DEVICES" not in {e["name"] for e in pod(MAXIMAL)["containers"][0]["env"]}
+
+
 def test_kueue_queue_creates_the_job_suspended_with_the_label() -> None:
     job = rendered(MAXIMAL)["job"]
     assert job["spec"]["suspend"] is True
