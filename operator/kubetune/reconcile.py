@@ -252,6 +252,8 @@ class Reconciler:
         job_name = render.job_name(name)
         raw = ftj.get("spec") or {}
         job = self.children.get_job(ns, job_name)
+        if job is not None and not owned_by(job, uid) and previous.get("phase") in status.TERMINAL:
+            job = None  # a finished job stays finished: a Job of its name that is not its own is ignored
         if job is None and getattr(self._checking, "active", False) and previous.get("phase") not in status.TERMINAL:
             raise NeedsAction("create the children")
         if job is not None and owned_by(job, uid):

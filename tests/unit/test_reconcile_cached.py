@@ -116,3 +116,19 @@ def test_a_job_without_its_training_job_is_never_settled_from_the_cache() -> Non
     with pytest.raises(AttributeError):  # the test double stops the pass at its first create-path call
         reconciler("ns", "job")
     assert kube.calls == ["get_finetunejob"], "children are created only after a fresh read"
+
+
+@pytest.mark.parametrize("phase", ["Succeeded", "Failed"])
+def test_a_finished_job_stays_finished_beside_a_job_of_its_name_it_does_not_own(phase: str) -> None:
+    # `kubectl create job --from=job/job-trainer`, or a name built to collide: not the FineTuneJob's.
+    done = {"phase": phase, "reason": phase, "completionTime": "2026-01-01T01:00:00Z", "observedGeneration": 1}
+    stranger = {**training_job(), "metadata": {**training_job()["metadata"], "ownerReferences": []}}
+    kube = RecordingKube(finetunejob(done))
+    reconciler = Reconciler(kube, Settings())  # type: ignore[arg-type]
+    reconciler.cache = Cache(finetunejob(done), stranger, [])
+    reconciler("ns", "job", fresh=True)
+    assert kube.stored["status"] == done, "no NameConflict, no Pending"
+    reconciler.cache.job = None  # the stranger is gone: nothing is created again (RecordingKube cannot create)
+    reconciler("ns", "job", fresh=True)
+    assert kube.stored["status"] == done
+    assert kube.calls == ["get_finetunejob", "get_finetunejob"]
