@@ -160,6 +160,8 @@ class PresetLimits(Section):
     allowed_env: list[str] | None = Field(default=None, max_length=128)
     """Environment variables a job may set (spec.env names; an entry ending in `*` is a prefix, e.g.
     `WANDB_*`). The variables no job may set (docs/operations.md) stay refused even if listed."""
+    allowed_queues: list[str] | None = Field(default=None, max_length=64)
+    """scheduling.queueName (Kueue LocalQueue) must be one of these: a job without a queue is refused."""
     allowed_secrets: list[str] | None = Field(default=None, max_length=64)
     """Secrets a job may reference: spec.env secretKeyRef, storage.secretRef and imagePullSecrets."""
 
@@ -235,6 +237,9 @@ def effective_spec(job: Json, defaults: Json) -> Json:
     if training.get("batchSize", "auto") != "auto" and "training" in base:
         base["training"].pop("globalBatchSize", None)  # only for batchSize auto
     spec = merge(base, {k: v for k, v in job.items() if k != "env"})
+    queue = (base.get("scheduling") or {}).get("queueName")
+    if queue and not (spec.get("scheduling") or {}).get("queueName"):
+        spec["scheduling"]["queueName"] = queue  # a preset's queue cannot be cleared ("" or null)
     if "env" in base or "env" in job:
         own = {e["name"] for e in job.get("env") or []}
         spec["env"] = [e for e in base.get("env") or [] if e["name"] not in own] + list(job.get("env") or [])
@@ -312,6 +317,10 @@ def violations(spec: FineTuneJobSpec, job: Json, limits: PresetLimits | None, *,
     if limits.max_epochs is not None and epochs is not None and epochs > limits.max_epochs:
         found.append(f"spec.training.epochs: {epochs:g} is more than limits.maxEpochs {limits.max_epochs:g} "
                      f"of {where}")
+    queue = spec.scheduling.queue_name
+    if limits.allowed_queues is not None and queue not in limits.allowed_queues:
+        found.append(f"spec.scheduling.queueName: {queue or '(none)'} is not in limits.allowedQueues of {where} "
+                     f"({_listed(limits.allowed_queues)})")
     found += _choice_violations(job, limits, where, defaults)
     if limits.allow_trust_remote_code is False and spec.model.trust_remote_code:
         found.append(f"spec.model.trustRemoteCode: {where} allows no remote code (limits.allowTrustRemoteCode false)")

@@ -264,15 +264,16 @@ STRICT: dict[str, Any] = {
     "allowedNodeLabels": ["pool=team-a", "zone"],
     "allowedEnv": ["WANDB_*", "HF_TOKEN"],
     "allowedSecrets": ["hf-token"],
+    "allowedQueues": ["team-a", "team-a-low"],
 }
 
 
 @pytest.fixture
 def strict(cluster: Any, policed: str) -> str:
-    """The FineTunePreset "strict" (STRICT limits, default store minio.storage:9000) in the policed
-    namespace, once the API server enforces it."""
-    cluster.apply(preset("strict", policed, limits=STRICT, defaults={"storage": {"endpoint": "minio.storage:9000"}}),
-                  policed)
+    """The FineTunePreset "strict" (STRICT limits, default store minio.storage:9000 and queue team-a)
+    in the policed namespace, once the API server enforces it."""
+    defaults = {"storage": {"endpoint": "minio.storage:9000"}, "scheduling": {"queueName": "team-a"}}
+    cluster.apply(preset("strict", policed, limits=STRICT, defaults=defaults), policed)
     probe = job("probe", preset={"kind": "FineTunePreset", "name": "strict"},
                 scheduling={"priorityClassName": "system-cluster-critical"})
 
@@ -307,8 +308,10 @@ def strict_job(name: str, **spec: Any) -> dict[str, Any]:
     ({"env": [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "other-team", "key": "t"}}}]},
      ["spec: Secret other-team is not in limits.allowedSecrets"]),
     ({"storage": {"secretRef": {"name": "other-team"}}}, ["Secret other-team is not in limits.allowedSecrets"]),
+    ({"scheduling": {"queueName": "team-b"}},
+     ["spec.scheduling.queueName: team-b is not in limits.allowedQueues", "(team-a, team-a-low)"]),
 ], ids=["endpoint", "remote-code", "priority-class", "workload-priority", "toleration", "node-label", "affinity",
-        "env", "env-secret", "storage-secret"])
+        "env", "env-secret", "storage-secret", "queue"])
 def test_choices_a_preset_limits_are_rejected_at_apply(cluster: Any, strict: str, spec: dict[str, Any],
                                                       words: list[str]) -> None:
     result = apply(cluster, strict, strict_job("over", **spec))
@@ -326,6 +329,8 @@ def test_choices_within_a_presets_limits_are_accepted(cluster: Any, strict: str)
                              {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "t"}}}])
     result = apply(cluster, strict, within)
     assert result.returncode == 0, result.stderr
+    # an empty queueName does not leave the preset's queue
+    assert apply(cluster, strict, strict_job("queued", scheduling={"queueName": ""})).returncode == 0
     # an edit of a limited field that may change (env, scheduling) is checked too
     edit = cluster.kubectl("patch", "ftj", "within", "-n", strict, "--type=merge",
                            "-p", '{"spec":{"env":[{"name":"DEBUG","value":"1"}]}}', check=False)

@@ -357,3 +357,21 @@ def test_only_the_cluster_preset_crd_has_a_namespace_selector() -> None:
         return dict(schema["properties"]["spec"]["properties"])
     assert "namespaceSelector" in spec_of(presets.CLUSTER_KIND)
     assert "namespaceSelector" not in spec_of(presets.KIND)
+
+
+@pytest.mark.parametrize("cleared", ["", None])
+def test_a_presets_queue_cannot_be_cleared(cleared: str | None) -> None:
+    # Leaving the queue would create the Job unsuspended, outside Kueue's quota.
+    spec = FineTuneJobSpec.model_validate(effective({**JOB, "scheduling": {"queueName": cleared}}))
+    assert spec.scheduling.queue_name == "team-a"
+    other = FineTuneJobSpec.model_validate(effective({**JOB, "scheduling": {"queueName": "team-a-low"}}))
+    assert other.scheduling.queue_name == "team-a-low"
+
+
+def test_allowed_queues() -> None:
+    limits = {"allowedQueues": ["team-a", "team-a-low"]}
+    assert violations_of({**BASE, "scheduling": {"queueName": "team-a-low"}}, limits) == []
+    found = violations_of({**BASE, "scheduling": {"queueName": "team-b"}}, limits)
+    assert found == ["spec.scheduling.queueName: team-b is not in limits.allowedQueues of ClusterFineTunePreset/p "
+                     "(team-a, team-a-low)"]
+    assert "(none) is not in limits.allowedQueues" in violations_of(BASE, limits)[0]
