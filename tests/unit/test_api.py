@@ -13,7 +13,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from kubetune import api, crd, render
+from kubetune import api, crd, presets, render
 from kubetune.settings import Settings
 from kubetune_trainer.config import TrainerConfig
 
@@ -35,10 +35,33 @@ def test_examples_exist() -> None:
     assert any(finetunejobs(p) for p in EXAMPLES), "examples/ holds no FineTuneJob"
 
 
+# Examples of other tools (GitOps, a Secret) that hold no KubeTune object.
+NOT_KUBETUNE = {"argocd-application.yaml", "flux-kustomization.yaml", "s3-secret.yaml"}
+
+
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
-def test_every_example_parses(path: Path) -> None:
+def test_every_example_parses_and_keeps_its_presets_limits(path: Path) -> None:
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    ours = [d for d in docs if d.get("apiVersion") == f"{api.GROUP}/{api.VERSION}"]
+    assert bool(ours) != (path.name in NOT_KUBETUNE), f"{path.name}: {len(ours)} KubeTune objects"
+    found = {(d["kind"], d["metadata"]["name"]): d for d in ours if d["kind"] in presets.PLURALS}
+    for preset in found.values():
+        presets.FineTunePreset.model_validate(preset)
+        if preset["kind"] == presets.KIND:
+            assert "namespaceSelector" not in preset["spec"], "only a ClusterFineTunePreset has one"
     for doc in finetunejobs(path):
-        api.FineTuneJob.model_validate(doc)
+        job = api.FineTuneJob.model_validate(doc)
+        ref = job.spec.preset
+        if ref is None:
+            continue
+        preset = found[(ref.kind, ref.name)]  # an example names a preset it defines
+        raw = doc["spec"]
+        effective = api.FineTuneJobSpec.model_validate(
+            presets.effective_spec(raw, presets.preset_defaults(preset)))
+        limits = presets.FineTunePresetSpec.model_validate(preset["spec"]).limits
+        assert presets.violations(effective, raw, limits, preset=f"{ref.kind}/{ref.name}",
+                                  restrict_images_and_accounts=True,
+                                  defaults=presets.preset_defaults(preset)) == []
 
 
 def test_defaults_make_a_lora_run() -> None:
