@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from kubetune_trainer.config import NAME_MAX, RunSections, Section, StorageSpec, check_strategy
 from kubetune_trainer.config import DistributionSpec as TrainerDistributionSpec
@@ -303,6 +303,17 @@ class FineTuneJobSpec(RunSections):
         return per_node * self.resources.distribution.nodes
 
     @model_validator(mode="after")
+    def _sources_in_the_cluster(self, info: ValidationInfo) -> FineTuneJobSpec:
+        if (info.context or {}).get(LOCAL_SOURCES):
+            return self  # `kubetune estimate` on this machine reads a local backbone's config.json
+        for field, value in (("model.source", self.model.source), ("model.tokenizer", self.model.tokenizer),
+                             ("dataset.train", self.dataset.train), ("dataset.validation", self.dataset.validation)):
+            problem = source_problem(value) if value else None
+            if problem:
+                raise ValueError(f"{field}: {problem}")
+        return self
+
+    @model_validator(mode="after")
     def _output_in_s3(self) -> FineTuneJobSpec:
         if not self.output.location.startswith("s3://"):
             raise ValueError(
@@ -310,6 +321,23 @@ class FineTuneJobSpec(RunSections):
                 "(a local directory only works for standalone trainer runs)"
             )
         return self
+
+
+SOURCE_SCHEMES = ("s3://", "hf://", "pvc://")
+LOCAL_SOURCES = "local-sources"  # validation context: local paths allowed (a manifest read on this machine)
+SOURCE_RULE_CEL = r"self.matches('^(s3|hf)://') || (self.matches('^pvc://') && !self.matches('(^|/)[.][.](/|$)'))"
+SOURCE_RULE_MESSAGE = ("a FineTuneJob reads s3://, hf:// or pvc://claim/path sources (no '..'); file:// and "
+                       "local paths are for standalone trainer runs")
+
+
+def source_problem(source: str) -> str | None:
+    """Why a FineTuneJob may not read `source`, or None. In a pod, file:// and plain paths would name
+    the pod's own files (/proc/self/environ holds its Secrets), and '..' would leave a claim."""
+    if not source.startswith(SOURCE_SCHEMES):
+        return f"{source}: {SOURCE_RULE_MESSAGE}"
+    if source.startswith("pvc://") and ".." in source.split("://", 1)[1].split("/"):
+        return f"{source}: {SOURCE_RULE_MESSAGE}"
+    return None
 
 
 class Condition(Section):

@@ -317,6 +317,10 @@ def spec_schema(defaults: bool = False) -> Schema:
     props["lora"]["properties"]["targetModules"]["x-kubernetes-validations"] = [dict(LORA_TARGETS_RULE)]
     props["env"]["items"]["x-kubernetes-validations"] = [reserved_env_rule(), denied_env_rule(),
                                                          dict(ENV_SOURCE_RULE)]
+    for section, field in (("model", "source"), ("model", "tokenizer"), ("dataset", "train"),
+                           ("dataset", "validation")):
+        props[section]["properties"][field]["x-kubernetes-validations"] = [
+            {"rule": api.SOURCE_RULE_CEL, "message": api.SOURCE_RULE_MESSAGE, "reason": "FieldValueInvalid"}]
     return spec
 
 

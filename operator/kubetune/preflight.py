@@ -341,7 +341,7 @@ def load_run(path: Path) -> tuple[RunSections, int, int | None]:
         else [json.loads(text)]
     jobs = [d for d in documents if isinstance(d, dict) and d.get("kind") == api.KIND]
     if jobs:
-        spec = api.FineTuneJobSpec.model_validate(jobs[0].get("spec") or {})
+        spec = api.FineTuneJobSpec.model_validate(jobs[0].get("spec") or {}, context={api.LOCAL_SOURCES: True})
         memory = gpu_memory(spec)
         return spec, max(spec.resources.gpus, 1), None if memory is None else memory[0]
     if len(documents) != 1 or not isinstance(documents[0], dict):

@@ -149,3 +149,27 @@ def test_listed_object_names_cannot_leave_the_cache_directory(tmp_path: Path) ->
     for name in ("models/m/../../../../escaped", "/etc/passwd", "models/m/.."):
         with pytest.raises(InvalidInput, match=re.escape(repr(name))):
             cache_path(root, "test", name, "s3://test/models/m")
+
+
+@pytest.mark.parametrize("uri", ["file:///proc/self/environ", "/proc/self/environ", "/etc/passwd",
+                                 "/var/run/secrets/kubernetes.io/serviceaccount/token", "/sys/kernel"])
+def test_the_process_own_files_are_never_data(uri: str) -> None:
+    # /proc/self/environ holds the pod's Secrets: read as CSV, its "header" would land in status.
+    with pytest.raises(InvalidInput, match="is a system path, not data"):
+        resolve(uri, StorageSpec())
+
+
+def test_a_pvc_source_cannot_leave_its_claim(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KUBETUNE_PVC_ROOT", str(tmp_path))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "secret.csv").write_text("a,b\n1,2\n")
+    (tmp_path / "data" / "train.csv").write_text("a,b\n1,2\n")
+    (tmp_path / "data" / "link.csv").symlink_to(tmp_path / "other" / "secret.csv")
+    (tmp_path / "data" / "environ").symlink_to("/proc/self/environ")
+    assert resolve("pvc://data/train.csv", StorageSpec()) == tmp_path / "data" / "train.csv"
+    for uri in ("pvc://data/../other/secret.csv", "pvc://data/link.csv"):
+        with pytest.raises(InvalidInput, match="leaves its claim"):
+            resolve(uri, StorageSpec())
+    with pytest.raises(InvalidInput, match=r"leaves its claim|system path"):
+        resolve("pvc://data/environ", StorageSpec())

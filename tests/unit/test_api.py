@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -343,3 +344,22 @@ def test_api_modules_import_no_heavy_dependencies(module: str) -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == ""
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("dataset.train", "file:///proc/self/environ"),
+    ("dataset.train", "/proc/self/environ"),
+    ("dataset.validation", "data/val.jsonl"),
+    ("model.source", "file:///models/tiny"),
+    ("model.tokenizer", "pvc://models/../../proc/self"),
+    ("dataset.train", "pvc://data/.."),
+])
+def test_a_finetunejob_reads_only_cluster_sources(field: str, value: str) -> None:
+    with pytest.raises(ValidationError, match=f"{field}: {re.escape(value)}: a FineTuneJob reads s3://"):
+        api.FineTuneJobSpec.model_validate(with_change(field, value))
+
+
+def test_cluster_sources_are_accepted() -> None:
+    for field, value in (("dataset.train", "pvc://data/a..b/train.jsonl"), ("model.source", "s3://m/tiny/"),
+                         ("model.tokenizer", "hf://Qwen/Qwen2.5-0.5B")):
+        api.FineTuneJobSpec.model_validate(with_change(field, value))

@@ -121,7 +121,7 @@ def test_bad_gpu_memory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
 
 def spec(tmp_path: Path, quantization: str, **resources: Any) -> api.FineTuneJobSpec:
     docs = list(yaml.safe_load_all(manifest(tmp_path, quantization, **resources).read_text()))
-    return api.FineTuneJobSpec.model_validate(docs[1]["spec"])
+    return api.FineTuneJobSpec.model_validate(docs[1]["spec"], context={api.LOCAL_SOURCES: True})
 
 
 def test_gpu_memory_field_and_node_label(tmp_path: Path) -> None:
@@ -160,7 +160,8 @@ def test_the_job_strategy_decides_the_estimate(tmp_path: Path, capsys: pytest.Ca
     docs = list(yaml.safe_load_all(path.read_text()))
     docs[1]["spec"]["training"]["optimizer"] = "adamw"
     path.write_text(yaml.safe_dump_all(docs))
-    verdict = preflight.check_job(api.FineTuneJobSpec.model_validate(docs[1]["spec"]), StorageSpec(),
+    local = api.FineTuneJobSpec.model_validate(docs[1]["spec"], context={api.LOCAL_SOURCES: True})
+    verdict = preflight.check_job(local, StorageSpec(),
                                   fetch=read_fixture)
     assert verdict is not None and verdict.outcome == ("fits" if fits else "wontfit"), verdict
     assert verdict.estimate is not None and verdict.estimate.settings.strategy == strategy

@@ -105,6 +105,13 @@ def _read_jsonl(path: Path, name: str) -> list[dict[str, Any]]:
     return rows
 
 
+def column_names(present: list[Any], limit: int = 20, longest: int = 40) -> str:
+    """The columns of a file, for a message that lands in status: at most `limit` names of at most
+    `longest` characters, so a file that is not a data file cannot be echoed through its header."""
+    names = [str(c) if len(str(c)) <= longest else str(c)[:longest] + "…" for c in present[:limit]]
+    return repr(names) + (f" and {len(present) - limit} more" if len(present) > limit else "")
+
+
 def load_examples(path: Path, spec: DatasetSpec, name: str | None = None) -> list[Example]:
     """Read ``path`` and check it: columns present, at least one row, text values only.
 
@@ -121,7 +128,7 @@ def load_examples(path: Path, spec: DatasetSpec, name: str | None = None) -> lis
     for field, column in wanted:
         if column not in present:
             raise InvalidInput(
-                f"{name}: column {column!r} ({field}) not found; the file has columns {present}"
+                f"{name}: column {column!r} ({field}) not found; the file has columns {column_names(present)}"
             )
     examples: list[Example] = []
     for number, row in enumerate(rows, start=1):

@@ -179,14 +179,27 @@ def resolve(uri: str, storage: StorageSpec, revision: str | None = None, *, dire
         return _resolve_hf(uri, revision, directory=directory)
     if scheme == "pvc":
         claim_path = uri.split("://", 1)[1].strip("/")
-        root = os.environ.get("KUBETUNE_PVC_ROOT") or PVC_MOUNT_ROOT
-        return _existing(Path(root) / claim_path, uri)
+        root = Path(os.environ.get("KUBETUNE_PVC_ROOT") or PVC_MOUNT_ROOT)
+        claim = claim_path.split("/", 1)[0]
+        return _existing(root / claim_path, uri, within=root / claim)
     if scheme == "file":
         return _existing(Path(urlparse(uri).path), uri)
     return _existing(Path(uri).expanduser(), uri)
 
 
-def _existing(path: Path, uri: str) -> Path:
+# The process's own files: what they hold (the environment with its Secrets, mounted tokens) must
+# never be read as data and echoed in an error.
+SYSTEM_ROOTS = ("/proc", "/sys", "/dev", "/etc", "/run", "/var/run", "/boot")
+
+
+def _existing(path: Path, uri: str, within: Path | None = None) -> Path:
+    """`path` when it exists and is data: inside `within` (a claim's mount) after following links,
+    and never under the system's own directories."""
+    real = Path(os.path.realpath(path))
+    if within is not None and not real.is_relative_to(os.path.realpath(within)):
+        raise InvalidInput(f"{uri}: leaves its claim ({within})")
+    if any(real == Path(r) or real.is_relative_to(r) for r in SYSTEM_ROOTS):
+        raise InvalidInput(f"{uri}: {real} is a system path, not data")
     if not path.exists():
         raise SourceUnavailable(f"{uri}: {path} does not exist")
     return path
