@@ -224,20 +224,27 @@ class Kube:
         items: list[Json] = self._json(self.core.list_namespaced_pod, namespace, label_selector=selector)["items"]
         return items
 
-    def delete_children(self, namespace: str, name: str) -> None:
+    def delete_children(self, namespace: str, name: str, uid: str) -> None:
         """Delete a FineTuneJob's Job (with its pods), ConfigMap, NetworkPolicy and Service (several
-        nodes). Its report Secret stays until the FineTuneJob is deleted (owner reference): the
-        operator never deletes Secrets."""
-        for delete, child in (
-            (self.batch.delete_namespaced_job, job_name(name)),
-            (self.core.delete_namespaced_config_map, config_map_name(name)),
-            (self.networking.delete_namespaced_network_policy, job_name(name)),
-            (self.core.delete_namespaced_service, job_name(name)),
+        nodes): each only if it exists and the FineTuneJob (`uid`) owns it, with a UID precondition,
+        so an object of the same name that someone else made is never touched. Its report Secret
+        stays until the FineTuneJob is deleted (owner reference): the operator never deletes Secrets."""
+        for read, delete, child in (
+            (self.batch.read_namespaced_job, self.batch.delete_namespaced_job, job_name(name)),
+            (self.core.read_namespaced_config_map, self.core.delete_namespaced_config_map, config_map_name(name)),
+            (self.networking.read_namespaced_network_policy, self.networking.delete_namespaced_network_policy,
+             job_name(name)),
+            (self.core.read_namespaced_service, self.core.delete_namespaced_service, job_name(name)),
         ):
             try:
-                delete(child, namespace, propagation_policy="Background", _request_timeout=self.timeout)
+                meta = read(child, namespace, _request_timeout=self.timeout).metadata
+                if meta is None or not any(ref.uid == uid for ref in meta.owner_references or []):
+                    continue
+                options = client.V1DeleteOptions(propagation_policy="Background",
+                                                 preconditions=client.V1Preconditions(uid=meta.uid))
+                delete(child, namespace, body=options, _request_timeout=self.timeout)
             except ApiException as exc:
-                if exc.status != 404:
+                if exc.status not in (404, 409):  # gone, or replaced since it was read: not ours
                     raise
 
     def missing_claims(self, namespace: str, claims: list[str]) -> list[str]:

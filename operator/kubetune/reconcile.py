@@ -476,7 +476,7 @@ class Reconciler:
         if left > 0:
             raise Retry(f"children are removed in {left:.0f}s (ttlSecondsAfterFinished)", delay=left)
         meta = ftj["metadata"]
-        self.kube.delete_children(meta["namespace"], meta["name"])
+        self.kube.delete_children(meta["namespace"], meta["name"], meta["uid"])
         self._mark_cleaned(ftj)
         self.kube.event(ftj, "Normal", "Cleaned", f"removed the Job and its pods {ttl}s after the end")
         return True

@@ -25,7 +25,7 @@ CALLS: dict[str, Callable[[Kube], Any]] = {
     "get_job": lambda k: k.get_job("ns", "job-trainer"),
     "set_job_suspend": lambda k: k.set_job_suspend("ns", "job-trainer", True),
     "list_pods": lambda k: k.list_pods("ns", JOB),
-    "delete_children": lambda k: k.delete_children("ns", "job"),
+    "delete_children": lambda k: k.delete_children("ns", "job", "uid"),
     "missing_claims": lambda k: k.missing_claims("ns", ["c"]),
     "get_namespace": lambda k: k.get_namespace("ns"),
     "get_preset": lambda k: k.get_preset("ClusterFineTunePreset", "ns", "p"),
