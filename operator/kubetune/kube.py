@@ -262,6 +262,17 @@ class Kube:
 
     # --- events -------------------------------------------------------------------------------
 
+    def pod_creation_failure(self, namespace: str, job_uid: str) -> str | None:
+        """The newest FailedCreate message the Job controller posted on a Job (a ResourceQuota, a
+        LimitRange or Pod Security refused its pod), else None."""
+        found = self.core.list_namespaced_event(
+            namespace, field_selector=f"involvedObject.uid={job_uid},reason=FailedCreate",
+            _request_timeout=self.timeout).items
+        if not found:
+            return None
+        newest = max(found, key=lambda e: str(e.last_timestamp or e.event_time or e.metadata.creation_timestamp or ""))
+        return str(newest.message or "")
+
     def event(self, owner: Json, kind: str, reason: str, message: str) -> None:
         """Post a core/v1 Event on a FineTuneJob. Best effort: a lost event never fails a reconcile."""
         meta = owner["metadata"]

@@ -30,7 +30,7 @@ Resolved = tuple[Json | None, Json, PresetLimits | None]  # applied preset, its 
 log = logging.getLogger("kubetune.reconcile")
 
 PROBLEM_REASONS = ("Unschedulable", "ImagePullError", "Retrying", "MissingDependency", "NameConflict",
-                   "JobRejected", "Inadmissible", *status.CONTAINER_START_REASONS)
+                   "JobRejected", "PodRejected", "Inadmissible", *status.CONTAINER_START_REASONS)
 REJECTED_RETRY_SECONDS = 30.0  # a rejected child is tried again this often (and at once on a spec change)
 EVENT_REASONS = {"Running": "Started", "Succeeded": "Succeeded", "Failed": "Failed",
                  "Suspended": "Suspended", "Queued": "Queued", "Preempted": "Preempted"}
@@ -343,6 +343,10 @@ class Reconciler:
         queued = kueue.queued(job)
         observed = status.observe(job, pods, suspend=spec.suspend, queued=queued,
                                   admission=kueue.admission(workload) if queued else None)
+        if observed.message == status.NO_POD_YET and not pods:
+            refusal = self.kube.pod_creation_failure(ns, job["metadata"]["uid"])
+            if refusal:
+                observed = status.pod_rejected(observed, refusal)
         new = status.build_status(observed, previous=previous, generation=applied_generation(ftj, job),
                                   job_name=job_name, now=now())
         self._write(ftj, {**new, "preset": applied} if applied else new)

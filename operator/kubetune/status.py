@@ -7,6 +7,7 @@ Ready / Reconciling / Stalled, which kstatus (Flux, Argo CD, kubectl wait) under
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import re
@@ -232,7 +233,17 @@ def observe(job: Json | None, pods: list[Json], *, suspend: bool, queued: bool,
     if described:
         return Observed("Pending", "Retrying", f"retrying after a failed attempt: {described[1]}",
                         start, None, attempts)
-    return Observed("Pending", "Starting", "waiting for the training pod", start, None, attempts)
+    return Observed("Pending", "Starting", NO_POD_YET, start, None, attempts)
+
+
+NO_POD_YET = "waiting for the training pod"
+
+
+def pod_rejected(observed: Observed, message: str) -> Observed:
+    """A Job whose pod the Job controller cannot create (its FailedCreate event: a ResourceQuota,
+    a LimitRange, Pod Security): Pending, reason PodRejected, with the API server's words."""
+    return dataclasses.replace(observed, reason="PodRejected",
+                               message=f"the Job controller cannot create the training pod: {message}"[:1024])
 
 
 def conditions(phase: str, reason: str, message: str, generation: int, previous: list[Json],

@@ -318,3 +318,16 @@ def test_a_running_job_whose_spec_stops_validating_is_followed_to_its_end(
     signals.open("grandfathered")
     status = wait_phase(cluster, namespace, "grandfathered", "Succeeded")
     assert status["reason"] == "Succeeded" and status["metrics"]["evalLoss"] == 0.5
+
+
+def test_a_pod_the_job_controller_cannot_create_shows_why(cluster: Any, namespace: str, operator: Any) -> None:
+    # A ResourceQuota refuses the pod (not the Job): the Job controller says so only in an Event.
+    quota = {"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "no-pods"},
+             "spec": {"hard": {"pods": "0"}}}
+    cluster.apply(quota, namespace)
+    cluster.apply(finetunejob("refused"), namespace)
+    status = wait_phase(cluster, namespace, "refused", "Pending", reason="PodRejected")
+    assert status["message"].startswith("the Job controller cannot create the training pod: ")
+    assert "exceeded quota: no-pods" in status["message"]
+    wait_for(lambda: any(e["reason"] == "PodRejected" and e["type"] == "Warning"
+                         for e in events(cluster, namespace, "refused")), timeout=30, message="a PodRejected event")
