@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= operator,trainer,dev
 
-.PHONY: help venv scan-venv images test unit lint crd cluster-up cluster-down cluster-status bench chaos gpu-check chart-docs demo demo-down
+.PHONY: help venv scan-venv binaries images test unit lint crd cluster-up cluster-down cluster-status bench chaos gpu-check chart-docs demo demo-down
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -27,10 +27,14 @@ $(SCAN_VENV)/.installed: hack/scan-requirements.txt
 
 scan-venv: $(SCAN_VENV)/.installed  ## create .venv-scan/ with checkov (tests/helm/test_scan.py runs it)
 
+binaries:  ## build the local cluster's pinned binaries from their Go modules (cached in ~/.cache/kubetune/bin)
+	bash hack/build-binaries.sh >/dev/null
+
 images: venv  ## build the operator and trainer images (buildah, Debian base, constraints.txt); push to the local registry if up
 	$(PY) -m devcluster.images build --push-local
 
-test: lint scan-venv  ## everything this machine can run: lint, unit, trainer (CPU), e2e (local cluster), helm
+# The binaries are built before pytest: a cold Go build is slow, and no test's timeout should hold it.
+test: lint scan-venv binaries  ## everything this machine can run: lint, unit, trainer (CPU), e2e (local cluster), helm
 	$(PY) -m pytest tests
 
 unit: venv  ## unit tests only (no cluster, no training)
