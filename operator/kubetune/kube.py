@@ -198,8 +198,8 @@ class Kube:
                                         _request_timeout=self.timeout)
 
     def get_workload(self, namespace: str, job_uid: str) -> Json | None:
-        """The Kueue Workload of a Job (found by the Job-UID label Kueue gives it); None while Kueue
-        has not made it, and where Kueue (kueue.x-k8s.io/v1beta2) is not installed."""
+        """The Kueue Workload of a Job (found by the Job-UID label Kueue gives it, and owned by the
+        Job); None while Kueue has not made it, and where Kueue (kueue.x-k8s.io/v1beta2) is not installed."""
         try:
             found = cast(Json, self.custom.list_namespaced_custom_object(
                 kueue.GROUP, kueue.VERSION, namespace, kueue.WORKLOADS,
@@ -208,7 +208,10 @@ class Kube:
             if exc.status == 404:
                 return None
             raise
-        items: list[Json] = [w for w in found.get("items") or [] if not w["metadata"].get("deletionTimestamp")]
+        # Kueue's Workload is owned by the Job: a decoy with the same label (anyone who may create
+        # Workloads in the namespace can set it) is never taken for it.
+        items: list[Json] = [w for w in found.get("items") or [] if not w["metadata"].get("deletionTimestamp")
+                             and any(ref.get("uid") == job_uid for ref in w["metadata"].get("ownerReferences") or [])]
         items.sort(key=lambda w: w["metadata"].get("creationTimestamp") or "")
         return items[-1] if items else None
 

@@ -194,3 +194,27 @@ def test_suspend_of_a_queued_job_goes_through_its_workload(cluster: Any, namespa
         assert jobs.history("waiter-trainer") == [True, False]
     finally:
         jobs.stop()
+
+
+def test_a_decoy_workload_with_the_jobs_label_is_never_taken_for_its_own(cluster: Any, namespace: str,
+                                                                         operator: Any,
+                                                                         queues: Callable[[int], str]) -> None:
+    queue = queues(0)  # nothing is admitted: the job waits in its queue
+    cluster.apply(finetunejob("waiter", resources={"gpus": 1, "sharedMemory": "64Mi"},
+                              scheduling={"queueName": queue}), namespace)
+    wait_phase(cluster, namespace, "waiter", "Queued")
+    real = workload_of(cluster, namespace, "waiter-trainer")
+    uid = cluster.get("job", "waiter-trainer", "-n", namespace)["metadata"]["uid"]
+    # Anyone who may create Workloads in the namespace can set Kueue's job-uid label on one; this one
+    # is the newest, or of the same second and listed last.
+    decoy = {"apiVersion": KUEUE, "kind": "Workload",
+             "metadata": {"name": "zz-decoy", "labels": {"kueue.x-k8s.io/job-uid": uid}},
+             "spec": {"queueName": queue, "active": True, "podSets": [{"name": "main", "count": 1, "template": {
+                 "spec": {"restartPolicy": "Never", "containers": [
+                     {"name": "c", "image": "decoy", "resources": {"requests": {"cpu": "1"}}}]}}}]}}
+    cluster.apply(decoy, namespace)
+    cluster.kubectl("patch", "ftj", "waiter", "-n", namespace, "--type=merge",
+                    "-p", json.dumps({"spec": {"suspend": True}}))
+    wait_phase(cluster, namespace, "waiter", "Suspended")
+    assert cluster.get("workload", real["metadata"]["name"], "-n", namespace)["spec"]["active"] is False
+    assert cluster.get("workload", "zz-decoy", "-n", namespace)["spec"]["active"] is True
