@@ -153,3 +153,32 @@ def test_validation_split_is_seeded_and_disjoint() -> None:
     assert not set(train) & set(validation)
     assert data.split_examples(examples, 0.2, seed=3) == (train, validation)
     assert data.split_examples(examples, 0.2, seed=4) != (train, validation)
+
+
+def test_a_data_file_over_the_size_limit_is_refused_before_it_is_read(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps({"prompt": "p" * 500, "answer": "a"}) + "\n")
+    monkeypatch.setenv("KUBETUNE_MAX_DATA_BYTES", "100")
+    with pytest.raises(InvalidInput, match=r"train.jsonl: \d+ bytes, more than KUBETUNE_MAX_DATA_BYTES \(100\)"):
+        data.read_rows(path, "auto")
+    monkeypatch.setenv("KUBETUNE_MAX_DATA_BYTES", "lots")
+    with pytest.raises(InvalidInput, match="KUBETUNE_MAX_DATA_BYTES: expected a positive number"):
+        data.read_rows(path, "auto")
+
+
+def test_a_parquet_file_that_decompresses_past_the_limit_is_refused(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # 2 MB of one repeated character: a few KB on disk, 2 MB once decompressed.
+    path = tmp_path / "bomb.parquet"
+    pq.write_table(pa.table({"prompt": ["x" * 1_000_000, "y" * 1_000_000], "answer": ["a", "b"]}), path,
+                   compression="zstd")
+    assert path.stat().st_size < 100_000
+    monkeypatch.setenv("KUBETUNE_MAX_DATA_BYTES", "1000000")
+    with pytest.raises(InvalidInput, match=r"bomb.parquet: decompresses to \d+ bytes, more than"):
+        data.read_rows(path, "auto")
+    monkeypatch.setenv("KUBETUNE_MAX_DATA_BYTES", "10000000")
+    assert len(data.read_rows(path, "auto")) == 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +75,13 @@ def read_rows(path: Path, fmt: str, name: str | None = None) -> list[dict[str, A
     if path.is_dir():
         raise InvalidInput(f"{name}: is a directory, expected a data file")
     fmt = detect_format(path, fmt, name)
+    limit = max_data_bytes()
+    size = path.stat().st_size
+    if size > limit:
+        raise InvalidInput(f"{name}: {size} bytes, more than KUBETUNE_MAX_DATA_BYTES ({limit}); split the data "
+                           "or raise the limit")
+    if fmt == "parquet":
+        _check_parquet_size(path, name, limit)
     try:
         if fmt == "jsonl":
             return _read_jsonl(path, name)
@@ -87,6 +95,35 @@ def read_rows(path: Path, fmt: str, name: str | None = None) -> list[dict[str, A
         raise
     except Exception as err:  # OSError, UnicodeDecodeError, csv.Error, pyarrow's ArrowInvalid, …
         raise InvalidInput(f"{name}: cannot read as {fmt}: {err}") from err
+
+
+DEFAULT_MAX_DATA_BYTES = 16 * 1024**3
+
+
+def max_data_bytes() -> int:
+    """The largest data file the trainer reads (it reads a file whole): KUBETUNE_MAX_DATA_BYTES,
+    16 GiB by default; for Parquet, the size once decompressed."""
+    value = os.environ.get("KUBETUNE_MAX_DATA_BYTES", "").strip()
+    if not value:
+        return DEFAULT_MAX_DATA_BYTES
+    if not value.isdigit() or int(value) < 1:
+        raise InvalidInput(f"KUBETUNE_MAX_DATA_BYTES: expected a positive number of bytes, got {value!r}")
+    return int(value)
+
+
+def _check_parquet_size(path: Path, name: str, limit: int) -> None:
+    """Refuse a Parquet file whose columns decompress to more than `limit` bytes (from its footer,
+    before any page is read): a small file must not expand into all of the pod's memory."""
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.ParquetFile(path).metadata
+    except Exception as err:  # ArrowInvalid and friends: not a Parquet file
+        raise InvalidInput(f"{name}: cannot read as parquet: {err}") from err
+    expanded = sum(meta.row_group(i).column(j).total_uncompressed_size
+                   for i in range(meta.num_row_groups) for j in range(meta.num_columns))
+    if expanded > limit:
+        raise InvalidInput(f"{name}: decompresses to {expanded} bytes, more than KUBETUNE_MAX_DATA_BYTES ({limit})")
 
 
 def _read_jsonl(path: Path, name: str) -> list[dict[str, Any]]:
