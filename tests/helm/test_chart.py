@@ -108,7 +108,11 @@ def test_admission_policies_follow_the_values(cluster: Any) -> None:
     assert env["KUBETUNE_RESTRICT_IMAGES_AND_SERVICE_ACCOUNTS"] == "true"
     # Turned off, a job may choose its image and service account (within its preset's lists, if any).
     relaxed = policies("--set", "admissionPolicy.restrictImagesAndServiceAccounts=false")
-    assert "kt-kubetune-finetunejob-without-preset" not in relaxed and len(relaxed) == 2
+    assert len(relaxed) == 3
+    # the policy for jobs without a preset then keeps only the kubetune.io/preset-required rule
+    rules = [v["messageExpression"] for v in relaxed["kt-kubetune-finetunejob-without-preset"]["spec"]["validations"]]
+    assert len(rules) == 1 and "requires a preset" in rules[0]
+    assert len(found["kt-kubetune-finetunejob-without-preset"]["spec"]["validations"]) == 3
     assert policies("--set", "admissionPolicy.enabled=false") == {}
 
 
