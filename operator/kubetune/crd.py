@@ -133,31 +133,31 @@ LORA_TARGETS_RULE: Schema = {
 }
 
 
-def reserved_env_rule() -> Schema:
-    """CEL twin of api.EnvVar's check: the operator's own variables cannot be set by a job."""
-    prefixes = " || ".join(f"self.name.startsWith('{p}')" for p in api.RESERVED_ENV_PREFIXES)
-    names = ", ".join(f"'{n}'" for n in api.RESERVED_ENV_NAMES)
+def env_name_rule(prefixes: tuple[str, ...], names: tuple[str, ...], message: str, example: str) -> Schema:
+    """A CEL rule on an env item refusing these names and prefixes; `example` is the API's message
+    for an empty name (the rule prepends self.name)."""
+    starts = " || ".join(f"self.name.startsWith('{p}')" for p in prefixes)
+    listed = ", ".join(f"'{n}'" for n in names)
     return {
-        "rule": f"!({prefixes} || self.name in [{names}])",
-        "message": "reserved: the operator sets this variable of the training pod",
-        "messageExpression": f"self.name + {json.dumps(api.reserved_env_message(''))}",
+        "rule": f"!({starts} || self.name in [{listed}])",
+        "message": message,
+        "messageExpression": f"self.name + {json.dumps(example)}",
         "fieldPath": ".name",
         "reason": "FieldValueForbidden",
     }
+
+
+def reserved_env_rule() -> Schema:
+    """CEL twin of api.EnvVar's check: the operator's own variables cannot be set by a job."""
+    return env_name_rule(api.RESERVED_ENV_PREFIXES, api.RESERVED_ENV_NAMES,
+                         "reserved: the operator sets this variable of the training pod", api.reserved_env_message(""))
 
 
 def denied_env_rule() -> Schema:
     """CEL twin of api.denied_env_name: device, loader, interpreter and endpoint variables, refused
     in a FineTuneJob (a preset's defaults may set them)."""
-    prefixes = " || ".join(f"self.name.startsWith('{p}')" for p in api.DENIED_ENV_PREFIXES)
-    names = ", ".join(f"'{n}'" for n in api.DENIED_ENV_NAMES)
-    return {
-        "rule": f"!({prefixes} || self.name in [{names}])",
-        "message": "cannot be set by a FineTuneJob",
-        "messageExpression": f"self.name + {json.dumps(api.denied_env_message(''))}",
-        "fieldPath": ".name",
-        "reason": "FieldValueForbidden",
-    }
+    return env_name_rule(api.DENIED_ENV_PREFIXES, api.DENIED_ENV_NAMES, "cannot be set by a FineTuneJob",
+                         api.denied_env_message(""))
 
 
 ENV_SOURCE_RULE: Schema = {

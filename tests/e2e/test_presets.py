@@ -82,15 +82,20 @@ def policed(cluster: Any, namespace: str, admission_policy: str) -> str:
     returns once the API server enforces them."""
     cluster.kubectl("label", "namespace", namespace, f"{POLICY_LABEL}={admission_policy}")
     cluster.apply(preset("team", namespace, limits=LIMITS), namespace)
-    probe = job("probe", model={"source": "s3://elsewhere/"})
+    refused_at_apply(cluster, namespace, job("probe", model={"source": "s3://elsewhere/"}), "allowedModelPrefixes")
+    return namespace
+
+
+def refused_at_apply(cluster: Any, namespace: str, probe: dict[str, Any], words: str) -> None:
+    """Wait until the API server refuses `probe` with `words` (policies and their params take a
+    moment to be in force)."""
 
     def enforced() -> bool:
         result = cluster.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", "-",
                                  input=yaml.safe_dump(probe), check=False)
-        return result.returncode != 0 and "allowedModelPrefixes" in result.stderr
+        return result.returncode != 0 and words in result.stderr
 
-    wait_for(enforced, timeout=60, message="the admission policies to be enforced")
-    return namespace
+    wait_for(enforced, timeout=60, message=f"the admission policies to refuse {words}")
 
 
 @pytest.mark.parametrize(("spec", "words"), [
@@ -117,11 +122,16 @@ def policed(cluster: Any, namespace: str, admission_policy: str) -> str:
         "pvc-source", "quantization", "max-steps", "max-epochs"])
 def test_a_job_over_its_presets_limits_is_rejected_at_apply(cluster: Any, policed: str, spec: dict[str, Any],
                                                           words: list[str]) -> None:
-    result = apply(cluster, policed, job("over", **spec))
+    assert_refused(cluster, policed, job("over", **spec), words)
+
+
+def assert_refused(cluster: Any, namespace: str, body: dict[str, Any], words: list[str]) -> None:
+    """`kubectl apply` of `body` fails with each of `words`, and nothing is stored."""
+    result = apply(cluster, namespace, body)
     assert result.returncode != 0, result.stdout
     for word in words:
         assert word in result.stderr, result.stderr
-    assert cluster.kubectl("get", "ftj", "over", "-n", policed, check=False).returncode != 0
+    assert cluster.kubectl("get", "ftj", body["metadata"]["name"], "-n", namespace, check=False).returncode != 0
 
 
 def test_a_job_within_its_presets_limits_is_accepted(cluster: Any, policed: str) -> None:
@@ -274,15 +284,8 @@ def strict(cluster: Any, policed: str) -> str:
     in the policed namespace, once the API server enforces it."""
     defaults = {"storage": {"endpoint": "minio.storage:9000"}, "scheduling": {"queueName": "team-a"}}
     cluster.apply(preset("strict", policed, limits=STRICT, defaults=defaults), policed)
-    probe = job("probe", preset={"kind": "FineTunePreset", "name": "strict"},
-                scheduling={"priorityClassName": "system-cluster-critical"})
-
-    def enforced() -> bool:
-        result = cluster.kubectl("apply", "--dry-run=server", "-n", policed, "-f", "-",
-                                 input=yaml.safe_dump(probe), check=False)
-        return result.returncode != 0 and "allowedPriorityClasses" in result.stderr
-
-    wait_for(enforced, timeout=60, message="the strict preset enforced")
+    refused_at_apply(cluster, policed, strict_job("probe", scheduling={"priorityClassName": "system-cluster-critical"}),
+                     "allowedPriorityClasses")
     return policed
 
 
@@ -314,10 +317,7 @@ def strict_job(name: str, **spec: Any) -> dict[str, Any]:
         "env", "env-secret", "storage-secret", "queue"])
 def test_choices_a_preset_limits_are_rejected_at_apply(cluster: Any, strict: str, spec: dict[str, Any],
                                                       words: list[str]) -> None:
-    result = apply(cluster, strict, strict_job("over", **spec))
-    assert result.returncode != 0, result.stdout
-    for word in words:
-        assert word in result.stderr, result.stderr
+    assert_refused(cluster, strict, strict_job("over", **spec), words)
 
 
 def test_choices_within_a_presets_limits_are_accepted(cluster: Any, strict: str) -> None:
