@@ -30,6 +30,7 @@ CALLS: dict[str, Callable[[Kube], Any]] = {
     "get_namespace": lambda k: k.get_namespace("ns"),
     "get_preset": lambda k: k.get_preset("ClusterFineTunePreset", "ns", "p"),
     "get_workload": lambda k: k.get_workload("ns", "u-2"),
+    "pod_creation_failure": lambda k: k.pod_creation_failure("ns", "u-2"),
     "patch_workload": lambda k: k.patch_workload("ns", "job-job-trainer-1a2b3", {"spec": {"active": False}}),
 }
 BEST_EFFORT = {"event"}  # swallows its errors by design; it must still return
