@@ -119,6 +119,10 @@ def http_get_json(url: str, deadline: float = FETCH_DEADLINE_S) -> Json:
         try:
             connection.connect()
             clock.sock = connection.sock
+            if clock.expired:  # connecting took the whole deadline: the watchdog had nothing to close
+                raise TimeoutError("connect")
+            if clock.sock is not None:
+                clock.sock.settimeout(clock.left())
             connection.request("GET", target, headers={"User-Agent": "kubetune-operator", "Accept": "application/json"})
             response = connection.getresponse()
             if 300 <= response.status < 400:
@@ -277,7 +281,8 @@ class Estimates:
     waits on a network read: a job's backbone server is the job author's choice, and each read is
     bounded by FETCH_DEADLINE_S. `check` answers at once: the verdict once it is ready, else a
     "pending" verdict while the read runs; `on_done(key)` is called when it finishes, so the job is
-    reconciled again without waiting for a timer. A verdict is handed out once, then forgotten."""
+    reconciled again without waiting for a timer. A verdict is kept for its key (the operator uses
+    the job's UID and generation, so an edit is estimated again) until `forget`."""
 
     def __init__(self, workers: int = ESTIMATE_WORKERS) -> None:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kubetune-estimate")
@@ -288,24 +293,27 @@ class Estimates:
               on_done: Callable[[], None] | None = None) -> Verdict | None:
         with self._lock:
             future = self._work.get(key)
+            started = future is None
             if future is None:
                 future = self._pool.submit(work)
                 self._work[key] = future
-                if on_done is not None:
-                    future.add_done_callback(lambda _f: on_done())
-                return PENDING
-            if not future.done():
-                return PENDING
-            del self._work[key]
+        if started:
+            if on_done is not None:
+                future.add_done_callback(lambda _f: on_done())  # outside the lock: it may run at once
+            return PENDING
+        if not future.done():
+            return PENDING
         try:
             return future.result()
         except Exception as err:
             return Verdict("skipped", f"GPU memory not estimated: {type(err).__name__}: {err}")
 
-    def forget(self, key: Hashable) -> None:
-        """Drop what is kept for a job that is gone (a running read finishes and is dropped)."""
+    def forget(self, job: Hashable) -> None:
+        """Drop every verdict kept for a job that is gone (keys are (job, ...) tuples; a running
+        read finishes and is dropped)."""
         with self._lock:
-            self._work.pop(key, None)
+            for key in [k for k in self._work if k == job or (isinstance(k, tuple) and k[:1] == (job,))]:
+                del self._work[key]
 
     def pending(self) -> int:
         with self._lock:

@@ -283,12 +283,13 @@ def violations(spec: FineTuneJobSpec, job: Json, limits: PresetLimits | None, *,
                                                                     limits.allowed_output_prefixes):
         found.append(f"spec.output.location: {spec.output.location} is not under limits.allowedOutputPrefixes "
                      f"of {where} ({_listed(limits.allowed_output_prefixes)})")
-    if limits.allowed_images and spec.image and not _prefixed(spec.image, limits.allowed_images):
-        found.append(f"spec.image: {spec.image} is not in limits.allowedImages of {where} "
+    image, account = job.get("image"), job.get("serviceAccountName")  # the job's own: a default is the platform's
+    if limits.allowed_images and image and not _prefixed(image, limits.allowed_images):
+        found.append(f"spec.image: {image} is not in limits.allowedImages of {where} "
                      f"({_listed(limits.allowed_images)})")
     accounts = limits.allowed_service_accounts
-    if accounts and spec.service_account_name and spec.service_account_name not in accounts:
-        found.append(f"spec.serviceAccountName: {spec.service_account_name} is not in "
+    if accounts and account and account not in accounts:
+        found.append(f"spec.serviceAccountName: {account} is not in "
                      f"limits.allowedServiceAccounts of {where} ({_listed(accounts)})")
     if limits.allowed_pvcs is not None:
         claims = set(required_claims(spec))
@@ -332,11 +333,11 @@ def _choice_violations(job: Json, limits: PresetLimits, where: str, defaults: Js
     found: list[str] = []
     endpoint = (job.get("storage") or {}).get("endpoint")
     default_endpoint = (defaults.get("storage") or {}).get("endpoint")
-    if endpoint and limits.allowed_storage_endpoints is not None:
+    if endpoint is not None and limits.allowed_storage_endpoints is not None:
         if endpoint not in limits.allowed_storage_endpoints:
             found.append(f"spec.storage.endpoint: {endpoint} is not in limits.allowedStorageEndpoints of {where} "
                          f"({_listed(limits.allowed_storage_endpoints)})")
-    elif endpoint and endpoint != default_endpoint and (limits.allowed_model_prefixes is not None
+    elif endpoint is not None and endpoint != default_endpoint and (limits.allowed_model_prefixes is not None
                                                         or limits.allowed_output_prefixes is not None):
         found.append(f"spec.storage.endpoint: {where} limits model or output prefixes, so a job may not choose "
                      "its own store (limits.allowedStorageEndpoints is unset)")
@@ -349,7 +350,7 @@ def _choice_violations(job: Json, limits: PresetLimits, where: str, defaults: Js
             found.append(f"spec.scheduling.{field}: {value} is not in limits.{limit} of {where} ({_listed(allowed)})")
     if limits.allowed_toleration_keys is not None:
         for i, toleration in enumerate(scheduling.get("tolerations") or []):
-            key = toleration.get("key") if isinstance(toleration, dict) else None
+            key = (toleration.get("key") if isinstance(toleration, dict) else None) or ""
             if key not in limits.allowed_toleration_keys:
                 found.append(f"spec.scheduling.tolerations[{i}]: key {key or '(none: every taint)'} is not in "
                              f"limits.allowedTolerationKeys of {where} ({_listed(limits.allowed_toleration_keys)})")
@@ -358,7 +359,7 @@ def _choice_violations(job: Json, limits: PresetLimits, where: str, defaults: Js
             if key not in limits.allowed_node_labels and f"{key}={value}" not in limits.allowed_node_labels:
                 found.append(f"spec.scheduling.nodeSelector: {key}={value} is not in limits.allowedNodeLabels of "
                              f"{where} ({_listed(limits.allowed_node_labels)})")
-        if scheduling.get("affinity"):
+        if scheduling.get("affinity") is not None:
             found.append(f"spec.scheduling.affinity: {where} limits node labels (limits.allowedNodeLabels), so a job "
                          "may not set its own affinity")
     if limits.allowed_env is not None:

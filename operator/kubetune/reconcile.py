@@ -252,7 +252,8 @@ class Reconciler:
         job_name = render.job_name(name)
         raw = ftj.get("spec") or {}
         job = self.children.get_job(ns, job_name)
-        if job is not None and not owned_by(job, uid) and previous.get("phase") in status.TERMINAL:
+        stranger = job is not None and not owned_by(job, uid) and previous.get("phase") in status.TERMINAL
+        if stranger:
             job = None  # a finished job stays finished: a Job of its name that is not its own is ignored
         if job is None and getattr(self._checking, "active", False) and previous.get("phase") not in status.TERMINAL:
             raise NeedsAction("create the children")
@@ -294,7 +295,9 @@ class Reconciler:
             # Finished, and the children were removed (ttlSecondsAfterFinished) or deleted by
             # hand: the status stays as it was and nothing is created again.
             metrics.observe_phase(ns, name, previous["phase"])
-            if spec.ttl_seconds_after_finished is not None and not previous.get("cleanupTime"):
+            if stranger:
+                self._expire(ftj, spec, previous)  # its own children still go at their time (owner-checked)
+            elif spec.ttl_seconds_after_finished is not None and not previous.get("cleanupTime"):
                 self._mark_cleaned(ftj)
             return
         if previous.get("phase") in status.TERMINAL and self._expire(ftj, spec, previous):
@@ -415,7 +418,7 @@ class Reconciler:
         meta = ftj["metadata"]
         storage, fetch = render.effective_storage(spec, self.settings), self.fetch_config
         verdict = self.estimates.check(
-            meta["uid"], lambda: preflight.check_job(spec, storage, fetch=fetch),
+            (meta["uid"], generation), lambda: preflight.check_job(spec, storage, fetch=fetch),
             on_done=lambda: self.reconcile_soon(meta["namespace"], meta["name"]))
         if verdict is None:
             return False

@@ -294,7 +294,9 @@ def test_estimates_run_off_the_caller_and_hand_out_each_verdict_once(tmp_path: P
     assert finished["tiny"].wait(10), "the third check runs once a worker is free"
     tiny = estimates.check("tiny", lambda: None)
     assert tiny is not None and tiny.outcome == "fits"
-    assert estimates.check("tiny", lambda: None) is preflight.PENDING  # handed out once: a new check starts
+    assert estimates.check("tiny", lambda: None) == tiny  # kept: a retry does not read again
+    estimates.forget("tiny")
+    assert estimates.check("tiny", lambda: None) is preflight.PENDING  # forgotten: a new check starts
     assert finished["drip"].wait(10)
     drip = estimates.check("drip", lambda: None)
     assert drip is not None and drip.outcome == "skipped" and "no complete answer within 2s" in drip.message
@@ -311,3 +313,14 @@ def test_a_failing_check_is_a_skipped_estimate() -> None:
     assert finished.wait(5)
     got = estimates.check("x", boom)
     assert got is not None and got.outcome == "skipped" and "RecursionError: deep" in got.message
+
+
+def test_forget_drops_every_generation_of_a_job() -> None:
+    estimates = preflight.Estimates(workers=1)
+    done = [threading.Event(), threading.Event()]
+    for generation in (1, 2):
+        estimates.check(("uid", generation), lambda: None, on_done=done[generation - 1].set)
+    assert all(d.wait(5) for d in done)
+    assert estimates.check(("uid", 2), lambda: preflight.Verdict("fits", "x")) is None  # the kept verdict: None
+    estimates.forget("uid")
+    assert estimates.check(("uid", 1), lambda: None) is preflight.PENDING

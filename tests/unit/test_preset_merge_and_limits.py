@@ -272,9 +272,12 @@ def violations_of(job: dict[str, Any], limits: dict[str, Any], defaults: dict[st
      "spec.storage.secretRef: Secret team-b-s3 is not in"),
     ({"imagePullSecrets": [{"name": "other"}]}, {"allowedSecrets": ["s3"]}, None,
      "spec.imagePullSecrets: Secret other"),
+    ({"storage": {"endpoint": ""}}, {"allowedModelPrefixes": ["s3://models/"]},
+     {"storage": {"endpoint": "minio.storage:9000"}}, "spec.storage.endpoint: ClusterFineTunePreset/p limits"),
+    ({"scheduling": {"affinity": {}}}, {"allowedNodeLabels": ["zone"]}, None, "spec.scheduling.affinity"),
 ], ids=["endpoint-pinned", "endpoint-allowlist", "trust-remote-code", "priority-class", "workload-priority",
         "toleration-without-key", "toleration-key", "node-label", "affinity", "env", "env-secret", "storage-secret",
-        "pull-secret"])
+        "pull-secret", "empty-endpoint", "empty-affinity"])
 def test_each_choice_limit_names_the_field(job: dict[str, Any], limits: dict[str, Any],
                                           defaults: dict[str, Any] | None, words: str) -> None:
     found = violations_of({**BASE, **job}, limits, defaults)
@@ -295,8 +298,11 @@ def test_each_choice_limit_names_the_field(job: dict[str, Any], limits: dict[str
     ({}, {"allowedTolerationKeys": [], "allowedNodeLabels": [], "allowedEnv": [], "allowedSecrets": []},
      {"scheduling": {"tolerations": [{"operator": "Exists"}], "nodeSelector": {"pool": "x"}},
       "env": [{"name": "HF_ENDPOINT", "value": "http://mirror"}], "storage": {"secretRef": {"name": "s3"}}}),
+    ({"scheduling": {"tolerations": [{"operator": "Exists"}]}}, {"allowedTolerationKeys": [""]}, None),
+    ({}, {"allowedImages": ["registry.example/team:"], "allowedServiceAccounts": ["team"]},
+     {"image": "registry.example/platform:1", "serviceAccountName": "platform"}),
 ], ids=["preset-endpoint", "default-endpoint", "listed-endpoint", "listed-scheduling", "listed-env",
-        "the-presets-own-defaults"])
+        "the-presets-own-defaults", "keyless-toleration-listed", "the-presets-own-image"])
 def test_what_the_limits_allow_passes(job: dict[str, Any], limits: dict[str, Any],
                                       defaults: dict[str, Any] | None) -> None:
     assert violations_of({**BASE, **job}, limits, defaults) == []
@@ -304,7 +310,8 @@ def test_what_the_limits_allow_passes(job: dict[str, Any], limits: dict[str, Any
 
 @pytest.mark.parametrize("name", ["NVIDIA_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES", "HF_ENDPOINT", "PYTHONPATH",
                                   "PYTHONSTARTUP", "LD_PRELOAD", "LD_LIBRARY_PATH", "HTTPS_PROXY", "https_proxy",
-                                  "PATH", "BASH_ENV", "MASTER_ADDR", "PET_RDZV_ENDPOINT", "NCCL_NET_PLUGIN"])
+                                  "PATH", "BASH_ENV", "MASTER_ADDR", "PET_RDZV_ENDPOINT", "NCCL_NET_PLUGIN",
+                                  "S3_ENDPOINT", "RES_OPTIONS", "HOSTALIASES"])
 def test_device_loader_interpreter_and_endpoint_variables_are_refused_without_any_preset(name: str) -> None:
     job = {**BASE, "env": [{"name": name, "value": "x"}]}
     spec = FineTuneJobSpec.model_validate(job)  # valid as a model: a preset's defaults may set them

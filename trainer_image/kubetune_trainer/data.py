@@ -78,8 +78,7 @@ def read_rows(path: Path, fmt: str, name: str | None = None) -> list[dict[str, A
     limit = max_data_bytes()
     size = path.stat().st_size
     if size > limit:
-        raise InvalidInput(f"{name}: {size} bytes, more than KUBETUNE_MAX_DATA_BYTES ({limit}); split the data "
-                           "or raise the limit")
+        raise InvalidInput(f"{name}: {size} bytes, more than KUBETUNE_MAX_DATA_BYTES ({limit}); split the data")
     if fmt == "parquet":
         _check_parquet_size(path, name, limit)
     try:

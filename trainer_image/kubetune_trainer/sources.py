@@ -202,7 +202,7 @@ def _existing(path: Path, uri: str, within: Path | None = None) -> Path:
         raise InvalidInput(f"{uri}: {real} is a system path, not data")
     if not path.exists():
         raise SourceUnavailable(f"{uri}: {path} does not exist")
-    return path
+    return real  # the checked file itself: a link swapped after the check is not followed again
 
 
 def _resolve_s3(uri: str, storage: StorageSpec) -> Path:
