@@ -135,15 +135,19 @@ def test_operator_restarted_before_the_job_exists_starts_the_trainer_once(cluste
     assert signals.starts("late") == 1 and status["attempts"] == 1
 
 
+NO_GPU_MEMORY = {"gpus": 0, "sharedMemory": "64Mi", "gpuMemory": "0Gi"}  # schema-valid, operator-invalid
+
+
 def test_schema_valid_but_invalid_spec_fails_with_invalid_spec(cluster: Any, namespace: str,
                                                                 operator: Any) -> None:
-    cluster.apply(finetunejob("wrong-scheme", model={"source": "gs://bucket/model"}), namespace)
-    status = wait_phase(cluster, namespace, "wrong-scheme", "Failed")
+    # The schema takes the quantity's form; only the operator knows that no GPU has 0 bytes.
+    cluster.apply(finetunejob("zero-gpu-memory", resources=NO_GPU_MEMORY), namespace)
+    status = wait_phase(cluster, namespace, "zero-gpu-memory", "Failed")
     assert status["reason"] == "InvalidSpec"
-    assert "spec.model.source" in status["message"] and "unknown scheme" in status["message"]
+    assert "spec.resources.gpuMemory" in status["message"] and "must be more than 0" in status["message"]
     assert cluster.get("jobs", "-n", namespace)["items"] == []
-    wait_for(lambda: any(e["reason"] == "Failed" and e["message"].startswith("InvalidSpec: spec.model.source")
-                         for e in events(cluster, namespace, "wrong-scheme")),
+    wait_for(lambda: any(e["reason"] == "Failed" and e["message"].startswith("InvalidSpec: spec.resources.gpuMemory")
+                         for e in events(cluster, namespace, "zero-gpu-memory")),
              timeout=30, message="a Failed event naming InvalidSpec and the field")
 
 
@@ -255,7 +259,7 @@ def test_deleted_jobs_are_forgotten(cluster: Any, namespace: str, operator: Any)
     rss = []
     for round_ in range(2):
         # Schema-valid, operator-invalid: each one is reconciled, counted and fails without a Job.
-        manifests = [finetunejob(f"many-{round_}-{i}", model={"source": "gs://bucket/model"}) for i in range(count)]
+        manifests = [finetunejob(f"many-{round_}-{i}", resources=NO_GPU_MEMORY) for i in range(count)]
         cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump_all(manifests))
         wait_for(lambda: jobs_by_phase(operator).get("Failed") == count, timeout=300,
                  message=f"{count} FineTuneJobs counted as Failed")
