@@ -143,7 +143,7 @@ def http_get_json(url: str, deadline: float = FETCH_DEADLINE_S) -> Json:
                 body += chunk
         except ConfigUnavailable:
             raise
-        except (OSError, http.client.HTTPException, ValueError) as err:
+        except Exception as err:  # once the watchdog shut the socket, http.client may fail in any way
             if clock.expired or isinstance(err, TimeoutError):
                 raise ConfigUnavailable(f"{url}: no complete answer within {deadline:g}s") from err
             raise ConfigUnavailable(f"{url}: unreachable: {err}") from err

@@ -1,7 +1,7 @@
 """`kubetune selftest`: prove that a running operator reconciles (the chart's `helm test`).
 
-It creates a FineTuneJob that the API server accepts but the operator must reject (an unknown
-source scheme), waits until the operator marks it Failed with reason InvalidSpec, and deletes it.
+It creates a FineTuneJob that the API server accepts but the operator must reject (a GPU of 0
+bytes: the schema checks the quantity's form, the operator its value), waits until the operator marks it Failed with reason InvalidSpec, and deletes it.
 It needs no GPU, no storage and no trainer image.
 """
 
@@ -27,9 +27,10 @@ def selftest(namespace: str, timeout: float) -> int:
         "kind": api.KIND,
         "metadata": {"name": name, "labels": {"app.kubernetes.io/part-of": "kubetune"}},
         "spec": {
-            "model": {"source": "selftest://not-a-real-scheme"},
+            "model": {"source": "s3://selftest/model/"},
             "dataset": {"train": "s3://selftest/train.jsonl"},
             "output": {"location": "s3://selftest/"},
+            "resources": {"gpus": 0, "gpuMemory": "0Gi"},
         },
     }
     custom.create_namespaced_custom_object(api.GROUP, api.VERSION, namespace, api.PLURAL, body)

@@ -282,8 +282,11 @@ def test_check_job_skips_hostile_configs_with_a_reason(tmp_path: Path, hostile: 
 def test_estimates_run_off_the_caller_and_hand_out_each_verdict_once(tmp_path: Path, hostile: Hostile) -> None:
     estimates = preflight.Estimates(workers=2)
 
+    # Built here, one at a time: spec() writes one manifest file per test.
+    jobs = {name: hostile_spec(tmp_path, name, hostile.endpoint) for name in ("drip", "drip-headers", "tiny")}
+
     def work(name: str) -> preflight.Verdict | None:
-        job, storage = hostile_spec(tmp_path, name, hostile.endpoint)
+        job, storage = jobs[name]
         return preflight.check_job(job, storage, fetch=lambda s, st, r: preflight.http_get_json(
             preflight.anonymous_url(s, st, r), deadline=2.0))
 
