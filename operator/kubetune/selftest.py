@@ -1,8 +1,9 @@
 """`kubetune selftest`: prove that a running operator reconciles (the chart's `helm test`).
 
 It creates a FineTuneJob that the API server accepts but the operator must reject (a GPU of 0
-bytes: the schema checks the quantity's form, the operator its value), waits until the operator marks it Failed with reason InvalidSpec, and deletes it.
-It needs no GPU, no storage and no trainer image.
+bytes: the schema checks the quantity's form, the operator its value), waits until the operator
+marks it Failed with reason InvalidSpec, and deletes it. It needs no GPU, no storage and no trainer
+image.
 """
 
 from __future__ import annotations
