@@ -142,6 +142,15 @@ class HostileConfigServer:
                 self.end_headers()
                 self.wfile.write(body)
 
+            def drip(self, piece: bytes) -> None:
+                """Send `piece` every `drip_every` seconds until the server closes or the client goes."""
+                while not hostile.stop.wait(drip_every):
+                    try:
+                        self.wfile.write(piece)
+                        self.wfile.flush()
+                    except OSError:
+                        return
+
             def do_GET(self) -> None:
                 hostile.requests.append(self.path)
                 name = self.path.split("/")[2]  # /<bucket>/<name>/config.json
@@ -149,20 +158,10 @@ class HostileConfigServer:
                     self.send_response(200)
                     self.send_header("Content-Length", "1000000")
                     self.end_headers()
-                    while not hostile.stop.wait(drip_every):
-                        try:
-                            self.wfile.write(b" ")
-                            self.wfile.flush()
-                        except OSError:
-                            return
+                    self.drip(b" ")
                 elif name == "drip-headers":
                     self.wfile.write(b"HTTP/1.1 200 OK\r\n")
-                    while not hostile.stop.wait(drip_every):
-                        try:
-                            self.wfile.write(b"X: y\r\n")
-                            self.wfile.flush()
-                        except OSError:
-                            return
+                    self.drip(b"X: y\r\n")
                 elif name == "redirect":
                     self.send(b"", 302, Location=f"http://127.0.0.1:{self.server.server_address[1]}/m/tiny/config.json")
                 elif name == "nested":

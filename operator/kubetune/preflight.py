@@ -34,7 +34,7 @@ from kubetune_trainer.estimate import Estimate, ModelConfigError, ModelShape, es
 
 Json = dict[str, Any]
 GPU_MEMORY_LABEL = "nvidia.com/gpu.memory"
-FETCH_DEADLINE_S = 5.0  # the whole fetch of a config.json: connect, headers and body
+FETCH_DEADLINE_S = 5.0  # a config.json's whole answer (headers and body); each connection attempt too
 CONFIG_MAX_BYTES = 1024 * 1024
 HF_DEFAULT_ENDPOINT = "https://huggingface.co"
 
@@ -105,8 +105,9 @@ class _Deadline:
 
 
 def http_get_json(url: str, deadline: float = FETCH_DEADLINE_S) -> Json:
-    """GET a small JSON document without credentials: within `deadline` seconds in all (connect,
-    headers and body), no redirect followed, at most CONFIG_MAX_BYTES read."""
+    """GET a small JSON document without credentials: each connection attempt and then the whole
+    answer (headers and body) within `deadline` seconds, no redirect followed, at most
+    CONFIG_MAX_BYTES read."""
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigUnavailable(f"{url}: not an http(s) URL")
@@ -314,11 +315,6 @@ class Estimates:
         with self._lock:
             for key in [k for k in self._work if k == job or (isinstance(k, tuple) and k[:1] == (job,))]:
                 del self._work[key]
-
-    def pending(self) -> int:
-        with self._lock:
-            return sum(not f.done() for f in self._work.values())
-
 
 def needs_estimate(spec: api.FineTuneJobSpec) -> bool:
     """Whether the operator checks this job's GPU memory: it uses GPUs of a known size."""

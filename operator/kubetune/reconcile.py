@@ -346,7 +346,7 @@ class Reconciler:
         queued = kueue.queued(job)
         observed = status.observe(job, pods, suspend=spec.suspend, queued=queued,
                                   admission=kueue.admission(workload) if queued else None)
-        if observed.message == status.NO_POD_YET and not pods:
+        if observed.reason == "Starting" and not pods:  # the Job has made no pod: did it fail to?
             refusal = self.kube.pod_creation_failure(ns, job["metadata"]["uid"])
             if refusal:
                 observed = status.pod_rejected(observed, refusal)

@@ -233,10 +233,7 @@ def observe(job: Json | None, pods: list[Json], *, suspend: bool, queued: bool,
     if described:
         return Observed("Pending", "Retrying", f"retrying after a failed attempt: {described[1]}",
                         start, None, attempts)
-    return Observed("Pending", "Starting", NO_POD_YET, start, None, attempts)
-
-
-NO_POD_YET = "waiting for the training pod"
+    return Observed("Pending", "Starting", "waiting for the training pod", start, None, attempts)
 
 
 def pod_rejected(observed: Observed, message: str) -> Observed:
