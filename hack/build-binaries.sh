@@ -9,7 +9,10 @@
 #   registry (into its own bin/registry-<version>/)          <- go install github.com/distribution/distribution/v3/cmd/registry@<pinned>
 #   helm (into its own bin/helm-<version>/)                  <- go install helm.sh/helm/v3/cmd/helm@<pinned>
 #   coredns (into its own bin/coredns-<version>/)            <- go install github.com/coredns/coredns@<pinned>
+#   celeval (into bin/celeval-<hash>/)                       <- hack/k8s/celeval: the API server's CEL
+#                                                               environment, for tests/unit/test_rules.py
 #
+# `build-binaries.sh celeval` builds (or finds) celeval only and prints its path.
 # kubectl comes from a pinned PyPI package (see devcluster/tools.py), not from here.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -24,6 +27,19 @@ exec 9>"$bin/.lock"
 flock 9
 export GOWORK=off CGO_ENABLED=0 GOFLAGS=-mod=mod
 log() { echo "build-binaries: $*" >&2; }
+
+# celeval: CEL in the API server's own environment (k8s.io/apiserver/pkg/cel at the cluster's version).
+celeval_dir=$cache/bin/celeval-$(cat "$here/k8s/go.mod" "$here/k8s/go.sum" "$here/k8s/celeval/main.go" | sha256sum | cut -c1-12)
+if [ ! -x "$celeval_dir/celeval" ]; then
+  log "building celeval"
+  mkdir -p "$celeval_dir"
+  (cd "$here/k8s" && go build -trimpath -ldflags "-s -w" -o "$celeval_dir/celeval.tmp" ./celeval)
+  mv "$celeval_dir/celeval.tmp" "$celeval_dir/celeval"
+fi
+if [ "${1:-}" = celeval ]; then
+  echo "$celeval_dir/celeval"
+  exit 0
+fi
 
 minor=${KUBERNETES_VERSION#*.}; minor=${minor%%.*}
 ldflags="-s -w \

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from kubetune import rules
 from kubetune_trainer.config import NAME_MAX, RunSections, Section, StorageSpec, check_strategy
 from kubetune_trainer.config import DistributionSpec as TrainerDistributionSpec
 from kubetune_trainer.estimate import parse_quantity
@@ -56,8 +57,6 @@ class JobStorageSpec(StorageSpec):
 
 
 MAX_NODES = 64
-# Pod hostnames of a run over several nodes are <name>-trainer-<index> (at most 63 characters).
-MAX_MULTI_NODE_NAME = 52
 
 
 class DistributionSpec(TrainerDistributionSpec):
@@ -122,54 +121,6 @@ class SchedulingSpec(Section):
     """Scheduler of the pod (default scheduler when unset)."""
 
 
-# Environment variables the operator sets in the training pod. A FineTuneJob cannot set them:
-# overriding KUBETUNE_REPORT_URL/TOKEN or AWS_* would send the job's credentials elsewhere.
-RESERVED_ENV_PREFIXES: tuple[str, ...] = ("KUBETUNE_", "AWS_")
-RESERVED_ENV_NAMES: tuple[str, ...] = ("HF_HOME", "HOME", "TMPDIR", "PYTHONUNBUFFERED")
-
-
-def reserved_env_name(name: str) -> bool:
-    """Whether the operator owns this environment variable of the training pod."""
-    return name in RESERVED_ENV_NAMES or name.startswith(RESERVED_ENV_PREFIXES)
-
-
-def reserved_env_message(name: str) -> str:
-    return (f"{name} is reserved: the operator sets {', '.join(RESERVED_ENV_NAMES)} and every "
-            f"{'*, '.join(RESERVED_ENV_PREFIXES)}* variable of the training pod")
-
-
-# Variables no FineTuneJob may set, even where a preset's limits.allowedEnv lists them (a preset's
-# own defaults may: the platform team chooses those). Each would step around a guarantee:
-DENIED_ENV_NAMES: tuple[str, ...] = (
-    # devices: the pod would see GPUs outside its limit, Kueue's quota and other tenants' allocations
-    "CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "GPU_DEVICE_ORDINAL",
-    # the dynamic loader, shells and native plugins: code of the job's choice in the trainer image
-    "PATH", "BASH_ENV", "ENV", "GCONV_PATH", "GLIBC_TUNABLES", "BNB_CUDA_VERSION",
-    "NCCL_NET_PLUGIN", "NCCL_TUNER_PLUGIN", "NCCL_PROFILER_PLUGIN",
-    # endpoints, proxies and certificates: downloads from elsewhere than the preset allows, a
-    # poisoned shared cache
-    "HF_ENDPOINT", "HF_HUB_CACHE", "HF_DATASETS_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE",
-    "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy",
-    "no_proxy", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR", "S3_ENDPOINT",
-    "LOCALDOMAIN", "RES_OPTIONS", "HOSTALIASES",
-    # the launcher's rendezvous: the processes of the job would join another group
-    "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
-    "NODE_RANK",
-)
-DENIED_ENV_PREFIXES: tuple[str, ...] = ("LD_", "PYTHON", "NVIDIA_", "TORCHELASTIC_", "PET_")
-
-
-def denied_env_name(name: str) -> bool:
-    """Whether a FineTuneJob may not set this variable (device, loader, interpreter, endpoint)."""
-    return name in DENIED_ENV_NAMES or name.startswith(DENIED_ENV_PREFIXES)
-
-
-def denied_env_message(name: str) -> str:
-    return (f"{name} cannot be set by a FineTuneJob: device, loader, interpreter, endpoint and launcher "
-            f"variables ({'*, '.join(DENIED_ENV_PREFIXES)}*, CUDA_VISIBLE_DEVICES, HF_ENDPOINT, proxies...) "
-            "would step around the pod's GPU limit, the image or the preset's limits; see docs/operations.md")
-
-
 class KeySelector(Section):
     """A key of a Secret or ConfigMap in the FineTuneJob's namespace."""
 
@@ -192,7 +143,7 @@ class EnvVarSource(Section):
     @model_validator(mode="after")
     def _one(self) -> EnvVarSource:
         if (self.secret_key_ref is None) == (self.config_map_key_ref is None):
-            raise ValueError("valueFrom: set exactly one of secretKeyRef and configMapKeyRef")
+            raise rules.ONE_ENV_SOURCE.error()
         return self
 
 
@@ -209,8 +160,8 @@ class EnvVar(Section):
     @field_validator("name")
     @classmethod
     def _not_reserved(cls, name: str) -> str:
-        if reserved_env_name(name):
-            raise ValueError(reserved_env_message(name))
+        if rules.reserved_env_name(name):
+            raise ValueError(rules.reserved_env_message(name))
         return name
     value: str | None = None
     """Literal value."""
@@ -283,19 +234,14 @@ class FineTuneJobSpec(RunSections):
     @model_validator(mode="after")
     def _processes(self) -> FineTuneJobSpec:
         if self.resources.gpus and self.resources.distribution.processes_per_node != 1:
-            raise ValueError(
-                "resources.distribution.processesPerNode is for CPU-only jobs (resources.gpus: 0); "
-                "with GPUs the trainer runs one process per GPU")
+            raise rules.PROCESSES_PER_NODE_ON_CPUS.error()
         return self
 
     @model_validator(mode="after")
     def _strategy(self) -> FineTuneJobSpec:
         check_strategy(self.resources.distribution.strategy, self, "resources.distribution.strategy")
         if self.resources.distribution.strategy == "fsdp" and self.processes() == 1:
-            raise ValueError(
-                "resources.distribution.strategy fsdp shards the model across the training processes and "
-                "this job has one (resources.gpus 1, or gpus 0 with distribution.processesPerNode 1, on one "
-                "node); use strategy ddp, more GPUs or nodes or, on CPUs, processesPerNode 2 or more")
+            raise rules.FSDP_NEEDS_PROCESSES.error()
         return self
 
     def processes(self) -> int:
@@ -309,7 +255,7 @@ class FineTuneJobSpec(RunSections):
             return self  # `kubetune estimate` on this machine reads a local backbone's config.json
         for field, value in (("model.source", self.model.source), ("model.tokenizer", self.model.tokenizer),
                              ("dataset.train", self.dataset.train), ("dataset.validation", self.dataset.validation)):
-            problem = source_problem(value) if value else None
+            problem = rules.source_problem(value) if value else None
             if problem:
                 raise ValueError(f"{field}: {problem}")
         return self
@@ -317,28 +263,11 @@ class FineTuneJobSpec(RunSections):
     @model_validator(mode="after")
     def _output_in_s3(self) -> FineTuneJobSpec:
         if not self.output.location.startswith("s3://"):
-            raise ValueError(
-                "output.location must be s3://bucket/prefix for a FineTuneJob "
-                "(a local directory only works for standalone trainer runs)"
-            )
+            raise rules.OUTPUT_IN_S3.error()
         return self
 
 
-SOURCE_SCHEMES = ("s3://", "hf://", "pvc://")
 LOCAL_SOURCES = "local-sources"  # validation context: local paths allowed (a manifest read on this machine)
-SOURCE_RULE_CEL = r"self.matches('^(s3|hf)://') || (self.matches('^pvc://') && !self.matches('(^|/)[.][.](/|$)'))"
-SOURCE_RULE_MESSAGE = ("a FineTuneJob reads s3://, hf:// or pvc://claim/path sources (no '..'); file:// and "
-                       "local paths are for standalone trainer runs")
-
-
-def source_problem(source: str) -> str | None:
-    """Why a FineTuneJob may not read `source`, or None. In a pod, file:// and plain paths would name
-    the pod's own files (/proc/self/environ holds its Secrets), and '..' would leave a claim."""
-    if not source.startswith(SOURCE_SCHEMES):
-        return f"{source}: {SOURCE_RULE_MESSAGE}"
-    if source.startswith("pvc://") and ".." in source.split("://", 1)[1].split("/"):
-        return f"{source}: {SOURCE_RULE_MESSAGE}"
-    return None
 
 
 class Condition(Section):
@@ -406,10 +335,8 @@ class FineTuneJobStatus(Section):
 def name_problem(name: str, spec: FineTuneJobSpec) -> str | None:
     """What is wrong with a FineTuneJob's name for its spec (the CRD's metadata rule), or None."""
     nodes = spec.resources.distribution.nodes
-    if nodes > 1 and len(name) > MAX_MULTI_NODE_NAME:
-        return (f"metadata.name: {len(name)} characters; a job over several nodes (resources.distribution.nodes "
-                f"{nodes}) may have at most {MAX_MULTI_NODE_NAME}, as its pods' hostnames are "
-                "<name>-trainer-<index> (at most 63)")
+    if nodes > 1 and len(name) > rules.MAX_MULTI_NODE_NAME:
+        return f"{rules.MULTI_NODE_NAME.message}; this one has {len(name)} (nodes {nodes})"
     return None
 
 

@@ -3,22 +3,21 @@
 A pydantic JSON schema is not a Kubernetes structural schema. This module rewrites it: inline
 ``$defs``/``$ref``, turn ``anyOf[X, null]`` into ``nullable: true``, drop ``title`` and
 ``default: null``, map free-form objects to ``x-kubernetes-preserve-unknown-fields`` (only there),
-translate JSON-Schema-2020 exclusive bounds to OpenAPI v3.0, and attach CEL rules.
+translate JSON-Schema-2020 exclusive bounds to OpenAPI v3.0, and attach the CEL rules of rules.py.
 
 `kubetune crd` writes crds/, the chart's copy and docs/api.md; `kubetune crd --check` fails on drift.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from kubetune import api, presets
-from kubetune_trainer.config import BITSANDBYTES_OPTIMIZERS
+from kubetune import api, presets, rules
+from kubetune_trainer.rules import Rule
 
 Schema = dict[str, Any]
 
@@ -33,138 +32,19 @@ OUTPUTS = {
 }
 CRD_DIRS = (Path("crds"), Path("helm/kubetune/crds"))
 
-# Cross-field rules, checked by the API server at apply time (CEL). The same rules live in the
-# pydantic validators, which the operator and the standalone trainer apply.
-SPEC_RULES: list[Schema] = [
-    {
-        "rule": "self.quantization == 'none' || self.lora.enabled",
-        "message": "quantization int8/int4 requires lora.enabled=true",
-        "fieldPath": ".lora.enabled",
-        "reason": "FieldValueInvalid",
-    },
-    {
-        "rule": "!(self.quantization == 'int4' && self.output.mergeAdapter)",
-        "message": "output.mergeAdapter is not supported with quantization int4",
-        "fieldPath": ".output.mergeAdapter",
-        "reason": "FieldValueInvalid",
-    },
-    {
-        # resources has no API-server defaults (a preset may fill it): an unset field passes here and
-        # the operator checks the effective spec.
-        "rule": "self.?resources.?gpus.orValue(0) == 0 || "
-                "self.?resources.?distribution.?processesPerNode.orValue(1) == 1",
-        "message": "resources.distribution.processesPerNode is for CPU-only jobs (resources.gpus: 0); "
-                   "with GPUs the trainer runs one process per GPU",
-        "fieldPath": ".resources.distribution.processesPerNode",
-        "reason": "FieldValueInvalid",
-    },
-    {
-        "rule": "!(self.?resources.?distribution.?strategy.orValue('ddp') == 'fsdp' && self.quantization == 'int8')",
-        "message": "resources.distribution.strategy fsdp is not supported with quantization int8: "
-                   "bitsandbytes cannot shard 8-bit weights",
-        "fieldPath": ".resources.distribution.strategy",
-        "reason": "FieldValueInvalid",
-    },
-    {
-        # training may be filled by a preset as well: an unset optimizer passes (the default is adamw).
-        "rule": "!(self.?resources.?distribution.?strategy.orValue('ddp') == 'fsdp' && "
-                f"self.?training.?optimizer.orValue('adamw') in {list(BITSANDBYTES_OPTIMIZERS)})",
-        "message": "resources.distribution.strategy fsdp is not supported with the bitsandbytes optimizers "
-                   "(training.optimizer adamw_8bit, paged_adamw_8bit, paged_adamw_32bit)",
-        "fieldPath": ".resources.distribution.strategy",
-        "reason": "FieldValueInvalid",
-    },
-    {
-        # One process in all: gpus 1, or gpus 0 with processesPerNode 1, on one node. Only values the
-        # job sets count; the operator checks the effective spec (a preset may add GPUs).
-        "rule": "!(self.?resources.?distribution.?strategy.orValue('ddp') == 'fsdp' && "
-                "self.?resources.?distribution.?nodes.orValue(1) == 1 && "
-                "(self.?resources.?gpus.orValue(-1) == 1 || (self.?resources.?gpus.orValue(-1) == 0 && "
-                "self.?resources.?distribution.?processesPerNode.orValue(0) == 1)))",
-        "message": "resources.distribution.strategy fsdp needs more than one training process "
-                   "(resources.gpus 2 or more, processesPerNode 2 or more on CPUs, or nodes 2 or more)",
-        "fieldPath": ".resources.distribution.strategy",
-        "reason": "FieldValueInvalid",
-    },
-    {
-        "rule": "self.output.location.startsWith('s3://')",
-        "message": "output.location must be an s3://bucket/prefix",
-        "fieldPath": ".output.location",
-        "reason": "FieldValueInvalid",
-    },
-]
-# Rules on the whole object (metadata.name is the only metadata CEL may read).
-ROOT_RULES: list[Schema] = [
-    {
-        "rule": f"self.spec.?resources.?distribution.?nodes.orValue(1) <= 1 || "
-                f"size(self.metadata.name) <= {api.MAX_MULTI_NODE_NAME}",
-        "message": f"metadata.name: a job over several nodes (resources.distribution.nodes > 1) may have at most "
-                   f"{api.MAX_MULTI_NODE_NAME} characters, as its pods' hostnames are <name>-trainer-<index> "
-                   "(at most 63)",
-        "reason": "FieldValueInvalid",
-    },
-]
-SECTION_RULES: dict[str, list[Schema]] = {
-    "training": [
-        {
-            "rule": "!(has(self.epochs) && has(self.maxSteps))",
-            "message": "set either training.epochs or training.maxSteps, not both",
-        },
-        {
-            "rule": "!has(self.batchSize) || type(self.batchSize) == int || has(self.globalBatchSize)",
-            "message": "training.batchSize auto needs training.globalBatchSize (the samples per optimizer step "
-                       "over all processes)",
-            "fieldPath": ".globalBatchSize",
-            "reason": "FieldValueRequired",
-        },
-        {
-            # An unset batchSize passes: a preset may make it auto (the operator checks the effective spec).
-            "rule": "!has(self.globalBatchSize) || !has(self.batchSize) || type(self.batchSize) == string",
-            "message": "training.globalBatchSize is only for training.batchSize auto; with an integer batchSize "
-                       "the global batch is batchSize x gradientAccumulation x processes",
-            "fieldPath": ".globalBatchSize",
-            "reason": "FieldValueInvalid",
-        },
-    ],
-}
-LORA_TARGETS_RULE: Schema = {
-    "rule": "!('all-linear' in self) || size(self) == 1",
-    "message": "\"all-linear\" cannot be combined with module names",
-}
 
 
-def env_name_rule(prefixes: tuple[str, ...], names: tuple[str, ...], message: str, example: str) -> Schema:
-    """A CEL rule on an env item refusing these names and prefixes; `example` is the API's message
-    for an empty name (the rule prepends self.name)."""
-    starts = " || ".join(f"self.name.startsWith('{p}')" for p in prefixes)
-    listed = ", ".join(f"'{n}'" for n in names)
-    return {
-        "rule": f"!({starts} || self.name in [{listed}])",
-        "message": message,
-        "messageExpression": f"self.name + {json.dumps(example)}",
-        "fieldPath": ".name",
-        "reason": "FieldValueForbidden",
-    }
-
-
-def reserved_env_rule() -> Schema:
-    """CEL twin of api.EnvVar's check: the operator's own variables cannot be set by a job."""
-    return env_name_rule(api.RESERVED_ENV_PREFIXES, api.RESERVED_ENV_NAMES,
-                         "reserved: the operator sets this variable of the training pod", api.reserved_env_message(""))
-
-
-def denied_env_rule() -> Schema:
-    """CEL twin of api.denied_env_name: device, loader, interpreter and endpoint variables, refused
-    in a FineTuneJob (a preset's defaults may set them)."""
-    return env_name_rule(api.DENIED_ENV_PREFIXES, api.DENIED_ENV_NAMES, "cannot be set by a FineTuneJob",
-                         api.denied_env_message(""))
-
-
-ENV_SOURCE_RULE: Schema = {
-    "rule": "!has(self.valueFrom) || has(self.valueFrom.secretKeyRef) != has(self.valueFrom.configMapKeyRef)",
-    "message": "valueFrom: set exactly one of secretKeyRef and configMapKeyRef",
-    "fieldPath": ".valueFrom",
-}
+def attach(root: Schema, table: tuple[Rule, ...] | dict[str, tuple[Rule, ...]]) -> None:
+    """Add each rule's x-kubernetes-validations entry at its place in the object's schema: the
+    places of a FineTuneJob's rules (Rule.at) or, for a preset, the places a dict names."""
+    placed = table.items() if isinstance(table, dict) else ((at, (r,)) for r in table for at in r.at)
+    for at, rules_there in placed:
+        node = root
+        for part in filter(None, at.split(".")):
+            node = node["properties"][part.removesuffix("[]")]
+            if part.endswith("[]"):
+                node = node["items"]
+        node.setdefault("x-kubernetes-validations", []).extend(r.validation() for r in rules_there)
 
 
 PRINTER_COLUMNS: list[Schema] = [
@@ -307,20 +187,11 @@ def spec_schema(defaults: bool = False) -> Schema:
         for name in presets.DEFAULTABLE_FIELDS:
             spec["properties"][name] = without_defaults(spec["properties"][name])
     spec["description"] = api.FineTuneJobSpec.__doc__.splitlines()[0] if api.FineTuneJobSpec.__doc__ else ""
-    spec["x-kubernetes-validations"] = copy.deepcopy(SPEC_RULES)
     props = spec["properties"]
     for name in api.IMMUTABLE_FIELDS:
-        rules = props[name].setdefault("x-kubernetes-validations", [])
-        rules.append({"rule": "self == oldSelf", "message": f"{name} is immutable after creation"})
-    for name, rules in SECTION_RULES.items():
-        props[name].setdefault("x-kubernetes-validations", []).extend(copy.deepcopy(rules))
-    props["lora"]["properties"]["targetModules"]["x-kubernetes-validations"] = [dict(LORA_TARGETS_RULE)]
-    props["env"]["items"]["x-kubernetes-validations"] = [reserved_env_rule(), denied_env_rule(),
-                                                         dict(ENV_SOURCE_RULE)]
-    for section, field in (("model", "source"), ("model", "tokenizer"), ("dataset", "train"),
-                           ("dataset", "validation")):
-        props[section]["properties"][field]["x-kubernetes-validations"] = [
-            {"rule": api.SOURCE_RULE_CEL, "message": api.SOURCE_RULE_MESSAGE, "reason": "FieldValueInvalid"}]
+        props[name].setdefault("x-kubernetes-validations", []).append(
+            {"rule": "self == oldSelf", "message": f"{name} is immutable after creation"})
+    attach({"properties": {"spec": spec}}, tuple(r for r in rules.ALL if "" not in r.at))
     return spec
 
 
@@ -370,7 +241,7 @@ def build_crd() -> Schema:
                                 "spec": spec_schema(),
                                 "status": status_schema(),
                             },
-                            "x-kubernetes-validations": copy.deepcopy(ROOT_RULES),
+                            "x-kubernetes-validations": [r.validation() for r in rules.ALL if "" in r.at],
                         }
                     },
                 }
@@ -404,10 +275,7 @@ def preset_spec_schema(kind: str = presets.CLUSTER_KIND) -> Schema:
     if kind != presets.CLUSTER_KIND:
         del spec["properties"]["namespaceSelector"]
     spec["description"] = (presets.FineTunePresetSpec.__doc__ or "").strip()
-    defaults = spec["properties"]["defaults"]
-    training = defaults["properties"]["training"]
-    training.setdefault("x-kubernetes-validations", []).extend(copy.deepcopy(SECTION_RULES["training"]))
-    defaults["properties"]["env"]["items"]["x-kubernetes-validations"] = [reserved_env_rule(), dict(ENV_SOURCE_RULE)]
+    attach({"properties": {"spec": spec}}, rules.PRESET_RULES)
     return spec
 
 
@@ -503,7 +371,7 @@ def render_api_md() -> str:
         "",
         "Rules checked by the API server at apply time:",
         "",
-        *[f"- `{rule['rule']}`: {rule['message']}" for rule in SPEC_RULES],
+        *[f"- `{', '.join(r.at) or 'the object'}`: {r.message}" for r in rules.ALL],
         *[f"- `{name}` is immutable after creation" for name in api.IMMUTABLE_FIELDS],
         "",
         f"The API server stores no defaults for {', '.join(f'`{n}`' for n in presets.DEFAULTABLE_FIELDS)}: "

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from kubetune import api
+from kubetune import rules
 from kubetune.api import (
     GROUP,
     CacheVolumeSpec,
@@ -261,8 +261,8 @@ def violations(spec: FineTuneJobSpec, job: Json, limits: PresetLimits | None, *,
     `job` is the FineTuneJob's own spec (for spec.image and spec.serviceAccountName: a preset's
     own default is not a user's choice). `preset` is "Kind/name", or None for a job without one.
     """
-    found: list[str] = [f"spec.env: {api.denied_env_message(str(var.get('name')))}"
-                        for var in job.get("env") or [] if api.denied_env_name(str(var.get("name")))]
+    found: list[str] = [f"spec.env: {rules.denied_env_message(str(var.get('name')))}"
+                        for var in job.get("env") or [] if rules.denied_env_name(str(var.get("name")))]
     where = preset or "no preset"
     defaults = defaults or {}
     for field, allowed, what, limit in (

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from kubetune import api, kueue
+from kubetune import api, kueue, rules
 from kubetune.settings import Settings
 from kubetune_trainer.config import (
     EXIT_INVALID_INPUT,
@@ -219,7 +219,7 @@ def _env(owner: Json, spec: api.FineTuneJobSpec, settings: Settings) -> list[Jso
     so even a job that slipped past validation cannot redirect reports or credentials."""
     meta = owner["metadata"]
     env: list[Json] = [extra.model_dump(mode="json", by_alias=True, exclude_none=True)
-                       for extra in spec.env or [] if not api.reserved_env_name(extra.name)]
+                       for extra in spec.env or [] if not rules.reserved_env_name(extra.name)]
     env += [
         {"name": "KUBETUNE_JOB_NAMESPACE", "value": meta["namespace"]},
         {"name": "KUBETUNE_JOB_NAME", "value": meta["name"]},

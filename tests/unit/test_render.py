@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from kubetune import api, render
+from kubetune import api, render, rules
 from kubetune.api import FineTuneJobSpec
 from kubetune.settings import Settings
 
@@ -112,7 +112,7 @@ def test_every_variable_the_operator_sets_is_reserved() -> None:
     env = render.render_pod_spec(owner(), spec, Settings(report_url="http://op:8081"))["containers"][0]["env"]
     own = [e["name"] for e in env if e["name"] not in {x["name"] for x in MAXIMAL["env"]}]
     assert "KUBETUNE_REPORT_TOKEN" in own and "AWS_SECRET_ACCESS_KEY" in own
-    assert all(api.reserved_env_name(name) for name in own), [n for n in own if not api.reserved_env_name(n)]
+    assert all(rules.reserved_env_name(name) for name in own), [n for n in own if not rules.reserved_env_name(n)]
 
 
 def test_operator_variables_come_last_and_win_over_a_job_that_slipped_past_validation() -> None:

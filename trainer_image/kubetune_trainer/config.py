@@ -16,6 +16,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
+from kubetune_trainer import rules
+from kubetune_trainer.rules import BITSANDBYTES_OPTIMIZERS
+
 SOURCE_SCHEMES = ("hf", "s3", "pvc", "file")
 """URI schemes a model or dataset source may use; a value without ``://`` is a local path."""
 
@@ -27,7 +30,6 @@ LrScheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
 Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd"]
 Strategy = Literal["ddp", "fsdp"]
 Auto = Literal["auto"]
-BITSANDBYTES_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 
 # Exit codes of `python -m kubetune_trainer`, a contract with the operator (docs/trainer.md).
 EXIT_OK = 0
@@ -194,13 +196,11 @@ class TrainingSpec(Section):
     @model_validator(mode="after")
     def _one_length(self) -> TrainingSpec:
         if self.epochs is not None and self.max_steps is not None:
-            raise ValueError("set either training.epochs or training.maxSteps, not both")
+            raise rules.EPOCHS_OR_STEPS.error()
         if self.batch_size == "auto" and self.global_batch_size is None:
-            raise ValueError("training.batchSize auto needs training.globalBatchSize (the samples per optimizer "
-                             "step over all processes)")
+            raise rules.AUTO_BATCH_NEEDS_GLOBAL.error()
         if self.batch_size != "auto" and self.global_batch_size is not None:
-            raise ValueError("training.globalBatchSize is only for training.batchSize auto; with an integer "
-                             "batchSize the global batch is batchSize x gradientAccumulation x processes")
+            raise rules.GLOBAL_BATCH_ONLY_AUTO.error()
         return self
 
     @property
@@ -234,7 +234,7 @@ class LoraSpec(Section):
     @classmethod
     def _check_targets(cls, v: list[str]) -> list[str]:
         if "all-linear" in v and len(v) > 1:
-            raise ValueError('"all-linear" cannot be combined with module names')
+            raise rules.ALL_LINEAR_ALONE.error()
         if any(not name.strip() or len(name) > NAME_MAX for name in v):
             raise ValueError("module names must be non-empty and at most 253 characters")
         return v
@@ -326,35 +326,22 @@ class TrainerConfig(RunSections):
 
 
 def check_quantization(quantization: str, lora: LoraSpec, output: OutputSpec) -> None:
-    """Cross-section rules (the CRD's CEL rules say the same at apply time)."""
+    """Cross-section rules (rules.py; the CRD checks the same at apply time)."""
     if quantization != "none" and not lora.enabled:
-        raise ValueError(
-            f"quantization {quantization} requires lora.enabled=true "
-            "(a quantized backbone can only be trained through adapters)"
-        )
+        raise rules.QUANTIZATION_NEEDS_LORA.error()
     if quantization == "int4" and output.merge_adapter:
-        raise ValueError(
-            "output.mergeAdapter is not supported with quantization int4: merging into 4-bit weights "
-            "loses precision; merge the adapter into the bf16 backbone offline instead"
-        )
+        raise rules.INT4_NO_MERGE.error()
 
 
 def check_strategy(strategy: str, run: RunSections, field: str) -> None:
-    """What the fsdp strategy cannot shard (the CRD's CEL rules say the same at apply time);
+    """What the fsdp strategy cannot shard (rules.py; the CRD checks the same at apply time);
     ``field`` names the strategy as the caller's document spells it."""
     if strategy != "fsdp":
         return
     if run.quantization == "int8":
-        raise ValueError(
-            f"{field} fsdp is not supported with quantization int8: bitsandbytes cannot shard 8-bit weights; "
-            "use quantization int4 or none, or strategy ddp"
-        )
+        raise rules.FSDP_NOT_INT8.error(field)
     if run.training.optimizer in BITSANDBYTES_OPTIMIZERS:
-        raise ValueError(
-            f"{field} fsdp is not supported with training.optimizer {run.training.optimizer}: bitsandbytes "
-            "optimizers cannot update sharded parameters; use adamw or sgd (fsdp shards their states), "
-            "or strategy ddp"
-        )
+        raise rules.FSDP_NOT_BITSANDBYTES_OPTIMIZER.error(field)
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainerConfig:

@@ -1,0 +1,193 @@
+"""Cross-field rules, each declared once: where it applies, its CEL expression, its message, its cases.
+
+The CRD's ``x-kubernetes-validations`` are generated from these rules (kubetune/crd.py), so the API
+server refuses a bad spec at ``kubectl apply``; the pydantic validators raise the same messages, so
+the operator (reason InvalidSpec) and the standalone trainer say the same thing. Each rule's cases
+are evaluated by tests/unit/test_rules.py in the API server's own CEL environment (hack/k8s/celeval)
+and against the pydantic models, which must agree with CEL unless a case says why not.
+
+This module holds the rules of a training run (the trainer checks them too); kubetune/rules.py adds
+the FineTuneJob's own (resources, env, sources, name) and lists them all. It imports nothing but the
+standard library.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+BITSANDBYTES_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
+
+
+@dataclass(frozen=True)
+class Case:
+    """A FineTuneJob that the rule accepts (ok) or refuses.
+
+    ``spec`` is merged into a valid spec that sets every field a rule reads; ``name`` is the job's
+    metadata.name. ``operator`` is what the pydantic models say where it differs from CEL, with
+    ``why``: the CRD lets an unset field pass when a preset may fill it, and the operator then checks
+    the effective spec.
+    """
+
+    spec: dict[str, Any]
+    ok: bool
+    operator: bool | None = None
+    why: str = ""
+    name: str = "job"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One rule. ``at`` lists where it sits in the FineTuneJob's schema (``spec``, ``spec.training``,
+    ``spec.env[]`` for each item of a list, ``""`` for the whole object); ``self`` in ``cel`` is the
+    value there. ``field`` is the path the API server reports, relative to that place (``fieldPath``)."""
+
+    name: str
+    at: tuple[str, ...]
+    cel: str
+    message: str
+    field: str | None = None
+    reason: str | None = "FieldValueInvalid"
+    message_expression: str | None = None
+    cases: tuple[Case, ...] = ()
+
+    def validation(self) -> dict[str, Any]:
+        """The rule as an x-kubernetes-validations entry."""
+        entry: dict[str, Any] = {"rule": self.cel, "message": self.message}
+        if self.message_expression:
+            entry["messageExpression"] = self.message_expression
+        if self.field:
+            entry["fieldPath"] = self.field
+        if self.reason:
+            entry["reason"] = self.reason
+        return entry
+
+    def error(self, field_name: str | None = None) -> ValueError:
+        """The error the pydantic validators raise: the same message, with the field named as the
+        caller's document spells it (the trainer's config has distribution.strategy where a
+        FineTuneJob has resources.distribution.strategy)."""
+        if field_name and self.field:
+            return ValueError(self.message.replace(self.field.lstrip("."), field_name, 1))
+        return ValueError(self.message)
+
+
+def strategy(value: str) -> dict[str, Any]:
+    return {"resources": {"gpus": 2, "distribution": {"strategy": value}}}
+
+
+QUANTIZATION_NEEDS_LORA = Rule(
+    name="quantization-needs-lora",
+    at=("spec",),
+    cel="self.quantization == 'none' || self.lora.enabled",
+    message="quantization int8/int4 requires lora.enabled=true (a quantized backbone can only be trained "
+            "through adapters)",
+    field=".lora.enabled",
+    cases=(
+        Case({"quantization": "int8", "lora": {"enabled": False}}, ok=False),
+        Case({"quantization": "int4", "lora": {"enabled": False}}, ok=False),
+        Case({"quantization": "int4", "lora": {"enabled": True}}, ok=True),
+        Case({"quantization": "none", "lora": {"enabled": False}}, ok=True),
+    ),
+)
+INT4_NO_MERGE = Rule(
+    name="int4-no-merge",
+    at=("spec",),
+    cel="!(self.quantization == 'int4' && self.output.mergeAdapter)",
+    message="output.mergeAdapter is not supported with quantization int4: merging into 4-bit weights loses "
+            "precision; merge the adapter into the bf16 backbone offline instead",
+    field=".output.mergeAdapter",
+    cases=(
+        Case({"quantization": "int4", "output": {"mergeAdapter": True}}, ok=False),
+        Case({"quantization": "int8", "output": {"mergeAdapter": True}}, ok=True),
+        Case({"quantization": "int4", "output": {"mergeAdapter": False}}, ok=True),
+    ),
+)
+FSDP_NOT_INT8 = Rule(
+    name="fsdp-not-int8",
+    at=("spec",),
+    cel="!(self.?resources.?distribution.?strategy.orValue('ddp') == 'fsdp' && self.quantization == 'int8')",
+    message="resources.distribution.strategy fsdp is not supported with quantization int8: bitsandbytes cannot "
+            "shard 8-bit weights; use quantization int4 or none, or strategy ddp",
+    field=".resources.distribution.strategy",
+    cases=(
+        Case({**strategy("fsdp"), "quantization": "int8"}, ok=False),
+        Case({**strategy("fsdp"), "quantization": "int4"}, ok=True),
+        Case({**strategy("ddp"), "quantization": "int8"}, ok=True),
+        Case({"quantization": "int8"}, ok=True),
+    ),
+)
+FSDP_NOT_BITSANDBYTES_OPTIMIZER = Rule(
+    name="fsdp-not-bitsandbytes-optimizer",
+    at=("spec",),
+    # training may be filled by a preset as well: an unset optimizer passes (the default is adamw).
+    cel="!(self.?resources.?distribution.?strategy.orValue('ddp') == 'fsdp' && "
+        f"self.?training.?optimizer.orValue('adamw') in {list(BITSANDBYTES_OPTIMIZERS)})",
+    message="resources.distribution.strategy fsdp is not supported with the bitsandbytes optimizers "
+            f"(training.optimizer {', '.join(BITSANDBYTES_OPTIMIZERS)}): they cannot update sharded parameters; "
+            "use adamw or sgd (fsdp shards their states), or strategy ddp",
+    field=".resources.distribution.strategy",
+    cases=(
+        *(Case({**strategy("fsdp"), "training": {"optimizer": o}}, ok=False) for o in BITSANDBYTES_OPTIMIZERS),
+        Case({**strategy("fsdp"), "training": {"optimizer": "sgd"}}, ok=True),
+        Case({**strategy("ddp"), "training": {"optimizer": "adamw_8bit"}}, ok=True),
+    ),
+)
+EPOCHS_OR_STEPS = Rule(
+    name="epochs-or-steps",
+    at=("spec.training",),
+    cel="!(has(self.epochs) && has(self.maxSteps))",
+    message="set either training.epochs or training.maxSteps, not both",
+    reason=None,
+    cases=(
+        Case({"training": {"epochs": 1, "maxSteps": 10}}, ok=False),
+        Case({"training": {"maxSteps": 10}}, ok=True),
+        Case({"training": {"epochs": 2}}, ok=True),
+    ),
+)
+AUTO_BATCH_NEEDS_GLOBAL = Rule(
+    name="auto-batch-needs-global-batch",
+    at=("spec.training",),
+    cel="!has(self.batchSize) || type(self.batchSize) == int || has(self.globalBatchSize)",
+    message="training.batchSize auto needs training.globalBatchSize (the samples per optimizer step over all "
+            "processes)",
+    field=".globalBatchSize",
+    reason="FieldValueRequired",
+    cases=(
+        Case({"training": {"batchSize": "auto"}}, ok=False),
+        Case({"training": {"batchSize": "auto", "globalBatchSize": 32}}, ok=True),
+        Case({"training": {"batchSize": 4}}, ok=True),
+    ),
+)
+GLOBAL_BATCH_ONLY_AUTO = Rule(
+    name="global-batch-only-with-auto",
+    at=("spec.training",),
+    # An unset batchSize passes: a preset may make it auto (the operator checks the effective spec).
+    cel="!has(self.globalBatchSize) || !has(self.batchSize) || type(self.batchSize) == string",
+    message="training.globalBatchSize is only for training.batchSize auto; with an integer batchSize the global "
+            "batch is batchSize x gradientAccumulation x processes",
+    field=".globalBatchSize",
+    cases=(
+        Case({"training": {"batchSize": 8, "globalBatchSize": 64}}, ok=False),
+        Case({"training": {"globalBatchSize": 64}}, ok=True, operator=False,
+             why="batchSize is unset: a preset may make it auto"),
+        Case({"training": {"batchSize": "auto", "globalBatchSize": 64}}, ok=True),
+    ),
+)
+ALL_LINEAR_ALONE = Rule(
+    name="all-linear-alone",
+    at=("spec.lora.targetModules",),
+    cel="!('all-linear' in self) || size(self) == 1",
+    message="\"all-linear\" cannot be combined with module names",
+    reason=None,
+    cases=(
+        Case({"lora": {"targetModules": ["all-linear", "q_proj"]}}, ok=False),
+        Case({"lora": {"targetModules": ["q_proj", "v_proj"]}}, ok=True),
+        Case({"lora": {"targetModules": ["all-linear"]}}, ok=True),
+    ),
+)
+
+RUN_RULES: tuple[Rule, ...] = (
+    QUANTIZATION_NEEDS_LORA, INT4_NO_MERGE, FSDP_NOT_INT8, FSDP_NOT_BITSANDBYTES_OPTIMIZER,
+    EPOCHS_OR_STEPS, AUTO_BATCH_NEEDS_GLOBAL, GLOBAL_BATCH_ONLY_AUTO, ALL_LINEAR_ALONE,
+)
+"""The rules of a training run, in the order the CRD lists them."""
