@@ -46,7 +46,7 @@ lint: venv  ## ruff + mypy + generated-file drift
 	$(VENV)/bin/kubetune crd --check
 	$(PY) hack/chart_docs.py --check
 
-crd: venv  ## regenerate crds/, the chart's CRD copy and docs/api.md from operator/kubetune/api.py
+crd: venv  ## regenerate crds/, the chart's CRDs and admission policy, docs/api.md (api.py, rules.py, policy.py)
 	$(VENV)/bin/kubetune crd
 
 cluster-up: venv  ## start the local cluster (kube-apiserver, etcd, controllers, MinIO, registry, Kueue, a kubelet + containerd node; KUBETUNE_KUEUE=0: no Kueue)

@@ -5,7 +5,8 @@ A pydantic JSON schema is not a Kubernetes structural schema. This module rewrit
 ``default: null``, map free-form objects to ``x-kubernetes-preserve-unknown-fields`` (only there),
 translate JSON-Schema-2020 exclusive bounds to OpenAPI v3.0, and attach the CEL rules of rules.py.
 
-`kubetune crd` writes crds/, the chart's copy and docs/api.md; `kubetune crd --check` fails on drift.
+`kubetune crd` writes crds/, the chart's copy, docs/api.md and the chart's admission policy (policy.py);
+`kubetune crd --check` fails on drift.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from kubetune import api, presets, rules
+from kubetune import api, policy, presets, rules
 from kubetune_trainer.rules import Rule
 
 Schema = dict[str, Any]
@@ -29,6 +30,7 @@ OUTPUTS = {
     "crd": Path("crds") / f"{CRD_NAME}.yaml",
     "chart": Path("helm/kubetune/crds") / f"{CRD_NAME}.yaml",
     "docs": Path("docs/api.md"),
+    "policy": Path("helm/kubetune/templates/admission-policy.yaml"),
 }
 CRD_DIRS = (Path("crds"), Path("helm/kubetune/crds"))
 
@@ -423,7 +425,8 @@ def _field_tables(queue: list[tuple[str, Schema]], anchor: str = "") -> list[str
 def generated_files() -> dict[Path, str]:
     """Each generated file's path (relative to the repository root) and content."""
     crd = render_crd_yaml()
-    files = {OUTPUTS["crd"]: crd, OUTPUTS["chart"]: crd, OUTPUTS["docs"]: render_api_md()}
+    files = {OUTPUTS["crd"]: crd, OUTPUTS["chart"]: crd, OUTPUTS["docs"]: render_api_md(),
+             OUTPUTS["policy"]: policy.render()}
     for kind, name in PRESET_CRD_NAMES.items():
         text = render_preset_crd_yaml(kind)
         for folder in CRD_DIRS:

@@ -134,7 +134,8 @@ def test_a_preset_is_held_to_the_rules_of_the_sections_it_defaults() -> None:
 def test_the_evaluator_is_the_api_servers_cel() -> None:
     """The Kubernetes libraries are there (optionals, strings, regex), and a broken rule is an error."""
     results = cel.evaluate([
-        {"expression": "self.?a.?b.orValue('x') + ['p', 'q'].join(',') + 'abc'.substring(1)", "activation": {"self": {}}},
+        {"expression": "self.?a.?b.orValue('x') + ['p', 'q'].join(',') + 'abc'.substring(1)",
+         "activation": {"self": {}}},
         {"expression": "self.matches('^s3://') && type(self) == string", "activation": {"self": "s3://b"}},
         {"expression": "self.missing", "activation": {"self": {}}},
     ])
