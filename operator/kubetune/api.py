@@ -9,6 +9,7 @@ This module imports no kopf, kubernetes client or torch.
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
@@ -27,8 +28,24 @@ SINGULAR = "finetunejob"
 SHORT_NAMES = ["ftj"]
 CATEGORIES = ["kubetune", "ml"]
 
-Phase = Literal["Pending", "Queued", "Running", "Preempted", "Succeeded", "Failed", "Suspended"]
-PHASES: tuple[str, ...] = ("Pending", "Queued", "Running", "Preempted", "Succeeded", "Failed", "Suspended")
+
+
+class Phase(StrEnum):
+    """The phase of a FineTuneJob (status.phase): the one list of them."""
+
+    PENDING = "Pending"
+    QUEUED = "Queued"
+    RUNNING = "Running"
+    PREEMPTED = "Preempted"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SUSPENDED = "Suspended"
+
+
+TERMINAL = frozenset({Phase.SUCCEEDED, Phase.FAILED})
+"""Phases a job does not leave."""
+RECONCILING = frozenset({Phase.PENDING, Phase.QUEUED, Phase.RUNNING, Phase.PREEMPTED})
+"""Phases of a job on its way (condition Reconciling true)."""
 
 # Spec fields that define the training run. They cannot change after creation (CEL
 # `self == oldSelf`): a running job would otherwise no longer match its spec.

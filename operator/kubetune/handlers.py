@@ -14,12 +14,12 @@ import aiohttp
 import kopf
 
 from kubetune import api, metrics
+from kubetune.api import TERMINAL, Phase
 from kubetune.kube import Kube, load_config
 from kubetune.reconcile import Reconciler, Retry
 from kubetune.render import MANAGED_BY, OWNER_ANNOTATION
 from kubetune.reports import ReportServer
 from kubetune.settings import Settings
-from kubetune.status import TERMINAL
 
 SETTINGS = Settings.from_env()
 ERROR_BACKOFF = 5.0  # seconds before kopf runs a handler again after an unexpected error
@@ -225,7 +225,7 @@ def finetunejob_resync(namespace: str | None, name: str, **_: Any) -> None:
 
 def waiting(status: kopf.Status, **_: Any) -> bool:
     """Jobs that wait for something to appear (a PVC, a preset, a name to be freed)."""
-    return status.get("phase") == "Pending" and status.get("reason") in WAITING_REASONS
+    return status.get("phase") == Phase.PENDING and status.get("reason") in WAITING_REASONS
 
 
 @kopf.timer(api.GROUP, api.VERSION, api.PLURAL, interval=WAIT_RETRY_SECONDS, initial_delay=WAIT_RETRY_SECONDS,

@@ -6,7 +6,7 @@ import threading
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from kubetune.api import PHASES
+from kubetune.api import Phase
 
 FINETUNEJOBS = Gauge("kubetune_finetunejobs", "FineTuneJobs seen by this operator, by phase", ["phase"])
 RECONCILE_SECONDS = Histogram(
@@ -26,7 +26,7 @@ _lock = threading.Lock()
 
 
 def _publish() -> None:
-    counts = dict.fromkeys(PHASES, 0)
+    counts: dict[str, int] = dict.fromkeys(Phase, 0)
     for phase in _phases.values():
         counts[phase] = counts.get(phase, 0) + 1
     for phase, count in counts.items():

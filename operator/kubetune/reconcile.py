@@ -19,7 +19,7 @@ from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from kubetune import kueue, metrics, preflight, presets, render, status
-from kubetune.api import FineTuneJobSpec, name_problem
+from kubetune.api import TERMINAL, FineTuneJobSpec, Phase, name_problem
 from kubetune.kube import Kube, NotOwned, api_message, now
 from kubetune.presets import PresetLimits
 from kubetune.settings import Settings
@@ -32,8 +32,18 @@ log = logging.getLogger("kubetune.reconcile")
 PROBLEM_REASONS = ("Unschedulable", "ImagePullError", "Retrying", "MissingDependency", "NameConflict",
                    "JobRejected", "PodRejected", "Inadmissible", *status.CONTAINER_START_REASONS)
 REJECTED_RETRY_SECONDS = 30.0  # a rejected child is tried again this often (and at once on a spec change)
-EVENT_REASONS = {"Running": "Started", "Succeeded": "Succeeded", "Failed": "Failed",
-                 "Suspended": "Suspended", "Queued": "Queued", "Preempted": "Preempted"}
+
+# The reason of the Event a change of status is told with: a phase's own name, "Started" when the
+# trainer starts, and the status's reason for a Pending job and a change of reason within a phase
+# (Running/Finishing: the trainer finished and the Job is completing).
+EVENT_REASONS: dict[tuple[str, str], str] = {(Phase.RUNNING, "Training"): "Started"}
+
+
+def event_reason(phase: str, reason: str, previous_phase: str | None) -> str:
+    """The Event reason for a job that reached (phase, reason) from previous_phase."""
+    if (phase, reason) in EVENT_REASONS:
+        return EVENT_REASONS[(phase, reason)]
+    return reason if phase in (Phase.PENDING, Phase.RUNNING) or phase == previous_phase else phase
 
 
 class Retry(Exception):
@@ -231,16 +241,16 @@ class Reconciler:
         ftj["status"] = {**previous, **new}
         if (phase, reason) == (previous.get("phase"), previous.get("reason")):
             return
-        if previous.get("phase") == "Suspended" and phase != "Suspended":
+        if previous.get("phase") == Phase.SUSPENDED and phase != Phase.SUSPENDED:
             self.kube.event(ftj, "Normal", "Resumed", "resumed")
-        warn = phase == "Failed" or reason in PROBLEM_REASONS
-        event_reason = reason if phase == "Pending" else EVENT_REASONS.get(phase, reason)
+        warn = phase == Phase.FAILED or reason in PROBLEM_REASONS
         message = str(new.get("message") or phase)
-        if phase == "Failed":
+        if phase == Phase.FAILED:
             message = f"{reason}: {message}"
-        if phase == "Succeeded" and (new.get("metrics") or {}).get("evalLoss") is not None:
+        if phase == Phase.SUCCEEDED and (new.get("metrics") or {}).get("evalLoss") is not None:
             message = f"training finished; final eval loss {new['metrics']['evalLoss']:.4f}"
-        self.kube.event(ftj, "Warning" if warn else "Normal", event_reason, message)
+        self.kube.event(ftj, "Warning" if warn else "Normal", event_reason(phase, reason, previous.get("phase")),
+                        message)
         log.info("%s/%s: %s (%s) %s", meta["namespace"], meta["name"], phase, reason, message)
 
     def _reconcile(self, ftj: Json) -> None:
@@ -252,16 +262,16 @@ class Reconciler:
         job_name = render.job_name(name)
         raw = ftj.get("spec") or {}
         job = self.children.get_job(ns, job_name)
-        stranger = job is not None and not owned_by(job, uid) and previous.get("phase") in status.TERMINAL
+        stranger = job is not None and not owned_by(job, uid) and previous.get("phase") in TERMINAL
         if stranger:
             job = None  # a finished job stays finished: a Job of its name that is not its own is ignored
-        if job is None and getattr(self._checking, "active", False) and previous.get("phase") not in status.TERMINAL:
+        if job is None and getattr(self._checking, "active", False) and previous.get("phase") not in TERMINAL:
             raise NeedsAction("create the children")
         if job is not None and owned_by(job, uid):
             # The Job exists: its effective spec was frozen with it (later preset edits do not count).
             applied, defaults = render.frozen_preset(job)
             limits = None
-        elif previous.get("phase") in status.TERMINAL:
+        elif previous.get("phase") in TERMINAL:
             applied, defaults, limits = None, {}, None  # finished: only live fields (ttl) still matter
         else:
             resolved = self._preset(ftj, previous, generation)
@@ -271,15 +281,15 @@ class Reconciler:
         try:
             spec = FineTuneJobSpec.model_validate(presets.effective_spec(raw, defaults))
         except ValidationError as error:
-            if previous.get("phase") in status.TERMINAL:
+            if previous.get("phase") in TERMINAL:
                 return  # a finished job keeps its outcome, even if validation rules changed since
             self._invalid(ftj, job_name, validation_message(error), previous, generation, applied)
             return
         bad_name = name_problem(name, spec)
-        if bad_name and job is None and previous.get("phase") not in status.TERMINAL:
+        if bad_name and job is None and previous.get("phase") not in TERMINAL:
             self._invalid(ftj, job_name, bad_name, previous, generation, applied)
             return
-        if job is None and previous.get("phase") not in status.TERMINAL:
+        if job is None and previous.get("phase") not in TERMINAL:
             where = f"{applied['kind']}/{applied['name']}" if applied else None
             broken = presets.violations(spec, raw, limits, preset=where, defaults=defaults,
                                         restrict_images_and_accounts=self.settings.restrict_images_and_service_accounts)
@@ -291,7 +301,7 @@ class Reconciler:
             # A Job of that name that is not ours: usually the previous FineTuneJob of the same
             # name, still being garbage-collected. Never observe or adopt it.
             self._wait_for_name(ftj, f"Job {job_name}", previous, generation)
-        if job is None and previous.get("phase") in status.TERMINAL:
+        if job is None and previous.get("phase") in TERMINAL:
             # Finished, and the children were removed (ttlSecondsAfterFinished) or deleted by
             # hand: the status stays as it was and nothing is created again.
             metrics.observe_phase(ns, name, previous["phase"])
@@ -300,7 +310,7 @@ class Reconciler:
             elif spec.ttl_seconds_after_finished is not None and not previous.get("cleanupTime"):
                 self._mark_cleaned(ftj)
             return
-        if previous.get("phase") in status.TERMINAL and self._expire(ftj, spec, previous):
+        if previous.get("phase") in TERMINAL and self._expire(ftj, spec, previous):
             return
 
         if job is None:

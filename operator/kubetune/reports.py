@@ -32,6 +32,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
 from kubetune import metrics
+from kubetune.api import TERMINAL, Phase
 from kubetune.kube import Kube, now
 from kubetune.render import report_token
 from kubetune_trainer.events import ProgressReport, rounded
@@ -60,7 +61,7 @@ def progress_operations(patch: Json, *, progress: bool = True) -> list[Json]:
     set on its own and metrics that this write lacks (an earlier evalLoss) are kept. Without
     `progress`, status.progress is left alone (a resumed run reporting steps it already passed).
     """
-    operations: list[Json] = [{"op": "test", "path": "/status/phase", "value": "Running"}]
+    operations: list[Json] = [{"op": "test", "path": "/status/phase", "value": Phase.RUNNING.value}]
     if progress:
         operations.append({"op": "add", "path": "/status/progress", "value": patch["progress"]})
     for key, value in (patch.get("metrics") or {}).items():
@@ -147,10 +148,10 @@ class ReportServer:
         self._known[key] = uid
         if step is not None:
             self._steps[key] = max(step, self._steps.get(key, 0))
-        if phase in ("Succeeded", "Failed"):
+        if phase in TERMINAL:
             self._finished.add(key)
             self._pending.pop(key, None)
-        elif phase == "Running":
+        elif phase == Phase.RUNNING:
             self._finished.discard(key)
 
     def forget(self, namespace: str, name: str) -> None:

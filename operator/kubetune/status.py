@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from kubetune.api import RECONCILING, TERMINAL, Phase
 from kubetune.kueue import PREEMPTED, REQUEUED
 from kubetune.render import CONTAINER
 from kubetune_trainer.config import (
@@ -29,7 +30,6 @@ from kubetune_trainer.events import Summary
 
 Json = dict[str, Any]
 
-TERMINAL = ("Succeeded", "Failed")
 IMAGE_PULL_REASONS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull")
 # The kubelet cannot start the container (a Secret without the key the job names, a bad mount...):
 # shown with the kubelet's own reason and message, not as "starting".
@@ -46,7 +46,7 @@ EXIT_REASONS = {EXIT_INVALID_INPUT: "InvalidInput", EXIT_SOURCE_UNAVAILABLE: "So
 class Observed:
     """What the operator saw: phase, reason and message, plus facts for the status."""
 
-    phase: str
+    phase: Phase
     reason: str
     message: str
     start_time: str | None = None
@@ -149,7 +149,7 @@ def observe(job: Json | None, pods: list[Json], *, suspend: bool, queued: bool,
     """The phase of a FineTuneJob from its Job and the Job's pods; `admission`: Kueue's (reason,
     message) for a queued Job that is not running (kubetune.kueue.admission)."""
     if job is None:
-        return Observed("Pending", "Creating", "creating the training Job")
+        return Observed(Phase.PENDING, "Creating", "creating the training Job")
     status = job.get("status") or {}
     counts = sum(int(status.get(k) or 0) for k in ("active", "failed", "succeeded"))
     # One attempt runs one pod per node (an Indexed Job of that many completions).
@@ -165,7 +165,7 @@ def observe(job: Json | None, pods: list[Json], *, suspend: bool, queued: bool,
                      if (terminated_state(p) or {}).get("exitCode") == 0)
         summary = next((s for s in summaries if s), None)
         completion = status.get("completionTime") or done.get("lastTransitionTime")
-        return Observed("Succeeded", "Succeeded", "training finished", start, completion, attempts, summary)
+        return Observed(Phase.SUCCEEDED, "Succeeded", "training finished", start, completion, attempts, summary)
 
     failed = condition(job, "Failed") or condition(job, "FailureTarget")
     if failed:
@@ -180,28 +180,28 @@ def observe(job: Json | None, pods: list[Json], *, suspend: bool, queued: bool,
             reason, message = described
         else:
             reason, message = job_reason, failed.get("message") or "the training Job failed"
-        return Observed("Failed", reason, message, start, failed.get("lastTransitionTime"), attempts)
+        return Observed(Phase.FAILED, reason, message, start, failed.get("lastTransitionTime"), attempts)
 
     if (job.get("spec") or {}).get("suspend"):
         if suspend:
-            return Observed("Suspended", "Suspended", "suspended: set spec.suspend=false to resume",
+            return Observed(Phase.SUSPENDED, "Suspended", "suspended: set spec.suspend=false to resume",
                             start, None, attempts)
         if queued:
             reason, message = admission or ("WaitingForAdmission", "waiting for Kueue to admit the job")
             if reason == PREEMPTED:
                 note = checkpoint_note(pods) or "; the trainer writes a checkpoint, then the job waits in its queue"
-                return Observed("Preempted", reason, message + note, start, None, attempts)
+                return Observed(Phase.PREEMPTED, reason, message + note, start, None, attempts)
             if reason == REQUEUED:
                 message += checkpoint_note(pods)
-            return Observed("Queued", reason, message, start, None, attempts)
-        return Observed("Pending", "Resuming", "resuming the training Job", start, None, attempts)
+            return Observed(Phase.QUEUED, reason, message, start, None, attempts)
+        return Observed(Phase.PENDING, "Resuming", "resuming the training Job", start, None, attempts)
 
     for pod in pods:
         if (pod.get("status") or {}).get("phase") == "Running" and not pod["metadata"].get("deletionTimestamp"):
-            return Observed("Running", "Training", "the trainer is running", start, None, attempts)
+            return Observed(Phase.RUNNING, "Training", "the trainer is running", start, None, attempts)
         if (pod.get("status") or {}).get("phase") == "Succeeded":
             # The Job controller marks the Job Complete a moment after its pod succeeded.
-            return Observed("Running", "Finishing", "the trainer finished; completing the Job", start, None,
+            return Observed(Phase.RUNNING, "Finishing", "the trainer finished; completing the Job", start, None,
                             attempts)
 
     for pod in pods:
@@ -210,30 +210,30 @@ def observe(job: Json | None, pods: list[Json], *, suspend: bool, queued: bool,
             continue
         for cond in (pod.get("status") or {}).get("conditions") or []:
             if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
-                return Observed("Pending", cond.get("reason") or "Unschedulable",
+                return Observed(Phase.PENDING, cond.get("reason") or "Unschedulable",
                                 cond.get("message") or "the pod cannot be scheduled", start, None, attempts)
         waiting = waiting_state(pod) or {}
         if waiting.get("reason") in IMAGE_PULL_REASONS:
-            return Observed("Pending", "ImagePullError",
+            return Observed(Phase.PENDING, "ImagePullError",
                             f"cannot pull the trainer image: {waiting.get('message') or waiting['reason']}",
                             start, None, attempts)
         missing = MISSING_SECRET.search(str(waiting.get("message") or ""))
         if waiting.get("reason") == "CreateContainerConfigError" and missing:
             namespace = (job.get("metadata") or {}).get("namespace")
-            return Observed("Pending", "MissingDependency",
+            return Observed(Phase.PENDING, "MissingDependency",
                             f"waiting for Secret {missing.group(1)} in namespace {namespace}; the job starts "
                             "once it exists", start, None, attempts)
         if waiting.get("reason") in CONTAINER_START_REASONS:
-            return Observed("Pending", waiting["reason"],
+            return Observed(Phase.PENDING, waiting["reason"],
                             f"the training pod cannot start: {waiting.get('message') or waiting['reason']}",
                             start, None, attempts)
-        return Observed("Pending", "Starting", "the training pod is starting", start, None, attempts)
+        return Observed(Phase.PENDING, "Starting", "the training pod is starting", start, None, attempts)
 
     described = next((d for d in (describe_failure(p) for p in pods) if d), None)
     if described:
-        return Observed("Pending", "Retrying", f"retrying after a failed attempt: {described[1]}",
+        return Observed(Phase.PENDING, "Retrying", f"retrying after a failed attempt: {described[1]}",
                         start, None, attempts)
-    return Observed("Pending", "Starting", "waiting for the training pod", start, None, attempts)
+    return Observed(Phase.PENDING, "Starting", "waiting for the training pod", start, None, attempts)
 
 
 def pod_rejected(observed: Observed, message: str) -> Observed:
@@ -243,16 +243,16 @@ def pod_rejected(observed: Observed, message: str) -> Observed:
                                message=f"the Job controller cannot create the training pod: {message}"[:1024])
 
 
-def conditions(phase: str, reason: str, message: str, generation: int, previous: list[Json],
+def conditions(phase: Phase, reason: str, message: str, generation: int, previous: list[Json],
                now: str) -> list[Json]:
     """Ready / Reconciling / Stalled for a phase; lastTransitionTime kept while a status holds."""
-    ready = phase == "Succeeded"
-    stalled = phase == "Failed"
-    reconciling = phase in ("Pending", "Queued", "Running", "Preempted")
+    ready = phase == Phase.SUCCEEDED
+    stalled = phase == Phase.FAILED
+    reconciling = phase in RECONCILING
     wanted = [
         ("Ready", ready, "Succeeded" if ready else reason, "training finished" if ready else message),
-        ("Reconciling", reconciling, reason if reconciling else phase, message if reconciling else ""),
-        ("Stalled", stalled, reason if stalled else phase, message if stalled else ""),
+        ("Reconciling", reconciling, reason if reconciling else phase.value, message if reconciling else ""),
+        ("Stalled", stalled, reason if stalled else phase.value, message if stalled else ""),
     ]
     before = {c["type"]: c for c in previous}
     out = []
@@ -277,7 +277,7 @@ def build_status(observed: Observed, *, previous: Json, generation: int, job_nam
                  now: str) -> Json:
     """The complete status to write for an observation."""
     status: Json = {
-        "phase": observed.phase,
+        "phase": observed.phase.value,
         "reason": observed.reason,
         "message": observed.message,
         "observedGeneration": generation,
@@ -296,7 +296,7 @@ def build_status(observed: Observed, *, previous: Json, generation: int, job_nam
     # patches leave them alone. The final summary, when there is one, completes them.
     if observed.summary:
         status.update(summary_fields(observed.summary))
-    elif observed.phase == "Running" and "metrics" not in previous:
+    elif observed.phase == Phase.RUNNING and "metrics" not in previous:
         status["metrics"] = {}  # progress writes (reports.progress_operations) set metrics one by one
     return status
 
@@ -312,11 +312,11 @@ def refused_status(reason: str, message: str, *, previous: Json, generation: int
     """Failed before any Job exists: InvalidSpec, PolicyViolation, or WontFit (the estimate exceeds
     the GPU memory)."""
     return {
-        "phase": "Failed",
+        "phase": Phase.FAILED.value,
         "reason": reason,
         "message": message,
         "observedGeneration": generation,
-        "conditions": conditions("Failed", reason, message, generation, previous.get("conditions") or [], now),
+        "conditions": conditions(Phase.FAILED, reason, message, generation, previous.get("conditions") or [], now),
     }
 
 
@@ -324,10 +324,10 @@ def waiting_status(reason: str, message: str, *, previous: Json, generation: int
     """Status while something the pod needs (a Secret, a PVC) does not exist yet."""
     status = {k: v for k, v in previous.items() if k in ("startTime", "attempts", "jobName")}
     status.update({
-        "phase": "Pending",
+        "phase": Phase.PENDING.value,
         "reason": reason,
         "message": message,
         "observedGeneration": generation,
-        "conditions": conditions("Pending", reason, message, generation, previous.get("conditions") or [], now),
+        "conditions": conditions(Phase.PENDING, reason, message, generation, previous.get("conditions") or [], now),
     })
     return status

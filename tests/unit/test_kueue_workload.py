@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from kubetune import kueue, status
+from kubetune.api import Phase
 
 NO_QUOTA = ("couldn't assign flavors to pod set main: insufficient unused quota for nvidia.com/gpu in "
             "flavor gpu, 1 more needed")
@@ -128,5 +129,5 @@ def test_a_requeued_job_is_queued_and_names_its_checkpoint_while_its_pod_shows_i
 
 
 def test_preempted_is_in_progress_not_stalled() -> None:
-    conds = {c["type"]: c["status"] for c in status.conditions("Preempted", "Preempted", "m", 1, [], "now")}
+    conds = {c["type"]: c["status"] for c in status.conditions(Phase.PREEMPTED, "Preempted", "m", 1, [], "now")}
     assert conds == {"Ready": "False", "Reconciling": "True", "Stalled": "False"}

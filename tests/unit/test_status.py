@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from kubetune import status
+from kubetune.api import Phase
 
 NOW = "2026-01-01T00:10:00Z"
 
@@ -120,7 +121,8 @@ def conditions_by_type(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
     ("Suspended", "False", "False", "False"),
 ])
 def test_kstatus_conditions(phase: str, ready: str, reconciling: str, stalled: str) -> None:
-    result = status.build_status(status.Observed(phase, "R", "m"), previous={}, generation=3, job_name="j", now=NOW)
+    result = status.build_status(status.Observed(Phase(phase), "R", "m"), previous={}, generation=3, job_name="j",
+                                 now=NOW)
     got = conditions_by_type(result)
     assert (got["Ready"]["status"], got["Reconciling"]["status"], got["Stalled"]["status"]) == (
         ready, reconciling, stalled)
@@ -129,12 +131,12 @@ def test_kstatus_conditions(phase: str, ready: str, reconciling: str, stalled: s
 
 
 def test_transition_time_is_kept_while_a_condition_holds() -> None:
-    first = status.build_status(status.Observed("Running", "Training", "m"), previous={}, generation=1,
+    first = status.build_status(status.Observed(Phase.RUNNING, "Training", "m"), previous={}, generation=1,
                                 job_name="j", now="2026-01-01T00:00:00Z")
-    second = status.build_status(status.Observed("Running", "Training", "m"), previous=first, generation=1,
+    second = status.build_status(status.Observed(Phase.RUNNING, "Training", "m"), previous=first, generation=1,
                                  job_name="j", now="2026-01-01T00:09:00Z")
     assert conditions_by_type(second)["Reconciling"]["lastTransitionTime"] == "2026-01-01T00:00:00Z"
-    third = status.build_status(status.Observed("Succeeded", "Succeeded", "m"), previous=second, generation=1,
+    third = status.build_status(status.Observed(Phase.SUCCEEDED, "Succeeded", "m"), previous=second, generation=1,
                                 job_name="j", now="2026-01-01T00:10:00Z")
     assert conditions_by_type(third)["Ready"]["lastTransitionTime"] == "2026-01-01T00:10:00Z"
 
@@ -152,14 +154,14 @@ def test_success_summary_completes_the_status() -> None:
 
 
 def test_times_are_written_as_kubernetes_writes_them() -> None:
-    observed = status.Observed("Succeeded", "Succeeded", "m", start_time="2026-01-01T00:00:00+00:00",
+    observed = status.Observed(Phase.SUCCEEDED, "Succeeded", "m", start_time="2026-01-01T00:00:00+00:00",
                                completion_time="2026-01-01T01:00:00+00:00")
     result = status.build_status(observed, previous={}, generation=1, job_name="j", now=NOW)
     assert (result["startTime"], result["completionTime"]) == ("2026-01-01T00:00:00Z", "2026-01-01T01:00:00Z")
 
 
 def test_start_time_is_kept_from_the_previous_status() -> None:
-    result = status.build_status(status.Observed("Running", "Training", "m", start_time="2026-01-02T00:00:00Z"),
+    result = status.build_status(status.Observed(Phase.RUNNING, "Training", "m", start_time="2026-01-02T00:00:00Z"),
                                  previous={"startTime": "2026-01-01T00:00:00Z"}, generation=1, job_name="j",
                                  now=NOW)
     assert result["startTime"] == "2026-01-01T00:00:00Z"
@@ -169,3 +171,28 @@ def test_invalid_spec_status_is_stalled() -> None:
     result = status.invalid_spec_status("spec.training.batchSize: too big", previous={}, generation=2, now=NOW)
     assert (result["phase"], result["reason"]) == ("Failed", "InvalidSpec")
     assert conditions_by_type(result)["Stalled"]["message"] == "spec.training.batchSize: too big"
+
+
+@pytest.mark.parametrize(("phase", "reason", "before", "event"), [
+    (Phase.RUNNING, "Training", Phase.PENDING, "Started"),
+    (Phase.RUNNING, "Finishing", Phase.RUNNING, "Finishing"),  # not "Started" again: the trainer finished
+    (Phase.RUNNING, "Finishing", Phase.PENDING, "Finishing"),
+    (Phase.PENDING, "Unschedulable", Phase.PENDING, "Unschedulable"),
+    (Phase.SUCCEEDED, "Succeeded", Phase.RUNNING, "Succeeded"),
+    (Phase.FAILED, "OutOfMemory", Phase.RUNNING, "Failed"),
+    (Phase.QUEUED, "Inadmissible", Phase.PENDING, "Queued"),
+    (Phase.QUEUED, "Waiting", Phase.QUEUED, "Waiting"),
+])
+def test_an_event_says_what_happened(phase: Phase, reason: str, before: Phase, event: str) -> None:
+    from kubetune.reconcile import event_reason
+
+    assert event_reason(phase, reason, before) == event
+
+
+def test_the_phases_are_listed_once() -> None:
+    from kubetune import api, crd
+
+    schema = crd.status_schema()["properties"]["phase"]
+    assert schema["enum"] == [p.value for p in Phase] == list(api.FineTuneJobStatus.model_fields["phase"]
+                                                             .annotation.__args__[0])  # type: ignore[union-attr]
+    assert api.TERMINAL | api.RECONCILING | {Phase.SUSPENDED} == set(Phase)
