@@ -17,6 +17,7 @@ print("\n".join(p["dependencies"] + p["optional-dependencies"]["operator"]))' > 
  && rm -rf /tmp/kubetune
 
 COPY README.md pyproject.toml /tmp/kubetune/
+COPY contract/ /tmp/kubetune/contract/
 COPY operator/ /tmp/kubetune/operator/
 COPY trainer_image/kubetune_trainer/ /tmp/kubetune/trainer_image/kubetune_trainer/
 RUN pip install --no-cache-dir --no-deps /tmp/kubetune && rm -rf /tmp/kubetune

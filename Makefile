@@ -41,8 +41,8 @@ unit: venv  ## unit tests only (no cluster, no training)
 	$(PY) -m pytest tests/unit
 
 lint: venv  ## ruff + mypy + generated-file drift
-	$(VENV)/bin/ruff check operator trainer_image devcluster hack tests
-	$(VENV)/bin/mypy operator/kubetune trainer_image/kubetune_trainer devcluster
+	$(VENV)/bin/ruff check contract operator trainer_image devcluster hack tests
+	$(VENV)/bin/mypy contract/kubetune_contract operator/kubetune trainer_image/kubetune_trainer devcluster
 	$(VENV)/bin/kubetune crd --check
 	$(PY) hack/chart_docs.py --check
 

@@ -11,7 +11,7 @@ under /usr/local). The Dockerfiles stay standard (`docker build` works elsewhere
 `--build-arg BASE_IMAGE=<that base>`. buildah builds with `--layers`, so an unchanged second build
 takes seconds; the dependency layers are reused until pyproject.toml or constraints.txt change.
 
-Each image is tagged `kubetune/<name>:<version>` (the version is kubetune.__version__), labelled
+Each image is tagged `kubetune/<name>:<version>` (the version is kubetune_contract.__version__), labelled
 with the OCI annotations source, version and revision, and saved as an OCI archive under
 `.kubetune/images/<name>.oci.tar` (rewritten only when the image changed). `--push` copies them
 to a plain-HTTP registry; `--push-local` to the running local cluster's loopback registry
@@ -79,9 +79,9 @@ def log(message: str) -> None:
 
 
 def version() -> str:
-    """The project version: kubetune.__version__, its one source."""
-    sys.path.insert(0, str(REPO / "operator"))
-    from kubetune import __version__
+    """The project version: kubetune_contract.__version__, its one source."""
+    sys.path.insert(0, str(REPO / "contract"))
+    from kubetune_contract import __version__
 
     return __version__
 

@@ -34,8 +34,8 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from kubetune_contract.config import TrainerConfig, load_config
 from kubetune_trainer import data, sources
-from kubetune_trainer.config import TrainerConfig, load_config
 from kubetune_trainer.train import load_datasets, total_steps
 
 OPTIMIZERS = {

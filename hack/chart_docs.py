@@ -1,5 +1,5 @@
 """Generate the chart's values.schema.json and README.md from values.yaml and its `# --` comments, and
-stamp Chart.yaml's version and appVersion with kubetune.__version__.
+stamp Chart.yaml's version and appVersion with kubetune_contract.__version__.
 
     python hack/chart_docs.py           write helm/kubetune/values.schema.json and README.md
     python hack/chart_docs.py --check   exit 1 (naming the file) when a committed file differs
@@ -132,11 +132,11 @@ def build_readme(schema: dict[str, Any], template: str) -> str:
 
 
 def project_version() -> str:
-    """kubetune.__version__, the one source of the version."""
-    text = (CHART.parents[1] / "operator" / "kubetune" / "__init__.py").read_text()
+    """kubetune_contract.__version__, the one source of the version."""
+    text = (CHART.parents[1] / "contract" / "kubetune_contract" / "__init__.py").read_text()
     found = re.search(r'^__version__ = "([^"]+)"$', text, re.MULTILINE)
     if not found:
-        raise SystemExit("operator/kubetune/__init__.py: no __version__ line")
+        raise SystemExit("contract/kubetune_contract/__init__.py: no __version__ line")
     return found.group(1)
 
 

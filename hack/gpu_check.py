@@ -10,7 +10,7 @@ kubetune_trainer`` and the baseline (``hack/baseline_trainer.py``) on the same c
 over the steps after the warm-up and peak GPU memory of both sides, the ratios KubeTune /
 baseline and whether the targets are met (at least the baseline's tokens/s, at most its peak
 memory: reported, not asserted), the estimator's peak beside each measured KubeTune one
-(kubetune_trainer.estimate), and writes the same figures to ``DIR/gpu_check.json`` when ``--out``
+(kubetune_contract.estimate), and writes the same figures to ``DIR/gpu_check.json`` when ``--out``
 is given. Exits non-zero when a mode fails on either side or when the KubeTune trainer's quantized
 modes do not use less GPU memory than its bf16 mode.
 """
@@ -67,8 +67,8 @@ def build_backbone(out: Path, layers: int, hidden: int, device: str) -> int:
 
 def estimated_peak(config: dict[str, Any], backbone: Path) -> int:
     """The estimator's peak GPU memory for a mode's config (what `kubetune estimate` would print)."""
-    from kubetune_trainer.config import TrainerConfig
-    from kubetune_trainer.estimate import RunSettings, estimate, read_shape
+    from kubetune_contract.config import TrainerConfig
+    from kubetune_contract.estimate import RunSettings, estimate, read_shape
 
     return estimate(read_shape(backbone), RunSettings.from_run(TrainerConfig.model_validate(config))).peak
 
@@ -126,7 +126,7 @@ def main() -> int:
             measured = sides["kubetune"].get("peakMemoryBytes")
             if measured:
                 print(f"{mode}: estimated peak {estimates[mode] / 2**30:.2f} GiB, measured {measured / 2**30:.2f} GiB "
-                      f"({estimates[mode] / measured - 1:+.1%}; kubetune_trainer.estimate)")
+                      f"({estimates[mode] / measured - 1:+.1%}; kubetune_contract.estimate)")
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / "gpu_check.json").write_text(json.dumps(

@@ -69,7 +69,7 @@ def estimate_command(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from kubetune import preflight
-    from kubetune_trainer.estimate import ModelConfigError, ModelShape, estimate_run, parse_quantity
+    from kubetune_contract.estimate import ModelConfigError, ModelShape, estimate_run, parse_quantity
 
     try:
         run, processes, memory = preflight.load_run(args.file)

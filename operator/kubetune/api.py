@@ -1,9 +1,9 @@
 """The FineTuneJob API (kubetune.io/v1alpha1): spec and status models, the single source of truth.
 
 The CRD schema, the chart's CRD copy and docs/api.md are generated from these models
-(`kubetune crd`). Training sections are the trainer's own models (kubetune_trainer.config), so a
+(`kubetune crd`). Training sections are the trainer's own models (kubetune_contract.config), so a
 section means the same thing in a FineTuneJob and in a standalone trainer config; status.progress,
-status.metrics and status.artifacts are the trainer's own event models (kubetune_trainer.events).
+status.metrics and status.artifacts are the trainer's own event models (kubetune_contract.events).
 This module imports no kopf, kubernetes client or torch.
 """
 
@@ -15,10 +15,10 @@ from typing import Any, Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from kubetune import rules
-from kubetune_trainer.config import NAME_MAX, RunSections, Section, StorageSpec, check_strategy
-from kubetune_trainer.config import DistributionSpec as TrainerDistributionSpec
-from kubetune_trainer.estimate import parse_quantity
-from kubetune_trainer.events import Artifacts, Metrics, Progress
+from kubetune_contract.config import NAME_MAX, RunSections, Section, StorageSpec, check_strategy
+from kubetune_contract.config import DistributionSpec as TrainerDistributionSpec
+from kubetune_contract.estimate import parse_quantity
+from kubetune_contract.events import Artifacts, Metrics, Progress
 
 GROUP = "kubetune.io"
 VERSION = "v1alpha1"

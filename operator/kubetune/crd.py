@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from kubetune import api, policy, presets, rules
-from kubetune_trainer.rules import Rule
+from kubetune_contract.rules import Rule
 
 Schema = dict[str, Any]
 

@@ -1,6 +1,6 @@
 """Will the run fit the GPU? The estimate before a Job is created, and `kubetune estimate`.
 
-The estimate (kubetune_trainer.estimate) needs the backbone's config.json and the memory of one
+The estimate (kubetune_contract.estimate) needs the backbone's config.json and the memory of one
 GPU. The operator never reads a Secret, so it reads config.json only where no credentials are
 needed: an hf:// backbone from the hub (``HF_ENDPOINT`` or huggingface.co) and an s3:// backbone
 from a bucket that allows anonymous reads. Elsewhere (a private bucket, a gated repository, a pvc://
@@ -29,8 +29,9 @@ from typing import Any, Literal
 import yaml
 
 from kubetune import api
-from kubetune_trainer.config import RunSections, StorageSpec, Strategy, TrainerConfig
-from kubetune_trainer.estimate import Estimate, ModelConfigError, ModelShape, estimate_run, parse_quantity
+from kubetune_contract.config import RunSections, StorageSpec, Strategy, TrainerConfig
+from kubetune_contract.estimate import Estimate, ModelConfigError, ModelShape, estimate_run, parse_quantity
+from kubetune_contract.s3 import s3_endpoint, split_s3
 
 Json = dict[str, Any]
 GPU_MEMORY_LABEL = "nvidia.com/gpu.memory"
@@ -178,8 +179,6 @@ def anonymous_url(source: str, storage: StorageSpec, revision: str | None) -> st
         ref = urllib.parse.quote(revision or "main", safe="")
         return f"{endpoint}/{repo}/resolve/{ref}/config.json"
     if scheme == "s3":
-        from kubetune_trainer.sources import s3_endpoint, split_s3
-
         bucket, key = split_s3(source)
         host, secure = s3_endpoint(storage)
         path = urllib.parse.quote(join(f"{bucket}/{key}" if key else bucket, "config.json"))

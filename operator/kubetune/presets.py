@@ -30,7 +30,7 @@ from kubetune.api import (
     SchedulingSpec,
 )
 from kubetune.render import required_claims
-from kubetune_trainer.config import NAME_MAX, Quantization, Section, TrainingSpec
+from kubetune_contract.config import NAME_MAX, Quantization, Section, TrainingSpec
 
 Json = dict[str, Any]
 

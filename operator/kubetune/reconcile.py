@@ -23,7 +23,7 @@ from kubetune.api import TERMINAL, FineTuneJobSpec, Phase, name_problem
 from kubetune.kube import Kube, NotOwned, api_message, now
 from kubetune.presets import PresetLimits
 from kubetune.settings import Settings
-from kubetune_trainer.config import StorageSpec
+from kubetune_contract.config import StorageSpec
 
 Json = dict[str, Any]
 Resolved = tuple[Json | None, Json, PresetLimits | None]  # applied preset, its defaults, its limits

@@ -15,7 +15,7 @@ import yaml
 
 from kubetune import api, kueue, rules
 from kubetune.settings import Settings
-from kubetune_trainer.config import (
+from kubetune_contract.config import (
     EXIT_INVALID_INPUT,
     EXIT_OUT_OF_MEMORY,
     EXIT_STORE_UNAVAILABLE,

@@ -35,7 +35,7 @@ from kubetune import metrics
 from kubetune.api import TERMINAL, Phase
 from kubetune.kube import Kube, now
 from kubetune.render import report_token
-from kubetune_trainer.events import ProgressReport, rounded
+from kubetune_contract.events import ProgressReport, rounded
 
 Json = dict[str, Any]
 log = logging.getLogger("kubetune.reports")

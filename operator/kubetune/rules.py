@@ -1,4 +1,4 @@
-"""The FineTuneJob's rules, each declared once (see kubetune_trainer/rules.py for the form).
+"""The FineTuneJob's rules, each declared once (see kubetune_contract/rules.py for the form).
 
 The run's own rules come from the trainer's table; this module adds the rules of a FineTuneJob
 (resources, env, sources, output, name) and ``ALL`` lists both, in the order the CRD holds them.
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 
-from kubetune_trainer.rules import RUN_RULES, Case, Rule, strategy
+from kubetune_contract.rules import RUN_RULES, Case, Rule, strategy
 
 # Pod hostnames of a run over several nodes are <name>-trainer-<index> (at most 63 characters).
 MAX_MULTI_NODE_NAME = 52

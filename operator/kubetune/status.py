@@ -19,14 +19,14 @@ from pydantic import ValidationError
 from kubetune.api import RECONCILING, TERMINAL, Phase
 from kubetune.kueue import PREEMPTED, REQUEUED
 from kubetune.render import CONTAINER
-from kubetune_trainer.config import (
+from kubetune_contract.config import (
     EXIT_INVALID_INPUT,
     EXIT_OUT_OF_MEMORY,
     EXIT_SOURCE_UNAVAILABLE,
     EXIT_STORE_UNAVAILABLE,
     EXIT_TERMINATED,
 )
-from kubetune_trainer.events import Summary
+from kubetune_contract.events import Summary
 
 Json = dict[str, Any]
 
@@ -266,7 +266,7 @@ def conditions(phase: Phase, reason: str, message: str, generation: int, previou
 
 
 def summary_fields(summary: Json) -> Json:
-    """Progress, metrics and artifacts from the trainer's final summary (kubetune_trainer.events)."""
+    """Progress, metrics and artifacts from the trainer's final summary (kubetune_contract.events)."""
     try:
         return Summary.model_validate(summary).status_fields()
     except ValidationError:

@@ -23,8 +23,8 @@ import pytest
 from minio import Minio
 
 from helpers import REPO, free_port, wait_for
+from kubetune_contract.config import StorageSpec
 from kubetune_trainer.artifacts import verify_manifest
-from kubetune_trainer.config import StorageSpec
 
 Cluster = Any  # tests/conftest.py's Cluster
 

@@ -17,8 +17,8 @@ import yaml
 from operator_helpers import event_reasons, report_token, wait_phase
 
 from helpers import wait_for
+from kubetune_contract.config import StorageSpec
 from kubetune_trainer.artifacts import verify_manifest
-from kubetune_trainer.config import StorageSpec
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from kubetune_contract.config import StorageSpec
 from kubetune_trainer.artifacts import (
     MANIFEST,
     IncompleteRun,
@@ -17,7 +18,6 @@ from kubetune_trainer.artifacts import (
     publish,
     verify_manifest,
 )
-from kubetune_trainer.config import StorageSpec
 
 pytestmark = pytest.mark.trainer
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 from trainer_helpers import make_config
 
-from kubetune_trainer.config import TrainerConfig
+from kubetune_contract.config import TrainerConfig
+from kubetune_contract.estimate import RunSettings, estimate, read_shape
 from kubetune_trainer.errors import OutOfMemory
-from kubetune_trainer.estimate import RunSettings, estimate, read_shape
 from kubetune_trainer.report import Reporter
 from kubetune_trainer.train import Trainer, halve_micro_batch
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 from trainer_helpers import make_config
 
+from kubetune_contract.config import TrainerConfig
 from kubetune_trainer import artifacts
-from kubetune_trainer.config import TrainerConfig
 from kubetune_trainer.report import Reporter
 from kubetune_trainer.train import CHECKPOINT_FILES, Trainer, config_hash
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from devcluster import tiny
+from kubetune_contract.config import DatasetSpec
 from kubetune_trainer import data
-from kubetune_trainer.config import DatasetSpec
 from kubetune_trainer.errors import InvalidInput
 
 pytestmark = pytest.mark.trainer

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from trainer_helpers import MinioServer, make_config
 
+from kubetune_contract.config import StorageSpec
 from kubetune_trainer import artifacts
 from kubetune_trainer.artifacts import IncompleteRun, S3Store, verify_manifest
-from kubetune_trainer.config import StorageSpec
 from kubetune_trainer.errors import SourceUnavailable, StoreUnavailable
 from kubetune_trainer.report import Reporter
 from kubetune_trainer.train import Trainer

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from trainer_helpers import MinioServer
 
-from kubetune_trainer.config import StorageSpec
+from kubetune_contract.config import StorageSpec
 from kubetune_trainer.errors import InvalidInput, SourceUnavailable
 from kubetune_trainer.sources import PVC_MOUNT_ROOT, cache_path, resolve
 

@@ -19,9 +19,9 @@ import yaml
 from trainer_helpers import REPO, MinioServer, tiny_config
 
 from helpers import wait_for
+from kubetune_contract.config import StorageSpec
 from kubetune_trainer.__main__ import main
 from kubetune_trainer.artifacts import S3Store, publish
-from kubetune_trainer.config import StorageSpec
 from kubetune_trainer.errors import SourceUnavailable, StoreUnavailable, TrainerError
 from kubetune_trainer.sources import resolve
 

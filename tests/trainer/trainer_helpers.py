@@ -11,7 +11,7 @@ from typing import Any
 
 from devcluster import cluster
 from helpers import wait_for
-from kubetune_trainer.config import TrainerConfig
+from kubetune_contract.config import TrainerConfig
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -16,8 +16,8 @@ from pydantic import ValidationError
 
 from kubetune import api, crd, presets, render, rules
 from kubetune.settings import Settings
-from kubetune_trainer.config import TrainerConfig
-from kubetune_trainer.rules import QUANTIZATION_NEEDS_LORA
+from kubetune_contract.config import TrainerConfig
+from kubetune_contract.rules import QUANTIZATION_NEEDS_LORA
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
@@ -335,7 +335,7 @@ def test_crd_check_names_the_stale_file(tmp_path: Path) -> None:
     assert "docs/api.md" in result.stderr and "crds/" not in result.stderr
 
 
-@pytest.mark.parametrize("module", ["kubetune.api", "kubetune_trainer.config", "kubetune.crd"])
+@pytest.mark.parametrize("module", ["kubetune.api", "kubetune_contract.config", "kubetune.crd"])
 def test_api_modules_import_no_heavy_dependencies(module: str) -> None:
     code = (
         f"import sys, {module}; "

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from kubetune_trainer.config import TrainerConfig
-from kubetune_trainer.estimate import (
+from kubetune_contract.config import TrainerConfig
+from kubetune_contract.estimate import (
     GiB,
     ModelConfigError,
     ModelShape,
@@ -147,7 +147,7 @@ def test_parse_quantity_rejects(text: str) -> None:
 
 
 def test_device_verdict() -> None:
-    from kubetune_trainer.estimate import device_verdict
+    from kubetune_contract.estimate import device_verdict
 
     got = estimate(SMALL, measured_settings("none"))
     total = 80 * GiB

@@ -15,7 +15,7 @@ import yaml
 from faults import HostileConfigServer as Hostile
 from kubetune import api, preflight
 from kubetune.__main__ import main
-from kubetune_trainer.config import StorageSpec
+from kubetune_contract.config import StorageSpec
 
 MODELS = Path(__file__).resolve().parent / "models"
 

@@ -59,7 +59,7 @@ def test_a_step_already_shown_updates_metrics_but_not_progress() -> None:
 
 def test_status_and_reports_share_the_trainers_event_models() -> None:
     from kubetune import api
-    from kubetune_trainer import events
+    from kubetune_contract import events
 
     status = api.FineTuneJobStatus.model_fields
     assert status["progress"].annotation == events.Progress | None

@@ -13,8 +13,8 @@ from pydantic import ValidationError
 
 from devcluster import cel
 from kubetune import api, crd, rules
-from kubetune_trainer.config import TrainerConfig
-from kubetune_trainer.rules import RUN_RULES, Case, Rule
+from kubetune_contract.config import TrainerConfig
+from kubetune_contract.rules import RUN_RULES, Case, Rule
 
 BASE_SPEC: dict[str, Any] = {
     "model": {"source": "hf://Qwen/Qwen2.5-0.5B"},

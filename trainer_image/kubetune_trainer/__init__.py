@@ -1,3 +1,3 @@
 """KubeTune trainer: LoRA, 8-bit and 4-bit (QLoRA) fine-tuning of causal language models."""
 
-from kubetune import __version__ as __version__  # one version for the whole distribution
+from kubetune_contract import __version__ as __version__  # one version for the whole distribution

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     import yaml
     from pydantic import ValidationError
 
-    from .config import load_config
+    from kubetune_contract.config import load_config
 
     try:
         config = load_config(args.config, args.overrides)

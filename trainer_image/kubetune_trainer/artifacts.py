@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 from urllib.parse import urlparse
 
-from .config import StorageSpec
+from kubetune_contract.config import StorageSpec
+
 from .errors import SourceUnavailable, StoreUnavailable, TrainerError
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import DatasetSpec
+from kubetune_contract.config import DatasetSpec
+
 from .errors import InvalidInput
 
 if TYPE_CHECKING:

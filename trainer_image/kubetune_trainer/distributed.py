@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from .config import Strategy
+from kubetune_contract.config import Strategy
+
 from .errors import EXIT_FAILED, RunFailed, TrainerError
 
 if TYPE_CHECKING:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .config import (
+from kubetune_contract.config import (
     EXIT_ERROR,
     EXIT_INVALID_INPUT,
     EXIT_OK,

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
-from .config import TrainerConfig
+from kubetune_contract.config import TrainerConfig
+
 from .errors import InvalidInput
 
 log = logging.getLogger(__name__)

@@ -39,7 +39,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlparse
 
-from .config import PVC_MOUNT_ROOT, StorageSpec
+from kubetune_contract.config import PVC_MOUNT_ROOT, StorageSpec
+from kubetune_contract.s3 import s3_endpoint, split_s3
+
 from .errors import InvalidInput, SourceUnavailable, TrainerError
 
 if TYPE_CHECKING:
@@ -120,24 +122,6 @@ def retrying(what: str, operation: Callable[[], T], window: float,
 def cache_dir() -> Path:
     """The download cache: ``KUBETUNE_CACHE_DIR`` or ``~/.cache/kubetune/sources``."""
     return Path(os.environ.get("KUBETUNE_CACHE_DIR") or DEFAULT_CACHE_DIR).expanduser()
-
-
-def split_s3(uri: str) -> tuple[str, str]:
-    """``s3://bucket/a/b`` → ``("bucket", "a/b")``."""
-    rest = uri.split("://", 1)[1]
-    bucket, _, key = rest.partition("/")
-    return bucket, key.strip("/")
-
-
-def s3_endpoint(storage: StorageSpec) -> tuple[str, bool]:
-    """``(host:port, https?)`` from storage.endpoint, else ``S3_ENDPOINT``, else AWS S3."""
-    endpoint = storage.endpoint or os.environ.get("S3_ENDPOINT") or "s3.amazonaws.com"
-    secure = not storage.insecure
-    if "://" in endpoint:
-        parsed = urlparse(endpoint)
-        secure = parsed.scheme == "https"
-        endpoint = parsed.netloc
-    return endpoint, secure
 
 
 def s3_client(storage: StorageSpec) -> Minio:

@@ -27,11 +27,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import artifacts, data, distributed, events, sources
+from kubetune_contract import events
+from kubetune_contract.config import TrainerConfig
+from kubetune_contract.estimate import Estimate
+
+from . import artifacts, data, distributed, sources
 from . import model as model_lib
-from .config import TrainerConfig
 from .errors import InvalidInput, OutOfMemory, Terminated, TrainerError
-from .estimate import Estimate
 from .report import Reporter
 
 log = logging.getLogger(__name__)
@@ -143,7 +145,7 @@ def check_device_memory(config: TrainerConfig, world: distributed.World, dev: to
         if dev.type != "cuda":
             return DeviceFit(None, micro, tc.gradient_checkpointing is True)
         device_memory = lambda: torch.cuda.mem_get_info(dev)  # noqa: E731
-    from .estimate import ModelConfigError, ModelShape, RunSettings, auto_fit, device_verdict, estimate
+    from kubetune_contract.estimate import ModelConfigError, ModelShape, RunSettings, auto_fit, device_verdict, estimate
 
     source = config.model.source.rstrip("/") + "/config.json"
     try:

@@ -30,8 +30,8 @@ from operator_helpers import ftj, wait_phase
 
 from devcluster import real_node
 from helpers import devcluster, wait_for
+from kubetune_contract.config import StorageSpec
 from kubetune_trainer.artifacts import verify_manifest
-from kubetune_trainer.config import StorageSpec
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[3]

@@ -16,8 +16,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-from kubetune_trainer import rules
-from kubetune_trainer.rules import BITSANDBYTES_OPTIMIZERS
+from kubetune_contract import rules
+from kubetune_contract.rules import BITSANDBYTES_OPTIMIZERS
 
 SOURCE_SCHEMES = ("hf", "s3", "pvc", "file")
 """URI schemes a model or dataset source may use; a value without ``://`` is a local path."""
