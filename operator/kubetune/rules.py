@@ -1,10 +1,10 @@
 """The FineTuneJob's rules, each declared once (see kubetune_contract/rules.py for the form).
 
-The run's own rules come from the trainer's table; this module adds the rules of a FineTuneJob
+The run's own rules come from kubetune_contract.rules; this module adds the rules of a FineTuneJob
 (resources, env, sources, output, name) and ``ALL`` lists both, in the order the CRD holds them.
 crd.py generates the CRD's x-kubernetes-validations from ``ALL``; api.py raises the same messages;
 tests/unit/test_rules.py evaluates every case in the API server's CEL environment and with the
-pydantic models. A new rule goes here (or in the trainer's table if the trainer checks it too), with
+pydantic models. A new rule goes here (or in kubetune_contract.rules if the trainer checks it too), with
 its cases.
 """
 
