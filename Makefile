@@ -59,14 +59,14 @@ cluster-status:  ## show what runs and where
 	$(PY) -m devcluster status
 
 bench: cluster-up  ## trainer on CPU, operator on the local cluster (figures go to docs/benchmarks.md)
-	$(PY) hack/bench_trainer.py
-	$(PY) hack/bench_operator.py
+	$(PY) -m hack.bench_trainer
+	$(PY) -m hack.bench_operator
 
 chaos: venv  ## chaos suite on the local cluster: operator kills, pod kills, MinIO and API outages (figures)
 	KUBETUNE_CHAOS=1 $(PY) -m pytest tests/e2e/chaos -s -p no:cacheprovider
 
 gpu-check: venv  ## bf16 / int8 / int4 LoRA on a real GPU: peak memory and tokens/s
-	$(PY) hack/gpu_check.py
+	$(PY) -m hack.gpu_check
 
 chart-docs: venv  ## regenerate the chart's values.schema.json and README.md from values.yaml
 	$(PY) hack/chart_docs.py

@@ -1,6 +1,6 @@
 """Operator benchmarks on the local cluster (figures printed, recorded in docs/benchmarks.md).
 
-    python hack/bench_operator.py [--dir .kubetune] [--sizes 50,200,1000] [--lifecycle-sizes 50,200]
+    python -m hack.bench_operator [--dir .kubetune] [--sizes 50,200,1000] [--lifecycle-sizes 50,200]
                                   [--report-seconds 60] [--idle-seconds 60] [--peer auto|off]
 
 Every series runs in a namespace of its own, on a quiet cluster: the previous series has settled
@@ -37,7 +37,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -50,9 +49,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from devcluster import images
+from tests.support.helpers import free_port, wait_for
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # devcluster: the TEST DOUBLE image
-from devcluster import images  # noqa: E402
 
 NOWHERE = {"kubetune.io/bench": "no-such-node"}  # a nodeSelector no node has: pods stay Pending
 CREATORS = 8  # client threads that create a series' objects
@@ -62,20 +62,6 @@ Json = dict[str, Any]
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.05)
 
 
 @dataclass
@@ -214,7 +200,7 @@ class Operator:
             except OSError:
                 return False
 
-        wait_until(healthy, 60, "the operator's /healthz")
+        wait_for(healthy, 60, "the operator's /healthz")
 
     def rss_mib(self) -> float:
         for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
@@ -314,7 +300,7 @@ class Bench:
     def namespace(self, series: str, size: int) -> str:
         name = f"{self.prefix}-{series}-{size}"
         self.api.request("POST", "/api/v1/namespaces", {"metadata": {"name": name}})
-        wait_until(lambda: self._has_service_account(name), 30, f"the default ServiceAccount of {name}")
+        wait_for(lambda: self._has_service_account(name), 30, f"the default ServiceAccount of {name}")
         self.namespaces.append(name)
         return name
 
@@ -328,7 +314,7 @@ class Bench:
         on a quiet cluster."""
         ftjs = f"/apis/kubetune.io/v1alpha1/namespaces/{namespace}/finetunejobs"
         self.api.request("DELETE", ftjs)
-        wait_until(lambda: not self.api.request("GET", ftjs)["items"], timeout,
+        wait_for(lambda: not self.api.request("GET", ftjs)["items"], timeout,
                    f"the FineTuneJobs of {namespace} to be deleted")
         self.api.request("DELETE", f"/api/v1/namespaces/{namespace}")
 
@@ -336,12 +322,12 @@ class Bench:
             names = [n["metadata"]["name"] for n in self.api.request("GET", "/api/v1/namespaces")["items"]]
             return namespace not in names
 
-        wait_until(gone, timeout, f"namespace {namespace} to be deleted")
+        wait_for(gone, timeout, f"namespace {namespace} to be deleted")
         self.namespaces.remove(namespace)
 
     def quiet(self, seen: dict[str, float], seconds: float = 3.0, timeout: float = 300) -> None:
         """Wait until no watched event arrived for `seconds` (`seen` holds the last event time)."""
-        wait_until(lambda: time.monotonic() - seen["last"] > seconds, timeout, "the series to settle")
+        wait_for(lambda: time.monotonic() - seen["last"] > seconds, timeout, "the series to settle")
 
     # --- series -----------------------------------------------------------------------------------
 
@@ -354,7 +340,7 @@ class Bench:
                        stop)
         bodies = [{"metadata": {"name": f"cm-{i:04d}"}, "data": {"k": "v"}} for i in range(size)]
         sent = self.api.create_all(f"/api/v1/namespaces/{ns}/configmaps", bodies)
-        wait_until(lambda: all(n in seen for n in sent), 300, "every ConfigMap on the watch")
+        wait_for(lambda: all(n in seen for n in sent), 300, "every ConfigMap on the watch")
         stop.set()
         self.results.add("floor", size, "ConfigMap create → seen on a watch", (seen[n] - sent[n] for n in sent))
         self.remove(ns)
@@ -372,7 +358,7 @@ class Bench:
         self.api.watch(f"/api/v1/namespaces/{ns}/pods", on_pod, stop)
         sent = self.api.create_all(f"/apis/batch/v1/namespaces/{ns}/jobs",
                                    [plain_job(f"job-{i:04d}") for i in range(size)])
-        wait_until(lambda: all(n in pods for n in sent), 600, "a Pod of every Job")
+        wait_for(lambda: all(n in pods for n in sent), 600, "a Pod of every Job")
         stop.set()
         self.results.add("job-controller", size, "Job create → its Pod seen", (pods[n] - sent[n] for n in sent))
         self.remove(ns)
@@ -403,11 +389,11 @@ class Bench:
              f"--webhook-server-port={free_port()}", "--controller-threads=16"],
             env={**self.env, "MY_POD_NAMESPACE": ns}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            wait_until(lambda: self._ready(f"http://127.0.0.1:{health}/readyz"), 120, "training-operator readiness")
+            wait_for(lambda: self._ready(f"http://127.0.0.1:{health}/readyz"), 120, "training-operator readiness")
             self.api.watch(f"/api/v1/namespaces/{ns}/pods", on_pod, stop)
             sent = self.api.create_all(f"/apis/kubeflow.org/v1/namespaces/{ns}/pytorchjobs",
                                        [pytorch_job(f"pt-{i:04d}") for i in range(size)])
-            wait_until(lambda: all(n in pods for n in sent), 900, "a Pod of every PyTorchJob")
+            wait_for(lambda: all(n in pods for n in sent), 900, "a Pod of every PyTorchJob")
             self.results.add("peer: training-operator", size, "PyTorchJob create → its Pod seen",
                              (pods[n] - sent[n] for n in sent))
             self.api.request("DELETE", f"/apis/kubeflow.org/v1/namespaces/{ns}/pytorchjobs")
@@ -455,8 +441,8 @@ class Bench:
         cpu_before = self.operator.cpu_seconds()
         sent = self.api.create_all(f"/apis/kubetune.io/v1alpha1/namespaces/{ns}/finetunejobs",
                                    [finetunejob(f"ftj-{i:04d}", pending=True) for i in range(size)])
-        wait_until(lambda: all(n in jobs for n in sent), 900, "a Job for every FineTuneJob")
-        wait_until(lambda: all(n in phases for n in sent), 300, "a status on every FineTuneJob")
+        wait_for(lambda: all(n in jobs for n in sent), 900, "a Job for every FineTuneJob")
+        wait_for(lambda: all(n in phases for n in sent), 300, "a status on every FineTuneJob")
         self.results.add("operator", size, "FineTuneJob create → Job seen", (jobs[n] - sent[n] for n in sent))
         self.quiet(last)
         requests = requests_since(self.operator, self.api, before)
@@ -502,8 +488,8 @@ class Bench:
         self.api.watch(f"/apis/kubetune.io/v1alpha1/namespaces/{ns}/finetunejobs", on_ftj, stop)
         sent = self.api.create_all(f"/apis/kubetune.io/v1alpha1/namespaces/{ns}/finetunejobs",
                                    [finetunejob(f"ftj-{i:04d}") for i in range(size)])
-        wait_until(lambda: all(n in succeeded for n in sent), 900, "every FineTuneJob to succeed")
-        wait_until(lambda: all(n in complete for n in sent), 60, "every Job's Complete on the watch")
+        wait_for(lambda: all(n in succeeded for n in sent), 900, "every FineTuneJob to succeed")
+        wait_for(lambda: all(n in complete for n in sent), 60, "every Job's Complete on the watch")
         stop.set()
         self.results.add("lifecycle", size, "FineTuneJob create → Job seen", (created[n] - sent[n] for n in sent))
         self.results.add("lifecycle", size, "Job Complete → FineTuneJob Succeeded",
@@ -530,7 +516,7 @@ class Bench:
                 writes[0] += 1
 
         self.api.watch(f"/apis/kubetune.io/v1alpha1/namespaces/{ns}/finetunejobs", on_ftj, stop)
-        wait_until(lambda: phase.get("now") == "Running", 120, "the reporter job to run")
+        wait_for(lambda: phase.get("now") == "Running", 120, "the reporter job to run")
         secret = self.api.request("GET", f"/api/v1/namespaces/{ns}/secrets",
                                   query=[("labelSelector", "kubetune.io/job=reporter")])["items"][0]
         token = base64.b64decode(secret["data"]["token"]).decode()
@@ -546,7 +532,7 @@ class Bench:
             urllib.request.urlopen(request, timeout=5).read()
             time.sleep(0.5)
         last = step
-        wait_until(lambda: max(seen, default=0) >= last, 30, "the last report in status")
+        wait_for(lambda: max(seen, default=0) >= last, 30, "the last report in status")
         stop.set()
         hold.touch()
         visible = [min(t for s2, t in seen.items() if s2 >= s) - posted[s] for s in posted]

@@ -1,6 +1,6 @@
 """CPU benchmark of the trainer on the tiny local backbone against a transformers.Trainer baseline.
 
-    python hack/bench_trainer.py [--steps 30] [--warmup-steps 15] [--repeat 1] [--modes none,int8,int4]
+    python -m hack.bench_trainer [--steps 30] [--warmup-steps 15] [--repeat 1] [--modes none,int8,int4]
 
 Each mode runs the KubeTune trainer (``python -m kubetune_trainer``) and the practitioners'
 baseline (``hack/baseline_trainer.py``: transformers.Trainer + peft) on the same config, each in its
@@ -180,7 +180,6 @@ def main() -> None:
                         help="runs per side and mode, taken in turn; the table shows the median by tokens/s")
     args = parser.parse_args()
     warmup = check_warmup(args.steps, args.warmup_steps)
-    sys.path.insert(0, str(REPO))  # devcluster: the tiny model and data
     from devcluster import tiny
 
     with tempfile.TemporaryDirectory(prefix="kubetune-bench-") as tmp:

@@ -1,7 +1,7 @@
 """GPU check: bf16 LoRA, int8 LoRA and int4 QLoRA on a real CUDA card, through the real trainer,
 beside a transformers.Trainer + peft baseline.
 
-    python hack/gpu_check.py [--steps 40] [--warmup-steps 20] [--layers 14] [--modes bf16,int8,int4] [--out DIR]
+    python -m hack.gpu_check [--steps 40] [--warmup-steps 20] [--layers 14] [--modes bf16,int8,int4] [--out DIR]
 
 Builds a ~0.85B-parameter Llama-architecture backbone from a config (random weights, saved in
 bf16; nothing is downloaded) and a tokenizer trained locally, then, per mode, runs ``python -m
@@ -24,10 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent)]  # bench_trainer; devcluster (the tiny model and data)
-
-from bench_trainer import check_warmup, compare, print_comparison  # noqa: E402
+from hack.bench_trainer import check_warmup, compare, print_comparison
 
 
 def build_backbone(out: Path, layers: int, hidden: int, device: str) -> int:

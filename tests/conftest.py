@@ -28,10 +28,9 @@ from typing import Any
 import pytest
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from devcluster import images as images_lib
 from devcluster import real_node
-from helpers import REPO, Cluster, Node, devcluster, wait_for
+from tests.support.helpers import REPO, Cluster, Node, devcluster, wait_for
 
 MINIO_KEYS = ("MINIO_ENDPOINT", "MINIO_ACCESS_KEY", "MINIO_SECRET_KEY")
 

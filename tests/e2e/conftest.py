@@ -12,12 +12,12 @@ from typing import Any
 
 import pytest
 import yaml
-from operator_helpers import Operator, Signals, running_operator
 
 from devcluster import seed_demo
 from devcluster.images import TEST_DOUBLE_PATH
-from faults import BlackholeProxy
-from helpers import Node
+from tests.support.faults import BlackholeProxy
+from tests.support.helpers import Node
+from tests.support.jobs import Operator, Signals, running_operator
 
 Cluster = Any  # tests/conftest.py's Cluster (conftest modules are not importable by name)
 # The chaos suite runs with `make chaos` (KUBETUNE_CHAOS=1) only: long, and not a gate for `make test`.
@@ -112,7 +112,7 @@ def operator(cluster: Cluster, crd: None, namespace: str, node: Node, fake_train
 
 @pytest.fixture
 def apiserver_proxy(cluster: Cluster) -> Iterator[BlackholeProxy]:
-    """A fault-injecting TCP proxy in front of the API server (tests/faults.py)."""
+    """A fault-injecting TCP proxy in front of the API server (tests/support/faults.py)."""
     address = urllib.parse.urlsplit(cluster.apiserver)
     with BlackholeProxy(address.hostname or "127.0.0.1", address.port or 443) as proxy:
         yield proxy

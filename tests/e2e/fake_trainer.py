@@ -9,7 +9,7 @@ contract, driven by environment variables a test puts in the FineTuneJob's spec.
     FAKE_STARTED    a path: append one line per start; or an http:// URL: POST to it once per start
                     (counts attempts)
 
-URLs work from any node: a real node's pods do not see the host's files (operator_helpers.Signals
+URLs work from any node: a real node's pods do not see the host's files (tests.support.jobs.Signals
 serves them).
     FAKE_EXIT_CODE  exit code (default 0)
     FAKE_MESSAGE    error message for the termination message when exiting non-zero

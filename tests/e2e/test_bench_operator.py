@@ -18,9 +18,9 @@ def test_operator_benchmark_runs_every_series(cluster: Any, crd: None) -> None:
     if cluster.dir is None:
         pytest.skip("the benchmark runs on the local cluster")
     done = subprocess.run(
-        [sys.executable, str(REPO / "hack" / "bench_operator.py"), "--dir", str(cluster.dir), "--sizes", "3,5",
+        [sys.executable, "-m", "hack.bench_operator", "--dir", str(cluster.dir), "--sizes", "3,5",
          "--lifecycle-sizes", "4", "--report-seconds", "3", "--idle-seconds", "2", "--peer", "off"],
-        capture_output=True, text=True, timeout=900)
+        capture_output=True, text=True, timeout=900, cwd=REPO)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     table = done.stdout.split("| series |", 1)[1]
     for row in ("| lifecycle | 4 | FineTuneJob create → Job seen |",

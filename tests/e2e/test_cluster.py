@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from helpers import Cluster, wait_for
+from tests.support.helpers import Cluster, wait_for
 
 pytestmark = pytest.mark.e2e
 

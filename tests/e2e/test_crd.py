@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 import yaml
-from operator_helpers import finetunejob
 
-from helpers import wait_for
+from tests.support.helpers import wait_for
+from tests.support.jobs import finetunejob
 
 pytestmark = pytest.mark.e2e
 

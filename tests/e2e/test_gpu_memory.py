@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from operator_helpers import events, finetunejob, ftj, wait_phase
 
-from faults import HostileConfigServer
-from helpers import wait_for
+from tests.support.faults import HostileConfigServer
+from tests.support.helpers import wait_for
+from tests.support.jobs import events, finetunejob, ftj, wait_phase
 
 pytestmark = pytest.mark.e2e
 MODELS = Path(__file__).resolve().parents[1] / "unit" / "models"

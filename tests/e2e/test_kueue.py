@@ -11,9 +11,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from operator_helpers import Signals, WatchHistory, env, event_reasons, finetunejob, ftj, wait_phase
 
-from helpers import wait_for
+from tests.support.helpers import wait_for
+from tests.support.jobs import Signals, WatchHistory, env, event_reasons, finetunejob, ftj, wait_phase
 
 pytestmark = pytest.mark.e2e
 KUEUE = "kueue.x-k8s.io/v1beta2"

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 import yaml
-from operator_helpers import ftj, published, train_steps, wait_phase
 
-from helpers import wait_for
+from tests.support.helpers import wait_for
+from tests.support.jobs import ftj, published, train_steps, wait_phase
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 import yaml
-from operator_helpers import Signals, env, event_reasons, events, finetunejob, ftj, wait_phase
 
-from helpers import wait_for
+from tests.support.helpers import wait_for
+from tests.support.jobs import Signals, env, event_reasons, events, finetunejob, ftj, wait_phase
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]

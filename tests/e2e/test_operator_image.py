@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from operator_helpers import finetunejob, wait_phase
 
-from helpers import REPO, free_port, wait_for
+from tests.support.helpers import REPO, free_port, wait_for
+from tests.support.jobs import finetunejob, wait_phase
 
 pytestmark = [pytest.mark.e2e, pytest.mark.images]
 CONTAINERS_CONF = REPO / "hack" / "containers.conf"

@@ -1,7 +1,7 @@
 """The operator survives a black-holed API server: every call times out, nothing waits forever,
 and deferred work (ttlSecondsAfterFinished) happens after the outage.
 
-The operator reaches the API server through a fault-injecting proxy (tests/faults.py) that
+The operator reaches the API server through a fault-injecting proxy (tests/support/faults.py) that
 silently drops every byte, as a dead route or middlebox does; connections that saw it stay dead.
 """
 
@@ -16,9 +16,9 @@ import urllib.request
 from typing import Any
 
 import pytest
-from operator_helpers import Signals, env, event_reasons, finetunejob, ftj, wait_phase
 
-from helpers import wait_for
+from tests.support.helpers import wait_for
+from tests.support.jobs import Signals, env, event_reasons, finetunejob, ftj, wait_phase
 
 pytestmark = pytest.mark.e2e
 

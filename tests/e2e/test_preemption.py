@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 import yaml
-from operator_helpers import WatchHistory, event_reasons, ftj, published, train_steps, wait_phase
 
-from helpers import wait_for
+from tests.support.helpers import wait_for
+from tests.support.jobs import WatchHistory, event_reasons, ftj, published, train_steps, wait_phase
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]

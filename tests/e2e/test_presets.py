@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 import yaml
-from operator_helpers import Signals, env, finetunejob, ftj, wait_phase
 
-from helpers import REPO, wait_for
+from tests.support.helpers import REPO, wait_for
+from tests.support.jobs import Signals, env, finetunejob, ftj, wait_phase
 
 pytestmark = pytest.mark.e2e
 

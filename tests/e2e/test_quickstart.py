@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 import yaml
-from operator_helpers import event_reasons, report_token, wait_phase
 
-from helpers import wait_for
 from kubetune_contract.config import StorageSpec
 from kubetune_trainer.artifacts import verify_manifest
+from tests.support.helpers import wait_for
+from tests.support.jobs import event_reasons, report_token, wait_phase
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]

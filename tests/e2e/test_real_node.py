@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from operator_helpers import published
 
 from devcluster import real_node, seed_demo
 from devcluster.demo import chart_values
-from helpers import REPO, Cluster, devcluster, wait_for
+from tests.support.helpers import REPO, Cluster, devcluster, wait_for
+from tests.support.jobs import published
 
 pytestmark = pytest.mark.e2e
 

@@ -14,9 +14,9 @@ import urllib.request
 from typing import Any
 
 import pytest
-from operator_helpers import Signals, env, finetunejob, ftj, report_token, wait_phase
 
-from helpers import wait_for
+from tests.support.helpers import wait_for
+from tests.support.jobs import Signals, env, finetunejob, ftj, report_token, wait_phase
 
 pytestmark = pytest.mark.e2e
 

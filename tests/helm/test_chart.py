@@ -18,7 +18,7 @@ import yaml
 
 from devcluster import seed_demo
 from devcluster.demo import chart_values
-from helpers import Node, load_hack, wait_for
+from tests.support.helpers import Node, load_hack, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "kubetune"

@@ -20,7 +20,7 @@ import yaml
 
 from devcluster import images as images_lib
 from devcluster import tiny
-from helpers import DEVCLUSTER, REPO
+from tests.support.helpers import DEVCLUSTER, REPO
 
 pytestmark = pytest.mark.images
 

@@ -7,9 +7,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from trainer_helpers import MinioServer, minio_binary
 
 from devcluster import tiny
+from tests.support.trainer import MinioServer, minio_binary
 
 
 @pytest.fixture(scope="session")

@@ -10,13 +10,13 @@ from typing import Any
 
 import pytest
 import torch
-from trainer_helpers import make_config
 
 from kubetune_contract.config import TrainerConfig
 from kubetune_contract.estimate import RunSettings, estimate, read_shape
 from kubetune_trainer.errors import OutOfMemory
 from kubetune_trainer.report import Reporter
 from kubetune_trainer.train import Trainer, halve_micro_batch
+from tests.support.trainer import make_config
 
 pytestmark = pytest.mark.trainer
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from trainer_helpers import REPO, tiny_config
+
+from tests.support.trainer import REPO, tiny_config
 
 pytestmark = pytest.mark.trainer
 

@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 import torch
-from trainer_helpers import make_config
 
 from kubetune_contract.config import TrainerConfig
 from kubetune_trainer import artifacts
 from kubetune_trainer.report import Reporter
 from kubetune_trainer.train import CHECKPOINT_FILES, Trainer, config_hash
+from tests.support.trainer import make_config
 
 pytestmark = pytest.mark.trainer
 

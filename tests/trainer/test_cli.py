@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 import yaml
-from trainer_helpers import REPO, tiny_config
 
 from kubetune_trainer import model as model_lib
 from kubetune_trainer.__main__ import main
+from tests.support.trainer import REPO, tiny_config
 
 pytestmark = pytest.mark.trainer
 

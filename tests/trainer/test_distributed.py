@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +15,12 @@ import torch
 import yaml
 from safetensors.torch import load_file
 from test_loss_normalisation import TOLERANCE, adapter, exact_training, relative_difference, write_uneven_dataset
-from trainer_helpers import REPO, make_config, tiny_config
 
 from kubetune_trainer.artifacts import verify_manifest
 from kubetune_trainer.report import Reporter
 from kubetune_trainer.train import Trainer
+from tests.support.helpers import wait_for
+from tests.support.trainer import REPO, make_config, tiny_config
 
 pytestmark = pytest.mark.trainer
 
@@ -38,13 +38,6 @@ def write_config(path: Path, config: dict[str, Any]) -> Path:
 def run_env(tmp_path: Path) -> dict[str, str]:
     return {**os.environ, "KUBETUNE_TERMINATION_LOG": str(tmp_path / "termination-log"), "OMP_NUM_THREADS": "1"}
 
-
-def wait_for(condition: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 @pytest.mark.parametrize("quantization", ["none", "int8", "int4"])
@@ -96,7 +89,7 @@ def kill_rank_one_after_a_checkpoint(config: Path, run_dir: Path, tmp_path: Path
         launcher = subprocess.Popen(torchrun(config), stdout=subprocess.DEVNULL, stderr=log,
                                     env=run_env(tmp_path), cwd=REPO)
         try:
-            wait_for(lambda: marker.exists() or launcher.poll() is not None, 300, marker.name)
+            wait_for(lambda: marker.exists() or launcher.poll() is not None, 300, marker.name, interval=0.05)
             workers = children(launcher.pid)
             assert len(workers) == 2, workers
             os.kill(workers[1], signal.SIGKILL)

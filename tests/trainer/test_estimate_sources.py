@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from trainer_helpers import MinioServer
 
 from kubetune.__main__ import main
+from tests.support.trainer import MinioServer
 
 pytestmark = pytest.mark.trainer
 MODELS = Path(__file__).resolve().parents[1] / "unit" / "models"

@@ -12,12 +12,12 @@ import torch
 from safetensors.torch import load_file
 from test_distributed import kill_rank_one_after_a_checkpoint, run_env, torchrun, write_config
 from test_loss_normalisation import TOLERANCE, adapter, exact_training, relative_difference, write_uneven_dataset
-from trainer_helpers import REPO, make_config, tiny_config
 
 from kubetune_trainer.artifacts import verify_manifest
 from kubetune_trainer.errors import InvalidInput
 from kubetune_trainer.report import Reporter
 from kubetune_trainer.train import Trainer
+from tests.support.trainer import REPO, make_config, tiny_config
 
 pytestmark = pytest.mark.trainer
 

@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 import torch
-from trainer_helpers import make_config
 
 from kubetune_trainer.report import Reporter
 from kubetune_trainer.train import Trainer
+from tests.support.trainer import make_config
 
 pytestmark = pytest.mark.trainer
 READS = ("item", "tolist", "__float__", "__int__", "__bool__")

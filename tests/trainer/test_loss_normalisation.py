@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
-from trainer_helpers import make_config
 
 from devcluster import tiny
 from kubetune_trainer.report import Reporter
 from kubetune_trainer.train import DataOrder, Trainer
+from tests.support.trainer import make_config
 
 pytestmark = pytest.mark.trainer
 

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainer_helpers import make_config
 
 from kubetune_trainer import data
 from kubetune_trainer import model as model_lib
 from kubetune_trainer.report import Reporter
 from kubetune_trainer.train import Trainer, target_tokens, token_losses
+from tests.support.trainer import make_config
 
 pytestmark = pytest.mark.trainer
 

@@ -8,30 +8,22 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from trainer_helpers import REPO, make_config, tiny_config
 
 from kubetune_trainer.report import Reporter
 from kubetune_trainer.train import Trainer
+from tests.support.helpers import wait_for
+from tests.support.trainer import REPO, make_config, tiny_config
 
 pytestmark = pytest.mark.trainer
 
 STEPS = 150
 
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
 
 
 def trainer_cmd(config: Path) -> list[str]:
@@ -57,7 +49,7 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_run(assets: Path, tmp_p
         proc = subprocess.Popen(trainer_cmd(config_for("resumed")), stdout=subprocess.DEVNULL, stderr=log,
                                 env=env, cwd=REPO)
         try:
-            wait_for(lambda: first_marker.exists() or proc.poll() is not None, 300, first_marker.name)
+            wait_for(lambda: first_marker.exists() or proc.poll() is not None, 300, first_marker.name, interval=0.01)
             proc.send_signal(signal.SIGKILL)
         finally:
             proc.wait(timeout=60)
@@ -119,7 +111,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_143(assets: Path, tmp_path: Path)
         try:
             # The first progress line after step 1 says the loop is running.
             wait_for(lambda: '"step":2,' in (tmp_path / "stdout").read_text() or proc.poll() is not None,
-                     300, "step 2")
+                     300, "step 2", interval=0.01)
             proc.send_signal(signal.SIGTERM)
         finally:
             proc.wait(timeout=120)

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from trainer_helpers import MinioServer, make_config
 
 from kubetune_contract.config import StorageSpec
 from kubetune_trainer import artifacts
@@ -15,6 +14,7 @@ from kubetune_trainer.artifacts import IncompleteRun, S3Store, verify_manifest
 from kubetune_trainer.errors import SourceUnavailable, StoreUnavailable
 from kubetune_trainer.report import Reporter
 from kubetune_trainer.train import Trainer
+from tests.support.trainer import MinioServer, make_config
 
 pytestmark = pytest.mark.trainer
 

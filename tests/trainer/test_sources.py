@@ -7,11 +7,11 @@ import re
 from pathlib import Path
 
 import pytest
-from trainer_helpers import MinioServer
 
 from kubetune_contract.config import StorageSpec
 from kubetune_trainer.errors import InvalidInput, SourceUnavailable
 from kubetune_trainer.sources import PVC_MOUNT_ROOT, cache_path, resolve
+from tests.support.trainer import MinioServer
 
 pytestmark = pytest.mark.trainer
 

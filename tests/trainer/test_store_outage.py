@@ -16,14 +16,14 @@ from typing import Any
 
 import pytest
 import yaml
-from trainer_helpers import REPO, MinioServer, tiny_config
 
-from helpers import wait_for
 from kubetune_contract.config import StorageSpec
 from kubetune_trainer.__main__ import main
 from kubetune_trainer.artifacts import S3Store, publish
 from kubetune_trainer.errors import SourceUnavailable, StoreUnavailable, TrainerError
 from kubetune_trainer.sources import resolve
+from tests.support.helpers import wait_for
+from tests.support.trainer import REPO, MinioServer, tiny_config
 
 pytestmark = pytest.mark.trainer
 

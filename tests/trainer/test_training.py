@@ -8,13 +8,13 @@ from typing import Any
 
 import pytest
 import torch
-from trainer_helpers import make_config
 
 from kubetune_trainer import data
 from kubetune_trainer import model as model_lib
 from kubetune_trainer.artifacts import verify_manifest
 from kubetune_trainer.report import Reporter
 from kubetune_trainer.train import Trainer
+from tests.support.trainer import make_config
 
 pytestmark = pytest.mark.trainer
 

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from faults import BlackholeProxy
 from kubetune.kube import Kube
+from tests.support.faults import BlackholeProxy
 
 OWNER = {"metadata": {"name": "job", "namespace": "ns", "uid": "u-1"}}
 JOB = {"metadata": {"uid": "u-2"}}

@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 import yaml
 
-from faults import HostileConfigServer as Hostile
 from kubetune import api, preflight
 from kubetune.__main__ import main
 from kubetune_contract.config import StorageSpec
+from tests.support.faults import HostileConfigServer as Hostile
 
 MODELS = Path(__file__).resolve().parent / "models"
 

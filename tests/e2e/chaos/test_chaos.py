@@ -26,12 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from operator_helpers import ftj, wait_phase
 
 from devcluster import real_node
-from helpers import devcluster, wait_for
 from kubetune_contract.config import StorageSpec
 from kubetune_trainer.artifacts import verify_manifest
+from tests.support.helpers import devcluster, wait_for
+from tests.support.jobs import ftj, wait_phase
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[3]

@@ -1,10 +1,9 @@
-"""Helpers shared by the test suites: ``from helpers import Cluster, wait_for``."""
+"""Helpers shared by the test suites and the benches: ``from tests.support.helpers import Cluster, wait_for``."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,9 @@ from typing import Any, TypeVar
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from devcluster.cluster import free_ports
+
+REPO = Path(__file__).resolve().parents[2]
 # `python -m devcluster …`: the local cluster's command line (the repository root is the package's parent).
 DEVCLUSTER = [sys.executable, "-m", "devcluster"]
 
@@ -111,10 +112,7 @@ class Cluster:
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    return free_ports(1)[0]
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,9 @@ from typing import Any
 import pytest
 from minio import Minio
 
-from helpers import REPO, free_port, wait_for
 from kubetune_contract.config import StorageSpec
 from kubetune_trainer.artifacts import verify_manifest
+from tests.support.helpers import REPO, free_port, wait_for
 
 Cluster = Any  # tests/conftest.py's Cluster
 

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from devcluster import cluster
-from helpers import wait_for
 from kubetune_contract.config import TrainerConfig
+from tests.support.helpers import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -62,7 +62,7 @@ class MinioServer:
 
     def __init__(self, binary: Path, root: Path, access_key: str | None = None, secret_key: str | None = None) -> None:
         self.binary, self.data, self.log = binary, root / "data", root / "minio.log"
-        self.port, self.console_port = free_ports(2)
+        self.port, self.console_port = cluster.free_ports(2)
         self.endpoint = f"127.0.0.1:{self.port}"
         self.access_key = access_key or "test-" + secrets.token_hex(4)
         self.secret_key = secret_key or secrets.token_urlsafe(18)
@@ -109,17 +109,6 @@ class MinioServer:
         from minio import Minio
 
         return Minio(self.endpoint, access_key=self.access_key, secret_key=self.secret_key, secure=False)
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def port_open(port: int) -> bool:
