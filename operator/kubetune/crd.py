@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from kubetune import api, policy, presets, rules
+from kubetune import api, policy, presets, rules, settings
 from kubetune_contract.rules import Rule
 
 Schema = dict[str, Any]
@@ -33,6 +33,7 @@ OUTPUTS = {
     "policy": Path("helm/kubetune/templates/admission-policy.yaml"),
 }
 CRD_DIRS = (Path("crds"), Path("helm/kubetune/crds"))
+REPO = Path(__file__).resolve().parents[2]  # a source checkout: where `kubetune crd` writes
 
 
 
@@ -422,11 +423,14 @@ def _field_tables(queue: list[tuple[str, Schema]], anchor: str = "") -> list[str
     return lines
 
 
-def generated_files() -> dict[Path, str]:
-    """Each generated file's path (relative to the repository root) and content."""
+def generated_files(root: Path | None = None) -> dict[Path, str]:
+    """Each generated file's path (relative to the repository root) and content (docs/operations.md:
+    the file under root with its settings table made anew)."""
     crd = render_crd_yaml()
+    operations = (root or REPO) / settings.DOCS
+    operations = operations if operations.is_file() else REPO / settings.DOCS
     files = {OUTPUTS["crd"]: crd, OUTPUTS["chart"]: crd, OUTPUTS["docs"]: render_api_md(),
-             OUTPUTS["policy"]: policy.render()}
+             OUTPUTS["policy"]: policy.render(), settings.DOCS: settings.docs_with_table(operations.read_text())}
     for kind, name in PRESET_CRD_NAMES.items():
         text = render_preset_crd_yaml(kind)
         for folder in CRD_DIRS:
@@ -437,7 +441,7 @@ def generated_files() -> dict[Path, str]:
 def write(root: Path) -> list[Path]:
     """Write the generated files under root; return their paths."""
     written = []
-    for rel, text in generated_files().items():
+    for rel, text in generated_files(root).items():
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
@@ -447,5 +451,5 @@ def write(root: Path) -> list[Path]:
 
 def drift(root: Path) -> list[Path]:
     """Generated files under root that are missing or differ from what the models generate."""
-    return [rel for rel, text in generated_files().items()
+    return [rel for rel, text in generated_files(root).items()
             if not (root / rel).is_file() or (root / rel).read_text() != text]

@@ -21,7 +21,7 @@ from kubetune.render import MANAGED_BY, OWNER_ANNOTATION
 from kubetune.reports import ReportServer
 from kubetune.settings import Settings
 
-SETTINGS = Settings.from_env()
+SETTINGS = Settings()
 ERROR_BACKOFF = 5.0  # seconds before kopf runs a handler again after an unexpected error
 WAIT_RETRY_SECONDS = 5.0  # how often a job that waits for something (WAITING_REASONS) is looked at
 WAITING_REASONS = ("MissingDependency", "NameConflict", "Estimating")

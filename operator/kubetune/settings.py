@@ -1,117 +1,157 @@
-"""Operator settings, read once from the environment (the Helm chart sets them)."""
+"""Operator settings, read once from the environment (``KUBETUNE_<FIELD>``; the Helm chart sets them).
+
+Each setting is declared once, here: its type, its default and its description (the field's
+docstring). pydantic-settings reads the environment; docs/operations.md's table of settings is
+generated from this model (``kubetune crd``). An empty variable means the default, except
+``KUBETUNE_REPORT_LISTEN``, which an empty value turns off.
+"""
 
 from __future__ import annotations
 
-import json
-import os
 import secrets
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from kubetune import __version__
 
 DEFAULT_TRAINER_IMAGE = f"ghcr.io/kubetune/trainer:{__version__}"
+ENV_PREFIX = "KUBETUNE_"
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Everything the operator can be configured with.
+class Settings(BaseSettings):
+    """Everything the operator can be configured with."""
 
-    Environment variables (all optional):
-
-    - ``KUBETUNE_TRAINER_IMAGE``: trainer image when a FineTuneJob sets no ``spec.image``.
-    - ``KUBETUNE_NAMESPACES``: comma-separated namespaces to watch; all namespaces when empty.
-    - ``KUBETUNE_S3_ENDPOINT`` / ``KUBETUNE_S3_REGION`` / ``KUBETUNE_S3_INSECURE``: storage defaults
-      for FineTuneJobs that set no ``spec.storage.endpoint``.
-    - ``KUBETUNE_S3_SECRET``: default credentials Secret name (in the job's namespace).
-    - ``KUBETUNE_GPU_RESOURCE_NAME``: GPU resource of FineTuneJobs that set none (nvidia.com/gpu).
-    - ``KUBETUNE_DEFAULT_NODE_SELECTOR``: JSON object added to every training pod's nodeSelector.
-    - ``KUBETUNE_RESYNC_SECONDS``: how often active jobs are re-checked in full (safety net).
-    - ``KUBETUNE_REPORT_URL``: base URL at which training pods reach the operator's report
-      endpoint, e.g. ``http://kubetune.kubetune-system.svc:8081``; no progress pushes when unset
-      (the final summary still arrives through the termination message).
-    - ``KUBETUNE_REPORT_KEY_FILE`` (or ``KUBETUNE_REPORT_KEY``, the value itself): secret key from
-      which each job's report token is derived (HMAC of the job's UID); the chart mounts it from a
-      Secret. When neither is set, a random key is made at start-up, and after a restart running
-      jobs can no longer push progress (their final summary still arrives through the termination
-      message).
-    - ``KUBETUNE_REPORT_LISTEN``: ``host:port`` the report endpoint and /metrics listen on
-      (default ``0.0.0.0:8081``; empty disables the server).
-    - ``KUBETUNE_STATUS_INTERVAL``: at most one progress status write per job per this many seconds.
-    - ``KUBETUNE_REPORT_RATE`` / ``KUBETUNE_REPORT_BURST``: per-job report rate limit.
-    - ``KUBETUNE_TERMINATION_GRACE_SECONDS``: termination grace of training pods (default 300): time
-      to finish a step and upload a checkpoint after SIGTERM; raise it for large adapters or full
-      fine-tunes on a slow object store.
-    - ``KUBETUNE_API_TIMEOUT``: seconds before any Kubernetes API request is abandoned (default 30).
-    - ``KUBETUNE_STALL_SECONDS``: /healthz on the report port fails once a reconcile has run this
-      long (default 300): with every API call bounded, only a wedged operator gets there.
-    - ``KUBETUNE_RESTRICT_IMAGES_AND_SERVICE_ACCOUNTS``: ``true`` (the chart's default) fails a
-      FineTuneJob that sets ``spec.image`` or ``spec.serviceAccountName`` unless its preset's limits
-      list allowed ones (reason PolicyViolation; the chart's admission policy rejects it at apply).
-    - ``KUBETUNE_LOG_LEVEL``: DEBUG, INFO (default) or WARNING.
-    - ``KUBETUNE_LIVENESS_ENDPOINT``: e.g. ``http://0.0.0.0:8080/healthz``; off when unset.
-    - ``KUBETUNE_TRAINER_COMMAND``: JSON list replacing the trainer command. A TEST DOUBLE hook
-      only: the e2e tests run a small stand-in trainer with it; never set it in production.
-    """
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore",
+                                      use_attribute_docstrings=True)
 
     trainer_image: str = DEFAULT_TRAINER_IMAGE
-    namespaces: tuple[str, ...] = ()
+    """Trainer image when a FineTuneJob sets no spec.image."""
+    namespaces: Annotated[tuple[str, ...], NoDecode] = ()
+    """Comma-separated namespaces to watch; all namespaces when empty."""
     s3_endpoint: str | None = None
+    """Storage default for FineTuneJobs that set no spec.storage.endpoint (AWS S3 when unset)."""
     s3_region: str | None = None
+    """Storage default: the bucket region."""
     s3_insecure: bool = False
+    """Storage default: plain HTTP (a local MinIO)."""
     s3_secret: str | None = None
+    """Default credentials Secret (in the job's namespace)."""
     gpu_resource_name: str = "nvidia.com/gpu"
-    default_node_selector: dict[str, str] = field(default_factory=dict)
+    """GPU resource of FineTuneJobs that set no resources.gpuResourceName."""
+    default_node_selector: dict[str, str] = Field(default_factory=dict)
+    """JSON object of labels added to every training pod's nodeSelector."""
     resync_seconds: float = 30.0
+    """How often active jobs (and finished ones until their TTL clean-up is done) are re-checked in full."""
     trainer_command: tuple[str, ...] = ("python", "-m", "kubetune_trainer")
-    # Several processes per pod: torchrun that keeps the failed worker's exit code (the Job's
-    # podFailurePolicy reads it), running the trainer module in each process.
+    """JSON list replacing the trainer command. A TEST DOUBLE hook for the e2e tests only: never set
+    it in production."""
     launcher_command: tuple[str, ...] = ("python", "-m", "kubetune_trainer.launch")
+    """Several processes per pod: torchrun that keeps the failed worker's exit code (the Job's
+    podFailurePolicy reads it), running the trainer module in each process."""
     liveness_endpoint: str | None = None
+    """e.g. http://0.0.0.0:8080/healthz; off when unset."""
     log_level: str = "INFO"
+    """DEBUG, INFO or WARNING."""
     report_url: str | None = None
+    """Base URL at which training pods reach the report endpoint (e.g.
+    http://kubetune.kubetune-system.svc:8081); no progress pushes when unset (the final summary still
+    arrives through the termination message)."""
     report_listen: str | None = "0.0.0.0:8081"
+    """host:port of the report endpoint and /metrics; empty turns the server off."""
     status_interval: float = 5.0
+    """At most one progress status write per job per this many seconds."""
     report_rate: float = 2.0
+    """Reports per second per job."""
     report_burst: float = 20.0
-    report_key: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
-    report_key_generated: bool = True
+    """Reports a job may send at once above the rate."""
+    report_key_file: Path | None = None
+    """File holding the secret key each job's report token is derived from (HMAC of the job's UID);
+    the chart mounts its <release>-report-key Secret. KUBETUNE_REPORT_KEY holds the value itself.
+    Unset: a random key per start, and after a restart running jobs can no longer push progress."""
+    report_key: bytes = Field(default_factory=lambda: secrets.token_bytes(32), repr=False)
+    """The key itself (from KUBETUNE_REPORT_KEY_FILE or KUBETUNE_REPORT_KEY, else random)."""
+    report_key_generated: bool = Field(default=True, exclude=True)
+    """Whether the key was made at start-up (no file or value given)."""
     api_timeout: float = 30.0
+    """Seconds before any Kubernetes API request is abandoned (and retried)."""
     termination_grace_seconds: int = 300
+    """Training pods' termination grace: one step plus one checkpoint upload after SIGTERM; raise it
+    for large adapters or full fine-tunes on a slow object store."""
     stall_seconds: float = 300.0
+    """/healthz on the report port fails once a reconcile has run this long."""
     restrict_images_and_service_accounts: bool = False
+    """Fail a job (PolicyViolation) that sets spec.image or spec.serviceAccountName its preset does not
+    allow; the chart sets true (and its admission policy refuses such a job at apply)."""
 
+    @model_validator(mode="before")
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        """Settings from environment variables (os.environ by default)."""
-        env = os.environ if env is None else env
-        command = env.get("KUBETUNE_TRAINER_COMMAND")
-        key_file = env.get("KUBETUNE_REPORT_KEY_FILE")
-        key = Path(key_file).read_text().strip() if key_file else env.get("KUBETUNE_REPORT_KEY") or ""
-        return cls(
-            report_key=key.encode() if key else secrets.token_bytes(32),
-            report_key_generated=not key,
-            trainer_image=env.get("KUBETUNE_TRAINER_IMAGE") or DEFAULT_TRAINER_IMAGE,
-            namespaces=tuple(n.strip() for n in env.get("KUBETUNE_NAMESPACES", "").split(",") if n.strip()),
-            s3_endpoint=env.get("KUBETUNE_S3_ENDPOINT") or None,
-            s3_region=env.get("KUBETUNE_S3_REGION") or None,
-            s3_insecure=env.get("KUBETUNE_S3_INSECURE", "").lower() in ("1", "true", "yes"),
-            s3_secret=env.get("KUBETUNE_S3_SECRET") or None,
-            gpu_resource_name=env.get("KUBETUNE_GPU_RESOURCE_NAME") or "nvidia.com/gpu",
-            default_node_selector=json.loads(env.get("KUBETUNE_DEFAULT_NODE_SELECTOR") or "{}"),
-            resync_seconds=float(env.get("KUBETUNE_RESYNC_SECONDS") or 30),
-            trainer_command=tuple(json.loads(command)) if command else cls.trainer_command,
-            liveness_endpoint=env.get("KUBETUNE_LIVENESS_ENDPOINT") or None,
-            log_level=(env.get("KUBETUNE_LOG_LEVEL") or "INFO").upper(),
-            report_url=(env.get("KUBETUNE_REPORT_URL") or "").rstrip("/") or None,
-            report_listen=env.get("KUBETUNE_REPORT_LISTEN", "0.0.0.0:8081") or None,
-            status_interval=float(env.get("KUBETUNE_STATUS_INTERVAL") or 5),
-            report_rate=float(env.get("KUBETUNE_REPORT_RATE") or 2),
-            report_burst=float(env.get("KUBETUNE_REPORT_BURST") or 20),
-            api_timeout=float(env.get("KUBETUNE_API_TIMEOUT") or 30),
-            termination_grace_seconds=int(env.get("KUBETUNE_TERMINATION_GRACE_SECONDS") or 300),
-            stall_seconds=float(env.get("KUBETUNE_STALL_SECONDS") or 300),
-            restrict_images_and_service_accounts=env.get("KUBETUNE_RESTRICT_IMAGES_AND_SERVICE_ACCOUNTS", "")
-            .lower() in ("1", "true", "yes"),
-        )
+    def _empty_is_default(cls, data: Any) -> Any:
+        """An empty variable means the default (KUBETUNE_REPORT_LISTEN: off); the key comes from its
+        file or value."""
+        if not isinstance(data, dict):
+            return data
+        data = {k: v for k, v in data.items() if v != "" or k == "report_listen"}
+        if data.get("report_listen") == "":
+            data["report_listen"] = None
+        key_file = data.pop("report_key_file", None)
+        key = Path(key_file).read_text().strip() if key_file else data.get("report_key")
+        if key:
+            data["report_key"] = key.encode() if isinstance(key, str) else key
+            data["report_key_generated"] = False
+        return data
+
+    @field_validator("namespaces", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(n.strip() for n in value.split(",") if n.strip())
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _upper(cls, value: str) -> str:
+        return value.upper()
+
+    @field_validator("report_url")
+    @classmethod
+    def _no_trailing_slash(cls, value: str | None) -> str | None:
+        return value.rstrip("/") or None if value else None
+
+
+DOCS = Path("docs/operations.md")
+DOCS_BEGIN = "<!-- settings: generated by `kubetune crd` from operator/kubetune/settings.py -->"
+DOCS_END = "<!-- /settings -->"
+
+
+def docs_with_table(text: str) -> str:
+    """docs/operations.md with its settings table (between DOCS_BEGIN and DOCS_END) made anew."""
+    before, begin, rest = text.partition(DOCS_BEGIN)
+    _, end, after = rest.partition(DOCS_END)
+    if not begin or not end:
+        raise ValueError(f"{DOCS}: no {DOCS_BEGIN} ... {DOCS_END} block for the settings table")
+    return f"{before}{DOCS_BEGIN}\n{markdown_table()}\n{DOCS_END}{after}"
+
+
+def markdown_table() -> str:
+    """docs/operations.md's table of settings, from the model."""
+    rows = ["| variable | default | |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        if name in ("report_key", "report_key_generated", "launcher_command"):
+            continue  # set through another variable, or not a setting
+        default = field.get_default(call_default_factory=False)
+        if field.default_factory is not None:
+            shown = "`{}`"
+        elif default is None or default == ():
+            shown = "all" if default == () else "none"
+        elif isinstance(default, bool):
+            shown = f"`{str(default).lower()}`"
+        elif isinstance(default, tuple):
+            shown = f"`{' '.join(default)}`"
+        else:
+            shown = f"`{default:g}`" if isinstance(default, float) else f"`{default}`"
+        text = " ".join((field.description or "").split()).replace("|", "\\|")
+        rows.append(f"| `{ENV_PREFIX}{name.upper()}` | {shown} | {text} |")
+    return "\n".join(rows)

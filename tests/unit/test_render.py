@@ -212,10 +212,11 @@ def test_report_tokens_are_bound_to_the_job_uid_and_the_operator_key() -> None:
     assert token != render.report_token(b"x" * 32, "uid-1")
 
 
-def test_termination_grace_comes_from_the_operator_setting() -> None:
+def test_termination_grace_comes_from_the_operator_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     spec = FineTuneJobSpec.model_validate(MINIMAL)
     assert render.render_pod_spec(owner(), spec, Settings())["terminationGracePeriodSeconds"] == 300
-    slow_store = Settings.from_env({"KUBETUNE_TERMINATION_GRACE_SECONDS": "1800"})
+    monkeypatch.setenv("KUBETUNE_TERMINATION_GRACE_SECONDS", "1800")
+    slow_store = Settings()
     assert render.render_pod_spec(owner(), spec, slow_store)["terminationGracePeriodSeconds"] == 1800
 
 
