@@ -170,3 +170,14 @@ def cluster_images(node: Node, images: dict[str, str]) -> dict[str, str]:
     pushed = {name: images_lib.push(images_lib.IMAGES[name], images_lib.version(), node.registry) for name in images}
     pushed["test-double"] = images_lib.build_test_double(node.registry)
     return pushed
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A plain `pytest` (no paths: the testpaths) is the fast tier: tests marked slow are left out."""
+    if config.option.file_or_dir:
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
+

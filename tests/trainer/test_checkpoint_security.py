@@ -16,8 +16,9 @@ import torch
 
 from kubetune_contract.config import TrainerConfig
 from kubetune_trainer import artifacts
+from kubetune_trainer.checkpoints import CHECKPOINT_FILES, config_hash
 from kubetune_trainer.report import Reporter
-from kubetune_trainer.train import CHECKPOINT_FILES, Trainer, config_hash
+from kubetune_trainer.train import Trainer
 from tests.support.trainer import make_config
 
 pytestmark = pytest.mark.trainer

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 from devcluster import tiny
 from kubetune_trainer.report import Reporter
-from kubetune_trainer.train import DataOrder, Trainer
+from kubetune_trainer.steps import DataOrder
+from kubetune_trainer.train import Trainer
 from tests.support.trainer import make_config
 
 pytestmark = pytest.mark.trainer

@@ -71,7 +71,7 @@ def test_full_fine_tune_with_packing_publishes_the_model_and_a_model_card(assets
     [({"maxSteps": 7}, 7), ({"epochs": 2.0}, 20), ({"epochs": 0.5, "gradientAccumulation": 2}, 3)],
 )
 def test_total_steps_from_max_steps_or_epochs(assets: Path, training: dict[str, object], expected: int) -> None:
-    from kubetune_trainer.train import total_steps
+    from kubetune_trainer.steps import total_steps
 
     overrides: dict[str, object] = {"maxSteps": None, **training}
     # 80 samples, batch size 8: 10 steps per epoch without gradient accumulation.

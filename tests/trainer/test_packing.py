@@ -11,7 +11,8 @@ import torch
 from kubetune_trainer import data
 from kubetune_trainer import model as model_lib
 from kubetune_trainer.report import Reporter
-from kubetune_trainer.train import Trainer, target_tokens, token_losses
+from kubetune_trainer.steps import target_tokens, token_losses
+from kubetune_trainer.train import Trainer
 from tests.support.trainer import make_config
 
 pytestmark = pytest.mark.trainer
