@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= operator,trainer,dev
 
-.PHONY: help venv scan-venv binaries images test unit lint crd cluster-up cluster-down cluster-status bench chaos gpu-check chart-docs demo demo-down
+.PHONY: help venv scan-venv binaries images test check unit lint crd cluster-up cluster-down cluster-status bench chaos gpu-check chart-docs demo demo-down
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -36,6 +36,9 @@ images: venv  ## build the operator and trainer images (buildah, Debian base, co
 # The binaries are built before pytest: a cold Go build is slow, and no test's timeout should hold it.
 test: lint scan-venv binaries  ## everything this machine can run: lint, unit, trainer (CPU), e2e (local cluster), helm
 	$(PY) -m pytest tests
+
+check: lint  ## the fast tier: lint, unit tests and the trainer's fast tests (no cluster, no containers); a plain pytest
+	$(PY) -m pytest
 
 unit: venv  ## unit tests only (no cluster, no training)
 	$(PY) -m pytest tests/unit
