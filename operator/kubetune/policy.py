@@ -116,6 +116,7 @@ def _in_list(limit: str, value: str, what: str) -> str:
 
 
 SOURCE = {"model": {"source": "hf://team/m"}}
+# The API server reports the first validation that fails, in this order.
 LIMITS: tuple[Limit, ...] = (
     Limit(
         "namespace-selector",
@@ -239,16 +240,6 @@ LIMITS: tuple[Limit, ...] = (
                Case({"training": {"maxSteps": 1000}}, {"maxSteps": 1000}, ok=True)),
     ),
     Limit(
-        "max-steps-needs-steps",
-        "!variables.limits.?maxSteps.hasValue() || variables.bySteps",
-        "'spec.training.maxSteps: required by limits.maxSteps ' + string(variables.limits.maxSteps) + ' of '\n"
-        "+ variables.preset + ' (a job that trains by epochs has no bound on its steps)'",
-        cases=(Case({"training": {"epochs": 1}}, {"maxSteps": 10}, ok=False),
-               Case({}, {"maxSteps": 10}, ok=False),
-               Case({}, {"maxSteps": 10}, defaults={"training": {"maxSteps": 5}}, ok=True),
-               Case({"training": {"epochs": 1}}, {"maxSteps": 10}, defaults={"training": {"maxSteps": 5}}, ok=False)),
-    ),
-    Limit(
         "max-epochs",
         "!variables.limits.?maxEpochs.hasValue() || !object.spec.?training.?epochs.hasValue()\n"
         "|| double(object.spec.training.epochs) <= double(variables.limits.maxEpochs)",
@@ -265,6 +256,16 @@ LIMITS: tuple[Limit, ...] = (
                Case({"scheduling": {"queueName": ""}}, {"allowedQueues": ["team"]}, ok=False),
                Case({"scheduling": {"queueName": ""}}, {"allowedQueues": ["team"]},
                     defaults={"scheduling": {"queueName": "team"}}, ok=True)),
+    ),
+    Limit(
+        "max-steps-needs-steps",
+        "!variables.limits.?maxSteps.hasValue() || variables.bySteps",
+        "'spec.training.maxSteps: required by limits.maxSteps ' + string(variables.limits.maxSteps) + ' of '\n"
+        "+ variables.preset + ' (a job that trains by epochs has no bound on its steps)'",
+        cases=(Case({"training": {"epochs": 1}}, {"maxSteps": 10}, ok=False),
+               Case({}, {"maxSteps": 10}, ok=False),
+               Case({}, {"maxSteps": 10}, defaults={"training": {"maxSteps": 5}}, ok=True),
+               Case({"training": {"epochs": 1}}, {"maxSteps": 10}, defaults={"training": {"maxSteps": 5}}, ok=False)),
     ),
     Limit(
         "storage-endpoints",

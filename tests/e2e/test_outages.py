@@ -84,7 +84,9 @@ def test_ttl_clean_up_happens_although_the_api_server_is_unreachable_at_the_dead
     wait_for(lambda: cluster.get("jobs,pods,configmaps", "-n", namespace, "-l",
                                  "kubetune.io/job=short-lived")["items"] == [],
              timeout=RECOVERY, message="Job, pods and ConfigMap removed after the outage")
-    status = ftj(cluster, namespace, "short-lived")["status"]
+    # The operator removes the children, then records it (status.cleanupTime).
+    status = wait_for(lambda: (s := ftj(cluster, namespace, "short-lived")["status"]).get("cleanupTime") and s,
+                      timeout=30, message="status.cleanupTime after the clean-up")
     assert status["phase"] == "Succeeded" and status["metrics"]["evalLoss"] == 0.5
     assert status["cleanupTime"] >= status["completionTime"]
     assert "Cleaned" in event_reasons(cluster, namespace, "short-lived")
