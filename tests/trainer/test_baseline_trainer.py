@@ -14,7 +14,7 @@ import yaml
 
 from tests.support.trainer import REPO, tiny_config
 
-pytestmark = pytest.mark.trainer
+pytestmark = [pytest.mark.trainer, pytest.mark.slow]
 
 
 @pytest.mark.parametrize("quantization", ["none", "int4"])

@@ -22,7 +22,7 @@ from kubetune_trainer.train import Trainer
 from tests.support.helpers import wait_for
 from tests.support.trainer import REPO, make_config, tiny_config
 
-pytestmark = pytest.mark.trainer
+pytestmark = [pytest.mark.trainer, pytest.mark.slow]
 
 
 def torchrun(config: Path, processes: int = 2) -> list[str]:

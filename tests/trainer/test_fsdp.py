@@ -19,7 +19,7 @@ from kubetune_trainer.report import Reporter
 from kubetune_trainer.train import Trainer
 from tests.support.trainer import REPO, make_config, tiny_config
 
-pytestmark = pytest.mark.trainer
+pytestmark = [pytest.mark.trainer, pytest.mark.slow]
 
 FSDP = {"strategy": "fsdp"}
 

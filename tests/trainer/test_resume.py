@@ -30,6 +30,7 @@ def trainer_cmd(config: Path) -> list[str]:
     return [sys.executable, "-m", "kubetune_trainer", "--config", str(config)]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_and_matches_an_uninterrupted_run(assets: Path, tmp_path: Path) -> None:
     def config_for(name: str) -> Path:
         # Dropout on, so the restored RNG state matters as much as the weights and the optimizer.
@@ -100,6 +101,7 @@ def test_resume_restores_quantized_runs_with_8bit_optimizers(
         assert torch.equal(first[name], second[name]), name
 
 
+@pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_and_exits_143(assets: Path, tmp_path: Path) -> None:
     cfg = tiny_config(assets, tmp_path / "out", training={"maxSteps": STEPS, "batchSize": 4,
                                                            "checkpointEverySteps": 100, "evalEverySteps": 100})

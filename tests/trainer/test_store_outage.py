@@ -121,6 +121,7 @@ def test_s3_download_survives_a_short_outage(
     assert path.read_bytes() == (assets / "data" / "train.jsonl").read_bytes()
 
 
+@pytest.mark.slow
 def test_outage_past_the_window_is_exit_5_after_a_write_and_exit_4_before(
     private_minio: MinioServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -161,6 +162,7 @@ def test_trainer_exits_4_when_the_store_never_answered(
     assert summary["exitCode"] == 4 and "output.location" in summary["error"]
 
 
+@pytest.mark.slow
 def test_trainer_exits_5_when_the_store_goes_away_mid_run(
     assets: Path, private_minio: MinioServer, tmp_path: Path
 ) -> None:
