@@ -60,9 +60,9 @@ def cel_verdict(rule: Rule, job: dict[str, Any]) -> tuple[bool, list[str]]:
     assert not [r for r in results if r.get("error")], (rule.cel, results)
     verdicts = [r["value"] for r in results[:len(selves)]]
     assert all(isinstance(v, bool) for v in verdicts), verdicts
-    messages = [str(r["value"]) for r in results[len(selves):]] if rule.message_expression else [rule.message]
-    refused = [m for v, m in zip(verdicts, messages * len(selves) if not rule.message_expression else messages,
-                                  strict=True) if not v]
+    messages = ([str(r["value"]) for r in results[len(selves):]] if rule.message_expression
+                else [rule.message] * len(selves))
+    refused = [m for v, m in zip(verdicts, messages, strict=True) if not v]
     return all(verdicts), refused
 
 
