@@ -54,18 +54,19 @@ def status_patch(report: ProgressReport, updated_at: str) -> Json:
     return patch
 
 
-def progress_operations(patch: Json, *, progress: bool = True) -> list[Json]:
+def progress_operations(patch: Json, metrics: Json | None = None, *, progress: bool = True) -> list[Json]:
     """The JSON Patch of one progress write: applied only while the job is Running.
 
-    status.metrics exists whenever the phase is Running (status.build_status), so each metric is
-    set on its own and metrics that this write lacks (an earlier evalLoss) are kept. Without
-    `progress`, status.progress is left alone (a resumed run reporting steps it already passed).
+    `metrics`: every metric known for the job (the status's own, then each report's, `merge`d):
+    status.metrics is written whole, so the write needs nothing of the status but its phase, and
+    metrics that this report lacks (an earlier evalLoss) are kept. Without `progress`,
+    status.progress is left alone (a resumed run reporting steps it already passed).
     """
     operations: list[Json] = [{"op": "test", "path": "/status/phase", "value": Phase.RUNNING.value}]
     if progress:
         operations.append({"op": "add", "path": "/status/progress", "value": patch["progress"]})
-    for key, value in (patch.get("metrics") or {}).items():
-        operations.append({"op": "add", "path": f"/status/metrics/{key}", "value": value})
+    if patch.get("metrics"):
+        operations.append({"op": "add", "path": "/status/metrics", "value": metrics or patch["metrics"]})
     return operations
 
 
@@ -113,6 +114,7 @@ class ReportServer:
         # refused at once, and nothing a request carries ever causes an API call.
         self._known: dict[Key, str] = {}
         self._steps: dict[Key, int] = {}  # the highest progress step in each job's status
+        self._metrics: dict[Key, Json] = {}  # every metric known for the job: its status's, then reported
         self._buckets: dict[Key, TokenBucket] = {}
         self._sources: dict[str, TokenBucket] = {}
         self._pending: dict[Key, Json] = {}
@@ -138,16 +140,21 @@ class ReportServer:
         if self._runner is not None:
             await self._runner.cleanup()
 
-    def observe(self, namespace: str, name: str, uid: str, phase: str, step: int | None = None) -> None:
-        """The reconciler wrote this phase: the job (this UID) is known; a finished job's reports
-        are dropped (pending ones too), a running one's accepted. `step` is the progress step in
-        its status: progress never goes below it."""
+    def observe(self, namespace: str, name: str, uid: str, phase: str, status: Json | None = None) -> None:
+        """The reconciler saw the job (this UID) in this phase, with `status` as its status was:
+        the job is known; a finished job's reports are dropped (pending ones too), a running one's
+        accepted. Progress never goes below the status's step, and the status's metrics are kept
+        beside reported ones."""
         key = (namespace, name)
         if self._known.get(key) != uid:
             self._steps.pop(key, None)
+            self._metrics.pop(key, None)
         self._known[key] = uid
+        shown = status or {}
+        step = (shown.get("progress") or {}).get("step")
         if step is not None:
             self._steps[key] = max(step, self._steps.get(key, 0))
+        self._metrics[key] = {**(shown.get("metrics") or {}), **self._metrics.get(key, {})}
         if phase in TERMINAL:
             self._finished.add(key)
             self._pending.pop(key, None)
@@ -158,7 +165,7 @@ class ReportServer:
         """The job was deleted: drop every per-job entry (a job re-created under the name has a new
         UID, hence a new token)."""
         key = (namespace, name)
-        for table in (self._known, self._steps, self._buckets, self._pending, self._last_flush):
+        for table in (self._known, self._steps, self._metrics, self._buckets, self._pending, self._last_flush):
             table.pop(key, None)
         for keys in (self._finished, self._scheduled):
             keys.discard(key)
@@ -237,11 +244,13 @@ class ReportServer:
             return
         step = int(patch["progress"]["step"])
         forward = step >= self._steps.get(key, 0)  # after a resume, steps already shown come again
-        operations = progress_operations(patch, progress=forward)
+        known = {**self._metrics.get(key, {}), **(patch.get("metrics") or {})}
+        operations = progress_operations(patch, known, progress=forward)
         if len(operations) == 1:
             return  # nothing to write: no PATCH
         if self.kube.patch_progress(*key, operations):
             metrics.STATUS_WRITES.labels(source="report").inc()
+            self._metrics[key] = known
             if forward:
                 self._steps[key] = step
         else:

@@ -1,5 +1,9 @@
 """Pure functions: (Job, Pods, previous status) → FineTuneJob status with conditions.
 
+`observe` says what the Job and its pods show (`Observed`); `build_status`, `waiting_status` and
+`refused_status` make the `api.FineTuneJobStatus` to write, the one shape of a status; `as_patch`
+is what goes to the API server.
+
 Level-based: the status is recomputed from what the cluster shows, so an operator that restarts
 (or missed events) writes the same status. Conditions follow the Kubernetes API conventions with
 Ready / Reconciling / Stalled, which kstatus (Flux, Argo CD, kubectl wait) understands.
@@ -16,7 +20,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from kubetune.api import RECONCILING, TERMINAL, Phase
+from kubetune.api import RECONCILING, TERMINAL, FineTuneJobStatus, Phase
 from kubetune.kueue import PREEMPTED, REQUEUED
 from kubetune.render import CONTAINER
 from kubetune_contract.config import (
@@ -273,8 +277,13 @@ def summary_fields(summary: Json) -> Json:
         return {}  # not our trainer's summary: the status keeps what the reports said
 
 
+def as_patch(status: FineTuneJobStatus) -> Json:
+    """The status as a merge patch: the fields it sets, by their API names."""
+    return status.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
 def build_status(observed: Observed, *, previous: Json, generation: int, job_name: str | None,
-                 now: str) -> Json:
+                 now: str) -> FineTuneJobStatus:
     """The complete status to write for an observation."""
     status: Json = {
         "phase": observed.phase.value,
@@ -296,31 +305,22 @@ def build_status(observed: Observed, *, previous: Json, generation: int, job_nam
     # patches leave them alone. The final summary, when there is one, completes them.
     if observed.summary:
         status.update(summary_fields(observed.summary))
-    elif observed.phase == Phase.RUNNING and "metrics" not in previous:
-        status["metrics"] = {}  # progress writes (reports.progress_operations) set metrics one by one
-    return status
+    return FineTuneJobStatus.model_validate(status)
 
 
-def invalid_spec_status(message: str, *, previous: Json, generation: int, now: str,
-                        reason: str = "InvalidSpec") -> Json:
-    """Status of a FineTuneJob whose spec the operator rejects (no Job is created): InvalidSpec, or
-    PolicyViolation when it breaks its preset's limits."""
-    return refused_status(reason, message, previous=previous, generation=generation, now=now)
-
-
-def refused_status(reason: str, message: str, *, previous: Json, generation: int, now: str) -> Json:
+def refused_status(reason: str, message: str, *, previous: Json, generation: int, now: str) -> FineTuneJobStatus:
     """Failed before any Job exists: InvalidSpec, PolicyViolation, or WontFit (the estimate exceeds
     the GPU memory)."""
-    return {
+    return FineTuneJobStatus.model_validate({
         "phase": Phase.FAILED.value,
         "reason": reason,
         "message": message,
         "observedGeneration": generation,
         "conditions": conditions(Phase.FAILED, reason, message, generation, previous.get("conditions") or [], now),
-    }
+    })
 
 
-def waiting_status(reason: str, message: str, *, previous: Json, generation: int, now: str) -> Json:
+def waiting_status(reason: str, message: str, *, previous: Json, generation: int, now: str) -> FineTuneJobStatus:
     """Status while something the pod needs (a Secret, a PVC) does not exist yet."""
     status = {k: v for k, v in previous.items() if k in ("startTime", "attempts", "jobName")}
     status.update({
@@ -330,4 +330,4 @@ def waiting_status(reason: str, message: str, *, previous: Json, generation: int
         "observedGeneration": generation,
         "conditions": conditions(Phase.PENDING, reason, message, generation, previous.get("conditions") or [], now),
     })
-    return status
+    return FineTuneJobStatus.model_validate(status)

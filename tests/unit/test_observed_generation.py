@@ -6,7 +6,7 @@ import copy
 from typing import Any
 
 from kubetune import render
-from kubetune.reconcile import applied_generation
+from kubetune.plan import applied_generation
 
 SPEC: dict[str, Any] = {"model": {"source": "s3://m/"}, "resources": {"gpus": 1}, "suspend": False}
 

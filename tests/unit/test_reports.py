@@ -44,17 +44,42 @@ def test_token_bucket_allows_bursts_then_the_rate() -> None:
 
 def test_progress_write_applies_only_while_running_and_keeps_other_metrics() -> None:
     patch = status_patch(ProgressReport(step=5, total_steps=10, loss=1.5), NOW)
-    operations = progress_operations(patch)
+    operations = progress_operations(patch, {"evalLoss": 0.9, "trainLoss": 1.5})
     assert operations[0] == {"op": "test", "path": "/status/phase", "value": "Running"}
     assert {"op": "add", "path": "/status/progress", "value": patch["progress"]} in operations
-    assert {"op": "add", "path": "/status/metrics/trainLoss", "value": 1.5} in operations
-    assert not any(op["path"] == "/status/metrics" for op in operations)  # evalLoss of an earlier report stays
+    # status.metrics is written whole: it need not exist, and the evalLoss of an earlier report stays
+    assert {"op": "add", "path": "/status/metrics", "value": {"evalLoss": 0.9, "trainLoss": 1.5}} in operations
 
 
 def test_a_step_already_shown_updates_metrics_but_not_progress() -> None:
     patch = status_patch(ProgressReport(step=3, loss=0.5), NOW)
     operations = progress_operations(patch, progress=False)
-    assert [op["path"] for op in operations] == ["/status/phase", "/status/metrics/trainLoss"]
+    assert [op["path"] for op in operations] == ["/status/phase", "/status/metrics"]
+    assert operations[1]["value"] == {"trainLoss": 0.5}
+
+
+def test_the_server_keeps_the_status_metrics_beside_reported_ones() -> None:
+    from kubetune.reports import ReportServer
+
+    class Kube:
+        def __init__(self) -> None:
+            self.written: list[list[dict[str, object]]] = []
+
+        def patch_progress(self, namespace: str, name: str, operations: list[dict[str, object]]) -> bool:
+            self.written.append(operations)
+            return True
+
+    kube = Kube()
+    server = ReportServer(kube, key=b"k", interval=1, rate=1, burst=1)  # type: ignore[arg-type]
+    # an operator that restarted: the status shows an earlier eval; the next report has only a train loss
+    server.observe("ns", "job", "uid", "Running", {"progress": {"step": 4}, "metrics": {"evalLoss": 0.9}})
+    server._write_unless_finished(("ns", "job"), status_patch(ProgressReport(step=5, loss=1.5), NOW))
+    assert kube.written[-1][-1]["value"] == {"evalLoss": 0.9, "trainLoss": 1.5}
+    server._write_unless_finished(("ns", "job"), status_patch(ProgressReport(step=6, eval_loss=0.7), NOW))
+    assert kube.written[-1][-1]["value"] == {"evalLoss": 0.7, "trainLoss": 1.5}
+    server.observe("ns", "job", "other-uid", "Running", {})  # a new job of the same name
+    server._write_unless_finished(("ns", "job"), status_patch(ProgressReport(step=1, loss=2.0), NOW))
+    assert kube.written[-1][-1]["value"] == {"trainLoss": 2.0}
 
 
 def test_status_and_reports_share_the_trainers_event_models() -> None:

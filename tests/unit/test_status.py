@@ -13,6 +13,12 @@ from kubetune.api import Phase
 NOW = "2026-01-01T00:10:00Z"
 
 
+
+def built(observed: status.Observed, **arguments: Any) -> dict[str, Any]:
+    """The status build_status makes, as the API server gets it."""
+    return status.as_patch(status.build_status(observed, **arguments))
+
+
 def job(*conditions: tuple[str, str], suspend: bool = False, **counts: int) -> dict[str, Any]:
     return {
         "metadata": {"name": "j"},
@@ -121,7 +127,7 @@ def conditions_by_type(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
     ("Suspended", "False", "False", "False"),
 ])
 def test_kstatus_conditions(phase: str, ready: str, reconciling: str, stalled: str) -> None:
-    result = status.build_status(status.Observed(Phase(phase), "R", "m"), previous={}, generation=3, job_name="j",
+    result = built(status.Observed(Phase(phase), "R", "m"), previous={}, generation=3, job_name="j",
                                  now=NOW)
     got = conditions_by_type(result)
     assert (got["Ready"]["status"], got["Reconciling"]["status"], got["Stalled"]["status"]) == (
@@ -131,12 +137,12 @@ def test_kstatus_conditions(phase: str, ready: str, reconciling: str, stalled: s
 
 
 def test_transition_time_is_kept_while_a_condition_holds() -> None:
-    first = status.build_status(status.Observed(Phase.RUNNING, "Training", "m"), previous={}, generation=1,
+    first = built(status.Observed(Phase.RUNNING, "Training", "m"), previous={}, generation=1,
                                 job_name="j", now="2026-01-01T00:00:00Z")
-    second = status.build_status(status.Observed(Phase.RUNNING, "Training", "m"), previous=first, generation=1,
+    second = built(status.Observed(Phase.RUNNING, "Training", "m"), previous=first, generation=1,
                                  job_name="j", now="2026-01-01T00:09:00Z")
     assert conditions_by_type(second)["Reconciling"]["lastTransitionTime"] == "2026-01-01T00:00:00Z"
-    third = status.build_status(status.Observed(Phase.SUCCEEDED, "Succeeded", "m"), previous=second, generation=1,
+    third = built(status.Observed(Phase.SUCCEEDED, "Succeeded", "m"), previous=second, generation=1,
                                 job_name="j", now="2026-01-01T00:10:00Z")
     assert conditions_by_type(third)["Ready"]["lastTransitionTime"] == "2026-01-01T00:10:00Z"
 
@@ -145,7 +151,7 @@ def test_success_summary_completes_the_status() -> None:
     observed = status.observe(job(("Complete", "CompletionsReached"), succeeded=1),
                               [pod("Succeeded", terminated={"exitCode": 0, "message": SUMMARY})],
                               suspend=False, queued=False)
-    result = status.build_status(observed, previous={}, generation=1, job_name="j", now=NOW)
+    result = built(observed, previous={}, generation=1, job_name="j", now=NOW)
     assert result["progress"]["percent"] == 100 and result["progress"]["step"] == 40
     assert result["metrics"]["evalLoss"] == 0.7
     assert result["artifacts"]["location"] == "s3://runs/ns/q/"
@@ -156,19 +162,20 @@ def test_success_summary_completes_the_status() -> None:
 def test_times_are_written_as_kubernetes_writes_them() -> None:
     observed = status.Observed(Phase.SUCCEEDED, "Succeeded", "m", start_time="2026-01-01T00:00:00+00:00",
                                completion_time="2026-01-01T01:00:00+00:00")
-    result = status.build_status(observed, previous={}, generation=1, job_name="j", now=NOW)
+    result = built(observed, previous={}, generation=1, job_name="j", now=NOW)
     assert (result["startTime"], result["completionTime"]) == ("2026-01-01T00:00:00Z", "2026-01-01T01:00:00Z")
 
 
 def test_start_time_is_kept_from_the_previous_status() -> None:
-    result = status.build_status(status.Observed(Phase.RUNNING, "Training", "m", start_time="2026-01-02T00:00:00Z"),
+    result = built(status.Observed(Phase.RUNNING, "Training", "m", start_time="2026-01-02T00:00:00Z"),
                                  previous={"startTime": "2026-01-01T00:00:00Z"}, generation=1, job_name="j",
                                  now=NOW)
     assert result["startTime"] == "2026-01-01T00:00:00Z"
 
 
 def test_invalid_spec_status_is_stalled() -> None:
-    result = status.invalid_spec_status("spec.training.batchSize: too big", previous={}, generation=2, now=NOW)
+    result = status.as_patch(status.refused_status("InvalidSpec", "spec.training.batchSize: too big", previous={},
+                                                   generation=2, now=NOW))
     assert (result["phase"], result["reason"]) == ("Failed", "InvalidSpec")
     assert conditions_by_type(result)["Stalled"]["message"] == "spec.training.batchSize: too big"
 
@@ -184,7 +191,7 @@ def test_invalid_spec_status_is_stalled() -> None:
     (Phase.QUEUED, "Waiting", Phase.QUEUED, "Waiting"),
 ])
 def test_an_event_says_what_happened(phase: Phase, reason: str, before: Phase, event: str) -> None:
-    from kubetune.reconcile import event_reason
+    from kubetune.plan import event_reason
 
     assert event_reason(phase, reason, before) == event
 
