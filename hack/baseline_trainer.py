@@ -36,7 +36,8 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from kubetune_contract.config import TrainerConfig, load_config
 from kubetune_trainer import data, sources
-from kubetune_trainer.train import load_datasets, total_steps
+from kubetune_trainer.data import load_datasets
+from kubetune_trainer.steps import total_steps
 
 OPTIMIZERS = {
     "adamw": "adamw_torch_fused",  # Trainer's default with torch >= 2.8

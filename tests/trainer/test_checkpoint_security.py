@@ -16,7 +16,7 @@ import torch
 
 from kubetune_contract.config import TrainerConfig
 from kubetune_trainer import artifacts
-from kubetune_trainer.checkpoints import CHECKPOINT_FILES, config_hash
+from kubetune_trainer.checkpoints import CHECKPOINT_FILES, CheckpointStore, config_hash
 from kubetune_trainer.report import Reporter
 from kubetune_trainer.train import Trainer
 from tests.support.trainer import make_config
@@ -246,6 +246,7 @@ def test_grad_scaler_state_is_checkpointed_and_restored(assets: Path, tmp_path: 
     trainer = Trainer(config_for(assets, tmp_path / "out"), Reporter(tmp_path / "metrics.jsonl"))
     config = trainer.config
     trainer.store = artifacts.open_store(config.output.location, config.run_name, config.storage)
+    trainer.checkpoints = CheckpointStore(trainer.store, config, trainer.work)
     trainer.progress.total_steps = 1
     model = torch.nn.Linear(4, 2)
     optimizer = torch.optim.AdamW(model.parameters())

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kubetune_contract.config import DatasetSpec
+from kubetune_contract.config import DatasetSpec, TrainerConfig
 
+from . import sources
 from .errors import InvalidInput
 
 if TYPE_CHECKING:
@@ -327,3 +328,22 @@ def collate(batch: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
     causal = torch.ones((width, width), dtype=torch.bool).tril()
     mask = (same & causal)[:, None]
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "position_ids": positions}
+
+
+@dataclass
+class Datasets:
+    train: list[Example]
+    validation: list[Example]
+
+
+def load_datasets(config: TrainerConfig) -> Datasets:
+    """Fetch and validate the data files; needs no tokenizer or model."""
+    spec, storage = config.dataset, config.storage
+    train_path = sources.resolve(spec.train, storage)
+    train = load_examples(train_path, spec, spec.train)
+    if spec.validation:
+        validation = load_examples(sources.resolve(spec.validation, storage), spec, spec.validation)
+    else:
+        train, validation = split_examples(train, spec.validation_split, config.training.seed)
+    log.info("data: %d training and %d validation examples", len(train), len(validation))
+    return Datasets(train, validation)

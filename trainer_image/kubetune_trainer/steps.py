@@ -3,6 +3,7 @@ micro-batch (halved on an out-of-memory) and the check of the device's memory be
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -172,3 +173,42 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     """The torch seed of one optimizer step on one rank (dropout masks)."""
     return (seed * 1_000_003 + step * 4099 + rank) % 2**63
 
+
+def out_of_memory_message(config: TrainerConfig, err: BaseException, where: str, micro_batch_size: int,
+                          gradient_checkpointing: bool, estimate: Estimate | None) -> str:
+    """What ran out of memory, where, the estimate's split, and the settings that would fit."""
+    tc = config.training
+    detail = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+    hints = [
+        *([f"quantization int4 (now {config.quantization})"] if config.quantization != "int4" and config.lora.enabled
+          else []),
+        f"a smaller dataset.maxLength (now {config.dataset.max_length})",
+        *([f"a smaller training.batchSize (now {micro_batch_size}; raise training.gradientAccumulation "
+           "to keep the effective batch)"] if micro_batch_size > 1 and not tc.auto_batch else []),
+        *(["training.batchSize: auto with training.globalBatchSize"]
+          if not tc.auto_batch and micro_batch_size > 1 else []),
+        *(["training.gradientCheckpointing: true or auto"] if not gradient_checkpointing else []),
+        "or more GPUs",
+    ]
+    split = ""
+    if estimate is not None:
+        split = (f" (estimated peak {estimate.peak / 2**30:.1f} GiB per GPU: weights {estimate.weights / 2**30:.1f}, "
+                 f"activations {estimate.activations / 2**30:.1f}, logits {estimate.logits / 2**30:.1f} GiB)")
+    return f"out of accelerator memory {where}: {detail}{split}. To fit, try " + ", ".join(hints)
+
+
+def micro_step(engine: Any, batch: dict[str, torch.Tensor], dev: torch.device, precision: Any, scaler: Any,
+               scale: float, weight: float, no_sync: bool) -> torch.Tensor:
+    """Forward and backward of one micro-batch; its detached loss sum times ``weight``. ``scale``
+    weighs its tokens' losses in the step's gradient; ``no_sync``: no gradient all-reduce yet (DDP)."""
+    with contextlib.ExitStack() as stack:
+        if no_sync:
+            stack.enter_context(engine.no_sync())
+        with torch.autocast(dev.type, dtype=precision.dtype, enabled=precision.autocast):
+            logits = engine(
+                input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
+                **({"position_ids": batch["position_ids"].to(dev)} if "position_ids" in batch else {}),
+            ).logits
+        loss_sum = token_loss_sum(logits, batch["labels"].to(dev)) * weight
+        scaler.scale(loss_sum * scale).backward()
+    return loss_sum.detach()
