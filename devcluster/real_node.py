@@ -1,6 +1,6 @@
 """The local cluster's node: kubelet + containerd + a CNI bridge.
 
-devcluster/cluster.py starts the processes (through its ``start_process``, so ``down`` stops them) and
+devcluster/cluster.py starts the processes (through ``processes.start_process``, so ``down`` stops them) and
 calls this module for the rest: the Debian packages (hack/install-node-tools.sh), the pause image
 (hack/pause, built once into the tool cache), containerd's, the kubelet's, kube-proxy's and
 CoreDNS's configuration, the stand-in GPU capacity, and what the kubelet, containerd and

@@ -11,7 +11,7 @@
 #                          WebhookConfigurations, pointing at a Service that devcluster/cluster.py
 #                          replaces with a loopback URL
 #
-# devcluster/cluster.py starts it (see `start_kueue` there); the CRDs are large, apply them server-side.
+# devcluster/kueue.py starts it (see `start_kueue` there); the CRDs are large, apply them server-side.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 module=sigs.k8s.io/kueue

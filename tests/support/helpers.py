@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import pytest
 import yaml
 
-from devcluster.cluster import free_ports
+from devcluster.processes import free_ports
 
 REPO = Path(__file__).resolve().parents[2]
 # `python -m devcluster …`: the local cluster's command line (the repository root is the package's parent).

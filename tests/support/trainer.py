@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from devcluster import cluster
+from devcluster import binaries, processes
 from kubetune_contract.config import TrainerConfig
 from tests.support.helpers import wait_for
 
@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def minio_binary() -> Path:
     """The MinIO server the local cluster runs (hack/build-binaries.sh builds it once, if missing)."""
-    return Path(cluster.find_binaries().minio)
+    return Path(binaries.find_binaries().minio)
 
 
 def tiny_config(assets: Path, location: Path | str, **sections: dict[str, Any]) -> dict[str, Any]:
@@ -62,7 +62,7 @@ class MinioServer:
 
     def __init__(self, binary: Path, root: Path, access_key: str | None = None, secret_key: str | None = None) -> None:
         self.binary, self.data, self.log = binary, root / "data", root / "minio.log"
-        self.port, self.console_port = cluster.free_ports(2)
+        self.port, self.console_port = processes.free_ports(2)
         self.endpoint = f"127.0.0.1:{self.port}"
         self.access_key = access_key or "test-" + secrets.token_hex(4)
         self.secret_key = secret_key or secrets.token_urlsafe(18)
