@@ -232,6 +232,8 @@ class Operator:
             self.generations.pop(uid, None)
             if self._reconciler is not None:
                 self._reconciler.estimates.forget(uid)
+                if namespace:
+                    self._reconciler.forget(namespace, name)
             if namespace:
                 metrics.forget(namespace, name)
                 if self.server is not None:

@@ -7,7 +7,8 @@ and its Pods.
 
 The decision is the pure `plan.plan(world)`; this module reads what it asks for (`plan.Need`),
 then performs its actions in order (`Reconciler._act`). With the operator's watch caches, a pass
-first plans on cached objects only: when that plan is empty, the pass costs no request.
+plans on the cached FineTuneJob, Job and Pods: an empty plan costs no request, and the FineTuneJob
+is read afresh only to create or remove children, or while the cache lags a status it wrote.
 """
 
 from __future__ import annotations
@@ -53,10 +54,6 @@ class Cache(Children, Protocol):
     def get_finetunejob(self, namespace: str, name: str) -> Json | None: ...
 
 
-class Uncached(Exception):
-    """A plan on cached objects needs a fact only the API has: plan again on a fresh read."""
-
-
 class Reconciler:
     """Reconciles FineTuneJobs, one pass at a time per object.
 
@@ -77,6 +74,7 @@ class Reconciler:
         self._dirty: set[tuple[str, str]] = set()
         self.fetch_config: Callable[[str, StorageSpec, str | None], Json] = preflight.remote_config
         self.estimates = preflight.Estimates()  # GPU memory checks: network reads off the reconcile path
+        self._written: dict[tuple[str, str], tuple[str, Json]] = {}  # key → (uid, the status fields last written)
 
     @property
     def children(self) -> Children:
@@ -118,13 +116,14 @@ class Reconciler:
     def _once(self, namespace: str, name: str, fresh: bool = False) -> None:
         started = time.monotonic()
         try:
-            if not fresh and self._settled(namespace, name):
+            facts: dict[plan.Fact, Any] = {}
+            if not fresh and self._from_cache(namespace, name, facts):
                 return
             metrics.RECONCILES.labels(kind="full").inc()
             ftj = self.kube.get_finetunejob(namespace, name)
             if ftj is None or ftj["metadata"].get("deletionTimestamp"):
                 return
-            self._act(self._plan(ftj, cached=False), ftj)
+            self._act(self._plan(ftj, facts), ftj)
         except Retry:
             raise
         except Exception as error:
@@ -133,34 +132,41 @@ class Reconciler:
         finally:
             metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
 
-    def _settled(self, namespace: str, name: str) -> bool:
-        """True when the plan on the cached FineTuneJob, Job and Pods has nothing to do."""
+    def _from_cache(self, namespace: str, name: str, facts: dict[plan.Fact, Any]) -> bool:
+        """A pass on the cached FineTuneJob, as a controller reconciles from its informer's cache;
+        True when it is done. False when the FineTuneJob must be read afresh first: the cache lags
+        a status this operator wrote (acting on it would tell a transition twice), or the plan
+        creates or removes children (done only on a FineTuneJob read afresh). `facts` keeps what was
+        read for the fresh pass."""
         cached = self.cache.get_finetunejob(namespace, name) if self.cache is not None else None
-        if cached is None or cached["metadata"].get("deletionTimestamp"):
+        if cached is None or cached["metadata"].get("deletionTimestamp") or self._lags(cached):
             return False
-        try:
-            planned = self._plan(cached, cached=True)
-        except Uncached:
+        planned = self._plan(cached, facts)
+        if any(isinstance(action, plan.Create | plan.DeleteChildren) for action in planned.actions):
             return False
-        if planned.actions:
-            return False  # act only on a FineTuneJob read afresh
-        metrics.RECONCILES.labels(kind="cached").inc()
-        self._observed(cached, planned)
-        if planned.retry:
-            raise Retry(*planned.retry)
+        metrics.RECONCILES.labels(kind="cached" if not planned.actions else "full").inc()
+        self._act(planned, cached)
         return True
 
-    def _plan(self, ftj: Json, *, cached: bool) -> Plan:
-        """Plan, reading each fact the plan asks for (from the caches only when `cached`)."""
+    def _lags(self, ftj: Json) -> bool:
+        """The FineTuneJob does not show yet the status this operator last wrote for it."""
+        meta = ftj["metadata"]
+        uid, written = self._written.get((meta["namespace"], meta["name"]), ("", {}))
+        shown = ftj.get("status") or {}
+        return uid == meta["uid"] and any(shown.get(key) != value for key, value in written.items())
+
+    def forget(self, namespace: str, name: str) -> None:
+        """The FineTuneJob is gone: drop what was kept about it."""
+        self._written.pop((namespace, name), None)
+
+    def _plan(self, ftj: Json, facts: dict[plan.Fact, Any]) -> Plan:
+        """Plan, reading each fact the plan asks for (and keeping it in `facts`)."""
         meta = ftj["metadata"]
         job = self.children.get_job(meta["namespace"], render.job_name(meta["name"]))
-        facts: dict[plan.Fact, Any] = {}
         while True:
             try:
                 return plan.plan(World(ftj, job, now(), self.settings, facts))
             except plan.Need as need:
-                if cached and not need.fact.cached:
-                    raise Uncached(need.fact) from None
                 facts[need.fact] = self._read(need.fact, ftj)
 
     def _read(self, fact: plan.Fact, ftj: Json) -> Any:
@@ -224,8 +230,12 @@ class Reconciler:
                 case plan.DeleteChildren(namespace, name, uid):
                     self.kube.delete_children(namespace, name, uid)
                 case plan.WriteStatus(new):
-                    self.kube.patch_status(meta["namespace"], meta["name"], status.as_patch(new))
+                    patch = status.as_patch(new)
+                    self.kube.patch_status(meta["namespace"], meta["name"], patch)
                     metrics.STATUS_WRITES.labels(source="reconcile").inc()
+                    key = (meta["namespace"], meta["name"])
+                    uid, before = self._written.get(key, ("", {}))
+                    self._written[key] = (meta["uid"], {**(before if uid == meta["uid"] else {}), **patch})
                     if new.phase is not None:
                         log.info("%s/%s: %s (%s) %s", meta["namespace"], meta["name"], new.phase.value,
                                  new.reason, new.message)

@@ -1,5 +1,6 @@
-"""reconcile.Reconciler with watch caches: a pass that would change nothing makes no API request;
-one that would act reads the FineTuneJob afresh first."""
+"""reconcile.Reconciler with watch caches: a pass that would change nothing makes no API request; one
+that acts does so on the cached FineTuneJob, unless the cache lags a status the operator wrote or the
+pass would create children: then it reads the FineTuneJob afresh first."""
 
 from __future__ import annotations
 
@@ -68,6 +69,10 @@ class RecordingKube:
     def event(self, owner: Json, kind: str, reason: str, message: str) -> None:
         self.calls.append(f"event {reason}")
 
+    def get_namespace(self, name: str) -> Json:
+        self.calls.append("get_namespace")
+        return {"metadata": {"name": name}}
+
 
 def settled(pods: list[Json]) -> tuple[RecordingKube, Cache, Reconciler]:
     """A reconciler with watch caches after one full pass, its status written and seen on the watch."""
@@ -81,7 +86,7 @@ def settled(pods: list[Json]) -> tuple[RecordingKube, Cache, Reconciler]:
     return kube, cache, reconciler
 
 
-def test_a_pass_with_nothing_to_change_makes_no_request_and_a_change_reads_afresh() -> None:
+def test_a_pass_with_nothing_to_change_makes_no_request_and_a_change_is_written_from_the_cache() -> None:
     kube, cache, reconciler = settled([pod("Pending")])
     assert kube.stored["status"]["phase"] == "Pending"
 
@@ -90,15 +95,17 @@ def test_a_pass_with_nothing_to_change_makes_no_request_and_a_change_reads_afres
 
     cache.pods = [pod("Running")]
     reconciler("ns", "job")
-    assert kube.calls[:2] == ["get_finetunejob", "patch_status"]
+    assert kube.calls == ["patch_status", "event Started"], "no read of the FineTuneJob: the cache is current"
     assert kube.stored["status"]["phase"] == "Running"
 
 
 def test_a_stale_cached_status_leads_to_a_fresh_read_not_a_blind_write() -> None:
-    kube, cache, reconciler = settled([pod("Running")])
-    cache.ftj = finetunejob({"phase": "Pending"})  # the cache lags a write the operator made
-    reconciler("ns", "job")
-    assert kube.calls == ["get_finetunejob"], "the fresh read shows the status is current: no write"
+    kube, cache, reconciler = settled([pod("Pending")])
+    cache.pods = [pod("Running")]
+    reconciler("ns", "job")  # writes Running
+    kube.calls.clear()
+    reconciler("ns", "job")  # the watch has not brought the write back: the cache still shows Pending
+    assert kube.calls == ["get_finetunejob"], "the fresh read shows the status is current: no second write"
 
 
 def test_fresh_passes_always_read_the_finetunejob() -> None:
@@ -115,7 +122,8 @@ def test_a_job_without_its_training_job_is_never_settled_from_the_cache() -> Non
     reconciler.cache = cache
     with pytest.raises(AttributeError):  # the test double stops the pass at its first create-path call
         reconciler("ns", "job")
-    assert kube.calls == ["get_finetunejob"], "children are created only after a fresh read"
+    assert kube.calls == ["get_namespace", "get_finetunejob"], \
+        "children are created only after a fresh read (the namespace read for the plan is not repeated)"
 
 
 @pytest.mark.parametrize("phase", ["Succeeded", "Failed"])
