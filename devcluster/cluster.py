@@ -55,7 +55,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from devcluster import DNS_SERVICE_IP, REPO, SERVICE_CIDR, log, real_node, tools
+from devcluster import DNS_SERVICE_IP, REPO, SERVICE_CIDR, log, node_cleanup, real_node, tools
 from devcluster.binaries import Binaries, build_dir, find_binaries
 from devcluster.control_plane import start_apiserver, start_controllers, start_etcd, start_minio, start_registry
 from devcluster.kueue import find_kueue, install_kueue, kueue_ready, start_kueue
@@ -385,7 +385,7 @@ def cluster_down(paths: Paths, keep_logs: bool = True, grace_s: float = 10.0) ->
                     poll_until(functools.partial(exited, record), grace_s, "kubelet to stop")
                 if record.alive():
                     signal_group(record.pid, signal.SIGKILL)
-        real_node.stop_pods(node)
+        node_cleanup.stop_pods(node)
     # The storage last.
     for record in reversed(records):
         signal_group(record.pid, signal.SIGTERM)
@@ -402,7 +402,7 @@ def cluster_down(paths: Paths, keep_logs: bool = True, grace_s: float = 10.0) ->
     for mountpoint in _mounts_below(paths.root):
         subprocess.run(["umount", "-l", mountpoint], check=False, stderr=subprocess.DEVNULL)
     if node.root.exists():
-        real_node.cleanup(node, kube_proxy=build_dir() / "kube-proxy")
+        node_cleanup.cleanup(node, kube_proxy=build_dir() / "kube-proxy")
     shutil.rmtree(paths.data, ignore_errors=True)
     shutil.rmtree(paths.pvs, ignore_errors=True)
     paths.state.unlink(missing_ok=True)

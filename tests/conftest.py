@@ -29,7 +29,7 @@ import pytest
 import yaml
 
 from devcluster import images as images_lib
-from devcluster import real_node
+from devcluster import node_cleanup
 from tests.support.helpers import REPO, Cluster, Node, devcluster, wait_for
 
 MINIO_KEYS = ("MINIO_ENDPOINT", "MINIO_ACCESS_KEY", "MINIO_SECRET_KEY")
@@ -89,7 +89,7 @@ def cluster() -> Iterator[Cluster]:
             assert down.returncode == 0, down.stderr[-3000:]
             # `down` leaves nothing of the node behind: pods, cgroups, mounts, the bridge, iptables
             # chains (IPv4 and IPv6), CoreDNS's port 53, the shims' sockets, the node's processes.
-            assert real_node.leftovers(state_dir, real_node_started) == []
+            assert node_cleanup.leftovers(state_dir, real_node_started) == []
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from devcluster import real_node, seed_demo
+from devcluster import node_cleanup, real_node, seed_demo
 from devcluster.demo import chart_values
 from tests.support.helpers import REPO, Cluster, devcluster, wait_for
 from tests.support.jobs import published
@@ -181,7 +181,7 @@ def test_killed_kubelet_is_restarted_by_up_and_its_running_pod_lives_on(
     [before] = node_cluster.get("pod", "survivor", "-n", ns)["status"]["containerStatuses"]
     processes = json.loads((node_cluster.dir / "cluster.json").read_text())["processes"]
     [kubelet] = [p["pid"] for p in processes if p["name"] == "kubelet"]
-    sleepers = real_node.pod_pids()
+    sleepers = node_cleanup.pod_pids()
 
     os.kill(kubelet, signal.SIGKILL)
     up = devcluster("up", "--dir", str(node_cluster.dir), timeout=300)
@@ -189,7 +189,7 @@ def test_killed_kubelet_is_restarted_by_up_and_its_running_pod_lives_on(
 
     processes = json.loads((node_cluster.dir / "cluster.json").read_text())["processes"]
     assert [p["pid"] for p in processes if p["name"] == "kubelet"] != [kubelet]
-    assert sleepers <= real_node.pod_pids()  # no pod process was stopped
+    assert sleepers <= node_cleanup.pod_pids()  # no pod process was stopped
     [after] = node_cluster.get("pod", "survivor", "-n", ns)["status"]["containerStatuses"]
     assert after["containerID"] == before["containerID"] and after["restartCount"] == 0 and "running" in after["state"]
     assert node_cluster.get("node", "kubetune-local")["status"]["allocatable"]["nvidia.com/gpu"] == "2"

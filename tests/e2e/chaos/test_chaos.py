@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from devcluster import real_node
+from devcluster import node_cleanup
 from kubetune_contract.config import StorageSpec
 from kubetune_trainer.artifacts import verify_manifest
 from tests.support.helpers import devcluster, wait_for
@@ -208,7 +208,7 @@ def test_training_container_sigkilled_three_times(cluster: Any, namespace: str, 
                      message=f"step {target}")
             # SIGKILL to the container's processes, from the node: the kubelet gives a deleted pod's
             # container SIGTERM first (even with --grace-period=0), and the trainer then checkpoints.
-            for pid in real_node.container_pids(pod["status"]["containerStatuses"][0]["containerID"]):
+            for pid in node_cleanup.container_pids(pod["status"]["containerStatuses"][0]["containerID"]):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             wait_for(log.ended, timeout=120, message=f"the log stream of {pod_name} to end with its container")
