@@ -13,8 +13,8 @@ RECONCILE_SECONDS = Histogram(
     "kubetune_reconcile_duration_seconds", "Time of one reconcile of a FineTuneJob",
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
-RECONCILES = Counter("kubetune_reconciles_total", "Reconciles of FineTuneJobs: 'cached' found nothing to do "
-                     "in the watch caches (no request), 'full' read the FineTuneJob and acted", ["kind"])
+RECONCILES = Counter("kubetune_reconciles_total", "Reconciles of FineTuneJobs: 'cached' planned nothing to do "
+                     "on the watch caches, 'full' acted or read the FineTuneJob afresh", ["kind"])
 RECONCILE_ERRORS = Counter("kubetune_reconcile_errors_total", "Reconciles that raised an error", ["kind"])
 REPORTS = Counter("kubetune_reports_total", "Progress reports from trainers, by result", ["result"])
 API_REQUESTS = Counter("kubetune_api_requests_total", "Kubernetes API requests of the reconciler and the report "
