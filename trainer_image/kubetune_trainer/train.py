@@ -58,8 +58,9 @@ OUT_OF_MEMORY_ERRORS: tuple[type[BaseException], ...] = (
 
 
 @dataclass
-class Progress:
-    """Where the run is; also read by ``__main__`` to describe a failure."""
+class RunState:
+    """Where the run is, and the progress events so far (kubetune_contract.events.ProgressReport as
+    JSON); also read by ``__main__`` to describe a failure."""
 
     step: int = 0
     total_steps: int | None = None
@@ -86,7 +87,7 @@ class Trainer:
     ) -> None:
         self.config = config
         self.world = world if world is not None else distributed.world_from_env()
-        self.progress = Progress()
+        self.progress = RunState()
         self.work = Path(tempfile.mkdtemp(prefix="kubetune-run-"))
         self.reporter = reporter or Reporter()
         if self.reporter.metrics_path is None:
