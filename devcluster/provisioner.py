@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import shutil
 import signal
 import threading
 from pathlib import Path
+from typing import Any, cast
 
-from devcluster.kube_http import ApiError, Kube
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
 
 STORAGE_CLASS = "kubetune-local"
 PROVISIONER = "kubetune.io/local-path"
@@ -25,18 +28,25 @@ POLL_S = 2.0
 log = logging.getLogger("provisioner")
 
 
+def items(response: Any) -> list[dict[str, Any]]:
+    """The items of a list answer read raw (no model objects)."""
+    found: list[dict[str, Any]] = json.loads(response.data)["items"]
+    return found
+
+
 class Provisioner:
-    def __init__(self, kube: Kube, pv_dir: Path) -> None:
-        self.kube, self.pv_dir = kube, pv_dir
+    def __init__(self, api: client.ApiClient, pv_dir: Path) -> None:
+        self.core, self.storage, self.pv_dir = client.CoreV1Api(api), client.StorageV1Api(api), pv_dir
 
     def ensure_storage_class(self) -> None:
-        body = {"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
-                "metadata": {"name": STORAGE_CLASS,
-                             "annotations": {"storageclass.kubernetes.io/is-default-class": "true"}},
-                "provisioner": PROVISIONER, "reclaimPolicy": "Delete", "volumeBindingMode": "Immediate"}
+        body: dict[str, Any] = {
+            "apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
+            "metadata": {"name": STORAGE_CLASS, "annotations": {"storageclass.kubernetes.io/is-default-class": "true"}},
+            "provisioner": PROVISIONER, "reclaimPolicy": "Delete", "volumeBindingMode": "Immediate",
+        }
         try:
-            self.kube.create("/apis/storage.k8s.io/v1/storageclasses", body)
-        except ApiError as error:
+            self.storage.create_storage_class(cast(Any, body), _request_timeout=30)
+        except ApiException as error:
             if error.status != 409:
                 raise
 
@@ -49,7 +59,8 @@ class Provisioner:
                 log.warning("provisioner: %s", error)
 
     def provision_once(self) -> None:
-        for claim in self.kube.get("/api/v1/persistentvolumeclaims")["items"]:
+        claims = self.core.list_persistent_volume_claim_for_all_namespaces(_preload_content=False, _request_timeout=30)
+        for claim in items(claims):
             meta, spec = claim["metadata"], claim["spec"]
             if spec.get("storageClassName") != STORAGE_CLASS or spec.get("volumeName"):
                 continue
@@ -58,7 +69,7 @@ class Provisioner:
             directory = self.pv_dir / meta["namespace"] / meta["name"]
             directory.mkdir(parents=True, exist_ok=True)
             directory.chmod(0o777)  # any pod user may write, as on a fresh volume of most provisioners
-            volume = {
+            volume: dict[str, Any] = {
                 "apiVersion": "v1", "kind": "PersistentVolume",
                 "metadata": {"name": f"pvc-{meta['uid']}",
                              "annotations": {"pv.kubernetes.io/provisioned-by": PROVISIONER}},
@@ -71,16 +82,16 @@ class Provisioner:
                                  "name": meta["name"], "uid": meta["uid"]},
                 },
             }
-            with contextlib.suppress(ApiError):
-                self.kube.create("/api/v1/persistentvolumes", volume)
-        for volume in self.kube.get("/api/v1/persistentvolumes")["items"]:
+            with contextlib.suppress(ApiException):
+                self.core.create_persistent_volume(cast(Any, volume), _request_timeout=30)
+        for volume in items(self.core.list_persistent_volume(_preload_content=False, _request_timeout=30)):
             annotations = volume["metadata"].get("annotations", {})
             if annotations.get("pv.kubernetes.io/provisioned-by") != PROVISIONER:
                 continue
             if volume.get("status", {}).get("phase") in ("Released", "Failed"):
                 shutil.rmtree(volume["spec"]["hostPath"]["path"], ignore_errors=True)
-                with contextlib.suppress(ApiError):
-                    self.kube.delete(f"/api/v1/persistentvolumes/{volume['metadata']['name']}")
+                with contextlib.suppress(ApiException):
+                    self.core.delete_persistent_volume(volume["metadata"]["name"], _request_timeout=30)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -89,7 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pv-dir", type=Path, required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    provisioner = Provisioner(Kube(args.kubeconfig), args.pv_dir)
+    api = config.new_client_from_config(config_file=str(args.kubeconfig))  # type: ignore[no-untyped-call]
+    provisioner = Provisioner(api, args.pv_dir)
     provisioner.ensure_storage_class()
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from kubetune_contract.config import StorageSpec
-from kubetune_trainer.errors import InvalidInput, SourceUnavailable
-from kubetune_trainer.sources import PVC_MOUNT_ROOT, cache_path, resolve
+from kubetune_trainer.errors import InvalidInput, SourceUnavailable, StoreUnavailable
+from kubetune_trainer.sources import PVC_MOUNT_ROOT, cache_path, resolve, retrying
 from tests.support.trainer import MinioServer
 
 pytestmark = pytest.mark.trainer
@@ -173,3 +173,34 @@ def test_a_pvc_source_cannot_leave_its_claim(tmp_path: Path, monkeypatch: pytest
             resolve(uri, StorageSpec())
     with pytest.raises(InvalidInput, match=r"leaves its claim|system path"):
         resolve("pvc://data/environ", StorageSpec())
+
+
+def test_store_retries_heal_a_transient_error_give_up_after_the_window_and_never_retry_a_wrong_request() -> None:
+    answers: list[BaseException | str] = [ConnectionError("refused"), TimeoutError("slow"), "ok"]
+
+    def flaky() -> str:
+        answer = answers.pop(0)
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+    assert retrying("list s3://b/k", flaky, window=30) == "ok"
+
+    def down() -> str:
+        raise ConnectionError("connection refused")
+
+    with pytest.raises(StoreUnavailable, match=r"upload s3://b/k: object store unreachable for 0.6s "
+                                              r"\(KUBETUNE_STORE_RETRY_SECONDS\): ConnectionError") as gave_up:
+        retrying("upload s3://b/k", down, window=0.6, unavailable=StoreUnavailable)
+    assert isinstance(gave_up.value.__cause__, ConnectionError)
+
+    calls = []
+
+    def wrong() -> str:
+        calls.append(1)
+        raise PermissionError("AccessDenied")
+
+    with pytest.raises(PermissionError):
+        retrying("get s3://b/k", wrong, window=30)
+    assert calls == [1], "an error that is not transient is raised at once"
+

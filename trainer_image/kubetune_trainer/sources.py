@@ -97,26 +97,33 @@ def is_transient(err: BaseException) -> bool:
 
 def retrying(what: str, operation: Callable[[], T], window: float,
              unavailable: Callable[[str], TrainerError] = SourceUnavailable) -> T:
-    """Run ``operation``, retrying transient object-store errors with exponential backoff for
-    ``window`` seconds; then raise ``unavailable(message)``. Other errors propagate at once."""
+    """Run ``operation``, retrying transient object-store errors (`is_transient`) with exponential
+    backoff (tenacity) for ``window`` seconds, the last pause cut to what is left; then raise
+    ``unavailable(message)``. Other errors propagate at once."""
+    import tenacity
+
     deadline = time.monotonic() + window
-    delay = RETRY_FIRST_DELAY_S
-    while True:
-        try:
-            return operation()
-        except Exception as err:
-            if not is_transient(err):
-                raise
-            reason = f"{type(err).__name__}: {err}"[:500]
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise unavailable(
-                    f"{what}: object store unreachable for {window:g}s ({STORE_RETRY_ENV}): {reason}"
-                ) from err
-            pause = min(delay, left)
-            log.warning("%s: object store unreachable (%s); retrying in %.1fs, %.0fs left", what, reason, pause, left)
-            time.sleep(pause)
-            delay = min(delay * 2, RETRY_MAX_DELAY_S)
+    backoff = tenacity.wait_exponential(multiplier=RETRY_FIRST_DELAY_S, max=RETRY_MAX_DELAY_S)
+
+    def reason(err: BaseException | None) -> str:
+        return f"{type(err).__name__}: {err}"[:500]
+
+    def pause(state: tenacity.RetryCallState) -> float:
+        return min(backoff(state), max(deadline - time.monotonic(), 0.0))
+
+    def warn(state: tenacity.RetryCallState) -> None:
+        log.warning("%s: object store unreachable (%s); retrying in %.1fs, %.0fs left", what,
+                    reason(state.outcome.exception() if state.outcome is not None else None),
+                    state.upcoming_sleep, deadline - time.monotonic())
+
+    retryer = tenacity.Retrying(retry=tenacity.retry_if_exception(is_transient), wait=pause,
+                                stop=lambda state: time.monotonic() >= deadline, before_sleep=warn)
+    try:
+        return retryer(operation)
+    except tenacity.RetryError as gave_up:
+        last = gave_up.last_attempt.exception()
+        raise unavailable(f"{what}: object store unreachable for {window:g}s ({STORE_RETRY_ENV}): {reason(last)}") \
+            from last
 
 
 def cache_dir() -> Path:
