@@ -1,6 +1,6 @@
 """The practitioners' baseline for the trainer benchmarks: transformers.Trainer + peft.
 
-    python hack/baseline_trainer.py --config CONFIG.yaml --out result.json
+    python hack/baseline_trainer.py --config CONFIG.yaml --out result.json [--census census.json]
 
 Trains what a KubeTune trainer config describes the way it is usually written by hand:
 ``BitsAndBytesConfig`` → ``from_pretrained`` → ``prepare_model_for_kbit_training`` (int8/int4) →
@@ -35,7 +35,7 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from kubetune_contract.config import TrainerConfig, load_config
-from kubetune_trainer import data, sources
+from kubetune_trainer import census, data, sources
 from kubetune_trainer.data import load_datasets
 from kubetune_trainer.steps import total_steps
 
@@ -110,6 +110,17 @@ class StepClock(TrainerCallback):
         """Tokens and seconds of the window (steps ``start + 1`` to ``end``)."""
         (t0, n0), (t1, n1) = self.marks[self.start], self.marks[self.end]
         return n1 - n0, t1 - t0
+
+
+class Census(TrainerCallback):
+    """The memory census of the first steps (kubetune_trainer.census), as the KubeTune trainer takes it."""
+
+    def __init__(self, path: Path) -> None:
+        self.record = census.recorder(path)
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    **kwargs: Any) -> None:
+        self.record(state.global_step, kwargs["model"], kwargs["optimizer"])
 
 
 class SampleDataset(torch.utils.data.Dataset[data.Sample]):
@@ -208,7 +219,7 @@ def peak_memory_bytes() -> tuple[int, str]:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "peak RSS"
 
 
-def run_baseline(config: TrainerConfig) -> dict[str, Any]:
+def run_baseline(config: TrainerConfig, census_path: Path | None = None) -> dict[str, Any]:
     """Train ``config`` with transformers.Trainer + peft; return its throughput and peak memory."""
     import peft
     import transformers
@@ -242,7 +253,7 @@ def run_baseline(config: TrainerConfig) -> dict[str, Any]:
             train_dataset=SampleDataset(train_samples),
             data_collator=collator,
             processing_class=tokenizer,
-            callbacks=[clock],
+            callbacks=[clock, *([Census(census_path)] if census_path else [])],
         )
         train_output = trainer.train()
         eval_metrics = trainer.evaluate(SampleDataset(val_samples))
@@ -271,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, type=Path, help="a KubeTune trainer config (YAML or JSON)")
     parser.add_argument("--out", required=True, type=Path, help="where to write the result (JSON)")
+    parser.add_argument("--census", type=Path, help="where to write the memory census of the first steps (JSON)")
     args = parser.parse_args(argv)
     config = load_config(args.config)
     auto = [name for name, value in (("training.batchSize", config.training.batch_size),
@@ -280,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.config}: {', '.join(auto)}: auto is not supported by the baseline; give a fixed value",
               file=sys.stderr)
         return 3
-    result = run_baseline(config)
+    result = run_baseline(config, args.census)
     if not math.isfinite(result["tokensPerSecond"]) or result["tokensPerSecond"] <= 0:
         print(f"no throughput measured: {result['window']}", file=sys.stderr)
         return 1

@@ -59,9 +59,15 @@ def run_json(command: list[str], result: Path, env: dict[str, str]) -> dict[str,
 def run_trainer(config: dict[str, Any], work: Path, name: str) -> dict[str, Any]:
     """Run the trainer CLI on ``config``; return its summary (from the termination message)."""
     cfg_path = write_config(config, work, name)
-    summary_path = work / f"{name}.summary.json"
-    return run_json([sys.executable, "-m", "kubetune_trainer", "--config", str(cfg_path)], summary_path,
-                    run_env(work, KUBETUNE_TERMINATION_LOG=str(summary_path)))
+    summary_path, census_path = work / f"{name}.summary.json", work / f"{name}.census.json"
+    summary = run_json([sys.executable, "-m", "kubetune_trainer", "--config", str(cfg_path)], summary_path,
+                       run_env(work, KUBETUNE_TERMINATION_LOG=str(summary_path), KUBETUNE_CENSUS_FILE=str(census_path)))
+    return with_census(summary, census_path)
+
+
+def with_census(result: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The result with the memory census of its first steps (kubetune_trainer.census), when written."""
+    return {**result, "census": json.loads(path.read_text())} if path.is_file() else result
 
 
 def kubetune_result(summary: dict[str, Any]) -> dict[str, Any]:
@@ -83,15 +89,17 @@ def kubetune_result(summary: dict[str, Any]) -> dict[str, Any]:
         "evalLoss": summary["metrics"]["evalLoss"],
         "trainLoss": summary["metrics"]["trainLoss"],
         "wallSeconds": summary["wallSeconds"],
+        **({"census": summary["census"]} if "census" in summary else {}),
     }
 
 
 def run_baseline(config: dict[str, Any], work: Path, name: str) -> dict[str, Any]:
     """Run hack/baseline_trainer.py (transformers.Trainer + peft) on ``config``; return its result."""
     cfg_path = write_config(config, work, f"{name}.baseline")
-    out = work / f"{name}.baseline.json"
-    return run_json([sys.executable, str(HERE / "baseline_trainer.py"), "--config", str(cfg_path), "--out", str(out)],
-                    out, run_env(work))
+    out, census_path = work / f"{name}.baseline.json", work / f"{name}.baseline.census.json"
+    result = run_json([sys.executable, str(HERE / "baseline_trainer.py"), "--config", str(cfg_path), "--out", str(out),
+                       "--census", str(census_path)], out, run_env(work))
+    return with_census(result, census_path)
 
 
 def compare(config: dict[str, Any], work: Path, name: str, repeat: int = 1) -> dict[str, dict[str, Any]]:

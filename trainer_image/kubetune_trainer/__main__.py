@@ -30,11 +30,15 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from .distributed import World, world_from_env
 from .errors import EXIT_FAILED, EXIT_INVALID, EXIT_OK, RunFailed, TrainerError
 from .report import Reporter, write_termination_message
+
+CENSUS_ENV = "KUBETUNE_CENSUS_FILE"
+"""Where rank 0 writes the memory census of the first steps (kubetune_trainer.census), when set."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -87,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, yaml.YAMLError) as err:  # unreadable file, YAML/JSON syntax, bad --set
         return fail(log, f"{args.config}: invalid config: {err}", EXIT_INVALID, world=world)
 
+    from . import census
     from .train import Trainer
 
     # Only rank 0 reports: the other ranks' events would repeat its own.
@@ -94,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     trainer: Trainer | None = None
     try:
         trainer = Trainer(config, reporter, world)
+        if os.environ.get(CENSUS_ENV) and world.is_main:
+            trainer.after_step = census.recorder(Path(os.environ[CENSUS_ENV]))
         result = trainer.run()
     except RunFailed as err:
         code = fail(log, str(err), err.exit_code, trainer, reporter, world=world)

@@ -174,6 +174,12 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 4099 + rank) % 2**63
 
 
+OUT_OF_MEMORY_ERRORS: tuple[type[BaseException], ...] = (
+    torch.cuda.OutOfMemoryError, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+)
+"""torch.cuda.OutOfMemoryError and, where torch has it, the device-independent torch.OutOfMemoryError."""
+
+
 def out_of_memory_message(config: TrainerConfig, err: BaseException, where: str, micro_batch_size: int,
                           gradient_checkpointing: bool, estimate: Estimate | None) -> str:
     """What ran out of memory, where, the estimate's split, and the settings that would fit."""

@@ -19,6 +19,7 @@ import signal
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from .errors import InvalidInput, OutOfMemory, Terminated
 from .outputs import FinalModel
 from .report import Reporter
 from .steps import (
+    OUT_OF_MEMORY_ERRORS,
     DataOrder,
     DeviceMemory,
     check_device_memory,
@@ -51,10 +53,6 @@ from .steps import (
 
 log = logging.getLogger(__name__)
 
-OUT_OF_MEMORY_ERRORS: tuple[type[BaseException], ...] = (
-    torch.cuda.OutOfMemoryError, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
-)
-"""torch.cuda.OutOfMemoryError and, where torch has it, the device-independent torch.OutOfMemoryError."""
 
 
 @dataclass
@@ -110,6 +108,7 @@ class Trainer:
         a GPU, no limit on the CPU."""
         self.checkpoints: CheckpointStore | None = None
         """The run's checkpoints in the store (opened with it)."""
+        self.after_step: Callable[[int, Any, Any], None] | None = None  # (step, model, optimizer): census.py
         self.sharded = False
         """The model is sharded over the ranks (distribution.strategy fsdp): its forward passes, and
         gathering its weights, are collective, so every rank takes part in them."""
@@ -322,6 +321,8 @@ class Trainer:
             scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if self.after_step is not None:
+                self.after_step(step, model, optimizer)
 
             self.progress.step = step
             self.progress.epoch = step / order.steps_per_epoch
