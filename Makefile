@@ -68,7 +68,7 @@ bench: cluster-up  ## trainer on CPU, operator on the local cluster (figures go 
 chaos: venv  ## chaos suite on the local cluster: operator kills, pod kills, MinIO and API outages (figures)
 	KUBETUNE_CHAOS=1 $(PY) -m pytest tests/e2e/chaos -s -p no:cacheprovider
 
-gpu-check: venv  ## bf16 / int8 / int4 LoRA on a real GPU: peak memory and tokens/s
+gpu-check: venv  ## bf16 / int8 / int4 LoRA and batchSize auto on a real GPU (3.55B shape): memory, tokens/s, census
 	$(PY) -m hack.gpu_check
 
 chart-docs: venv  ## regenerate the chart's values.schema.json and README.md from values.yaml

@@ -1,30 +1,47 @@
 """GPU check: bf16 LoRA, int8 LoRA and int4 QLoRA on a real CUDA card, through the real trainer,
 beside a transformers.Trainer + peft baseline.
 
-    python -m hack.gpu_check [--steps 40] [--warmup-steps 20] [--layers 14] [--modes bf16,int8,int4] [--out DIR]
+    python -m hack.gpu_check [--steps 20] [--warmup-steps 10] [--layers 16] [--hidden 4096]
+                             [--modes bf16,int8,int4,auto] [--out DIR]
 
-Builds a ~0.85B-parameter Llama-architecture backbone from a config (random weights, saved in
-bf16; nothing is downloaded) and a tokenizer trained locally, then, per mode, runs ``python -m
-kubetune_trainer`` and the baseline (``hack/baseline_trainer.py``) on the same config with packed
-512-token blocks, each in its own process, so peak GPU memory is that side's own. Prints tokens/s
-over the steps after the warm-up and peak GPU memory of both sides, the ratios KubeTune /
-baseline and whether the targets are met (at least the baseline's tokens/s, at most its peak
-memory: reported, not asserted), the estimator's peak beside each measured KubeTune one
-(kubetune_contract.estimate), and writes the same figures to ``DIR/gpu_check.json`` when ``--out``
-is given. Exits non-zero when a mode fails on either side or when the KubeTune trainer's quantized
-modes do not use less GPU memory than its bf16 mode.
+Builds a Llama-architecture backbone from a config (random weights, saved in bf16; nothing is
+downloaded): by default the 3.55B shape of ../shared/measurements/h200-2026-11-27.json (16 layers,
+hidden 4096; about 5 minutes on one H100 or H200 in all) and a tokenizer trained locally. Then, per
+mode, it runs ``python -m kubetune_trainer`` and the baseline (``hack/baseline_trainer.py``) on the
+same config with packed 512-token blocks, each in its own process, so peak GPU memory is that side's
+own. It prints tokens/s over the steps after the warm-up and peak GPU memory of both sides, the
+ratios KubeTune / baseline and whether the targets are met (at least the baseline's tokens/s, at
+most its peak memory: reported, not asserted), and the estimator's peak beside each measured
+KubeTune one (kubetune_contract.estimate). With ``--out`` it writes the same figures, and each
+side's memory census of its first three steps (kubetune_trainer.census), to ``DIR/gpu_check.json``.
+
+Mode ``auto`` is a short bf16 LoRA run with ``batchSize: auto`` through the KubeTune trainer alone
+(the baseline has no such choice): the micro-batch it chose, its tokens/s and peak beside the
+estimate. Exits non-zero when a mode fails on either side or, on a GPU, when the KubeTune trainer's
+quantized modes do not use less GPU memory than its bf16 mode. ``--allow-cpu`` runs it all on the
+CPU at a tiny shape (tests/trainer/test_gpu_check.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from hack.bench_trainer import check_warmup, compare, print_comparison
+from hack.bench_trainer import (
+    check_warmup,
+    compare,
+    kubetune_result,
+    print_comparison,
+    run_env,
+    with_census,
+    write_config,
+)
 
 
 def build_backbone(out: Path, layers: int, hidden: int, device: str) -> int:
@@ -70,13 +87,40 @@ def estimated_peak(config: dict[str, Any], backbone: Path) -> int:
     return estimate(read_shape(backbone), RunSettings.from_run(TrainerConfig.model_validate(config))).peak
 
 
+def auto_batch_run(work: Path, steps: int) -> dict[str, Any]:
+    """A short bf16 LoRA run with batchSize auto (the KubeTune trainer only): its result, the
+    micro-batch it chose (from its log) and its config."""
+    config = {
+        "runName": "auto",
+        "model": {"source": str(work / "backbone")},
+        "dataset": {"train": str(work / "train.jsonl"), "validation": str(work / "validation.jsonl"),
+                    "maxLength": 512},
+        "training": {"maxSteps": steps, "batchSize": "auto", "globalBatchSize": 16, "learningRate": 2e-4,
+                     "packing": True, "precision": "bf16", "gradientCheckpointing": True,
+                     "evalEverySteps": steps, "checkpointEverySteps": steps, "logEverySteps": max(1, steps // 2)},
+        "lora": {"r": 16, "alpha": 32},
+        "output": {"location": str(work / "out")},
+    }
+    summary_path, census_path = work / "auto.summary.json", work / "auto.census.json"
+    command = [sys.executable, "-m", "kubetune_trainer", "--config", str(write_config(config, work, "auto"))]
+    proc = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                          env=run_env(work, KUBETUNE_TERMINATION_LOG=str(summary_path),
+                                      KUBETUNE_CENSUS_FILE=str(census_path)))
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-4000:])
+        return {"error": f"exit {proc.returncode}", "config": config}
+    summary = with_census({**json.loads(summary_path.read_text()), "wallSeconds": None}, census_path)
+    chosen = re.findall(r"batch size (\d+) per device", proc.stderr)  # the trainer's "training: ..." line
+    return {**kubetune_result(summary), "microBatch": int(chosen[-1]) if chosen else None, "config": config}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup-steps", type=int, help="steps left out of tokens/s (default: half of --steps)")
-    parser.add_argument("--layers", type=int, default=14)
-    parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--modes", default="bf16,int8,int4")
+    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--modes", default="bf16,int8,int4,auto")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--allow-cpu", action="store_true", help="smoke-test this script without a GPU")
     args = parser.parse_args()
@@ -97,7 +141,12 @@ def main() -> int:
         tiny.write_dataset(work / "validation.jsonl", 32, seed=1)
         rows: list[tuple[str, dict[str, dict[str, Any]]]] = []
         estimates: dict[str, int] = {}
+        auto: dict[str, Any] = {}
         for mode in args.modes.split(","):
+            if mode == "auto":
+                auto = auto_batch_run(work, min(args.steps, 6))
+                estimates[mode] = estimated_peak(auto.pop("config"), work / "backbone")
+                continue
             config = {
                 "runName": mode,
                 "model": {"source": str(work / "backbone")},
@@ -124,16 +173,25 @@ def main() -> int:
             if measured:
                 print(f"{mode}: estimated peak {estimates[mode] / 2**30:.2f} GiB, measured {measured / 2**30:.2f} GiB "
                       f"({estimates[mode] / measured - 1:+.1%}; kubetune_contract.estimate)")
+        if auto:
+            measured = auto.get("peakMemoryBytes")
+            print(f"auto: batchSize auto chose micro-batch {auto.get('microBatch')}, {auto.get('tokensPerSecond')} "
+                  f"tokens/s, peak {measured / 2**30 if measured else float('nan'):.2f} GiB, estimated "
+                  f"{estimates['auto'] / 2**30:.2f} GiB" if "error" not in auto else f"auto: {auto['error']}")
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / "gpu_check.json").write_text(json.dumps(
-                {"device": device, "parameters": params, "steps": args.steps,
-                 "warmupSteps": warmup, "results": dict(rows), "estimatedPeakBytes": estimates}, indent=2))
+                {"device": device, "parameters": params, "shape": {"layers": args.layers, "hidden": args.hidden},
+                 "steps": args.steps, "warmupSteps": warmup, "results": dict(rows), "auto": auto,
+                 "estimatedPeakBytes": estimates}, indent=2))
     failed = [f"{mode} ({side})" for mode, sides in rows for side, r in sides.items() if "error" in r]
+    failed += ["auto"] if "error" in auto else []
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
         return 1
     peak = {mode: sides["kubetune"]["peakMemoryBytes"] for mode, sides in rows}
+    if not torch.cuda.is_available():
+        return 0  # on the CPU the peaks are RSS, which quantization does not lower
     if "bf16" in peak and any(peak[m] >= peak["bf16"] for m in ("int8", "int4") if m in peak):
         print(f"quantized modes should need less GPU memory than bf16: {peak}", file=sys.stderr)
         return 1
