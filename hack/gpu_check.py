@@ -44,7 +44,7 @@ from hack.bench_trainer import (
 )
 
 
-def build_backbone(out: Path, layers: int, hidden: int, device: str) -> int:
+def build_backbone(out: Path, layers: int, hidden: int, device: str, vocab: int = 32000) -> int:
     """A random-weight Llama (bf16) with the tiny tokenizer; returns the parameter count."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -55,7 +55,7 @@ def build_backbone(out: Path, layers: int, hidden: int, device: str) -> int:
 
     tokenizer = AutoTokenizer.from_pretrained(str(out))
     config = LlamaConfig(
-        vocab_size=32000,  # realistic embedding/LM-head cost; the tokenizer uses the first ids only
+        vocab_size=vocab,  # 32000: a realistic embedding/LM-head cost; the tokenizer uses the first ids only
         hidden_size=hidden,
         intermediate_size=int(hidden * 2.75),
         num_hidden_layers=layers,
@@ -87,14 +87,14 @@ def estimated_peak(config: dict[str, Any], backbone: Path) -> int:
     return estimate(read_shape(backbone), RunSettings.from_run(TrainerConfig.model_validate(config))).peak
 
 
-def auto_batch_run(work: Path, steps: int) -> dict[str, Any]:
+def auto_batch_run(work: Path, steps: int, max_length: int = 512) -> dict[str, Any]:
     """A short bf16 LoRA run with batchSize auto (the KubeTune trainer only): its result, the
     micro-batch it chose (from its log) and its config."""
     config = {
         "runName": "auto",
         "model": {"source": str(work / "backbone")},
         "dataset": {"train": str(work / "train.jsonl"), "validation": str(work / "validation.jsonl"),
-                    "maxLength": 512},
+                    "maxLength": max_length},
         "training": {"maxSteps": steps, "batchSize": "auto", "globalBatchSize": 16, "learningRate": 2e-4,
                      "packing": True, "precision": "bf16", "gradientCheckpointing": True,
                      "evalEverySteps": steps, "checkpointEverySteps": steps, "logEverySteps": max(1, steps // 2)},
@@ -121,6 +121,9 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--modes", default="bf16,int8,int4,auto")
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--max-length", type=int, default=512, help="tokens per packed block")
+    parser.add_argument("--train-samples", type=int, default=12000)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--allow-cpu", action="store_true", help="smoke-test this script without a GPU")
     args = parser.parse_args()
@@ -136,22 +139,22 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="kubetune-gpu-check-") as tmp:
         work = Path(tmp)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        params = build_backbone(work / "backbone", args.layers, args.hidden, device)
-        tiny.write_dataset(work / "train.jsonl", 12000, seed=0)
+        params = build_backbone(work / "backbone", args.layers, args.hidden, device, args.vocab)
+        tiny.write_dataset(work / "train.jsonl", args.train_samples, seed=0)
         tiny.write_dataset(work / "validation.jsonl", 32, seed=1)
         rows: list[tuple[str, dict[str, dict[str, Any]]]] = []
         estimates: dict[str, int] = {}
         auto: dict[str, Any] = {}
         for mode in args.modes.split(","):
             if mode == "auto":
-                auto = auto_batch_run(work, min(args.steps, 6))
+                auto = auto_batch_run(work, min(args.steps, 6), args.max_length)
                 estimates[mode] = estimated_peak(auto.pop("config"), work / "backbone")
                 continue
             config = {
                 "runName": mode,
                 "model": {"source": str(work / "backbone")},
                 "dataset": {"train": str(work / "train.jsonl"), "validation": str(work / "validation.jsonl"),
-                            "maxLength": 512},
+                            "maxLength": args.max_length},
                 "training": {"maxSteps": args.steps, "batchSize": 8, "learningRate": 2e-4, "packing": True,
                              "precision": "bf16", "gradientCheckpointing": True,
                              "optimizer": "paged_adamw_8bit" if mode != "bf16" else "adamw",

@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.trainer, pytest.mark.slow]
 def test_the_gpu_script_runs_every_mode_and_writes_one_json(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "hack.gpu_check", "--allow-cpu", "--layers", "1", "--hidden", "256", "--steps", "4",
-         "--out", str(tmp_path)],
+         "--vocab", "512", "--max-length", "64", "--train-samples", "400", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=900, cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
