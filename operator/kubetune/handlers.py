@@ -69,8 +69,8 @@ class CachedChildren:
     """Reads FineTuneJobs, Jobs and Pods from the indices above instead of the API. The caches lag
     the API by a watch event at most: a Job created a moment ago may not be there yet (creating it
     again answers 409 and adopts it), and every change of a Job or Pod triggers a reconcile once it
-    is in the cache (`child_changed`). A reconcile acts only on a FineTuneJob read afresh (see
-    Reconciler._settled)."""
+    is in the cache (`child_changed`). A reconcile creates children only on a FineTuneJob read
+    afresh (see Reconciler._from_cache)."""
 
     def __init__(self, finetunejobs: kopf.Index[tuple[str, str], Json], jobs: kopf.Index[tuple[str, str], Json],
                  pods: kopf.Index[str, Json]) -> None:

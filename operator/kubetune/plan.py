@@ -54,9 +54,7 @@ def event_reason(phase: str, reason: str, previous_phase: str | None) -> str:
 
 @dataclass(frozen=True)
 class Fact:
-    """A read the plan needs. `cached`: the operator's watch caches answer it without a request."""
-
-    cached = False
+    """A read the plan needs (PodsOf from the operator's watch caches; the others from the API)."""
 
 
 @dataclass(frozen=True)
@@ -97,7 +95,6 @@ class WorkloadOf(Fact):
 class PodsOf(Fact):
     job_uid: str
     job: Json = field(compare=False, hash=False)
-    cached = True
 
 
 @dataclass(frozen=True)
