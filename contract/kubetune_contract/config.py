@@ -29,6 +29,9 @@ Template = Literal["auto", "chat", "plain"]
 LrScheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
 Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd"]
 Strategy = Literal["ddp", "fsdp"]
+EvalMetric = Literal["perplexity", "bleu", "rouge", "exactMatch", "judge"]
+TEXT_METRICS = ("bleu", "rouge", "exactMatch", "judge")
+"""Metrics scored on generated answers (the others come from the validation loss)."""
 Auto = Literal["auto"]
 
 # Exit codes of `python -m kubetune_trainer`, a contract with the operator (docs/trainer.md).
@@ -46,6 +49,9 @@ EXIT_OUT_OF_MEMORY = 6
 """The accelerator ran out of memory: retrying the same settings cannot help, the Job fails at once."""
 EXIT_TERMINATED = 143
 """Stopped by SIGTERM (128 + 15) after checkpointing the current step; a retry continues from there."""
+
+JUDGE_API_KEY_ENV = "KUBETUNE_JUDGE_API_KEY"
+"""The judge endpoint's API key in the trainer's environment (from evaluation.judge.secretRef)."""
 
 PVC_MOUNT_ROOT = "/mnt/pvc"
 """pvc://claim/path resolves to PVC_MOUNT_ROOT/claim/path; the operator mounts each claim there."""
@@ -283,6 +289,117 @@ class DistributionSpec(Section):
     and the optimizer adamw or sgd."""
 
 
+DEFAULT_JUDGE_PROMPT = (
+    "You grade an assistant's answer against a reference answer.\n\n"
+    "Question:\n{prompt}\n\nReference answer:\n{reference}\n\nAssistant's answer:\n{answer}\n\n"
+    "How well does the assistant's answer match the reference in meaning and correctness? Reply with a "
+    "single number from 0 (wrong) to 10 (fully correct) and nothing else."
+)
+
+
+class JudgeSpec(Section):
+    """An LLM judge: an OpenAI-compatible chat-completions endpoint that scores each answer against the
+    reference (0 to 10). Its API key comes from the environment (KUBETUNE_JUDGE_API_KEY)."""
+
+    url: str = Field(min_length=1, max_length=URI_MAX, pattern=r"^https?://[^\s@]+$",
+                     examples=["https://api.openai.com/v1"])
+    """Base URL of the endpoint (the client appends /chat/completions)."""
+    model: str = Field(min_length=1, max_length=NAME_MAX)
+    """Model the endpoint serves, e.g. gpt-4o-mini."""
+    prompt: str = Field(default=DEFAULT_JUDGE_PROMPT, max_length=8192)
+    """Judging prompt; {prompt}, {reference} and {answer} are replaced. The reply must be a number 0-10."""
+    timeout_seconds: int = Field(default=30, ge=1, le=600)
+    """Time limit of one request."""
+    max_retries: int = Field(default=2, ge=0, le=10)
+    """Retries of a failed request (the openai client's backoff)."""
+
+    @field_validator("prompt")
+    @classmethod
+    def _check_prompt(cls, v: str) -> str:
+        missing = [k for k in ("{reference}", "{answer}") if k not in v]
+        if missing:
+            raise ValueError(f"must contain {' and '.join(missing)}")
+        return v
+
+
+class GateRule(Section):
+    """One condition the evaluated model must meet to be promotable."""
+
+    metric: EvalMetric
+    """A metric listed in evaluation.metrics."""
+    min: float | None = None
+    """The tuned model's value must be at least this."""
+    max: float | None = None
+    """The tuned model's value must be at most this (perplexity: lower is better)."""
+    min_improvement: float | None = None
+    """Tuned minus base must be at least this (for perplexity: base minus tuned); needs compareBase."""
+
+    @model_validator(mode="after")
+    def _bounded(self) -> GateRule:
+        if self.min is None and self.max is None and self.min_improvement is None:
+            raise rules.GATE_RULE_BOUND.error()
+        return self
+
+
+class GateSpec(Section):
+    """The promotion gate: the FineTuneJob's Promotable condition says whether every rule holds."""
+
+    rules: list[GateRule] = Field(min_length=1, max_length=16)
+    """Rules such as {metric: bleu, min: 20} or {metric: exactMatch, minImprovement: 0.05}."""
+    fail_job: bool = False
+    """A failed gate makes the phase Failed (reason EvaluationGateFailed) instead of Succeeded."""
+
+
+def default_metrics() -> list[EvalMetric]:
+    return [m for m in rules.DEFAULT_EVAL_METRICS]
+
+
+class EvaluationSpec(Section):
+    """What the trained model is measured on after training, on the validation data: the validation
+    loss's perplexity and, on greedy answers to the validation prompts, BLEU, ROUGE-L, exact match and
+    an LLM judge; by default the backbone alone is measured too, for comparison."""
+
+    metrics: list[EvalMetric] = Field(default_factory=default_metrics, min_length=1, max_length=5)
+    """Any of perplexity, bleu (sacrebleu, 0-100), rouge (ROUGE-L F1, 0-1), exactMatch (0-1), judge (0-10);
+    the first is the headline `kubectl get` shows."""
+    max_samples: int = Field(default=64, ge=1, le=2000)
+    """Validation samples the answers are generated for (the first ones); they are written to
+    predictions.jsonl whatever the metrics."""
+    max_new_tokens: int = Field(default=64, ge=1, le=4096)
+    """Longest answer generated; generation stops earlier at the end-of-sequence token."""
+    batch_size: int = Field(default=8, ge=1, le=512)
+    """Prompts generated together (left-padded, with the KV cache)."""
+    compare_base: bool = True
+    """Also measure the backbone alone (the adapter disabled; no second copy of the model is loaded)."""
+    judge: JudgeSpec | None = None
+    """The judge endpoint, for the judge metric."""
+    gate: GateSpec | None = None
+    """Rules the tuned model must meet to be promotable."""
+
+    @field_validator("metrics")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("each metric may be listed once")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> EvaluationSpec:
+        if "judge" in self.metrics and self.judge is None:
+            raise rules.JUDGE_NEEDS_ENDPOINT.error()
+        if self.gate is not None:
+            if any(r.metric not in self.metrics for r in self.gate.rules):
+                raise rules.GATE_METRIC_LISTED.error()
+            if not self.compare_base and any(r.min_improvement is not None for r in self.gate.rules):
+                raise rules.GATE_IMPROVEMENT_NEEDS_BASE.error()
+        return self
+
+    @property
+    def text_metrics(self) -> list[str]:
+        """The metrics scored on generated answers."""
+        return [m for m in self.metrics if m in TEXT_METRICS]
+
+
 class RunSections(Section):
     """The sections that define a training run: shared by TrainerConfig and the FineTuneJob spec."""
 
@@ -300,6 +417,8 @@ class RunSections(Section):
     """Where the adapter and reports go; the run's own path is appended."""
     storage: StorageSpec = Field(default_factory=StorageSpec)
     """S3 endpoint (credentials come from the environment)."""
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    """How the trained model is measured after training, and the promotion gate."""
 
     @model_validator(mode="after")
     def _cross_section_rules(self) -> RunSections:

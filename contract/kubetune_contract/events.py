@@ -12,7 +12,10 @@ from typing import Any, Literal
 
 from pydantic import AliasChoices, ConfigDict, Field
 
-from .config import Section
+from .config import GateSpec, Section
+
+UNAVAILABLE_MAX = 200
+"""Longest reason a metric was not computed (status stays bounded)."""
 
 
 class Incoming(Section):
@@ -72,6 +75,103 @@ class Artifacts(Incoming):
     """Number of files."""
 
 
+class MetricResult(Incoming):
+    """One evaluation metric: the tuned model's value, the backbone's, and the difference."""
+
+    tuned: float | None = None
+    """The fine-tuned model's value."""
+    base: float | None = None
+    """The backbone's value (evaluation.compareBase)."""
+    delta: float | None = None
+    """tuned - base."""
+    samples: int | None = Field(default=None, ge=0)
+    """Validation samples it was computed on."""
+    unavailable: str | None = Field(default=None, max_length=UNAVAILABLE_MAX)
+    """Why it was not computed (the judge did not answer, ...); the run still succeeds."""
+
+
+class EvaluationMetrics(Incoming):
+    """The evaluated metrics, each tuned vs base."""
+
+    perplexity: MetricResult | None = None
+    """exp(validation loss per answer token); lower is better."""
+    bleu: MetricResult | None = None
+    """Corpus BLEU of the greedy answers (sacrebleu, effective order, 0-100)."""
+    rouge: MetricResult | None = None
+    """Mean ROUGE-L F1 of the greedy answers (rouge-score, 0-1)."""
+    exact_match: MetricResult | None = None
+    """Fraction of greedy answers equal to the reference (whitespace trimmed, 0-1)."""
+    judge: MetricResult | None = None
+    """Mean score the LLM judge gave the answers (0-10)."""
+
+    def get(self, metric: str) -> MetricResult | None:
+        """The result of a metric by its API name (exactMatch, ...)."""
+        for name, info in type(self).model_fields.items():
+            if info.alias == metric or name == metric:
+                value: MetricResult | None = getattr(self, name)
+                return value
+        return None
+
+
+class GateResult(Incoming):
+    """Whether the tuned model meets the promotion gate."""
+
+    passed: bool
+    """Every rule holds."""
+    message: str = Field(default="", max_length=1024)
+    """The rules that failed, with the measured values (or that every rule holds)."""
+
+
+class Evaluation(Incoming):
+    """status.evaluation: the evaluated metrics and the headline shown by `kubectl get`."""
+
+    metrics: EvaluationMetrics = Field(default_factory=EvaluationMetrics)
+    """Per metric: tuned, base, delta."""
+    headline: str | None = Field(default=None, max_length=128)
+    """The first metric listed, e.g. "bleu 41.2 (base 12.5)"."""
+    gate: GateResult | None = None
+    """The promotion gate's verdict (evaluation.gate)."""
+
+
+def check_gate(gate: GateSpec, metrics: EvaluationMetrics) -> GateResult:
+    """The verdict of the promotion gate on the evaluated metrics; a rule on a metric that is
+    unavailable fails. For perplexity (lower is better) minImprovement is base - tuned."""
+    failures = []
+    for rule in gate.rules:
+        result = metrics.get(rule.metric)
+        tuned = result.tuned if result else None
+        if tuned is None:
+            why = result.unavailable if result and result.unavailable else "not computed"
+            failures.append(f"{rule.metric} is unavailable ({why})")
+            continue
+        if rule.min is not None and tuned < rule.min:
+            failures.append(f"{rule.metric} {tuned:.4g} < min {rule.min:g}")
+        if rule.max is not None and tuned > rule.max:
+            failures.append(f"{rule.metric} {tuned:.4g} > max {rule.max:g}")
+        if rule.min_improvement is not None:
+            base = result.base if result else None
+            if base is None:
+                failures.append(f"{rule.metric}: the backbone's value is unavailable")
+                continue
+            gain = base - tuned if rule.metric == "perplexity" else tuned - base
+            if gain < rule.min_improvement:
+                failures.append(f"{rule.metric} improved by {gain:.4g} (tuned {tuned:.4g}, base {base:.4g}) "
+                                f"< minImprovement {rule.min_improvement:g}")
+    if failures:
+        return GateResult(passed=False, message=("gate failed: " + "; ".join(failures))[:1024])
+    return GateResult(passed=True, message=f"every gate rule holds ({len(gate.rules)})")
+
+
+def headline(metrics: EvaluationMetrics, order: list[str]) -> str | None:
+    """The first listed metric that has a value, as `kubectl get` shows it."""
+    for metric in order:
+        result = metrics.get(metric)
+        if result and result.tuned is not None:
+            base = f" (base {result.base:.4g})" if result.base is not None else ""
+            return f"{metric} {result.tuned:.4g}{base}"
+    return None
+
+
 class ProgressReport(Metrics):
     """One progress event: pushed to the operator, printed, and appended to metrics.jsonl."""
 
@@ -103,6 +203,7 @@ class Summary(Incoming):
     epoch: float | None = Field(default=None, ge=0)
     metrics: Metrics = Field(default_factory=Metrics)
     artifacts: Artifacts = Field(default_factory=Artifacts)
+    evaluation: Evaluation | None = None
     error: str | None = None
     exit_code: int | None = None
 
@@ -119,6 +220,8 @@ class Summary(Incoming):
         artifacts = self.artifacts.model_dump(by_alias=True, exclude_none=True)
         if artifacts:
             out["artifacts"] = artifacts
+        if self.evaluation is not None:
+            out["evaluation"] = self.evaluation.model_dump(by_alias=True, exclude_none=True)
         return out
 
 

@@ -14,9 +14,12 @@ standard library.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 BITSANDBYTES_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
+DEFAULT_EVAL_METRICS: tuple[Literal["perplexity", "bleu", "rouge", "exactMatch"], ...] = (
+    "perplexity", "bleu", "rouge", "exactMatch")
+"""evaluation.metrics when unset (config.EvaluationSpec; the gate's CEL rule needs it too)."""
 
 
 @dataclass(frozen=True)
@@ -186,8 +189,70 @@ ALL_LINEAR_ALONE = Rule(
     ),
 )
 
+JUDGE = {"url": "http://judge.example:8000/v1", "model": "grader"}
+JUDGE_NEEDS_ENDPOINT = Rule(
+    name="judge-needs-endpoint",
+    at=("spec.evaluation",),
+    cel="!('judge' in self.?metrics.orValue([])) || has(self.judge)",
+    message="evaluation.metrics lists judge: set evaluation.judge (url and model of an OpenAI-compatible "
+            "chat-completions endpoint)",
+    field=".judge",
+    reason="FieldValueRequired",
+    cases=(
+        Case({"evaluation": {"metrics": ["bleu", "judge"]}}, ok=False),
+        Case({"evaluation": {"metrics": ["judge"], "judge": JUDGE}}, ok=True),
+        Case({"evaluation": {"metrics": ["bleu"]}}, ok=True),
+    ),
+)
+GATE_METRIC_LISTED = Rule(
+    name="gate-metric-listed",
+    at=("spec.evaluation",),
+    cel="!has(self.gate) || self.gate.rules.all(r, r.metric in self.?metrics.orValue("
+        f"{list(DEFAULT_EVAL_METRICS)}))",
+    message="evaluation.gate.rules: every rule's metric must be listed in evaluation.metrics (a metric that is "
+            "not computed cannot be checked)",
+    field=".gate.rules",
+    cases=(
+        Case({"evaluation": {"metrics": ["perplexity"], "gate": {"rules": [{"metric": "bleu", "min": 20}]}}},
+             ok=False),
+        Case({"evaluation": {"gate": {"rules": [{"metric": "judge", "min": 5}]}}}, ok=False),
+        Case({"evaluation": {"gate": {"rules": [{"metric": "exactMatch", "min": 0.5}]}}}, ok=True),
+        Case({"evaluation": {"metrics": ["bleu"], "gate": {"rules": [{"metric": "bleu", "min": 20}]}}}, ok=True),
+        Case({"evaluation": {"gate": {"rules": [{"metric": "perplexity", "max": 8}]}}}, ok=True),
+    ),
+)
+GATE_IMPROVEMENT_NEEDS_BASE = Rule(
+    name="gate-improvement-needs-base",
+    at=("spec.evaluation",),
+    cel="!has(self.gate) || self.?compareBase.orValue(true) || "
+        "!self.gate.rules.exists(r, has(r.minImprovement))",
+    message="evaluation.gate.rules: minImprovement compares with the backbone; it needs evaluation.compareBase "
+            "true",
+    field=".compareBase",
+    cases=(
+        Case({"evaluation": {"compareBase": False, "metrics": ["bleu"],
+                             "gate": {"rules": [{"metric": "bleu", "minImprovement": 1}]}}}, ok=False),
+        Case({"evaluation": {"metrics": ["bleu"], "gate": {"rules": [{"metric": "bleu", "minImprovement": 1}]}}},
+             ok=True),
+        Case({"evaluation": {"compareBase": False, "metrics": ["bleu"],
+                             "gate": {"rules": [{"metric": "bleu", "min": 1}]}}}, ok=True),
+    ),
+)
+GATE_RULE_BOUND = Rule(
+    name="gate-rule-bound",
+    at=("spec.evaluation.gate.rules[]",),
+    cel="has(self.min) || has(self.max) || has(self.minImprovement)",
+    message="evaluation.gate.rules: a rule needs min, max or minImprovement",
+    reason="FieldValueRequired",
+    cases=(
+        Case({"evaluation": {"metrics": ["bleu"], "gate": {"rules": [{"metric": "bleu"}]}}}, ok=False),
+        Case({"evaluation": {"metrics": ["bleu"], "gate": {"rules": [{"metric": "bleu", "max": 90}]}}}, ok=True),
+    ),
+)
+
 RUN_RULES: tuple[Rule, ...] = (
     QUANTIZATION_NEEDS_LORA, INT4_NO_MERGE, FSDP_NOT_INT8, FSDP_NOT_BITSANDBYTES_OPTIMIZER,
     EPOCHS_OR_STEPS, AUTO_BATCH_NEEDS_GLOBAL, GLOBAL_BATCH_ONLY_AUTO, ALL_LINEAR_ALONE,
+    JUDGE_NEEDS_ENDPOINT, GATE_METRIC_LISTED, GATE_IMPROVEMENT_NEEDS_BASE, GATE_RULE_BOUND,
 )
 """The rules of a training run, in the order the CRD lists them."""

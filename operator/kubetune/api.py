@@ -15,10 +15,18 @@ from typing import Any, Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from kubetune import rules
-from kubetune_contract.config import NAME_MAX, RunSections, Section, StorageSpec, check_strategy
+from kubetune_contract.config import (
+    NAME_MAX,
+    EvaluationSpec,
+    JudgeSpec,
+    RunSections,
+    Section,
+    StorageSpec,
+    check_strategy,
+)
 from kubetune_contract.config import DistributionSpec as TrainerDistributionSpec
 from kubetune_contract.estimate import parse_quantity
-from kubetune_contract.events import Artifacts, Metrics, Progress
+from kubetune_contract.events import Artifacts, Evaluation, Metrics, Progress
 
 GROUP = "kubetune.io"
 VERSION = "v1alpha1"
@@ -203,6 +211,29 @@ class CacheVolumeSpec(Section):
 PresetKind = Literal["ClusterFineTunePreset", "FineTunePreset"]
 
 
+class JudgeSecretRef(Section):
+    """The Secret key holding the judge endpoint's API key."""
+
+    name: str = Field(min_length=1, max_length=NAME_MAX)
+    """Secret name, in the FineTuneJob's namespace."""
+    key: str = Field(default="apiKey", min_length=1, max_length=NAME_MAX)
+    """Key of the API key in the Secret."""
+
+
+class JobJudgeSpec(JudgeSpec):
+    """The judge endpoint; its API key comes from a Secret (KUBETUNE_JUDGE_API_KEY in the pod)."""
+
+    secret_ref: JudgeSecretRef | None = None
+    """Secret with the endpoint's API key; none for an endpoint without authentication."""
+
+
+class JobEvaluationSpec(EvaluationSpec):
+    """How the trained model is measured after training, and the promotion gate (docs/evaluation.md)."""
+
+    judge: JobJudgeSpec | None = None
+    """The judge endpoint, for the judge metric."""
+
+
 class PresetRef(Section):
     """The preset whose defaults and limits apply to a FineTuneJob."""
 
@@ -221,6 +252,8 @@ class FineTuneJobSpec(RunSections):
 
     storage: JobStorageSpec = Field(default_factory=JobStorageSpec)
     """S3 endpoint and credentials."""
+    evaluation: JobEvaluationSpec = Field(default_factory=JobEvaluationSpec)
+    """How the trained model is measured after training (tuned vs backbone) and the promotion gate."""
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     """GPUs, CPU and memory."""
     scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec)
@@ -291,7 +324,7 @@ class Condition(Section):
     """A Kubernetes API convention condition."""
 
     type: str
-    """Condition type: Ready, Reconciling, Stalled, Succeeded, Failed, Suspended, ..."""
+    """Condition type: Ready, Reconciling, Stalled, Promotable (evaluation.gate)."""
     status: Literal["True", "False", "Unknown"]
     """True, False or Unknown."""
     reason: str
@@ -326,7 +359,7 @@ class FineTuneJobStatus(Section):
     message: str | None = None
     """What happened and what to do."""
     conditions: list[Condition] | None = None
-    """Ready, Reconciling, Stalled, Succeeded, Failed, Suspended (API conventions)."""
+    """Ready, Reconciling and Stalled (API conventions); Promotable with evaluation.gate."""
     observed_generation: int | None = None
     """The spec generation this status describes."""
     start_time: str | None = None
@@ -345,6 +378,8 @@ class FineTuneJobStatus(Section):
     """Latest metrics."""
     artifacts: Artifacts | None = None
     """Results."""
+    evaluation: Evaluation | None = None
+    """The evaluation after training: each metric tuned vs base, and the promotion gate's verdict."""
     preset: AppliedPreset | None = None
     """The preset whose defaults were applied."""
 

@@ -59,6 +59,8 @@ PRINTER_COLUMNS: list[Schema] = [
         "jsonPath": ".status.progress.percent",
     },
     {"name": "Loss", "type": "number", "description": "Training loss", "jsonPath": ".status.metrics.trainLoss"},
+    {"name": "Eval", "type": "string", "description": "The first evaluation metric, tuned (base)",
+     "jsonPath": ".status.evaluation.headline"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     {"name": "Model", "type": "string", "priority": 1, "jsonPath": ".spec.model.source"},
     {"name": "Artifacts", "type": "string", "priority": 1, "jsonPath": ".status.artifacts.location"},

@@ -262,6 +262,10 @@ def transition(world: World, new: FineTuneJobStatus, retry: tuple[str, float] | 
             message = f"training finished; final eval loss {new.metrics.eval_loss:.4f}"
         actions.append(PostEvent("Warning" if warn else "Normal",
                                  event_reason(phase, reason, previous.get("phase")), message))
+        gate = new.evaluation.gate if new.evaluation is not None else None
+        if phase == Phase.SUCCEEDED and gate is not None:
+            actions.append(PostEvent("Normal" if gate.passed else "Warning",
+                                     "Promotable" if gate.passed else status.GATE_FAILED, gate.message))
     return Plan(tuple(actions), phase, retry)
 
 
@@ -496,7 +500,7 @@ def follow(world: World, spec: FineTuneJobSpec, job: Json, applied: Json | None)
         if refusal:
             observed = status.pod_rejected(observed, refusal)
     new = status.build_status(observed, previous=world.previous, generation=applied_generation(world.ftj, job),
-                              job_name=job_meta["name"], now=world.now)
+                              job_name=job_meta["name"], now=world.now, gate=spec.evaluation.gate)
     retry = None
     if queued and spec.suspend and workload is None and not done:
         # Suspended before Kueue made the Workload: deactivate it as soon as it exists.

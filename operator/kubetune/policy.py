@@ -96,6 +96,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("secrets", "object.spec.?env.orValue([]).filter(e, has(e.valueFrom) && has(e.valueFrom.secretKeyRef)).map(e,\n"
                         "e.valueFrom.secretKeyRef.name)\n"
                         "+ (object.spec.?storage.?secretRef.hasValue() ? [object.spec.storage.secretRef.name] : [])\n"
+                        "+ (object.spec.?evaluation.?judge.?secretRef.hasValue() ? [object.spec.evaluation.judge.secretRef.name] : [])\n"
                         "+ object.spec.?imagePullSecrets.orValue([]).map(r, r.name)"),
     Variable("queue", "variables.scheduling.?queueName.orValue('') != '' ? variables.scheduling.queueName\n"
                       ": params.?spec.?defaults.?scheduling.?queueName.orValue('')",
@@ -367,6 +368,9 @@ LIMITS: tuple[Limit, ...] = (
         cases=(Case({"env": [{"name": "T", "valueFrom": {"secretKeyRef": {"name": "db", "key": "k"}}}]},
                     {"allowedSecrets": ["hf"]}, ok=False),
                Case({"storage": {"secretRef": {"name": "db"}}}, {"allowedSecrets": ["hf"]}, ok=False),
+               Case({"evaluation": {"metrics": ["judge"], "judge": {"url": "http://j:8000/v1", "model": "m",
+                                                                      "secretRef": {"name": "db"}}}},
+                    {"allowedSecrets": ["hf"]}, ok=False),
                Case({"imagePullSecrets": [{"name": "hf"}]}, {"allowedSecrets": ["hf"]}, ok=True)),
     ),
 )

@@ -383,6 +383,9 @@ def secret_references(job: Json) -> list[tuple[str, str]]:
     storage_secret = ((job.get("storage") or {}).get("secretRef") or {}).get("name")
     if storage_secret:
         found.append(("storage.secretRef", str(storage_secret)))
+    judge_secret = ((((job.get("evaluation") or {}).get("judge") or {}).get("secretRef")) or {}).get("name")
+    if judge_secret:
+        found.append(("evaluation.judge.secretRef", str(judge_secret)))
     found += [("imagePullSecrets", str(ref["name"])) for ref in job.get("imagePullSecrets") or [] if ref.get("name")]
     return found
 

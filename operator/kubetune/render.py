@@ -19,8 +19,10 @@ from kubetune_contract.config import (
     EXIT_INVALID_INPUT,
     EXIT_OUT_OF_MEMORY,
     EXIT_STORE_UNAVAILABLE,
+    JUDGE_API_KEY_ENV,
     PVC_MOUNT_ROOT,
     DistributionSpec,
+    EvaluationSpec,
     StorageSpec,
     TrainerConfig,
 )
@@ -165,6 +167,9 @@ def trainer_config(owner: Json, spec: api.FineTuneJobSpec, settings: Settings) -
         output=spec.output,
         storage=effective_storage(spec, settings),
         distribution=DistributionSpec(strategy=spec.resources.distribution.strategy),
+        # The judge's API key reaches the trainer as an environment variable, never in its config.
+        evaluation=EvaluationSpec.model_validate(
+            spec.evaluation.model_dump(exclude={"judge": {"secret_ref"}}, exclude_none=True)),
     )
 
 
@@ -239,6 +244,10 @@ def _env(owner: Json, spec: api.FineTuneJobSpec, settings: Settings) -> list[Jso
         for var, key in (("AWS_ACCESS_KEY_ID", secret.access_key_key),
                          ("AWS_SECRET_ACCESS_KEY", secret.secret_key_key)):
             env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": secret.name, "key": key}}})
+    judge = spec.evaluation.judge
+    if judge is not None and judge.secret_ref is not None:
+        env.append({"name": JUDGE_API_KEY_ENV, "valueFrom": {"secretKeyRef": {
+            "name": judge.secret_ref.name, "key": judge.secret_ref.key}}})
     if settings.report_url:
         env.append({"name": "KUBETUNE_REPORT_URL",
                     "value": f"{settings.report_url}/v1/reports/{meta['namespace']}/{meta['name']}"})

@@ -29,8 +29,9 @@ from kubetune_contract.config import (
     EXIT_SOURCE_UNAVAILABLE,
     EXIT_STORE_UNAVAILABLE,
     EXIT_TERMINATED,
+    GateSpec,
 )
-from kubetune_contract.events import Summary
+from kubetune_contract.events import Evaluation, GateResult, Summary, check_gate
 
 Json = dict[str, Any]
 
@@ -41,6 +42,7 @@ CONTAINER_START_REASONS = ("CreateContainerConfigError", "CreateContainerError",
                            "CrashLoopBackOff")
 # The kubelet's message when a Secret the pod references does not exist (yet).
 MISSING_SECRET = re.compile(r"""secret ["']([^"']+)["'] not found""")
+GATE_FAILED = "EvaluationGateFailed"
 EXIT_REASONS = {EXIT_INVALID_INPUT: "InvalidInput", EXIT_SOURCE_UNAVAILABLE: "SourceUnavailable",
                 EXIT_STORE_UNAVAILABLE: "StoreUnavailable", EXIT_OUT_OF_MEMORY: "OutOfMemory",
                 EXIT_TERMINATED: "Interrupted"}
@@ -248,16 +250,27 @@ def pod_rejected(observed: Observed, message: str) -> Observed:
 
 
 def conditions(phase: Phase, reason: str, message: str, generation: int, previous: list[Json],
-               now: str) -> list[Json]:
-    """Ready / Reconciling / Stalled for a phase; lastTransitionTime kept while a status holds."""
-    ready = phase == Phase.SUCCEEDED
-    stalled = phase == Phase.FAILED
+               now: str, gate: GateResult | None = None) -> list[Json]:
+    """Ready / Reconciling / Stalled for a phase, and Promotable for a job with a promotion gate once
+    it has a verdict; lastTransitionTime kept while a status holds.
+
+    A failed gate makes a Succeeded job not Ready and Stalled (reason EvaluationGateFailed), so that
+    kstatus-based tools (Flux, kubectl wait --for=condition=Ready) see it as failed, as Argo CD's
+    health check does (examples/argocd-application.yaml)."""
+    refused = gate is not None and not gate.passed
+    ready = phase == Phase.SUCCEEDED and not refused
+    stalled = phase == Phase.FAILED or (phase == Phase.SUCCEEDED and refused)
     reconciling = phase in RECONCILING
+    if phase == Phase.SUCCEEDED and refused:
+        assert gate is not None
+        reason, message = GATE_FAILED, gate.message
     wanted = [
         ("Ready", ready, "Succeeded" if ready else reason, "training finished" if ready else message),
         ("Reconciling", reconciling, reason if reconciling else phase.value, message if reconciling else ""),
         ("Stalled", stalled, reason if stalled else phase.value, message if stalled else ""),
     ]
+    if gate is not None:
+        wanted.append(("Promotable", gate.passed, "GatePassed" if gate.passed else GATE_FAILED, gate.message))
     before = {c["type"]: c for c in previous}
     out = []
     for kind, value, why, text in wanted:
@@ -282,9 +295,27 @@ def as_patch(status: FineTuneJobStatus) -> Json:
     return status.model_dump(by_alias=True, exclude_none=True, mode="json")
 
 
+def gate_verdict(gate: GateSpec, evaluation: Json | None) -> GateResult:
+    """The promotion gate's verdict on the evaluation the trainer reported. A finished run that
+    reported no evaluation fails the gate: nothing unmeasured is promotable."""
+    if not evaluation:
+        return GateResult(passed=False, message="gate failed: the trainer reported no evaluation results")
+    return check_gate(gate, Evaluation.model_validate(evaluation).metrics)
+
+
 def build_status(observed: Observed, *, previous: Json, generation: int, job_name: str | None,
-                 now: str) -> FineTuneJobStatus:
-    """The complete status to write for an observation."""
+                 now: str, gate: GateSpec | None = None) -> FineTuneJobStatus:
+    """The complete status to write for an observation; ``gate``: the job's evaluation.gate, checked
+    once the run has succeeded (evaluation.gate.failJob: a failed gate fails the job)."""
+    fields = summary_fields(observed.summary) if observed.summary else {}
+    verdict = None
+    if observed.phase == Phase.SUCCEEDED and gate is not None:
+        fields.setdefault("evaluation", previous.get("evaluation"))
+        verdict = gate_verdict(gate, fields["evaluation"])
+        fields["evaluation"] = {**(fields["evaluation"] or {}), "gate": verdict.model_dump(by_alias=True)}
+        if not verdict.passed and gate.fail_job:
+            observed = dataclasses.replace(observed, phase=Phase.FAILED, reason=GATE_FAILED,
+                                           message=f"training finished, but {verdict.message}")
     status: Json = {
         "phase": observed.phase.value,
         "reason": observed.reason,
@@ -292,7 +323,7 @@ def build_status(observed: Observed, *, previous: Json, generation: int, job_nam
         "observedGeneration": generation,
         "jobName": job_name,
         "conditions": conditions(observed.phase, observed.reason, observed.message, generation,
-                                 previous.get("conditions") or [], now),
+                                 previous.get("conditions") or [], now, verdict),
     }
     start = previous.get("startTime") or rfc3339(observed.start_time)
     if start:
@@ -303,8 +334,7 @@ def build_status(observed: Observed, *, previous: Json, generation: int, job_nam
         status["attempts"] = observed.attempts
     # progress and metrics come from trainer reports (reports.py) while the job runs; merge
     # patches leave them alone. The final summary, when there is one, completes them.
-    if observed.summary:
-        status.update(summary_fields(observed.summary))
+    status.update({k: v for k, v in fields.items() if v})
     return FineTuneJobStatus.model_validate(status)
 
 

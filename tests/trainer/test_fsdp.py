@@ -61,7 +61,7 @@ def test_two_sharded_processes_train_and_publish_one_manifest(quantization: str,
     assert sorted(optimizer["state"]) == list(range(len(trained)))
     assert optimizer["param_groups"][0]["params"] == list(range(len(trained)))
     predictions = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
-    assert len(predictions) == 4 and all(p["generated"] for p in predictions)
+    assert len(predictions) == 16 and all(p["tuned"] and p["base"] for p in predictions)
 
 
 @pytest.mark.parametrize("quantization", ["none", "int4"])

@@ -62,7 +62,8 @@ def test_full_fine_tune_with_packing_publishes_the_model_and_a_model_card(assets
     card = (run / "README.md").read_text()
     assert str(assets / "backbone") in card and "evalLoss" in card and "LoRA: off" in card
     predictions = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
-    assert len(predictions) == 4 and set(predictions[0]) == {"prompt", "expected", "generated"}
+    # a full fine-tune has no backbone to compare with: tuned answers only
+    assert len(predictions) == 16 and set(predictions[0]) == {"prompt", "reference", "tuned", "scores"}
     assert json.loads((run / "trainer_config.json").read_text()) == config.model_dump(by_alias=True, mode="json")
 
 

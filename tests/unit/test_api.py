@@ -316,7 +316,7 @@ def test_training_sections_are_immutable() -> None:
 
 def test_printer_columns() -> None:
     columns = crd.build_crd()["spec"]["versions"][0]["additionalPrinterColumns"]
-    assert [c["name"] for c in columns if not c.get("priority")] == ["Phase", "Progress", "Loss", "Age"]
+    assert [c["name"] for c in columns if not c.get("priority")] == ["Phase", "Progress", "Loss", "Eval", "Age"]
     assert [c["name"] for c in columns if c.get("priority") == 1] == ["Model", "Artifacts"]
 
 

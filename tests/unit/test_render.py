@@ -49,6 +49,10 @@ MAXIMAL: dict[str, Any] = {
     "env": [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}},
             {"name": "NCCL_DEBUG", "value": "WARN"}],
     "cacheVolume": {"claimName": "hf-cache"},
+    "evaluation": {"metrics": ["bleu", "judge"], "maxSamples": 128,
+                   "judge": {"url": "https://judge.example/v1", "model": "grader",
+                             "secretRef": {"name": "judge-creds", "key": "token"}},
+                   "gate": {"rules": [{"metric": "bleu", "minImprovement": 2}], "failJob": True}},
     "suspend": False,
     "backoffLimit": 5,
     "activeDeadlineSeconds": 86400,
@@ -131,8 +135,13 @@ def test_credentials_travel_only_as_secret_refs() -> None:
     env = {e["name"]: e for e in objects["job"]["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["AWS_ACCESS_KEY_ID"] == {"name": "AWS_ACCESS_KEY_ID",
                                         "valueFrom": {"secretKeyRef": {"name": "aws-creds", "key": "id"}}}
-    assert "aws-creds" not in objects["configMap"]["data"]["config.yaml"]
-    assert "secretRef" not in objects["configMap"]["data"]["config.yaml"]
+    assert env["KUBETUNE_JUDGE_API_KEY"] == {"name": "KUBETUNE_JUDGE_API_KEY",
+                                             "valueFrom": {"secretKeyRef": {"name": "judge-creds", "key": "token"}}}
+    config = objects["configMap"]["data"]["config.yaml"]
+    assert "aws-creds" not in config and "judge-creds" not in config and "secretRef" not in config
+    assert yaml.safe_load(config)["evaluation"]["judge"] == {
+        "url": "https://judge.example/v1", "model": "grader", "prompt": api.JobJudgeSpec.model_fields["prompt"].default,
+        "timeoutSeconds": 30, "maxRetries": 2}
 
 
 def test_config_map_holds_the_trainer_config_with_defaults_from_settings() -> None:

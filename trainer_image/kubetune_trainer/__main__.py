@@ -1,4 +1,6 @@
 """``python -m kubetune_trainer --config cfg.yaml [--set section.field=value ...]``
+``python -m kubetune_trainer evaluate --config cfg.yaml --adapter <run>/adapter``: evaluate a published
+adapter again (reevaluate.py), with the same exit codes.
 
 Exit codes (a contract: the operator's Job podFailurePolicy depends on them):
 
@@ -42,17 +44,24 @@ CENSUS_ENV = "KUBETUNE_CENSUS_FILE"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    evaluate = bool(argv) and argv[0] == "evaluate"
     parser = argparse.ArgumentParser(
-        prog="python -m kubetune_trainer",
-        description="Fine-tune a causal language model (LoRA, int8, int4 QLoRA or full).",
+        prog="python -m kubetune_trainer" + (" evaluate" if evaluate else ""),
+        description="Evaluate a published adapter again (evaluation.* of the config)." if evaluate else
+        "Fine-tune a causal language model (LoRA, int8, int4 QLoRA or full).",
     )
     parser.add_argument("--config", required=True, help="trainer config file (YAML or JSON)")
+    if evaluate:
+        parser.add_argument("--adapter", required=True, help="the adapter of a published run: <run>/adapter")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
         help="override a config field, e.g. --set training.maxSteps=50 (repeatable)",
     )
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv[1:] if evaluate else argv)
+    args.evaluate = evaluate
+    return args
 
 
 def setup_logging(level: str, world: World) -> None:
@@ -97,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     # Only rank 0 reports: the other ranks' events would repeat its own.
     reporter = Reporter() if world.is_main else Reporter(url="", stream=open(os.devnull, "w"))  # noqa: SIM115
     trainer: Trainer | None = None
+    if args.evaluate:
+        return reevaluate(log, config, args.adapter, reporter, world)
     try:
         trainer = Trainer(config, reporter, world)
         if os.environ.get(CENSUS_ENV) and world.is_main:
@@ -124,6 +135,32 @@ def main(argv: list[str] | None = None) -> int:
     reporter.close()
     write_termination_message(result.summary)
     log.info("done: %s", result.summary["artifacts"]["location"])
+    return EXIT_OK
+
+
+def reevaluate(log: logging.Logger, config: Any, adapter: str, reporter: Reporter, world: World) -> int:
+    """The evaluate command: evaluate a published adapter, print and record the summary."""
+    from .reevaluate import evaluate_adapter
+
+    try:
+        summary = evaluate_adapter(config, adapter, world)
+    except RunFailed as err:
+        code = fail(log, str(err), err.exit_code, reporter=reporter, world=world)
+        world.leave_together()
+        return code
+    except TrainerError as err:
+        return fail(log, str(err), err.exit_code, reporter=reporter, world=world)
+    except Exception as err:
+        log.exception("evaluation failed: %s: %s", type(err).__name__, err)
+        return fail(log, f"{type(err).__name__}: {err}", EXIT_FAILED, reporter=reporter, logged=True, world=world)
+    finally:
+        from . import distributed
+
+        distributed.shutdown()
+    if world.is_main:
+        reporter.emit({"type": "summary", **summary}, record=False)
+        write_termination_message(summary)
+    reporter.close()
     return EXIT_OK
 
 

@@ -9,7 +9,8 @@ Layout under ``<output.location>/<runName>/``::
     metrics.jsonl       every progress event
     README.md           model card
     loss.png            train and eval loss curves
-    predictions.jsonl   generations on a few validation prompts
+    evaluation.json     evaluation.metrics, tuned vs base, and the promotion gate's verdict
+    predictions.jsonl   per validation prompt: reference, tuned and base answers, per-sample scores
     checkpoints/step-N/ resumable checkpoints (complete once their checkpoint.json exists)
     manifest.json       written LAST: every published file with its size and sha256
 
@@ -351,8 +352,10 @@ def plot_losses(events: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def model_card(config: dict[str, Any], metrics: dict[str, Any], extra: dict[str, Any]) -> str:
-    """README.md for the outputs: backbone, data, hyperparameters, final metrics."""
+def model_card(config: dict[str, Any], metrics: dict[str, Any], extra: dict[str, Any],
+               evaluation: dict[str, Any] | None = None) -> str:
+    """README.md for the outputs: backbone, data, hyperparameters, final metrics, and the evaluation
+    (tuned vs base, the gate's verdict)."""
     training = config.get("training", {})
     lora = config.get("lora", {})
     lines = [
@@ -385,7 +388,29 @@ def model_card(config: dict[str, Any], metrics: dict[str, Any], extra: dict[str,
         "| --- | --- |",
         *(f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()),
         "",
+        *evaluation_table(evaluation or {}),
         "Full configuration: `trainer_config.json`; per-step metrics: `metrics.jsonl`; curves: `loss.png`.",
         "",
     ]
     return "\n".join(lines)
+
+
+def evaluation_table(evaluation: dict[str, Any]) -> list[str]:
+    """The model card's evaluation section: each metric tuned vs base (evaluation.json)."""
+    metrics = evaluation.get("metrics") or {}
+    if not metrics:
+        return []
+
+    def shown(value: Any) -> str:
+        return f"{value:.4g}" if isinstance(value, int | float) else "-"
+
+    lines = ["## Evaluation", "", "| metric | tuned | base | delta | samples |", "| --- | --- | --- | --- | --- |"]
+    for name, result in metrics.items():
+        row = f"| {name} | {shown(result.get('tuned'))} | {shown(result.get('base'))} | {shown(result.get('delta'))} "
+        lines.append(row + f"| {result.get('samples', '-')} |")
+        if result.get("unavailable"):
+            lines.append(f"| {name}: unavailable | {result['unavailable']} | | | |")
+    gate = evaluation.get("gate")
+    if gate:
+        lines += ["", f"Promotion gate: {'passed' if gate['passed'] else 'FAILED'} — {gate.get('message', '')}"]
+    return [*lines, "", "Answers per sample: `predictions.jsonl`; metrics: `evaluation.json`.", ""]

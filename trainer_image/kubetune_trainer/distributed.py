@@ -127,6 +127,16 @@ class World:
         """Whether ``flag`` is true on any rank."""
         return self.all_reduce_sum([1.0 if flag else 0.0], dev)[0] > 0
 
+    def all_gather(self, value: Any) -> list[Any]:
+        """Every rank's (picklable) ``value``, in rank order."""
+        if not self.distributed:
+            return [value]
+        import torch
+
+        gathered: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(gathered, value)
+        return gathered
+
     def broadcast_int(self, value: int, dev: torch.device) -> int:
         """Rank 0's ``value`` on every rank."""
         if not self.distributed:

@@ -1,6 +1,7 @@
 """What a finished run leaves: the adapter (or the fully trained model), the merged model, the
-greedy predictions, the config, the metrics, the model card and the loss plot, staged in a local
-directory and published to the store with its manifest (artifacts.publish); and the summary."""
+evaluation (evaluation.json, predictions.jsonl), the config, the metrics, the model card and the loss
+plot, staged in a local directory and published to the store with its manifest (artifacts.publish);
+and the summary."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 from kubetune_contract import events
 from kubetune_contract.config import TrainerConfig
 
-from . import artifacts
+from . import artifacts, evaluation
 from . import model as model_lib
 from .errors import InvalidInput
 
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 class FinalModel:
     """What the outputs take from the trained model, gathered before rank 0 publishes them."""
 
-    predictions: list[dict[str, str]]
+    evaluation: evaluation.Result
     state: dict[str, torch.Tensor] | None
     """A sharded model's trained weights (and persistent buffers), whole; None for an unsharded one,
     which saves from its own parameters."""
@@ -50,7 +51,9 @@ def publish(config: TrainerConfig, store: artifacts.Store, staged: Staged, model
     out = staged.directory
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir()
-    (out / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in final.predictions))
+    evaluated = final.evaluation.document(config)
+    (out / "evaluation.json").write_text(json.dumps(evaluated, indent=2) + "\n")
+    (out / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in final.evaluation.predictions))
     adapter_dir = merged_dir = None
     if config.lora.enabled:
         adapter_dir = out / "adapter"
@@ -79,7 +82,7 @@ def publish(config: TrainerConfig, store: artifacts.Store, staged: Staged, model
         "validationSamples": staged.validation_samples,
         "totalSteps": total_steps,
     }
-    (out / "README.md").write_text(artifacts.model_card(config_json, metrics, extra))
+    (out / "README.md").write_text(artifacts.model_card(config_json, metrics, extra, evaluated))
     artifacts.plot_losses(staged.events, out / "loss.png")
     manifest = artifacts.publish(out, store)
     uri = store.uri
@@ -88,6 +91,7 @@ def publish(config: TrainerConfig, store: artifacts.Store, staged: Staged, model
         total_steps=total_steps,
         epoch=round(epoch, 4),
         metrics=events.Metrics.model_validate(metrics),
+        evaluation=events.Evaluation.model_validate(evaluated),
         artifacts=events.Artifacts(
             location=uri,
             adapter=f"{uri}/adapter" if adapter_dir else None,
@@ -97,7 +101,11 @@ def publish(config: TrainerConfig, store: artifacts.Store, staged: Staged, model
             files=len(manifest["files"]),
         ),
     )
-    return summary.model_dump(by_alias=True, exclude={"error", "exit_code"})
+    out = summary.model_dump(by_alias=True, exclude={"error", "exit_code"})
+    # As evaluation.json has it, without the gate's verdict (the operator checks the job's gate
+    # itself) or empty fields: the termination message is small.
+    out["evaluation"] = {k: v for k, v in evaluated.items() if k != "gate"}
+    return out
 
 
 def merge_adapter(

@@ -191,6 +191,15 @@ def encode_summary(summary: dict[str, Any], limit: int = SUMMARY_MAX_BYTES) -> s
     text = json.dumps(trimmed, separators=(",", ":"))
     if len(text.encode()) <= limit:
         return text
+    evaluation = trimmed.get("evaluation")
+    if isinstance(evaluation, dict):
+        # The reasons a metric is unavailable are in evaluation.json; the values stay.
+        for result in (evaluation.get("metrics") or {}).values():
+            if isinstance(result, dict):
+                result.pop("unavailable", None)
+        text = json.dumps(trimmed, separators=(",", ":"))
+        if len(text.encode()) <= limit:
+            return text
     if isinstance(trimmed.get("error"), str):
         excess = len(text.encode()) - limit + 16
         message = trimmed["error"].encode()

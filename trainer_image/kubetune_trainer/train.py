@@ -185,7 +185,7 @@ class Trainer:
         torch.manual_seed(cfg.training.seed)  # adapter initialisation, the same on every rank
         model = model_lib.load_model(model_path, cfg, precision, dev, self.gradient_checkpointing)
         self.loop(model, tokenizer, train_samples, val_samples, dev, precision)
-        final = self.final_model(model, tokenizer, datasets, dev)
+        final = self.final_model(model, tokenizer, datasets, val_samples, dev, precision)
         # Over several pods, a pod whose processes exit 0 completes its index of the Indexed Job for
         # good, so no rank ends before rank 0 has published; when rank 0 fails, every rank fails.
         if not world.is_main:
@@ -457,17 +457,22 @@ class Trainer:
 
     # -- outputs ------------------------------------------------------------------------------
 
-    def final_model(self, model: Any, tokenizer: Any, datasets: data.Datasets, dev: torch.device) -> FinalModel:
-        """The greedy predictions and, for a sharded model, its trained weights gathered whole.
+    def final_model(self, model: Any, tokenizer: Any, datasets: data.Datasets, val_samples: list[data.Sample],
+                    dev: torch.device, precision: model_lib.Precision) -> FinalModel:
+        """The evaluation (evaluation.py) and, for a sharded model, its trained weights gathered whole.
 
-        Rank 0's alone, except for a sharded model: then every rank generates (in step, HF's
-        ``synced_gpus``) and takes part in the gather, and rank 0 keeps the results."""
-        if not (self.world.is_main or self.sharded):
-            return FinalModel([], None)
+        Every rank takes part: the answers are generated batch by batch on the ranks in turn (a
+        sharded model's, on every rank in step), and the gather is collective; rank 0 keeps them."""
         model.eval()
-        examples = datasets.validation[:evaluation.PREDICTION_SAMPLES]
-        predictions = evaluation.generate_predictions(model, tokenizer, self.config, examples, dev, synced=self.sharded)
-        return FinalModel(predictions, distributed.gather_model_state(model) if self.sharded else None)
+        pad_id = tokenizer.pad_token_id
+        result = evaluation.evaluate(
+            model, tokenizer, self.config, datasets.validation, self.progress.eval_loss,
+            lambda: evaluation.eval_loss(model, val_samples, pad_id, dev, precision, self.world,
+                                         self.micro_batch_size, sharded=self.sharded),
+            dev, self.world, sharded=self.sharded, judge_on_this_rank=self.world.is_main,
+        )
+        state = distributed.gather_model_state(model) if self.sharded else None
+        return FinalModel(result, state)
 
     def finish(
         self,
