@@ -75,6 +75,38 @@ class Artifacts(Incoming):
     """Number of files."""
 
 
+class DatasetStats(Incoming):
+    """The training data as the trainer sees it, before the model loads: how much, how long, how it
+    will take."""
+
+    samples: int | None = Field(default=None, ge=0)
+    """Training samples used (after samples with no answer token left were dropped)."""
+    validation_samples: int | None = Field(default=None, ge=0)
+    """Validation samples."""
+    tokens_p50: int | None = Field(default=None, ge=0)
+    """Median tokens per training sample (template applied, before truncation)."""
+    tokens_p95: int | None = Field(default=None, ge=0)
+    """95th percentile of tokens per training sample."""
+    tokens_max: int | None = Field(default=None, ge=0)
+    """Longest training sample, in tokens."""
+    truncated: int | None = Field(default=None, ge=0)
+    """Training samples longer than dataset.maxLength, cut to it."""
+    dropped: int | None = Field(default=None, ge=0)
+    """Training samples dropped: no answer token left after truncation."""
+    epoch_tokens: int | None = Field(default=None, ge=0)
+    """Tokens in one pass over the training data (after truncation)."""
+    total_tokens: int | None = Field(default=None, ge=0)
+    """Tokens the whole run trains on (epoch tokens x epochs)."""
+    steps_per_epoch: int | None = Field(default=None, ge=0)
+    """Optimizer steps per pass over the data."""
+    total_steps: int | None = Field(default=None, ge=0)
+    """Optimizer steps of the run."""
+    estimated_seconds: float | None = Field(default=None, ge=0)
+    """Estimated training time, from the tokens/s of the first steps."""
+    gpu_hours: float | None = Field(default=None, ge=0)
+    """Estimated GPU-hours (estimatedSeconds x GPUs / 3600); 0 on CPUs."""
+
+
 class MetricResult(Incoming):
     """One evaluation metric: the tuned model's value, the backbone's, and the difference."""
 
@@ -180,6 +212,7 @@ class ProgressReport(Metrics):
     total_steps: int | None = Field(default=None, ge=0)
     epoch: float | None = Field(default=None, ge=0)
     eta_seconds: float | None = Field(default=None, ge=0)
+    dataset: DatasetStats | None = None
 
     def progress(self, updated_at: str) -> Progress:
         """status.progress for this report."""
@@ -204,6 +237,7 @@ class Summary(Incoming):
     metrics: Metrics = Field(default_factory=Metrics)
     artifacts: Artifacts = Field(default_factory=Artifacts)
     evaluation: Evaluation | None = None
+    dataset: DatasetStats | None = None
     error: str | None = None
     exit_code: int | None = None
 
@@ -222,13 +256,17 @@ class Summary(Incoming):
             out["artifacts"] = artifacts
         if self.evaluation is not None:
             out["evaluation"] = self.evaluation.model_dump(by_alias=True, exclude_none=True)
+        if self.dataset is not None:
+            out["dataset"] = self.dataset.model_dump(by_alias=True, exclude_none=True)
         return out
 
 
 def event_json(report: ProgressReport) -> dict[str, Any]:
     """A progress report as the trainer prints, records (metrics.jsonl) and pushes it: type and step
     first, for people reading the log."""
-    values = report.model_dump(by_alias=True)
+    values = report.model_dump(by_alias=True, exclude={"dataset"} if report.dataset is None else None)
+    if report.dataset is not None:
+        values["dataset"] = report.dataset.model_dump(by_alias=True, exclude_none=True)
     return {"type": values.pop("type"), "step": values.pop("step"), **values}
 
 

@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
                      help="ddp replicates the model on every GPU, fsdp shards it (default: the manifest's "
                           "resources.distribution.strategy, or the config's distribution.strategy)")
     est.add_argument("--json", action="store_true", help="print the estimate as JSON (total in peakBytes)")
+    est.add_argument("--data", type=Path, help="also count a local training data file with the backbone's "
+                                               "tokenizer: samples, tokens per sample, truncation, steps")
 
     args = parser.parse_args(argv)
     if args.command == "estimate":
@@ -85,6 +87,7 @@ def estimate_command(args: argparse.Namespace) -> int:
         if world < 1:
             raise ValueError("--world-size must be 1 or more")
         got = estimate_run(shape, run, world_size=world, strategy=strategy, gpu_memory=memory)
+        counted = preflight.data_statistics(run, args.data, world) if args.data else None
     except ValidationError as err:
         print(f"{args.file}: invalid: {err}", file=sys.stderr)
         return 2
@@ -92,9 +95,11 @@ def estimate_command(args: argparse.Namespace) -> int:
         print(f"kubetune estimate: {err}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps(got.as_json(), indent=2))
+        print(json.dumps({**got.as_json(), **({"dataset": counted[0]} if counted else {})}, indent=2))
     else:
         print("\n".join(got.lines()))
+        if counted:
+            print("\n".join(["data:", *counted[1]]))
         if got.fits is False:
             print(preflight.suggestions(run, world))
     return 1 if got.fits is False else 0

@@ -26,7 +26,7 @@ from kubetune_contract.config import (
 )
 from kubetune_contract.config import DistributionSpec as TrainerDistributionSpec
 from kubetune_contract.estimate import parse_quantity
-from kubetune_contract.events import Artifacts, Evaluation, Metrics, Progress
+from kubetune_contract.events import Artifacts, DatasetStats, Evaluation, Metrics, Progress
 
 GROUP = "kubetune.io"
 VERSION = "v1alpha1"
@@ -378,6 +378,8 @@ class FineTuneJobStatus(Section):
     """Latest metrics."""
     artifacts: Artifacts | None = None
     """Results."""
+    dataset: DatasetStats | None = None
+    """The training data as the trainer counted it before the model loaded, and the time estimate."""
     evaluation: Evaluation | None = None
     """The evaluation after training: each metric tuned vs base, and the promotion gate's verdict."""
     preset: AppliedPreset | None = None

@@ -350,3 +350,18 @@ def load_run(path: Path) -> tuple[RunSections, int, int | None]:
     if len(documents) != 1 or not isinstance(documents[0], dict):
         raise ValueError(f"{path}: expected a FineTuneJob manifest or a trainer config")
     return TrainerConfig.model_validate(documents[0]), 1, None
+
+
+def data_statistics(run: RunSections, path: Path, processes: int) -> tuple[dict[str, Any], list[str]]:
+    """`kubetune estimate --data`: the trainer's statistics of a local data file (as JSON and as
+    lines); needs the trainer's dependencies (the tokenizer)."""
+    try:
+        from kubetune_trainer import data_stats
+        from kubetune_trainer.errors import TrainerError
+    except ImportError as err:
+        raise ValueError(f"--data needs the trainer's dependencies (pip install 'kubetune[trainer]'): {err}") from err
+    try:
+        stats = data_stats.of_file(run, path, processes)
+    except TrainerError as err:
+        raise ValueError(str(err)) from err
+    return stats.model_dump(by_alias=True, exclude_none=True), data_stats.lines(stats, run.dataset.max_length)

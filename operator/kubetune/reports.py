@@ -51,6 +51,8 @@ def status_patch(report: ProgressReport, updated_at: str) -> Json:
     reported = rounded(report.metrics().model_dump(by_alias=True, exclude_none=True))
     if reported:
         patch["metrics"] = reported
+    if report.dataset is not None:
+        patch["dataset"] = report.dataset.model_dump(by_alias=True, exclude_none=True)
     return patch
 
 
@@ -67,6 +69,8 @@ def progress_operations(patch: Json, metrics: Json | None = None, *, progress: b
         operations.append({"op": "add", "path": "/status/progress", "value": patch["progress"]})
     if patch.get("metrics"):
         operations.append({"op": "add", "path": "/status/metrics", "value": metrics or patch["metrics"]})
+    if patch.get("dataset"):
+        operations.append({"op": "add", "path": "/status/dataset", "value": patch["dataset"]})
     return operations
 
 
@@ -74,7 +78,9 @@ def merge(old: Json | None, new: Json) -> Json:
     """Newer report on top of an older pending one (metrics a newer report lacks are kept)."""
     if not old:
         return new
-    return {"progress": new["progress"], "metrics": {**old.get("metrics", {}), **new.get("metrics", {})}}
+    merged = {"progress": new["progress"], "metrics": {**old.get("metrics", {}), **new.get("metrics", {})}}
+    dataset = new.get("dataset") or old.get("dataset")
+    return {**merged, "dataset": dataset} if dataset else merged
 
 
 @dataclass

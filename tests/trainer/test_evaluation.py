@@ -74,7 +74,8 @@ def test_the_tuned_model_beats_the_backbone_and_the_metrics_are_the_libraries_ow
         for row in rows:
             assert row["scores"]["bleu"][model] == pytest.approx(
                 sacrebleu.sentence_bleu(row[model], [row["reference"]]).score)
-    assert metrics["exactMatch"]["delta"] == pytest.approx(metrics["exactMatch"]["tuned"] - metrics["exactMatch"]["base"])
+    exact = metrics["exactMatch"]
+    assert exact["delta"] == pytest.approx(exact["tuned"] - exact["base"])
 
 
 def test_the_evaluation_is_published_in_the_manifest_the_summary_and_the_model_card(learned_run: Path) -> None:

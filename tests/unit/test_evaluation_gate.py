@@ -67,7 +67,8 @@ def conditions(result: dict[str, Any]) -> dict[str, tuple[str, str]]:
 
 
 def test_a_passed_gate_is_promotable_and_ready() -> None:
-    result = built(succeeded({"metrics": METRICS, "headline": "bleu 31.5 (base 12)"}), gate({"metric": "bleu", "min": 20}))
+    result = built(succeeded({"metrics": METRICS, "headline": "bleu 31.5 (base 12)"}),
+                   gate({"metric": "bleu", "min": 20}))
     assert result["phase"] == "Succeeded"
     assert result["evaluation"]["headline"] == "bleu 31.5 (base 12)"
     assert result["evaluation"]["gate"] == {"passed": True, "message": "every gate rule holds (1)"}

@@ -91,3 +91,14 @@ def test_status_and_reports_share_the_trainers_event_models() -> None:
     assert status["metrics"].annotation == events.Metrics | None
     assert status["artifacts"].annotation == events.Artifacts | None
     assert ProgressReport is events.ProgressReport
+
+
+def test_the_data_statistics_of_a_report_go_to_status_dataset_and_survive_a_merge() -> None:
+    stats = {"samples": 120, "tokensP50": 9, "truncated": 3, "totalSteps": 30}
+    first = status_patch(ProgressReport.model_validate({"step": 0, "totalSteps": 30, "dataset": stats}), "t0")
+    assert first["dataset"] == stats
+    later = status_patch(ProgressReport.model_validate({"step": 1, "totalSteps": 30, "trainLoss": 2.0}), "t1")
+    pending = merge(first, later)
+    assert pending["dataset"] == stats and pending["progress"]["step"] == 1
+    assert {"op": "add", "path": "/status/dataset", "value": stats} in progress_operations(pending)
+    assert not any(op["path"] == "/status/dataset" for op in progress_operations(later))

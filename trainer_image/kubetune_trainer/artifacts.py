@@ -372,6 +372,7 @@ def model_card(config: dict[str, Any], metrics: dict[str, Any], extra: dict[str,
         f"({extra.get('validationSamples')} samples)",
         f"- columns: prompt `{config['dataset']['promptColumn']}`, answer `{config['dataset']['answerColumn']}`",
         f"- maxLength {config['dataset']['maxLength']}, maskPrompt {config['dataset']['maskPrompt']}",
+        *data_lines(extra.get("dataset") or {}),
         "",
         "## Training",
         "",
@@ -393,6 +394,22 @@ def model_card(config: dict[str, Any], metrics: dict[str, Any], extra: dict[str,
         "",
     ]
     return "\n".join(lines)
+
+
+def data_lines(dataset: dict[str, Any]) -> list[str]:
+    """The model card's statistics of the training data (status.dataset)."""
+    if not dataset:
+        return []
+    lines = [
+        f"- tokens per sample: p50 {dataset.get('tokensP50')}, p95 {dataset.get('tokensP95')}, "
+        f"max {dataset.get('tokensMax')}; {dataset.get('truncated')} truncated, {dataset.get('dropped')} dropped",
+        f"- {dataset.get('epochTokens')} tokens per epoch, {dataset.get('stepsPerEpoch')} steps per epoch; "
+        f"{dataset.get('totalTokens')} tokens in {dataset.get('totalSteps')} steps",
+    ]
+    if dataset.get("estimatedSeconds") is not None:
+        lines.append(f"- estimated from the first steps: {dataset['estimatedSeconds']}s of training, "
+                     f"{dataset.get('gpuHours')} GPU-hours")
+    return [*lines, "- rendered samples (template applied, loss-free part marked): `samples.txt`"]
 
 
 def evaluation_table(evaluation: dict[str, Any]) -> list[str]:

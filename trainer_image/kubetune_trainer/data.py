@@ -236,6 +236,17 @@ def prompt_ids(example: Example, spec: DatasetSpec, tokenizer: PreTrainedTokeniz
     return ids
 
 
+@dataclass
+class Tokenized:
+    """Tokenized samples, and what tokenizing found: each row's full length, truncated and dropped rows."""
+
+    samples: list[Sample]
+    lengths: list[int]
+    """Tokens of every row, template applied, before truncation."""
+    truncated: int
+    dropped: int
+
+
 def tokenize(
     examples: list[Example], spec: DatasetSpec, tokenizer: PreTrainedTokenizerBase
 ) -> list[Sample]:
@@ -244,9 +255,15 @@ def tokenize(
     Samples longer than ``maxLength`` are truncated (counted and logged); a sample left with no
     answer token is dropped (counted and logged).
     """
+    return tokenize_counted(examples, spec, tokenizer).samples
+
+
+def tokenize_counted(examples: list[Example], spec: DatasetSpec, tokenizer: PreTrainedTokenizerBase) -> Tokenized:
+    """:func:`tokenize`, with the counts."""
     chat = use_chat_template(spec, tokenizer)
     eos = tokenizer.eos_token_id
     samples: list[Sample] = []
+    lengths: list[int] = []
     truncated = dropped = 0
     for example in examples:
         prompt = prompt_ids(example, spec, tokenizer, chat)
@@ -255,6 +272,7 @@ def tokenize(
             answer.append(eos)
         input_ids = prompt + answer
         labels = ([IGNORE_INDEX] * len(prompt) if spec.mask_prompt else list(prompt)) + answer
+        lengths.append(len(input_ids))
         if len(input_ids) > spec.max_length:
             truncated += 1
             input_ids, labels = input_ids[: spec.max_length], labels[: spec.max_length]
@@ -271,7 +289,25 @@ def tokenize(
         raise InvalidInput(
             f"no usable sample: all {len(examples)} prompts fill dataset.maxLength={spec.max_length}"
         )
-    return samples
+    return Tokenized(samples, lengths, truncated, dropped)
+
+
+def render_samples(samples: list[Sample], tokenizer: PreTrainedTokenizerBase) -> str:
+    """samples.txt: samples as the model sees them (template applied), the part without loss (the
+    masked prompt) between [masked] and [/masked], so a person can check the template."""
+    import itertools
+
+    parts = []
+    for i, sample in enumerate(samples, 1):
+        text: list[str] = []
+        pairs = zip(sample.input_ids, sample.labels, strict=True)
+        for masked, run in itertools.groupby(pairs, key=lambda pair: pair[1] == IGNORE_INDEX):
+            decoded = str(tokenizer.decode([token for token, _ in run], skip_special_tokens=False))
+            text.append(f"[masked]{decoded}[/masked]" if masked else decoded)
+        masked_count = sum(label == IGNORE_INDEX for label in sample.labels)
+        parts.append(f"--- sample {i}: {len(sample.input_ids)} tokens, {masked_count} without loss ([masked]) ---\n"
+                     + " ".join(text) + "\n")
+    return "\n".join(parts)
 
 
 def pack(samples: list[Sample], max_length: int) -> list[Sample]:

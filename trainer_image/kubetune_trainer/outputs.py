@@ -16,6 +16,7 @@ import torch
 
 from kubetune_contract import events
 from kubetune_contract.config import TrainerConfig
+from kubetune_contract.events import DatasetStats
 
 from . import artifacts, evaluation
 from . import model as model_lib
@@ -42,6 +43,8 @@ class Staged:
     events: list[dict[str, Any]]  # progress events, for the loss plot
     train_samples: int
     validation_samples: int
+    dataset: DatasetStats | None = None  # the data's statistics
+    samples_text: str = ""  # samples.txt
 
 
 def publish(config: TrainerConfig, store: artifacts.Store, staged: Staged, model: Any, tokenizer: Any,
@@ -74,6 +77,8 @@ def publish(config: TrainerConfig, store: artifacts.Store, staged: Staged, model
         merged_dir = out / "model"
         model.save_pretrained(str(merged_dir), state_dict=final.state)
         tokenizer.save_pretrained(str(merged_dir))
+    if staged.samples_text:
+        (out / "samples.txt").write_text(staged.samples_text)
     config_json = config.model_dump(by_alias=True, mode="json")
     (out / "trainer_config.json").write_text(json.dumps(config_json, indent=2) + "\n")
     shutil.copyfile(staged.metrics_path, out / "metrics.jsonl")
@@ -81,6 +86,7 @@ def publish(config: TrainerConfig, store: artifacts.Store, staged: Staged, model
         "trainSamples": staged.train_samples,
         "validationSamples": staged.validation_samples,
         "totalSteps": total_steps,
+        "dataset": staged.dataset.model_dump(by_alias=True, exclude_none=True) if staged.dataset else {},
     }
     (out / "README.md").write_text(artifacts.model_card(config_json, metrics, extra, evaluated))
     artifacts.plot_losses(staged.events, out / "loss.png")
@@ -92,6 +98,7 @@ def publish(config: TrainerConfig, store: artifacts.Store, staged: Staged, model
         epoch=round(epoch, 4),
         metrics=events.Metrics.model_validate(metrics),
         evaluation=events.Evaluation.model_validate(evaluated),
+        dataset=staged.dataset,
         artifacts=events.Artifacts(
             location=uri,
             adapter=f"{uri}/adapter" if adapter_dir else None,
@@ -101,11 +108,12 @@ def publish(config: TrainerConfig, store: artifacts.Store, staged: Staged, model
             files=len(manifest["files"]),
         ),
     )
-    out = summary.model_dump(by_alias=True, exclude={"error", "exit_code"})
+    result = summary.model_dump(by_alias=True, exclude={"error", "exit_code"})
     # As evaluation.json has it, without the gate's verdict (the operator checks the job's gate
     # itself) or empty fields: the termination message is small.
-    out["evaluation"] = {k: v for k, v in evaluated.items() if k != "gate"}
-    return out
+    result["evaluation"] = {k: v for k, v in evaluated.items() if k != "gate"}
+    result["dataset"] = extra["dataset"] or None
+    return result
 
 
 def merge_adapter(

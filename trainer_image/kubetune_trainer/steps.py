@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from kubetune_contract.config import TrainerConfig
+from kubetune_contract.config import RunSections, TrainerConfig
 from kubetune_contract.estimate import Estimate
 
 from . import data, distributed, sources
@@ -109,7 +109,7 @@ def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weigh
     return cls(params, lr=lr, weight_decay=weight_decay)
 
 
-def total_steps(config: TrainerConfig, train_samples: int, world_size: int = 1) -> int:
+def total_steps(config: RunSections, train_samples: int, world_size: int = 1) -> int:
     """maxSteps, or epochs (default one) of optimizer steps of the global batch."""
     if config.training.max_steps is not None:
         return config.training.max_steps

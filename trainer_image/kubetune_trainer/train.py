@@ -30,7 +30,7 @@ from kubetune_contract import events
 from kubetune_contract.config import TrainerConfig
 from kubetune_contract.estimate import Estimate
 
-from . import artifacts, data, distributed, evaluation, outputs, sources
+from . import artifacts, data, data_stats, distributed, evaluation, outputs, sources
 from . import model as model_lib
 from .checkpoints import CheckpointStore, LoadedCheckpoint, apply_states, save_local
 from .errors import InvalidInput, OutOfMemory, Terminated
@@ -109,6 +109,12 @@ class Trainer:
         self.checkpoints: CheckpointStore | None = None
         """The run's checkpoints in the store (opened with it)."""
         self.after_step: Callable[[int, Any, Any], None] | None = None  # (step, model, optimizer): census.py
+        self.dataset: events.DatasetStats | None = None
+        """The data's statistics (describe_data); sent with the first progress report, and again once
+        the first steps give the time estimate."""
+        self.dataset_sent = self.estimated = False
+        self.samples_text = ""
+        """samples.txt: rendered samples, the masked part marked."""
         self.sharded = False
         """The model is sharded over the ranks (distribution.strategy fsdp): its forward passes, and
         gathering its weights, are collective, so every rank takes part in them."""
@@ -174,11 +180,13 @@ class Trainer:
             world.agree(None)
             datasets, model_path, tokenizer_path = self._prepare()
         tokenizer = model_lib.load_tokenizer(tokenizer_path, cfg.model.trust_remote_code)
-        train_samples = data.tokenize(datasets.train, cfg.dataset, tokenizer)
+        counted = data.tokenize_counted(datasets.train, cfg.dataset, tokenizer)
+        train_samples = counted.samples
         val_samples = data.tokenize(datasets.validation, cfg.dataset, tokenizer)
         if cfg.training.packing:
             train_samples = data.pack(train_samples, cfg.dataset.max_length)
             log.info("packing: %d blocks of up to %d tokens", len(train_samples), cfg.dataset.max_length)
+        self.describe_data(counted, train_samples, len(val_samples), tokenizer)
 
         dev = world.device()
         precision = model_lib.resolve_precision(cfg.training.precision, dev)
@@ -194,6 +202,14 @@ class Trainer:
         with world.fail_together():
             summary = self.finish(model, tokenizer, model_path, datasets, final, dev, precision)
         return RunResult(summary, model, tokenizer)
+
+    def describe_data(self, counted: data.Tokenized, trained: list[data.Sample], validation_samples: int,
+                      tokenizer: Any) -> None:
+        """The data's statistics (for the first progress report, the logs and the model card) and two
+        rendered samples (samples.txt), before the model loads."""
+        self.dataset = data_stats.describe(counted, trained, validation_samples, self.config, self.world.world_size)
+        self.samples_text = data.render_samples(counted.samples[:2], tokenizer)
+        log.info("data: %s", "; ".join(data_stats.lines(self.dataset, self.config.dataset.max_length)))
 
     def _prepare(self) -> tuple[data.Datasets, Path, Path]:
         """Read and check the data, fit the batch to the device, and resolve the model and tokenizer
@@ -388,10 +404,31 @@ class Trainer:
             tokens_per_second=round(p.tokens_per_second, 1) if p.tokens_per_second and step else None,
             eta_seconds=round(eta, 1) if eta is not None else None,
             peak_memory_bytes=peak_memory_bytes(dev),
+            dataset=self.dataset_update(step, dev),
         )
         event = events.event_json(report)
         p.events.append(event)
         self.reporter.emit(event)
+
+    def dataset_update(self, step: int, dev: torch.device) -> events.DatasetStats | None:
+        """status.dataset for this report: with the first report, and once more with the estimate
+        from the tokens/s of the first steps (from step 5, or the last step of a shorter run)."""
+        d, p = self.dataset, self.progress
+        if d is None:
+            return None
+        first = min(5, p.total_steps or 5)
+        if step >= first and p.tokens_per_second and not self.estimated and d.total_tokens is not None:
+            self.estimated = True
+            d.estimated_seconds = round(d.total_tokens / p.tokens_per_second, 1)
+            gpus = self.world.world_size if dev.type == "cuda" else 0
+            d.gpu_hours = round(d.estimated_seconds * gpus / 3600, 4)
+            log.info("estimate from the first %d steps: %.0f tokens/s, %.1fs of training, %.3f GPU-hours", step,
+                     p.tokens_per_second, d.estimated_seconds, d.gpu_hours)
+            return d
+        if not self.dataset_sent:
+            self.dataset_sent = True
+            return d
+        return None
 
     # -- checkpoints --------------------------------------------------------------------------
 
@@ -488,7 +525,7 @@ class Trainer:
         assert self.store is not None
         p = self.progress
         staged = outputs.Staged(self.work / "outputs", self.metrics_path, p.events, len(datasets.train),
-                                len(datasets.validation))
+                                len(datasets.validation), self.dataset, self.samples_text)
         return outputs.publish(self.config, self.store, staged, model, tokenizer, model_path, final, precision,
                                self.final_metrics(dev), p.step, p.total_steps, p.epoch)
 
