@@ -126,8 +126,24 @@ def up() -> None:
     if status["phase"] != "Succeeded":
         sys.exit("demo: the quickstart job failed (kubectl describe ftj quickstart)")
 
+    step("Is the fine-tuned model better? (status.evaluation: the adapter vs the backbone alone)")
+    print("\n".join(evaluation_table(status.get("evaluation") or {})))
+
     step("Artifacts")
     show_artifacts(status["artifacts"]["location"], minio)
+
+
+def evaluation_table(evaluation: dict[str, Any]) -> list[str]:
+    """status.evaluation as a table: each metric tuned, base and the difference."""
+
+    def shown(value: Any) -> str:
+        return f"{value:.4g}" if isinstance(value, int | float) else "-"
+
+    lines = [f"  {'metric':<12}{'tuned':>10}{'base':>10}{'delta':>10}  samples"]
+    for name, result in (evaluation.get("metrics") or {}).items():
+        lines.append(f"  {name:<12}{shown(result.get('tuned')):>10}{shown(result.get('base')):>10}"
+                     f"{shown(result.get('delta')):>10}  {result.get('samples', '-')}")
+    return lines
 
 
 def show_artifacts(location: str, minio: dict[str, str]) -> None:

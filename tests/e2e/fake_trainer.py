@@ -13,6 +13,7 @@ URLs work from any node: a real node's pods do not see the host's files (tests.s
 serves them).
     FAKE_EXIT_CODE  exit code (default 0)
     FAKE_MESSAGE    error message for the termination message when exiting non-zero
+    FAKE_EVALUATION JSON of the summary's evaluation (metrics tuned vs base) on success
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ def main() -> int:
                    "metrics": {"trainLoss": 0.25, "evalLoss": 0.5, "perplexity": 1.65},
                    "artifacts": {"location": location, "adapter": f"{location}adapter/",
                                  "manifest": f"{location}manifest.json", "files": 3, "totalBytes": 1000}}
+        if os.environ.get("FAKE_EVALUATION"):
+            summary["evaluation"] = json.loads(os.environ["FAKE_EVALUATION"])
     log.write_text(json.dumps(summary))
     print(json.dumps({"event": "done", "exitCode": code}), flush=True)
     return code

@@ -79,13 +79,23 @@ def test_defaults_are_filled_in_by_the_api_server(cluster: Any, crd: None, names
      ["spec.resources.distribution.strategy", "fsdp needs more than one training process"]),
     ({"resources": {"gpus": 1, "sharedMemory": "64Mi", "distribution": {"strategy": "fsdp"}}},
      ["spec.resources.distribution.strategy", "fsdp needs more than one training process"]),
+    ({"evaluation": {"metrics": ["bleu", "accuracy"]}}, ["spec.evaluation.metrics[1]", "Unsupported value"]),
+    ({"evaluation": {"metrics": ["judge"]}}, ["spec.evaluation.judge", "set evaluation.judge"]),
+    ({"evaluation": {"metrics": ["judge"], "judge": {"model": "grader"}}}, ["spec.evaluation.judge.url", "Required"]),
+    ({"evaluation": {"metrics": ["perplexity"], "gate": {"rules": [{"metric": "bleu", "min": 20}]}}},
+     ["spec.evaluation.gate.rules", "must be listed in evaluation.metrics"]),
+    ({"evaluation": {"gate": {"rules": [{"metric": "bleu"}]}}},
+     ["spec.evaluation.gate.rules[0]", "needs min, max or minImprovement"]),
+    ({"evaluation": {"maxSamples": 5000}}, ["spec.evaluation.maxSamples", "less than or equal to 2000"]),
 ], ids=["enum", "minimum", "batch-size-word", "cel-auto-without-global-batch", "cel-global-batch-without-auto",
         "checkpointing-word", "memory-fraction", "negative-gpus", "cel-int4-without-lora", "cel-epochs-and-steps",
         "cel-s3-output", "cel-targets", "cel-reserved-report-url", "cel-reserved-aws", "cel-file-source",
         "cel-pvc-dotdot", "cel-denied-nvidia-devices",
         "cel-denied-ld-preload", "cel-denied-pythonpath", "cel-denied-hf-endpoint", "cel-denied-cuda-devices",
         "value-from-field-ref", "cel-value-from-both", "cel-processes-with-gpus",
-        "cel-fsdp-int8", "cel-fsdp-8bit-optimizer", "cel-fsdp-one-cpu-process", "cel-fsdp-one-gpu"])
+        "cel-fsdp-int8", "cel-fsdp-8bit-optimizer", "cel-fsdp-one-cpu-process", "cel-fsdp-one-gpu",
+        "evaluation-unknown-metric", "cel-judge-without-endpoint", "judge-without-url", "cel-gate-unlisted-metric",
+        "cel-gate-rule-without-bound", "evaluation-max-samples"])
 def test_invalid_finetunejob_is_rejected_at_apply(cluster: Any, crd: None, namespace: str,
                                                   spec: dict[str, Any], words: list[str]) -> None:
     result = apply(cluster, namespace, finetunejob("invalid", **spec))

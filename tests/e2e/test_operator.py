@@ -47,6 +47,32 @@ def test_job_runs_on_the_gpu_node_and_succeeds(cluster: Any, namespace: str, ope
              timeout=30, message="Created and Succeeded events")
 
 
+def test_the_promotion_gate_sets_promotable_and_fail_job_fails_a_worse_model(cluster: Any, namespace: str,
+                                                                            operator: Any) -> None:
+    evaluation = json.dumps({"metrics": {"bleu": {"tuned": 31.5, "base": 12.0, "delta": 19.5, "samples": 64}},
+                             "headline": "bleu 31.5 (base 12)"})
+    metrics = {"metrics": ["bleu"]}
+    cluster.apply(finetunejob("better", env=env(FAKE_EVALUATION=evaluation), evaluation={
+        **metrics, "gate": {"rules": [{"metric": "bleu", "minImprovement": 10}]}}), namespace)
+    cluster.apply(finetunejob("worse", env=env(FAKE_EVALUATION=evaluation), evaluation={
+        **metrics, "gate": {"rules": [{"metric": "bleu", "min": 40}], "failJob": True}}), namespace)
+
+    better = wait_phase(cluster, namespace, "better", "Succeeded")
+    assert {c["type"]: c["status"] for c in better["conditions"]} == {
+        "Ready": "True", "Reconciling": "False", "Stalled": "False", "Promotable": "True"}
+    assert better["evaluation"]["gate"]["passed"] is True
+    assert "bleu 31.5 (base 12)" in cluster.kubectl("get", "ftj", "better", "-n", namespace).stdout
+
+    worse = wait_phase(cluster, namespace, "worse", "Failed")
+    assert worse["reason"] == "EvaluationGateFailed" and "bleu 31.5 < min 40" in worse["message"]
+    conditions = {c["type"]: (c["status"], c["reason"]) for c in worse["conditions"]}
+    assert conditions["Promotable"] == ("False", "EvaluationGateFailed")
+    assert conditions["Stalled"] == ("True", "EvaluationGateFailed") and conditions["Ready"][0] == "False"
+    wait_for(lambda: any(e["reason"] == "Failed" and "EvaluationGateFailed" in e["message"]
+                         for e in events(cluster, namespace, "worse")), timeout=30,
+             message="the Failed event with the gate's reason")
+
+
 def test_invalid_input_fails_at_once_with_the_trainer_message(cluster: Any, namespace: str, operator: Any) -> None:
     message = "s3://data/train.jsonl: missing column 'answer' (columns: prompt, output)"
     cluster.apply(finetunejob("bad-data", backoffLimit=3, env=env(FAKE_EXIT_CODE="3", FAKE_MESSAGE=message)),

@@ -73,7 +73,15 @@ def test_quickstart_trains_reports_progress_and_publishes_artifacts(
     manifest = verify_manifest(location.rstrip("/"), StorageSpec(endpoint=minio_env["MINIO_ENDPOINT"],
                                                                  insecure=True))
     paths = {entry["path"] for entry in manifest["files"]}
-    assert {"adapter/adapter_model.safetensors", "metrics.jsonl", "README.md", "loss.png"} <= paths
+    assert {"adapter/adapter_model.safetensors", "metrics.jsonl", "README.md", "loss.png", "evaluation.json",
+            "predictions.jsonl", "samples.txt"} <= paths
+    # Evaluation (tuned vs the backbone) and the data's statistics reach the status.
+    evaluation = status["evaluation"]["metrics"]
+    assert set(evaluation) == {"perplexity", "bleu", "rouge", "exactMatch"}
+    assert evaluation["perplexity"]["tuned"] < evaluation["perplexity"]["base"]
+    assert evaluation["exactMatch"]["samples"] > 0 and evaluation["bleu"]["base"] is not None
+    assert status["evaluation"]["headline"].startswith("perplexity ")
+    assert status["dataset"]["samples"] > 0 and status["dataset"]["totalSteps"] == 300
 
     wait_for(lambda: {"Created", "Started", "Succeeded"} <= set(event_reasons(cluster, namespace, "quickstart")),
              timeout=30, message="Created, Started and Succeeded events")
