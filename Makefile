@@ -63,6 +63,7 @@ cluster-status:  ## show what runs and where
 
 bench: cluster-up  ## trainer on CPU, operator on the local cluster (figures go to docs/benchmarks.md)
 	$(PY) -m hack.bench_trainer
+	$(PY) -m hack.bench_evaluation
 	$(PY) -m hack.bench_operator
 
 chaos: venv  ## chaos suite on the local cluster: operator kills, pod kills, MinIO and API outages (figures)

@@ -193,7 +193,8 @@ JUDGE = {"url": "http://judge.example:8000/v1", "model": "grader"}
 JUDGE_NEEDS_ENDPOINT = Rule(
     name="judge-needs-endpoint",
     at=("spec.evaluation",),
-    cel="!('judge' in self.?metrics.orValue([])) || has(self.judge)",
+    # has() rather than self.?metrics.orValue([]): the API server cannot bound the cost of a list from orValue.
+    cel="!has(self.metrics) || !('judge' in self.metrics) || has(self.judge)",
     message="evaluation.metrics lists judge: set evaluation.judge (url and model of an OpenAI-compatible "
             "chat-completions endpoint)",
     field=".judge",
@@ -207,8 +208,8 @@ JUDGE_NEEDS_ENDPOINT = Rule(
 GATE_METRIC_LISTED = Rule(
     name="gate-metric-listed",
     at=("spec.evaluation",),
-    cel="!has(self.gate) || self.gate.rules.all(r, r.metric in self.?metrics.orValue("
-        f"{list(DEFAULT_EVAL_METRICS)}))",
+    cel="!has(self.gate) || self.gate.rules.all(r, has(self.metrics) ? r.metric in self.metrics : "
+        f"r.metric in {list(DEFAULT_EVAL_METRICS)})",
     message="evaluation.gate.rules: every rule's metric must be listed in evaluation.metrics (a metric that is "
             "not computed cannot be checked)",
     field=".gate.rules",
@@ -224,7 +225,7 @@ GATE_METRIC_LISTED = Rule(
 GATE_IMPROVEMENT_NEEDS_BASE = Rule(
     name="gate-improvement-needs-base",
     at=("spec.evaluation",),
-    cel="!has(self.gate) || self.?compareBase.orValue(true) || "
+    cel="!has(self.gate) || !has(self.compareBase) || self.compareBase || "
         "!self.gate.rules.exists(r, has(r.minImprovement))",
     message="evaluation.gate.rules: minImprovement compares with the backbone; it needs evaluation.compareBase "
             "true",

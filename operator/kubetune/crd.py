@@ -105,6 +105,10 @@ def structural(schema: Schema) -> Schema:
                 node[bound] = True
         if "enum" in node and "type" not in node:
             node["type"] = "string"
+        if node.get("type") == "string" and node.get("enum") and all(isinstance(v, str) for v in node["enum"]):
+            # Bounds the strings for the API server's CEL cost estimate (a rule that looks a value up
+            # in a list of them).
+            node.setdefault("maxLength", max(len(v) for v in node["enum"]))
         if "const" in node:
             node["enum"] = [node.pop("const")]
             node.setdefault("type", "string")

@@ -79,6 +79,10 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_run(assets: Path, tmp_p
     # Same seeded data order, restored optimizer/scheduler/RNG and the same CPU kernels: identical.
     for name in want:
         assert torch.equal(got[name], want[name]), name
+    # and it evaluates as the uninterrupted run does: the same answers, the same metrics
+    reference_dir = tmp_path / "reference" / "tiny"
+    for name in ("evaluation.json", "predictions.jsonl"):
+        assert (run_dir / name).read_text() == (reference_dir / name).read_text(), name
 
 
 @pytest.mark.parametrize(("quantization", "optimizer"), [("int8", "adamw_8bit"), ("int4", "paged_adamw_8bit")])

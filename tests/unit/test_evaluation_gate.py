@@ -130,4 +130,4 @@ def test_the_default_metrics_are_the_ones_the_cel_rule_assumes() -> None:
     from kubetune_contract import rules
 
     assert EvaluationSpec().metrics == list(rules.DEFAULT_EVAL_METRICS)
-    assert str(list(rules.DEFAULT_EVAL_METRICS)) in rules.GATE_METRIC_LISTED.cel
+    assert f"r.metric in {list(rules.DEFAULT_EVAL_METRICS)}" in rules.GATE_METRIC_LISTED.cel
