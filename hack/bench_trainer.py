@@ -89,6 +89,7 @@ def kubetune_result(summary: dict[str, Any]) -> dict[str, Any]:
         "evalLoss": summary["metrics"]["evalLoss"],
         "trainLoss": summary["metrics"]["trainLoss"],
         "wallSeconds": summary["wallSeconds"],
+        "evaluationSeconds": (summary.get("evaluation") or {}).get("seconds"),
         **({"census": summary["census"]} if "census" in summary else {}),
     }
 

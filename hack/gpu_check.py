@@ -12,7 +12,8 @@ same config with packed 512-token blocks, each in its own process, so peak GPU m
 own. It prints tokens/s over the steps after the warm-up and peak GPU memory of both sides, the
 ratios KubeTune / baseline and whether the targets are met (at least the baseline's tokens/s, at
 most its peak memory: reported, not asserted), and the estimator's peak beside each measured
-KubeTune one (kubetune_contract.estimate). With ``--out`` it writes the same figures, and each
+KubeTune one (kubetune_contract.estimate), and the time the KubeTune runs spent evaluating (tuned and
+backbone answers to the 32 validation prompts) as a share of the run. With ``--out`` it writes the same figures, and each
 side's memory census of its first three steps (kubetune_trainer.census), to ``DIR/gpu_check.json``.
 
 Mode ``auto`` is a short bf16 LoRA run with ``batchSize: auto`` through the KubeTune trainer alone
@@ -162,6 +163,8 @@ def main() -> int:
                              "logEverySteps": warmup},
                 "lora": {"r": 16, "alpha": 32},
                 "quantization": "none" if mode == "bf16" else mode,
+                # the default evaluation on the 32 validation prompts: its share of the run, on the GPU
+                "evaluation": {"maxSamples": 32, "maxNewTokens": 64},
                 "output": {"location": str(work / "out")},
             }
             rows.append((mode, compare(config, work, mode)))
@@ -176,6 +179,10 @@ def main() -> int:
             if measured:
                 print(f"{mode}: estimated peak {estimates[mode] / 2**30:.2f} GiB, measured {measured / 2**30:.2f} GiB "
                       f"({estimates[mode] / measured - 1:+.1%}; kubetune_contract.estimate)")
+            spent, wall = sides["kubetune"].get("evaluationSeconds"), sides["kubetune"].get("wallSeconds")
+            if spent is not None and wall:
+                print(f"{mode}: evaluation (32 prompts, tuned and base, up to 64 new tokens) {spent:.1f}s of the "
+                      f"run's {wall:.1f}s ({spent / wall:.0%})")
         if auto:
             measured = auto.get("peakMemoryBytes")
             print(f"auto: batchSize auto chose micro-batch {auto.get('microBatch')}, {auto.get('tokensPerSecond')} "

@@ -163,6 +163,8 @@ class Evaluation(Incoming):
     """The first metric listed, e.g. "bleu 41.2 (base 12.5)"."""
     gate: GateResult | None = None
     """The promotion gate's verdict (evaluation.gate)."""
+    seconds: float | None = Field(default=None, ge=0)
+    """Wall time of the evaluation (answers of both models, metrics, the judge)."""
 
 
 def check_gate(gate: GateSpec, metrics: EvaluationMetrics) -> GateResult:

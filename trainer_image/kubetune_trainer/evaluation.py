@@ -175,7 +175,8 @@ class Result:
     def document(self, config: TrainerConfig) -> dict[str, Any]:
         """evaluation.json: per metric tuned, base, delta and samples; the gate's verdict."""
         evaluation = events.Evaluation(metrics=self.metrics,
-                                       headline=events.headline(self.metrics, list(config.evaluation.metrics)))
+                                       headline=events.headline(self.metrics, list(config.evaluation.metrics)),
+                                       seconds=round(self.seconds, 2))
         if config.evaluation.gate is not None:
             evaluation.gate = events.check_gate(config.evaluation.gate, self.metrics)
         return evaluation.model_dump(by_alias=True, exclude_none=True)
