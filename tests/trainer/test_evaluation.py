@@ -215,3 +215,28 @@ def test_the_judge_scores_or_is_unavailable_with_a_reason_and_the_run_succeeds(
     for path in run.rglob("*"):
         if path.is_file():
             assert b"judge-secret-key" not in path.read_bytes(), path
+
+
+def test_running_out_of_memory_while_generating_loses_nothing_but_the_answer_metrics(
+        assets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The adapter is trained: an out-of-memory in generation leaves those metrics unavailable, says
+    what to lower, and the run publishes and succeeds (it is not retried or failed)."""
+    import torch
+
+    from kubetune_trainer import evaluation
+
+    def exhausted(*args: Any, **kwargs: Any) -> int:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(evaluation, "generate_batches", exhausted)
+    config = make_config(assets, tmp_path / "out", training={"maxSteps": 2})
+    result = Trainer(config, Reporter(tmp_path / "metrics.jsonl")).run()
+    metrics = result.summary["evaluation"]["metrics"]
+    for name in ("bleu", "rouge", "exactMatch"):
+        assert metrics[name]["unavailable"].startswith("out of memory generating the answers (CUDA out of memory")
+        assert "lower evaluation.batchSize or evaluation.maxNewTokens" in metrics[name]["unavailable"]
+        assert "tuned" not in metrics[name]
+    assert metrics["perplexity"]["tuned"] > 0 and metrics["perplexity"]["base"] > 0
+    run = tmp_path / "out" / "tiny"
+    assert (run / "predictions.jsonl").read_text() == ""
+    assert "adapter/adapter_model.safetensors" in {f["path"] for f in verify_manifest(str(run))["files"]}

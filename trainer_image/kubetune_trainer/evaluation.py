@@ -21,11 +21,11 @@ from typing import Any
 import torch
 
 from kubetune_contract import events
-from kubetune_contract.config import TrainerConfig
+from kubetune_contract.config import JudgeSpec, TrainerConfig
 
 from . import data, distributed, judge
 from . import model as model_lib
-from .steps import token_loss_sum
+from .steps import OUT_OF_MEMORY_ERRORS, token_loss_sum
 
 log = logging.getLogger(__name__)
 
@@ -96,27 +96,48 @@ def generate_answers(model: Any, tokenizer: Any, config: TrainerConfig, examples
     began = time.perf_counter()
     was_training = model.training
     model.eval()
+    error = None
+    try:
+        new_tokens = generate_batches(model, tokenizer, prompts, mine, spec.batch_size, spec.max_new_tokens, pad,
+                                      dev, answers, use_cache=use_cache, sharded=sharded)
+    except OUT_OF_MEMORY_ERRORS as err:
+        detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        error = (f"out of memory generating the answers ({detail}): lower evaluation.batchSize or "
+                 "evaluation.maxNewTokens")
+    if error and dev.type == "cuda":
+        torch.cuda.empty_cache()
+    if was_training:
+        model.train()
+    seconds = time.perf_counter() - began
+    if not sharded:
+        for other, other_error in world.all_gather((answers, error)):
+            answers.update(other)
+            error = error or other_error
+    if error:
+        raise GenerationFailed(error)
+    return Answers([answers[i] for i in range(len(prompts))], seconds, new_tokens)
+
+
+def generate_batches(model: Any, tokenizer: Any, prompts: list[list[int]], starts: list[int], batch_size: int,
+                     max_new_tokens: int, pad: int, dev: torch.device, answers: dict[int, str], *,
+                     use_cache: bool, sharded: bool) -> int:
+    """Greedy answers of the batches at ``starts`` into ``answers``; returns the tokens generated."""
+    new_tokens = 0
     with torch.no_grad():
-        for start in mine:
-            batch = prompts[start : start + spec.batch_size]
+        for start in starts:
+            batch = prompts[start : start + batch_size]
             width = max(len(ids) for ids in batch)
             input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=dev)
             mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=dev)
             output = model.generate(
-                input_ids=input_ids, attention_mask=mask, max_new_tokens=spec.max_new_tokens, do_sample=False,
+                input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                 pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, use_cache=use_cache, synced_gpus=sharded,
             )
             generated = output[:, width:]
             for j, row in enumerate(generated):
                 answers[start + j] = tokenizer.decode(row, skip_special_tokens=True).strip()
                 new_tokens += int((row != pad).sum())
-    if was_training:
-        model.train()
-    seconds = time.perf_counter() - began
-    if not sharded:
-        for other in world.all_gather(answers):
-            answers.update(other)
-    return Answers([answers[i] for i in range(len(prompts))], seconds, new_tokens)
+    return new_tokens
 
 
 @dataclass
@@ -182,73 +203,93 @@ class Result:
         return evaluation.model_dump(by_alias=True, exclude_none=True)
 
 
+class GenerationFailed(Exception):
+    """Generating the answers ran out of accelerator memory (on any rank); the message says what to lower."""
+
+
 def evaluate(model: Any, tokenizer: Any, config: TrainerConfig, examples: list[data.Example],
              tuned_loss: float | None, base_loss: Callable[[], float], dev: torch.device,
              world: distributed.World, *, sharded: bool, judge_on_this_rank: bool) -> Result:
     """evaluation.metrics for the tuned model and, with compareBase, for the backbone alone.
 
     ``base_loss`` computes the validation loss with the adapter disabled (collective, like the
-    generation). Every rank calls this; the judge is asked from ``judge_on_this_rank`` only."""
+    generation). Every rank calls this; the judge is asked from ``judge_on_this_rank`` only. Nothing
+    here fails the run: a metric that cannot be computed is reported unavailable with the reason."""
     spec = config.evaluation
     began = time.perf_counter()
     compare = spec.compare_base and config.lora.enabled
-    no_base = None if compare else (
-        "evaluation.compareBase is false" if not spec.compare_base
-        else "a full fine-tune (lora.enabled false) changes the backbone's own weights: no backbone to compare")
+    if not compare:
+        log.info("evaluation: no backbone comparison: %s", "evaluation.compareBase is false" if not spec.compare_base
+                 else "a full fine-tune (lora.enabled false) changes the backbone's own weights")
     sample = examples[:spec.max_samples]
     references = [e.answer for e in sample]
     text = spec.text_metrics
     # The answers are generated whatever the metrics: predictions.jsonl shows them side by side.
-    tuned_answers = generate_answers(model, tokenizer, config, sample, dev, world, sharded=sharded)
-    base_answers = None
+    tuned_answers = base_answers = None
+    failed = None
+    try:
+        tuned_answers = generate_answers(model, tokenizer, config, sample, dev, world, sharded=sharded)
+        if compare:
+            with backbone_only(model):
+                base_answers = generate_answers(model, tokenizer, config, sample, dev, world, sharded=sharded)
+    except GenerationFailed as err:
+        failed = str(err)
+        log.warning("evaluation: %s; the metrics on answers are unavailable", failed)
     base_perplexity = None
-    if compare:
+    if compare and "perplexity" in spec.metrics:
         with backbone_only(model):
-            base_answers = generate_answers(model, tokenizer, config, sample, dev, world, sharded=sharded)
-            if "perplexity" in spec.metrics:
-                base_perplexity = perplexity(base_loss())
-    tuned = score(text, tuned_answers.texts, references)
+            base_perplexity = perplexity(base_loss())
+    tuned = score(text, tuned_answers.texts, references) if tuned_answers else Scores()
     base = score(text, base_answers.texts, references) if base_answers else Scores()
-    if "judge" in text and judge_on_this_rank:
-        assert spec.judge is not None  # config.py: the judge metric needs the endpoint
+    if "judge" in text and judge_on_this_rank and spec.judge is not None:
         prompts = [e.prompt for e in sample]
         for scores, answers in ((tuned, tuned_answers), (base, base_answers)):
-            if answers is None:
-                continue
-            try:
-                per = judge.scores(spec.judge, prompts, references, answers.texts)
-            except judge.JudgeUnavailable as err:
-                scores.unavailable["judge"] = str(err)
-                log.warning("evaluation: the judge metric is unavailable: %s", err)
-                continue
-            scores.per_sample["judge"], scores.values["judge"] = per, mean(per)
+            if answers is not None:
+                ask_judge(spec.judge, scores, prompts, references, answers.texts)
 
     results: dict[str, events.MetricResult] = {}
     if "perplexity" in spec.metrics:
         results["perplexity"] = metric_result(perplexity(tuned_loss), base_perplexity, None)
     for metric in text:
-        why = tuned.unavailable.get(metric) or base.unavailable.get(metric)
-        results[metric] = metric_result(tuned.values.get(metric), base.values.get(metric), len(sample),
-                                        tuned.unavailable.get(metric))
-        if why and metric not in tuned.unavailable:
-            results[metric].unavailable = f"the backbone's value: {why}"[:events.UNAVAILABLE_MAX]
+        why = failed or tuned.unavailable.get(metric)
+        results[metric] = metric_result(tuned.values.get(metric), base.values.get(metric), len(sample), why)
+        if not why and metric in base.unavailable:
+            results[metric].unavailable = f"the backbone's value: {base.unavailable[metric]}"[:events.UNAVAILABLE_MAX]
     metrics = events.EvaluationMetrics.model_validate({k: v.model_dump() for k, v in results.items()})
-    predictions = []
+    predictions = prediction_rows(sample, text, tuned_answers, base_answers, tuned, base)
+    if tuned_answers:
+        log.info("evaluation: %d answers in %.1fs (%.0f new tokens/s); %s", len(sample), tuned_answers.seconds,
+                 tuned_answers.new_tokens / max(tuned_answers.seconds, 1e-9),
+                 ", ".join(f"{k} {v.tuned} (base {v.base})" for k, v in results.items()))
+    return Result(metrics, predictions, time.perf_counter() - began)
+
+
+def ask_judge(spec: JudgeSpec, scores: Scores, prompts: list[str], references: list[str], answers: list[str]) -> None:
+    """The judge's scores of ``answers`` into ``scores``, or the reason it gave none."""
+    try:
+        per = judge.scores(spec, prompts, references, answers)
+    except judge.JudgeUnavailable as err:
+        scores.unavailable["judge"] = str(err)
+        log.warning("evaluation: the judge metric is unavailable: %s", err)
+        return
+    scores.per_sample["judge"], scores.values["judge"] = per, mean(per)
+
+
+def prediction_rows(sample: list[data.Example], text: list[str], tuned_answers: Answers | None,
+                    base_answers: Answers | None, tuned: Scores, base: Scores) -> list[dict[str, Any]]:
+    """predictions.jsonl: per sample the prompt, the reference, both answers and the per-sample scores."""
+    if tuned_answers is None:
+        return []
+    rows = []
     for i, example in enumerate(sample):
         row: dict[str, Any] = {"prompt": example.prompt, "reference": example.answer, "tuned": tuned_answers.texts[i]}
         if base_answers:
             row["base"] = base_answers.texts[i]
-        row["scores"] = {m: {"tuned": tuned.per_sample[m][i], **({"base": base.per_sample[m][i]}
-                                                                  if m in base.per_sample else {})}
+        row["scores"] = {m: {"tuned": tuned.per_sample[m][i],
+                             **({"base": base.per_sample[m][i]} if m in base.per_sample else {})}
                          for m in text if m in tuned.per_sample}
-        predictions.append(row)
-    result = Result(metrics, predictions, time.perf_counter() - began)
-    if no_base:
-        log.info("evaluation: no backbone comparison: %s", no_base)
-    log.info("evaluation: %d answers in %.1fs (%.0f new tokens/s); %s", len(sample), tuned_answers.seconds,
-             tuned_answers.new_tokens / max(tuned_answers.seconds, 1e-9),
-             ", ".join(f"{k} {v.tuned} (base {v.base})" for k, v in results.items()))
-    return result
+        rows.append(row)
+    return rows
 
 
 def metric_result(tuned: float | None, base: float | None, samples: int | None,
