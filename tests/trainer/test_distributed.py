@@ -204,3 +204,24 @@ def test_every_rank_stops_with_the_store_outage_of_rank_zero(assets: Path, tmp_p
     assert "[rank 1] kubetune_trainer: rank 0 failed: the store stopped answering (planted outage)" in done.stderr
     summary = json.loads((tmp_path / "termination-log").read_text())
     assert summary["exitCode"] == 5 and summary["step"] == 2
+
+
+def test_ranks_exchange_json_in_tensors_never_pickles(tmp_path: Path) -> None:
+    """What ranks tell each other (a failure, evaluation answers) travels as JSON bytes in tensors:
+    a peer on the rendezvous cannot make this process unpickle anything."""
+    import re
+
+    import torch.distributed as dist
+
+    from kubetune_trainer.distributed import all_gather_json
+
+    package = REPO / "trainer_image" / "kubetune_trainer"
+    pickling = [p.name for p in package.rglob("*.py")
+                if re.search(r"(all_gather|broadcast|gather|scatter)_object(_list)?\(", p.read_text())]
+    assert pickling == []
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        value = [[[3, "moon star tree"], [0, "ünïcode ✓"]], None]
+        assert all_gather_json(value, 1, torch.device("cpu")) == [value]
+    finally:
+        dist.destroy_process_group()

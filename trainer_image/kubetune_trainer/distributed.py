@@ -9,6 +9,7 @@ each process it starts; without them the trainer is one process and nothing here
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from collections.abc import Iterator
@@ -91,9 +92,8 @@ class World:
                 log.error("%s: %s", type(error).__name__, error, exc_info=error)
             mine = (str(error) if isinstance(error, TrainerError) else f"{type(error).__name__}: {error}",
                     getattr(error, "exit_code", EXIT_FAILED))
-        said: list[tuple[str, int] | None] = [None] * self.world_size
         try:
-            torch.distributed.all_gather_object(said, mine, group=_finish_group)
+            said = all_gather_json(mine, self.world_size, torch.device("cpu"), group=_finish_group)
         except RuntimeError as err:
             raise RuntimeError(f"another rank stopped ({err}); this rank stops with it") from err
         failed = [(rank, outcome) for rank, outcome in enumerate(said) if outcome is not None]
@@ -127,15 +127,11 @@ class World:
         """Whether ``flag`` is true on any rank."""
         return self.all_reduce_sum([1.0 if flag else 0.0], dev)[0] > 0
 
-    def all_gather(self, value: Any) -> list[Any]:
-        """Every rank's (picklable) ``value``, in rank order."""
+    def all_gather(self, value: Any, dev: torch.device) -> list[Any]:
+        """Every rank's JSON-serializable ``value``, in rank order (all_gather_json)."""
         if not self.distributed:
             return [value]
-        import torch
-
-        gathered: list[Any] = [None] * self.world_size
-        torch.distributed.all_gather_object(gathered, value)
-        return gathered
+        return all_gather_json(value, self.world_size, dev)
 
     def broadcast_int(self, value: int, dev: torch.device) -> int:
         """Rank 0's ``value`` on every rank."""
@@ -146,6 +142,23 @@ class World:
         tensor = torch.tensor([value], dtype=torch.int64, device=dev)
         torch.distributed.broadcast(tensor, src=0)
         return int(tensor.item())
+
+
+def all_gather_json(value: Any, world_size: int, dev: torch.device, group: Any = None) -> list[Any]:
+    """Every rank's JSON-serializable ``value``, in rank order: exchanged as UTF-8 bytes in tensors
+    and parsed as JSON, so a peer's data is never unpickled (torch's *_object collectives would).
+    JSON turns tuples into lists."""
+    import torch
+
+    payload = torch.tensor(list(json.dumps(value).encode()), dtype=torch.uint8, device=dev)
+    sizes = [torch.zeros(1, dtype=torch.int64, device=dev) for _ in range(world_size)]
+    torch.distributed.all_gather(sizes, torch.tensor([payload.numel()], dtype=torch.int64, device=dev), group=group)
+    longest = max(int(size.item()) for size in sizes)
+    padded = torch.zeros(longest, dtype=torch.uint8, device=dev)
+    padded[: payload.numel()] = payload
+    gathered = [torch.zeros(longest, dtype=torch.uint8, device=dev) for _ in range(world_size)]
+    torch.distributed.all_gather(gathered, padded, group=group)
+    return [json.loads(bytes(g[: int(n.item())].tolist()).decode()) for g, n in zip(gathered, sizes, strict=True)]
 
 
 def world_from_env(env: dict[str, str] | None = None) -> World:

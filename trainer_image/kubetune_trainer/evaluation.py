@@ -110,8 +110,8 @@ def generate_answers(model: Any, tokenizer: Any, config: TrainerConfig, examples
         model.train()
     seconds = time.perf_counter() - began
     if not sharded:
-        for other, other_error in world.all_gather((answers, error)):
-            answers.update(other)
+        for other, other_error in world.all_gather([sorted(answers.items()), error], dev):
+            answers.update((int(i), str(text)) for i, text in other)
             error = error or other_error
     if error:
         raise GenerationFailed(error)
