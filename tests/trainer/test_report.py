@@ -151,3 +151,28 @@ def test_termination_message_goes_to_the_configured_file(tmp_path: Path, monkeyp
     monkeypatch.setenv("KUBETUNE_TERMINATION_LOG", str(tmp_path / "termination-log"))
     write_termination_message({"step": 5, "totalSteps": 5})
     assert json.loads((tmp_path / "termination-log").read_text()) == {"step": 5, "totalSteps": 5}
+
+
+def test_a_coalesced_backlog_keeps_the_data_statistics_of_the_first_report() -> None:
+    from kubetune_trainer.report import coalesce
+
+    stats = {"samples": 120, "truncated": 3}
+    backlog = [{"type": "progress", "step": 0, "dataset": stats, "evalLoss": 6.1, "perplexity": 445.9},
+               {"type": "progress", "step": 1, "trainLoss": 5.0},
+               {"type": "checkpoint", "step": 1, "location": "x"},
+               {"type": "progress", "step": 2, "trainLoss": 4.0}]
+    sent = coalesce(backlog)
+    assert [e["type"] for e in sent] == ["checkpoint", "progress"]
+    assert sent[1]["step"] == 2 and sent[1]["dataset"] == stats and sent[1]["evalLoss"] == 6.1
+
+
+def test_an_oversized_summary_drops_the_unavailable_reasons_before_the_values() -> None:
+    metric = {"tuned": 0.5, "base": 0.25, "delta": 0.25, "samples": 64, "unavailable": "r" * 200}
+    summary = {"step": 10, "totalSteps": 10, "artifacts": {"location": "s3://b/" + "p" * 2500, "files": 9},
+               "evaluation": {"metrics": {m: dict(metric) for m in ("bleu", "rouge", "exactMatch", "judge")},
+                              "headline": "bleu 0.5 (base 0.25)"}}
+    encoded = encode_summary(summary)
+    assert len(encoded.encode()) <= SUMMARY_MAX_BYTES
+    decoded = json.loads(encoded)
+    assert decoded["truncated"] is True and decoded["artifacts"]["location"] == summary["artifacts"]["location"]
+    assert decoded["evaluation"]["metrics"]["bleu"] == {"tuned": 0.5, "base": 0.25, "delta": 0.25, "samples": 64}

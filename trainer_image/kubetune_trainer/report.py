@@ -134,7 +134,8 @@ class Reporter:
 
 
 def coalesce(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A backlog of progress events becomes its newest one, carrying the newest eval results.
+    """A backlog of progress events becomes its newest one, carrying the newest eval results and
+    data statistics.
 
     Other events (checkpoint, summary, failed) are kept, in order.
     """
@@ -146,6 +147,9 @@ def coalesce(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     if newest.get("evalLoss") is None and evaluated:
         newest["evalLoss"] = evaluated[-1]["evalLoss"]
         newest["perplexity"] = evaluated[-1].get("perplexity")
+    described = [e for e in progress if e.get("dataset")]
+    if not newest.get("dataset") and described:
+        newest["dataset"] = described[-1]["dataset"]
     out = []
     for event in events:
         if event is progress[-1]:
