@@ -168,7 +168,7 @@ def test_a_coalesced_backlog_keeps_the_data_statistics_of_the_first_report() -> 
 
 def test_an_oversized_summary_drops_the_unavailable_reasons_before_the_values() -> None:
     metric = {"tuned": 0.5, "base": 0.25, "delta": 0.25, "samples": 64, "unavailable": "r" * 200}
-    summary = {"step": 10, "totalSteps": 10, "artifacts": {"location": "s3://b/" + "p" * 2500, "files": 9},
+    summary = {"step": 10, "totalSteps": 10, "artifacts": {"location": "s3://b/" + "p" * 3000, "files": 9},
                "evaluation": {"metrics": {m: dict(metric) for m in ("bleu", "rouge", "exactMatch", "judge")},
                               "headline": "bleu 0.5 (base 0.25)"}}
     encoded = encode_summary(summary)
