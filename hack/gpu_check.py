@@ -12,9 +12,10 @@ same config with packed 512-token blocks, each in its own process, so peak GPU m
 own. It prints tokens/s over the steps after the warm-up and peak GPU memory of both sides, the
 ratios KubeTune / baseline and whether the targets are met (at least the baseline's tokens/s, at
 most its peak memory: reported, not asserted), and the estimator's peak beside each measured
-KubeTune one (kubetune_contract.estimate), and the time the KubeTune runs spent evaluating (tuned and
-backbone answers to the 32 validation prompts) as a share of the run. With ``--out`` it writes the same figures, and each
-side's memory census of its first three steps (kubetune_trainer.census), to ``DIR/gpu_check.json``.
+KubeTune one (kubetune_contract.estimate), and the time the KubeTune runs spent evaluating (tuned
+and backbone answers to the 32 validation prompts) as a share of the run. With ``--out`` it writes
+the same figures, and each side's memory census of its first three steps (kubetune_trainer.census),
+to ``DIR/gpu_check.json``.
 
 Mode ``auto`` is a short bf16 LoRA run with ``batchSize: auto`` through the KubeTune trainer alone
 (the baseline has no such choice): the micro-batch it chose, its tokens/s and peak beside the

@@ -44,6 +44,8 @@ def tiny_config(assets: Path, location: Path | str, **sections: dict[str, Any]) 
         },
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
         "output": {"location": str(location)},
+        # The tiny task's answers are at most 3 words: 8 new tokens keep evaluation short in every test.
+        "evaluation": {"maxNewTokens": 8},
     }
     for name, values in sections.items():
         if isinstance(config.get(name), dict):
