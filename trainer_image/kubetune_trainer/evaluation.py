@@ -10,11 +10,10 @@ number of processes (greedy decoding is deterministic)."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -177,13 +176,6 @@ def mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-@contextlib.contextmanager
-def backbone_only(model: Any) -> Iterator[None]:
-    """The backbone alone: the LoRA adapter disabled for the duration (peft's disable_adapter)."""
-    with model.disable_adapter():
-        yield
-
-
 @dataclass
 class Result:
     """What the evaluation found: the metrics for status and evaluation.json, and one row per sample
@@ -230,14 +222,14 @@ def evaluate(model: Any, tokenizer: Any, config: TrainerConfig, examples: list[d
     try:
         tuned_answers = generate_answers(model, tokenizer, config, sample, dev, world, sharded=sharded)
         if compare:
-            with backbone_only(model):
+            with model.disable_adapter():  # the backbone alone (peft)
                 base_answers = generate_answers(model, tokenizer, config, sample, dev, world, sharded=sharded)
     except GenerationFailed as err:
         failed = str(err)
         log.warning("evaluation: %s; the metrics on answers are unavailable", failed)
     base_perplexity = None
     if compare and "perplexity" in spec.metrics:
-        with backbone_only(model):
+        with model.disable_adapter():  # the backbone alone (peft)
             base_perplexity = perplexity(base_loss())
     tuned = score(text, tuned_answers.texts, references) if tuned_answers else Scores()
     base = score(text, base_answers.texts, references) if base_answers else Scores()
@@ -295,11 +287,10 @@ def prediction_rows(sample: list[data.Example], text: list[str], tuned_answers: 
 def metric_result(tuned: float | None, base: float | None, samples: int | None,
                   unavailable: str | None = None) -> events.MetricResult:
     delta = tuned - base if tuned is not None and base is not None else None
-    why = unavailable
     return events.MetricResult(
         tuned=None if tuned is None else round(tuned, 6),
         base=None if base is None else round(base, 6),
         delta=None if delta is None else round(delta, 6),
         samples=samples,
-        unavailable=why[:events.UNAVAILABLE_MAX] if why else None,
+        unavailable=unavailable[:events.UNAVAILABLE_MAX] if unavailable else None,
     )

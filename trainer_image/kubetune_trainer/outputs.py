@@ -97,8 +97,6 @@ def publish(config: TrainerConfig, store: artifacts.Store, staged: Staged, model
         total_steps=total_steps,
         epoch=round(epoch, 4),
         metrics=events.Metrics.model_validate(metrics),
-        evaluation=events.Evaluation.model_validate(evaluated),
-        dataset=staged.dataset,
         artifacts=events.Artifacts(
             location=uri,
             adapter=f"{uri}/adapter" if adapter_dir else None,
@@ -108,7 +106,7 @@ def publish(config: TrainerConfig, store: artifacts.Store, staged: Staged, model
             files=len(manifest["files"]),
         ),
     )
-    result = summary.model_dump(by_alias=True, exclude={"error", "exit_code"})
+    result = summary.model_dump(by_alias=True, exclude={"error", "exit_code", "evaluation", "dataset"})
     # As evaluation.json has it, without the gate's verdict (the operator checks the job's gate
     # itself) or empty fields: the termination message is small.
     result["evaluation"] = {k: v for k, v in evaluated.items() if k != "gate"}

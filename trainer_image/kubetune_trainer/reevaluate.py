@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from kubetune_contract import events
 from kubetune_contract.config import TrainerConfig
@@ -72,9 +69,8 @@ def evaluate_adapter(config: TrainerConfig, adapter: str, world: distributed.Wor
         return evaluation.eval_loss(model, samples, tokenizer.pad_token_id, dev, precision, world, batch,
                                     sharded=False)
 
-    with torch.no_grad():
-        result = evaluation.evaluate(model, tokenizer, config, datasets.validation, loss(), loss, dev, world,
-                                     sharded=False, judge_on_this_rank=world.is_main)
+    result = evaluation.evaluate(model, tokenizer, config, datasets.validation, loss(), loss, dev, world,
+                                 sharded=False, judge_on_this_rank=world.is_main)
     if not world.is_main:
         world.agree(None)
         return {}
@@ -92,7 +88,6 @@ def publish(config: TrainerConfig, result: evaluation.Result, adapter: str) -> d
         (out / "evaluation.json").write_text(json.dumps({**document, "adapter": adapter}, indent=2) + "\n")
         (out / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in result.predictions))
         manifest = artifacts.publish(out, store)
-        shutil.rmtree(out, ignore_errors=True)
     summary = events.Summary(
         evaluation=events.Evaluation.model_validate(document),
         artifacts=events.Artifacts(location=store.uri, manifest=f"{store.uri}/{artifacts.MANIFEST}",
