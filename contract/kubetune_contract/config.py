@@ -29,6 +29,11 @@ Template = Literal["auto", "chat", "plain"]
 LrScheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
 Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd"]
 Strategy = Literal["ddp", "fsdp"]
+Method = Literal["sft", "dpo", "ipo", "orpo", "simpo"]
+PREFERENCE_METHODS = ("dpo", "ipo", "orpo", "simpo")
+"""Methods that train on preference pairs (prompt, chosen, rejected)."""
+REFERENCE_METHODS = ("dpo", "ipo")
+"""Preference methods that compare with a reference model (ORPO and SimPO need none)."""
 EvalMetric = Literal["perplexity", "bleu", "rouge", "exactMatch", "judge"]
 TEXT_METRICS = ("bleu", "rouge", "exactMatch", "judge")
 """Metrics scored on generated answers (the others come from the validation loss)."""
@@ -128,8 +133,20 @@ class DatasetSpec(Section):
         default="{system}### Instruction:\n{prompt}\n\n### Response:\n", max_length=8192
     )
     """Plain template for the prompt; {prompt} and optionally {system} are replaced."""
+    messages_column: str | None = Field(default=None, max_length=NAME_MAX)
+    """Column with a conversation for training.method sft: a list of {role, content} messages
+    (system first, optional; then user and assistant turns in turn, ending with the assistant),
+    rendered with the tokenizer's chat template; the loss is taken on the assistant turns. When set,
+    promptColumn and answerColumn are not read."""
+    chosen_column: str = Field(default="chosen", min_length=1, max_length=NAME_MAX)
+    """Column with the preferred answer, for the preference methods (text, or a list of assistant
+    messages)."""
+    rejected_column: str = Field(default="rejected", min_length=1, max_length=NAME_MAX)
+    """Column with the dispreferred answer, for the preference methods (text, or a list of assistant
+    messages)."""
     max_length: int = Field(default=1024, ge=16, le=131072)
-    """Maximum tokens per sample; longer samples are truncated (and counted in the logs)."""
+    """Maximum tokens per sample; longer samples are truncated (and counted in the logs). A preference
+    pair keeps its answers and loses the start of its prompt."""
     mask_prompt: bool = True
     """Compute the loss on answer tokens only (prompt tokens get label -100)."""
     validation_split: float = Field(default=0.1, gt=0, le=0.5)
@@ -150,6 +167,12 @@ class DatasetSpec(Section):
 
 class TrainingSpec(Section):
     """Hyperparameters. Set either epochs or maxSteps; with neither, one epoch."""
+
+    method: Method = "sft"
+    """sft: supervised fine-tuning on prompt/answer rows or conversations. dpo, ipo, orpo, simpo:
+    preference tuning on prompt/chosen/rejected rows (their parameters in preference); dpo and ipo
+    compare with the backbone as the reference model, orpo and simpo need none. A batch size counts
+    pairs."""
 
     epochs: float | None = Field(default=None, gt=0, le=1000)
     """Passes over the training data (fractions allowed). Exclusive with maxSteps."""
@@ -207,6 +230,8 @@ class TrainingSpec(Section):
             raise rules.AUTO_BATCH_NEEDS_GLOBAL.error()
         if self.batch_size != "auto" and self.global_batch_size is not None:
             raise rules.GLOBAL_BATCH_ONLY_AUTO.error()
+        if self.packing and self.method != "sft":
+            raise rules.PACKING_ONLY_SFT.error()
         return self
 
     @property
@@ -400,6 +425,29 @@ class EvaluationSpec(Section):
         return [m for m in self.metrics if m in TEXT_METRICS]
 
 
+class PreferenceSpec(Section):
+    """Parameters of the preference methods (training.method dpo, ipo, orpo or simpo)."""
+
+    beta: float = Field(default=0.1, gt=0, le=100)
+    """How strongly the policy may move from the reference (dpo: the sigmoid's scale; ipo: the
+    regularisation tau; simpo: the reward scale, 2.0-2.5 in the SimPO paper). Not used by orpo."""
+    label_smoothing: float = Field(default=0.0, ge=0, lt=0.5)
+    """dpo only (conservative DPO): the assumed fraction of pairs whose labels are flipped."""
+    simpo_gamma: float | None = Field(default=None, ge=0, le=100)
+    """simpo only: the target reward margin gamma (default 0.5)."""
+    orpo_lambda: float | None = Field(default=None, gt=0, le=100)
+    """orpo only: the weight lambda of the odds-ratio term added to the chosen answers' loss
+    (default 0.1)."""
+
+    @property
+    def gamma(self) -> float:
+        return 0.5 if self.simpo_gamma is None else self.simpo_gamma
+
+    @property
+    def lam(self) -> float:
+        return 0.1 if self.orpo_lambda is None else self.orpo_lambda
+
+
 class RunSections(Section):
     """The sections that define a training run: shared by TrainerConfig and the FineTuneJob spec."""
 
@@ -419,11 +467,24 @@ class RunSections(Section):
     """S3 endpoint (credentials come from the environment)."""
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     """How the trained model is measured after training, and the promotion gate."""
+    preference: PreferenceSpec | None = None
+    """Parameters of the preference methods (training.method dpo, ipo, orpo, simpo); defaults when unset."""
 
     @model_validator(mode="after")
     def _cross_section_rules(self) -> RunSections:
         check_quantization(self.quantization, self.lora, self.output)
+        check_preference(self.training.method, self.preference, self.dataset)
         return self
+
+    @property
+    def preference_tuning(self) -> bool:
+        """training.method is one of the preference methods."""
+        return self.training.method in PREFERENCE_METHODS
+
+    @property
+    def preference_spec(self) -> PreferenceSpec:
+        """spec.preference, or its defaults."""
+        return self.preference or PreferenceSpec()
 
 
 class TrainerConfig(RunSections):
@@ -450,6 +511,20 @@ def check_quantization(quantization: str, lora: LoraSpec, output: OutputSpec) ->
         raise rules.QUANTIZATION_NEEDS_LORA.error()
     if quantization == "int4" and output.merge_adapter:
         raise rules.INT4_NO_MERGE.error()
+
+
+def check_preference(method: str, preference: PreferenceSpec | None, dataset: DatasetSpec) -> None:
+    """What the preference section may say for the method (rules.py; the CRD checks the same)."""
+    if preference is not None and method == "sft":
+        raise rules.PREFERENCE_NEEDS_METHOD.error()
+    if preference is not None and preference.label_smoothing and method != "dpo":
+        raise rules.LABEL_SMOOTHING_DPO.error()
+    if preference is not None and preference.simpo_gamma is not None and method != "simpo":
+        raise rules.SIMPO_GAMMA_SIMPO.error()
+    if preference is not None and preference.orpo_lambda is not None and method != "orpo":
+        raise rules.ORPO_LAMBDA_ORPO.error()
+    if dataset.messages_column is not None and method != "sft":
+        raise rules.MESSAGES_ONLY_SFT.error()
 
 
 def check_strategy(strategy: str, run: RunSections, field: str) -> None:

@@ -184,6 +184,8 @@ class RunSettings:
     gradient_checkpointing: bool = True
     world_size: int = 1
     strategy: Strategy = "ddp"
+    sequences_per_sample: int = 1
+    """2 for the preference methods: a pair's chosen and rejected answers go through the model together."""
 
     @classmethod
     def from_run(cls, run: RunSections, world_size: int = 1, strategy: Strategy = "ddp",
@@ -207,6 +209,7 @@ class RunSettings:
             gradient_checkpointing=gradient_checkpointing,
             world_size=world_size,
             strategy=strategy,
+            sequences_per_sample=2 if run.preference_tuning else 1,
         )
 
 
@@ -306,8 +309,12 @@ def estimate(shape: ModelShape, settings: RunSettings, gpu_memory: int | None = 
         raise ValueError(f"quantization {s.quantization} requires LoRA")
     sixteen_bit = s.precision != "fp32"
     dtype_bytes = 2 if sixteen_bit else 4
-    tokens = s.micro_batch * s.max_length
+    tokens = s.micro_batch * s.sequences_per_sample * s.max_length
     notes: list[str] = []
+    if s.sequences_per_sample > 1:
+        # The reference pass (dpo, ipo) runs without gradients before the policy's forward pass and
+        # keeps only one number per sequence, so it adds nothing to the peak.
+        notes.append(f"preference pairs: {s.sequences_per_sample} sequences per sample")
 
     linear, other = shape.linear_parameters(), shape.other_parameters()
     if s.lora:

@@ -24,6 +24,25 @@ class Incoming(Section):
     model_config = ConfigDict(extra="ignore")
 
 
+class Rewards(Incoming):
+    """The implicit rewards of a preference method over a set of pairs (training.method dpo, ipo,
+    orpo, simpo): beta x the policy's log-probability of an answer, less the reference's (dpo, ipo);
+    beta x its mean log-probability per token (simpo), lambda x the same (orpo)."""
+
+    chosen: float | None = None
+    """Mean reward of the chosen answers."""
+    rejected: float | None = None
+    """Mean reward of the rejected answers."""
+    margin: float | None = None
+    """Mean of chosen minus rejected."""
+    accuracy: float | None = Field(default=None, ge=0, le=1)
+    """Fraction of pairs whose chosen answer has the higher reward (preference accuracy)."""
+    loss: float | None = None
+    """Mean loss of the method per pair."""
+    pairs: int | None = Field(default=None, ge=0)
+    """Pairs these means are over."""
+
+
 class Metrics(Incoming):
     """Latest training metrics."""
 
@@ -39,6 +58,10 @@ class Metrics(Incoming):
     """Training throughput."""
     peak_memory_bytes: int | None = Field(default=None, ge=0)
     """Peak accelerator (or host) memory of the trainer."""
+    rewards: Rewards | None = None
+    """Preference methods: the rewards of the training pairs since the last report."""
+    eval_rewards: Rewards | None = None
+    """Preference methods: the rewards of the validation pairs (at the last evaluation)."""
 
 
 class Progress(Incoming):
@@ -93,6 +116,8 @@ class DatasetStats(Incoming):
     """Training samples longer than dataset.maxLength, cut to it."""
     dropped: int | None = Field(default=None, ge=0)
     """Training samples dropped: no answer token left after truncation."""
+    skipped: int | None = Field(default=None, ge=0)
+    """Preference rows skipped: the chosen and rejected answers are equal, or one is empty."""
     epoch_tokens: int | None = Field(default=None, ge=0)
     """Tokens in one pass over the training data (after truncation)."""
     total_tokens: int | None = Field(default=None, ge=0)
@@ -266,7 +291,8 @@ class Summary(Incoming):
 def event_json(report: ProgressReport) -> dict[str, Any]:
     """A progress report as the trainer prints, records (metrics.jsonl) and pushes it: type and step
     first, for people reading the log."""
-    values = report.model_dump(by_alias=True, exclude={"dataset"} if report.dataset is None else None)
+    unset = {name for name in ("dataset", "rewards", "eval_rewards") if getattr(report, name) is None}
+    values = report.model_dump(by_alias=True, exclude=unset or None)
     if report.dataset is not None:
         values["dataset"] = report.dataset.model_dump(by_alias=True, exclude_none=True)
     return {"type": values.pop("type"), "step": values.pop("step"), **values}

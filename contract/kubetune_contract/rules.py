@@ -251,9 +251,93 @@ GATE_RULE_BOUND = Rule(
     ),
 )
 
+PRESET_MAY_SET_METHOD = "training.method is unset: a preset may set it"
+
+
+def method_is(methods: list[str]) -> str:
+    """CEL: training.method is one of ``methods``, or unset (a preset may set it; the operator
+    checks the effective spec)."""
+    return f"self.?training.?method.orValue('') in {[*methods, '']}"
+
+
+PREFERENCE_NEEDS_METHOD = Rule(
+    name="preference-needs-method",
+    at=("spec",),
+    cel="!(has(self.preference) && self.?training.?method.orValue('') == 'sft')",
+    message="preference is for training.method dpo, ipo, orpo or simpo; training.method is sft",
+    field=".preference",
+    cases=(
+        Case({"training": {"method": "sft"}, "preference": {"beta": 0.2}}, ok=False),
+        Case({"training": {"method": "dpo"}, "preference": {"beta": 0.2}}, ok=True),
+        Case({"preference": {"beta": 0.2}}, ok=True, operator=False, why=PRESET_MAY_SET_METHOD),
+    ),
+)
+LABEL_SMOOTHING_DPO = Rule(
+    name="label-smoothing-dpo",
+    at=("spec",),
+    cel="!has(self.preference) || !has(self.preference.labelSmoothing) || self.preference.labelSmoothing == 0.0 || "
+        + method_is(["dpo"]),
+    message="preference.labelSmoothing is for training.method dpo",
+    field=".preference.labelSmoothing",
+    cases=(
+        Case({"training": {"method": "ipo"}, "preference": {"labelSmoothing": 0.1}}, ok=False),
+        Case({"training": {"method": "dpo"}, "preference": {"labelSmoothing": 0.1}}, ok=True),
+        Case({"training": {"method": "ipo"}, "preference": {"labelSmoothing": 0.0}}, ok=True),
+    ),
+)
+SIMPO_GAMMA_SIMPO = Rule(
+    name="simpo-gamma-simpo",
+    at=("spec",),
+    cel="!has(self.preference) || !has(self.preference.simpoGamma) || " + method_is(["simpo"]),
+    message="preference.simpoGamma is for training.method simpo",
+    field=".preference.simpoGamma",
+    cases=(
+        Case({"training": {"method": "dpo"}, "preference": {"simpoGamma": 1.0}}, ok=False),
+        Case({"training": {"method": "simpo"}, "preference": {"simpoGamma": 1.0}}, ok=True),
+    ),
+)
+ORPO_LAMBDA_ORPO = Rule(
+    name="orpo-lambda-orpo",
+    at=("spec",),
+    cel="!has(self.preference) || !has(self.preference.orpoLambda) || " + method_is(["orpo"]),
+    message="preference.orpoLambda is for training.method orpo",
+    field=".preference.orpoLambda",
+    cases=(
+        Case({"training": {"method": "simpo"}, "preference": {"orpoLambda": 0.2}}, ok=False),
+        Case({"training": {"method": "orpo"}, "preference": {"orpoLambda": 0.2}}, ok=True),
+    ),
+)
+MESSAGES_ONLY_SFT = Rule(
+    name="messages-only-sft",
+    at=("spec",),
+    cel="!has(self.dataset.messagesColumn) || self.?training.?method.orValue('sft') == 'sft'",
+    message="dataset.messagesColumn is for training.method sft; the preference methods read conversations from "
+            "dataset.promptColumn, chosenColumn and rejectedColumn",
+    field=".dataset.messagesColumn",
+    cases=(
+        Case({"training": {"method": "dpo"}, "dataset": {"messagesColumn": "messages"}}, ok=False),
+        Case({"dataset": {"messagesColumn": "messages"}}, ok=True),
+        Case({"training": {"method": "sft"}, "dataset": {"messagesColumn": "messages"}}, ok=True),
+    ),
+)
+PACKING_ONLY_SFT = Rule(
+    name="packing-only-sft",
+    at=("spec.training",),
+    cel="!(has(self.packing) && self.packing && has(self.method) && self.method != 'sft')",
+    message="training.packing is for training.method sft: a preference pair's two answers are compared whole",
+    field=".packing",
+    cases=(
+        Case({"training": {"method": "dpo", "packing": True}}, ok=False),
+        Case({"training": {"method": "sft", "packing": True}}, ok=True),
+        Case({"training": {"method": "orpo", "packing": False}}, ok=True),
+    ),
+)
+
 RUN_RULES: tuple[Rule, ...] = (
     QUANTIZATION_NEEDS_LORA, INT4_NO_MERGE, FSDP_NOT_INT8, FSDP_NOT_BITSANDBYTES_OPTIMIZER,
     EPOCHS_OR_STEPS, AUTO_BATCH_NEEDS_GLOBAL, GLOBAL_BATCH_ONLY_AUTO, ALL_LINEAR_ALONE,
     JUDGE_NEEDS_ENDPOINT, GATE_METRIC_LISTED, GATE_IMPROVEMENT_NEEDS_BASE, GATE_RULE_BOUND,
+    PREFERENCE_NEEDS_METHOD, LABEL_SMOOTHING_DPO, SIMPO_GAMMA_SIMPO, ORPO_LAMBDA_ORPO, MESSAGES_ONLY_SFT,
+    PACKING_ONLY_SFT,
 )
 """The rules of a training run, in the order the CRD lists them."""

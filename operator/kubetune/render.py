@@ -170,6 +170,7 @@ def trainer_config(owner: Json, spec: api.FineTuneJobSpec, settings: Settings) -
         # The judge's API key reaches the trainer as an environment variable, never in its config.
         evaluation=EvaluationSpec.model_validate(
             spec.evaluation.model_dump(exclude={"judge": {"secret_ref"}}, exclude_none=True)),
+        preference=spec.preference,
     )
 
 

@@ -66,7 +66,11 @@ def owner(name: str = "llama", namespace: str = "team-a") -> dict[str, Any]:
 
 
 MULTI_NODE: dict[str, Any] = {**MINIMAL, "resources": {"gpus": 4, "distribution": {"nodes": 3}}}
-CASES = {"minimal": MINIMAL, "maximal": MAXIMAL, "multinode": MULTI_NODE}
+PREFERENCE: dict[str, Any] = {
+    **MINIMAL, "dataset": {"train": "s3://data/pairs.jsonl", "chosenColumn": "good", "rejectedColumn": "bad"},
+    "training": {"method": "dpo"}, "preference": {"beta": 0.2, "labelSmoothing": 0.1},
+}
+CASES = {"minimal": MINIMAL, "maximal": MAXIMAL, "multinode": MULTI_NODE, "preference": PREFERENCE}
 
 
 def rendered(spec: dict[str, Any]) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 from kubetune_contract.config import RunSections
 from kubetune_contract.events import DatasetStats
@@ -18,18 +19,19 @@ from . import model as model_lib
 from .steps import total_steps
 
 
-def describe(counted: data.Tokenized, trained: list[data.Sample], validation_samples: int, run: RunSections,
-             world_size: int) -> DatasetStats:
+def describe(counted: data.Tokenized[Any], trained: list[Any], validation_samples: int, run: RunSections,
+             world_size: int, skipped: int = 0) -> DatasetStats:
     """The statistics of tokenized training data. ``trained``: the samples as they train (packed
-    blocks with training.packing), which the steps count."""
+    blocks with training.packing; a preference method's pairs), which the steps count. A pair's
+    length is its prompt with its longer answer; its tokens per epoch count both sequences."""
     per_epoch = math.ceil(len(trained) / run.training.global_batch(world_size))
     steps = total_steps(run, len(trained), world_size)
     lengths = sorted(counted.lengths)
-    epoch_tokens = sum(len(s.input_ids) for s in trained)
+    epoch_tokens = sum(s.tokens for s in trained)
     return DatasetStats(
         samples=len(counted.samples), validation_samples=validation_samples,
         tokens_p50=lengths[(len(lengths) - 1) // 2], tokens_p95=lengths[math.ceil(0.95 * len(lengths)) - 1],
-        tokens_max=lengths[-1], truncated=counted.truncated, dropped=counted.dropped,
+        tokens_max=lengths[-1], truncated=counted.truncated, dropped=counted.dropped, skipped=skipped or None,
         epoch_tokens=epoch_tokens, total_tokens=round(epoch_tokens * steps / max(per_epoch, 1)),
         steps_per_epoch=per_epoch, total_steps=steps,
     )
@@ -51,7 +53,8 @@ def lines(stats: DatasetStats, max_length: int) -> list[str]:
     out = [
         f"samples: {stats.samples} (validation {stats.validation_samples})",
         f"tokens per sample: p50 {stats.tokens_p50}, p95 {stats.tokens_p95}, max {stats.tokens_max}",
-        f"truncated to maxLength {max_length}: {stats.truncated}; dropped (no answer token left): {stats.dropped}",
+        f"truncated to maxLength {max_length}: {stats.truncated}; dropped (no answer token left): {stats.dropped}"
+        + (f"; skipped (equal or empty answers): {stats.skipped}" if stats.skipped else ""),
         f"tokens per epoch: {stats.epoch_tokens}; steps per epoch: {stats.steps_per_epoch}",
         f"training: {stats.total_steps} steps, {stats.total_tokens} tokens",
     ]

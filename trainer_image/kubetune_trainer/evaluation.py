@@ -24,7 +24,7 @@ from kubetune_contract.config import JudgeSpec, TrainerConfig
 
 from . import data, distributed, judge
 from . import model as model_lib
-from .steps import OUT_OF_MEMORY_ERRORS, token_loss_sum
+from .steps import OUT_OF_MEMORY_ERRORS, forward_logits, token_loss_sum
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +45,7 @@ def eval_loss(model: Any, samples: list[data.Sample], pad_id: int, dev: torch.de
     with torch.no_grad():
         for i in mine:
             batch = data.collate(samples[i or 0 : (i or 0) + batch_size], pad_id)
-            with torch.autocast(dev.type, dtype=precision.dtype, enabled=precision.autocast):
-                logits = model(
-                    input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
-                    **({"position_ids": batch["position_ids"].to(dev)} if "position_ids" in batch else {}),
-                ).logits
+            logits = forward_logits(model, batch, dev, precision)
             if i is None:
                 continue
             total += token_loss_sum(logits, batch["labels"].to(dev))

@@ -149,8 +149,11 @@ class DataOrder:
         return step_samples[first : first + self.batch_size]
 
 
-def target_tokens(sample: data.Sample) -> int:
-    """Tokens of ``sample`` that its loss is taken on: labels after the one-token shift, not ignored."""
+def target_tokens(sample: data.Sample | data.Pair) -> int:
+    """What a sample weighs in its step's loss: the tokens its loss is taken on (labels after the
+    one-token shift, not ignored); a preference pair weighs 1 (its loss is per pair)."""
+    if isinstance(sample, data.Pair):
+        return 1
     return sum(1 for label in sample.labels[1:] if label != data.IGNORE_INDEX)
 
 
@@ -203,6 +206,15 @@ def out_of_memory_message(config: TrainerConfig, err: BaseException, where: str,
     return f"out of accelerator memory {where}: {detail}{split}. To fit, try " + ", ".join(hints)
 
 
+def forward_logits(engine: Any, batch: dict[str, torch.Tensor], dev: torch.device, precision: Any) -> torch.Tensor:
+    """The logits of a collated batch (data.collate), under the run's autocast."""
+    with torch.autocast(dev.type, dtype=precision.dtype, enabled=precision.autocast):
+        return engine(  # type: ignore[no-any-return]
+            input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
+            **({"position_ids": batch["position_ids"].to(dev)} if "position_ids" in batch else {}),
+        ).logits
+
+
 def micro_step(engine: Any, batch: dict[str, torch.Tensor], dev: torch.device, precision: Any, scaler: Any,
                scale: float, weight: float, no_sync: bool) -> torch.Tensor:
     """Forward and backward of one micro-batch; its detached loss sum times ``weight``. ``scale``
@@ -210,11 +222,7 @@ def micro_step(engine: Any, batch: dict[str, torch.Tensor], dev: torch.device, p
     with contextlib.ExitStack() as stack:
         if no_sync:
             stack.enter_context(engine.no_sync())
-        with torch.autocast(dev.type, dtype=precision.dtype, enabled=precision.autocast):
-            logits = engine(
-                input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
-                **({"position_ids": batch["position_ids"].to(dev)} if "position_ids" in batch else {}),
-            ).logits
+        logits = forward_logits(engine, batch, dev, precision)
         loss_sum = token_loss_sum(logits, batch["labels"].to(dev)) * weight
         scaler.scale(loss_sum * scale).backward()
     return loss_sum.detach()

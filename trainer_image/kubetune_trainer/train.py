@@ -32,6 +32,7 @@ from kubetune_contract.estimate import Estimate
 
 from . import artifacts, data, data_stats, distributed, evaluation, outputs, sources
 from . import model as model_lib
+from . import preference as preference_lib
 from .checkpoints import CheckpointStore, LoadedCheckpoint, apply_states, save_local
 from .errors import InvalidInput, OutOfMemory, Terminated
 from .outputs import FinalModel
@@ -67,6 +68,10 @@ class RunState:
     eval_loss: float | None = None
     learning_rate: float | None = None
     tokens_per_second: float | None = None
+    rewards: events.Rewards | None = None
+    """Preference methods: the training pairs' rewards of the last report."""
+    eval_rewards: events.Rewards | None = None
+    """Preference methods: the validation pairs' rewards of the last evaluation."""
     events: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -118,6 +123,10 @@ class Trainer:
         self.sharded = False
         """The model is sharded over the ranks (distribution.strategy fsdp): its forward passes, and
         gathering its weights, are collective, so every rank takes part in them."""
+        self.preference: preference_lib.Preference | None = None
+        """The preference method's steps (training.method dpo, ipo, orpo, simpo)."""
+        self.val_pairs: list[data.Pair] = []
+        """The validation pairs of a preference method."""
 
     def close(self) -> None:
         """Leave the process group and remove the local working directory (staged outputs and
@@ -180,18 +189,27 @@ class Trainer:
             world.agree(None)
             datasets, model_path, tokenizer_path = self._prepare()
         tokenizer = model_lib.load_tokenizer(tokenizer_path, cfg.model.trust_remote_code)
-        counted = data.tokenize_counted(datasets.train, cfg.dataset, tokenizer)
-        train_samples = counted.samples
-        val_samples = data.tokenize(datasets.validation, cfg.dataset, tokenizer)
+        counted: data.Tokenized[Any]
+        if datasets.train_pairs is not None and datasets.validation_pairs is not None:
+            counted = data.tokenize_pairs(datasets.train_pairs, cfg.dataset, tokenizer)
+            self.val_pairs = data.tokenize_pairs(datasets.validation_pairs, cfg.dataset, tokenizer).samples
+            # The validation loss and perplexity are the chosen answers' (what evaluation generates).
+            val_samples = [p.chosen for p in self.val_pairs]
+        else:
+            counted = data.tokenize_counted(datasets.train, cfg.dataset, tokenizer)
+            val_samples = data.tokenize(datasets.validation, cfg.dataset, tokenizer)
+        train_samples: list[Any] = counted.samples
         if cfg.training.packing:
             train_samples = data.pack(train_samples, cfg.dataset.max_length)
             log.info("packing: %d blocks of up to %d tokens", len(train_samples), cfg.dataset.max_length)
-        self.describe_data(counted, train_samples, len(val_samples), tokenizer)
+        self.describe_data(counted, train_samples, len(val_samples), tokenizer, datasets.skipped)
 
         dev = world.device()
         precision = model_lib.resolve_precision(cfg.training.precision, dev)
         torch.manual_seed(cfg.training.seed)  # adapter initialisation, the same on every rank
         model = model_lib.load_model(model_path, cfg, precision, dev, self.gradient_checkpointing)
+        if cfg.preference_tuning:
+            self.preference = preference_lib.Preference(cfg.training.method, cfg.preference_spec, model, dev)
         self.loop(model, tokenizer, train_samples, val_samples, dev, precision)
         final = self.final_model(model, tokenizer, datasets, val_samples, dev, precision)
         # Over several pods, a pod whose processes exit 0 completes its index of the Indexed Job for
@@ -203,12 +221,15 @@ class Trainer:
             summary = self.finish(model, tokenizer, model_path, datasets, final, dev, precision)
         return RunResult(summary, model, tokenizer)
 
-    def describe_data(self, counted: data.Tokenized, trained: list[data.Sample], validation_samples: int,
-                      tokenizer: Any) -> None:
+    def describe_data(self, counted: data.Tokenized[Any], trained: list[Any], validation_samples: int,
+                      tokenizer: Any, skipped: int = 0) -> None:
         """The data's statistics (for the first progress report, the logs and the model card) and two
-        rendered samples (samples.txt), before the model loads."""
-        self.dataset = data_stats.describe(counted, trained, validation_samples, self.config, self.world.world_size)
-        self.samples_text = data.render_samples(counted.samples[:2], tokenizer)
+        rendered samples (samples.txt; a preference run's first pair), before the model loads."""
+        self.dataset = data_stats.describe(counted, trained, validation_samples, self.config, self.world.world_size,
+                                           skipped)
+        first = counted.samples[:2]
+        shown = [first[0].chosen, first[0].rejected] if first and isinstance(first[0], data.Pair) else first
+        self.samples_text = data.render_samples(shown, tokenizer)
         log.info("data: %s", "; ".join(data_stats.lines(self.dataset, self.config.dataset.max_length)))
 
     def _prepare(self) -> tuple[data.Datasets, Path, Path]:
@@ -233,11 +254,12 @@ class Trainer:
         self,
         model: Any,
         tokenizer: Any,
-        train_samples: list[data.Sample],
+        train_samples: list[Any],
         val_samples: list[data.Sample],
         dev: torch.device,
         precision: model_lib.Precision,
     ) -> None:
+        """Train ``train_samples`` (samples, or a preference method's pairs) from the newest checkpoint."""
         cfg, tc, world = self.config, self.config.training, self.world
         # The global batch is the config's; the micro-batch is training.batchSize or what batchSize auto
         # chose, and the accumulation makes up the rest.
@@ -267,6 +289,10 @@ class Trainer:
             steps, len(train_samples), batch_size, accum, world.world_size, order.global_batch, order.steps_per_epoch,
         )
 
+        if self.preference is not None:
+            # A full fine-tune's reference: the weights as loaded, before a checkpoint is applied.
+            self.preference.precompute(engine, {"train": train_samples, "validation": self.val_pairs}, pad_id, dev,
+                                       precision, batch_size)
         start = self.resume(model, optimizer, scheduler, scaler)
         if start == 0:
             self.report(0, dev, None, self.evaluate(model, val_samples, pad_id, dev, precision))
@@ -329,7 +355,7 @@ class Trainer:
                             order.global_batch)
             window_loss += step_loss
             window_targets += step_targets
-            window_tokens += sum(len(train_samples[i].input_ids) for i in step_samples)
+            window_tokens += sum(train_samples[i].tokens for i in step_samples)
             if tc.max_grad_norm > 0:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
@@ -356,6 +382,8 @@ class Trainer:
                 self.progress.train_loss = loss_total / max(window_targets, 1)
                 self.progress.learning_rate = float(scheduler.get_last_lr()[0])
                 self.progress.tokens_per_second = window_tokens / max(window_time, 1e-9)
+                if self.preference is not None:
+                    self.progress.rewards = self.preference.window.rewards(world, dev)
                 eta = (steps - step) * (now - loop_start) / (step - start)
                 eval_loss = self.evaluate(model, val_samples, pad_id, dev, precision) if do_eval else None
                 self.report(step, dev, eta, eval_loss)
@@ -377,18 +405,26 @@ class Trainer:
             log.info("trained %d steps in %.1fs (%.1fs of compute): %.0f tokens/s", steps - start,
                      time.perf_counter() - loop_start, total_time, self.progress.tokens_per_second)
 
-    def micro_step(self, engine: Any, samples: list[data.Sample], chosen: list[int], pad_id: int,
+    def micro_step(self, engine: Any, samples: list[Any], chosen: list[int], pad_id: int,
                    dev: torch.device, precision: model_lib.Precision, scaler: Any, scale: float, weight: float,
                    no_sync: bool) -> torch.Tensor:
+        if self.preference is not None:
+            return self.preference.micro_step(engine, samples, chosen, pad_id, dev, precision, scaler, scale, weight,
+                                              no_sync)
         return micro_step(engine, data.collate([samples[i] for i in chosen], pad_id), dev, precision, scaler, scale,
                           weight, no_sync)
 
     def evaluate(
         self, model: Any, samples: list[data.Sample], pad_id: int, dev: torch.device, precision: model_lib.Precision
     ) -> float:
-        """Mean loss per answer token over the validation samples (evaluation.eval_loss)."""
+        """Mean loss per answer token over the validation samples (evaluation.eval_loss); for a
+        preference method also the validation pairs' losses and rewards."""
         self.progress.eval_loss = evaluation.eval_loss(model, samples, pad_id, dev, precision, self.world,
                                                        self.micro_batch_size, sharded=self.sharded)
+        if self.preference is not None:
+            self.progress.eval_rewards = self.preference.evaluate(model, self.val_pairs, pad_id, dev, precision,
+                                                                  self.world, self.micro_batch_size,
+                                                                  sharded=self.sharded)
         return self.progress.eval_loss
 
     def report(self, step: int, dev: torch.device, eta: float | None, eval_loss: float | None) -> None:
@@ -404,6 +440,8 @@ class Trainer:
             tokens_per_second=round(p.tokens_per_second, 1) if p.tokens_per_second and step else None,
             eta_seconds=round(eta, 1) if eta is not None else None,
             peak_memory_bytes=peak_memory_bytes(dev),
+            rewards=p.rewards if step else None,
+            eval_rewards=p.eval_rewards if eval_loss is not None else None,
             dataset=self.dataset_update(step, dev),
         )
         event = events.event_json(report)
@@ -491,6 +529,8 @@ class Trainer:
                 self.progress.learning_rate = report.learning_rate
             if report.eval_loss is not None:
                 self.progress.eval_loss = report.eval_loss
+            self.progress.rewards = report.rewards or self.progress.rewards
+            self.progress.eval_rewards = report.eval_rewards or self.progress.eval_rewards
 
     # -- outputs ------------------------------------------------------------------------------
 
@@ -538,4 +578,6 @@ class Trainer:
             learning_rate=p.learning_rate,
             tokens_per_second=round(p.tokens_per_second, 1) if p.tokens_per_second else None,
             peak_memory_bytes=peak_memory_bytes(dev),
-        ).model_dump(by_alias=True)
+            rewards=p.rewards,
+            eval_rewards=p.eval_rewards,
+        ).model_dump(by_alias=True, exclude={name for name in ("rewards", "eval_rewards") if getattr(p, name) is None})
