@@ -4,15 +4,19 @@
 
 Builds the assets locally (devcluster/tiny.py: random-weight Llama-architecture model, locally trained
 tokenizer, synthetic instruction data; no downloads) once into <dir>/demo-assets/, then uploads
-them to the layout examples/quickstart.yaml expects:
+them to the layout the examples expect:
 
     s3://<bucket>/models/tiny-llama/...     s3://<bucket>/data/train.jsonl, data/validation.jsonl
+    s3://<bucket>/data/preference-train.jsonl, data/preference-validation.jsonl   (examples/dpo.yaml)
+    s3://<bucket>/data/conversations.jsonl                                      (examples/conversation.yaml)
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from devcluster import REPO, tiny
 
@@ -29,6 +33,14 @@ def build_assets(root: Path) -> Path:
         tiny.build_tiny_backbone(root / "backbone")
         tiny.write_dataset(root / "data" / "train.jsonl", 256, seed=0)
         tiny.write_dataset(root / "data" / "validation.jsonl", 32, seed=1)
+    extra: dict[str, Callable[[], list[dict[str, Any]]]] = {
+        "preference-train.jsonl": lambda: tiny.make_preference_rows(256, seed=0),
+        "preference-validation.jsonl": lambda: tiny.make_preference_rows(32, seed=1),
+        "conversations.jsonl": lambda: tiny.make_conversation_rows(256, seed=2),
+    }
+    for name, rows in extra.items():
+        if not (root / "data" / name).exists():
+            tiny.write_rows(root / "data" / name, rows())
     return root
 
 

@@ -68,6 +68,40 @@ def write_dataset(path: str | Path, n: int = 64, seed: int = 0) -> Path:
     return path
 
 
+def make_preference_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
+    """``n`` prompt/chosen/rejected rows of the same two tasks: the chosen answer is the right one;
+    the rejected one repeats the words in their order, or names another country's capital."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        if rng.random() < 0.5:
+            words = rng.sample(WORDS, 3)
+            rows.append({"prompt": "reverse : " + " ".join(words), "chosen": " ".join(reversed(words)),
+                         "rejected": " ".join(words)})
+        else:
+            country = rng.choice(sorted(CAPITALS))
+            wrong = rng.choice(sorted(v for k, v in CAPITALS.items() if k != country))
+            rows.append({"prompt": f"capital of {country} ?", "chosen": CAPITALS[country], "rejected": wrong})
+    return rows
+
+
+def make_conversation_rows(n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """``n`` rows with a ``messages`` column: a system prompt, then two user/assistant turns of the tasks."""
+    rows = make_rows(2 * n, seed)
+    return [{"messages": [{"role": "system", "content": "you are a helpful assistant ."},
+                          {"role": "user", "content": a["prompt"]}, {"role": "assistant", "content": a["answer"]},
+                          {"role": "user", "content": b["prompt"]}, {"role": "assistant", "content": b["answer"]}]}
+            for a, b in zip(rows[::2], rows[1::2], strict=True)]
+
+
+def write_rows(path: str | Path, rows: list[dict[str, Any]]) -> Path:
+    """JSON lines of ``rows``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 def corpus() -> Iterable[str]:
     """Every word the dataset and the default prompt format can contain."""
     yield " ".join(WORDS)

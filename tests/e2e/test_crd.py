@@ -24,6 +24,9 @@ def test_explain_shows_the_field_docs(cluster: Any, crd: None) -> None:
     out = cluster.kubectl("explain", "ftj.spec.lora").stdout
     assert "Low-rank adapters" in out or "LoRA adapters" in out
     assert "targetModules" in out
+    out = cluster.kubectl("explain", "ftj.spec.preference").stdout
+    assert "simpoGamma" in out and "orpoLambda" in out and "labelSmoothing" in out
+    assert "dpo, ipo, orpo" in cluster.kubectl("explain", "ftj.spec.training.method").stdout
 
 
 def test_defaults_are_filled_in_by_the_api_server(cluster: Any, crd: None, namespace: str) -> None:
@@ -87,6 +90,13 @@ def test_defaults_are_filled_in_by_the_api_server(cluster: Any, crd: None, names
     ({"evaluation": {"gate": {"rules": [{"metric": "bleu"}]}}},
      ["spec.evaluation.gate.rules[0]", "needs min, max or minImprovement"]),
     ({"evaluation": {"maxSamples": 5000}}, ["spec.evaluation.maxSamples", "less than or equal to 2000"]),
+    ({"training": {"method": "kto"}}, ["spec.training.method", "Unsupported value"]),
+    ({"training": {"method": "dpo"}, "preference": {"beta": 0}}, ["spec.preference.beta", "greater than 0"]),
+    ({"training": {"method": "sft"}, "preference": {"beta": 0.2}},
+     ["spec.preference", "preference is for training.method dpo, ipo, orpo or simpo"]),
+    ({"training": {"method": "ipo"}, "preference": {"simpoGamma": 1}},
+     ["spec.preference.simpoGamma", "simpoGamma is for training.method simpo"]),
+    ({"training": {"method": "dpo", "packing": True}}, ["spec.training.packing", "packing is for training.method sft"]),
 ], ids=["enum", "minimum", "batch-size-word", "cel-auto-without-global-batch", "cel-global-batch-without-auto",
         "checkpointing-word", "memory-fraction", "negative-gpus", "cel-int4-without-lora", "cel-epochs-and-steps",
         "cel-s3-output", "cel-targets", "cel-reserved-report-url", "cel-reserved-aws", "cel-file-source",
@@ -95,7 +105,8 @@ def test_defaults_are_filled_in_by_the_api_server(cluster: Any, crd: None, names
         "value-from-field-ref", "cel-value-from-both", "cel-processes-with-gpus",
         "cel-fsdp-int8", "cel-fsdp-8bit-optimizer", "cel-fsdp-one-cpu-process", "cel-fsdp-one-gpu",
         "evaluation-unknown-metric", "cel-judge-without-endpoint", "judge-without-url", "cel-gate-unlisted-metric",
-        "cel-gate-rule-without-bound", "evaluation-max-samples"])
+        "cel-gate-rule-without-bound", "evaluation-max-samples", "unknown-method", "preference-beta-zero",
+        "cel-preference-on-sft", "cel-simpo-gamma-on-ipo", "cel-packing-pairs"])
 def test_invalid_finetunejob_is_rejected_at_apply(cluster: Any, crd: None, namespace: str,
                                                   spec: dict[str, Any], words: list[str]) -> None:
     result = apply(cluster, namespace, finetunejob("invalid", **spec))

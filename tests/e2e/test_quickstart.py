@@ -122,3 +122,17 @@ def test_two_training_processes_in_one_pod(cluster: Any, namespace: str, demo_bu
     published = verify_manifest(status["artifacts"]["location"].rstrip("/"),
                                 StorageSpec(endpoint=minio_env["MINIO_ENDPOINT"], insecure=True))
     assert "adapter/adapter_model.safetensors" in {entry["path"] for entry in published["files"]}
+
+
+def test_a_dpo_job_succeeds_with_its_rewards_in_status(cluster: Any, namespace: str, s3_secret: None,
+                                                       operator: Any) -> None:
+    """examples/dpo.yaml: preference pairs, the backbone as the reference, the rewards in status."""
+    cluster.kubectl("apply", "-n", namespace, "-f", str(REPO / "examples" / "dpo.yaml"))
+    status = wait_phase(cluster, namespace, "dpo", "Succeeded", timeout=600)
+    assert status["progress"]["step"] == 80
+    rewards, held_out = status["metrics"]["rewards"], status["metrics"]["evalRewards"]
+    assert rewards["pairs"] == 8 and set(rewards) >= {"chosen", "rejected", "margin", "accuracy", "loss"}
+    assert held_out["pairs"] == 32 and held_out["accuracy"] >= 0.75 and held_out["margin"] > 0
+    assert status["dataset"]["samples"] == 256
+    # generation metrics on the chosen answers, tuned vs the backbone
+    assert status["evaluation"]["metrics"]["rouge"]["tuned"] > status["evaluation"]["metrics"]["rouge"]["base"]

@@ -370,12 +370,15 @@ def model_card(config: dict[str, Any], metrics: dict[str, Any], extra: dict[str,
         f"- train: `{config['dataset']['train']}` ({extra.get('trainSamples')} samples)",
         f"- validation: `{config['dataset'].get('validation') or 'held out from train'}` "
         f"({extra.get('validationSamples')} samples)",
-        f"- columns: prompt `{config['dataset']['promptColumn']}`, answer `{config['dataset']['answerColumn']}`",
+        f"- columns: {columns(config)}",
         f"- maxLength {config['dataset']['maxLength']}, maskPrompt {config['dataset']['maskPrompt']}",
         *data_lines(extra.get("dataset") or {}),
         "",
         "## Training",
         "",
+        f"- method {training.get('method', 'sft')}"
+        + (f" ({', '.join(f'{k} {v}' for k, v in config['preference'].items() if v is not None)})"
+           if config.get("preference") else ""),
         f"- quantization: {config.get('quantization')}",
         f"- LoRA: {'r=' + str(lora.get('r')) + ', alpha=' + str(lora.get('alpha')) if lora.get('enabled') else 'off'}",
         f"- steps: {extra.get('totalSteps')}, batch size {training.get('batchSize')}, "
@@ -387,13 +390,35 @@ def model_card(config: dict[str, Any], metrics: dict[str, Any], extra: dict[str,
         "",
         "| metric | value |",
         "| --- | --- |",
-        *(f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()),
+        *(f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in flat(metrics).items()),
         "",
         *evaluation_table(evaluation or {}),
         "Full configuration: `trainer_config.json`; per-step metrics: `metrics.jsonl`; curves: `loss.png`.",
         "",
     ]
     return "\n".join(lines)
+
+
+def columns(config: dict[str, Any]) -> str:
+    """The data columns a run reads, for the model card."""
+    dataset, method = config["dataset"], config.get("training", {}).get("method", "sft")
+    if method != "sft":
+        return (f"prompt `{dataset['promptColumn']}`, chosen `{dataset['chosenColumn']}`, "
+                f"rejected `{dataset['rejectedColumn']}`")
+    if dataset.get("messagesColumn"):
+        return f"messages `{dataset['messagesColumn']}`"
+    return f"prompt `{dataset['promptColumn']}`, answer `{dataset['answerColumn']}`"
+
+
+def flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested metrics as dotted names (evalRewards.accuracy)."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def data_lines(dataset: dict[str, Any]) -> list[str]:
