@@ -2,7 +2,7 @@
 beside a transformers.Trainer + peft baseline.
 
     python -m hack.gpu_check [--steps 20] [--warmup-steps 10] [--layers 16] [--hidden 4096]
-                             [--modes bf16,int8,int4,auto] [--out DIR]
+                             [--modes bf16,int8,int4,auto,dpo] [--out DIR]
 
 Builds a Llama-architecture backbone from a config (random weights, saved in bf16; nothing is
 downloaded): by default the 3.55B shape of ../shared/measurements/h200-2026-11-27.json (16 layers,
@@ -16,6 +16,11 @@ KubeTune one (kubetune_contract.estimate), and the time the KubeTune runs spent 
 and backbone answers to the 32 validation prompts) as a share of the run. With ``--out`` it writes
 the same figures, and each side's memory census of its first three steps (kubetune_trainer.census),
 to ``DIR/gpu_check.json``.
+
+Mode ``dpo`` runs the KubeTune trainer alone on preference pairs of long synthetic rows (a prompt of
+about 3/4 of ``--max-length``, answers of 1/8): bf16 LoRA ``dpo`` at 4 pairs per step beside ``sft``
+on the prompts and chosen answers at 4 and at 8 samples per step (8 sequences per forward pass, as
+the pairs): tokens/s and peak memory of each, and dpo's peak over sft's.
 
 Mode ``auto`` is a short bf16 LoRA run with ``batchSize: auto`` through the KubeTune trainer alone
 (the baseline has no such choice): the micro-batch it chose, its tokens/s and peak beside the
@@ -89,6 +94,48 @@ def estimated_peak(config: dict[str, Any], backbone: Path) -> int:
     return estimate(read_shape(backbone), RunSettings.from_run(TrainerConfig.model_validate(config))).peak
 
 
+def preference_runs(work: Path, steps: int, warmup: int, max_length: int = 512) -> dict[str, Any]:
+    """bf16 LoRA dpo (4 pairs per step) beside sft on the same prompts and chosen answers (4 and 8
+    samples per step), through the KubeTune trainer alone: each run's tokens/s and peak memory."""
+    import random
+
+    from devcluster import tiny
+
+    rng = random.Random(0)
+    words = tiny.WORDS + sorted(tiny.CAPITALS)
+
+    def text(n: int) -> str:
+        return " ".join(rng.choice(words) for _ in range(n))
+
+    rows = [{"prompt": text(3 * max_length // 4), "chosen": text(max_length // 8), "rejected": text(max_length // 8)}
+            for _ in range(512)]
+    tiny.write_rows(work / "pairs.jsonl", rows)
+    tiny.write_rows(work / "chosen.jsonl", [{"prompt": r["prompt"], "answer": r["chosen"]} for r in rows])
+    results: dict[str, Any] = {}
+    for name, method, batch in (("dpo", "dpo", 4), ("sft", "sft", 4), ("sft-8", "sft", 8)):
+        config = {
+            "runName": name, "model": {"source": str(work / "backbone")},
+            "dataset": {"train": str(work / ("chosen.jsonl" if method == "sft" else "pairs.jsonl")),
+                        "maxLength": max_length, "template": "plain"},
+            "training": {"method": method, "maxSteps": steps, "batchSize": batch, "learningRate": 2e-4,
+                         "precision": "bf16", "gradientCheckpointing": True, "evalEverySteps": steps,
+                         "checkpointEverySteps": steps, "logEverySteps": warmup},
+            "lora": {"r": 16, "alpha": 32},
+            "evaluation": {"maxSamples": 1, "maxNewTokens": 1, "compareBase": False},
+            "output": {"location": str(work / "out")},
+        }
+        summary_path = work / f"{name}.summary.json"
+        command = [sys.executable, "-m", "kubetune_trainer", "--config", str(write_config(config, work, name))]
+        proc = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env=run_env(work, KUBETUNE_TERMINATION_LOG=str(summary_path)))
+        if proc.returncode != 0:
+            sys.stderr.write(proc.stderr[-4000:])
+            results[name] = {"error": f"exit {proc.returncode}"}
+            continue
+        results[name] = kubetune_result({**json.loads(summary_path.read_text()), "wallSeconds": None})
+    return results
+
+
 def auto_batch_run(work: Path, steps: int, max_length: int = 512) -> dict[str, Any]:
     """A short bf16 LoRA run with batchSize auto (the KubeTune trainer only): its result, the
     micro-batch it chose (from its log) and its config."""
@@ -122,7 +169,7 @@ def main() -> int:
     parser.add_argument("--warmup-steps", type=int, help="steps left out of tokens/s (default: half of --steps)")
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--hidden", type=int, default=4096)
-    parser.add_argument("--modes", default="bf16,int8,int4,auto")
+    parser.add_argument("--modes", default="bf16,int8,int4,auto,dpo")
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--max-length", type=int, default=512, help="tokens per packed block")
     parser.add_argument("--train-samples", type=int, default=12000)
@@ -147,7 +194,11 @@ def main() -> int:
         rows: list[tuple[str, dict[str, dict[str, Any]]]] = []
         estimates: dict[str, int] = {}
         auto: dict[str, Any] = {}
+        preference: dict[str, Any] = {}
         for mode in args.modes.split(","):
+            if mode == "dpo":
+                preference = preference_runs(work, args.steps, warmup, args.max_length)
+                continue
             if mode == "auto":
                 auto = auto_batch_run(work, min(args.steps, 6), args.max_length)
                 estimates[mode] = estimated_peak(auto.pop("config"), work / "backbone")
@@ -189,14 +240,24 @@ def main() -> int:
             print(f"auto: batchSize auto chose micro-batch {auto.get('microBatch')}, {auto.get('tokensPerSecond')} "
                   f"tokens/s, peak {measured / 2**30 if measured else float('nan'):.2f} GiB, estimated "
                   f"{estimates['auto'] / 2**30:.2f} GiB" if "error" not in auto else f"auto: {auto['error']}")
+        for name, result in preference.items():
+            print(f"{name}: {result.get('tokensPerSecond')} tokens/s, peak "
+                  f"{(result.get('peakMemoryBytes') or 0) / 2**30:.2f} GiB" if "error" not in result
+                  else f"{name}: {result['error']}")
+        if all("error" not in preference.get(n, {"error": 1}) for n in ("dpo", "sft", "sft-8")):
+            dpo, sft, sft8 = (preference[n]["peakMemoryBytes"] for n in ("dpo", "sft", "sft-8"))
+            print(f"dpo peak / sft peak: {dpo / sft:.3f} at the same batchSize, {dpo / sft8:.3f} at the same "
+                  "sequences per forward pass (target: at most 1.1; no second model)")
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / "gpu_check.json").write_text(json.dumps(
                 {"device": device, "parameters": params, "shape": {"layers": args.layers, "hidden": args.hidden},
                  "steps": args.steps, "warmupSteps": warmup, "results": dict(rows), "auto": auto,
+                 "preference": preference,
                  "estimatedPeakBytes": estimates}, indent=2))
     failed = [f"{mode} ({side})" for mode, sides in rows for side, r in sides.items() if "error" in r]
     failed += ["auto"] if "error" in auto else []
+    failed += [name for name, result in preference.items() if "error" in result]
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
         return 1

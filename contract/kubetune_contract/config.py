@@ -431,13 +431,17 @@ class PreferenceSpec(Section):
     beta: float = Field(default=0.1, gt=0, le=100)
     """How strongly the policy may move from the reference (dpo: the sigmoid's scale; ipo: the
     regularisation tau; simpo: the reward scale, 2.0-2.5 in the SimPO paper). Not used by orpo."""
-    label_smoothing: float = Field(default=0.0, ge=0, lt=0.5)
-    """dpo only (conservative DPO): the assumed fraction of pairs whose labels are flipped."""
+    label_smoothing: float | None = Field(default=None, ge=0, lt=0.5)
+    """dpo only (conservative DPO): the assumed fraction of pairs whose labels are flipped (default 0)."""
     simpo_gamma: float | None = Field(default=None, ge=0, le=100)
     """simpo only: the target reward margin gamma (default 0.5)."""
     orpo_lambda: float | None = Field(default=None, gt=0, le=100)
     """orpo only: the weight lambda of the odds-ratio term added to the chosen answers' loss
     (default 0.1)."""
+
+    @property
+    def smoothing(self) -> float:
+        return self.label_smoothing or 0.0
 
     @property
     def gamma(self) -> float:

@@ -100,3 +100,31 @@ def test_kubetune_estimate_counts_a_data_file_as_the_trainer_does(assets: Path, 
                               "--data", str(tmp_path / "nope.jsonl")], capture_output=True, text=True, timeout=300,
                              cwd=REPO)
     assert missing.returncode == 2 and "nope.jsonl" in missing.stderr
+
+
+def test_kubetune_estimate_counts_preference_pairs_as_the_trainer_does(assets: Path, tmp_path: Path) -> None:
+    from devcluster import tiny
+    from kubetune_contract.config import TrainerConfig
+    from kubetune_trainer import data
+    from kubetune_trainer import model as model_lib
+
+    long_prompt = "reverse : " + " ".join(["red", "cat", "dog"] * 6)
+    rows = [*tiny.make_preference_rows(39, seed=0), {"prompt": long_prompt, "chosen": "dog", "rejected": "red"},
+            {"prompt": "capital of peru ?", "chosen": "lima", "rejected": "lima"}]
+    tiny.write_rows(tmp_path / "pairs.jsonl", rows)
+    config = tiny_config(assets, tmp_path / "out", dataset={"train": str(tmp_path / "pairs.jsonl"), "maxLength": 16},
+                         training={"batchSize": 4, "method": "dpo"})
+    (tmp_path / "cfg.json").write_text(json.dumps(config))
+    done = subprocess.run([sys.executable, "-m", "kubetune", "estimate", "-f", str(tmp_path / "cfg.json"),
+                           "--data", str(tmp_path / "pairs.jsonl"), "--json"],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    stats = json.loads(done.stdout)["dataset"]
+    run = TrainerConfig.model_validate(config)
+    tokenizer = model_lib.load_tokenizer(assets / "backbone", False)
+    pairs = data.tokenize_pairs(data.load_pairs(tmp_path / "pairs.jsonl", run.dataset).examples, run.dataset,
+                                tokenizer)
+    assert stats["samples"] == 40 and stats["skipped"] == 1
+    assert stats["truncated"] == pairs.truncated > 0
+    assert stats["epochTokens"] == sum(len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in pairs.samples)
+    assert stats["tokensMax"] == max(pairs.lengths) > 16

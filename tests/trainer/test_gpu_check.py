@@ -36,4 +36,7 @@ def test_the_gpu_script_runs_every_mode_and_writes_one_json(tmp_path: Path) -> N
     assert "error" not in auto and isinstance(auto["microBatch"], int) and auto["microBatch"] >= 1
     assert auto["tokensPerSecond"] > 0 and sorted(auto["census"]) == ["1", "2", "3"]
     assert sorted(found["estimatedPeakBytes"]) == ["auto", "bf16", "int4", "int8"]
+    assert sorted(found["preference"]) == ["dpo", "sft", "sft-8"]
+    assert all(r["tokensPerSecond"] > 0 and r["peakMemoryBytes"] > 0 for r in found["preference"].values())
+    assert "dpo peak / sft peak" in proc.stdout
     assert all(value > 0 for value in found["estimatedPeakBytes"].values())

@@ -162,3 +162,33 @@ def test_a_conversation_dataset_trains_on_the_assistant_turns(assets: Path, tmp_
     held = [json.loads(line)["messages"] for line in validation.read_text().splitlines()]
     assert [p["reference"] for p in predictions] == [m[-1]["content"] for m in held]
     assert result.summary["evaluation"]["metrics"]["exactMatch"]["tuned"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_sharded_preference_training_equals_ddp(lora: bool, assets: Path, pairs: Path, tmp_path: Path) -> None:
+    """fsdp: the pairs' forward passes (and a full fine-tune's reference pass before the first step)
+    are collective; the result is DDP's."""
+    exact = {"optimizer": "sgd", "precision": "fp32", "learningRate": 0.05, "maxSteps": 4, "seed": 3,
+             "checkpointEverySteps": 4, "evalEverySteps": 2}
+    for strategy in ("ddp", "fsdp"):
+        done = subprocess.run(torchrun(write_config(tmp_path / f"{strategy}.yaml", tiny_config(
+            assets, tmp_path / strategy, **sections(pairs, batchSize=2, **exact), distribution={"strategy": strategy},
+            lora={"enabled": lora, "r": 8, "alpha": 16, "dropout": 0.0}))), capture_output=True, text=True,
+            timeout=600, env=run_env(tmp_path), cwd=REPO)
+        assert done.returncode == 0, done.stderr[-4000:]
+    weights = "adapter/adapter_model.safetensors" if lora else "model/model.safetensors"
+    ddp, fsdp = (load_file(str(tmp_path / s / "tiny" / weights)) for s in ("ddp", "fsdp"))
+    assert relative_difference(ddp, fsdp) < TOLERANCE
+    events = {s: [json.loads(line) for line in (tmp_path / s / "tiny" / "metrics.jsonl").read_text().splitlines()]
+              for s in ("ddp", "fsdp")}
+    for key in ("rewards", "evalRewards"):
+        got = {s: [e[key]["margin"] for e in events[s] if key in e] for s in ("ddp", "fsdp")}
+        assert len(got["ddp"]) >= 2 and got["fsdp"] == pytest.approx(got["ddp"], rel=1e-4, abs=1e-6), key
+
+
+def test_batch_size_auto_counts_pairs(assets: Path, pairs: Path, tmp_path: Path) -> None:
+    config = make_config(assets, tmp_path / "out", **sections(pairs, batchSize="auto", globalBatchSize=6))
+    result = Trainer(config, Reporter(tmp_path / "metrics.jsonl")).run()
+    assert result.summary["metrics"]["rewards"]["pairs"] == 6
+    assert result.summary["dataset"]["stepsPerEpoch"] == -(-128 // 6)

@@ -101,6 +101,21 @@ def test_activations_and_logits_scale_with_tokens_and_checkpointing() -> None:
     assert no_ckpt.activations > 5 * base.activations
 
 
+def test_a_preference_method_counts_two_sequences_per_pair() -> None:
+    """The chosen and rejected answers of a pair go through the model together; the reference pass
+    runs without gradients before the policy's and adds nothing to the peak."""
+    run = {"model": {"source": "s3://m/"}, "dataset": {"train": "s3://d/t.jsonl", "maxLength": 512},
+           "output": {"location": "s3://o/"}, "quantization": "int4",
+           "training": {"batchSize": 8, "optimizer": "paged_adamw_8bit"}}
+    sft = RunSettings.from_run(TrainerConfig.model_validate(run))
+    dpo = RunSettings.from_run(TrainerConfig.model_validate({**run, "training": {**run["training"], "method": "dpo"}}))
+    assert (sft.sequences_per_sample, dpo.sequences_per_sample) == (1, 2)
+    shape = read_shape(MODELS / "llama-8b")
+    pairs, doubled = estimate(shape, dpo), estimate(shape, replace(sft, micro_batch=16))
+    assert (pairs.activations, pairs.logits, pairs.weights) == (doubled.activations, doubled.logits, doubled.weights)
+    assert "preference pairs: 2 sequences per sample" in pairs.notes
+
+
 def test_optimizer_states_count_for_a_full_fine_tune() -> None:
     shape = SMALL
     adamw = estimate(shape, RunSettings(lora=False, optimizer="adamw", precision="fp32"))

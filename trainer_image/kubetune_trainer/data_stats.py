@@ -43,6 +43,10 @@ def of_file(run: RunSections, path: Path, processes: int) -> DatasetStats:
     source = run.model.tokenizer or run.model.source
     tokenizer = model_lib.load_tokenizer(sources.resolve(source, run.storage, run.model.revision, directory=True),
                                          run.model.trust_remote_code)
+    if run.preference_tuning:
+        pairs = data.load_pairs(path, run.dataset)
+        paired = data.tokenize_pairs(pairs.examples, run.dataset, tokenizer)
+        return describe(paired, paired.samples, 0, run, processes, pairs.skipped)
     counted = data.tokenize_counted(data.load_examples(path, run.dataset), run.dataset, tokenizer)
     trained = data.pack(counted.samples, run.dataset.max_length) if run.training.packing else counted.samples
     return describe(counted, trained, 0, run, processes)

@@ -81,7 +81,7 @@ def pair_losses(method: str, spec: PreferenceSpec, policy: Logps, reference: Log
         chosen_ratio, rejected_ratio = policy.chosen - reference.chosen, policy.rejected - reference.rejected
         if method == "dpo":
             x = beta * (chosen_ratio - rejected_ratio)
-            losses = -F.logsigmoid(x) * (1 - spec.label_smoothing) - F.logsigmoid(-x) * spec.label_smoothing
+            losses = -F.logsigmoid(x) * (1 - spec.smoothing) - F.logsigmoid(-x) * spec.smoothing
         else:  # ipo: the log-ratios per token
             losses = (chosen_ratio / chosen_tokens - rejected_ratio / rejected_tokens - 1 / (2 * beta)) ** 2
         return PairLosses(losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach())
