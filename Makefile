@@ -35,7 +35,7 @@ images: venv  ## build the operator and trainer images (buildah, Debian base, co
 
 # The binaries are built before pytest: a cold Go build is slow, and no test's timeout should hold it.
 test: lint scan-venv binaries  ## everything this machine can run: lint, unit, trainer (CPU), e2e (local cluster), helm
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --durations=30
 
 check: lint  ## the fast tier: lint, unit tests and the trainer's fast tests (no cluster, no containers); a plain pytest
 	$(PY) -m pytest
@@ -64,6 +64,7 @@ cluster-status:  ## show what runs and where
 bench: cluster-up  ## trainer on CPU, operator on the local cluster (figures go to docs/benchmarks.md)
 	$(PY) -m hack.bench_trainer
 	$(PY) -m hack.bench_evaluation
+	$(PY) -m hack.bench_preference
 	$(PY) -m hack.bench_operator
 
 chaos: venv  ## chaos suite on the local cluster: operator kills, pod kills, MinIO and API outages (figures)

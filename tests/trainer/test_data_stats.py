@@ -8,6 +8,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -79,6 +80,13 @@ def test_the_statistics_match_the_file_and_reach_the_first_report_the_card_and_s
     assert f"{want['truncated']} truncated, {want['dropped']} dropped" in (run / "README.md").read_text()
 
 
+def estimate_data(config: dict[str, Any], data_file: Path, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """`kubetune estimate -f CONFIG --data FILE --json` for ``config``."""
+    (tmp_path / "cfg.json").write_text(json.dumps(config))
+    return subprocess.run([sys.executable, "-m", "kubetune", "estimate", "-f", str(tmp_path / "cfg.json"),
+                           "--data", str(data_file), "--json"], capture_output=True, text=True, timeout=300, cwd=REPO)
+
+
 def test_kubetune_estimate_counts_a_data_file_as_the_trainer_does(assets: Path, tmp_path: Path) -> None:
     rows = write_rows(tmp_path / "train.jsonl")
     config = tiny_config(assets, tmp_path / "out", dataset={"train": str(tmp_path / "train.jsonl"),
@@ -86,19 +94,14 @@ def test_kubetune_estimate_counts_a_data_file_as_the_trainer_does(assets: Path, 
                          training={"batchSize": 4})
     del config["training"]["maxSteps"]
     config["training"]["epochs"] = 3
-    (tmp_path / "cfg.json").write_text(json.dumps(config))
-    done = subprocess.run([sys.executable, "-m", "kubetune", "estimate", "-f", str(tmp_path / "cfg.json"),
-                           "--data", str(tmp_path / "train.jsonl"), "--json"],
-                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    done = estimate_data(config, tmp_path / "train.jsonl", tmp_path)
     assert done.returncode == 0, done.stderr
     stats = json.loads(done.stdout)["dataset"]
     want = expected(rows)
     assert {k: stats[k] for k in want} == want
     assert stats["totalSteps"] == 3 * math.ceil(want["samples"] / 4)
 
-    missing = subprocess.run([sys.executable, "-m", "kubetune", "estimate", "-f", str(tmp_path / "cfg.json"),
-                              "--data", str(tmp_path / "nope.jsonl")], capture_output=True, text=True, timeout=300,
-                             cwd=REPO)
+    missing = estimate_data(config, tmp_path / "nope.jsonl", tmp_path)
     assert missing.returncode == 2 and "nope.jsonl" in missing.stderr
 
 
@@ -114,10 +117,7 @@ def test_kubetune_estimate_counts_preference_pairs_as_the_trainer_does(assets: P
     tiny.write_rows(tmp_path / "pairs.jsonl", rows)
     config = tiny_config(assets, tmp_path / "out", dataset={"train": str(tmp_path / "pairs.jsonl"), "maxLength": 16},
                          training={"batchSize": 4, "method": "dpo"})
-    (tmp_path / "cfg.json").write_text(json.dumps(config))
-    done = subprocess.run([sys.executable, "-m", "kubetune", "estimate", "-f", str(tmp_path / "cfg.json"),
-                           "--data", str(tmp_path / "pairs.jsonl"), "--json"],
-                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    done = estimate_data(config, tmp_path / "pairs.jsonl", tmp_path)
     assert done.returncode == 0, done.stderr
     stats = json.loads(done.stdout)["dataset"]
     run = TrainerConfig.model_validate(config)
