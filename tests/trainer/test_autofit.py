@@ -132,3 +132,32 @@ def test_gradient_checkpointing_auto_follows_the_device_memory(assets: Path, tmp
     assert trainer.gradient_checkpointing is needs_checkpointing
     assert result.model.base_model.model.is_gradient_checkpointing is needs_checkpointing
     assert trainer.micro_batch_size == 4 and trainer.progress.step == 2
+
+
+class FailingOnceMidStep(Trainer):
+    """The real trainer; the third micro-batch of step 1 fails once like a CUDA allocation, after two
+    have trained (and counted their pairs)."""
+
+    calls = 0
+
+    def micro_step(self, engine: Any, samples: Any, chosen: list[int], *args: Any, **kwargs: Any) -> torch.Tensor:
+        self.calls += 1
+        if self.progress.step == 0 and len(chosen) > 2:
+            raise CudaOutOfMemoryTestDouble(f"CUDA out of memory (test double): micro-batch of {len(chosen)}")
+        if self.progress.step == 0 and self.calls == 5:  # 8 and 4 failed, two micro-batches of 2 trained
+            raise CudaOutOfMemoryTestDouble("CUDA out of memory (test double): third micro-batch")
+        return super().micro_step(engine, samples, chosen, *args, **kwargs)
+
+
+def test_a_repeated_preference_step_counts_its_pairs_once(assets: Path, tmp_path: Path) -> None:
+    from devcluster import tiny
+
+    tiny.write_rows(tmp_path / "pairs.jsonl", tiny.make_preference_rows(40, seed=0))
+    config = make_config(assets, tmp_path / "out", dataset={"train": str(tmp_path / "pairs.jsonl"), "validation": None},
+                         training={"method": "dpo", "maxSteps": 2, "batchSize": "auto", "globalBatchSize": 8,
+                                   "evalEverySteps": 2, "checkpointEverySteps": 2})
+    trainer = FailingOnceMidStep(config, Reporter(tmp_path / "metrics.jsonl"))
+    trainer.run()
+    assert trainer.micro_batch_size == 1
+    first = trainer.progress.events[1]
+    assert first["step"] == 1 and first["rewards"]["pairs"] == 8

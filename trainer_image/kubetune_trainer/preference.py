@@ -109,6 +109,13 @@ class RewardSums:
                                                                     dtype=torch.float64),
         ])
 
+    def saved(self) -> torch.Tensor:
+        return self.sums.clone()
+
+    def restore(self, saved: torch.Tensor) -> None:
+        """Back to ``saved``: a step repeated after an out-of-memory counts its pairs once."""
+        self.sums.copy_(saved)
+
     def rewards(self, world: distributed.World, dev: torch.device) -> events.Rewards | None:
         """The means over every rank's pairs since the last reset; None when there were none."""
         loss, chosen, rejected, correct, pairs = world.all_reduce_sum([float(v) for v in self.sums], dev)

@@ -316,6 +316,7 @@ class Trainer:
             step_targets = sum(targets[i] for i in step_samples)
             # DDP and FSDP average gradients over the ranks; scale so that their mean is the sum over ranks.
             scale = world.world_size / max(step_targets, 1)
+            before = self.preference.window.saved() if self.preference is not None else None
             while True:
                 # Dropout masks depend on the step and the rank only: a resumed run, and every rank,
                 # draws the masks the uninterrupted run would.
@@ -345,6 +346,8 @@ class Trainer:
                 # Out of the except block, so that its traceback no longer holds the step's tensors.
                 optimizer.zero_grad(set_to_none=True)
                 step_loss = torch.zeros((), dtype=torch.float32, device=dev)
+                if self.preference is not None and before is not None:
+                    self.preference.window.restore(before)  # the partial step's pairs do not count
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
                 batch_size, accum = halve_micro_batch(batch_size, accum)
