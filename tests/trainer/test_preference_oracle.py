@@ -140,7 +140,7 @@ def test_dpo_and_ipo_equal_trl_dpo_trainer(trl_dpo: Any, loss_type: str, method:
     logged = {k: v[-1] for k, v in trl_dpo._metrics["eval"].items()}
 
     dev = torch.device("cpu")
-    preference = Preference(method, PreferenceSpec(beta=beta), trl_dpo.model, dev)
+    preference = Preference(method, PreferenceSpec(beta=beta), trl_dpo.model, dev, adapter=True)
     assert preference.adapter_reference
     batch = kubetune_batch(inputs)
     with torch.no_grad():

@@ -4,6 +4,7 @@ metrics in progress reports, metrics.jsonl, the summary and the model card."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -17,8 +18,9 @@ from test_distributed import REPO, run_env, torchrun, write_config
 from test_loss_normalisation import TOLERANCE, adapter, relative_difference
 
 from devcluster import tiny
-from kubetune_contract.config import PreferenceSpec
+from kubetune_contract.config import DatasetSpec
 from kubetune_trainer import data
+from kubetune_trainer import model as model_lib
 from kubetune_trainer.artifacts import verify_manifest
 from kubetune_trainer.preference import Preference, pair_logps
 from kubetune_trainer.report import Reporter
@@ -48,19 +50,14 @@ def sections(pairs: Path, method: str = "dpo", **training: Any) -> dict[str, Any
 
 def held_out_accuracy(model: Any, tokenizer: Any, pairs: Path, adapter_enabled: bool) -> float:
     """Fraction of held-out pairs whose chosen answer the model finds more likely than the rejected one."""
-    held = data.load_pairs(pairs / "validation.jsonl", make_config(Path("."), "x", dataset={
-        "train": "t.jsonl", "maxLength": 32}).dataset).examples
-    spec = make_config(Path("."), "x", dataset={"train": "t.jsonl", "maxLength": 32}).dataset
-    tokenized = data.tokenize_pairs(held, spec, tokenizer).samples
-    preference = Preference("simpo", PreferenceSpec(), model, torch.device("cpu"))
-    batch = preference.batch(tokenized, tokenizer.pad_token_id)
-    precision = type("P", (), {"dtype": torch.float32, "autocast": False})()
-    with torch.no_grad():
-        if adapter_enabled:
-            got = pair_logps(forward_logits(model, batch, torch.device("cpu"), precision), batch["labels"])
-        else:
-            with model.disable_adapter():
-                got = pair_logps(forward_logits(model, batch, torch.device("cpu"), precision), batch["labels"])
+    spec = DatasetSpec(train="train.jsonl", max_length=32)
+    tokenized = data.tokenize_pairs(data.load_pairs(pairs / "validation.jsonl", spec).examples, spec,
+                                    tokenizer).samples
+    batch = Preference.batch(tokenized, tokenizer.pad_token_id)
+    cpu = torch.device("cpu")
+    with torch.no_grad(), contextlib.nullcontext() if adapter_enabled else model.disable_adapter():
+        got = pair_logps(forward_logits(model, batch, cpu, model_lib.resolve_precision("fp32", cpu)),
+                         batch["labels"])
     return float((got.chosen > got.rejected).float().mean())
 
 

@@ -130,8 +130,9 @@ class RewardSums:
 class Preference:
     """A preference method's steps and evaluation on a run's pairs."""
 
-    def __init__(self, method: str, spec: PreferenceSpec, model: Any, dev: torch.device) -> None:
-        self.method, self.spec, self.model = method, spec, model
+    def __init__(self, method: str, spec: PreferenceSpec, model: Any, dev: torch.device, *, adapter: bool) -> None:
+        """``adapter``: the model is a peft model whose adapter is trained (lora.enabled)."""
+        self.method, self.spec, self.model, self.adapter = method, spec, model, adapter
         self.window = RewardSums(dev)
         self.table: dict[tuple[str, int], tuple[float, float]] | None = None
         """Precomputed reference log-probabilities (full fine-tune): (split, pair) → (chosen, rejected)."""
@@ -143,7 +144,7 @@ class Preference:
     @property
     def adapter_reference(self) -> bool:
         """The reference is the backbone with the adapter disabled (a LoRA run)."""
-        return self.needs_reference and hasattr(self.model, "disable_adapter")
+        return self.needs_reference and self.adapter
 
     @staticmethod
     def batch(pairs: list[data.Pair], pad_id: int) -> dict[str, torch.Tensor]:

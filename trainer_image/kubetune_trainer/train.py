@@ -209,7 +209,8 @@ class Trainer:
         torch.manual_seed(cfg.training.seed)  # adapter initialisation, the same on every rank
         model = model_lib.load_model(model_path, cfg, precision, dev, self.gradient_checkpointing)
         if cfg.preference_tuning:
-            self.preference = preference_lib.Preference(cfg.training.method, cfg.preference_spec, model, dev)
+            self.preference = preference_lib.Preference(cfg.training.method, cfg.preference_spec, model, dev,
+                                                        adapter=cfg.lora.enabled)
         self.loop(model, tokenizer, train_samples, val_samples, dev, precision)
         final = self.final_model(model, tokenizer, datasets, val_samples, dev, precision)
         # Over several pods, a pod whose processes exit 0 completes its index of the Indexed Job for
