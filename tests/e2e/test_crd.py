@@ -26,7 +26,8 @@ def test_explain_shows_the_field_docs(cluster: Any, crd: None) -> None:
     assert "targetModules" in out
     out = cluster.kubectl("explain", "ftj.spec.preference").stdout
     assert "simpoGamma" in out and "orpoLambda" in out and "labelSmoothing" in out
-    assert "dpo, ipo, orpo" in cluster.kubectl("explain", "ftj.spec.training.method").stdout
+    method = " ".join(cluster.kubectl("explain", "ftj.spec.training.method").stdout.split())  # as one line
+    assert "dpo, ipo, orpo, simpo: preference tuning" in method and "simpo" in method.split("DESCRIPTION")[0]
 
 
 def test_defaults_are_filled_in_by_the_api_server(cluster: Any, crd: None, namespace: str) -> None:
