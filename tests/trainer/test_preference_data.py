@@ -175,3 +175,14 @@ def test_a_missing_chosen_column_exits_3_before_the_model_loads(assets: Path, tm
     assert main(["--config", str(config)]) == 3
     error = next(r.getMessage() for r in caplog.records if r.levelname == "ERROR")
     assert str(train) in error and "'chosen'" in error and "dataset.chosenColumn" in error
+
+
+def test_preference_rows_take_a_system_prompt_from_their_column(tmp_path: Path) -> None:
+    path = tiny.write_rows(tmp_path / "p.jsonl", [
+        {"prompt": "capital of peru ?", "chosen": "lima", "rejected": "rome", "sys": "be brief ."},
+        {"prompt": "capital of peru ?", "chosen": "lima", "rejected": "rome", "sys": ""}])
+    pairs = data.load_pairs(path, spec(systemColumn="sys", systemPrompt="you are a helpful assistant ."))
+    assert [p.system for p in pairs.examples] == ["be brief .", "you are a helpful assistant ."]
+    tiny.write_rows(path, [{"prompt": "a", "chosen": "b", "rejected": "c", "sys": 3}])
+    with pytest.raises(InvalidInput, match=r"column 'sys' \(dataset\.systemColumn\): expected text"):
+        data.load_pairs(path, spec(systemColumn="sys"))

@@ -322,9 +322,8 @@ def load_pairs(path: Path, spec: DatasetSpec, name: str | None = None) -> Pairs:
     name = name or str(path)
     wanted = [("dataset.promptColumn", spec.prompt_column), ("dataset.chosenColumn", spec.chosen_column),
               ("dataset.rejectedColumn", spec.rejected_column)]
-    if spec.system_column:
-        wanted.append(("dataset.systemColumn", spec.system_column))
-    rows = read_table(path, spec, name, wanted)
+    system_column = [("dataset.systemColumn", spec.system_column)] if spec.system_column else []
+    rows = read_table(path, spec, name, wanted + system_column)
     csv_text = detect_format(path, spec.format, name) == "csv"
     examples, skipped = [], 0
     for number, row in enumerate(rows, start=1):
@@ -332,14 +331,9 @@ def load_pairs(path: Path, spec: DatasetSpec, name: str | None = None) -> Pairs:
         values: dict[str, str | Conversation] = {}
         for field, column in wanted:
             value = row.get(column)
-            if field == "dataset.systemColumn":
-                values[field] = text_value(row, field, column, where)
-            elif isinstance(value, str) and not (csv_text and value.lstrip().startswith("[")):
-                values[field] = value
-            else:
-                values[field] = messages_value(value, field, column, where, csv_text)
-        system = values.get("dataset.systemColumn") or spec.system_prompt
-        assert system is None or isinstance(system, str)
+            text = isinstance(value, str) and not (csv_text and value.lstrip().startswith("["))
+            values[field] = str(value) if text else messages_value(value, field, column, where, csv_text)
+        system = next((text_value(row, f, c, where) for f, c in system_column), None) or spec.system_prompt
         prompt = values["dataset.promptColumn"]
         for answer in ("dataset.chosenColumn", "dataset.rejectedColumn"):
             check_roles(conversation(prompt, system) + answer_turns(values[answer]), "assistant", f"{where} ({answer})")
@@ -554,10 +548,10 @@ def pair_ids(example: PreferenceExample, spec: DatasetSpec, tokenizer: PreTraine
     """Token ids of the prompt, the chosen and the rejected answer. Text throughout: the prompt as
     for sft, each answer followed by EOS. Messages anywhere: the chat template's rendering, each
     answer being what it adds after the prompt's generation prompt."""
-    if all(isinstance(v, str) for v in (example.prompt, example.chosen, example.rejected)):
-        assert isinstance(example.prompt, str) and isinstance(example.chosen, str) and isinstance(example.rejected, str)
-        prompt = prompt_ids(Example(example.prompt, "", example.system), spec, tokenizer, chat)
-        return prompt, answer_ids(example.chosen, tokenizer), answer_ids(example.rejected, tokenizer)
+    prompt, chosen, rejected = example.prompt, example.chosen, example.rejected
+    if isinstance(prompt, str) and isinstance(chosen, str) and isinstance(rejected, str):
+        return (prompt_ids(Example(prompt, "", example.system), spec, tokenizer, chat), answer_ids(chosen, tokenizer),
+                answer_ids(rejected, tokenizer))
     require_chat(chat, where)
     turns = conversation(example.prompt, example.system)
     before = render_chat(tokenizer, turns, True, where)
