@@ -277,7 +277,10 @@ class OutputSpec(Section):
     location: str = Field(min_length=1, max_length=URI_MAX)
     """s3://bucket/prefix (the run's own path is appended), or a local directory for standalone runs."""
     merge_adapter: bool = False
-    """Also save the backbone with the adapter merged in (int4: rejected, see docs)."""
+    """Also save the backbone with the adapter merged in, as a complete Hugging Face model directory
+    (merged/); int8 and int4 runs merge into the backbone loaded unquantized (docs/artifacts.md)."""
+    merge_precision: Precision = "auto"
+    """dtype of the merged model's weights: bf16, fp16 or fp32; auto: the training precision."""
     keep_checkpoints: int = Field(default=2, ge=1, le=100)
     """How many of the newest checkpoints to keep."""
 
@@ -476,7 +479,7 @@ class RunSections(Section):
 
     @model_validator(mode="after")
     def _cross_section_rules(self) -> RunSections:
-        check_quantization(self.quantization, self.lora, self.output)
+        check_quantization(self.quantization, self.lora)
         check_preference(self.training.method, self.preference, self.dataset)
         return self
 
@@ -509,12 +512,10 @@ class TrainerConfig(RunSections):
         return self
 
 
-def check_quantization(quantization: str, lora: LoraSpec, output: OutputSpec) -> None:
+def check_quantization(quantization: str, lora: LoraSpec) -> None:
     """Cross-section rules (rules.py; the CRD checks the same at apply time)."""
     if quantization != "none" and not lora.enabled:
         raise rules.QUANTIZATION_NEEDS_LORA.error()
-    if quantization == "int4" and output.merge_adapter:
-        raise rules.INT4_NO_MERGE.error()
 
 
 def check_preference(method: str, preference: PreferenceSpec | None, dataset: DatasetSpec) -> None:

@@ -81,6 +81,50 @@ class Progress(Incoming):
     """Time of the last progress report (RFC 3339)."""
 
 
+SHA256 = r"^[0-9a-f]{64}$"
+
+
+class DataLineage(Incoming):
+    """One data file a run read."""
+
+    role: Literal["train", "validation"]
+    """dataset.train or dataset.validation."""
+    uri: str | None = Field(default=None, max_length=2048)
+    """The file as the spec names it (left out of status when the summary is too long)."""
+    bytes: int = Field(ge=0)
+    """Its size."""
+    sha256: str = Field(pattern=SHA256)
+    """Its sha256."""
+
+
+class Lineage(Incoming):
+    """What made the artifacts: backbone, data, config, image, version and times. The same inputs
+    give the same lineage, times apart (docs/artifacts.md)."""
+
+    model_source: str | None = Field(default=None, max_length=2048)
+    """model.source."""
+    model_revision: str | None = Field(default=None, max_length=256)
+    """The revision the hub resolved (its commit) for hf:// sources; else model.revision."""
+    model_sha256: str | None = Field(default=None, pattern=SHA256)
+    """s3://, pvc:// and local sources: sha256 of the weight files' list ("<sha256>  <path>" lines,
+    sorted by path), so equal weights give equal digests wherever they are stored."""
+    data: list[DataLineage] = Field(default_factory=list, max_length=2)
+    """Every data file read, with its sha256."""
+    config_sha256: str | None = Field(default=None, pattern=SHA256)
+    """sha256 of the effective trainer config (trainer_config.json without runName and output:
+    where a run's results go does not change what it trains)."""
+    image: str | None = Field(default=None, max_length=1024)
+    """The trainer image as the Job names it."""
+    image_id: str | None = Field(default=None, max_length=1024, alias="imageID")
+    """The image the node ran, by digest (the pod's imageID); status only: the operator reads it."""
+    version: str | None = Field(default=None, max_length=64)
+    """KubeTune version of the trainer."""
+    started_at: str | None = None
+    """When the attempt that published the artifacts started (RFC 3339)."""
+    finished_at: str | None = None
+    """When its outputs were complete, before the upload (RFC 3339)."""
+
+
 class Artifacts(Incoming):
     """Where the results are."""
 
@@ -96,6 +140,10 @@ class Artifacts(Incoming):
     """Total size of the artifacts."""
     files: int | None = None
     """Number of files."""
+    merge_check: str | None = Field(default=None, max_length=256)
+    """output.mergeAdapter: how the merged model's greedy answers compare with base + adapter."""
+    lineage: Lineage | None = None
+    """What made the artifacts (also in manifest.json and the model card)."""
 
 
 class DatasetStats(Incoming):

@@ -92,19 +92,6 @@ QUANTIZATION_NEEDS_LORA = Rule(
         Case({"quantization": "none", "lora": {"enabled": False}}, ok=True),
     ),
 )
-INT4_NO_MERGE = Rule(
-    name="int4-no-merge",
-    at=("spec",),
-    cel="!(self.quantization == 'int4' && self.output.mergeAdapter)",
-    message="output.mergeAdapter is not supported with quantization int4: merging into 4-bit weights loses "
-            "precision; merge the adapter into the bf16 backbone offline instead",
-    field=".output.mergeAdapter",
-    cases=(
-        Case({"quantization": "int4", "output": {"mergeAdapter": True}}, ok=False),
-        Case({"quantization": "int8", "output": {"mergeAdapter": True}}, ok=True),
-        Case({"quantization": "int4", "output": {"mergeAdapter": False}}, ok=True),
-    ),
-)
 FSDP_NOT_INT8 = Rule(
     name="fsdp-not-int8",
     at=("spec",),
@@ -334,7 +321,7 @@ PACKING_ONLY_SFT = Rule(
 )
 
 RUN_RULES: tuple[Rule, ...] = (
-    QUANTIZATION_NEEDS_LORA, INT4_NO_MERGE, FSDP_NOT_INT8, FSDP_NOT_BITSANDBYTES_OPTIMIZER,
+    QUANTIZATION_NEEDS_LORA, FSDP_NOT_INT8, FSDP_NOT_BITSANDBYTES_OPTIMIZER,
     EPOCHS_OR_STEPS, AUTO_BATCH_NEEDS_GLOBAL, GLOBAL_BATCH_ONLY_AUTO, ALL_LINEAR_ALONE,
     JUDGE_NEEDS_ENDPOINT, GATE_METRIC_LISTED, GATE_IMPROVEMENT_NEEDS_BASE, GATE_RULE_BOUND,
     PREFERENCE_NEEDS_METHOD, LABEL_SMOOTHING_DPO, SIMPO_GAMMA_SIMPO, ORPO_LAMBDA_ORPO, MESSAGES_ONLY_SFT,

@@ -231,6 +231,7 @@ def _env(owner: Json, spec: api.FineTuneJobSpec, settings: Settings) -> list[Jso
         {"name": "KUBETUNE_JOB_NAME", "value": meta["name"]},
         {"name": "KUBETUNE_TERMINATION_LOG", "value": TERMINATION_LOG},
         {"name": "KUBETUNE_CACHE_DIR", "value": CACHE_DIR},
+        {"name": "KUBETUNE_IMAGE", "value": spec.image or settings.trainer_image},  # the run's lineage
         {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
         {"name": "HOME", "value": SCRATCH_DIR},
         {"name": "TMPDIR", "value": SCRATCH_DIR},

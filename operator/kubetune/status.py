@@ -146,6 +146,15 @@ def checkpoint_note(pods: list[Json]) -> str:
     return ""
 
 
+def with_image_id(summary: Json, image_id: str | None) -> None:
+    """Complete the summary's lineage with the image the node ran, by digest (the pod's imageID):
+    the trainer cannot see it, the kubelet reports it."""
+    artifacts = summary.get("artifacts")
+    lineage = artifacts.get("lineage") if isinstance(artifacts, dict) else None
+    if isinstance(lineage, dict) and image_id:
+        lineage["imageID"] = image_id
+
+
 def newest(pods: list[Json]) -> list[Json]:
     return sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp") or "", reverse=True)
 
@@ -167,9 +176,11 @@ def observe(job: Json | None, pods: list[Json], *, suspend: bool, queued: bool,
     done = condition(job, "Complete") or condition(job, "SuccessCriteriaMet")
     if done:
         # Over several pods, only the one of rank 0 carries the summary.
-        summaries = (parse_summary((terminated_state(p) or {}).get("message")) for p in pods
+        summaries = ((parse_summary((terminated_state(p) or {}).get("message")), p) for p in pods
                      if (terminated_state(p) or {}).get("exitCode") == 0)
-        summary = next((s for s in summaries if s), None)
+        summary, pod = next(((s, p) for s, p in summaries if s), (None, None))
+        if summary and pod:
+            with_image_id(summary, trainer_status(pod).get("imageID"))
         completion = status.get("completionTime") or done.get("lastTransitionTime")
         return Observed(Phase.SUCCEEDED, "Succeeded", "training finished", start, completion, attempts, summary)
 

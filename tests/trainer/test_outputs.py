@@ -29,7 +29,14 @@ def test_merged_model_computes_what_the_adapter_model_computes(assets: Path, tmp
     files = {f["path"] for f in verify_manifest(str(run))["files"]}
     adapter_config = json.loads((run / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == str(assets / "backbone")
-    assert {"merged/model.safetensors", "merged/config.json", "merged/tokenizer.json"} <= files
+    # A complete Hugging Face model directory, checked by the trainer against base + adapter.
+    assert {"merged/model.safetensors", "merged/config.json", "merged/generation_config.json",
+            "merged/tokenizer.json", "merged/tokenizer_config.json"} <= files
+    check = result.summary["artifacts"]["mergeCheck"]
+    assert check == "greedy answers equal base + adapter on 3 of 3 prompts (float32)"
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(str(run / "merged")).chat_template == result.tokenizer.chat_template
 
     samples = data.tokenize(data.load_examples(assets / "data" / "validation.jsonl", config.dataset),
                             config.dataset, result.tokenizer)
@@ -40,6 +47,23 @@ def test_merged_model_computes_what_the_adapter_model_computes(assets: Path, tmp
         want = result.model.eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         got = merged(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     assert torch.allclose(got, want, atol=1e-4)
+
+
+def test_an_int4_run_merges_into_the_unquantized_backbone_in_the_chosen_precision(assets: Path,
+                                                                                  tmp_path: Path) -> None:
+    """The merge dequantizes: the backbone is loaded afresh in output.mergePrecision, the adapter
+    merged into it, and the directory loads with transformers alone, its answers base + adapter's."""
+    from transformers import AutoModelForCausalLM
+
+    config = make_config(assets, tmp_path / "out", quantization="int4", training={"maxSteps": 3},
+                         output={"mergeAdapter": True, "mergePrecision": "bf16"})
+    result = Trainer(config, Reporter(tmp_path / "metrics.jsonl")).run()
+    run = tmp_path / "out" / "tiny"
+    verify_manifest(str(run))
+    merged: Any = AutoModelForCausalLM.from_pretrained(str(run / "merged"))
+    assert merged.dtype == torch.bfloat16 and not getattr(merged, "is_loaded_in_4bit", False)
+    assert "quantization_config" not in json.loads((run / "merged" / "config.json").read_text())
+    assert result.summary["artifacts"]["mergeCheck"].endswith("of 3 prompts (bfloat16)")
 
 
 def test_full_fine_tune_with_packing_publishes_the_model_and_a_model_card(assets: Path, tmp_path: Path) -> None:

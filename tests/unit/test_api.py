@@ -225,10 +225,10 @@ def test_the_trainer_config_carries_the_strategy() -> None:
     assert TrainerConfig.model_validate(rendered).distribution.strategy == "fsdp"
 
 
-def test_int4_merge_is_rejected() -> None:
-    spec = with_change("output.mergeAdapter", True) | {"quantization": "int4"}
-    with pytest.raises(ValidationError, match=r"output\.mergeAdapter is not supported with quantization int4"):
-        api.FineTuneJobSpec.model_validate(spec)
+def test_int4_runs_may_merge_their_adapter() -> None:
+    """The merge loads the backbone unquantized (docs/artifacts.md), so int4 merges like int8."""
+    spec = api.FineTuneJobSpec.model_validate(with_change("output.mergeAdapter", True) | {"quantization": "int4"})
+    assert spec.output.merge_adapter and spec.output.merge_precision == "auto"
 
 
 def test_trainer_config_accepts_a_local_output_directory() -> None:

@@ -159,6 +159,27 @@ def test_success_summary_completes_the_status() -> None:
     assert result["attempts"] == 1
 
 
+def test_the_lineage_gets_the_image_the_node_ran_by_digest() -> None:
+    """The trainer names its image as the Job does; the pod's imageID (the digest the kubelet pulled)
+    joins its lineage in status. A summary without a lineage gets none invented."""
+    digest = "registry.example/kubetune-trainer@sha256:" + "b" * 64
+    image = "registry.example/kubetune-trainer:1"
+    with_lineage = json.dumps({**json.loads(SUMMARY), "artifacts": {
+        "location": "s3://runs/ns/q/", "lineage": {"image": image, "configSha256": "c" * 64}}})
+    done = pod("Succeeded", terminated={"exitCode": 0, "message": with_lineage})
+    done["status"]["containerStatuses"][0]["imageID"] = digest
+    observed = status.observe(job(("Complete", "CompletionsReached"), succeeded=1), [done], suspend=False,
+                              queued=False)
+    lineage = built(observed, previous={}, generation=1, job_name="j", now=NOW)["artifacts"]["lineage"]
+    assert lineage == {"image": image, "imageID": digest, "configSha256": "c" * 64, "data": []}
+
+    plain = pod("Succeeded", terminated={"exitCode": 0, "message": SUMMARY})
+    plain["status"]["containerStatuses"][0]["imageID"] = digest
+    observed = status.observe(job(("Complete", "CompletionsReached"), succeeded=1), [plain], suspend=False,
+                              queued=False)
+    assert "lineage" not in built(observed, previous={}, generation=1, job_name="j", now=NOW)["artifacts"]
+
+
 def test_times_are_written_as_kubernetes_writes_them() -> None:
     observed = status.Observed(Phase.SUCCEEDED, "Succeeded", "m", start_time="2026-01-01T00:00:00+00:00",
                                completion_time="2026-01-01T01:00:00+00:00")

@@ -12,7 +12,7 @@ Layout under ``<output.location>/<runName>/``::
     evaluation.json     evaluation.metrics, tuned vs base, and the promotion gate's verdict
     predictions.jsonl   per validation prompt: reference, tuned and base answers, per-sample scores
     checkpoints/step-N/ resumable checkpoints (complete once their checkpoint.json exists)
-    manifest.json       written LAST: every published file with its size and sha256
+    manifest.json       written LAST: every published file with its size and sha256, and the lineage
 
 A reader that finds no ``manifest.json`` must treat the run as incomplete.
 """
@@ -33,6 +33,7 @@ from urllib.parse import urlparse
 from kubetune_contract.config import StorageSpec
 
 from .errors import SourceUnavailable, StoreUnavailable, TrainerError
+from .lineage import card_lines
 
 log = logging.getLogger(__name__)
 
@@ -226,8 +227,10 @@ def publish(
     staging: Path,
     store: Store,
     on_upload: Callable[[str], None] | None = None,
+    lineage: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Upload every file under ``staging``, then ``manifest.json`` last; return the manifest.
+    """Upload every file under ``staging``, then ``manifest.json`` last (with ``lineage``, what made
+    the files); return the manifest.
 
     An old manifest is removed first, so a reader never pairs it with half-replaced files.
     """
@@ -259,6 +262,7 @@ def publish(
         "location": store.uri,
         "totalBytes": sum(int(f["size"]) for f in files),
         "files": files,
+        **({"lineage": lineage} if lineage else {}),
     }
     manifest_path = staging / MANIFEST
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
@@ -353,9 +357,10 @@ def plot_losses(events: list[dict[str, Any]], path: Path) -> None:
 
 
 def model_card(config: dict[str, Any], metrics: dict[str, Any], extra: dict[str, Any],
-               evaluation: dict[str, Any] | None = None) -> str:
-    """README.md for the outputs: backbone, data, hyperparameters, final metrics, and the evaluation
-    (tuned vs base, the gate's verdict)."""
+               evaluation: dict[str, Any] | None = None, lineage: dict[str, Any] | None = None) -> str:
+    """README.md for the outputs: backbone, data, hyperparameters, final metrics, the evaluation
+    (tuned vs base, the gate's verdict) and the lineage."""
+
     training = config.get("training", {})
     lora = config.get("lora", {})
     lines = [
@@ -393,6 +398,7 @@ def model_card(config: dict[str, Any], metrics: dict[str, Any], extra: dict[str,
         *(f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in flat(metrics).items()),
         "",
         *evaluation_table(evaluation or {}),
+        *card_lines(lineage or {}),
         "Full configuration: `trainer_config.json`; per-step metrics: `metrics.jsonl`; curves: `loss.png`.",
         "",
     ]

@@ -10,6 +10,7 @@ file fails the run in seconds, before any weights are downloaded or loaded.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import os
@@ -19,8 +20,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from kubetune_contract.config import DatasetSpec, TrainerConfig
+from kubetune_contract.events import DataLineage
 
-from . import sources
+from . import lineage, sources
 from .errors import InvalidInput
 
 if TYPE_CHECKING:
@@ -677,25 +679,32 @@ class Datasets:
     validation_pairs: list[PreferenceExample] | None = None
     skipped: int = 0
     """Preference rows of the training file skipped: equal or empty answers."""
+    files: list[DataLineage] = dataclasses.field(default_factory=list)
+    """The files read, with their sha256 (the run's lineage)."""
 
 
 def load_datasets(config: TrainerConfig) -> Datasets:
     """Fetch and validate the data files; needs no tokenizer or model."""
     spec, storage = config.dataset, config.storage
     train_path = sources.resolve(spec.train, storage)
+    validation_path = sources.resolve(spec.validation, storage) if spec.validation else None
+    files = [lineage.data_file("train", spec.train, train_path)]
+    if spec.validation and validation_path:
+        files.append(lineage.data_file("validation", spec.validation, validation_path))
     if config.preference_tuning:
         loaded = load_pairs(train_path, spec, spec.train)
         pairs = loaded.examples
-        if spec.validation:
-            held = load_pairs(sources.resolve(spec.validation, storage), spec, spec.validation).examples
+        if spec.validation and validation_path:
+            held = load_pairs(validation_path, spec, spec.validation).examples
         else:
             pairs, held = split_examples(pairs, spec.validation_split, config.training.seed)
         log.info("data: %d training and %d validation preference pairs", len(pairs), len(held))
-        return Datasets([p.as_example() for p in pairs], [p.as_example() for p in held], pairs, held, loaded.skipped)
+        return Datasets([p.as_example() for p in pairs], [p.as_example() for p in held], pairs, held, loaded.skipped,
+                        files)
     train = load_examples(train_path, spec, spec.train)
-    if spec.validation:
-        validation = load_examples(sources.resolve(spec.validation, storage), spec, spec.validation)
+    if spec.validation and validation_path:
+        validation = load_examples(validation_path, spec, spec.validation)
     else:
         train, validation = split_examples(train, spec.validation_split, config.training.seed)
     log.info("data: %d training and %d validation examples", len(train), len(validation))
-    return Datasets(train, validation)
+    return Datasets(train, validation, files=files)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +16,10 @@ import torch
 
 from kubetune_contract import events
 from kubetune_contract.config import TrainerConfig
-from kubetune_contract.events import DatasetStats
+from kubetune_contract.events import DatasetStats, Lineage
 
-from . import artifacts, evaluation
+from . import artifacts, data, evaluation, lineage
 from . import model as model_lib
-from .errors import InvalidInput
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +44,8 @@ class Staged:
     validation_samples: int
     dataset: DatasetStats | None = None  # the data's statistics
     samples_text: str = ""  # samples.txt
+    lineage: Lineage | None = None  # what made the outputs (lineage.py)
+    validation: list[data.Example] = field(default_factory=list)  # the merged model is checked on the first
 
 
 def publish(config: TrainerConfig, store: artifacts.Store, staged: Staged, model: Any, tokenizer: Any,
@@ -57,7 +58,7 @@ def publish(config: TrainerConfig, store: artifacts.Store, staged: Staged, model
     evaluated = final.evaluation.document(config)
     (out / "evaluation.json").write_text(json.dumps(evaluated, indent=2) + "\n")
     (out / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in final.evaluation.predictions))
-    adapter_dir = merged_dir = None
+    adapter_dir = merged_dir = merge_check = None
     if config.lora.enabled:
         adapter_dir = out / "adapter"
         # A sharded model saves from its gathered state: the same files as an unsharded one.
@@ -71,8 +72,8 @@ def publish(config: TrainerConfig, store: artifacts.Store, staged: Staged, model
         tokenizer.save_pretrained(str(adapter_dir))
         if config.output.merge_adapter:
             merged_dir = out / "merged"
-            merge_adapter(model_path, adapter_dir, merged_dir, config, precision)
-            tokenizer.save_pretrained(str(merged_dir))
+            merge_check = export_merged(model_path, adapter_dir, merged_dir, config, precision, tokenizer,
+                                        staged.validation[:MERGE_CHECK_PROMPTS])
     else:
         merged_dir = out / "model"
         model.save_pretrained(str(merged_dir), state_dict=final.state)
@@ -88,9 +89,10 @@ def publish(config: TrainerConfig, store: artifacts.Store, staged: Staged, model
         "totalSteps": total_steps,
         "dataset": staged.dataset.model_dump(by_alias=True, exclude_none=True) if staged.dataset else {},
     }
-    (out / "README.md").write_text(artifacts.model_card(config_json, metrics, extra, evaluated))
+    found = lineage.as_json(staged.lineage) if staged.lineage else {}
+    (out / "README.md").write_text(artifacts.model_card(config_json, metrics, extra, evaluated, found))
     artifacts.plot_losses(staged.events, out / "loss.png")
-    manifest = artifacts.publish(out, store)
+    manifest = artifacts.publish(out, store, lineage=found or None)
     uri = store.uri
     summary = events.Summary(
         step=step,
@@ -104,6 +106,8 @@ def publish(config: TrainerConfig, store: artifacts.Store, staged: Staged, model
             manifest=f"{uri}/{artifacts.MANIFEST}",
             total_bytes=manifest["totalBytes"],
             files=len(manifest["files"]),
+            merge_check=merge_check,
+            lineage=staged.lineage,
         ),
     )
     result = summary.model_dump(by_alias=True, exclude={"error", "exit_code", "evaluation", "dataset"})
@@ -114,18 +118,51 @@ def publish(config: TrainerConfig, store: artifacts.Store, staged: Staged, model
     return result
 
 
-def merge_adapter(
-    model_path: Path, adapter_dir: Path, out: Path, config: TrainerConfig, precision: model_lib.Precision
-) -> None:
-    """Merge the adapter into the unquantized backbone (loaded afresh on the CPU) and save it."""
+MERGE_CHECK_PROMPTS = 3
+"""Validation prompts the merged model answers, to compare with base + adapter."""
+MERGE_SHARD_SIZE = "5GB"
+"""Largest safetensors shard of a merged model (an index names the shards)."""
+
+
+def export_merged(model_path: Path, adapter_dir: Path, out: Path, config: TrainerConfig,
+                  precision: model_lib.Precision, tokenizer: Any, examples: list[data.Example]) -> str:
+    """Merge the adapter into the backbone, loaded afresh and unquantized on the CPU in
+    output.mergePrecision, and save a complete Hugging Face model directory: config, generation
+    config, sharded safetensors, tokenizer and chat template. Then load that directory alone and
+    compare its greedy answers to ``examples`` with base + adapter's; return what the check found."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    if config.quantization == "int4":  # config.py rejects this; keep the rule in one place
-        raise InvalidInput("output.mergeAdapter is not supported with quantization int4")
-    log.info("merging the adapter into %s (%s)", config.model.source, precision.dtype)
-    base = AutoModelForCausalLM.from_pretrained(
-        str(model_path), dtype=precision.dtype, trust_remote_code=config.model.trust_remote_code
-    )
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    merged.save_pretrained(str(out))
+    choice = config.output.merge_precision
+    dtype = precision.dtype if choice == "auto" else model_lib.resolve_precision(choice, torch.device("cpu")).dtype
+    remote = config.model.trust_remote_code
+    log.info("merging the adapter into %s (%s)", config.model.source, dtype)
+    base = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=dtype, trust_remote_code=remote)
+    adapted = PeftModel.from_pretrained(base, str(adapter_dir))
+    expected = greedy_answers(adapted, tokenizer, config, examples)
+    merged = adapted.merge_and_unload()
+    merged.save_pretrained(str(out), max_shard_size=MERGE_SHARD_SIZE)
+    tokenizer.save_pretrained(str(out))
+    del base, adapted, merged
+    reloaded = AutoModelForCausalLM.from_pretrained(str(out), dtype=dtype, trust_remote_code=remote)
+    got = greedy_answers(reloaded, tokenizer, config, examples)
+    equal = sum(a == b for a, b in zip(expected, got, strict=True))
+    check = f"greedy answers equal base + adapter on {equal} of {len(examples)} prompts ({str(dtype).split('.')[-1]})"
+    if equal < len(examples):
+        log.warning("merged model: %s; the merge rounds the weights to %s", check, dtype)
+    else:
+        log.info("merged model: %s", check)
+    return check
+
+
+def greedy_answers(model: Any, tokenizer: Any, config: TrainerConfig, examples: list[data.Example]) -> list[str]:
+    """Greedy answers on the CPU, one prompt at a time (no padding to tell two models apart)."""
+    chat = data.use_chat_template(config.dataset, tokenizer)
+    prompts = [data.prompt_ids(e, config.dataset, tokenizer, chat)[-config.dataset.max_length:] for e in examples]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    answers: dict[int, str] = {}
+    model.eval()
+    evaluation.generate_batches(model, tokenizer, prompts, list(range(len(prompts))), 1,
+                                config.evaluation.max_new_tokens, pad, torch.device("cpu"), answers,
+                                use_cache=True, sharded=False)
+    return [answers[i] for i in range(len(prompts))]

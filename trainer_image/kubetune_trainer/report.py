@@ -195,6 +195,15 @@ def encode_summary(summary: dict[str, Any], limit: int = SUMMARY_MAX_BYTES) -> s
     text = json.dumps(trimmed, separators=(",", ":"))
     if len(text.encode()) <= limit:
         return text
+    lineage = artifacts.get("lineage") if isinstance(artifacts, dict) else None
+    if isinstance(lineage, dict):
+        # The data files' names are in the spec; their digests stay (manifest.json has it all).
+        for entry in lineage.get("data") or []:
+            if isinstance(entry, dict):
+                entry.pop("uri", None)
+        text = json.dumps(trimmed, separators=(",", ":"))
+        if len(text.encode()) <= limit:
+            return text
     evaluation = trimmed.get("evaluation")
     if isinstance(evaluation, dict):
         # The reasons a metric is unavailable are in evaluation.json; the values stay.

@@ -30,7 +30,7 @@ from kubetune_contract import events
 from kubetune_contract.config import TrainerConfig
 from kubetune_contract.estimate import Estimate
 
-from . import artifacts, data, data_stats, distributed, evaluation, outputs, sources
+from . import artifacts, data, data_stats, distributed, evaluation, lineage, outputs, sources
 from . import model as model_lib
 from . import preference as preference_lib
 from .checkpoints import CheckpointStore, LoadedCheckpoint, apply_states, save_local
@@ -91,6 +91,8 @@ class Trainer:
         self.config = config
         self.world = world if world is not None else distributed.world_from_env()
         self.progress = RunState()
+        self.started_at = lineage.now()
+        """When this attempt started (the lineage's startedAt)."""
         self.work = Path(tempfile.mkdtemp(prefix="kubetune-run-"))
         self.reporter = reporter or Reporter()
         if self.reporter.metrics_path is None:
@@ -569,7 +571,9 @@ class Trainer:
         assert self.store is not None
         p = self.progress
         staged = outputs.Staged(self.work / "outputs", self.metrics_path, p.events, len(datasets.train),
-                                len(datasets.validation), self.dataset, self.samples_text)
+                                len(datasets.validation), self.dataset, self.samples_text,
+                                lineage.lineage(self.config, model_path, datasets.files, self.started_at),
+                                datasets.validation)
         return outputs.publish(self.config, self.store, staged, model, tokenizer, model_path, final, precision,
                                self.final_metrics(dev), p.step, p.total_steps, p.epoch)
 
