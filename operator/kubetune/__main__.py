@@ -1,5 +1,5 @@
 """`kubetune` command line: `crd [--check]`, `operator [--namespace NS ...]`, `selftest`,
-`estimate -f FILE [--gpu-memory 80Gi] [--json]`."""
+`estimate -f FILE [--gpu-memory 80Gi] [--json]`, `pull NAME [-n NS] [--to DIR] [--print-serving]`."""
 
 from __future__ import annotations
 
@@ -39,7 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     est.add_argument("--data", type=Path, help="also count a local training data file with the backbone's "
                                                "tokenizer: samples, tokens per sample, truncation, steps")
 
+    from kubetune import pull
+
+    pull.add_parser(sub)
+
     args = parser.parse_args(argv)
+    if args.command == "pull":
+        return pull.command(args)
     if args.command == "estimate":
         return estimate_command(args)
     if args.command == "crd":

@@ -8,6 +8,8 @@ and the operator's /metrics.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,7 @@ def operator_env(real_trainer_env: dict[str, str]) -> dict[str, str]:
 
 def test_quickstart_trains_reports_progress_and_publishes_artifacts(
     cluster: Any, namespace: str, demo_bucket: str, minio_env: dict[str, str], operator: Any,
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
 ) -> None:
     cluster.kubectl("create", "secret", "generic", "kubetune-s3", "-n", namespace,
                     f"--from-literal=AWS_ACCESS_KEY_ID={minio_env['MINIO_ACCESS_KEY']}",
@@ -82,6 +84,7 @@ def test_quickstart_trains_reports_progress_and_publishes_artifacts(
     assert evaluation["exactMatch"]["samples"] > 0 and evaluation["bleu"]["base"] is not None
     assert status["evaluation"]["headline"].startswith("perplexity ")
     assert status["dataset"]["samples"] > 0 and status["dataset"]["totalSteps"] == 300
+    pull_and_check_lineage(cluster, namespace, status, manifest, minio_env, tmp_path)
 
     wait_for(lambda: {"Created", "Started", "Succeeded"} <= set(event_reasons(cluster, namespace, "quickstart")),
              timeout=30, message="Created, Started and Succeeded events")
@@ -99,6 +102,45 @@ def test_quickstart_trains_reports_progress_and_publishes_artifacts(
     ]
     for credential in (minio_env["MINIO_SECRET_KEY"], minio_env["MINIO_ACCESS_KEY"], token):
         assert all(credential not in text for text in visible), "a credential leaked"
+
+
+def pull_and_check_lineage(cluster: Any, namespace: str, status: dict[str, Any], manifest: dict[str, Any],
+                           minio_env: dict[str, str], tmp_path: Path) -> None:
+    """The lineage names the image the node ran by digest; `kubetune pull` (credentials from the job's
+    Secret, read with the caller's kubeconfig) downloads and verifies the run, and refuses, naming the
+    file, once a file is altered in the bucket."""
+    from minio import Minio
+
+    pod = cluster.get("pods", "-n", namespace, "-l", "job-name=quickstart-trainer")["items"][0]
+    image_id = pod["status"]["containerStatuses"][0]["imageID"]
+    lineage = status["artifacts"]["lineage"]
+    assert lineage["imageID"] == image_id and "sha256:" in image_id
+    assert {k: v for k, v in lineage.items() if k != "imageID"} == manifest["lineage"]
+    assert [d["role"] for d in lineage["data"]] == ["train", "validation"]
+
+    env = {k: v for k, v in cluster.env.items() if not k.startswith("AWS_")}
+    pull = [sys.executable, "-m", "kubetune", "pull", "quickstart", "-n", namespace, "--endpoint",
+            minio_env["MINIO_ENDPOINT"], "--insecure", "--quiet"]
+    done = subprocess.run([*pull, "--to", str(tmp_path / "quickstart"), "--print-serving"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"verified {len(manifest['files'])} files" in done.stdout and f"imageID: {image_id}" in done.stdout
+    assert "vllm serve" in done.stdout and "--lora-modules quickstart=" in done.stdout
+    assert (tmp_path / "quickstart" / "adapter" / "adapter_model.safetensors").is_file()
+    assert minio_env["MINIO_SECRET_KEY"] not in done.stdout + done.stderr
+
+    bucket, _, prefix = status["artifacts"]["location"].removeprefix("s3://").rstrip("/").partition("/")
+    client = Minio(minio_env["MINIO_ENDPOINT"], access_key=minio_env["MINIO_ACCESS_KEY"],
+                   secret_key=minio_env["MINIO_SECRET_KEY"], secure=False)
+    altered = tmp_path / "adapter_config.json"
+    altered.write_text((tmp_path / "quickstart" / "adapter" / "adapter_config.json").read_text().replace('"r": 8',
+                                                                                                         '"r": 9'))
+    client.fput_object(bucket, f"{prefix}/adapter/adapter_config.json", str(altered))
+    refused = subprocess.run([*pull, "--to", str(tmp_path / "again")], env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert refused.returncode == 1
+    assert "adapter/adapter_config.json has size" in refused.stderr and "nothing was written" in refused.stderr
+    assert not (tmp_path / "again").exists()
 
 
 def test_two_training_processes_in_one_pod(cluster: Any, namespace: str, demo_bucket: str, minio_env: dict[str, str],

@@ -62,7 +62,9 @@ class Store(Protocol):
     uri: str
 
     def put_file(self, local: Path, key: str) -> None: ...
-    def get_file(self, key: str, local: Path) -> None: ...
+    def get_file(self, key: str, local: Path, progress: Callable[[int], None] | None = None) -> None:
+        """Download ``key`` to ``local``; ``progress`` is told the bytes as they arrive."""
+        ...
     def list(self, prefix: str = "") -> list[str]: ...
     def delete(self, key: str) -> None: ...
     def size(self, key: str) -> int | None:
@@ -92,10 +94,12 @@ class LocalStore:
         shutil.copyfile(local, tmp)
         os.replace(tmp, target)
 
-    def get_file(self, key: str, local: Path) -> None:
+    def get_file(self, key: str, local: Path, progress: Callable[[int], None] | None = None) -> None:
         source = self._path(key)
         local.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, local)
+        if progress:
+            progress(local.stat().st_size)
 
     def list(self, prefix: str = "") -> list[str]:
         # Same semantics as an S3 listing: every key that starts with the prefix string.
@@ -121,6 +125,23 @@ class LocalStore:
                 parent.rmdir()
             except OSError:
                 break
+
+
+class BytesTold:
+    """minio's progress protocol (set_meta, update), telling a callable the bytes that arrive; a
+    retried download restarts, so it tells only bytes beyond what it told before."""
+
+    def __init__(self, tell: Callable[[int], None]) -> None:
+        self.tell, self.done, self.told = tell, 0, 0
+
+    def set_meta(self, object_name: str, total_length: int) -> None:
+        self.done = 0
+
+    def update(self, length: int) -> None:
+        self.done += length
+        if self.done > self.told:
+            self.tell(self.done - self.told)
+            self.told = self.done
 
 
 class S3Store:
@@ -161,10 +182,13 @@ class S3Store:
         self._retrying(f"upload {self.uri}/{key}", lambda: self.client.fput_object(self.bucket, name, str(local)))
         self.written = True
 
-    def get_file(self, key: str, local: Path) -> None:
+    def get_file(self, key: str, local: Path, progress: Callable[[int], None] | None = None) -> None:
         name = self._key(key)
         local.parent.mkdir(parents=True, exist_ok=True)
-        self._retrying(f"download {self.uri}/{key}", lambda: self.client.fget_object(self.bucket, name, str(local)))
+        told = BytesTold(progress) if progress else None
+        self._retrying(f"download {self.uri}/{key}",
+                       lambda: self.client.fget_object(self.bucket, name, str(local), progress=told))
+
 
     def list(self, prefix: str = "") -> list[str]:
         root = f"{self.prefix}/" if self.prefix else ""
@@ -299,37 +323,86 @@ def check_manifest(location: str, manifest: object) -> None:
             raise IncompleteRun(f"{location}: {MANIFEST} entry {entry['path']!r} has no valid size and sha256")
 
 
+def open_run(location: str, storage: StorageSpec | None = None) -> Store:
+    """A published run (``<output.location>/<runName>``) to read."""
+    if location.startswith("s3://"):
+        return S3Store(location, storage or StorageSpec())
+    return LocalStore(Path(urlparse(location).path if location.startswith("file://") else location))
+
+
+def read_manifest(store: Store, work: Path) -> dict[str, Any]:
+    """The run's manifest, checked (:func:`check_manifest`); IncompleteRun when there is none."""
+    if MANIFEST not in store.list(MANIFEST):
+        raise IncompleteRun(f"{store.uri}: no {MANIFEST}; the run is incomplete")
+    store.get_file(MANIFEST, work / MANIFEST)
+    try:
+        manifest: dict[str, Any] = json.loads((work / MANIFEST).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise IncompleteRun(f"{store.uri}: {MANIFEST} is not JSON: {err}") from err
+    check_manifest(store.uri, manifest)
+    return manifest
+
+
+def fetch_verified(store: Store, entry: dict[str, Any], local: Path,
+                   progress: Callable[[int], None] | None = None) -> None:
+    """Download one manifest entry to ``local`` and check its size and sha256; IncompleteRun (naming
+    the file) when it is missing or differs. ``progress`` is told the bytes as they arrive."""
+    try:
+        store.get_file(entry["path"], local, progress)
+    except Exception as err:
+        raise IncompleteRun(f"{store.uri}/{entry['path']} is listed but missing: {err}") from err
+    size, digest = local.stat().st_size, sha256_of(local)
+    if size != entry["size"] or digest != entry["sha256"]:
+        raise IncompleteRun(
+            f"{store.uri}/{entry['path']} has size {size} sha256 {digest}, "
+            f"{MANIFEST} says {entry['size']} {entry['sha256']}"
+        )
+
+
 def verify_manifest(location: str, storage: StorageSpec | None = None) -> dict[str, Any]:
     """Check a published run (``<output.location>/<runName>``): every file's size and sha256.
 
     Raises :class:`IncompleteRun` when the manifest is missing or a file differs; returns the
     manifest otherwise.
     """
-    storage = storage or StorageSpec()
-    store: Store = S3Store(location, storage) if location.startswith("s3://") else LocalStore(Path(location))
+    store = open_run(location, storage)
     with tempfile.TemporaryDirectory(prefix="kubetune-verify-") as tmp:
         work = Path(tmp)
-        if MANIFEST not in store.list(MANIFEST):
-            raise IncompleteRun(f"{location}: no {MANIFEST}; the run is incomplete")
-        store.get_file(MANIFEST, work / MANIFEST)
-        try:
-            manifest: dict[str, Any] = json.loads((work / MANIFEST).read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise IncompleteRun(f"{location}: {MANIFEST} is not JSON: {err}") from err
-        check_manifest(location, manifest)
+        manifest = read_manifest(store, work)
         for entry in manifest["files"]:
             local = work / "files" / entry["path"]
-            try:
-                store.get_file(entry["path"], local)
-            except Exception as err:
-                raise IncompleteRun(f"{location}: {entry['path']} is listed but missing: {err}") from err
-            size, digest = local.stat().st_size, sha256_of(local)
-            if size != entry["size"] or digest != entry["sha256"]:
-                raise IncompleteRun(
-                    f"{location}: {entry['path']} has size {size} sha256 {digest}, "
-                    f"manifest says {entry['size']} {entry['sha256']}"
-                )
+            fetch_verified(store, entry, local)
             local.unlink()
+    return manifest
+
+
+def pull_run(location: str, target: Path, storage: StorageSpec | None = None, include: tuple[str, ...] = (),
+             progress: Callable[[int, int], Callable[[int], None]] | None = None) -> dict[str, Any]:
+    """Download a published run into ``target`` (which must not exist, or be empty): every file of its
+    manifest (those ``include`` names, files or directories, when given), each checked against its sha256 in a
+    directory beside ``target`` that becomes ``target`` only once all are; nothing is left when one
+    differs. ``progress(files, bytes)`` is called once with the totals and returns what to tell of
+    the bytes as they arrive. Returns the manifest."""
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise FileExistsError(f"{target} exists and is not empty; choose another directory")
+    store = open_run(location, storage)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        manifest = read_manifest(store, staging)
+        wanted = [e for e in manifest["files"]
+                  if not include or any(e["path"] == i or e["path"].startswith(i.rstrip("/") + "/") for i in include)]
+        if include and not wanted:
+            raise IncompleteRun(f"{location}: no file of {MANIFEST} is under {', '.join(include)}")
+        tell = progress(len(wanted), sum(int(e["size"]) for e in wanted)) if progress else None
+        for entry in wanted:
+            fetch_verified(store, entry, staging / entry["path"], tell)
+        if target.exists():
+            target.rmdir()
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return manifest
 
 

@@ -1,0 +1,209 @@
+"""`kubetune pull NAME [-n NS] [--to DIR]`: a finished FineTuneJob's outputs on this machine, verified.
+
+It reads the job's status for where its outputs are, downloads every file its manifest lists into a
+directory beside the target, checks each against its sha256, and only then moves the directory into
+place; a file that differs is named and nothing is left behind. Then it prints the lineage and, with
+``--print-serving``, ready-to-apply snippets for vLLM and KServe (docs/artifacts.md).
+
+Object-store credentials: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY when set, else the job's
+storage Secret read with the caller's own Kubernetes credentials. They are never printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kubetune_contract.config import StorageSpec
+
+Json = dict[str, Any]
+
+
+class PullError(Exception):
+    """Why nothing was pulled, for the user."""
+
+
+def add_parser(sub: Any) -> None:
+    pull = sub.add_parser("pull", help="download a finished FineTuneJob's outputs, verify every sha256 against its "
+                                       "manifest, print the lineage")
+    pull.add_argument("name", help="the FineTuneJob")
+    pull.add_argument("-n", "--namespace", default=None, help="its namespace (default: the kubeconfig's)")
+    pull.add_argument("--to", type=Path, help="directory to create (default: ./NAME); must not exist or be empty")
+    pull.add_argument("--include", action="append", default=[], metavar="PATH",
+                      help="only this file or directory of the run, e.g. adapter (repeatable); default: all")
+    pull.add_argument("--endpoint", help="object-store endpoint as seen from here (default: the job's "
+                                         "spec.storage.endpoint)")
+    pull.add_argument("--insecure", action="store_true", default=None,
+                      help="plain HTTP to the endpoint (default: the job's spec.storage.insecure)")
+    pull.add_argument("--print-serving", action="store_true",
+                      help="also print snippets to serve the result with vLLM and KServe")
+    pull.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def command(args: argparse.Namespace) -> int:
+    """0 pulled and verified; 1 refused (not finished, a file that differs, target not empty)."""
+    from kubetune_trainer.artifacts import IncompleteRun, pull_run
+    from kubetune_trainer.errors import TrainerError
+
+    try:
+        kube, namespace = connect(args.namespace)
+        ftj = finished_job(kube, namespace, args.name)
+        location = str(ftj["status"]["artifacts"]["location"]).rstrip("/")
+        storage = storage_of(ftj, args.endpoint, args.insecure)
+        if location.startswith("s3://"):
+            credentials(kube, namespace, ftj)
+        target = args.to or Path(args.name)
+        print(f"pulling {namespace}/{args.name} from {location} to {target}", file=sys.stderr)
+        with progress_bar(args.quiet) as bar:
+            manifest = pull_run(location, target, storage, tuple(args.include), bar)
+    except (PullError, IncompleteRun, FileExistsError, TrainerError) as err:
+        print(f"kubetune pull: refused: {err}; nothing was written", file=sys.stderr)
+        return 1
+    lineage = {**(manifest.get("lineage") or {}),
+               **{k: v for k, v in (((ftj["status"]["artifacts"]).get("lineage") or {}).items()) if k == "imageID"}}
+    files = [e for e in manifest["files"] if (target / e["path"]).is_file()]
+    print(f"verified {len(files)} files ({sum(int(e['size']) for e in files)} bytes) against "
+          f"manifest.json (sha256 {manifest_digest(target)}) in {target}")
+    print("lineage:")
+    print(yaml.safe_dump(lineage, sort_keys=False, width=200).rstrip() if lineage else "  (none recorded)")
+    if args.print_serving:
+        print(serving(args.name, namespace, target, location, ftj, manifest_digest(target)))
+    return 0
+
+
+def connect(namespace: str | None) -> tuple[Any, str]:
+    from kubernetes import config
+
+    from kubetune.kube import Kube
+
+    config.load_kube_config()  # type: ignore[no-untyped-call]
+    if namespace is None:
+        _, context = config.list_kube_config_contexts()  # type: ignore[no-untyped-call]
+        namespace = str((context or {}).get("context", {}).get("namespace") or "default")
+    return Kube(), namespace
+
+
+def finished_job(kube: Any, namespace: str, name: str) -> Json:
+    ftj = kube.get_finetunejob(namespace, name)
+    if ftj is None:
+        raise PullError(f"FineTuneJob {namespace}/{name} not found")
+    status = ftj.get("status") or {}
+    if status.get("phase") != "Succeeded":
+        raise PullError(f"FineTuneJob {namespace}/{name} is {status.get('phase') or 'not started'}; only a "
+                        "Succeeded job's outputs are complete")
+    if not (status.get("artifacts") or {}).get("location"):
+        raise PullError(f"FineTuneJob {namespace}/{name} has no status.artifacts.location")
+    result: Json = ftj
+    return result
+
+
+def storage_of(ftj: Json, endpoint: str | None, insecure: bool | None) -> StorageSpec:
+    """The job's object store, with the endpoint as reachable from here."""
+    spec = {k: v for k, v in ((ftj.get("spec") or {}).get("storage") or {}).items() if k != "secretRef"}
+    if endpoint:
+        spec["endpoint"] = endpoint
+    if insecure is not None:
+        spec["insecure"] = insecure
+    return StorageSpec.model_validate(spec)
+
+
+def credentials(kube: Any, namespace: str, ftj: Json) -> None:
+    """AWS_* from the environment, else from the job's storage Secret (the caller's own rights)."""
+    if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
+        return
+    import base64
+
+    from kubernetes.client.exceptions import ApiException
+
+    ref = ((ftj.get("spec") or {}).get("storage") or {}).get("secretRef") or {}
+    if not ref.get("name"):
+        raise PullError("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY: the job names no storage Secret")
+    try:
+        secret = kube.core.read_namespaced_secret(ref["name"], namespace, _request_timeout=kube.timeout)
+    except ApiException as err:
+        raise PullError(f"cannot read the job's storage Secret {namespace}/{ref['name']} ({err.status} "
+                        f"{err.reason}); set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY instead") from err
+    values = secret.data or {}
+    for var, key in (("AWS_ACCESS_KEY_ID", ref.get("accessKeyKey") or "AWS_ACCESS_KEY_ID"),
+                     ("AWS_SECRET_ACCESS_KEY", ref.get("secretKeyKey") or "AWS_SECRET_ACCESS_KEY")):
+        if key not in values:
+            raise PullError(f"the storage Secret {namespace}/{ref['name']} has no key {key}")
+        os.environ[var] = base64.b64decode(values[key]).decode()
+
+
+class progress_bar:
+    """A rich progress bar over the bytes to download (stderr), or nothing when quiet."""
+
+    def __init__(self, quiet: bool) -> None:
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+        self.progress = None if quiet else Progress(
+            TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+            console=_stderr_console(), transient=False,
+        )
+
+    def __enter__(self) -> Callable[[int, int], Callable[[int], None]] | None:
+        if self.progress is None:
+            return None
+        self.progress.start()
+        progress = self.progress
+
+        def start(files: int, total: int) -> Callable[[int], None]:
+            task = progress.add_task(f"{files} files", total=total)
+            return lambda done: progress.advance(task, done)
+
+        return start
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+def _stderr_console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def manifest_digest(target: Path) -> str:
+    return hashlib.sha256((target / "manifest.json").read_bytes()).hexdigest()
+
+
+def serving(name: str, namespace: str, target: Path, location: str, ftj: Json, digest: str) -> str:
+    """vLLM command lines and a KServe InferenceService for what was pulled."""
+    lines = ["", "# --- serving (docs/artifacts.md) ---"]
+    backbone = str(((ftj.get("spec") or {}).get("model") or {}).get("source") or "")
+    model = backbone.removeprefix("hf://") if backbone.startswith("hf://") else f"<a local copy of {backbone}>"
+    adapter, merged = target / "adapter", target / "merged"
+    if (adapter / "adapter_config.json").is_file():
+        rank = json.loads((adapter / "adapter_config.json").read_text()).get("r", 16)
+        lines += ["# vLLM, the backbone with this adapter:",
+                  f"vllm serve {model} --enable-lora --max-lora-rank {max(int(rank), 8)} "
+                  f"--lora-modules {name}={adapter.resolve()}"]
+    if (merged / "config.json").is_file():
+        lines += ["# vLLM, the merged model:", f"vllm serve {merged.resolve()} --served-model-name {name}"]
+    annotations = {"kubetune.io/finetunejob": f"{namespace}/{name}", "kubetune.io/manifest-sha256": digest}
+    if (ftj.get("status") or {}).get("artifacts", {}).get("merged"):
+        service = {
+            "apiVersion": "serving.kserve.io/v1beta1",
+            "kind": "InferenceService",
+            "metadata": {"name": name, "namespace": namespace, "annotations": annotations},
+            "spec": {"predictor": {"model": {
+                "modelFormat": {"name": "huggingface"},
+                "storageUri": f"{location}/merged",
+                "args": [f"--model_name={name}"],
+            }}},
+        }
+        lines += ["# KServe (Hugging Face runtime), the merged model from the store:", "---",
+                  yaml.safe_dump(service, sort_keys=False).rstrip()]
+    else:
+        lines.append("# KServe: set output.mergeAdapter: true for a model directory its Hugging Face runtime loads")
+    return "\n".join(lines)
