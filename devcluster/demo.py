@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -129,8 +130,8 @@ def up() -> None:
     step("Is the fine-tuned model better? (status.evaluation: the adapter vs the backbone alone)")
     print("\n".join(evaluation_table(status.get("evaluation") or {})))
 
-    step("Artifacts")
-    show_artifacts(status["artifacts"]["location"], minio)
+    step("Pulling the results: kubetune pull quickstart (every file checked against manifest.json)")
+    pull_results(minio)
 
 
 def evaluation_table(evaluation: dict[str, Any]) -> list[str]:
@@ -146,21 +147,19 @@ def evaluation_table(evaluation: dict[str, Any]) -> list[str]:
     return lines
 
 
-def show_artifacts(location: str, minio: dict[str, str]) -> None:
-    from minio import Minio
-
-    client = Minio(minio["MINIO_ENDPOINT"], access_key=minio["MINIO_ACCESS_KEY"],
-                   secret_key=minio["MINIO_SECRET_KEY"], secure=False)
-    bucket, _, prefix = location.removeprefix("s3://").partition("/")
-    prefix = prefix.rstrip("/") + "/"
-    for obj in client.list_objects(bucket, prefix=prefix, recursive=True):
-        name = obj.object_name or ""
-        if "/checkpoints/" not in name:
-            print(f"  {obj.size:>10}  s3://{bucket}/{name}")
-    out = STATE / "demo" / "loss.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    client.fget_object(bucket, prefix + "loss.png", str(out))
-    print(f"\nLoss curve: {out}\nkubectl: export KUBECONFIG={STATE / 'kubeconfig'} PATH={STATE / 'bin'}:$PATH")
+def pull_results(minio: dict[str, str]) -> None:
+    """`kubetune pull quickstart` into .kubetune/demo/quickstart: the credentials from the job's Secret,
+    MinIO at its address on this machine."""
+    out = STATE / "demo" / "quickstart"
+    shutil.rmtree(out, ignore_errors=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    pulled = subprocess.run([sys.executable, "-m", "kubetune", "pull", "quickstart", "-n", JOB_NS, "--to", str(out),
+                             "--endpoint", minio["MINIO_ENDPOINT"], "--insecure", "--print-serving"],
+                            env={**env, "KUBECONFIG": str(STATE / "kubeconfig")}, check=False)
+    if pulled.returncode != 0:
+        sys.exit("demo: kubetune pull quickstart failed")
+    print(f"\nLoss curve: {out / 'loss.png'}\nkubectl: export KUBECONFIG={STATE / 'kubeconfig'} "
+          f"PATH={STATE / 'bin'}:$PATH")
     print("Remove everything: make demo-down")
 
 

@@ -190,6 +190,10 @@ def serving(name: str, namespace: str, target: Path, location: str, ftj: Json, d
                   f"--lora-modules {name}={adapter.resolve()}"]
     if (merged / "config.json").is_file():
         lines += ["# vLLM, the merged model:", f"vllm serve {merged.resolve()} --served-model-name {name}"]
+    lines += ["# In a pod (examples/serving-vllm.yaml): an init container of the trainer image pulls the adapter "
+              "pinned by the manifest's sha256",
+              f"python -m kubetune_trainer pull --location={location} --manifest-sha256=sha256:{digest} "
+              f"--include=adapter --to=/adapters/{name}"]
     annotations = {"kubetune.io/finetunejob": f"{namespace}/{name}", "kubetune.io/manifest-sha256": digest}
     if (ftj.get("status") or {}).get("artifacts", {}).get("merged"):
         service = {

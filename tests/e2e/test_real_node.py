@@ -343,6 +343,8 @@ def test_make_demo_trains_the_quickstart_from_the_images_on_the_real_node(
         assert '"phase": "Succeeded"' in demo.stdout
         assert "Is the fine-tuned model better?" in demo.stdout and re.search(r"exactMatch\s+[\d.]+\s+[\d.]+",
                                                                                demo.stdout), demo.stdout[-3000:]
+        assert re.search(r"verified \d+ files .* against manifest\.json", demo.stdout), demo.stdout[-3000:]
+        assert (node_cluster.dir / "demo" / "quickstart" / "adapter" / "adapter_model.safetensors").is_file()
         [operator_pod] = node_cluster.get("pods", "-n", "kubetune-system", "-l",
                                           "app.kubernetes.io/name=kubetune")["items"]
         assert operator_pod["spec"]["containers"][0]["image"] == cluster_images["operator"]

@@ -1,6 +1,8 @@
 """``python -m kubetune_trainer --config cfg.yaml [--set section.field=value ...]``
 ``python -m kubetune_trainer evaluate --config cfg.yaml --adapter <run>/adapter``: evaluate a published
 adapter again (reevaluate.py), with the same exit codes.
+``python -m kubetune_trainer pull --location <run> --to DIR [--manifest-sha256 HEX]``: download a
+published run, every file checked against its manifest (serving init containers; docs/artifacts.md).
 
 Exit codes (a contract: the operator's Job podFailurePolicy depends on them):
 
@@ -82,7 +84,46 @@ def describe_validation_error(path: str, err: Any) -> str:
     return f"{path}: invalid config: " + "; ".join(parts)
 
 
+def pull_main(argv: list[str]) -> int:
+    """``pull``: 0 when every file matched, 3 when the run is incomplete, altered or not the pinned one
+    (or the target is not empty), 4 when the store cannot be reached."""
+    from kubetune_contract.config import StorageSpec
+
+    from .artifacts import IncompleteRun, pull_run
+
+    parser = argparse.ArgumentParser(
+        prog="python -m kubetune_trainer pull",
+        description="Download a published run into a new directory, every file checked against its manifest.json.")
+    parser.add_argument("--location", required=True, help="the run: status.artifacts.location")
+    parser.add_argument("--to", required=True, type=Path, help="directory to create (not a mount point itself)")
+    parser.add_argument("--manifest-sha256", help="pin: the sha256 of the run's manifest.json (kubetune pull "
+                                                  "prints it)")
+    parser.add_argument("--include", action="append", default=[], help="only this file or directory (repeatable)")
+    parser.add_argument("--endpoint", help="S3 endpoint host:port (credentials: AWS_ACCESS_KEY_ID and "
+                                           "AWS_SECRET_ACCESS_KEY)")
+    parser.add_argument("--insecure", action="store_true", help="plain HTTP to the endpoint")
+    parser.add_argument("--region", help="bucket region")
+    args = parser.parse_args(argv)
+    setup_logging("INFO", World())
+    log = logging.getLogger("kubetune_trainer.pull")
+    storage = StorageSpec(endpoint=args.endpoint, insecure=args.insecure, region=args.region)
+    try:
+        manifest = pull_run(args.location, args.to, storage, tuple(args.include), manifest_sha256=args.manifest_sha256)
+    except (IncompleteRun, FileExistsError) as err:
+        log.error("refused: %s; nothing was written to %s", err, args.to)
+        return EXIT_INVALID
+    except TrainerError as err:
+        log.error("%s", err)
+        return err.exit_code
+    kept = [e for e in manifest["files"] if (args.to / e["path"]).is_file()]
+    log.info("verified %d files (%d bytes) of %s in %s", len(kept), sum(int(e["size"]) for e in kept),
+             args.location, args.to)
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
+    if (sys.argv[1:] if argv is None else argv)[:1] == ["pull"]:
+        return pull_main(list(sys.argv[2:] if argv is None else argv[1:]))
     args = parse_args(argv)
     world = world_from_env()
     setup_logging(args.log_level, world)

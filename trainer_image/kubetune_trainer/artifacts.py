@@ -377,12 +377,14 @@ def verify_manifest(location: str, storage: StorageSpec | None = None) -> dict[s
 
 
 def pull_run(location: str, target: Path, storage: StorageSpec | None = None, include: tuple[str, ...] = (),
-             progress: Callable[[int, int], Callable[[int], None]] | None = None) -> dict[str, Any]:
+             progress: Callable[[int, int], Callable[[int], None]] | None = None,
+             manifest_sha256: str | None = None) -> dict[str, Any]:
     """Download a published run into ``target`` (which must not exist, or be empty): every file of its
     manifest (those ``include`` names, files or directories, when given), each checked against its sha256 in a
     directory beside ``target`` that becomes ``target`` only once all are; nothing is left when one
     differs. ``progress(files, bytes)`` is called once with the totals and returns what to tell of
-    the bytes as they arrive. Returns the manifest."""
+    the bytes as they arrive. ``manifest_sha256`` pins the run: a manifest.json with another digest
+    is refused, so every file is the one published then. Returns the manifest."""
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise FileExistsError(f"{target} exists and is not empty; choose another directory")
     store = open_run(location, storage)
@@ -390,6 +392,10 @@ def pull_run(location: str, target: Path, storage: StorageSpec | None = None, in
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
         manifest = read_manifest(store, staging)
+        found = sha256_of(staging / MANIFEST)
+        if manifest_sha256 and found != manifest_sha256.removeprefix("sha256:"):
+            raise IncompleteRun(f"{store.uri}/{MANIFEST} has sha256 {found}, pinned {manifest_sha256}: "
+                                "the run was published again or altered")
         wanted = [e for e in manifest["files"]
                   if not include or any(e["path"] == i or e["path"].startswith(i.rstrip("/") + "/") for i in include)]
         if include and not wanted:

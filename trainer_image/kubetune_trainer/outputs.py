@@ -120,6 +120,8 @@ def publish(config: TrainerConfig, store: artifacts.Store, staged: Staged, model
 
 MERGE_CHECK_PROMPTS = 3
 """Validation prompts the merged model answers, to compare with base + adapter."""
+MERGE_CHECK_TOKENS = 32
+"""At most this many new tokens per answer (evaluation.maxNewTokens when lower): the check runs on the CPU."""
 MERGE_SHARD_SIZE = "5GB"
 """Largest safetensors shard of a merged model (an index names the shards)."""
 
@@ -162,7 +164,7 @@ def greedy_answers(model: Any, tokenizer: Any, config: TrainerConfig, examples: 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     answers: dict[int, str] = {}
     model.eval()
-    evaluation.generate_batches(model, tokenizer, prompts, list(range(len(prompts))), 1,
-                                config.evaluation.max_new_tokens, pad, torch.device("cpu"), answers,
-                                use_cache=True, sharded=False)
+    tokens = min(config.evaluation.max_new_tokens, MERGE_CHECK_TOKENS)
+    evaluation.generate_batches(model, tokenizer, prompts, list(range(len(prompts))), 1, tokens, pad,
+                                torch.device("cpu"), answers, use_cache=True, sharded=False)
     return [answers[i] for i in range(len(prompts))]
