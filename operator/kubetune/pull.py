@@ -62,7 +62,7 @@ def command(args: argparse.Namespace) -> int:
             credentials(kube, namespace, ftj)
         target = args.to or Path(args.name)
         print(f"pulling {namespace}/{args.name} from {location} to {target}", file=sys.stderr)
-        with progress_bar(args.quiet) as bar:
+        with ProgressBar(args.quiet) as bar:
             manifest = pull_run(location, target, storage, tuple(args.include), bar)
     except (PullError, IncompleteRun, FileExistsError, TrainerError) as err:
         print(f"kubetune pull: refused: {err}; nothing was written", file=sys.stderr)
@@ -139,7 +139,7 @@ def credentials(kube: Any, namespace: str, ftj: Json) -> None:
         os.environ[var] = base64.b64decode(values[key]).decode()
 
 
-class progress_bar:
+class ProgressBar:
     """A rich progress bar over the bytes to download (stderr), or nothing when quiet."""
 
     def __init__(self, quiet: bool) -> None:
