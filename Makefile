@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= operator,trainer,dev
+EXTRAS ?= operator,trainer,pull,dev
 
 .PHONY: help venv scan-venv binaries images test check unit lint crd cluster-up cluster-down cluster-status bench chaos gpu-check chart-docs demo demo-down
 

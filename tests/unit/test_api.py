@@ -37,8 +37,9 @@ def test_examples_exist() -> None:
     assert any(finetunejobs(p) for p in EXAMPLES), "examples/ holds no FineTuneJob"
 
 
-# Examples of other tools (GitOps, a Secret) that hold no KubeTune object.
-NOT_KUBETUNE = {"argocd-application.yaml", "flux-kustomization.yaml", "s3-secret.yaml"}
+# Examples of other tools (GitOps, a Secret, serving) that hold no KubeTune object.
+NOT_KUBETUNE = {"argocd-application.yaml", "flux-kustomization.yaml", "s3-secret.yaml", "serving-vllm.yaml",
+                "serving-kserve.yaml"}
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)

@@ -19,7 +19,9 @@ MAY_NOT_IMPORT = {
 # `kubetune estimate` on a workstation where the trainer is installed reads a private backbone's
 # config.json with the caller's credentials through the trainer's downloader; without the trainer it
 # reads anonymously, as the operator does. The operator's image never takes that path.
-ALLOWED = {("kubetune/preflight.py", "kubetune_trainer")}
+# `kubetune pull` downloads and checks a run with the trainer's own store and manifest code (the same
+# checks as the trainer's `pull` for init containers); it runs on a workstation, never in the operator.
+ALLOWED = {("kubetune/preflight.py", "kubetune_trainer"), ("kubetune/pull.py", "kubetune_trainer")}
 
 
 def imports(path: Path) -> set[str]:
