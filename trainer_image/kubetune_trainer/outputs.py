@@ -45,7 +45,7 @@ class Staged:
     dataset: DatasetStats | None = None  # the data's statistics
     samples_text: str = ""  # samples.txt
     lineage: Lineage | None = None  # what made the outputs (lineage.py)
-    validation: list[data.Example] = field(default_factory=list)  # the merged model is checked on the first
+    validation: list[data.Example] = field(default_factory=list)  # the merged model answers the first few
 
 
 def publish(config: TrainerConfig, store: artifacts.Store, staged: Staged, model: Any, tokenizer: Any,
