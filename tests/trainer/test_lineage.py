@@ -12,8 +12,9 @@ import pytest
 
 from kubetune_contract import __version__
 from kubetune_trainer import data, lineage
-from kubetune_trainer.artifacts import sha256_of, verify_manifest
+from kubetune_trainer.artifacts import verify_manifest
 from kubetune_trainer.report import Reporter, encode_summary
+from kubetune_trainer.sources import sha256_of
 from kubetune_trainer.train import Trainer
 from tests.support.trainer import make_config
 

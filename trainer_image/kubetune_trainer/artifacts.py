@@ -19,7 +19,6 @@ A reader that finds no ``manifest.json`` must treat the run as incomplete.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -34,6 +33,7 @@ from kubetune_contract.config import StorageSpec
 
 from .errors import SourceUnavailable, StoreUnavailable, TrainerError
 from .lineage import card_lines
+from .sources import sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -237,14 +237,6 @@ def open_store(location: str, run_name: str, storage: StorageSpec) -> Store:
         return store
     root = Path(urlparse(location).path if location.startswith("file://") else location).expanduser()
     return LocalStore(root.absolute() / run_name)
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def publish(

@@ -21,6 +21,7 @@ from kubetune_contract.config import TrainerConfig
 
 from . import artifacts, distributed
 from . import model as model_lib
+from .sources import sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +221,7 @@ class CheckpointStore:
         files = []
         for name in CHECKPOINT_FILES:
             path = local / name
-            files.append({"name": name, "size": path.stat().st_size, "sha256": artifacts.sha256_of(path)})
+            files.append({"name": name, "size": path.stat().st_size, "sha256": sha256_of(path)})
             self.store.put_file(path, f"{prefix}/{name}")
         marker = local / CHECKPOINT_MARKER
         marker.write_text(json.dumps({
@@ -315,7 +316,7 @@ class CheckpointStore:
         for entry in entries:
             name, path = entry["name"], local / entry["name"]
             self.store.get_file(f"{prefix}/{name}", path)
-            size, digest = path.stat().st_size, artifacts.sha256_of(path)
+            size, digest = path.stat().st_size, sha256_of(path)
             if size != entry.get("size") or digest != entry.get("sha256"):
                 raise RejectedCheckpoint(f"{name} has size {size} sha256 {digest}, the marker says "
                                          f"{entry.get('size')} {entry.get('sha256')}")

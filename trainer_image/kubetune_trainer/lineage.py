@@ -17,7 +17,7 @@ from kubetune_contract import __version__
 from kubetune_contract.config import TrainerConfig
 from kubetune_contract.events import DataLineage, Lineage
 
-from .sources import file_digests
+from .sources import sha256_of
 
 IMAGE_ENV = "KUBETUNE_IMAGE"
 """The trainer image as the Job names it (the operator sets it)."""
@@ -46,13 +46,13 @@ def weights_sha256(model_dir: Path) -> str:
     weight files (every file when none has a weight suffix)."""
     files = sorted(p for p in model_dir.rglob("*") if p.is_file())
     weights = [p for p in files if p.name.endswith(WEIGHT_SUFFIXES)] or files
-    lines = "".join(f"{file_digests(p)[1]}  {p.relative_to(model_dir).as_posix()}\n" for p in weights)
+    lines = "".join(f"{sha256_of(p)}  {p.relative_to(model_dir).as_posix()}\n" for p in weights)
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
 def data_file(role: str, uri: str, path: Path) -> DataLineage:
     return DataLineage.model_validate({"role": role, "uri": uri, "bytes": path.stat().st_size,
-                                       "sha256": file_digests(path)[1]})
+                                       "sha256": sha256_of(path)})
 
 
 def lineage(config: TrainerConfig, model_dir: Path, data: list[DataLineage], started_at: str) -> Lineage:

@@ -269,6 +269,14 @@ def cache_path(root: Path, bucket: str, name: str, uri: str) -> Path:
 MD5_ETAG = re.compile(r"[0-9a-f]{32}")
 
 
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def file_digests(path: Path) -> tuple[str, str]:
     """(md5, sha256) of a file, in one pass."""
     md5, sha256 = hashlib.md5(usedforsecurity=False), hashlib.sha256()
