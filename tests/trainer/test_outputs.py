@@ -112,3 +112,16 @@ def test_validation_split_and_gradient_accumulation(assets: Path, tmp_path: Path
     assert result.summary["epoch"] == pytest.approx(8 / 12, abs=1e-3)
     card = (tmp_path / "out" / "tiny" / "README.md").read_text()
     assert "held out from train` (32 samples)" in card and "(96 samples)" in card
+
+
+def test_a_merged_model_that_lost_the_adapter_is_reported(assets: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check after writing compares answers, so a merge that drops the adapter (here: peft's
+    unload, which removes the LoRA layers without merging them) shows in status.artifacts.mergeCheck."""
+    from peft.tuners.lora import LoraModel
+
+    monkeypatch.setattr(LoraModel, "merge_and_unload", lambda self, *a, **k: self.unload())
+    config = make_config(assets, tmp_path / "out", output={"mergeAdapter": True})
+    result = Trainer(config, Reporter(tmp_path / "metrics.jsonl")).run()
+    check = result.summary["artifacts"]["mergeCheck"]
+    assert check.startswith("greedy answers equal base + adapter on ") and " 3 of 3 " not in check, check
