@@ -8,6 +8,7 @@ Field names are the camelCase of the status (`trainLoss`, `tokensPerSecond`, ...
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any, Literal
 
 from pydantic import AliasChoices, ConfigDict, Field
@@ -79,6 +80,11 @@ class Progress(Incoming):
     """Estimated seconds left."""
     updated_at: str | None = None
     """Time of the last progress report (RFC 3339)."""
+
+
+def now() -> str:
+    """The time as Kubernetes writes it in status (RFC 3339, seconds, UTC)."""
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 SHA256 = r"^[0-9a-f]{64}$"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
 import urllib.parse
@@ -14,6 +13,7 @@ from kubernetes.client.exceptions import ApiException
 
 from kubetune import api, kueue, metrics, presets
 from kubetune.render import config_map_name, job_name
+from kubetune_contract.events import now
 
 Json = dict[str, Any]
 log = logging.getLogger("kubetune.kube")
@@ -43,10 +43,6 @@ def load_config() -> None:
         config.load_incluster_config()
     except config.ConfigException:
         config.load_kube_config()
-
-
-def now() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 CONNECT_TIMEOUT = 5.0

@@ -67,15 +67,18 @@ def command(args: argparse.Namespace) -> int:
     except (PullError, IncompleteRun, FileExistsError, TrainerError) as err:
         print(f"kubetune pull: refused: {err}; nothing was written", file=sys.stderr)
         return 1
-    lineage = {**(manifest.get("lineage") or {}),
-               **{k: v for k, v in (((ftj["status"]["artifacts"]).get("lineage") or {}).items()) if k == "imageID"}}
+    lineage = dict(manifest.get("lineage") or {})
+    image_id = (ftj["status"]["artifacts"].get("lineage") or {}).get("imageID")
+    if image_id:  # the operator's, from the pod: the trainer cannot see it
+        lineage["imageID"] = image_id
     files = [e for e in manifest["files"] if (target / e["path"]).is_file()]
+    digest = hashlib.sha256((target / "manifest.json").read_bytes()).hexdigest()
     print(f"verified {len(files)} files ({sum(int(e['size']) for e in files)} bytes) against "
-          f"manifest.json (sha256 {manifest_digest(target)}) in {target}")
+          f"manifest.json (sha256 {digest}) in {target}")
     print("lineage:")
     print(yaml.safe_dump(lineage, sort_keys=False, width=200).rstrip() if lineage else "  (none recorded)")
     if args.print_serving:
-        print(serving(args.name, namespace, target, location, ftj, manifest_digest(target)))
+        print(serving(args.name, namespace, target, location, ftj, digest))
     return 0
 
 
@@ -123,19 +126,21 @@ def credentials(kube: Any, namespace: str, ftj: Json) -> None:
 
     from kubernetes.client.exceptions import ApiException
 
-    ref = ((ftj.get("spec") or {}).get("storage") or {}).get("secretRef") or {}
-    if not ref.get("name"):
+    from kubetune.api import SecretRef
+
+    found = ((ftj.get("spec") or {}).get("storage") or {}).get("secretRef")
+    if not found:
         raise PullError("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY: the job names no storage Secret")
+    ref = SecretRef.model_validate(found)
     try:
-        secret = kube.core.read_namespaced_secret(ref["name"], namespace, _request_timeout=kube.timeout)
+        secret = kube.core.read_namespaced_secret(ref.name, namespace, _request_timeout=kube.timeout)
     except ApiException as err:
-        raise PullError(f"cannot read the job's storage Secret {namespace}/{ref['name']} ({err.status} "
+        raise PullError(f"cannot read the job's storage Secret {namespace}/{ref.name} ({err.status} "
                         f"{err.reason}); set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY instead") from err
     values = secret.data or {}
-    for var, key in (("AWS_ACCESS_KEY_ID", ref.get("accessKeyKey") or "AWS_ACCESS_KEY_ID"),
-                     ("AWS_SECRET_ACCESS_KEY", ref.get("secretKeyKey") or "AWS_SECRET_ACCESS_KEY")):
+    for var, key in (("AWS_ACCESS_KEY_ID", ref.access_key_key), ("AWS_SECRET_ACCESS_KEY", ref.secret_key_key)):
         if key not in values:
-            raise PullError(f"the storage Secret {namespace}/{ref['name']} has no key {key}")
+            raise PullError(f"the storage Secret {namespace}/{ref.name} has no key {key}")
         os.environ[var] = base64.b64decode(values[key]).decode()
 
 
@@ -171,10 +176,6 @@ def _stderr_console() -> Any:
     from rich.console import Console
 
     return Console(stderr=True)
-
-
-def manifest_digest(target: Path) -> str:
-    return hashlib.sha256((target / "manifest.json").read_bytes()).hexdigest()
 
 
 def serving(name: str, namespace: str, target: Path, location: str, ftj: Json, digest: str) -> str:

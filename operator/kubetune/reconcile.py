@@ -22,10 +22,11 @@ from typing import Any, Protocol
 from kubernetes.client.exceptions import ApiException
 
 from kubetune import metrics, plan, preflight, render, status
-from kubetune.kube import Kube, NotOwned, api_message, now
+from kubetune.kube import Kube, NotOwned, api_message
 from kubetune.plan import Plan, World
 from kubetune.settings import Settings
 from kubetune_contract.config import StorageSpec
+from kubetune_contract.events import now
 
 Json = dict[str, Any]
 log = logging.getLogger("kubetune.reconcile")

@@ -33,9 +33,9 @@ from pydantic import ValidationError
 
 from kubetune import metrics
 from kubetune.api import TERMINAL, Phase
-from kubetune.kube import Kube, now
+from kubetune.kube import Kube
 from kubetune.render import report_token
-from kubetune_contract.events import ProgressReport, rounded
+from kubetune_contract.events import ProgressReport, now, rounded
 
 Json = dict[str, Any]
 log = logging.getLogger("kubetune.reports")

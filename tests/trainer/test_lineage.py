@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from kubetune_contract import __version__
+from kubetune_contract.events import now
 from kubetune_trainer import data, lineage
 from kubetune_trainer.artifacts import verify_manifest
 from kubetune_trainer.report import Reporter, encode_summary
@@ -87,7 +88,7 @@ def test_a_hub_backbone_is_named_by_its_commit(assets: Path, tmp_path: Path) -> 
     snapshot = tmp_path / "models--org--tiny" / "snapshots" / commit
     shutil.copytree(assets / "backbone", snapshot)
     config = make_config(assets, tmp_path / "out", model={"source": "hf://org/tiny", "revision": "main"})
-    found = lineage.lineage(config, snapshot, [], lineage.now())
+    found = lineage.lineage(config, snapshot, [], now())
     assert found.model_revision == commit and found.model_sha256 is None
 
 

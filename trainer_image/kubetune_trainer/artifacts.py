@@ -189,7 +189,6 @@ class S3Store:
         self._retrying(f"download {self.uri}/{key}",
                        lambda: self.client.fget_object(self.bucket, name, str(local), progress=told))
 
-
     def list(self, prefix: str = "") -> list[str]:
         root = f"{self.prefix}/" if self.prefix else ""
 
@@ -431,7 +430,6 @@ def model_card(config: dict[str, Any], metrics: dict[str, Any], extra: dict[str,
                evaluation: dict[str, Any] | None = None, lineage: dict[str, Any] | None = None) -> str:
     """README.md for the outputs: backbone, data, hyperparameters, final metrics, the evaluation
     (tuned vs base, the gate's verdict) and the lineage."""
-
     training = config.get("training", {})
     lora = config.get("lora", {})
     lines = [

@@ -689,12 +689,12 @@ def load_datasets(config: TrainerConfig) -> Datasets:
     train_path = sources.resolve(spec.train, storage)
     validation_path = sources.resolve(spec.validation, storage) if spec.validation else None
     files = [lineage.data_file("train", spec.train, train_path)]
-    if spec.validation and validation_path:
-        files.append(lineage.data_file("validation", spec.validation, validation_path))
+    if validation_path is not None:
+        files.append(lineage.data_file("validation", str(spec.validation), validation_path))
     if config.preference_tuning:
         loaded = load_pairs(train_path, spec, spec.train)
         pairs = loaded.examples
-        if spec.validation and validation_path:
+        if validation_path is not None:
             held = load_pairs(validation_path, spec, spec.validation).examples
         else:
             pairs, held = split_examples(pairs, spec.validation_split, config.training.seed)
@@ -702,7 +702,7 @@ def load_datasets(config: TrainerConfig) -> Datasets:
         return Datasets([p.as_example() for p in pairs], [p.as_example() for p in held], pairs, held, loaded.skipped,
                         files)
     train = load_examples(train_path, spec, spec.train)
-    if spec.validation and validation_path:
+    if validation_path is not None:
         validation = load_examples(validation_path, spec, spec.validation)
     else:
         train, validation = split_examples(train, spec.validation_split, config.training.seed)

@@ -6,7 +6,6 @@ the same lineage, times apart: digests of content, never of where a copy lies.
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import json
 import os
@@ -15,7 +14,7 @@ from typing import Any
 
 from kubetune_contract import __version__
 from kubetune_contract.config import TrainerConfig
-from kubetune_contract.events import DataLineage, Lineage
+from kubetune_contract.events import DataLineage, Lineage, now
 
 from .sources import sha256_of
 
@@ -23,10 +22,6 @@ IMAGE_ENV = "KUBETUNE_IMAGE"
 """The trainer image as the Job names it (the operator sets it)."""
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-
-
-def now() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def config_sha256(config: TrainerConfig) -> str:

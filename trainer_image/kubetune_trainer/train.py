@@ -91,7 +91,7 @@ class Trainer:
         self.config = config
         self.world = world if world is not None else distributed.world_from_env()
         self.progress = RunState()
-        self.started_at = lineage.now()
+        self.started_at = events.now()
         """When this attempt started (the lineage's startedAt)."""
         self.work = Path(tempfile.mkdtemp(prefix="kubetune-run-"))
         self.reporter = reporter or Reporter()
