@@ -37,17 +37,20 @@ def start_minio(binaries: Binaries, paths: Paths, state: State, user: str, passw
 
 
 def registry_config(state: State, storage: Path) -> dict[str, Any]:
-    """The distribution registry's configuration: plain HTTP on loopback, blobs on disk."""
+    """The distribution registry's configuration: plain HTTP, blobs on disk. It listens on every
+    address of this machine, as MinIO does: the node's containerd pulls at 127.0.0.1, pods push
+    output.oci artifacts at the node's own address."""
     return {
         "version": 0.1,
         "log": {"level": "warn", "accesslog": {"disabled": True}},
         "storage": {"filesystem": {"rootdirectory": str(storage)}, "delete": {"enabled": True}},
-        "http": {"addr": state.registry},
+        "http": {"addr": ":" + state.registry.rsplit(":", 1)[1]},
     }
 
 
 def start_registry(binaries: Binaries, paths: Paths, state: State) -> None:
-    """The image registry on loopback (plain HTTP): `make images` pushes there, the real node pulls."""
+    """The image registry (plain HTTP): `make images` pushes there, the real node pulls, jobs push
+    their output.oci artifacts."""
     storage = registry_storage()
     storage.mkdir(parents=True, exist_ok=True)
     config = paths.data / "registry.yaml"

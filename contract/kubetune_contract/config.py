@@ -52,10 +52,16 @@ EXIT_STORE_UNAVAILABLE = 5
 checkpoints are intact, so a replacement pod resumes (the Job does not count it as a failure)."""
 EXIT_OUT_OF_MEMORY = 6
 """The accelerator ran out of memory: retrying the same settings cannot help, the Job fails at once."""
+EXIT_REGISTRY_UNAVAILABLE = 7
+"""The OCI registry of output.oci answered when the run started, then stayed unreachable past the
+retry window while the run pushed its published outputs; a replacement pod pushes again (the Job
+does not count it as a failure, as for EXIT_STORE_UNAVAILABLE)."""
 EXIT_TERMINATED = 143
 """Stopped by SIGTERM (128 + 15) after checkpointing the current step; a retry continues from there."""
 
 JUDGE_API_KEY_ENV = "KUBETUNE_JUDGE_API_KEY"
+REGISTRY_AUTH_ENV = "KUBETUNE_REGISTRY_AUTH"
+"""output.oci's credentials in the trainer's environment: the docker config JSON of its Secret."""
 """The judge endpoint's API key in the trainer's environment (from evaluation.judge.secretRef)."""
 
 PVC_MOUNT_ROOT = "/mnt/pvc"
@@ -271,6 +277,25 @@ class LoraSpec(Section):
         return v
 
 
+OCI_REPOSITORY = r"^[a-z0-9.-]+(:[0-9]+)?(/[a-z0-9]+([._-]+[a-z0-9]+)*)+$"
+OCI_TAG = r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$"
+
+
+class OciSpec(Section):
+    """Also push the adapter, its model card, evaluation and manifest to an OCI registry, as one
+    artifact (docs/artifacts.md#oci-artifacts)."""
+
+    repository: str = Field(min_length=1, max_length=URI_MAX, pattern=OCI_REPOSITORY)
+    """registry[:port]/path, e.g. ghcr.io/acme/adapters."""
+    tag: str | None = Field(default=None, pattern=OCI_TAG)
+    """Tag to push; the FineTuneJob's name when unset."""
+    overwrite: bool = False
+    """Replace the tag when it names another artifact; otherwise the run fails before training
+    (exit 3) and the tag is left as it was."""
+    insecure: bool = False
+    """Plain HTTP to the registry (a local registry)."""
+
+
 class OutputSpec(Section):
     """Where the adapter, checkpoints and reports go."""
 
@@ -283,6 +308,8 @@ class OutputSpec(Section):
     """dtype of the merged model's weights: bf16, fp16 or fp32; auto: the training precision."""
     keep_checkpoints: int = Field(default=2, ge=1, le=100)
     """How many of the newest checkpoints to keep."""
+    oci: OciSpec | None = None
+    """Also push the results to an OCI registry; the digest goes to status.artifacts.ociDigest."""
 
     @field_validator("location")
     @classmethod

@@ -150,6 +150,12 @@ class Artifacts(Incoming):
     """output.mergeAdapter: how the merged model's greedy answers compare with base + adapter."""
     lineage: Lineage | None = None
     """What made the artifacts (also in manifest.json and the model card)."""
+    manifest_sha256: str | None = Field(default=None, pattern=SHA256)
+    """sha256 of manifest.json as published: pins every file of the run (kubetune pull checks it)."""
+    oci_digest: str | None = Field(default=None, pattern=r"^sha256:[0-9a-f]{64}$")
+    """output.oci: digest of the pushed artifact's manifest."""
+    oci_reference: str | None = Field(default=None, max_length=2200)
+    """output.oci: the artifact by digest (repository@sha256:…), to pull or deploy."""
 
 
 class DatasetStats(Incoming):

@@ -19,6 +19,8 @@ from kubetune_contract.config import (
     NAME_MAX,
     EvaluationSpec,
     JudgeSpec,
+    OciSpec,
+    OutputSpec,
     RunSections,
     Section,
     StorageSpec,
@@ -234,6 +236,22 @@ class JobEvaluationSpec(EvaluationSpec):
     """The judge endpoint, for the judge metric."""
 
 
+class JobOciSpec(OciSpec):
+    """The OCI registry to push to; its credentials come from a kubernetes.io/dockerconfigjson Secret."""
+
+    secret_ref: LocalObjectReference | None = None
+    """Secret of type kubernetes.io/dockerconfigjson with the registry's credentials (its
+    .dockerconfigjson key); none for a registry without authentication."""
+
+
+class JobOutputSpec(OutputSpec):
+    """Where the adapter, checkpoints and reports go; optionally an OCI registry too."""
+
+    oci: JobOciSpec | None = None
+    """Also push the adapter, model card, evaluation and manifest to an OCI registry as one artifact;
+    its digest goes to status.artifacts.ociDigest (docs/artifacts.md#oci-artifacts)."""
+
+
 class PresetRef(Section):
     """The preset whose defaults and limits apply to a FineTuneJob."""
 
@@ -250,6 +268,8 @@ class FineTuneJobSpec(RunSections):
     <namespace>/<name>/<first 8 characters of the UID> appended.
     """
 
+    output: JobOutputSpec
+    """Where the adapter and reports go; the run's own path is appended."""
     storage: JobStorageSpec = Field(default_factory=JobStorageSpec)
     """S3 endpoint and credentials."""
     evaluation: JobEvaluationSpec = Field(default_factory=JobEvaluationSpec)

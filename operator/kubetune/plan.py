@@ -266,6 +266,9 @@ def transition(world: World, new: FineTuneJobStatus, retry: tuple[str, float] | 
         if phase == Phase.SUCCEEDED and gate is not None:
             actions.append(PostEvent("Normal" if gate.passed else "Warning",
                                      "Promotable" if gate.passed else status.GATE_FAILED, gate.message))
+        pushed = new.artifacts.oci_reference if new.artifacts is not None else None
+        if phase == Phase.SUCCEEDED and pushed:
+            actions.append(PostEvent("Normal", "Pushed", f"pushed the adapter to {pushed}"))
     return Plan(tuple(actions), phase, retry)
 
 

@@ -97,6 +97,7 @@ VARIABLES: tuple[Variable, ...] = (
                         "e.valueFrom.secretKeyRef.name)\n"
                         "+ (object.spec.?storage.?secretRef.hasValue() ? [object.spec.storage.secretRef.name] : [])\n"
                         "+ (object.spec.?evaluation.?judge.?secretRef.hasValue() ? [object.spec.evaluation.judge.secretRef.name] : [])\n"
+                        "+ (object.spec.?output.?oci.?secretRef.hasValue() ? [object.spec.output.oci.secretRef.name] : [])\n"
                         "+ object.spec.?imagePullSecrets.orValue([]).map(r, r.name)"),
     Variable("queue", "variables.scheduling.?queueName.orValue('') != '' ? variables.scheduling.queueName\n"
                       ": params.?spec.?defaults.?scheduling.?queueName.orValue('')",
@@ -371,6 +372,8 @@ LIMITS: tuple[Limit, ...] = (
                Case({"evaluation": {"metrics": ["judge"], "judge": {"url": "http://j:8000/v1", "model": "m",
                                                                       "secretRef": {"name": "db"}}}},
                     {"allowedSecrets": ["hf"]}, ok=False),
+               Case({"output": {"location": "s3://runs/", "oci": {"repository": "reg.example/a", "secretRef": {
+                   "name": "db"}}}}, {"allowedSecrets": ["hf"]}, ok=False),
                Case({"imagePullSecrets": [{"name": "hf"}]}, {"allowedSecrets": ["hf"]}, ok=True)),
     ),
 )

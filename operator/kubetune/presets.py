@@ -163,7 +163,8 @@ class PresetLimits(Section):
     allowed_queues: list[str] | None = Field(default=None, max_length=64)
     """scheduling.queueName (Kueue LocalQueue) must be one of these: a job without a queue is refused."""
     allowed_secrets: list[str] | None = Field(default=None, max_length=64)
-    """Secrets a job may reference: spec.env secretKeyRef, storage.secretRef and imagePullSecrets."""
+    """Secrets a job may reference: spec.env secretKeyRef, storage.secretRef, evaluation.judge.secretRef,
+    output.oci.secretRef and imagePullSecrets."""
 
 
 class FineTunePresetSpec(Section):
@@ -386,6 +387,9 @@ def secret_references(job: Json) -> list[tuple[str, str]]:
     judge_secret = ((((job.get("evaluation") or {}).get("judge") or {}).get("secretRef")) or {}).get("name")
     if judge_secret:
         found.append(("evaluation.judge.secretRef", str(judge_secret)))
+    registry_secret = ((((job.get("output") or {}).get("oci") or {}).get("secretRef")) or {}).get("name")
+    if registry_secret:
+        found.append(("output.oci.secretRef", str(registry_secret)))
     found += [("imagePullSecrets", str(ref["name"])) for ref in job.get("imagePullSecrets") or [] if ref.get("name")]
     return found
 

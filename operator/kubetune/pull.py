@@ -5,8 +5,14 @@ directory beside the target, checks each against its sha256, and only then moves
 place; a file that differs is named and nothing is left behind. Then it prints the lineage and, with
 ``--print-serving``, ready-to-apply snippets for vLLM and KServe (docs/artifacts.md).
 
+With ``--digest`` it pulls the job's OCI artifact (output.oci) from the registry by digest instead:
+the adapter, model card, evaluation and manifest, each checked against its layer digest and the manifest.
+
+Either way the manifest.json must be the one the job published (status.artifacts.manifestSha256).
+
 Object-store credentials: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY when set, else the job's
-storage Secret read with the caller's own Kubernetes credentials. They are never printed.
+storage Secret read with the caller's own Kubernetes credentials; registry credentials:
+KUBETUNE_REGISTRY_AUTH (a docker config JSON) or ~/.docker/config.json. They are never printed.
 """
 
 from __future__ import annotations
@@ -42,7 +48,11 @@ def add_parser(sub: Any) -> None:
     pull.add_argument("--endpoint", help="object-store endpoint as seen from here (default: the job's "
                                          "spec.storage.endpoint)")
     pull.add_argument("--insecure", action="store_true", default=None,
-                      help="plain HTTP to the endpoint (default: the job's spec.storage.insecure)")
+                      help="plain HTTP to the endpoint or registry (default: the job's spec.storage.insecure, "
+                           "or spec.output.oci.insecure with --digest)")
+    pull.add_argument("--digest", nargs="?", const="", default=None, metavar="SHA256",
+                      help="pull the job's OCI artifact (output.oci) from its registry instead, by the digest in "
+                           "status.artifacts.ociDigest, or by this one")
     pull.add_argument("--print-serving", action="store_true",
                       help="also print snippets to serve the result with vLLM and KServe")
     pull.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -56,14 +66,20 @@ def command(args: argparse.Namespace) -> int:
     try:
         kube, namespace = connect(args.namespace)
         ftj = finished_job(kube, namespace, args.name)
-        location = str(ftj["status"]["artifacts"]["location"]).rstrip("/")
+        artifacts = ftj["status"]["artifacts"]
+        location = str(artifacts["location"]).rstrip("/")
         storage = storage_of(ftj, args.endpoint, args.insecure)
-        if location.startswith("s3://"):
+        insecure_registry = False
+        if args.digest is not None:
+            location, insecure_registry = oci_location(ftj, args.digest, args.insecure)
+        elif location.startswith("s3://"):
             credentials(kube, namespace, ftj)
         target = args.to or Path(args.name)
         print(f"pulling {namespace}/{args.name} from {location} to {target}", file=sys.stderr)
         with ProgressBar(args.quiet) as bar:
-            manifest = pull_run(location, target, storage, tuple(args.include), bar)
+            # Pinned to the manifest.json the job published: a re-published or altered run is refused.
+            manifest = pull_run(location, target, storage, tuple(args.include), bar,
+                                manifest_sha256=artifacts.get("manifestSha256"), insecure_registry=insecure_registry)
     except (PullError, IncompleteRun, FileExistsError, TrainerError) as err:
         print(f"kubetune pull: refused: {err}; nothing was written", file=sys.stderr)
         return 1
@@ -106,6 +122,19 @@ def finished_job(kube: Any, namespace: str, name: str) -> Json:
         raise PullError(f"FineTuneJob {namespace}/{name} has no status.artifacts.location")
     result: Json = ftj
     return result
+
+
+def oci_location(ftj: Json, digest: str, insecure: bool | None) -> tuple[str, bool]:
+    """(oci://registry/repository@digest, plain HTTP?) of the job's artifact: the digest in its status,
+    or ``digest`` when given (checked against the job's manifest like any other)."""
+    reference = str(ftj["status"]["artifacts"].get("ociReference") or "")
+    if not reference:
+        raise PullError("the job pushed no OCI artifact (spec.output.oci unset, or it finished before it could)")
+    if digest:
+        digest = digest if digest.startswith("sha256:") else f"sha256:{digest}"
+        reference = f"{reference.split('@', 1)[0]}@{digest}"
+    oci = ((ftj.get("spec") or {}).get("output") or {}).get("oci") or {}
+    return f"oci://{reference}", bool(oci.get("insecure")) if insecure is None else insecure
 
 
 def storage_of(ftj: Json, endpoint: str | None, insecure: bool | None) -> StorageSpec:
@@ -191,11 +220,15 @@ def serving(name: str, namespace: str, target: Path, location: str, ftj: Json, d
                   f"--lora-modules {name}={adapter.resolve()}"]
     if (merged / "config.json").is_file():
         lines += ["# vLLM, the merged model:", f"vllm serve {merged.resolve()} --served-model-name {name}"]
+    artifacts = (ftj.get("status") or {}).get("artifacts") or {}
+    source = f"oci://{artifacts['ociReference']}" if artifacts.get("ociReference") else location
     lines += ["# In a pod (examples/serving-vllm.yaml): an init container of the trainer image pulls the adapter "
-              "pinned by the manifest's sha256",
-              f"python -m kubetune_trainer pull --location={location} --manifest-sha256=sha256:{digest} "
+              "pinned by the manifest's sha256" + (" from the OCI artifact, by digest" if source != location else ""),
+              f"python -m kubetune_trainer pull --location={source} --manifest-sha256=sha256:{digest} "
               f"--include=adapter --to=/adapters/{name}"]
     annotations = {"kubetune.io/finetunejob": f"{namespace}/{name}", "kubetune.io/manifest-sha256": digest}
+    if artifacts.get("ociReference"):
+        annotations["kubetune.io/oci-reference"] = str(artifacts["ociReference"])
     if (ftj.get("status") or {}).get("artifacts", {}).get("merged"):
         service = {
             "apiVersion": "serving.kserve.io/v1beta1",

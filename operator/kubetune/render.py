@@ -18,11 +18,14 @@ from kubetune.settings import Settings
 from kubetune_contract.config import (
     EXIT_INVALID_INPUT,
     EXIT_OUT_OF_MEMORY,
+    EXIT_REGISTRY_UNAVAILABLE,
     EXIT_STORE_UNAVAILABLE,
     JUDGE_API_KEY_ENV,
     PVC_MOUNT_ROOT,
+    REGISTRY_AUTH_ENV,
     DistributionSpec,
     EvaluationSpec,
+    OutputSpec,
     StorageSpec,
     TrainerConfig,
 )
@@ -164,7 +167,9 @@ def trainer_config(owner: Json, spec: api.FineTuneJobSpec, settings: Settings) -
         training=spec.training,
         lora=spec.lora,
         quantization=spec.quantization,
-        output=spec.output,
+        # The registry's credentials reach the trainer as an environment variable; the tag defaults
+        # to the job's name.
+        output=OutputSpec.model_validate(output_for_trainer(owner, spec)),
         storage=effective_storage(spec, settings),
         distribution=DistributionSpec(strategy=spec.resources.distribution.strategy),
         # The judge's API key reaches the trainer as an environment variable, never in its config.
@@ -172,6 +177,14 @@ def trainer_config(owner: Json, spec: api.FineTuneJobSpec, settings: Settings) -
             spec.evaluation.model_dump(exclude={"judge": {"secret_ref"}}, exclude_none=True)),
         preference=spec.preference,
     )
+
+
+def output_for_trainer(owner: Json, spec: api.FineTuneJobSpec) -> Json:
+    """spec.output without the registry's Secret, with output.oci.tag defaulted to the job's name."""
+    output = spec.output.model_dump(exclude={"oci": {"secret_ref"}}, exclude_none=True)
+    if spec.output.oci is not None and spec.output.oci.tag is None:
+        output["oci"]["tag"] = owner["metadata"]["name"]
+    return output
 
 
 def effective_storage(spec: api.FineTuneJobSpec, settings: Settings) -> StorageSpec:
@@ -250,6 +263,10 @@ def _env(owner: Json, spec: api.FineTuneJobSpec, settings: Settings) -> list[Jso
     if judge is not None and judge.secret_ref is not None:
         env.append({"name": JUDGE_API_KEY_ENV, "valueFrom": {"secretKeyRef": {
             "name": judge.secret_ref.name, "key": judge.secret_ref.key}}})
+    oci = spec.output.oci
+    if oci is not None and oci.secret_ref is not None:
+        env.append({"name": REGISTRY_AUTH_ENV, "valueFrom": {"secretKeyRef": {
+            "name": oci.secret_ref.name, "key": ".dockerconfigjson"}}})
     if settings.report_url:
         env.append({"name": "KUBETUNE_REPORT_URL",
                     "value": f"{settings.report_url}/v1/reports/{meta['namespace']}/{meta['name']}"})
@@ -487,12 +504,13 @@ def render_job(owner: Json, spec: api.FineTuneJobSpec, settings: Settings, confi
                                     "values": [EXIT_INVALID_INPUT, EXIT_OUT_OF_MEMORY]},
                 },
                 {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
-                # The store went away mid-run: the next pod resumes from its checkpoint, and the
-                # outage does not use up backoffLimit. The trainer exits so only after it had
-                # written to the store, so a wrong endpoint still fails the job.
+                # The store (or output.oci's registry) went away mid-run: the next pod resumes from
+                # its checkpoint, and the outage does not use up backoffLimit. The trainer exits so
+                # only after the store or registry had answered, so a wrong endpoint still fails the job.
                 {
                     "action": "Ignore",
-                    "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [EXIT_STORE_UNAVAILABLE]},
+                    "onExitCodes": {"containerName": CONTAINER, "operator": "In",
+                                    "values": [EXIT_STORE_UNAVAILABLE, EXIT_REGISTRY_UNAVAILABLE]},
                 },
             ]
         },

@@ -26,6 +26,7 @@ from kubetune.render import CONTAINER
 from kubetune_contract.config import (
     EXIT_INVALID_INPUT,
     EXIT_OUT_OF_MEMORY,
+    EXIT_REGISTRY_UNAVAILABLE,
     EXIT_SOURCE_UNAVAILABLE,
     EXIT_STORE_UNAVAILABLE,
     EXIT_TERMINATED,
@@ -44,7 +45,8 @@ CONTAINER_START_REASONS = ("CreateContainerConfigError", "CreateContainerError",
 MISSING_SECRET = re.compile(r"""secret ["']([^"']+)["'] not found""")
 GATE_FAILED = "EvaluationGateFailed"
 EXIT_REASONS = {EXIT_INVALID_INPUT: "InvalidInput", EXIT_SOURCE_UNAVAILABLE: "SourceUnavailable",
-                EXIT_STORE_UNAVAILABLE: "StoreUnavailable", EXIT_OUT_OF_MEMORY: "OutOfMemory",
+                EXIT_STORE_UNAVAILABLE: "StoreUnavailable",
+                EXIT_REGISTRY_UNAVAILABLE: "RegistryUnavailable", EXIT_OUT_OF_MEMORY: "OutOfMemory",
                 EXIT_TERMINATED: "Interrupted"}
 
 

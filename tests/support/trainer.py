@@ -59,7 +59,81 @@ def make_config(assets: Path, location: Path | str, **sections: Any) -> TrainerC
     return TrainerConfig.model_validate(tiny_config(assets, location, **sections))
 
 
-class MinioServer:
+class Server:
+    """A server process of the tests' own, on a fixed port across stop() and start()."""
+
+    port: int
+    process: subprocess.Popen[bytes] | None = None
+
+    def stop(self) -> None:
+        """Stop the server and wait until its port refuses connections."""
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=30)
+        self.process = None
+        wait_for(lambda: not port_open(self.port), timeout=30, message=f"port {self.port} closed")
+
+
+def registry_binary() -> Path:
+    """The CNCF distribution registry the local cluster runs (hack/build-binaries.sh)."""
+    return Path(binaries.find_binaries().registry)
+
+
+class RegistryServer(Server):
+    """A distribution registry of its own (plain HTTP on loopback, blobs under ``root``), with a
+    password (htpasswd, bcrypt) when ``user`` is given."""
+
+    def __init__(self, binary: Path, root: Path, user: str | None = None, password: str | None = None) -> None:
+        import json
+
+        self.binary, self.root, self.log = binary, root, root / "registry.log"
+        root.mkdir(parents=True, exist_ok=True)
+        (self.port,) = processes.free_ports(1)
+        self.endpoint = f"127.0.0.1:{self.port}"
+        config: dict[str, Any] = {
+            "version": 0.1,
+            "log": {"level": "warn", "accesslog": {"disabled": True}},
+            "storage": {"filesystem": {"rootdirectory": str(root / "data")}, "delete": {"enabled": True}},
+            "http": {"addr": self.endpoint},
+        }
+        if user is not None:
+            import bcrypt
+
+            hashed = bcrypt.hashpw((password or "").encode(), bcrypt.gensalt(rounds=5)).decode()
+            (root / "htpasswd").write_text(f"{user}:{hashed}\n")
+            config["auth"] = {"htpasswd": {"realm": "test", "path": str(root / "htpasswd")}}
+        self.config = root / "registry.yaml"
+        self.config.write_text(json.dumps(config))  # JSON is YAML
+
+    def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen([str(self.binary), "serve", str(self.config)],
+                                            env={"PATH": os.environ.get("PATH", ""), "OTEL_TRACES_EXPORTER": "none"},
+                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for(self.ready, timeout=60, message=f"registry on {self.endpoint} (log: {self.log})")
+
+    def ready(self) -> bool:
+        import urllib.error
+        import urllib.request
+
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"the registry exited with {self.process.returncode}: {self.log.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"http://{self.endpoint}/v2/", timeout=2) as response:
+                return bool(response.status == 200)
+        except urllib.error.HTTPError as err:
+            return err.code == 401  # up, and asking for the password
+        except OSError:
+            return False
+
+
+class MinioServer(Server):
     """A MinIO server process of its own: fixed port and data directory across stop() and start()."""
 
     def __init__(self, binary: Path, root: Path, access_key: str | None = None, secret_key: str | None = None) -> None:
@@ -93,19 +167,6 @@ class MinioServer:
                 return bool(response.status == 200)
         except OSError:
             return False
-
-    def stop(self) -> None:
-        """Stop the server and wait until its port refuses connections."""
-        if self.process is None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=30)
-        self.process = None
-        wait_for(lambda: not port_open(self.port), timeout=30, message=f"port {self.port} closed")
 
     def client(self) -> Any:
         from minio import Minio

@@ -244,8 +244,10 @@ def test_the_trainer_reads_the_spec_sections_unchanged() -> None:
     owner = {"metadata": {"name": "j", "namespace": "ns", "uid": "12345678-abcd"}}
     rendered = yaml.safe_load(render.render_config_map(owner, spec, Settings())["data"]["config.yaml"])
     config = TrainerConfig.model_validate(rendered)  # what the trainer parses in the pod
-    for section in ("model", "dataset", "training", "lora", "quantization", "output"):
+    for section in ("model", "dataset", "training", "lora", "quantization"):
         assert getattr(config, section) == getattr(spec, section), section
+    # output.oci's secretRef is the operator's (the credentials travel as a secretKeyRef variable)
+    assert config.output.model_dump() == spec.output.model_dump()
 
 
 # --- the generated CRD -------------------------------------------------------------------------
@@ -364,3 +366,14 @@ def test_cluster_sources_are_accepted() -> None:
     for field, value in (("dataset.train", "pvc://data/a..b/train.jsonl"), ("model.source", "s3://m/tiny/"),
                          ("model.tokenizer", "hf://Qwen/Qwen2.5-0.5B")):
         api.FineTuneJobSpec.model_validate(with_change(field, value))
+
+
+@pytest.mark.parametrize(("oci", "field"), [
+    ({"repository": "Registry.Example/Team"}, "repository"),
+    ({"repository": "registry.example"}, "repository"),
+    ({"repository": "registry.example/a", "tag": "-bad"}, "tag"),
+    ({"repository": "registry.example/a", "secretRef": {}}, "secretRef.name"),
+])
+def test_output_oci_is_checked_at_apply(oci: dict[str, object], field: str) -> None:
+    with pytest.raises(ValidationError, match=rf"output\.oci\.{field}"):
+        api.FineTuneJobSpec.model_validate(with_change("output.oci", oci))

@@ -6,6 +6,7 @@ actions, the facts asked for, and when the job is looked at again."""
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any
 
 import pytest
@@ -254,3 +255,19 @@ def test_a_running_job_whose_spec_stops_validating_is_followed_not_failed() -> N
     assert planned.phase == "Running" and not any(a.status.phase == "Failed" for a in planned.actions
                                                   if isinstance(a, WriteStatus))
     assert planned.warning is not None and "no longer validates" in planned.warning
+
+
+def test_a_job_that_pushed_its_artifact_says_where_in_an_event() -> None:
+    reference = "registry.example/team/a@sha256:" + "e" * 64
+    summary = {"step": 10, "totalSteps": 10, "artifacts": {
+        "location": "s3://runs/ns/job/11111111", "ociDigest": "sha256:" + "e" * 64, "ociReference": reference}}
+    ftj = finetunejob({"phase": "Running", "reason": "Training", "observedGeneration": 1})
+    job = the_job(ftj, succeeded=1, conditions=[{"type": "Complete", "status": "True",
+                                                 "lastTransitionTime": "2026-01-01T00:05:00Z"}])
+    done = pod("Succeeded")
+    done["status"]["containerStatuses"] = [{"name": "trainer", "state": {"terminated": {
+        "exitCode": 0, "message": json.dumps(summary)}}}]
+    planned, _ = run(ftj, job, PodsOf=[done])
+    written = next(a for a in planned.actions if isinstance(a, WriteStatus))
+    assert written.status.artifacts is not None and written.status.artifacts.oci_reference == reference
+    assert PostEvent("Normal", "Pushed", f"pushed the adapter to {reference}") in planned.actions

@@ -62,3 +62,22 @@ def test_serving_snippets_name_the_adapter_the_merged_model_and_the_pin(tmp_path
     assert service["kind"] == "InferenceService" and service["metadata"]["annotations"] == {
         "kubetune.io/finetunejob": "ns/q", "kubetune.io/manifest-sha256": "d" * 64}
     assert service["spec"]["predictor"]["model"]["storageUri"] == f"{LOCATION}/merged"
+
+
+OCI = {"repository": "reg.example:5000/team/a", "insecure": True}
+PUSHED = {**DONE, "spec": {**DONE["spec"], "output": {"oci": OCI}},
+          "status": {"phase": "Succeeded", "artifacts": {
+              "location": LOCATION, "ociDigest": "sha256:" + "e" * 64,
+              "ociReference": "reg.example:5000/team/a@sha256:" + "e" * 64}}}
+
+
+def test_digest_pulls_the_jobs_oci_artifact_or_the_one_named() -> None:
+    assert pull.oci_location(PUSHED, "", None) == (f"oci://reg.example:5000/team/a@sha256:{'e' * 64}", True)
+    assert pull.oci_location(PUSHED, "f" * 64, False) == (f"oci://reg.example:5000/team/a@sha256:{'f' * 64}", False)
+    with pytest.raises(pull.PullError, match="pushed no OCI artifact"):
+        pull.oci_location(DONE, "", None)
+
+
+def test_serving_snippets_pull_the_oci_artifact_by_digest(tmp_path: Path) -> None:
+    text = pull.serving("q", "ns", tmp_path, LOCATION, PUSHED, "d" * 64)
+    assert f"--location=oci://reg.example:5000/team/a@sha256:{'e' * 64} --manifest-sha256=sha256:{'d' * 64}" in text

@@ -34,7 +34,8 @@ MAXIMAL: dict[str, Any] = {
                  "optimizer": "paged_adamw_8bit", "precision": "bf16", "checkpointEverySteps": 200},
     "lora": {"r": 64, "alpha": 16, "dropout": 0.1, "targetModules": ["q_proj", "v_proj"]},
     "quantization": "int4",
-    "output": {"location": "s3://runs/llama/", "keepCheckpoints": 3},
+    "output": {"location": "s3://runs/llama/", "keepCheckpoints": 3,
+               "oci": {"repository": "registry.example.com/team/adapters", "secretRef": {"name": "registry"}}},
     "storage": {"endpoint": "s3.eu-west-1.amazonaws.com", "region": "eu-west-1",
                 "secretRef": {"name": "aws-creds", "accessKeyKey": "id", "secretKeyKey": "key"}},
     "resources": {"gpus": 4, "gpuResourceName": "nvidia.com/gpu", "cpu": "16", "memory": "128Gi",
@@ -164,9 +165,22 @@ def test_exit_codes_decide_retries() -> None:
         # invalid input (3) and out of memory (6): retrying the same settings cannot help
         {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [3, 6]}},
         {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
-        # the store went away mid-run (5): resume in a new pod without using up backoffLimit
-        {"action": "Ignore", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [5]}},
+        # the store (5) or output.oci's registry (7) went away mid-run: resume in a new pod without
+        # using up backoffLimit
+        {"action": "Ignore", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [5, 7]}},
     ]
+
+
+def test_the_registry_secret_reaches_the_trainer_as_a_secret_reference_only() -> None:
+    out = rendered(MAXIMAL)
+    env = {e["name"]: e for e in out["job"]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["KUBETUNE_REGISTRY_AUTH"]["valueFrom"] == {
+        "secretKeyRef": {"name": "registry", "key": ".dockerconfigjson"}}
+    config = yaml.safe_load(out["configMap"]["data"]["config.yaml"])
+    assert config["output"]["oci"] == {"repository": "registry.example.com/team/adapters", "tag": "llama",
+                                       "overwrite": False, "insecure": False}, "the tag defaults to the job's name"
+    assert "secretRef" not in out["configMap"]["data"]["config.yaml"].split("output:")[1].split("storage:")[0]
+    assert "KUBETUNE_REGISTRY_AUTH" not in {e["name"] for e in pod(MINIMAL)["containers"][0]["env"]}
 
 
 def test_gpu_limits_and_shared_memory() -> None:

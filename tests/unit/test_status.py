@@ -100,6 +100,8 @@ CASES = [
      False, False, "Failed", "OutOfMemory", "try quantization int4"),
     ("store outage", job(failed=1), [pod("Failed", terminated={"exitCode": 5, "message": "s3 unreachable"})],
      False, False, "Pending", "Retrying", "s3 unreachable"),
+    ("registry outage", job(failed=1), [pod("Failed", terminated={"exitCode": 7, "message": "registry unreachable"})],
+     False, False, "Pending", "Retrying", "registry unreachable"),
     ("source unavailable", job(("Failed", "BackoffLimitExceeded"), failed=1),
      [pod("Failed", terminated={"exitCode": 4, "message": "hf://x/y: offline"})], False, False,
      "Failed", "BackoffLimitExceeded", "hf://x/y: offline"),

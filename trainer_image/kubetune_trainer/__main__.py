@@ -9,12 +9,14 @@ Exit codes (a contract: the operator's Job podFailurePolicy depends on them):
 - 0: success; outputs published with their manifest.
 - 3: invalid config or data (a missing column, an empty or unreadable file, a rejected field);
   retrying cannot help.
-- 4: a source (model, tokenizer, dataset, output bucket) was not found or could not be reached
+- 4: a source (model, tokenizer, dataset, output bucket, output.oci's registry) was not found or could not be reached
   (the object store: for the whole ``KUBETUNE_STORE_RETRY_SECONDS`` before this pod wrote to it).
 - 5: the artifact store stopped answering after this pod had written to it and stayed away for
   ``KUBETUNE_STORE_RETRY_SECONDS``; the checkpoints are intact and a new pod resumes from them.
 - 6: the accelerator ran out of memory; retrying the same settings cannot help (the message
   suggests int4, a smaller dataset.maxLength or training.batchSize, or more GPUs).
+- 7: output.oci's registry answered when the run started, then stayed away for
+  ``KUBETUNE_STORE_RETRY_SECONDS`` while the published run was pushed; a new pod pushes again.
 - 1: anything else (a crash, a connection lost mid-run); worth retrying, and a retried run
   resumes from its newest complete checkpoint.
 - 143: stopped by SIGTERM; inside the training loop a checkpoint of the current step is written
@@ -94,21 +96,24 @@ def pull_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m kubetune_trainer pull",
         description="Download a published run into a new directory, every file checked against its manifest.json.")
-    parser.add_argument("--location", required=True, help="the run: status.artifacts.location")
+    parser.add_argument("--location", required=True, help="the run: status.artifacts.location, or its OCI "
+                                                          "artifact oci://status.artifacts.ociReference")
     parser.add_argument("--to", required=True, type=Path, help="directory to create (not a mount point itself)")
     parser.add_argument("--manifest-sha256", help="pin: the sha256 of the run's manifest.json (kubetune pull "
                                                   "prints it)")
     parser.add_argument("--include", action="append", default=[], help="only this file or directory (repeatable)")
     parser.add_argument("--endpoint", help="S3 endpoint host:port (credentials: AWS_ACCESS_KEY_ID and "
                                            "AWS_SECRET_ACCESS_KEY)")
-    parser.add_argument("--insecure", action="store_true", help="plain HTTP to the endpoint")
+    parser.add_argument("--insecure", action="store_true", help="plain HTTP to the endpoint or registry "
+                                                                "(registry credentials: KUBETUNE_REGISTRY_AUTH)")
     parser.add_argument("--region", help="bucket region")
     args = parser.parse_args(argv)
     setup_logging("INFO", World())
     log = logging.getLogger("kubetune_trainer.pull")
     storage = StorageSpec(endpoint=args.endpoint, insecure=args.insecure, region=args.region)
     try:
-        manifest = pull_run(args.location, args.to, storage, tuple(args.include), manifest_sha256=args.manifest_sha256)
+        manifest = pull_run(args.location, args.to, storage, tuple(args.include), manifest_sha256=args.manifest_sha256,
+                            insecure_registry=args.insecure)
     except (IncompleteRun, FileExistsError) as err:
         log.error("refused: %s; nothing was written to %s", err, args.to)
         return EXIT_INVALID

@@ -314,8 +314,13 @@ def check_manifest(location: str, manifest: object) -> None:
             raise IncompleteRun(f"{location}: {MANIFEST} entry {entry['path']!r} has no valid size and sha256")
 
 
-def open_run(location: str, storage: StorageSpec | None = None) -> Store:
-    """A published run (``<output.location>/<runName>``) to read."""
+def open_run(location: str, storage: StorageSpec | None = None, insecure_registry: bool = False) -> Store:
+    """A published run (``<output.location>/<runName>``) to read, or its OCI artifact
+    (``oci://registry/repository@sha256:…``, output.oci)."""
+    if location.startswith("oci://"):
+        from .oci import OciStore, registry_auth
+
+        return OciStore(location.removeprefix("oci://"), insecure_registry, registry_auth())
     if location.startswith("s3://"):
         return S3Store(location, storage or StorageSpec())
     return LocalStore(Path(urlparse(location).path if location.startswith("file://") else location))
@@ -340,6 +345,8 @@ def fetch_verified(store: Store, entry: dict[str, Any], local: Path,
     the file) when it is missing or differs. ``progress`` is told the bytes as they arrive."""
     try:
         store.get_file(entry["path"], local, progress)
+    except IncompleteRun:
+        raise
     except Exception as err:
         raise IncompleteRun(f"{store.uri}/{entry['path']} is listed but missing: {err}") from err
     size, digest = local.stat().st_size, sha256_of(local)
@@ -369,16 +376,19 @@ def verify_manifest(location: str, storage: StorageSpec | None = None) -> dict[s
 
 def pull_run(location: str, target: Path, storage: StorageSpec | None = None, include: tuple[str, ...] = (),
              progress: Callable[[int, int], Callable[[int], None]] | None = None,
-             manifest_sha256: str | None = None) -> dict[str, Any]:
+             manifest_sha256: str | None = None, insecure_registry: bool = False) -> dict[str, Any]:
     """Download a published run into ``target`` (which must not exist, or be empty): every file of its
     manifest (those ``include`` names, files or directories, when given), each checked against its sha256 in a
     directory beside ``target`` that becomes ``target`` only once all are; nothing is left when one
     differs. ``progress(files, bytes)`` is called once with the totals and returns what to tell of
     the bytes as they arrive. ``manifest_sha256`` pins the run: a manifest.json with another digest
-    is refused, so every file is the one published then. Returns the manifest."""
+    is refused, so every file is the one published then. An OCI artifact (``oci://…@sha256:…``)
+    holds some of the run's files: all of those by default. Returns the manifest."""
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise FileExistsError(f"{target} exists and is not empty; choose another directory")
-    store = open_run(location, storage)
+    store = open_run(location, storage, insecure_registry)
+    if not include and location.startswith("oci://"):
+        include = tuple(k for k in store.list() if k != MANIFEST)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:

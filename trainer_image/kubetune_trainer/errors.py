@@ -7,6 +7,7 @@ from kubetune_contract.config import (
     EXIT_INVALID_INPUT,
     EXIT_OK,
     EXIT_OUT_OF_MEMORY,
+    EXIT_REGISTRY_UNAVAILABLE,
     EXIT_SOURCE_UNAVAILABLE,
     EXIT_STORE_UNAVAILABLE,
     EXIT_TERMINATED,
@@ -16,9 +17,9 @@ from kubetune_contract.config import (
 EXIT_FAILED = EXIT_ERROR
 EXIT_INVALID = EXIT_INVALID_INPUT
 
-__all__ = ["EXIT_FAILED", "EXIT_INVALID", "EXIT_OK", "EXIT_OUT_OF_MEMORY", "EXIT_SOURCE_UNAVAILABLE",
-           "EXIT_STORE_UNAVAILABLE", "EXIT_TERMINATED", "InvalidInput", "OutOfMemory", "RunFailed",
-           "SourceUnavailable", "StoreUnavailable", "Terminated", "TrainerError"]
+__all__ = ["EXIT_FAILED", "EXIT_INVALID", "EXIT_OK", "EXIT_OUT_OF_MEMORY", "EXIT_REGISTRY_UNAVAILABLE",
+           "EXIT_SOURCE_UNAVAILABLE", "EXIT_STORE_UNAVAILABLE", "EXIT_TERMINATED", "InvalidInput", "OutOfMemory",
+           "RegistryUnavailable", "RunFailed", "SourceUnavailable", "StoreUnavailable", "Terminated", "TrainerError"]
 
 
 class TrainerError(Exception):
@@ -44,6 +45,13 @@ class StoreUnavailable(TrainerError):
     whole retry window: an outage, not a wrong endpoint; the checkpoints written so far are intact."""
 
     exit_code = EXIT_STORE_UNAVAILABLE
+
+
+class RegistryUnavailable(TrainerError):
+    """output.oci's registry answered when the run started, then stayed away for the whole retry
+    window while the published run was pushed: an outage; a replacement pod pushes again."""
+
+    exit_code = EXIT_REGISTRY_UNAVAILABLE
 
 
 class OutOfMemory(TrainerError):

@@ -18,8 +18,9 @@ from kubetune_contract import events
 from kubetune_contract.config import TrainerConfig
 from kubetune_contract.events import DatasetStats, Lineage
 
-from . import artifacts, data, evaluation, lineage
+from . import artifacts, data, evaluation, lineage, oci
 from . import model as model_lib
+from .sources import sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,9 @@ class Staged:
 
 def publish(config: TrainerConfig, store: artifacts.Store, staged: Staged, model: Any, tokenizer: Any,
             model_path: Path, final: FinalModel, precision: model_lib.Precision, metrics: dict[str, Any],
-            step: int, total_steps: int | None, epoch: float) -> dict[str, Any]:
-    """Save the outputs to the staging directory, publish them, and return the summary."""
+            step: int, total_steps: int | None, epoch: float, registry: oci.Registry | None = None) -> dict[str, Any]:
+    """Save the outputs to the staging directory, publish them (and push them to output.oci's
+    ``registry``), and return the summary."""
     out = staged.directory
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir()
@@ -94,6 +96,10 @@ def publish(config: TrainerConfig, store: artifacts.Store, staged: Staged, model
     artifacts.plot_losses(staged.events, out / "loss.png")
     manifest = artifacts.publish(out, store, lineage=found or None)
     uri = store.uri
+    pushed = None
+    if registry is not None and config.output.oci is not None:
+        pushed = oci.push(registry, config.output.oci, out, manifest, uri,
+                          staged.lineage.finished_at if staged.lineage else None)
     summary = events.Summary(
         step=step,
         total_steps=total_steps,
@@ -108,6 +114,9 @@ def publish(config: TrainerConfig, store: artifacts.Store, staged: Staged, model
             files=len(manifest["files"]),
             merge_check=merge_check,
             lineage=staged.lineage,
+            manifest_sha256=sha256_of(out / artifacts.MANIFEST),
+            oci_digest=pushed.digest if pushed else None,
+            oci_reference=str(pushed) if pushed else None,
         ),
     )
     result = summary.model_dump(by_alias=True, exclude={"error", "exit_code", "evaluation", "dataset"})

@@ -96,10 +96,11 @@ def is_transient(err: BaseException) -> bool:
 
 
 def retrying(what: str, operation: Callable[[], T], window: float,
-             unavailable: Callable[[str], TrainerError] = SourceUnavailable) -> T:
-    """Run ``operation``, retrying transient object-store errors (`is_transient`) with exponential
-    backoff (tenacity) for ``window`` seconds, the last pause cut to what is left; then raise
-    ``unavailable(message)``. Other errors propagate at once."""
+             unavailable: Callable[[str], TrainerError] = SourceUnavailable,
+             transient: Callable[[BaseException], bool] = is_transient, service: str = "object store") -> T:
+    """Run ``operation``, retrying ``transient`` errors (object-store ones by default, `is_transient`)
+    with exponential backoff (tenacity) for ``window`` seconds, the last pause cut to what is left;
+    then raise ``unavailable(message)``. Other errors propagate at once."""
     import tenacity
 
     deadline = time.monotonic() + window
@@ -112,17 +113,17 @@ def retrying(what: str, operation: Callable[[], T], window: float,
         return min(backoff(state), max(deadline - time.monotonic(), 0.0))
 
     def warn(state: tenacity.RetryCallState) -> None:
-        log.warning("%s: object store unreachable (%s); retrying in %.1fs, %.0fs left", what,
+        log.warning("%s: %s unreachable (%s); retrying in %.1fs, %.0fs left", what, service,
                     reason(state.outcome.exception() if state.outcome is not None else None),
                     state.upcoming_sleep, deadline - time.monotonic())
 
-    retryer = tenacity.Retrying(retry=tenacity.retry_if_exception(is_transient), wait=pause,
+    retryer = tenacity.Retrying(retry=tenacity.retry_if_exception(transient), wait=pause,
                                 stop=lambda state: time.monotonic() >= deadline, before_sleep=warn)
     try:
         return retryer(operation)
     except tenacity.RetryError as gave_up:
         last = gave_up.last_attempt.exception()
-        raise unavailable(f"{what}: object store unreachable for {window:g}s ({STORE_RETRY_ENV}): {reason(last)}") \
+        raise unavailable(f"{what}: {service} unreachable for {window:g}s ({STORE_RETRY_ENV}): {reason(last)}") \
             from last
 
 

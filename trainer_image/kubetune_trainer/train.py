@@ -30,7 +30,7 @@ from kubetune_contract import events
 from kubetune_contract.config import TrainerConfig
 from kubetune_contract.estimate import Estimate
 
-from . import artifacts, data, data_stats, distributed, evaluation, lineage, outputs, sources
+from . import artifacts, data, data_stats, distributed, evaluation, lineage, oci, outputs, sources
 from . import model as model_lib
 from . import preference as preference_lib
 from .checkpoints import CheckpointStore, LoadedCheckpoint, apply_states, save_local
@@ -101,6 +101,8 @@ class Trainer:
         self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
         self.metrics_path.write_text("")
         self.store: artifacts.Store | None = None
+        self.registry: oci.Registry | None = None
+        """output.oci's registry (rank 0): checked before the model loads, pushed to after publishing."""
         self.in_loop = False
         self.stop_requested = False
         self.memory_estimate: Estimate | None = None
@@ -243,6 +245,10 @@ class Trainer:
         fit = check_device_memory(cfg, self.world, self.world.device(), self.device_memory)
         self.memory_estimate, self.micro_batch_size = fit.estimate, fit.micro_batch
         self.gradient_checkpointing = fit.gradient_checkpointing
+        if cfg.output.oci is not None and self.world.is_main and self.store is not None:
+            # The registry answers and the tag is free (or this run's own) before anything is downloaded.
+            self.registry = oci.Registry(cfg.output.oci.repository, cfg.output.oci.insecure, oci.registry_auth())
+            self.registry.check_tag(cfg.output.oci.tag or "latest", self.store.uri, cfg.output.oci.overwrite)
         model_path = sources.resolve(cfg.model.source, cfg.storage, cfg.model.revision, directory=True)
         tokenizer_path = (
             sources.resolve(cfg.model.tokenizer, cfg.storage, cfg.model.revision, directory=True)
@@ -575,7 +581,7 @@ class Trainer:
                                 lineage.lineage(self.config, model_path, datasets.files, self.started_at),
                                 datasets.validation)
         return outputs.publish(self.config, self.store, staged, model, tokenizer, model_path, final, precision,
-                               self.final_metrics(dev), p.step, p.total_steps, p.epoch)
+                               self.final_metrics(dev), p.step, p.total_steps, p.epoch, self.registry)
 
     def final_metrics(self, dev: torch.device) -> dict[str, Any]:
         p = self.progress
