@@ -170,6 +170,21 @@ LIMITS: tuple[Limit, ...] = (
                Case({"output": {"location": "s3://team/runs"}}, {"allowedOutputPrefixes": ["s3://team/"]}, ok=True)),
     ),
     Limit(
+        "oci-repositories",
+        "!variables.limits.?allowedOciRepositories.hasValue() || !has(object.spec.output.oci)\n"
+        "|| variables.limits.allowedOciRepositories.exists(p, object.spec.output.oci.repository.startsWith(p))",
+        "'spec.output.oci.repository: ' + object.spec.output.oci.repository\n"
+        "+ ' is not under limits.allowedOciRepositories of ' + variables.preset + ' ('\n"
+        "+ variables.limits.allowedOciRepositories.join(', ') + ')'",
+        cases=(Case({"output": {"location": "s3://runs/", "oci": {"repository": "evil.example/x"}}},
+                    {"allowedOciRepositories": ["ghcr.io/team/"]}, ok=False),
+               Case({"output": {"location": "s3://runs/", "oci": {"repository": "ghcr.io/team/adapters"}}},
+                    {"allowedOciRepositories": []}, ok=False),
+               Case({"output": {"location": "s3://runs/", "oci": {"repository": "ghcr.io/team/adapters"}}},
+                    {"allowedOciRepositories": ["ghcr.io/team/"]}, ok=True),
+               Case({}, {"allowedOciRepositories": []}, ok=True)),
+    ),
+    Limit(
         "images",
         "!has(object.spec.image)\n"
         "|| (variables.limits.?allowedImages.hasValue() && size(variables.limits.allowedImages) > 0\n"

@@ -121,6 +121,9 @@ class PresetLimits(Section):
     """model.source (and model.tokenizer) must start with one of these, e.g. s3://models/ or hf://Qwen/."""
     allowed_output_prefixes: list[str] | None = Field(default=None, max_length=64)
     """output.location must start with one of these, e.g. s3://runs/team-a/."""
+    allowed_oci_repositories: list[str] | None = Field(default=None, max_length=64)
+    """output.oci.repository must start with one of these, e.g. ghcr.io/acme/ (an empty list: no job
+    may push to a registry)."""
     allowed_images: list[str] | None = Field(default=None, max_length=64)
     """A spec.image the job sets must start with one of these (end an entry with ':' or '@' to pin a
     repository). Where the chart restricts images (the default), a job may set spec.image only
@@ -284,6 +287,11 @@ def violations(spec: FineTuneJobSpec, job: Json, limits: PresetLimits | None, *,
                                                                     limits.allowed_output_prefixes):
         found.append(f"spec.output.location: {spec.output.location} is not under limits.allowedOutputPrefixes "
                      f"of {where} ({_listed(limits.allowed_output_prefixes)})")
+    oci = spec.output.oci
+    if limits.allowed_oci_repositories is not None and oci is not None and not _prefixed(
+            oci.repository, limits.allowed_oci_repositories):
+        found.append(f"spec.output.oci.repository: {oci.repository} is not under limits.allowedOciRepositories "
+                     f"of {where} ({_listed(limits.allowed_oci_repositories)})")
     image, account = job.get("image"), job.get("serviceAccountName")  # the job's own: a default is the platform's
     if limits.allowed_images and image and not _prefixed(image, limits.allowed_images):
         found.append(f"spec.image: {image} is not in limits.allowedImages of {where} "

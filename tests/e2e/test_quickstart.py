@@ -143,17 +143,27 @@ def pull_and_check_lineage(cluster: Any, namespace: str, status: dict[str, Any],
     assert not (tmp_path / "again").exists()
 
 
-def test_two_training_processes_in_one_pod(cluster: Any, namespace: str, demo_bucket: str, minio_env: dict[str, str],
-                                           operator: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_two_training_processes_in_one_pod_push_one_oci_artifact(
+    cluster: Any, namespace: str, demo_bucket: str, minio_env: dict[str, str], operator: Any, node: Any,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
     """A CPU-only job with distribution.processesPerNode 2: torchrun (gloo) and DDP in the pod, rank 0
-    reporting and publishing: one progress in status, one verified manifest."""
+    reporting, publishing and pushing (output.oci, to the cluster's registry at the node's address,
+    credentials from a dockerconfigjson Secret): one progress in status, one verified manifest, one
+    artifact whose digest in status resolves and pulls verified with `kubetune pull --digest`."""
     cluster.kubectl("create", "secret", "generic", "kubetune-s3", "-n", namespace,
                     f"--from-literal=AWS_ACCESS_KEY_ID={minio_env['MINIO_ACCESS_KEY']}",
                     f"--from-literal=AWS_SECRET_ACCESS_KEY={minio_env['MINIO_SECRET_KEY']}")
+    registry = f"{node.host}:{node.registry.rsplit(':', 1)[1]}"
+    password = "registry-Pa55-" + namespace
+    cluster.kubectl("create", "secret", "docker-registry", "registry", "-n", namespace, f"--docker-server={registry}",
+                    "--docker-username=team", f"--docker-password={password}")
     manifest = yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text())
     manifest["metadata"]["name"] = "two-ranks"
     manifest["spec"]["training"].update(maxSteps=40, evalEverySteps=20, checkpointEverySteps=20, logEverySteps=5)
     manifest["spec"]["resources"] = {"gpus": 0, "sharedMemory": "256Mi", "distribution": {"processesPerNode": 2}}
+    manifest["spec"]["output"]["oci"] = {"repository": f"{registry}/kubetune-tests/{namespace}", "insecure": True,
+                                         "secretRef": {"name": "registry"}}
     cluster.apply(manifest, namespace)
     status = wait_phase(cluster, namespace, "two-ranks", "Succeeded", timeout=600)
     assert status["progress"]["step"] == 40 and status["attempts"] == 1
@@ -164,6 +174,31 @@ def test_two_training_processes_in_one_pod(cluster: Any, namespace: str, demo_bu
     published = verify_manifest(status["artifacts"]["location"].rstrip("/"),
                                 StorageSpec(endpoint=minio_env["MINIO_ENDPOINT"], insecure=True))
     assert "adapter/adapter_model.safetensors" in {entry["path"] for entry in published["files"]}
+
+    # The digest in status resolves in the registry, under the tag the job's name gave it.
+    artifacts = status["artifacts"]
+    digest, reference = artifacts["ociDigest"], artifacts["ociReference"]
+    assert reference == f"{registry}/kubetune-tests/{namespace}@{digest}"
+    for ref in (digest, "two-ranks"):
+        request = urllib.request.Request(f"http://{node.registry}/v2/kubetune-tests/{namespace}/manifests/{ref}",
+                                         headers={"Accept": "application/vnd.oci.image.manifest.v1+json"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.headers["Docker-Content-Digest"] == digest
+    wait_for(lambda: "Pushed" in event_reasons(cluster, namespace, "two-ranks"), timeout=30, message="Pushed event")
+
+    env = {k: v for k, v in cluster.env.items() if not k.startswith("AWS_")}
+    done = subprocess.run([sys.executable, "-m", "kubetune", "pull", "two-ranks", "-n", namespace, "--digest",
+                           "--quiet", "--to", str(tmp_path / "pulled")], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"from oci://{reference}" in done.stderr
+    pulled = {p.relative_to(tmp_path / "pulled").as_posix() for p in (tmp_path / "pulled").rglob("*")}
+    assert {"adapter/adapter_config.json", "adapter/adapter_model.safetensors", "evaluation.json", "README.md",
+            "manifest.json"} <= pulled
+    assert not (tmp_path / "pulled" / "metrics.jsonl").exists(), "the artifact holds the adapter, not the whole run"
+    visible = json.dumps(cluster.get("ftj,jobs,pods,events,configmaps", "-n", namespace)) + cluster.kubectl(
+        "logs", "-n", namespace, "job/two-ranks-trainer").stdout
+    assert password not in visible, "the registry password leaked"
 
 
 def test_a_dpo_job_succeeds_with_its_rewards_in_status(cluster: Any, namespace: str, s3_secret: None,
