@@ -208,35 +208,6 @@ def test_credentials_come_from_a_docker_config(tmp_path: Path, monkeypatch: pyte
         server.stop()
 
 
-def test_a_registry_stopped_for_60_s_mid_push_only_delays_it(tmp_path: Path) -> None:
-    server = RegistryServer(registry_binary(), tmp_path / "server")
-    server.start()
-    try:
-        staging, manifest, run = published(tmp_path, "a")
-        spec = OciSpec(repository=f"{server.endpoint}/team/outage", tag="v1", insecure=True)
-        registry = oci.Registry(spec.repository, True, None, retry_seconds=240)
-        registry.check_tag("v1", run, False)
-        upload = registry.upload
-        back = threading.Event()
-        uploads: list[str] = []
-
-        def stop_after_the_first_blob(path: Path, layer: dict[str, Any]) -> None:
-            upload(path, layer)
-            uploads.append(path.name)
-            if len(uploads) == 1:
-                server.stop()
-                threading.Thread(target=lambda: (back.wait(60), server.start()), daemon=True).start()
-
-        registry.upload = stop_after_the_first_blob  # type: ignore[method-assign]
-        ref = oci.push(registry, spec, staging, manifest, run, None)
-        assert len(uploads) == len(PUSHED) + 1  # and the empty config
-        assert tag_digest(server, "team/outage", "v1") == ref.digest
-        pull_run(f"oci://{ref}", tmp_path / "pulled", manifest_sha256=sha256_of(staging / "manifest.json"),
-                 insecure_registry=True)
-    finally:
-        server.stop()
-
-
 def test_a_registry_that_stays_away_fails_with_its_own_exit_code(tmp_path: Path) -> None:
     server = RegistryServer(registry_binary(), tmp_path / "server")
     repository = f"{server.endpoint}/team/away"
@@ -253,17 +224,37 @@ def test_a_registry_that_stays_away_fails_with_its_own_exit_code(tmp_path: Path)
     assert away.value.exit_code == EXIT_REGISTRY_UNAVAILABLE
 
 
-def test_a_training_run_pushes_its_adapter_and_reports_the_digest(assets: Path, registry: RegistryServer,
-                                                                  tmp_path: Path) -> None:
-    config = make_config(assets, tmp_path / "out", training={"maxSteps": 2},
-                         output={"oci": {"repository": f"{registry.endpoint}/team/run", "tag": "tiny",
-                                         "insecure": True}})
-    summary = Trainer(config, Reporter(tmp_path / "metrics.jsonl")).run().summary["artifacts"]
-    run = tmp_path / "out" / "tiny"
-    assert summary["manifestSha256"] == sha256_of(run / "manifest.json")
-    assert summary["ociReference"] == f"{registry.endpoint}/team/run@{summary['ociDigest']}"
-    assert tag_digest(registry, "team/run", "tiny") == summary["ociDigest"]
-    pull_run(f"oci://{summary['ociReference']}", tmp_path / "pulled", manifest_sha256=summary["manifestSha256"],
-             insecure_registry=True)
-    assert (tmp_path / "pulled/adapter/adapter_model.safetensors").read_bytes() == (
-        run / "adapter/adapter_model.safetensors").read_bytes()
+def test_a_run_whose_registry_stops_for_60_s_mid_push_succeeds_and_reports_the_digest(
+        assets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real (tiny) training run with output.oci; the registry stops after the first blob and comes
+    back 60 s later: the run waits it out (KUBETUNE_STORE_RETRY_SECONDS, default 300) and succeeds."""
+    server = RegistryServer(registry_binary(), tmp_path / "server")
+    server.start()
+    upload = oci.Registry.upload
+    back = threading.Event()
+    uploads: list[str] = []
+
+    def stop_after_the_first_blob(registry: oci.Registry, path: Path, layer: dict[str, Any]) -> None:
+        upload(registry, path, layer)
+        uploads.append(layer["annotations"].get(oci.TITLE, "config") if "annotations" in layer else "config")
+        if len(uploads) == 1:
+            server.stop()
+            threading.Thread(target=lambda: (back.wait(60), server.start()), daemon=True).start()
+
+    monkeypatch.setattr(oci.Registry, "upload", stop_after_the_first_blob)
+    try:
+        config = make_config(assets, tmp_path / "out", training={"maxSteps": 2},
+                             output={"oci": {"repository": f"{server.endpoint}/team/run", "tag": "tiny",
+                                             "insecure": True}})
+        summary = Trainer(config, Reporter(tmp_path / "metrics.jsonl")).run().summary["artifacts"]
+        assert uploads[0] == "README.md" and uploads[-2:] == ["manifest.json", "config"], uploads
+        run = tmp_path / "out" / "tiny"
+        assert summary["manifestSha256"] == sha256_of(run / "manifest.json")
+        assert summary["ociReference"] == f"{server.endpoint}/team/run@{summary['ociDigest']}"
+        assert tag_digest(server, "team/run", "tiny") == summary["ociDigest"]
+        pull_run(f"oci://{summary['ociReference']}", tmp_path / "pulled", manifest_sha256=summary["manifestSha256"],
+                 insecure_registry=True)
+        assert (tmp_path / "pulled/adapter/adapter_model.safetensors").read_bytes() == (
+            run / "adapter/adapter_model.safetensors").read_bytes()
+    finally:
+        server.stop()
