@@ -20,7 +20,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -51,23 +50,14 @@ def step(message: str) -> None:
 
 
 def follow(name: str, timeout: float = 900) -> dict[str, Any]:
-    """Print each change of phase and progress until the job ends; return its status."""
-    last = None
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = json.loads(kubectl("get", "ftj", name, "-n", JOB_NS, "-o", "json")).get("status") or {}
-        progress, metrics = status.get("progress") or {}, status.get("metrics") or {}
-        line = (f"{status.get('phase', '-'):<10} {status.get('reason', ''):<18} "
-                f"step {progress.get('step', '-')}/{progress.get('totalSteps', '-')} "
-                f"({progress.get('percent', 0)}%)  loss {metrics.get('trainLoss', '-')}  "
-                f"eval {metrics.get('evalLoss', '-')}")
-        if line != last:
-            print(f"  {time.strftime('%H:%M:%S')}  {line}", flush=True)
-            last = line
-        if status.get("phase") in ("Succeeded", "Failed"):
-            return status
-        time.sleep(0.5)
-    sys.exit(f"demo: {name} did not finish within {timeout:.0f}s")
+    """`kubetune watch NAME` until the job ends (a live bar on a terminal, plain lines elsewhere);
+    return its status."""
+    subprocess.run([sys.executable, "-m", "kubetune", "watch", name, "-n", JOB_NS, "--timeout", str(int(timeout))],
+                   env={**os.environ, "KUBECONFIG": str(STATE / "kubeconfig")}, check=False)
+    status: dict[str, Any] = json.loads(kubectl("get", "ftj", name, "-n", JOB_NS, "-o", "json")).get("status") or {}
+    if status.get("phase") not in ("Succeeded", "Failed"):
+        sys.exit(f"demo: {name} did not finish within {timeout:.0f}s")
+    return status
 
 
 def chart_values(images: dict[str, str], node_ip: str, minio_endpoint: str) -> list[str]:
@@ -113,9 +103,9 @@ def up() -> None:
 
     step("Applying examples/quickstart.yaml")
     kubectl("delete", "ftj", "quickstart", "-n", JOB_NS, "--ignore-not-found", "--wait=true")
-    print(kubectl("apply", "-n", JOB_NS, "-f", str(REPO / "examples" / "quickstart.yaml")).strip())
+    print(kubectl("apply", "-n", JOB_NS, "-f", str(REPO / "examples" / "quickstart.yaml")).strip(), flush=True)
 
-    step("Training (live status from the FineTuneJob; the first run pulls the trainer image, several GB)")
+    step("Training: kubetune watch quickstart (the first run pulls the trainer image, several GB)")
     status = follow("quickstart")
     print(kubectl("get", "pods", "-n", JOB_NS, "-l", "batch.kubernetes.io/job-name=quickstart-trainer",
                   "-o", "custom-columns=POD:.metadata.name,IMAGE:.spec.containers[0].image,PHASE:.status.phase"))

@@ -1,5 +1,6 @@
 """`kubetune` command line: `crd [--check]`, `operator [--namespace NS ...]`, `selftest`,
-`estimate -f FILE [--gpu-memory 80Gi] [--json]`, `pull NAME [-n NS] [--to DIR] [--print-serving]`."""
+`estimate -f FILE [--gpu-memory 80Gi] [--json]`, `pull NAME [-n NS] [--to DIR] [--print-serving]`,
+`watch NAME [-n NS]`, `describe NAME [-n NS]`. Installed also as the kubectl plugin `kubectl kubetune`."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kubetune", description="KubeTune: fine-tune LLMs on Kubernetes")
+    prog = "kubectl kubetune" if Path(sys.argv[0]).name == "kubectl-kubetune" else "kubetune"
+    parser = argparse.ArgumentParser(prog=prog, description="KubeTune: fine-tune LLMs on Kubernetes")
     sub = parser.add_subparsers(dest="command", required=True)
 
     crd = sub.add_parser("crd", help="write the generated CRD, its chart copy and docs/api.md")
@@ -39,13 +41,16 @@ def main(argv: list[str] | None = None) -> int:
     est.add_argument("--data", type=Path, help="also count a local training data file with the backbone's "
                                                "tokenizer: samples, tokens per sample, truncation, steps")
 
-    from kubetune import pull
+    from kubetune import follow, pull
 
     pull.add_parser(sub)
+    follow.add_parsers(sub)
 
     args = parser.parse_args(argv)
     if args.command == "pull":
         return pull.command(args)
+    if args.command in ("watch", "describe"):
+        return follow.command(args)
     if args.command == "estimate":
         return estimate_command(args)
     if args.command == "crd":

@@ -8,6 +8,7 @@ and the operator's /metrics.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import urllib.request
@@ -39,6 +40,8 @@ def test_quickstart_trains_reports_progress_and_publishes_artifacts(
                     f"--from-literal=AWS_ACCESS_KEY_ID={minio_env['MINIO_ACCESS_KEY']}",
                     f"--from-literal=AWS_SECRET_ACCESS_KEY={minio_env['MINIO_SECRET_KEY']}")
     cluster.kubectl("apply", "-n", namespace, "-f", str(REPO / "examples" / "quickstart.yaml"))
+    watching = Terminal([sys.executable, "-m", "kubetune", "watch", "quickstart", "-n", namespace, "--timeout", "900"],
+                        cluster.env)
 
     seen: list[int] = []
 
@@ -86,6 +89,21 @@ def test_quickstart_trains_reports_progress_and_publishes_artifacts(
     assert status["dataset"]["samples"] > 0 and status["dataset"]["totalSteps"] == 300
     pull_and_check_lineage(cluster, namespace, status, manifest, minio_env, tmp_path)
 
+    # `kubetune watch` in a terminal followed it to the end, through the operator's restart.
+    shown = watching.wait(timeout=120)
+    assert watching.code == 0, shown[-3000:]
+    assert "\x1b[" in shown and "300/300" in shown and "Running (Training)" in shown and "Succeeded" in shown
+    # Plain lines in a pipe; the same command as a kubectl plugin.
+    plain = subprocess.run([sys.executable, "-m", "kubetune", "watch", "quickstart", "-n", namespace],
+                           env=cluster.env, capture_output=True, text=True, timeout=120)
+    assert plain.returncode == 0 and "\x1b" not in plain.stdout and f"artifacts: {location}" in plain.stdout
+    plugin_path = {**cluster.env, "PATH": f"{Path(sys.executable).parent}:{cluster.env.get('PATH', '')}"}
+    described = subprocess.run([str(cluster.kubectl_path), "kubetune", "describe", "quickstart", "-n", namespace],
+                               env=plugin_path, capture_output=True, text=True, timeout=120)
+    assert described.returncode == 0, described.stderr
+    assert "Phase:        Succeeded" in described.stdout and "manifestSha256:" in described.stdout
+    assert "Created" in described.stdout.split("Events:")[1]
+
     wait_for(lambda: {"Created", "Started", "Succeeded"} <= set(event_reasons(cluster, namespace, "quickstart")),
              timeout=30, message="Created, Started and Succeeded events")
     with urllib.request.urlopen(f"{operator.report_url}/metrics", timeout=5) as response:
@@ -102,6 +120,38 @@ def test_quickstart_trains_reports_progress_and_publishes_artifacts(
     ]
     for credential in (minio_env["MINIO_SECRET_KEY"], minio_env["MINIO_ACCESS_KEY"], token):
         assert all(credential not in text for text in visible), "a credential leaked"
+
+
+class Terminal:
+    """A command whose stdout is a pseudo-terminal; what it shows is collected by a thread."""
+
+    def __init__(self, command: list[str], env: dict[str, str]) -> None:
+        import pty
+        import threading
+
+        self.leader, follower = pty.openpty()
+        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=follower, stderr=follower, env=env)
+        os.close(follower)
+        self.chunks: list[bytes] = []
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+        self.code: int | None = None
+
+    def _read(self) -> None:
+        while True:
+            try:
+                chunk = os.read(self.leader, 65536)
+            except OSError:  # the command exited and its end of the terminal is closed
+                return
+            if not chunk:
+                return
+            self.chunks.append(chunk)
+
+    def wait(self, timeout: float) -> str:
+        self.code = self.process.wait(timeout=timeout)
+        self.thread.join(timeout=10)
+        os.close(self.leader)
+        return b"".join(self.chunks).decode(errors="replace")
 
 
 def pull_and_check_lineage(cluster: Any, namespace: str, status: dict[str, Any], manifest: dict[str, Any],

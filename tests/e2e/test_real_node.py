@@ -341,6 +341,8 @@ def test_make_demo_trains_the_quickstart_from_the_images_on_the_real_node(
         assert re.search(rf"{re.escape(cluster_images['trainer'])}\s+Succeeded", demo.stdout), demo.stdout[-3000:]
         assert "containerd://" in demo.stdout  # the node, shown wide
         assert '"phase": "Succeeded"' in demo.stdout
+        assert "Running (Training)" in demo.stdout and "step 300/300 (100%)" in demo.stdout, \
+            "kubetune watch's lines (not a terminal)"
         assert "Is the fine-tuned model better?" in demo.stdout and re.search(r"exactMatch\s+[\d.]+\s+[\d.]+",
                                                                                demo.stdout), demo.stdout[-3000:]
         assert re.search(r"verified \d+ files .* against manifest\.json", demo.stdout), demo.stdout[-3000:]
