@@ -226,7 +226,14 @@ class TrainingSpec(Section):
     checkpoint_every_steps: int = Field(default=100, ge=1)
     """Write a resumable checkpoint to the output location every N steps."""
     log_every_steps: int = Field(default=1, ge=1)
-    """Report progress every N steps."""
+    """Report progress every N steps (and at least once a minute while steps advance)."""
+    stall_timeout_seconds: int | None = Field(default=1200, ge=30, le=7 * 24 * 3600)
+    """A Running job whose training steps have not advanced for this long is stalled: condition
+    Stalled, reason NoProgress, and a Warning Event (docs/operations.md#stalled-jobs). Preparing,
+    evaluating, checkpointing and publishing are not stalls. null: never checked."""
+    stall_action: Literal["restart", "none"] = "restart"
+    """restart: a stalled job's pods are deleted, so the Job replaces them and the run resumes from its
+    last checkpoint (counted in status.attempts, bounded by backoffLimit); none: only reported."""
 
     @model_validator(mode="after")
     def _one_length(self) -> TrainingSpec:

@@ -65,6 +65,9 @@ class Metrics(Incoming):
     """Preference methods: the rewards of the validation pairs (at the last evaluation)."""
 
 
+Activity = Literal["preparing", "training", "evaluating", "checkpointing", "publishing"]
+
+
 class Progress(Incoming):
     """Training progress."""
 
@@ -80,6 +83,9 @@ class Progress(Incoming):
     """Estimated seconds left."""
     updated_at: str | None = None
     """Time of the last progress report (RFC 3339)."""
+    activity: Activity | None = None
+    """What the trainer was doing at its last report: preparing (data, model download and load),
+    training, evaluating, checkpointing or publishing. Only a stop while training is a stall."""
 
 
 def now() -> str:
@@ -300,6 +306,7 @@ class ProgressReport(Metrics):
     epoch: float | None = Field(default=None, ge=0)
     eta_seconds: float | None = Field(default=None, ge=0)
     dataset: DatasetStats | None = None
+    activity: Activity | None = None
 
     def progress(self, updated_at: str) -> Progress:
         """status.progress for this report."""
@@ -307,7 +314,7 @@ class ProgressReport(Metrics):
         return Progress(step=self.step, total_steps=self.total_steps or None, percent=percent,
                         epoch=round(self.epoch, 4) if self.epoch is not None else None,
                         eta_seconds=int(self.eta_seconds) if self.eta_seconds is not None else None,
-                        updated_at=updated_at)
+                        updated_at=updated_at, activity=self.activity)
 
     def metrics(self) -> Metrics:
         """status.metrics for this report (the fields it carries)."""

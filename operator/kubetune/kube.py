@@ -223,6 +223,22 @@ class Kube:
         items: list[Json] = self._json(self.core.list_namespaced_pod, namespace, label_selector=selector)["items"]
         return items
 
+    def delete_pods(self, namespace: str, job_uid: str, grace_seconds: int) -> None:
+        """Delete the pods of this very Job (a stalled run): the Job replaces them. Each with a UID
+        precondition; one already gone is no error."""
+        for pod in self.list_pods(namespace, {"metadata": {"uid": job_uid}}):
+            meta = pod["metadata"]
+            if meta.get("deletionTimestamp"):
+                continue
+            try:
+                self.core.delete_namespaced_pod(
+                    meta["name"], namespace, grace_period_seconds=grace_seconds,
+                    body=client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=meta["uid"])),
+                    _request_timeout=self.timeout)
+            except ApiException as exc:
+                if exc.status not in (404, 409):
+                    raise
+
     def delete_children(self, namespace: str, name: str, uid: str) -> None:
         """Delete a FineTuneJob's Job (with its pods), ConfigMap, NetworkPolicy and Service (several
         nodes): each only if it exists and the FineTuneJob (`uid`) owns it, with a UID precondition,

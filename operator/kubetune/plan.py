@@ -14,6 +14,7 @@ look again (`retry`). The status is written at most once per pass, and only when
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -30,11 +31,12 @@ from kubetune_contract.config import StorageSpec
 Json = dict[str, Any]
 
 PROBLEM_REASONS = ("Unschedulable", "ImagePullError", "Retrying", "MissingDependency", "NameConflict",
-                   "JobRejected", "PodRejected", "Inadmissible", *status.CONTAINER_START_REASONS)
+                   "JobRejected", "PodRejected", "Inadmissible", status.NO_PROGRESS, *status.CONTAINER_START_REASONS)
 REJECTED_RETRY_SECONDS = 30.0  # a rejected child is tried again this often (and at once on a spec change)
 WAIT_SECONDS = 5.0  # a job waiting for a PVC or a preset is looked at again this often
 NAME_CONFLICT_SECONDS = 3.0
 WORKLOAD_SECONDS = 2.0
+STALLED_POD_GRACE_SECONDS = 30  # a stalled trainer cannot checkpoint on SIGTERM: its pods get this long
 
 # The reason of the Event a change of status is told with: a phase's own name, "Started" when the
 # trainer starts, and the status's reason for a Pending job and a change of reason within a phase
@@ -177,6 +179,15 @@ class DeleteChildren:
 
 
 @dataclass(frozen=True)
+class DeletePods:
+    """Delete the pods of a Job (a stalled run); the Job replaces them."""
+
+    namespace: str
+    job_uid: str
+    grace_seconds: int = STALLED_POD_GRACE_SECONDS
+
+
+@dataclass(frozen=True)
 class WriteStatus:
     """Write the status: the fields it sets replace the previous ones (a merge patch)."""
 
@@ -190,7 +201,7 @@ class PostEvent:
     message: str
 
 
-Action = Create | SetJobSuspend | PatchWorkload | DeleteChildren | WriteStatus | PostEvent
+Action = Create | SetJobSuspend | PatchWorkload | DeleteChildren | DeletePods | WriteStatus | PostEvent
 
 
 @dataclass(frozen=True)
@@ -502,11 +513,43 @@ def follow(world: World, spec: FineTuneJobSpec, job: Json, applied: Json | None)
         refusal = world.need(PodRefusal(job_meta["namespace"], job_meta["uid"]))
         if refusal:
             observed = status.pod_rejected(observed, refusal)
+    stall, left = stall_check(spec, observed, world.previous, pods, world.now)
+    if stall is not None:
+        observed = dataclasses.replace(observed, reason=status.NO_PROGRESS, message=stall)
+        if spec.training.stall_action == "restart":
+            actions.append(DeletePods(job_meta["namespace"], job_meta["uid"]))
     new = status.build_status(observed, previous=world.previous, generation=applied_generation(world.ftj, job),
                               job_name=job_meta["name"], now=world.now, gate=spec.evaluation.gate)
     retry = None
     if queued and spec.suspend and workload is None and not done:
         # Suspended before Kueue made the Workload: deactivate it as soon as it exists.
         retry = ("waiting for Kueue's Workload of the Job to deactivate it", WORKLOAD_SECONDS)
+    elif left is not None:
+        retry = ("the stall check (training.stallTimeoutSeconds)", left + 1)
     shown = transition(world, with_preset(new, applied), retry)
     return Plan((*actions, *shown.actions), shown.phase, shown.retry)
+
+
+def stall_check(spec: FineTuneJobSpec, observed: status.Observed, previous: Json, pods: list[Json],
+                now: str) -> tuple[str | None, float | None]:
+    """(why the run is stalled, or None; seconds until it would be, when it is training).
+
+    A Running job is stalled when its trainer last said it was training (progress.activity) and the
+    operator has heard nothing from it for training.stallTimeoutSeconds: while steps advance the trainer
+    reports at least once a minute. The clock starts again with each new pod, so a replacement that
+    is still starting up is not stalled on its predecessor's account."""
+    timeout = spec.training.stall_timeout_seconds
+    progress = previous.get("progress") or {}
+    if (timeout is None or observed.phase != Phase.RUNNING or observed.reason not in ("Training", status.NO_PROGRESS)
+            or progress.get("activity") != "training" or not progress.get("updatedAt")):
+        return None, None
+    started = [str(p["status"]["startTime"]) for p in pods
+               if not p["metadata"].get("deletionTimestamp") and (p.get("status") or {}).get("startTime")]
+    heard = str(progress["updatedAt"])
+    idle = min(seconds_between(stamp, now) for stamp in (heard, *started))
+    if idle < timeout:
+        return None, timeout - idle
+    action = ("its pods are restarted to resume from the last checkpoint" if spec.training.stall_action == "restart"
+              else "left running (training.stallAction none)")
+    return (f"no training step for {int(idle)}s (training.stallTimeoutSeconds {timeout}); the last report was "
+            f"at step {progress.get('step')} at {heard}: {action}"), None

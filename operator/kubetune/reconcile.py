@@ -143,7 +143,7 @@ class Reconciler:
         if cached is None or cached["metadata"].get("deletionTimestamp") or self._lags(cached):
             return False
         planned = self._plan(cached, facts)
-        if any(isinstance(action, plan.Create | plan.DeleteChildren) for action in planned.actions):
+        if any(isinstance(action, plan.Create | plan.DeleteChildren | plan.DeletePods) for action in planned.actions):
             return False
         metrics.RECONCILES.labels(kind="cached" if not planned.actions else "full").inc()
         self._act(planned, cached)
@@ -230,6 +230,8 @@ class Reconciler:
                              "deactivated" if patch["spec"]["active"] is False else "re-activated")
                 case plan.DeleteChildren(namespace, name, uid):
                     self.kube.delete_children(namespace, name, uid)
+                case plan.DeletePods(namespace, job_uid, grace):
+                    self.kube.delete_pods(namespace, job_uid, grace)
                 case plan.WriteStatus(new):
                     patch = status.as_patch(new)
                     self.kube.patch_status(meta["namespace"], meta["name"], patch)

@@ -61,12 +61,17 @@ def progress_operations(patch: Json, metrics: Json | None = None, *, progress: b
 
     `metrics`: every metric known for the job (the status's own, then each report's, `merge`d):
     status.metrics is written whole, so the write needs nothing of the status but its phase, and
-    metrics that this report lacks (an earlier evalLoss) are kept. Without `progress`,
-    status.progress is left alone (a resumed run reporting steps it already passed).
+    metrics that this report lacks (an earlier evalLoss) are kept. Without `progress`, only
+    status.progress.updatedAt and activity are written (a resumed run reporting steps it already
+    passed): the step shown never goes back.
     """
     operations: list[Json] = [{"op": "test", "path": "/status/phase", "value": Phase.RUNNING.value}]
     if progress:
         operations.append({"op": "add", "path": "/status/progress", "value": patch["progress"]})
+    else:
+        # The run is alive (the stall check's clock), whatever step it reports.
+        operations += [{"op": "add", "path": f"/status/progress/{key}", "value": patch["progress"][key]}
+                       for key in ("updatedAt", "activity") if key in patch["progress"]]
     if patch.get("metrics"):
         operations.append({"op": "add", "path": "/status/metrics", "value": metrics or patch["metrics"]})
     if patch.get("dataset"):

@@ -44,6 +44,8 @@ CONTAINER_START_REASONS = ("CreateContainerConfigError", "CreateContainerError",
 # The kubelet's message when a Secret the pod references does not exist (yet).
 MISSING_SECRET = re.compile(r"""secret ["']([^"']+)["'] not found""")
 GATE_FAILED = "EvaluationGateFailed"
+NO_PROGRESS = "NoProgress"
+"""A Running job whose training steps stopped advancing (plan.stall_check)."""
 EXIT_REASONS = {EXIT_INVALID_INPUT: "InvalidInput", EXIT_SOURCE_UNAVAILABLE: "SourceUnavailable",
                 EXIT_STORE_UNAVAILABLE: "StoreUnavailable",
                 EXIT_REGISTRY_UNAVAILABLE: "RegistryUnavailable", EXIT_OUT_OF_MEMORY: "OutOfMemory",
@@ -272,7 +274,7 @@ def conditions(phase: Phase, reason: str, message: str, generation: int, previou
     health check does (examples/argocd-application.yaml)."""
     refused = gate is not None and not gate.passed
     ready = phase == Phase.SUCCEEDED and not refused
-    stalled = phase == Phase.FAILED or (phase == Phase.SUCCEEDED and refused)
+    stalled = phase == Phase.FAILED or (phase == Phase.SUCCEEDED and refused) or reason == NO_PROGRESS
     reconciling = phase in RECONCILING
     if phase == Phase.SUCCEEDED and refused:
         assert gate is not None

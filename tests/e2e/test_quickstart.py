@@ -264,3 +264,45 @@ def test_a_dpo_job_succeeds_with_its_rewards_in_status(cluster: Any, namespace: 
     assert status["dataset"]["samples"] == 256
     # generation metrics on the chosen answers, tuned vs the backbone
     assert status["evaluation"]["metrics"]["rouge"]["tuned"] > status["evaluation"]["metrics"]["rouge"]["base"]
+
+
+def test_a_frozen_trainer_is_stalled_restarted_and_resumes(cluster: Any, namespace: str, s3_secret: None,
+                                                           operator: Any) -> None:
+    """training.stallTimeoutSeconds on the real node: the training container's processes are frozen
+    (SIGSTOP, as a hung NCCL collective leaves them) after a checkpoint; the job turns Stalled
+    (NoProgress) with a Warning Event, its pod is replaced, and the run resumes from the checkpoint
+    to Succeeded with 2 attempts."""
+    from tests.support.faults import freeze, pod_processes
+
+    manifest = yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text())
+    manifest["metadata"]["name"] = "frozen"
+    manifest["spec"]["training"].update(maxSteps=60, evalEverySteps=60, checkpointEverySteps=10, logEverySteps=5,
+                                        stallTimeoutSeconds=30)
+    manifest["spec"]["resources"] = {"gpus": 0}
+    cluster.apply(manifest, namespace)
+
+    def training_past_a_checkpoint() -> bool:
+        status = cluster.get("ftj", "frozen", "-n", namespace).get("status") or {}
+        assert status.get("phase") != "Succeeded", "finished before it could be frozen"
+        progress = status.get("progress") or {}
+        return status.get("phase") == "Running" and progress.get("activity") == "training" and \
+            progress.get("step", 0) >= 12
+
+    wait_for(training_past_a_checkpoint, timeout=600, interval=0.2, message="training past step 12")
+    first = cluster.get("pods", "-n", namespace, "-l", "job-name=frozen-trainer")["items"][0]
+    pids = pod_processes(first["metadata"]["uid"])
+    assert pids, "the training container's processes on this machine"
+    freeze(pids)
+
+    def stalled() -> dict[str, Any]:
+        status = cluster.get("ftj", "frozen", "-n", namespace)["status"]
+        condition = next(c for c in status["conditions"] if c["type"] == "Stalled")
+        return status if (condition["status"], condition["reason"]) == ("True", "NoProgress") else {}
+
+    shown = wait_for(stalled, timeout=180, message="condition Stalled, reason NoProgress")
+    assert "no training step for" in shown["message"] and "restarted" in shown["message"]
+    assert "NoProgress" in event_reasons(cluster, namespace, "frozen")
+    status = wait_phase(cluster, namespace, "frozen", "Succeeded", timeout=600)
+    assert status["attempts"] == 2 and status["progress"]["step"] == 60
+    pods = cluster.get("pods", "-n", namespace, "-l", "job-name=frozen-trainer")["items"]
+    assert first["metadata"]["uid"] not in {p["metadata"]["uid"] for p in pods}, "the frozen pod was replaced"

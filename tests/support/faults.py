@@ -196,3 +196,34 @@ class HostileConfigServer:
         self.stop.set()
         self.server.shutdown()
         self.server.server_close()
+
+
+def pod_processes(pod_uid: str) -> list[int]:
+    """PIDs on this machine of a pod's containers (the real node's cgroups name the pod's UID, with
+    dashes under cgroupfs and underscores under systemd), its pause process left out."""
+    import os
+    from pathlib import Path
+
+    marks = (pod_uid, pod_uid.replace("-", "_"))
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cgroup = (entry / "cgroup").read_text()
+            command = (entry / "cmdline").read_bytes().split(b"\0")[0]
+        except OSError:  # gone meanwhile
+            continue
+        if any(f"pod{mark}" in cgroup for mark in marks) and not command.endswith(b"pause"):
+            found.append(int(entry.name))
+    return [pid for pid in found if pid != os.getpid()]
+
+
+def freeze(pids: list[int]) -> None:
+    """SIGSTOP: the processes stay, hold their memory and sockets, and do nothing (a hung collective)."""
+    import os
+    import signal
+
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGSTOP)

@@ -26,6 +26,7 @@ CALLS: dict[str, Callable[[Kube], Any]] = {
     "set_job_suspend": lambda k: k.set_job_suspend("ns", "job-trainer", True),
     "list_pods": lambda k: k.list_pods("ns", JOB),
     "delete_children": lambda k: k.delete_children("ns", "job", "uid"),
+    "delete_pods": lambda k: k.delete_pods("ns", "u-1", 30),
     "missing_claims": lambda k: k.missing_claims("ns", ["c"]),
     "get_namespace": lambda k: k.get_namespace("ns"),
     "get_preset": lambda k: k.get_preset("ClusterFineTunePreset", "ns", "p"),

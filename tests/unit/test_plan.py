@@ -271,3 +271,66 @@ def test_a_job_that_pushed_its_artifact_says_where_in_an_event() -> None:
     written = next(a for a in planned.actions if isinstance(a, WriteStatus))
     assert written.status.artifacts is not None and written.status.artifacts.oci_reference == reference
     assert PostEvent("Normal", "Pushed", f"pushed the adapter to {reference}") in planned.actions
+
+
+# --- stalls: a Running job whose training steps stopped (training.stallTimeoutSeconds, default 1200) ---
+
+def running(updated_at: str, activity: str = "training", **spec: Any) -> Json:
+    return finetunejob({"phase": "Running", "reason": "Training", "observedGeneration": 1, "startTime": NOW,
+                        "progress": {"step": 40, "totalSteps": 100, "updatedAt": updated_at, "activity": activity}},
+                       **spec)
+
+
+def started(at: str, deleting: bool = False) -> Json:
+    found = pod("Running", startTime=at)
+    if deleting:
+        found["metadata"]["deletionTimestamp"] = NOW
+    return found
+
+
+LONG_AGO = "2025-12-31T23:49:00Z"  # 21 minutes before NOW
+
+
+def stall_pass(ftj: Json, *pods: Json) -> tuple[Plan, FineTuneJobStatus | None]:
+    planned, _ = run(ftj, the_job(ftj, active=1), PodsOf=list(pods))
+    written = next((a.status for a in planned.actions if isinstance(a, WriteStatus)), None)
+    return planned, written
+
+
+def test_a_run_silent_while_training_past_the_timeout_is_stalled_and_its_pods_restarted() -> None:
+    planned, written = stall_pass(running(LONG_AGO), started(LONG_AGO))
+    assert written is not None and (written.phase, written.reason) == ("Running", "NoProgress")
+    assert "no training step for 1260s (training.stallTimeoutSeconds 1200)" in (written.message or "")
+    assert "step 40" in (written.message or "") and "restarted" in (written.message or "")
+    stalled = next(c for c in written.conditions or [] if c.type == "Stalled")
+    assert (stalled.status, stalled.reason) == ("True", "NoProgress")
+    assert plan.DeletePods("ns", "job-uid") in planned.actions
+    assert ("Warning", "NoProgress") in events(planned)
+
+
+def test_stall_action_none_only_reports() -> None:
+    planned, written = stall_pass(running(LONG_AGO, training={"maxSteps": 10, "stallAction": "none"}),
+                                  started(LONG_AGO))
+    assert written is not None and written.reason == "NoProgress" and "left running" in (written.message or "")
+    assert not any(isinstance(a, plan.DeletePods) for a in planned.actions)
+
+
+@pytest.mark.parametrize(("ftj", "pods", "why"), [
+    (running("2026-01-01T00:05:00Z"), [started(LONG_AGO)], "heard from 5 minutes ago"),
+    (running(LONG_AGO, activity="evaluating"), [started(LONG_AGO)], "evaluating is not a stall"),
+    (running(LONG_AGO, activity="checkpointing"), [started(LONG_AGO)], "checkpointing is not a stall"),
+    (running(LONG_AGO, activity="preparing"), [started(LONG_AGO)], "a download is not a stall"),
+    (running(LONG_AGO), [started(LONG_AGO, deleting=True), started("2026-01-01T00:09:00Z")],
+     "a replacement pod started a minute ago"),
+    (running(LONG_AGO, training={"maxSteps": 10, "stallTimeoutSeconds": None}), [started(LONG_AGO)],
+     "stallTimeoutSeconds null: never checked"),
+])
+def test_what_is_not_a_stall(ftj: Json, pods: list[Json], why: str) -> None:
+    planned, written = stall_pass(ftj, *pods)
+    assert written is None or written.reason != "NoProgress", why
+    assert not any(isinstance(a, plan.DeletePods) for a in planned.actions), why
+
+
+def test_a_training_run_is_looked_at_again_when_it_would_stall() -> None:
+    planned, _ = stall_pass(running("2026-01-01T00:05:00Z"), started(LONG_AGO))
+    assert planned.retry is not None and planned.retry[1] == 1200 - 300 + 1

@@ -51,11 +51,15 @@ def test_progress_write_applies_only_while_running_and_keeps_other_metrics() -> 
     assert {"op": "add", "path": "/status/metrics", "value": {"evalLoss": 0.9, "trainLoss": 1.5}} in operations
 
 
-def test_a_step_already_shown_updates_metrics_but_not_progress() -> None:
-    patch = status_patch(ProgressReport(step=3, loss=0.5), NOW)
+def test_a_step_already_shown_updates_metrics_and_the_time_heard_but_not_the_step() -> None:
+    """A resumed run reports steps it already passed: the step shown stays, but the stall check's
+    clock (updatedAt) and the activity move."""
+    patch = status_patch(ProgressReport(step=3, loss=0.5, activity="training"), NOW)
     operations = progress_operations(patch, progress=False)
-    assert [op["path"] for op in operations] == ["/status/phase", "/status/metrics"]
-    assert operations[1]["value"] == {"trainLoss": 0.5}
+    assert [op["path"] for op in operations] == ["/status/phase", "/status/progress/updatedAt",
+                                                 "/status/progress/activity", "/status/metrics"]
+    assert operations[1]["value"] == NOW and operations[2]["value"] == "training"
+    assert operations[3]["value"] == {"trainLoss": 0.5}
 
 
 def test_the_server_keeps_the_status_metrics_beside_reported_ones() -> None:

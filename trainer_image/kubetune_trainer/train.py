@@ -54,6 +54,10 @@ from .steps import (
 
 log = logging.getLogger(__name__)
 
+HEARTBEAT_S = 60.0
+"""While steps advance, the operator hears from the run at least this often (training.stallTimeoutSeconds
+is checked against it, so it stays well above)."""
+
 
 
 @dataclass
@@ -101,6 +105,9 @@ class Trainer:
         self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
         self.metrics_path.write_text("")
         self.store: artifacts.Store | None = None
+        self.last_told = time.monotonic()
+        """When the operator last heard from this run (a progress report or an activity)."""
+        self.last_eta: float | None = None
         self.registry: oci.Registry | None = None
         """output.oci's registry (rank 0): checked before the model loads, pushed to after publishing."""
         self.in_loop = False
@@ -182,6 +189,7 @@ class Trainer:
             )
         torch.manual_seed(cfg.training.seed)
         random.seed(cfg.training.seed)
+        self.tell("preparing")
         self.store = artifacts.open_store(cfg.output.location, cfg.run_name, cfg.storage)
         self.checkpoints = CheckpointStore(self.store, cfg, self.work)
         # The first process of each machine checks the data and fills the download cache; the others
@@ -308,6 +316,7 @@ class Trainer:
 
         model.train()
         self.in_loop = True
+        self.tell("training")
         # The running loss stays on the device: reading it back costs a host sync, so that happens
         # only when progress is reported.
         window_loss = torch.zeros((), dtype=torch.float32, device=dev)
@@ -407,6 +416,10 @@ class Trainer:
                 # when rank 0 cannot write it (the store is away: exit 5), every rank stops so.
                 with world.fail_together():
                     self.checkpoint(model, optimizer, scheduler, scaler, step)
+                if step != steps:
+                    self.tell("training")
+            elif not do_log and time.monotonic() - self.last_told >= HEARTBEAT_S:
+                self.tell("training")  # steps advance, slower than logEverySteps reports them
             if stop:
                 raise Terminated(f"stopped by SIGTERM at step {step}; a checkpoint of step {step} was written")
             if do_log or do_checkpoint:
@@ -431,6 +444,7 @@ class Trainer:
     ) -> float:
         """Mean loss per answer token over the validation samples (evaluation.eval_loss); for a
         preference method also the validation pairs' losses and rewards."""
+        self.tell("evaluating")
         self.progress.eval_loss = evaluation.eval_loss(model, samples, pad_id, dev, precision, self.world,
                                                        self.micro_batch_size, sharded=self.sharded)
         if self.preference is not None:
@@ -439,9 +453,23 @@ class Trainer:
                                                                   sharded=self.sharded)
         return self.progress.eval_loss
 
+    def tell(self, activity: events.Activity) -> None:
+        """A light progress report (rank 0; not in metrics.jsonl): the current step and what the run
+        is doing now. The operator's stall check counts only time spent training without a report."""
+        self.last_told = time.monotonic()
+        if not self.world.is_main:
+            return
+        p = self.progress
+        report = events.ProgressReport(step=p.step, total_steps=p.total_steps, epoch=round(p.epoch, 4),
+                                       eta_seconds=round(self.last_eta, 1) if self.last_eta is not None else None,
+                                       activity=activity)
+        self.reporter.emit(events.event_json(report), record=False)
+
     def report(self, step: int, dev: torch.device, eta: float | None, eval_loss: float | None) -> None:
+        self.last_told, self.last_eta = time.monotonic(), eta
         p = self.progress
         report = events.ProgressReport(
+            activity="training",
             step=step,
             total_steps=p.total_steps,
             epoch=round(p.epoch, 4),
@@ -488,6 +516,7 @@ class Trainer:
 
         The files are the same whatever the strategy: whole trained weights, and the optimizer state
         dict of an unsharded optimizer."""
+        self.tell("checkpointing")
         trained: dict[str, torch.Tensor] = {}
         optimizer_state: dict[str, Any] = {}
         if self.sharded:
@@ -552,6 +581,7 @@ class Trainer:
 
         Every rank takes part: the answers are generated batch by batch on the ranks in turn (a
         sharded model's, on every rank in step), and the gather is collective; rank 0 keeps them."""
+        self.tell("evaluating")
         model.eval()
         pad_id = tokenizer.pad_token_id
         result = evaluation.evaluate(
@@ -575,6 +605,7 @@ class Trainer:
     ) -> dict[str, Any]:
         """Save the outputs to a staging directory, publish them, and return the summary."""
         assert self.store is not None
+        self.tell("publishing")
         p = self.progress
         staged = outputs.Staged(self.work / "outputs", self.metrics_path, p.events, len(datasets.train),
                                 len(datasets.validation), self.dataset, self.samples_text,
