@@ -300,7 +300,9 @@ def headline(metrics: EvaluationMetrics, order: list[str]) -> str | None:
 class ProgressReport(Metrics):
     """One progress event: pushed to the operator, printed, and appended to metrics.jsonl."""
 
-    type: Literal["progress"] = "progress"
+    type: Literal["progress", "activity"] = "progress"
+    """progress: a report of steps and metrics (also in metrics.jsonl); activity: only what the run is
+    doing now, at the current step (a change of activity, or a heartbeat while steps advance)."""
     step: int = Field(ge=0)
     total_steps: int | None = Field(default=None, ge=0)
     epoch: float | None = Field(default=None, ge=0)

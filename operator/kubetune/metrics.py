@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -20,6 +21,20 @@ REPORTS = Counter("kubetune_reports_total", "Progress reports from trainers, by 
 API_REQUESTS = Counter("kubetune_api_requests_total", "Kubernetes API requests of the reconciler and the report "
                        "endpoint (kopf's own are not counted), by HTTP method and resource", ["verb", "resource"])
 STATUS_WRITES = Counter("kubetune_status_writes_total", "Status patches of FineTuneJobs, by source", ["source"])
+# Showback: what the attempts of jobs cost, counted once when each attempt ends. Labels are bounded
+# by the cluster's namespaces, presets and queues, never by jobs.
+COST_LABELS = ["namespace", "preset", "queue", "outcome"]
+GPU_SECONDS = Counter("kubetune_gpu_seconds_total", "GPU-seconds of finished attempts (pod run time x GPUs held), "
+                      "by namespace, preset, Kueue queue and outcome: succeeded, failed, preempted (the cost of "
+                      "lost work), suspended", COST_LABELS)
+RUN_SECONDS = Counter("kubetune_run_seconds_total", "Run time of finished attempts' pods (CPU-only jobs included)",
+                      COST_LABELS)
+ATTEMPTS = Counter("kubetune_attempts_total", "Finished attempts (training pods) of FineTuneJobs", COST_LABELS)
+ATTEMPT_SECONDS = Histogram("kubetune_attempt_duration_seconds", "Run time of one attempt, by outcome", ["outcome"],
+                            buckets=(60, 300, 900, 1800, 3600, 7200, 14400, 28800, 86400, 259200))
+# Per job, only while it runs: removed when it stops running or is deleted.
+PROGRESS = Gauge("kubetune_finetunejob_progress_ratio", "Training progress (step / totalSteps) of each running "
+                 "FineTuneJob; the series exists only while the job runs", ["namespace", "name"])
 
 _phases: dict[tuple[str, str], str] = {}
 _lock = threading.Lock()
@@ -45,3 +60,22 @@ def forget(namespace: str, name: str) -> None:
     with _lock:
         _phases.pop((namespace, name), None)
         _publish()
+    running(namespace, name, None)
+
+
+def account(namespace: str, preset: str, queue: str, outcome: str, seconds: float, gpus: int) -> None:
+    """One attempt ended: its run time, and its GPU-seconds."""
+    labels = {"namespace": namespace, "preset": preset, "queue": queue, "outcome": outcome}
+    ATTEMPTS.labels(**labels).inc()
+    RUN_SECONDS.labels(**labels).inc(seconds)
+    GPU_SECONDS.labels(**labels).inc(seconds * gpus)
+    ATTEMPT_SECONDS.labels(outcome=outcome).observe(seconds)
+
+
+def running(namespace: str, name: str, progress: float | None) -> None:
+    """A job's per-job series: set while it runs (progress), removed when it does not (None)."""
+    if progress is not None:
+        PROGRESS.labels(namespace=namespace, name=name).set(progress)
+        return
+    with contextlib.suppress(KeyError):  # it was not running
+        PROGRESS.remove(namespace, name)

@@ -188,6 +188,19 @@ class DeletePods:
 
 
 @dataclass(frozen=True)
+class Account:
+    """What one attempt of a job cost, counted once when it ends (metrics.account): its pod's run
+    time, times the GPUs it held."""
+
+    namespace: str
+    preset: str  # "" without one
+    queue: str  # "" without one
+    outcome: str  # succeeded, failed, preempted or suspended
+    seconds: float
+    gpus: int
+
+
+@dataclass(frozen=True)
 class WriteStatus:
     """Write the status: the fields it sets replace the previous ones (a merge patch)."""
 
@@ -201,7 +214,7 @@ class PostEvent:
     message: str
 
 
-Action = Create | SetJobSuspend | PatchWorkload | DeleteChildren | DeletePods | WriteStatus | PostEvent
+Action = Create | SetJobSuspend | PatchWorkload | DeleteChildren | DeletePods | WriteStatus | PostEvent | Account
 
 
 @dataclass(frozen=True)
@@ -527,6 +540,8 @@ def follow(world: World, spec: FineTuneJobSpec, job: Json, applied: Json | None)
     elif left is not None:
         retry = ("the stall check (training.stallTimeoutSeconds)", left + 1)
     shown = transition(world, with_preset(new, applied), retry)
+    if any(isinstance(a, WriteStatus) for a in shown.actions):
+        shown = Plan((*shown.actions, *account(world, spec, str(new.phase), pods, applied)), shown.phase, shown.retry)
     return Plan((*actions, *shown.actions), shown.phase, shown.retry)
 
 
@@ -553,3 +568,37 @@ def stall_check(spec: FineTuneJobSpec, observed: status.Observed, previous: Json
               else "left running (training.stallAction none)")
     return (f"no training step for {int(idle)}s (training.stallTimeoutSeconds {timeout}); the last report was "
             f"at step {progress.get('step')} at {heard}: {action}"), None
+
+
+OUTCOMES = {Phase.SUCCEEDED: "succeeded", Phase.FAILED: "failed", Phase.PREEMPTED: "preempted",
+            Phase.QUEUED: "preempted", Phase.SUSPENDED: "suspended"}
+"""How an attempt that stopped running ended, by the phase the job went to (any other: failed, e.g.
+Pending and Retrying after a pod failure)."""
+
+
+def account(world: World, spec: FineTuneJobSpec, phase: str, pods: list[Json],
+            applied: Json | None) -> tuple[Account, ...]:
+    """The attempt that ended with this status write, to count (once: the write moves the phase on):
+    the job ran before and does not now, or it finished without ever being seen running."""
+    before = world.previous.get("phase")
+    finished = (Phase.SUCCEEDED, Phase.FAILED)
+    ended = (before == Phase.RUNNING and phase != Phase.RUNNING) or (
+        phase in finished and before not in (Phase.RUNNING, *finished))
+    seconds = attempt_seconds(pods, world.now) if ended else None
+    if seconds is None:
+        return ()
+    meta, resources = world.meta, spec.resources
+    return (Account(meta["namespace"], (applied or {}).get("name", ""), spec.scheduling.queue_name or "",
+                    OUTCOMES.get(Phase(phase), "failed"), seconds, resources.gpus * resources.distribution.nodes),)
+
+
+def attempt_seconds(pods: list[Json], now: str) -> float | None:
+    """How long the newest attempt's pod ran: from its start to its container's end (or now)."""
+    started = [p for p in pods if (p.get("status") or {}).get("startTime")]
+    if not started:
+        return None
+    newest = max(started, key=lambda p: p["status"]["startTime"])
+    ends = [c["state"]["terminated"].get("finishedAt") for c in newest["status"].get("containerStatuses") or []
+            if (c.get("state") or {}).get("terminated")]
+    end = max((e for e in ends if e), default=now)
+    return max(0.0, seconds_between(newest["status"]["startTime"], end))

@@ -199,6 +199,10 @@ class Reconciler:
         if planned.phase is None:
             return
         metrics.observe_phase(meta["namespace"], meta["name"], planned.phase)
+        progress = (ftj.get("status") or {}).get("progress") or {}
+        metrics.running(meta["namespace"], meta["name"], progress.get("step", 0) / progress["totalSteps"]
+                        if planned.phase == "Running" and progress.get("totalSteps") else
+                        0.0 if planned.phase == "Running" else None)
         if self.on_phase:
             self.on_phase(meta["namespace"], meta["name"], meta["uid"], planned.phase, ftj.get("status"))
 
@@ -244,6 +248,8 @@ class Reconciler:
                                  new.reason, new.message)
                 case plan.PostEvent(kind, reason, message):
                     self.kube.event(ftj, kind, reason, message)
+                case plan.Account(namespace, preset, queue, outcome, seconds, gpus):
+                    metrics.account(namespace, preset, queue, outcome, seconds, gpus)
         if planned.retry:
             raise Retry(*planned.retry)
 

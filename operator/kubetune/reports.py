@@ -216,7 +216,7 @@ class ReportServer:
             return self._reject(413, "too_large", f"report larger than {MAX_BODY_BYTES} bytes")
         except ValueError:
             return self._reject(400, "invalid", "body is not JSON")
-        if not isinstance(body, dict) or body.get("type", "progress") != "progress":
+        if not isinstance(body, dict) or body.get("type", "progress") not in ("progress", "activity"):
             metrics.REPORTS.labels(result="ignored").inc()
             return web.json_response({"accepted": False}, status=202)
         try:

@@ -26,7 +26,7 @@ def test_activities_and_heartbeats_of_a_run(assets: Path, tmp_path: Path, monkey
                                                              "evalEverySteps": 100, "checkpointEverySteps": 3})
     Trainer(config, Reporter(tmp_path / "metrics.jsonl", stream=out)).run()
     told = [json.loads(line) for line in out.getvalue().splitlines() if line.startswith("{")]
-    activity = [(e["step"], e["activity"]) for e in told if e.get("type") == "progress"]
+    activity = [(e["step"], e["activity"]) for e in told if e.get("type") in ("progress", "activity")]
     assert activity[0] == (0, "preparing")
     assert activity[-1] == (6, "publishing")
     order = [a for _, a in activity]

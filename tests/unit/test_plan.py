@@ -334,3 +334,79 @@ def test_what_is_not_a_stall(ftj: Json, pods: list[Json], why: str) -> None:
 def test_a_training_run_is_looked_at_again_when_it_would_stall() -> None:
     planned, _ = stall_pass(running("2026-01-01T00:05:00Z"), started(LONG_AGO))
     assert planned.retry is not None and planned.retry[1] == 1200 - 300 + 1
+
+
+# --- showback: each attempt counted once when it ends (plan.Account → metrics.account) ---
+
+def ran(start: str, end: str | None = None, phase: str = "Running") -> Json:
+    found = pod(phase, startTime=start)
+    if end:
+        found["status"]["containerStatuses"] = [{"name": "trainer", "state": {"terminated": {
+            "exitCode": 0 if phase == "Succeeded" else 1, "finishedAt": end}}}]
+    return found
+
+
+def accounted(planned: Plan) -> list[plan.Account]:
+    return [a for a in planned.actions if isinstance(a, plan.Account)]
+
+
+def test_an_attempt_is_counted_once_when_it_ends_with_its_gpu_seconds() -> None:
+    ftj = finetunejob({"phase": "Running", "reason": "Training", "observedGeneration": 1},
+                      resources={"gpus": 2}, scheduling={"queueName": "team-a"})
+    done = the_job(ftj, succeeded=1, conditions=[{"type": "Complete", "status": "True",
+                                                  "lastTransitionTime": "2026-01-01T00:05:00Z"}])
+    attempt = ran("2026-01-01T00:00:00Z", "2026-01-01T00:04:00Z", "Succeeded")
+    planned, _ = run(ftj, done, PodsOf=[attempt])
+    assert accounted(planned) == [plan.Account("ns", "", "team-a", "succeeded", 240.0, 2)]
+    # The next pass sees the job Succeeded already: nothing more is counted.
+    again, _ = run(settle(ftj, planned), done, PodsOf=[attempt])
+    assert accounted(again) == []
+
+
+def test_an_attempt_that_failed_and_will_be_retried_is_lost_work() -> None:
+    ftj = finetunejob({"phase": "Running", "reason": "Training", "observedGeneration": 1}, resources={"gpus": 1})
+    job = the_job(ftj, failed=1, active=0)
+    planned, _ = run(ftj, job, PodsOf=[ran("2026-01-01T00:00:00Z", "2026-01-01T00:01:40Z", "Failed")])
+    assert [(a.outcome, a.seconds, a.gpus) for a in accounted(planned)] == [("failed", 100.0, 1)]
+
+
+def test_a_job_never_seen_running_is_still_counted_when_it_finishes() -> None:
+    ftj = finetunejob({"phase": "Pending", "reason": "Starting", "observedGeneration": 1}, resources={"gpus": 1})
+    done = the_job(ftj, succeeded=1, conditions=[{"type": "Complete", "status": "True",
+                                                  "lastTransitionTime": "2026-01-01T00:05:00Z"}])
+    planned, _ = run(ftj, done, PodsOf=[ran("2026-01-01T00:00:00Z", "2026-01-01T00:02:00Z", "Succeeded")])
+    assert [(a.outcome, a.seconds) for a in accounted(planned)] == [("succeeded", 120.0)]
+
+
+def test_a_thousand_finished_jobs_leave_bounded_series() -> None:
+    """Showback labels are namespace, preset, queue and outcome; per-job series exist only while a job
+    runs. A thousand jobs that ran and finished leave the same series as one."""
+    from prometheus_client import REGISTRY, generate_latest
+
+    from kubetune import metrics
+
+    def series() -> int:
+        return sum(1 for line in generate_latest(REGISTRY).decode().splitlines()
+                   if line.startswith(("kubetune_gpu_seconds_total", "kubetune_finetunejob_progress_ratio",
+                                       "kubetune_attempts_total{")) and 'namespace="bulk"' in line)
+
+    before = REGISTRY.get_sample_value("kubetune_gpu_seconds_total",
+                                       {"namespace": "bulk", "preset": "", "queue": "", "outcome": "succeeded"}) or 0
+    for i in range(1000):
+        metrics.running("bulk", f"job-{i}", 0.5)
+        metrics.observe_phase("bulk", f"job-{i}", "Running")
+    assert series() == 1000, "one progress series per running job"
+    for i in range(1000):
+        ftj = finetunejob({"phase": "Running", "reason": "Training", "observedGeneration": 1}, resources={"gpus": 1})
+        ftj["metadata"].update(name=f"job-{i}", namespace="bulk")
+        done = the_job(ftj, succeeded=1, conditions=[{"type": "Complete", "status": "True",
+                                                      "lastTransitionTime": "2026-01-01T00:05:00Z"}])
+        planned, _ = run(ftj, done, PodsOf=[ran("2026-01-01T00:00:00Z", "2026-01-01T00:00:10Z", "Succeeded")])
+        for a in accounted(planned):
+            metrics.account(a.namespace, a.preset, a.queue, a.outcome, a.seconds, a.gpus)
+        metrics.running("bulk", f"job-{i}", None)
+        metrics.forget("bulk", f"job-{i}")
+    assert series() == 2, "one GPU-seconds and one attempts series for the namespace, no per-job series left"
+    after = REGISTRY.get_sample_value("kubetune_gpu_seconds_total",
+                                      {"namespace": "bulk", "preset": "", "queue": "", "outcome": "succeeded"})
+    assert after == before + 10_000

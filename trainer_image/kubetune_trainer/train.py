@@ -460,9 +460,9 @@ class Trainer:
         if not self.world.is_main:
             return
         p = self.progress
-        report = events.ProgressReport(step=p.step, total_steps=p.total_steps, epoch=round(p.epoch, 4),
-                                       eta_seconds=round(self.last_eta, 1) if self.last_eta is not None else None,
-                                       activity=activity)
+        report = events.ProgressReport(type="activity", step=p.step, total_steps=p.total_steps,
+                                       epoch=round(p.epoch, 4), activity=activity,
+                                       eta_seconds=round(self.last_eta, 1) if self.last_eta is not None else None)
         self.reporter.emit(events.event_json(report), record=False)
 
     def report(self, step: int, dev: torch.device, eta: float | None, eval_loss: float | None) -> None:
