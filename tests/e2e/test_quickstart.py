@@ -306,3 +306,9 @@ def test_a_frozen_trainer_is_stalled_restarted_and_resumes(cluster: Any, namespa
     assert status["attempts"] == 2 and status["progress"]["step"] == 60
     pods = cluster.get("pods", "-n", namespace, "-l", "job-name=frozen-trainer")["items"]
     assert first["metadata"]["uid"] not in {p["metadata"]["uid"] for p in pods}, "the frozen pod was replaced"
+    # Showback: the stalled attempt is lost work, the second one succeeded.
+    with urllib.request.urlopen(f"{operator.report_url}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    for outcome in ("failed", "succeeded"):
+        assert f'kubetune_attempts_total{{namespace="{namespace}",preset="",queue="",outcome="{outcome}"}} 1.0' \
+            in text, outcome
