@@ -593,12 +593,15 @@ def account(world: World, spec: FineTuneJobSpec, phase: str, pods: list[Json],
 
 
 def attempt_seconds(pods: list[Json], now: str) -> float | None:
-    """How long the newest attempt's pod ran: from its start to its container's end (or now)."""
+    """How long the attempt that ended ran: the newest pod whose trainer has terminated (else the
+    newest pod, still stopping), from its start to its container's end (or now)."""
+    def ends(pod: Json) -> list[str]:
+        return [str(c["state"]["terminated"].get("finishedAt") or now)
+                for c in pod["status"].get("containerStatuses") or [] if (c.get("state") or {}).get("terminated")]
+
     started = [p for p in pods if (p.get("status") or {}).get("startTime")]
     if not started:
         return None
-    newest = max(started, key=lambda p: p["status"]["startTime"])
-    ends = [c["state"]["terminated"].get("finishedAt") for c in newest["status"].get("containerStatuses") or []
-            if (c.get("state") or {}).get("terminated")]
-    end = max((e for e in ends if e), default=now)
-    return max(0.0, seconds_between(newest["status"]["startTime"], end))
+    ended = [p for p in started if ends(p)]
+    attempt = max(ended or started, key=lambda p: p["status"]["startTime"])
+    return max(0.0, seconds_between(attempt["status"]["startTime"], max(ends(attempt), default=now)))
