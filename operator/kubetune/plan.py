@@ -122,6 +122,7 @@ class World:
     now: str  # RFC 3339
     settings: Settings
     facts: Mapping[Fact, Any] = field(default_factory=dict)
+    operator_since: str | None = None  # when this operator started: the stall check's clock starts no earlier
 
     def need(self, fact: Fact) -> Any:
         if fact not in self.facts:
@@ -526,7 +527,7 @@ def follow(world: World, spec: FineTuneJobSpec, job: Json, applied: Json | None)
         refusal = world.need(PodRefusal(job_meta["namespace"], job_meta["uid"]))
         if refusal:
             observed = status.pod_rejected(observed, refusal)
-    stall, left = stall_check(spec, observed, world.previous, pods, world.now)
+    stall, left = stall_check(spec, observed, world.previous, pods, world.now, world.operator_since)
     if stall is not None:
         observed = dataclasses.replace(observed, reason=status.NO_PROGRESS, message=stall)
         if spec.training.stall_action == "restart":
@@ -546,13 +547,14 @@ def follow(world: World, spec: FineTuneJobSpec, job: Json, applied: Json | None)
 
 
 def stall_check(spec: FineTuneJobSpec, observed: status.Observed, previous: Json, pods: list[Json],
-                now: str) -> tuple[str | None, float | None]:
+                now: str, operator_since: str | None = None) -> tuple[str | None, float | None]:
     """(why the run is stalled, or None; seconds until it would be, when it is training).
 
     A Running job is stalled when its trainer last said it was training (progress.activity) and the
     operator has heard nothing from it for training.stallTimeoutSeconds: while steps advance the trainer
     reports at least once a minute. The clock starts again with each new pod, so a replacement that
-    is still starting up is not stalled on its predecessor's account."""
+    is still starting up is not stalled on its predecessor's account, nor a run whose reports went
+    unheard while the operator was away (`operator_since`)."""
     timeout = spec.training.stall_timeout_seconds
     progress = previous.get("progress") or {}
     if (timeout is None or observed.phase != Phase.RUNNING or observed.reason not in ("Training", status.NO_PROGRESS)
@@ -561,7 +563,8 @@ def stall_check(spec: FineTuneJobSpec, observed: status.Observed, previous: Json
     started = [str(p["status"]["startTime"]) for p in pods
                if not p["metadata"].get("deletionTimestamp") and (p.get("status") or {}).get("startTime")]
     heard = str(progress["updatedAt"])
-    idle = min(seconds_between(stamp, now) for stamp in (heard, *started))
+    since = [operator_since] if operator_since else []
+    idle = min(seconds_between(stamp, now) for stamp in (heard, *started, *since))
     if idle < timeout:
         return None, timeout - idle
     action = ("its pods are restarted to resume from the last checkpoint" if spec.training.stall_action == "restart"

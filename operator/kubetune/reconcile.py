@@ -75,6 +75,7 @@ class Reconciler:
         self._dirty: set[tuple[str, str]] = set()
         self.fetch_config: Callable[[str, StorageSpec, str | None], Json] = preflight.remote_config
         self.estimates = preflight.Estimates()  # GPU memory checks: network reads off the reconcile path
+        self.started = now()  # the stall check does not blame runs for what it could not hear before
         self._written: dict[tuple[str, str], tuple[str, Json]] = {}  # key → (uid, the status fields last written)
 
     @property
@@ -166,7 +167,7 @@ class Reconciler:
         job = self.children.get_job(meta["namespace"], render.job_name(meta["name"]))
         while True:
             try:
-                return plan.plan(World(ftj, job, now(), self.settings, facts))
+                return plan.plan(World(ftj, job, now(), self.settings, facts, self.started))
             except plan.Need as need:
                 facts[need.fact] = self._read(need.fact, ftj)
 

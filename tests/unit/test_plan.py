@@ -410,3 +410,13 @@ def test_a_thousand_finished_jobs_leave_bounded_series() -> None:
     after = REGISTRY.get_sample_value("kubetune_gpu_seconds_total",
                                       {"namespace": "bulk", "preset": "", "queue": "", "outcome": "succeeded"})
     assert after == before + 10_000
+
+
+def test_an_operator_that_just_started_does_not_blame_runs_it_could_not_hear() -> None:
+    ftj = running(LONG_AGO)
+    job = the_job(ftj, active=1)
+    facts = {NamespaceOf("ns"): NAMESPACE, PodsOf("job-uid", job): [started(LONG_AGO)]}
+    world = World(ftj, job, NOW, SETTINGS, facts, operator_since="2026-01-01T00:08:00Z")
+    planned = plan.plan(world)
+    assert not any(isinstance(a, plan.DeletePods) for a in planned.actions)
+    assert planned.retry is not None and planned.retry[1] == 1200 - 120 + 1
