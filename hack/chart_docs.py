@@ -25,7 +25,8 @@ CHART = Path(__file__).resolve().parents[1] / "helm" / "kubetune"
 # Kubernetes objects passed through as they are.
 FREE_FORM = {"resources", "podSecurityContext", "securityContext", "affinity", "admissionPolicy.namespaceSelector"}
 STRING_MAPS = {"nodeSelector", "podLabels", "podAnnotations", "trainer.nodeSelector",
-               "serviceAccount.annotations", "serviceMonitor.labels"}
+               "serviceAccount.annotations", "serviceMonitor.labels", "prometheusRule.labels",
+               "grafanaDashboard.labels"}
 PORT = {"type": "integer", "minimum": 1, "maximum": 65535}
 OVERRIDES: dict[str, dict[str, Any]] = {
     "image.pullPolicy": {"enum": ["Always", "IfNotPresent", "Never"]},

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what the node of the local cluster (kubelet + containerd) needs from Debian:
 # containerd (+ ctr), runc, the CNI plugins, buildah (builds the pause and test images) and
-# busybox-static (the test image's only binary). Installs only what is missing; a second run
-# does nothing. devcluster/cluster.py runs it before starting the node.
+# busybox-static (the test image's only binary), and Prometheus (promtool checks the chart's alerts;
+# the tests' Prometheus scrapes the operator). Installs only what is missing; a second run does
+# nothing. devcluster/cluster.py runs it before starting the node.
 set -euo pipefail
 
 declare -A wanted=(
@@ -12,6 +13,7 @@ declare -A wanted=(
   [buildah]=/usr/bin/buildah
   [busybox-static]=/bin/busybox
   [iptables]=/usr/sbin/iptables
+  [prometheus]=/usr/bin/prometheus
 )
 missing=()
 for package in "${!wanted[@]}"; do

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -32,11 +33,18 @@ RUN_SECONDS = Counter("kubetune_run_seconds_total", "Run time of finished attemp
 ATTEMPTS = Counter("kubetune_attempts_total", "Finished attempts (training pods) of FineTuneJobs", COST_LABELS)
 ATTEMPT_SECONDS = Histogram("kubetune_attempt_duration_seconds", "Run time of one attempt, by outcome", ["outcome"],
                             buckets=(60, 300, 900, 1800, 3600, 7200, 14400, 28800, 86400, 259200))
+STALLED = Gauge("kubetune_finetunejobs_stalled", "Running FineTuneJobs whose training stopped advancing (reason "
+                "NoProgress), by namespace", ["namespace"])
+QUEUED_OLDEST = Gauge("kubetune_queued_oldest_seconds", "How long the longest-waiting Queued FineTuneJob has waited "
+                      "(since this operator first saw it queued)")
 # Per job, only while it runs: removed when it stops running or is deleted.
 PROGRESS = Gauge("kubetune_finetunejob_progress_ratio", "Training progress (step / totalSteps) of each running "
                  "FineTuneJob; the series exists only while the job runs", ["namespace", "name"])
 
 _phases: dict[tuple[str, str], str] = {}
+_stalled: dict[tuple[str, str], bool] = {}
+_namespaces: set[str] = set()  # every namespace seen keeps its stalled count (0 included)
+_queued_since: dict[tuple[str, str], float] = {}  # monotonic
 _lock = threading.Lock()
 
 
@@ -46,12 +54,32 @@ def _publish() -> None:
         counts[phase] = counts.get(phase, 0) + 1
     for phase, count in counts.items():
         FINETUNEJOBS.labels(phase=phase).set(count)
+    stalled = dict.fromkeys(_namespaces, 0)
+    for (namespace, _), flag in _stalled.items():
+        stalled[namespace] += flag
+    for namespace, count in stalled.items():
+        STALLED.labels(namespace=namespace).set(count)
 
 
-def observe_phase(namespace: str, name: str, phase: str) -> None:
-    """Record the current phase of a FineTuneJob."""
+def _oldest_queued() -> float:
     with _lock:
-        _phases[(namespace, name)] = phase
+        return max((time.monotonic() - since for since in _queued_since.values()), default=0.0)
+
+
+QUEUED_OLDEST.set_function(_oldest_queued)
+
+
+def observe_phase(namespace: str, name: str, phase: str, reason: str | None = None) -> None:
+    """Record the current phase (and reason) of a FineTuneJob."""
+    key = (namespace, name)
+    with _lock:
+        _phases[key] = phase
+        _namespaces.add(namespace)
+        _stalled[key] = phase == Phase.RUNNING and reason == "NoProgress"
+        if phase == Phase.QUEUED:
+            _queued_since.setdefault(key, time.monotonic())
+        else:
+            _queued_since.pop(key, None)
         _publish()
 
 
@@ -59,6 +87,8 @@ def forget(namespace: str, name: str) -> None:
     """A FineTuneJob was deleted."""
     with _lock:
         _phases.pop((namespace, name), None)
+        _stalled.pop((namespace, name), None)
+        _queued_since.pop((namespace, name), None)
         _publish()
     running(namespace, name, None)
 

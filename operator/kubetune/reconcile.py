@@ -199,7 +199,8 @@ class Reconciler:
             log.warning("%s/%s: %s", meta["namespace"], meta["name"], planned.warning)
         if planned.phase is None:
             return
-        metrics.observe_phase(meta["namespace"], meta["name"], planned.phase)
+        metrics.observe_phase(meta["namespace"], meta["name"], planned.phase,
+                              (ftj.get("status") or {}).get("reason"))
         progress = (ftj.get("status") or {}).get("progress") or {}
         metrics.running(meta["namespace"], meta["name"], progress.get("step", 0) / progress["totalSteps"]
                         if planned.phase == "Running" and progress.get("totalSteps") else

@@ -18,6 +18,7 @@ from devcluster.images import TEST_DOUBLE_PATH
 from tests.support.faults import BlackholeProxy
 from tests.support.helpers import Node
 from tests.support.jobs import Operator, Signals, running_operator
+from tests.support.prometheus import Prometheus
 
 Cluster = Any  # tests/conftest.py's Cluster (conftest modules are not importable by name)
 # The chaos suite runs with `make chaos` (KUBETUNE_CHAOS=1) only: long, and not a gate for `make test`.
@@ -132,3 +133,15 @@ def proxied_operator(cluster: Cluster, crd: None, namespace: str, node: Node, fa
     env = {"KUBETUNE_API_TIMEOUT": "5", **fake_trainer_env, **operator_env, "KUBECONFIG": str(path)}
     with running_operator(cluster, namespace, tmp_path, env, report_host=node.host) as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def prometheus(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
+    """One real Prometheus for the session (Debian's, installed with the node's tools when the cluster
+    started), with the chart's alert rules; a test points it at its operator."""
+    server = Prometheus(tmp_path_factory.mktemp("prometheus"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

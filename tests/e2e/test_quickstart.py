@@ -267,12 +267,22 @@ def test_a_dpo_job_succeeds_with_its_rewards_in_status(cluster: Any, namespace: 
 
 
 def test_a_frozen_trainer_is_stalled_restarted_and_resumes(cluster: Any, namespace: str, s3_secret: None,
-                                                           operator: Any) -> None:
+                                                           operator: Any, prometheus: Any) -> None:
     """training.stallTimeoutSeconds on the real node: the training container's processes are frozen
     (SIGSTOP, as a hung NCCL collective leaves them) after a checkpoint; the job turns Stalled
-    (NoProgress) with a Warning Event, its pod is replaced, and the run resumes from the checkpoint
-    to Succeeded with 2 attempts."""
+    (NoProgress) with a Warning Event and the chart's KubeTuneJobStalled alert fires in a real
+    Prometheus scraping the operator; its pod is replaced, and the run resumes from the checkpoint
+    to Succeeded with 2 attempts. Every dashboard panel's query returns data along the way, and every
+    alert expression evaluates."""
     from tests.support.faults import freeze, pod_processes
+    from tests.support.prometheus import RULES, dashboard_queries
+
+    prometheus.scrape(operator.report_url)
+    panels = dashboard_queries()
+    answered: set[str] = set()
+
+    def look() -> None:
+        answered.update(title for title, expr in panels.items() if prometheus.query(expr))
 
     manifest = yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text())
     manifest["metadata"]["name"] = "frozen"
@@ -289,6 +299,9 @@ def test_a_frozen_trainer_is_stalled_restarted_and_resumes(cluster: Any, namespa
             progress.get("step", 0) >= 12
 
     wait_for(training_past_a_checkpoint, timeout=600, interval=0.2, message="training past step 12")
+    wait_for(lambda: prometheus.query(f'kubetune_finetunejob_progress_ratio{{namespace="{namespace}"}} > 0'),
+             timeout=60, message="the running job's progress in Prometheus")
+    look()
     first = cluster.get("pods", "-n", namespace, "-l", "job-name=frozen-trainer")["items"][0]
     pids = pod_processes(first["metadata"]["uid"])
     assert pids, "the training container's processes on this machine"
@@ -302,6 +315,10 @@ def test_a_frozen_trainer_is_stalled_restarted_and_resumes(cluster: Any, namespa
     shown = wait_for(stalled, timeout=180, message="condition Stalled, reason NoProgress")
     assert "no training step for" in shown["message"] and "restarted" in shown["message"]
     assert "NoProgress" in event_reasons(cluster, namespace, "frozen")
+    alert = wait_for(lambda: [a for a in prometheus.firing("KubeTuneJobStalled")
+                              if a["labels"].get("namespace") == namespace], timeout=120,
+                     message="the KubeTuneJobStalled alert firing")
+    assert alert[0]["labels"]["severity"] == "warning"
     status = wait_phase(cluster, namespace, "frozen", "Succeeded", timeout=600)
     assert status["attempts"] == 2 and status["progress"]["step"] == 60
     pods = cluster.get("pods", "-n", namespace, "-l", "job-name=frozen-trainer")["items"]
@@ -312,3 +329,13 @@ def test_a_frozen_trainer_is_stalled_restarted_and_resumes(cluster: Any, namespa
     for outcome in ("failed", "succeeded"):
         assert f'kubetune_attempts_total{{namespace="{namespace}",preset="",queue="",outcome="{outcome}"}} 1.0' \
             in text, outcome
+    wait_for(lambda: prometheus.query(f'kubetune_attempts_total{{namespace="{namespace}",outcome="succeeded"}}'),
+             timeout=60, message="the succeeded attempt in Prometheus")
+    look()
+    assert answered == set(panels), f"panels without data: {set(panels) - answered}"
+    for group in yaml.safe_load(RULES.read_text())["groups"]:
+        for rule in group["rules"]:
+            prometheus.query(rule["expr"])  # evaluates (an error fails the query); data only while it fires
+    wait_for(lambda: not [a for a in prometheus.firing("KubeTuneJobStalled")
+                          if a["labels"].get("namespace") == namespace],
+             timeout=60, message="the stalled alert resolved once the run went on")

@@ -189,3 +189,24 @@ def test_install_train_test_uninstall(cluster: Any, crd: None, namespace: str, m
     assert cluster.kubectl("get", "crd", "finetunejobs.kubetune.io", check=False).returncode == 0, "CRD kept"
     subprocess.run([str(cluster.kubectl_path), "delete", "namespace", release_ns, "--wait=false"],
                    env=cluster.env, check=False, capture_output=True)
+
+
+def test_alerts_pass_promtool_and_the_chart_carries_them_and_the_dashboard(cluster: Any) -> None:
+    """files/prometheus-rules.yaml is a valid Prometheus rule file (Debian's promtool, installed with
+    the node's tools); prometheusRule.enabled renders its groups unchanged, grafanaDashboard.enabled the
+    dashboard JSON in a ConfigMap the Grafana sidecar discovers. Both are off by default."""
+    rules = CHART / "files" / "prometheus-rules.yaml"
+    checked = subprocess.run(["promtool", "check", "rules", str(rules)], capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "SUCCESS: 5 rules found" in checked.stdout
+    kinds = {d["kind"] for d in yaml.safe_load_all(cluster.helm("template", "kt", str(CHART)).stdout) if d}
+    assert not {"PrometheusRule", "ServiceMonitor"} & kinds
+    docs = [d for d in yaml.safe_load_all(cluster.helm(
+        "template", "kt", str(CHART), "--set", "prometheusRule.enabled=true", "--set", "grafanaDashboard.enabled=true",
+        "--set", "prometheusRule.labels.release=prom").stdout) if d]
+    rule = next(d for d in docs if d["kind"] == "PrometheusRule")
+    assert rule["spec"] == yaml.safe_load(rules.read_text()) and rule["metadata"]["labels"]["release"] == "prom"
+    dashboard = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "kt-kubetune-dashboard")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(dashboard["data"]["kubetune.json"]) == json.loads(
+        (CHART / "files" / "grafana-dashboard.json").read_text())
