@@ -1,6 +1,7 @@
 """`kubetune` command line: `crd [--check]`, `operator [--namespace NS ...]`, `selftest`,
 `estimate -f FILE [--gpu-memory 80Gi] [--json]`, `pull NAME [-n NS] [--to DIR] [--print-serving]`,
-`watch NAME [-n NS]`, `describe NAME [-n NS]`. Installed also as the kubectl plugin `kubectl kubetune`."""
+`watch NAME`, `describe NAME`, `logs NAME [-f] [--rank N | --all]` (each with `-n NS`).
+Installed also as the kubectl plugin `kubectl kubetune`."""
 
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "pull":
         return pull.command(args)
-    if args.command in ("watch", "describe"):
+    if args.command in ("watch", "describe", "logs"):
         return follow.command(args)
     if args.command == "estimate":
         return estimate_command(args)

@@ -35,6 +35,17 @@ def add_parsers(sub: Any) -> None:
                                                "artifacts, lineage and events")
     describe.add_argument("name", help="the FineTuneJob")
     describe.add_argument("-n", "--namespace", default=None, help="its namespace (default: the kubeconfig's)")
+    logs = sub.add_parser("logs", help="a FineTuneJob's trainer log: its newest pod's, followed across restarts "
+                                       "with -f; once the pods are gone, the copy published with its outputs")
+    logs.add_argument("name", help="the FineTuneJob")
+    logs.add_argument("-n", "--namespace", default=None, help="its namespace (default: the kubeconfig's)")
+    logs.add_argument("-f", "--follow", action="store_true", help="follow until the job ends, through pod restarts")
+    which = logs.add_mutually_exclusive_group()
+    which.add_argument("--rank", type=int, default=0, help="the pod of this node rank (distribution.nodes; "
+                                                          "default 0, the one that reports and publishes)")
+    which.add_argument("--all", action="store_true", help="every node's pod, each line prefixed with its rank")
+    logs.add_argument("--endpoint", help="object-store endpoint as seen from here, for the published copy")
+    logs.add_argument("--insecure", action="store_true", default=None, help="plain HTTP to the endpoint")
 
 
 @dataclass
@@ -217,10 +228,126 @@ def job_events(kube: Any, namespace: str, ftj: Json) -> list[Json]:
     return sorted(items, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or e.get("firstTimestamp") or "")
 
 
+INDEX = "batch.kubernetes.io/job-completion-index"
+
+
+def newest_pods(pods: list[Json]) -> dict[int, Json]:
+    """The newest pod of each node rank (an Indexed Job's completion index; 0 for one pod)."""
+    out: dict[int, Json] = {}
+    for pod in sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp") or ""):
+        out[int((pod["metadata"].get("annotations") or {}).get(INDEX, "0"))] = pod
+    return out
+
+
+def training_pods(kube: Any, namespace: str, name: str) -> list[Json]:
+    from kubetune.render import job_name
+
+    found = kube.core.list_namespaced_pod(namespace, label_selector=f"batch.kubernetes.io/job-name={job_name(name)}",
+                                          _request_timeout=kube.timeout)
+    return [kube.core.api_client.sanitize_for_serialization(p) for p in found.items]
+
+
+def logs(kube: Any, namespace: str, ftj: Json, args: argparse.Namespace, out: TextIO) -> int:
+    """Print the trainer log of the newest pod of each wanted rank; with `follow`, stream them (one
+    thread per pod) and, when a restart replaces them, the next ones, until the job ends. With no
+    pod left (removed after the end), the copy published with the outputs. 1 when there is none."""
+    import threading
+
+    name = ftj["metadata"]["name"]
+    shown: set[str] = set()  # pods whose log was printed: a restart's new pods come next
+    lock = threading.Lock()
+    while True:
+        pods = newest_pods(training_pods(kube, namespace, name))
+        phase = ((kube.get_finetunejob(namespace, name) or {}).get("status") or {}).get("phase")
+        if not pods and not shown and (not args.follow or phase in TERMINAL):
+            return published_log(kube, namespace, ftj, args, out)
+        wanted = sorted(pods.items()) if args.all else [(args.rank, pods[args.rank])] if args.rank in pods else []
+        fresh = [(rank, pod) for rank, pod in wanted if pod["metadata"]["uid"] not in shown
+                 and (pod.get("status") or {}).get("startTime")]
+        threads = [threading.Thread(target=print_log, args=(kube, namespace, pod, f"[rank {rank}] " if args.all else "",
+                                                            out, args.follow, lock), daemon=True)
+                   for rank, pod in fresh]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        shown.update(pod["metadata"]["uid"] for _, pod in fresh)
+        if not args.follow:
+            return 0 if shown else 1
+        if phase in TERMINAL or kube.get_finetunejob(namespace, name) is None:
+            return 0
+        time.sleep(1)  # the job goes on: its next pods (a restart) may not exist yet
+
+
+def print_log(kube: Any, namespace: str, pod: Json, prefix: str, out: TextIO, follow: bool,
+              lock: Any = None) -> None:
+    """One pod's trainer log (followed until the container ends), each line whole and prefixed."""
+    import contextlib
+
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        response = kube.core.read_namespaced_pod_log(pod["metadata"]["name"], namespace, container="trainer",
+                                                     follow=follow, _preload_content=False,
+                                                     _request_timeout=None if follow else kube.timeout)
+    except ApiException as err:
+        if err.status in (400, 404):  # not started, or gone meanwhile
+            return
+        raise
+    pending = ""
+    for chunk in response.stream(decode_content=True) if follow else [response.data]:
+        pending += chunk.decode(errors="replace") if isinstance(chunk, bytes) else str(chunk)
+        *lines, pending = pending.split("\n")
+        with lock if lock is not None else contextlib.nullcontext():
+            out.writelines(prefix + line + "\n" for line in lines)
+            out.flush()
+    if pending:
+        with lock if lock is not None else contextlib.nullcontext():
+            out.write(prefix + pending + "\n")
+            out.flush()
+
+
+def published_log(kube: Any, namespace: str, ftj: Json, args: argparse.Namespace, out: TextIO) -> int:
+    """The trainer.log published with the outputs, once no pod is left."""
+    import tempfile
+    from pathlib import Path
+
+    from kubetune.pull import credentials, storage_of
+    from kubetune_trainer.artifacts import open_run
+
+    location = str(((ftj.get("status") or {}).get("artifacts") or {}).get("location") or "").rstrip("/")
+    if not location:
+        print(f"FineTuneJob {namespace}/{ftj['metadata']['name']} has no pods and published no log", file=sys.stderr)
+        return 1
+    if location.startswith("s3://"):
+        credentials(kube, namespace, ftj)
+    store = open_run(location, storage_of(ftj, args.endpoint, args.insecure))
+    if "trainer.log" not in store.list("trainer.log"):
+        print(f"{location} holds no trainer.log", file=sys.stderr)
+        return 1
+    with tempfile.TemporaryDirectory() as tmp:
+        store.get_file("trainer.log", Path(tmp) / "trainer.log")
+        print(f"# the pods are gone: the log published with {location}/trainer.log", file=sys.stderr)
+        out.write((Path(tmp) / "trainer.log").read_text(errors="replace"))
+    return 0
+
+
 def command(args: argparse.Namespace) -> int:
-    from kubetune.pull import connect
+    from kubetune.pull import PullError, connect
 
     kube, namespace = connect(args.namespace)
+    if args.command == "logs":
+        ftj = kube.get_finetunejob(namespace, args.name)
+        if ftj is None:
+            print(f"FineTuneJob {namespace}/{args.name} not found", file=sys.stderr)
+            return 1
+        try:
+            return logs(kube, namespace, ftj, args, sys.stdout)
+        except PullError as err:
+            print(f"kubetune logs: {err}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            return 130
     if args.command == "describe":
         ftj = kube.get_finetunejob(namespace, args.name)
         if ftj is None:

@@ -121,6 +121,19 @@ def test_quickstart_trains_reports_progress_and_publishes_artifacts(
     for credential in (minio_env["MINIO_SECRET_KEY"], minio_env["MINIO_ACCESS_KEY"], token):
         assert all(credential not in text for text in visible), "a credential leaked"
 
+    # `kubetune logs`: the pod's log while it exists, then the copy published with the outputs.
+    logs = [sys.executable, "-m", "kubetune", "logs", "quickstart", "-n", namespace]
+    live = subprocess.run(logs, env=cluster.env, capture_output=True, text=True, timeout=120)
+    assert live.returncode == 0 and "training: 300 steps" in live.stdout, live.stderr
+    cluster.kubectl("delete", "job", "quickstart-trainer", "-n", namespace, "--cascade=foreground", "--wait=true")
+    wait_for(lambda: not cluster.get("pods", "-n", namespace, "-l", "job-name=quickstart-trainer")["items"],
+             timeout=120, message="the training pods gone")
+    env = {k: v for k, v in cluster.env.items() if not k.startswith("AWS_")}
+    kept = subprocess.run([*logs, "--endpoint", minio_env["MINIO_ENDPOINT"], "--insecure"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert kept.returncode == 0, kept.stderr
+    assert "the pods are gone" in kept.stderr and "training: 300 steps" in kept.stdout
+
 
 class Terminal:
     """A command whose stdout is a pseudo-terminal; what it shows is collected by a thread."""
@@ -290,6 +303,8 @@ def test_a_frozen_trainer_is_stalled_restarted_and_resumes(cluster: Any, namespa
                                         stallTimeoutSeconds=30)
     manifest["spec"]["resources"] = {"gpus": 0}
     cluster.apply(manifest, namespace)
+    following = subprocess.Popen([sys.executable, "-m", "kubetune", "logs", "frozen", "-n", namespace, "-f"],
+                                 env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def training_past_a_checkpoint() -> bool:
         status = cluster.get("ftj", "frozen", "-n", namespace).get("status") or {}
@@ -323,6 +338,10 @@ def test_a_frozen_trainer_is_stalled_restarted_and_resumes(cluster: Any, namespa
     assert status["attempts"] == 2 and status["progress"]["step"] == 60
     pods = cluster.get("pods", "-n", namespace, "-l", "job-name=frozen-trainer")["items"]
     assert first["metadata"]["uid"] not in {p["metadata"]["uid"] for p in pods}, "the frozen pod was replaced"
+    # `kubetune logs -f` followed the first pod, then its replacement, and ended with the job.
+    out, err = following.communicate(timeout=120)
+    assert following.returncode == 0, err
+    assert out.count("training: 60 steps") == 2 and "resuming from step" in out, out[-3000:]
     # Showback: the stalled attempt is lost work, the second one succeeded.
     with urllib.request.urlopen(f"{operator.report_url}/metrics", timeout=5) as response:
         text = response.read().decode()

@@ -11,6 +11,7 @@ Layout under ``<output.location>/<runName>/``::
     loss.png            train and eval loss curves
     evaluation.json     evaluation.metrics, tuned vs base, and the promotion gate's verdict
     predictions.jsonl   per validation prompt: reference, tuned and base answers, per-sample scores
+    trainer.log         rank 0's log up to publishing (kubetune logs reads it once the pods are gone)
     checkpoints/step-N/ resumable checkpoints (complete once their checkpoint.json exists)
     manifest.json       written LAST: every published file with its size and sha256, and the lineage
 

@@ -47,6 +47,7 @@ class Staged:
     samples_text: str = ""  # samples.txt
     lineage: Lineage | None = None  # what made the outputs (lineage.py)
     validation: list[data.Example] = field(default_factory=list)  # the merged model answers the first few
+    log: Path | None = None  # rank 0's log so far: published as trainer.log
 
 
 def publish(config: TrainerConfig, store: artifacts.Store, staged: Staged, model: Any, tokenizer: Any,
@@ -94,6 +95,8 @@ def publish(config: TrainerConfig, store: artifacts.Store, staged: Staged, model
     found = lineage.as_json(staged.lineage) if staged.lineage else {}
     (out / "README.md").write_text(artifacts.model_card(config_json, metrics, extra, evaluated, found))
     artifacts.plot_losses(staged.events, out / "loss.png")
+    if staged.log is not None and staged.log.is_file():
+        shutil.copyfile(staged.log, out / "trainer.log")
     manifest = artifacts.publish(out, store, lineage=found or None)
     uri = store.uri
     pushed = None

@@ -151,7 +151,14 @@ class Trainer:
         """Train and publish; on SIGTERM, checkpoint (when in the loop) and raise Terminated.
 
         An accelerator out-of-memory error becomes :class:`OutOfMemory` with settings to change.
+        Rank 0's log is also written to trainer.log in the work directory while it runs: published with
+        the outputs (`kubetune logs` reads it once the pods are gone).
         """
+        copy = logging.FileHandler(self.work / "trainer.log", encoding="utf-8") if self.world.is_main else None
+        if copy is not None:
+            copy.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            copy.setLevel(logging.INFO)
+            logging.getLogger().addHandler(copy)
         try:
             distributed.init(self.world)
             if threading.current_thread() is not threading.main_thread():
@@ -165,6 +172,10 @@ class Trainer:
             return result
         except OUT_OF_MEMORY_ERRORS as err:
             raise OutOfMemory(self.out_of_memory_message(err)) from err
+        finally:
+            if copy is not None:
+                logging.getLogger().removeHandler(copy)
+                copy.close()
 
     def out_of_memory_message(self, err: BaseException) -> str:
         step = self.progress.step
@@ -610,7 +621,7 @@ class Trainer:
         staged = outputs.Staged(self.work / "outputs", self.metrics_path, p.events, len(datasets.train),
                                 len(datasets.validation), self.dataset, self.samples_text,
                                 lineage.lineage(self.config, model_path, datasets.files, self.started_at),
-                                datasets.validation)
+                                datasets.validation, self.work / "trainer.log")
         return outputs.publish(self.config, self.store, staged, model, tokenizer, model_path, final, precision,
                                self.final_metrics(dev), p.step, p.total_steps, p.epoch, self.registry)
 
