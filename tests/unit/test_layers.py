@@ -20,8 +20,10 @@ MAY_NOT_IMPORT = {
 # config.json with the caller's credentials through the trainer's downloader; without the trainer it
 # reads anonymously, as the operator does. The operator's image never takes that path.
 # `kubetune pull` downloads and checks a run with the trainer's own store and manifest code (the same
-# checks as the trainer's `pull` for init containers); it runs on a workstation, never in the operator.
-ALLOWED = {("kubetune/preflight.py", "kubetune_trainer"), ("kubetune/pull.py", "kubetune_trainer")}
+# checks as the trainer's `pull` for init containers), and `kubetune logs` reads a published log with
+# it; both run on a workstation, never in the operator.
+ALLOWED = {("kubetune/preflight.py", "kubetune_trainer"), ("kubetune/pull.py", "kubetune_trainer"),
+           ("kubetune/follow.py", "kubetune_trainer")}
 
 
 def imports(path: Path) -> set[str]:
