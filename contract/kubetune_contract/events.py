@@ -309,6 +309,8 @@ class ProgressReport(Metrics):
     eta_seconds: float | None = Field(default=None, ge=0)
     dataset: DatasetStats | None = None
     activity: Activity | None = None
+    sent_at: float | None = Field(default=None, ge=0)
+    """When the trainer emitted it (Unix seconds): the operator measures the report lag."""
 
     def progress(self, updated_at: str) -> Progress:
         """status.progress for this report."""

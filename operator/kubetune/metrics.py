@@ -33,6 +33,11 @@ RUN_SECONDS = Counter("kubetune_run_seconds_total", "Run time of finished attemp
 ATTEMPTS = Counter("kubetune_attempts_total", "Finished attempts (training pods) of FineTuneJobs", COST_LABELS)
 ATTEMPT_SECONDS = Histogram("kubetune_attempt_duration_seconds", "Run time of one attempt, by outcome", ["outcome"],
                             buckets=(60, 300, 900, 1800, 3600, 7200, 14400, 28800, 86400, 259200))
+REPORT_LAG = Histogram("kubetune_report_lag_seconds", "From a trainer's progress report to its arrival at the "
+                       "operator", buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+FIRST_STEP = Histogram("kubetune_time_to_first_step_seconds", "From a Job's start (its status.startTime: admitted, "
+                       "not yet scheduled) to the first training step's report: scheduling, image pull, downloads, "
+                       "model load and the first evaluation", buckets=(10, 30, 60, 120, 300, 600, 1200, 1800, 3600))
 STALLED = Gauge("kubetune_finetunejobs_stalled", "Running FineTuneJobs whose training stopped advancing (reason "
                 "NoProgress), by namespace", ["namespace"])
 QUEUED_OLDEST = Gauge("kubetune_queued_oldest_seconds", "How long the longest-waiting Queued FineTuneJob has waited "

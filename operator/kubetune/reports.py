@@ -45,6 +45,13 @@ SOURCE_RATE, SOURCE_BURST = 5.0, 20.0  # failed or uncached requests per client 
 MAX_SOURCES = 4096
 
 
+def seconds_since(stamp: str) -> float:
+    """Seconds from an RFC 3339 timestamp to now."""
+    import datetime as dt
+
+    return (dt.datetime.now(dt.UTC) - dt.datetime.fromisoformat(stamp.replace("Z", "+00:00"))).total_seconds()
+
+
 def status_patch(report: ProgressReport, updated_at: str) -> Json:
     """status.progress and status.metrics from one report (only the fields it carries)."""
     patch: Json = {"progress": report.progress(updated_at).model_dump(by_alias=True, exclude_none=True)}
@@ -125,6 +132,7 @@ class ReportServer:
         # refused at once, and nothing a request carries ever causes an API call.
         self._known: dict[Key, str] = {}
         self._steps: dict[Key, int] = {}  # the highest progress step in each job's status
+        self._started: dict[Key, str] = {}  # each job's status.startTime (the time to its first step)
         self._metrics: dict[Key, Json] = {}  # every metric known for the job: its status's, then reported
         self._buckets: dict[Key, TokenBucket] = {}
         self._sources: dict[str, TokenBucket] = {}
@@ -162,6 +170,8 @@ class ReportServer:
             self._metrics.pop(key, None)
         self._known[key] = uid
         shown = status or {}
+        if shown.get("startTime"):
+            self._started[key] = str(shown["startTime"])
         step = (shown.get("progress") or {}).get("step")
         if step is not None:
             self._steps[key] = max(step, self._steps.get(key, 0))
@@ -176,7 +186,8 @@ class ReportServer:
         """The job was deleted: drop every per-job entry (a job re-created under the name has a new
         UID, hence a new token)."""
         key = (namespace, name)
-        for table in (self._known, self._steps, self._metrics, self._buckets, self._pending, self._last_flush):
+        for table in (self._known, self._steps, self._metrics, self._buckets, self._pending, self._last_flush,
+                      self._started):
             table.pop(key, None)
         for keys in (self._finished, self._scheduled):
             keys.discard(key)
@@ -227,6 +238,8 @@ class ReportServer:
             metrics.REPORTS.labels(result="ignored").inc()
             return web.json_response({"accepted": False}, status=202)
         metrics.REPORTS.labels(result="accepted").inc()
+        if report.sent_at is not None:
+            metrics.REPORT_LAG.observe(max(0.0, time.time() - report.sent_at))
         self._accept(key, status_patch(report, now()))
         return web.json_response({"accepted": True}, status=202)
 
@@ -263,6 +276,8 @@ class ReportServer:
             metrics.STATUS_WRITES.labels(source="report").inc()
             self._metrics[key] = known
             if forward:
+                if step >= 1 and not self._steps.get(key) and key in self._started:
+                    metrics.FIRST_STEP.observe(max(0.0, seconds_since(self._started[key])))
                 self._steps[key] = step
         else:
             metrics.REPORTS.labels(result="not_running").inc()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import urllib.request
@@ -348,6 +349,9 @@ def test_a_frozen_trainer_is_stalled_restarted_and_resumes(cluster: Any, namespa
     for outcome in ("failed", "succeeded"):
         assert f'kubetune_attempts_total{{namespace="{namespace}",preset="",queue="",outcome="{outcome}"}} 1.0' \
             in text, outcome
+    for measured in ("kubetune_report_lag_seconds_count", "kubetune_time_to_first_step_seconds_count"):
+        found = re.search(rf"^{measured} (\S+)$", text, re.MULTILINE)
+        assert found and float(found.group(1)) >= 1, measured
     wait_for(lambda: prometheus.query(f'kubetune_attempts_total{{namespace="{namespace}",outcome="succeeded"}}'),
              timeout=60, message="the succeeded attempt in Prometheus")
     look()

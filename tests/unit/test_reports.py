@@ -106,3 +106,33 @@ def test_the_data_statistics_of_a_report_go_to_status_dataset_and_survive_a_merg
     assert pending["dataset"] == stats and pending["progress"]["step"] == 1
     assert {"op": "add", "path": "/status/dataset", "value": stats} in progress_operations(pending)
     assert not any(op["path"] == "/status/dataset" for op in progress_operations(later))
+
+
+def test_the_time_to_the_first_step_is_observed_once_per_job() -> None:
+    import datetime as dt
+
+    from prometheus_client import REGISTRY
+
+    from kubetune.reports import ReportServer
+
+    class Kube:
+        def patch_progress(self, namespace: str, name: str, operations: list[dict[str, object]]) -> bool:
+            return True
+
+    def observed() -> float:
+        return REGISTRY.get_sample_value("kubetune_time_to_first_step_seconds_count") or 0.0
+
+    server = ReportServer(Kube(), key=b"k", interval=1, rate=1, burst=1)  # type: ignore[arg-type]
+    started = (dt.datetime.now(dt.UTC) - dt.timedelta(seconds=90)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    server.observe("ns", "first", "uid", "Running", {"startTime": started})
+    before = observed()
+    server._write_unless_finished(("ns", "first"), status_patch(ProgressReport(step=0, eval_loss=3.0), NOW))
+    assert observed() == before, "step 0 is the evaluation before training"
+    server._write_unless_finished(("ns", "first"), status_patch(ProgressReport(step=1, loss=2.0), NOW))
+    server._write_unless_finished(("ns", "first"), status_patch(ProgressReport(step=2, loss=1.9), NOW))
+    assert observed() == before + 1
+    # An operator that restarts mid-run sees the step in status: no second observation.
+    restarted = ReportServer(Kube(), key=b"k", interval=1, rate=1, burst=1)  # type: ignore[arg-type]
+    restarted.observe("ns", "first", "uid", "Running", {"startTime": started, "progress": {"step": 2}})
+    restarted._write_unless_finished(("ns", "first"), status_patch(ProgressReport(step=3, loss=1.8), NOW))
+    assert observed() == before + 1

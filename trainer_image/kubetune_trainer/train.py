@@ -472,7 +472,7 @@ class Trainer:
             return
         p = self.progress
         report = events.ProgressReport(type="activity", step=p.step, total_steps=p.total_steps,
-                                       epoch=round(p.epoch, 4), activity=activity,
+                                       epoch=round(p.epoch, 4), activity=activity, sent_at=round(time.time(), 3),
                                        eta_seconds=round(self.last_eta, 1) if self.last_eta is not None else None)
         self.reporter.emit(events.event_json(report), record=False)
 
@@ -481,6 +481,7 @@ class Trainer:
         p = self.progress
         report = events.ProgressReport(
             activity="training",
+            sent_at=round(time.time(), 3),
             step=step,
             total_steps=p.total_steps,
             epoch=round(p.epoch, 4),
