@@ -224,6 +224,7 @@ def test_a_registry_that_stays_away_fails_with_its_own_exit_code(tmp_path: Path)
     assert away.value.exit_code == EXIT_REGISTRY_UNAVAILABLE
 
 
+@pytest.mark.slow
 def test_a_run_whose_registry_stops_for_60_s_mid_push_succeeds_and_reports_the_digest(
         assets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A real (tiny) training run with output.oci; the registry stops after the first blob and comes
