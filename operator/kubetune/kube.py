@@ -231,9 +231,12 @@ class Kube:
             if meta.get("deletionTimestamp"):
                 continue
             try:
+                # The grace period goes in the body: the API server reads DeleteOptions from the body
+                # when there is one, and would take the pod's own terminationGracePeriodSeconds.
                 self.core.delete_namespaced_pod(
-                    meta["name"], namespace, grace_period_seconds=grace_seconds,
-                    body=client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=meta["uid"])),
+                    meta["name"], namespace,
+                    body=client.V1DeleteOptions(grace_period_seconds=grace_seconds,
+                                                preconditions=client.V1Preconditions(uid=meta["uid"])),
                     _request_timeout=self.timeout)
             except ApiException as exc:
                 if exc.status not in (404, 409):

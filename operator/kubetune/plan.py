@@ -276,7 +276,9 @@ def transition(world: World, new: FineTuneJobStatus, retry: tuple[str, float] | 
     if all(previous.get(k) == v for k, v in status.as_patch(new).items()):
         return Plan(phase=phase, retry=retry)
     actions: list[Action] = [WriteStatus(new)]
-    if (phase, reason) != (previous.get("phase"), previous.get("reason")):
+    # A stalled job whose pods are being replaced stays stalled: one Event for the stall.
+    told = reason == status.NO_PROGRESS == previous.get("reason")
+    if (phase, reason) != (previous.get("phase"), previous.get("reason")) and not told:
         if previous.get("phase") == Phase.SUSPENDED and phase != Phase.SUSPENDED:
             actions.append(PostEvent("Normal", "Resumed", "resumed"))
         warn = phase == Phase.FAILED or reason in PROBLEM_REASONS
@@ -528,7 +530,12 @@ def follow(world: World, spec: FineTuneJobSpec, job: Json, applied: Json | None)
         if refusal:
             observed = status.pod_rejected(observed, refusal)
     stall, left = stall_check(spec, observed, world.previous, pods, world.now, world.operator_since)
-    if stall is not None:
+    if stall is None and world.previous.get("reason") == status.NO_PROGRESS and observed.phase == Phase.PENDING \
+            and observed.reason in ("Starting", "Retrying"):
+        # The stalled pods are being replaced: the job stays stalled until a new pod runs.
+        observed = dataclasses.replace(observed, reason=status.NO_PROGRESS,
+                                       message=str(world.previous.get("message") or observed.message))
+    elif stall is not None:
         observed = dataclasses.replace(observed, reason=status.NO_PROGRESS, message=stall)
         if spec.training.stall_action == "restart":
             actions.append(DeletePods(job_meta["namespace"], job_meta["uid"]))

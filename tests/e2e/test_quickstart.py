@@ -300,8 +300,7 @@ def test_a_frozen_trainer_is_stalled_restarted_and_resumes(cluster: Any, namespa
 
     manifest = yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text())
     manifest["metadata"]["name"] = "frozen"
-    manifest["spec"]["training"].update(maxSteps=60, evalEverySteps=60, checkpointEverySteps=10, logEverySteps=5,
-                                        stallTimeoutSeconds=30)
+    manifest["spec"]["training"].update(checkpointEverySteps=20, stallTimeoutSeconds=30)
     manifest["spec"]["resources"] = {"gpus": 0}
     cluster.apply(manifest, namespace)
     following = subprocess.Popen([sys.executable, "-m", "kubetune", "logs", "frozen", "-n", namespace, "-f"],
@@ -312,9 +311,9 @@ def test_a_frozen_trainer_is_stalled_restarted_and_resumes(cluster: Any, namespa
         assert status.get("phase") != "Succeeded", "finished before it could be frozen"
         progress = status.get("progress") or {}
         return status.get("phase") == "Running" and progress.get("activity") == "training" and \
-            progress.get("step", 0) >= 12
+            progress.get("step", 0) >= 25
 
-    wait_for(training_past_a_checkpoint, timeout=600, interval=0.2, message="training past step 12")
+    wait_for(training_past_a_checkpoint, timeout=600, interval=0.2, message="training past step 25")
     wait_for(lambda: prometheus.query(f'kubetune_finetunejob_progress_ratio{{namespace="{namespace}"}} > 0'),
              timeout=60, message="the running job's progress in Prometheus")
     look()
@@ -336,13 +335,13 @@ def test_a_frozen_trainer_is_stalled_restarted_and_resumes(cluster: Any, namespa
                      message="the KubeTuneJobStalled alert firing")
     assert alert[0]["labels"]["severity"] == "warning"
     status = wait_phase(cluster, namespace, "frozen", "Succeeded", timeout=600)
-    assert status["attempts"] == 2 and status["progress"]["step"] == 60
+    assert status["attempts"] == 2 and status["progress"]["step"] == 300
     pods = cluster.get("pods", "-n", namespace, "-l", "job-name=frozen-trainer")["items"]
     assert first["metadata"]["uid"] not in {p["metadata"]["uid"] for p in pods}, "the frozen pod was replaced"
     # `kubetune logs -f` followed the first pod, then its replacement, and ended with the job.
     out, err = following.communicate(timeout=120)
     assert following.returncode == 0, err
-    assert out.count("training: 60 steps") == 2 and "resuming from step" in out, out[-3000:]
+    assert out.count("training: 300 steps") == 2 and "resuming from step" in out, out[-3000:]
     # Showback: the stalled attempt is lost work, the second one succeeded.
     with urllib.request.urlopen(f"{operator.report_url}/metrics", timeout=5) as response:
         text = response.read().decode()

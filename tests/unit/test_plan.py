@@ -420,3 +420,13 @@ def test_an_operator_that_just_started_does_not_blame_runs_it_could_not_hear() -
     planned = plan.plan(world)
     assert not any(isinstance(a, plan.DeletePods) for a in planned.actions)
     assert planned.retry is not None and planned.retry[1] == 1200 - 120 + 1
+
+
+def test_a_stalled_job_stays_stalled_while_its_pods_are_replaced_with_one_event() -> None:
+    ftj = running(LONG_AGO)
+    ftj["status"].update(reason="NoProgress", message="no training step for 1260s …")
+    planned, written = stall_pass(ftj, started(LONG_AGO, deleting=True))
+    assert written is not None and (written.phase, written.reason) == ("Pending", "NoProgress")
+    assert written.message == "no training step for 1260s …"
+    assert next(c for c in written.conditions or [] if c.type == "Stalled").status == "True"
+    assert events(planned) == [], "the stall was told once"
