@@ -38,8 +38,8 @@ REPORT_LAG = Histogram("kubetune_report_lag_seconds", "From a trainer's progress
 FIRST_STEP = Histogram("kubetune_time_to_first_step_seconds", "From a Job's start (its status.startTime: admitted, "
                        "not yet scheduled) to the first training step's report: scheduling, image pull, downloads, "
                        "model load and the first evaluation", buckets=(10, 30, 60, 120, 300, 600, 1200, 1800, 3600))
-STALLED = Gauge("kubetune_finetunejobs_stalled", "Running FineTuneJobs whose training stopped advancing (reason "
-                "NoProgress), by namespace", ["namespace"])
+STALLED = Gauge("kubetune_finetunejobs_stalled", "FineTuneJobs whose training stopped advancing (reason "
+                "NoProgress, until a new pod runs), by namespace", ["namespace"])
 QUEUED_OLDEST = Gauge("kubetune_queued_oldest_seconds", "How long the longest-waiting Queued FineTuneJob has waited "
                       "(since this operator first saw it queued)")
 # Per job, only while it runs: removed when it stops running or is deleted.
@@ -80,7 +80,7 @@ def observe_phase(namespace: str, name: str, phase: str, reason: str | None = No
     with _lock:
         _phases[key] = phase
         _namespaces.add(namespace)
-        _stalled[key] = phase == Phase.RUNNING and reason == "NoProgress"
+        _stalled[key] = reason == "NoProgress"  # Running, or Pending while its pods are replaced
         if phase == Phase.QUEUED:
             _queued_since.setdefault(key, time.monotonic())
         else:

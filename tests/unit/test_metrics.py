@@ -16,6 +16,8 @@ def test_stalled_jobs_are_counted_per_namespace_and_back_to_zero() -> None:
     metrics.observe_phase("alerts", "a", "Running", "NoProgress")
     metrics.observe_phase("alerts", "b", "Running", "Training")
     assert value("kubetune_finetunejobs_stalled", namespace="alerts") == 1
+    metrics.observe_phase("alerts", "a", "Pending", "NoProgress")  # its pods are being replaced
+    assert value("kubetune_finetunejobs_stalled", namespace="alerts") == 1
     metrics.observe_phase("alerts", "a", "Running", "Training")
     assert value("kubetune_finetunejobs_stalled", namespace="alerts") == 0, "the series stays, at 0"
     metrics.observe_phase("alerts", "a", "Running", "NoProgress")
