@@ -300,7 +300,9 @@ def test_a_frozen_trainer_is_stalled_restarted_and_resumes(cluster: Any, namespa
 
     manifest = yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text())
     manifest["metadata"]["name"] = "frozen"
-    manifest["spec"]["training"].update(checkpointEverySteps=20, stallTimeoutSeconds=30)
+    # Checkpoints every 100 steps and one evaluation at the end: from step 105 on, the trainer trains
+    # (its activity) for long enough that the freeze lands while it does.
+    manifest["spec"]["training"].update(checkpointEverySteps=100, evalEverySteps=300, stallTimeoutSeconds=30)
     manifest["spec"]["resources"] = {"gpus": 0}
     cluster.apply(manifest, namespace)
     following = subprocess.Popen([sys.executable, "-m", "kubetune", "logs", "frozen", "-n", namespace, "-f"],
@@ -311,16 +313,18 @@ def test_a_frozen_trainer_is_stalled_restarted_and_resumes(cluster: Any, namespa
         assert status.get("phase") != "Succeeded", "finished before it could be frozen"
         progress = status.get("progress") or {}
         return status.get("phase") == "Running" and progress.get("activity") == "training" and \
-            progress.get("step", 0) >= 25
+            progress.get("step", 0) >= 105
 
-    wait_for(training_past_a_checkpoint, timeout=600, interval=0.2, message="training past step 25")
+    wait_for(lambda: cluster.get("pods", "-n", namespace, "-l", "job-name=frozen-trainer")["items"], timeout=300,
+             message="the training pod")
+    first = cluster.get("pods", "-n", namespace, "-l", "job-name=frozen-trainer")["items"][0]
+    wait_for(training_past_a_checkpoint, timeout=600, interval=0.1, message="training past step 105")
+    pids = pod_processes(first["metadata"]["uid"])
+    assert pids, "the training container's processes on this machine"
+    freeze(pids)  # between the checkpoint of step 100 and the next, with no evaluation before the end
     wait_for(lambda: prometheus.query(f'kubetune_finetunejob_progress_ratio{{namespace="{namespace}"}} > 0'),
              timeout=60, message="the running job's progress in Prometheus")
     look()
-    first = cluster.get("pods", "-n", namespace, "-l", "job-name=frozen-trainer")["items"][0]
-    pids = pod_processes(first["metadata"]["uid"])
-    assert pids, "the training container's processes on this machine"
-    freeze(pids)
 
     def stalled() -> dict[str, Any]:
         status = cluster.get("ftj", "frozen", "-n", namespace)["status"]

@@ -219,11 +219,12 @@ def pod_processes(pod_uid: str) -> list[int]:
     return [pid for pid in found if pid != os.getpid()]
 
 
-def freeze(pids: list[int]) -> None:
-    """SIGSTOP: the processes stay, hold their memory and sockets, and do nothing (a hung collective)."""
+def freeze(pids: list[int], thaw: bool = False) -> None:
+    """SIGSTOP: the processes stay, hold their memory and sockets, and do nothing (a hung collective);
+    `thaw`: SIGCONT, they go on."""
     import os
     import signal
 
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGSTOP)
+            os.kill(pid, signal.SIGCONT if thaw else signal.SIGSTOP)
