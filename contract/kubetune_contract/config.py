@@ -233,7 +233,7 @@ class TrainingSpec(Section):
     evaluating, checkpointing and publishing are not stalls. null: never checked."""
     stall_action: Literal["restart", "none"] = "restart"
     """restart: a stalled job's pods are deleted, so the Job replaces them and the run resumes from its
-    last checkpoint (counted in status.attempts, bounded by backoffLimit); none: only reported."""
+    last checkpoint (counted in status.stallRestarts, at most backoffLimit); none: only reported."""
 
     @model_validator(mode="after")
     def _one_length(self) -> TrainingSpec:

@@ -392,6 +392,9 @@ class FineTuneJobStatus(Section):
     """The batch/v1 Job that runs the trainer."""
     attempts: int | None = None
     """Pods started so far (1 + retries)."""
+    stall_restarts: int | None = Field(default=None, ge=0)
+    """Times the operator replaced the pods of this run because it stalled (training.stallAction
+    restart); at most backoffLimit, then a stalled run is left as it is."""
     progress: Progress | None = None
     """Training progress."""
     metrics: Metrics | None = None

@@ -535,12 +535,21 @@ def follow(world: World, spec: FineTuneJobSpec, job: Json, applied: Json | None)
         # The stalled pods are being replaced: the job stays stalled until a new pod runs.
         observed = dataclasses.replace(observed, reason=status.NO_PROGRESS,
                                        message=str(world.previous.get("message") or observed.message))
-    elif stall is not None:
-        observed = dataclasses.replace(observed, reason=status.NO_PROGRESS, message=stall)
-        if spec.training.stall_action == "restart":
+    restarted = False
+    if stall is not None:
+        restarts = int(world.previous.get("stallRestarts") or 0)
+        again = world.previous.get("reason") == status.NO_PROGRESS  # the same stall, its pods still stopping
+        if spec.training.stall_action == "restart" and restarts >= spec.backoff_limit and not again:
+            stall = stall.replace("its pods are restarted to resume from the last checkpoint",
+                                  f"not restarted again: {restarts} stall restarts already (backoffLimit)")
+        elif spec.training.stall_action == "restart":
             actions.append(DeletePods(job_meta["namespace"], job_meta["uid"]))
+            restarted = not again
+        observed = dataclasses.replace(observed, reason=status.NO_PROGRESS, message=stall)
     new = status.build_status(observed, previous=world.previous, generation=applied_generation(world.ftj, job),
                               job_name=job_meta["name"], now=world.now, gate=spec.evaluation.gate)
+    if restarted:
+        new = new.model_copy(update={"stall_restarts": int(world.previous.get("stallRestarts") or 0) + 1})
     retry = None
     if queued and spec.suspend and workload is None and not done:
         # Suspended before Kueue made the Workload: deactivate it as soon as it exists.

@@ -347,6 +347,8 @@ def build_status(observed: Observed, *, previous: Json, generation: int, job_nam
         status["completionTime"] = rfc3339(observed.completion_time)
     if observed.attempts:
         status["attempts"] = observed.attempts
+    if previous.get("stallRestarts"):
+        status["stallRestarts"] = previous["stallRestarts"]
     # progress and metrics come from trainer reports (reports.py) while the job runs; merge
     # patches leave them alone. The final summary, when there is one, completes them.
     status.update({k: v for k, v in fields.items() if v})

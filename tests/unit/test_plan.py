@@ -430,3 +430,21 @@ def test_a_stalled_job_stays_stalled_while_its_pods_are_replaced_with_one_event(
     assert written.message == "no training step for 1260s …"
     assert next(c for c in written.conditions or [] if c.type == "Stalled").status == "True"
     assert events(planned) == [], "the stall was told once"
+
+
+def test_stall_restarts_are_counted_and_bounded_by_the_backoff_limit() -> None:
+    planned, written = stall_pass(running(LONG_AGO, backoffLimit=1), started(LONG_AGO))
+    assert written is not None and written.stall_restarts == 1
+    assert any(isinstance(a, plan.DeletePods) for a in planned.actions)
+    # Seen again while its pods are still stopping: the same restart, not another.
+    again = running(LONG_AGO, backoffLimit=1)
+    again["status"].update(reason="NoProgress", stallRestarts=1)
+    planned, written = stall_pass(again, started(LONG_AGO))
+    assert written is None or written.stall_restarts == 1
+    # A new stall after backoffLimit restarts: reported, the pods left alone.
+    later = running(LONG_AGO, backoffLimit=1)
+    later["status"].update(stallRestarts=1)
+    planned, written = stall_pass(later, started(LONG_AGO))
+    assert written is not None and written.reason == "NoProgress" and written.stall_restarts == 1
+    assert "not restarted again: 1 stall restarts already (backoffLimit)" in (written.message or "")
+    assert not any(isinstance(a, plan.DeletePods) for a in planned.actions)
