@@ -345,7 +345,7 @@ def test_a_frozen_trainer_is_stalled_restarted_and_resumes(cluster: Any, namespa
     # `kubetune logs -f` followed the first pod, then its replacement, and ended with the job.
     out, err = following.communicate(timeout=120)
     assert following.returncode == 0, err
-    assert out.count("training: 300 steps") == 2 and "resuming from step" in out, out[-3000:]
+    assert out.count("training: 300 steps") >= 2 and "resuming from step" in out, out[-3000:]  # both pods
     # Showback: the stalled attempt is lost work, the second one succeeded.
     with urllib.request.urlopen(f"{operator.report_url}/metrics", timeout=5) as response:
         text = response.read().decode()
