@@ -545,6 +545,13 @@ def follow(world: World, spec: FineTuneJobSpec, job: Json, applied: Json | None)
         elif spec.training.stall_action == "restart":
             actions.append(DeletePods(job_meta["namespace"], job_meta["uid"]))
             restarted = not again
+            seconds = attempt_seconds(pods, world.now)
+            if restarted and seconds is not None:
+                # The stalled attempt ends here: lost work (its replacement may run before a pass
+                # sees the job leave Running).
+                actions.append(Account(job_meta["namespace"], (applied or {}).get("name", ""),
+                                       spec.scheduling.queue_name or "", "failed", seconds,
+                                       spec.resources.gpus * spec.resources.distribution.nodes))
         observed = dataclasses.replace(observed, reason=status.NO_PROGRESS, message=stall)
     new = status.build_status(observed, previous=world.previous, generation=applied_generation(world.ftj, job),
                               job_name=job_meta["name"], now=world.now, gate=spec.evaluation.gate)
@@ -600,6 +607,8 @@ def account(world: World, spec: FineTuneJobSpec, phase: str, pods: list[Json],
     """The attempt that ended with this status write, to count (once: the write moves the phase on):
     the job ran before and does not now, or it finished without ever being seen running."""
     before = world.previous.get("phase")
+    if world.previous.get("reason") == status.NO_PROGRESS and phase != Phase.RUNNING:
+        return ()  # the stalled attempt was counted when its pods were restarted
     finished = (Phase.SUCCEEDED, Phase.FAILED)
     ended = (before == Phase.RUNNING and phase != Phase.RUNNING) or (
         phase in finished and before not in (Phase.RUNNING, *finished))

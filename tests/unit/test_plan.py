@@ -448,3 +448,12 @@ def test_stall_restarts_are_counted_and_bounded_by_the_backoff_limit() -> None:
     assert written is not None and written.reason == "NoProgress" and written.stall_restarts == 1
     assert "not restarted again: 1 stall restarts already (backoffLimit)" in (written.message or "")
     assert not any(isinstance(a, plan.DeletePods) for a in planned.actions)
+
+
+def test_a_stall_restart_counts_the_stalled_attempt_once() -> None:
+    planned, _ = stall_pass(running(LONG_AGO), started(LONG_AGO))
+    assert [(a.outcome, a.seconds) for a in accounted(planned)] == [("failed", 1260.0)]
+    replacing = running(LONG_AGO)
+    replacing["status"].update(reason="NoProgress", stallRestarts=1)
+    planned, _ = stall_pass(replacing, started(LONG_AGO, deleting=True))
+    assert accounted(planned) == [], "leaving Running while its pods are replaced is the same attempt"
