@@ -342,10 +342,6 @@ def test_a_frozen_trainer_is_stalled_restarted_and_resumes(cluster: Any, namespa
     assert status["stallRestarts"] == 1 and status["progress"]["step"] == 300
     pods = cluster.get("pods", "-n", namespace, "-l", "job-name=frozen-trainer")["items"]
     assert first["metadata"]["uid"] not in {p["metadata"]["uid"] for p in pods}, "the frozen pod was replaced"
-    # `kubetune logs -f` followed the first pod, then its replacement, and ended with the job.
-    out, err = following.communicate(timeout=120)
-    assert following.returncode == 0, err
-    assert out.count("training: 300 steps") >= 2 and "resuming from step" in out, out[-3000:]  # both pods
     # Showback: the stalled attempt is lost work, the second one succeeded.
     with urllib.request.urlopen(f"{operator.report_url}/metrics", timeout=5) as response:
         text = response.read().decode()
@@ -365,3 +361,7 @@ def test_a_frozen_trainer_is_stalled_restarted_and_resumes(cluster: Any, namespa
     wait_for(lambda: not [a for a in prometheus.firing("KubeTuneJobStalled")
                           if a["labels"].get("namespace") == namespace],
              timeout=60, message="the stalled alert resolved once the run went on")
+    # `kubetune logs -f` followed the first pod, then its replacement, and ended with the job.
+    out, err = following.communicate(timeout=120)
+    assert following.returncode == 0, err
+    assert out.count("training: 300 steps") >= 2 and "resuming from step" in out, out[-3000:]  # both pods
