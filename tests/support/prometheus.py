@@ -18,7 +18,6 @@ from tests.support.helpers import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 RULES = REPO / "helm" / "kubetune" / "files" / "prometheus-rules.yaml"
-DASHBOARD = REPO / "helm" / "kubetune" / "files" / "grafana-dashboard.json"
 
 
 class Prometheus:
@@ -80,8 +79,3 @@ class Prometheus:
             self.process.wait(timeout=30)
             self.process = None
 
-
-def dashboard_queries() -> dict[str, str]:
-    """Every panel's query of the chart's Grafana dashboard, by panel title."""
-    panels = json.loads(DASHBOARD.read_text())["panels"]
-    return {p["title"]: t["expr"] for p in panels for t in p["targets"]}
